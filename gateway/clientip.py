@@ -1,0 +1,245 @@
+"""Who is the client?
+
+The TCP peer is the client unless the peer is a proxy we were told to trust.
+Only then do forwarding headers count, and they are walked from the right:
+each trusted hop appended the address it saw, so the first address from the
+right that is *not* a trusted proxy is the last one nobody we trust vouched
+for, which is the client. Everything left of it was written by the client
+and can say anything.
+
+Addresses are normalised before anything looks at them, so that an IPv4
+address wearing an IPv6 costume (``::ffff:a.b.c.d``, ``::a.b.c.d``, 6to4,
+NAT64, Teredo) gets exactly the decision its IPv4 form gets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from .cidrs import CidrSet
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+PUBLIC = "public"
+PRIVATE = "private"
+INVALID = "invalid"
+
+
+class ClientAddress(NamedTuple):
+    """The client as the gateway judges it.
+
+    ``kind`` is ``public``, ``private`` (RFC 1918, loopback, link-local, ULA)
+    or ``invalid`` (the address that would have been the client is not an
+    address at all); ``via`` names where it came from (``peer`` or a header);
+    ``raw`` is the text it was read from, kept for logs and ``explain``.
+    """
+
+    ip: IPAddress | None
+    kind: str
+    via: str
+    raw: str
+    problem: str | None = None
+
+
+class AddressError(ValueError):
+    """Text that does not hold one unicast IP address."""
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_V4_MAX = 0xFFFFFFFF
+
+
+def normalize(ip: IPAddress) -> IPAddress:
+    """Return the IPv4 address an IPv6 address carries, or the address itself.
+
+    The embedded forms are the ones a client (or a dual-stack socket) can use
+    to present an IPv4 address over IPv6; a GeoIP database or a CIDR rule
+    written for IPv4 must see them as IPv4, or a blocked IPv4 caller could
+    walk in by spelling its address differently.
+    """
+    if ip.version == 4:
+        return ip
+    assert isinstance(ip, ipaddress.IPv6Address)
+    mapped = ip.ipv4_mapped
+    if mapped is not None:
+        return mapped
+    value = int(ip)
+    if 1 < value <= _V4_MAX:  # IPv4-compatible ::a.b.c.d (deprecated, still parseable)
+        return ipaddress.IPv4Address(value)
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(value & _V4_MAX)
+    sixtofour = ip.sixtofour
+    if sixtofour is not None:
+        return sixtofour
+    teredo = ip.teredo
+    if teredo is not None:
+        return teredo[1]
+    return ip
+
+
+def _ranges(*cidrs: str) -> tuple[tuple[int, int], ...]:
+    nets = [ipaddress.ip_network(c) for c in cidrs]
+    return tuple((int(n.network_address), int(n.broadcast_address)) for n in nets)
+
+
+_PRIVATE_V4 = _ranges("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16")
+_PRIVATE_V6 = _ranges("::1/128", "fe80::/10", "fc00::/7", "fec0::/10")
+_NOT_UNICAST_V4 = _ranges("0.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32")
+_NOT_UNICAST_V6 = _ranges("::/128", "ff00::/8")
+
+
+def _in(value: int, ranges: tuple[tuple[int, int], ...]) -> bool:
+    return any(lo <= value <= hi for lo, hi in ranges)
+
+
+def classify(ip: IPAddress) -> str:
+    """``private`` or ``public`` for a normalised unicast address."""
+    value = int(ip)
+    ranges = _PRIVATE_V4 if ip.version == 4 else _PRIVATE_V6
+    return PRIVATE if _in(value, ranges) else PUBLIC
+
+
+def parse_address(text: str) -> IPAddress:
+    """Parse one address as headers and sockets write it, and normalise it.
+
+    Accepts ``a.b.c.d``, ``a.b.c.d:port``, bare IPv6, ``[v6]`` and ``[v6]:port``,
+    with an optional ``%zone``. Raises :class:`AddressError` with a reason.
+    """
+    s = text.strip()
+    if not s:
+        raise AddressError("empty address")
+    if len(s) > 64:
+        raise AddressError("address too long")
+    if s[0] == "[":
+        end = s.find("]")
+        if end < 0:
+            raise AddressError(f"unclosed '[' in {s!r}")
+        rest = s[end + 1 :]
+        if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+            raise AddressError(f"junk after ']' in {s!r}")
+        s = s[1:end]
+    elif s.count(":") == 1:  # IPv4 with a port; bare IPv6 always has two or more colons
+        host, _, port = s.partition(":")
+        if not port.isdigit():
+            raise AddressError(f"bad port in {s!r}")
+        s = host
+    zone = s.find("%")
+    if zone >= 0:
+        s = s[:zone]
+    try:
+        ip = ipaddress.ip_address(s)
+    except ValueError:
+        raise AddressError(f"not an IP address: {text.strip()!r}") from None
+    ip = normalize(ip)
+    if _in(int(ip), _NOT_UNICAST_V4 if ip.version == 4 else _NOT_UNICAST_V6):
+        raise AddressError(f"not a unicast address: {text.strip()!r}")
+    return ip
+
+
+def split_forwarded_for(values: Sequence[str]) -> list[str]:
+    """Hops of ``X-Forwarded-For``, left to right, across repeated headers."""
+    return [hop for value in values for hop in value.split(",")]
+
+
+def split_forwarded(values: Sequence[str]) -> list[str]:
+    """``for=`` values of RFC 7239 ``Forwarded``, one per element, left to right.
+
+    Quoted strings may hold ``,`` and ``;``, so this walks the text instead of
+    splitting it. An element without ``for=`` yields ``""``, which the caller
+    treats as an invalid hop: a proxy that did not say whom it served cannot
+    vouch for anyone.
+    """
+    hops: list[str] = []
+    for value in values:
+        for element in _split_quoted(value, ","):
+            found = ""
+            for pair in _split_quoted(element, ";"):
+                name, eq, val = pair.partition("=")
+                if eq and name.strip().lower() == "for":
+                    val = val.strip()
+                    if len(val) >= 2 and val[0] == '"' and val[-1] == '"':
+                        val = val[1:-1].replace('\\"', '"')
+                    found = val
+            hops.append(found)
+    return hops
+
+
+def _split_quoted(text: str, sep: str) -> list[str]:
+    parts: list[str] = []
+    start = 0
+    quoted = False
+    escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == sep and not quoted:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+@dataclass(frozen=True, slots=True)
+class ClientIPConfig:
+    """Whom to trust and which header they write the client into.
+
+    ``header`` is ``x-forwarded-for``, ``forwarded`` or the lower-case name of
+    a single-value header such as ``cf-connecting-ip``.
+    """
+
+    trusted: CidrSet
+    header: str = "x-forwarded-for"
+
+    @property
+    def header_bytes(self) -> bytes:
+        return self.header.encode("latin-1")
+
+
+def _from_peer(peer: str | None) -> ClientAddress:
+    if peer is None:
+        return ClientAddress(None, INVALID, "peer", "", "no peer address")
+    try:
+        ip = parse_address(peer)
+    except AddressError as e:
+        return ClientAddress(None, INVALID, "peer", peer, str(e))
+    return ClientAddress(ip, classify(ip), "peer", peer)
+
+
+def resolve(peer: str | None, header_values: Sequence[str], config: ClientIPConfig) -> ClientAddress:
+    """Find the client from the peer address and the configured header's values.
+
+    ``header_values`` are all occurrences of the configured header, in order.
+    They are ignored unless the peer is trusted.
+    """
+    client = _from_peer(peer)
+    if client.ip is None or not header_values or client.ip not in config.trusted:
+        return client
+    header = config.header
+    if header == "x-forwarded-for":
+        hops = split_forwarded_for(header_values)
+    elif header == "forwarded":
+        hops = split_forwarded(header_values)
+    elif len(header_values) == 1:
+        hops = [header_values[0]]
+    else:
+        return ClientAddress(None, INVALID, header, ", ".join(header_values), f"{header} sent more than once")
+    ip = client.ip
+    raw = peer or ""
+    for hop in reversed(hops):
+        try:
+            ip = parse_address(hop)
+        except AddressError as e:
+            return ClientAddress(None, INVALID, header, hop.strip(), str(e))
+        raw = hop.strip()
+        if ip not in config.trusted:
+            break
+    return ClientAddress(ip, classify(ip), header, raw)

@@ -1,0 +1,280 @@
+"""Where is an address? Geo facts from MaxMind-format databases or embedded data.
+
+Any number of ``.mmdb`` files can be given; each one's type is read from its
+metadata, and each fact (country, subdivisions, ASN, anonymizer flags) is
+taken from the first file that can provide it. With no file at all, the
+embedded ``iptocc`` package (RIR delegation data) provides countries only.
+
+Decoding a City record costs about 10 µs, more than the whole rest of a
+decision, so facts are cached by the *network* the databases return for an
+address: every address in that network gets the same records from every
+database, so one entry serves all of them, and the cache stays as small as
+the set of networks actually seen rather than the set of callers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import maxminddb
+import maxminddb.errors
+
+from .clientip import IPAddress
+
+# What a rule can ask about; a policy that asks for a fact no configured
+# source provides is rejected at load time rather than silently never matching.
+COUNTRY = "country"
+REGISTERED_COUNTRY = "registered_country"
+SUBDIVISIONS = "subdivisions"
+ASN = "asn"
+ANONYMIZER = "anonymizer"
+
+ANONYMIZER_FLAGS = frozenset(
+    {"anonymous", "anonymous_vpn", "hosting_provider", "public_proxy", "residential_proxy", "tor_exit_node"}
+)
+
+# Known database types, by the facts they hold. Matched by suffix so that
+# GeoIP2-, GeoLite2- and other vendors' MaxMind-format files all work.
+_TYPE_FACTS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("-Enterprise", frozenset({COUNTRY, REGISTERED_COUNTRY, SUBDIVISIONS, ASN})),
+    ("-City", frozenset({COUNTRY, REGISTERED_COUNTRY, SUBDIVISIONS})),
+    ("-City-Lite", frozenset({COUNTRY, REGISTERED_COUNTRY, SUBDIVISIONS})),
+    ("-Country", frozenset({COUNTRY, REGISTERED_COUNTRY})),
+    ("-Country-Lite", frozenset({COUNTRY, REGISTERED_COUNTRY})),
+    ("-ASN", frozenset({ASN})),
+    ("-ASN-Lite", frozenset({ASN})),
+    ("-ISP", frozenset({ASN})),
+    ("-Anonymous-IP", frozenset({ANONYMIZER})),
+)
+
+# How many networks to decode when a file is opened. Enough to catch a file
+# whose tree or data section is broken near the start (all of MaxMind's own
+# broken test files), bounded so that a 70 MB City file still opens fast.
+_VERIFY_NETWORKS = 2000
+_CACHE_MAX = 200_000
+
+
+class GeoDataError(Exception):
+    """A configured database cannot be used. The message names the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class GeoFacts:
+    """What the databases say about one network."""
+
+    country: str | None = None
+    registered_country: str | None = None
+    subdivisions: tuple[str, ...] = ()
+    asn: int | None = None
+    as_org: str | None = None
+    anonymizer: frozenset[str] = frozenset()
+    network: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "country": self.country,
+            "registered_country": self.registered_country,
+            "subdivisions": list(self.subdivisions),
+            "asn": self.asn,
+            "as_org": self.as_org,
+            "anonymizer": sorted(self.anonymizer),
+            "network": self.network,
+        }
+
+
+NO_FACTS = GeoFacts()
+
+
+@dataclass(frozen=True, slots=True)
+class SourceInfo:
+    """One geo source, as ``/readyz``, ``/metrics`` and ``explain`` describe it."""
+
+    type: str
+    path: str | None
+    build_epoch: int
+    facts: frozenset[str]
+    description: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "path": self.path,
+            "build_epoch": self.build_epoch,
+            "facts": sorted(self.facts),
+            "description": self.description,
+        }
+
+
+def facts_for_type(database_type: str) -> frozenset[str] | None:
+    for suffix, facts in _TYPE_FACTS:
+        if database_type.endswith(suffix):
+            return facts
+    return None
+
+
+def _country(rec: dict[str, Any], key: str) -> str | None:
+    node = rec.get(key)
+    return node.get("iso_code") if isinstance(node, dict) else None
+
+
+def _subdivisions(rec: dict[str, Any]) -> tuple[str, ...]:
+    cc = _country(rec, "country")
+    subs = rec.get("subdivisions")
+    if not cc or not subs:
+        return ()
+    return tuple(f"{cc}-{s['iso_code']}" for s in subs if s.get("iso_code"))
+
+
+def _asn(rec: dict[str, Any]) -> tuple[int | None, str | None]:
+    node = rec.get("traits", rec)
+    return node.get("autonomous_system_number"), node.get("autonomous_system_organization")
+
+
+def _anonymizer(rec: dict[str, Any]) -> frozenset[str]:
+    return frozenset(k[3:] for k, v in rec.items() if v is True and k[3:] in ANONYMIZER_FLAGS)
+
+
+@dataclass
+class _Database:
+    path: str
+    reader: Any
+    info: SourceInfo
+    provides: set[str] = field(default_factory=set)  # the facts this file is the source of
+
+
+def open_database(path: str) -> _Database:
+    """Open one file, check its type and decode its first networks.
+
+    Corruption shows up at open (bad metadata, bad node count) or only when a
+    record is decoded (bad data section), so both are done here, at startup,
+    where a clear error is cheap, and not on the first unlucky request.
+    """
+    if not os.path.isfile(path):
+        raise GeoDataError(f"{path}: no such GeoIP database file")
+    try:
+        reader = maxminddb.open_database(path, maxminddb.MODE_AUTO)
+    except (OSError, ValueError, maxminddb.errors.InvalidDatabaseError) as e:
+        raise GeoDataError(f"{path}: not a readable MaxMind DB file: {e}") from None
+    meta = reader.metadata()
+    facts = facts_for_type(meta.database_type)
+    if facts is None:
+        reader.close()
+        raise GeoDataError(
+            f"{path}: database type {meta.database_type!r} is not supported "
+            "(use a Country, City, Enterprise, ASN, ISP or Anonymous-IP database)"
+        )
+    try:
+        for _network, record in itertools.islice(reader, _VERIFY_NETWORKS):
+            if record is not None and not isinstance(record, dict):
+                raise GeoDataError(f"{path}: record is a {type(record).__name__}, not a map")
+    except (maxminddb.errors.InvalidDatabaseError, ValueError, RuntimeError) as e:
+        reader.close()
+        raise GeoDataError(f"{path}: corrupt MaxMind DB file: {e}") from None
+    description = meta.description.get("en", "") if isinstance(meta.description, dict) else ""
+    return _Database(path, reader, SourceInfo(meta.database_type, path, int(meta.build_epoch), facts, description))
+
+
+def _embedded_info() -> SourceInfo:
+    from importlib.metadata import version
+
+    try:
+        import iptocc
+
+        spec = iptocc.__file__
+        epoch = int(os.path.getmtime(spec)) if spec else 0
+        ver = version("iptocc")
+    except (ImportError, OSError):
+        epoch, ver = 0, "missing"
+    return SourceInfo(
+        "embedded-iptocc",
+        None,
+        epoch,
+        frozenset({COUNTRY}),
+        f"iptocc {ver}: RIR delegation data, countries only",
+    )
+
+
+class Geo:
+    """All configured sources behind one ``lookup``."""
+
+    def __init__(self, paths: Sequence[str] = ()) -> None:
+        self.embedded = not paths
+        self._databases: list[_Database] = []
+        self._embedded_lookup: Callable[[str], str | None] | None = None
+        if self.embedded:
+            import iptocc
+
+            self._embedded_lookup = iptocc.country_code
+            self.sources: tuple[SourceInfo, ...] = (_embedded_info(),)
+            self._by_country: dict[str | None, GeoFacts] = {None: NO_FACTS}
+        else:
+            seen: set[str] = set()
+            for p in paths:
+                db = open_database(p)
+                db.provides = set(db.info.facts - seen)
+                seen |= db.info.facts
+                if db.provides:  # a file that adds no new fact is not consulted
+                    self._databases.append(db)
+                else:
+                    db.reader.close()
+            self.sources = tuple(db.info for db in self._databases)
+        self.capabilities: frozenset[str] = frozenset().union(*(s.facts for s in self.sources))
+        self._cache: dict[int, dict[int, dict[int, GeoFacts]]] = {4: {}, 6: {}}
+        self._cache_size = 0
+
+    def close(self) -> None:
+        for db in self._databases:
+            db.reader.close()
+
+    def lookup(self, ip: IPAddress) -> GeoFacts:
+        """Facts for a normalised public address."""
+        if self._embedded_lookup is not None:
+            cc = self._embedded_lookup(str(ip))
+            facts = self._by_country.get(cc)
+            if facts is None:
+                facts = self._by_country[cc] = GeoFacts(country=cc)
+            return facts
+        value = int(ip)
+        bits = 32 if ip.version == 4 else 128
+        by_len = self._cache[ip.version]
+        for plen, table in by_len.items():
+            facts = table.get(value >> (bits - plen))
+            if facts is not None:
+                return facts
+        facts, plen = self._read(ip)
+        if self._cache_size >= _CACHE_MAX:
+            for t in by_len.values():
+                t.clear()
+            self._cache_size = 0
+        by_len.setdefault(plen, {})[value >> (bits - plen)] = facts
+        self._cache_size += 1
+        return facts
+
+    def _read(self, ip: IPAddress) -> tuple[GeoFacts, int]:
+        """Decode every database and merge; the network is the narrowest returned."""
+        values: dict[str, Any] = {}
+        plen = 0
+        for db in self._databases:
+            rec, p = db.reader.get_with_prefix_len(ip)
+            plen = max(plen, p)
+            if not rec:
+                continue
+            provides = db.provides
+            if COUNTRY in provides:
+                values["country"] = _country(rec, "country")
+            if REGISTERED_COUNTRY in provides:
+                values["registered_country"] = _country(rec, "registered_country")
+            if SUBDIVISIONS in provides:
+                values["subdivisions"] = _subdivisions(rec)
+            if ASN in provides:
+                values["asn"], values["as_org"] = _asn(rec)
+            if ANONYMIZER in provides:
+                values["anonymizer"] = _anonymizer(rec)
+        net_type = ipaddress.IPv4Network if ip.version == 4 else ipaddress.IPv6Network
+        network = net_type((int(ip), plen), strict=False)
+        return GeoFacts(network=str(network), **values), plen

@@ -1,0 +1,521 @@
+"""The policy: what operators write, what it compiles to, and the decision.
+
+Three layers, each plain:
+
+* ``PolicySpec`` and friends are the YAML's schema (pydantic, ``extra=forbid``),
+  which is also what ``policies/policy.schema.json`` is generated from.
+* :func:`compile_policy` checks what a schema cannot (ISO codes, CIDRs,
+  rules that can never match, rules that need a database that is not
+  configured) and turns the rules into frozensets, CIDR range tables and
+  precomputed :class:`Decision` objects.
+* :func:`decide` is a pure function of (policy, client, facts, path): a short
+  loop over compiled rules that allocates nothing unless a shadow rule fires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import geo as geofacts
+from . import iso3166
+from .cidrs import CidrSet, parse_network
+from .clientip import INVALID, PRIVATE, AddressError, ClientAddress, IPAddress, classify, parse_address
+from .geo import GeoFacts
+from .yamlfile import Document, FileError, Problem
+from .yamlfile import load as load_yaml
+
+Action = Literal["allow", "deny", "monitor"]
+ALLOW, DENY, MONITOR = "allow", "deny", "monitor"
+
+DEFAULT_UPSTREAM_URL = "https://api.openai.com"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Spec):
+    """Seconds. ``first_byte`` is generous because a non-streamed completion
+    sends nothing until the model has finished; ``idle`` bounds the silence
+    between chunks of a stream."""
+
+    connect: Annotated[float, Field(gt=0)] = 5.0
+    first_byte: Annotated[float, Field(gt=0)] = 300.0
+    idle: Annotated[float, Field(gt=0)] = 60.0
+    total: Annotated[float, Field(gt=0)] = 900.0
+
+
+class UpstreamSpec(_Spec):
+    """An OpenAI-compatible API. Requests keep their path and query and are
+    appended to ``url``; they can never go to any other host."""
+
+    url: str
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the key that replaces the client's Authorization."
+    )
+    timeouts: Timeouts = Timeouts()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from yarl import URL
+
+        try:
+            u = URL(v)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"not a URL: {e}") from None
+        if u.scheme not in ("http", "https") or not u.host:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if u.query_string or u.fragment or u.user or u.password:
+            raise ValueError("must not carry a query, fragment or credentials")
+        return v.rstrip("/")
+
+
+class GeoSpec(_Spec):
+    field: Literal["country", "registered_country"] = Field(
+        "country", description="Which country rules and defaults look at."
+    )
+
+
+class Defaults(_Spec):
+    action: Action = Field(DENY, description="Public address with a country that no rule matched.")
+    unknown: Action = Field(DENY, description="Public address the geo data has no country for.")
+    private: Action = Field(ALLOW, description="Loopback, RFC 1918, link-local and ULA clients.")
+    invalid: Action = Field(DENY, description="The client address could not be read (malformed header).")
+
+
+class Block(_Spec):
+    """The refusal, shaped like OpenAI's own so that SDKs surface it properly."""
+
+    status: Annotated[int, Field(ge=400, le=599)] = 403
+    code: str = "unsupported_country_region_territory"
+    message: str = "Country, region, or territory not supported"
+    type: str = "request_forbidden"
+
+
+AnonymizerFlag = Literal[
+    "anonymous", "anonymous_vpn", "hosting_provider", "public_proxy", "residential_proxy", "tor_exit_node"
+]
+NonEmpty = Field(min_length=1)
+
+
+class RuleSpec(_Spec):
+    """Keys in one rule AND together; values within one key OR together."""
+
+    name: str | None = None
+    countries: Annotated[list[str], NonEmpty] | None = None
+    subdivisions: Annotated[list[str], NonEmpty] | None = None
+    asns: Annotated[list[Annotated[int, Field(ge=0, lt=2**32)]], NonEmpty] | None = None
+    anonymizer: Annotated[list[AnonymizerFlag], NonEmpty] | None = None
+    cidrs: Annotated[list[str], NonEmpty] | None = None
+    paths: Annotated[list[str], NonEmpty] | None = Field(
+        None, description="Exact request paths; a trailing '*' makes a prefix ('/v1/*')."
+    )
+    action: Action
+    mode: Literal["enforce", "monitor"] = Field(
+        "enforce", description="'monitor' shadows this rule: record when it matches, then carry on."
+    )
+
+
+class PolicyTest(_Spec):
+    ip: str
+    path: str = "/v1/chat/completions"
+    expect: Action
+    rule: str | None = Field(None, description="If given, the rule that must make the decision.")
+
+
+class PolicySpec(_Spec):
+    version: Literal[1]
+    description: str | None = None
+    metadata: dict[str, Any] | None = Field(None, description="Free-form: source, date taken, owner.")
+    upstreams: dict[str, UpstreamSpec] = {}
+    geo: GeoSpec = GeoSpec()
+    defaults: Defaults = Defaults()
+    mode: Literal["enforce", "monitor"] = "enforce"
+    block: Block = Block()
+    rules: list[RuleSpec] = []
+    tests: list[PolicyTest] = []
+
+
+# --- compiled form -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the gateway does with one request, and why.
+
+    ``verdict`` is what happens and the metrics label: ``allow``, ``deny``, or
+    ``monitor`` (let through, but only because of monitoring: an ``action:
+    monitor`` rule, or a denial under ``mode: monitor``). ``action`` is what
+    the policy itself said. ``shadow`` names ``mode: monitor`` rules that
+    matched on the way and were not enforced.
+    """
+
+    verdict: str
+    action: str
+    rule: str
+    reason: str
+    upstream: str | None = "default"
+    shadow: tuple[str, ...] = ()
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict != DENY
+
+
+class PathSet:
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, patterns: Sequence[str]) -> None:
+        self.exact = frozenset(p for p in patterns if not p.endswith("*"))
+        self.prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.exact or path.startswith(self.prefixes)
+
+    def covers(self, other: PathSet) -> bool:
+        return all(p in self for p in other.exact) and all(
+            any(q.startswith(p) for p in self.prefixes) for q in other.prefixes
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    line: int | None
+    action: str
+    shadow: bool
+    countries: frozenset[str] | None
+    subdivisions: frozenset[str] | None
+    asns: frozenset[int] | None
+    anonymizer: frozenset[str] | None
+    cidrs: CidrSet | None
+    paths: PathSet | None
+    decision: Decision
+
+    def matches(self, ip: IPAddress | None, country: str | None, facts: GeoFacts, path: str) -> bool:
+        if self.countries is not None and country not in self.countries:
+            return False
+        if self.subdivisions is not None and self.subdivisions.isdisjoint(facts.subdivisions):
+            return False
+        if self.asns is not None and facts.asn not in self.asns:
+            return False
+        if self.anonymizer is not None and self.anonymizer.isdisjoint(facts.anonymizer):
+            return False
+        if self.cidrs is not None and (ip is None or ip not in self.cidrs):
+            return False
+        return self.paths is None or path in self.paths
+
+    def conditions(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("countries", "subdivisions", "asns", "anonymizer"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = sorted(value)
+        if self.cidrs is not None:
+            out["cidrs"] = [str(n) for n in self.cidrs.networks]
+        if self.paths is not None:
+            out["paths"] = sorted(self.paths.exact) + [p + "*" for p in self.paths.prefixes]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    spec: PolicySpec
+    source: str
+    sha256: str
+    rules: tuple[Rule, ...]
+    field: str
+    on_default: Decision
+    on_unknown: Decision
+    on_private: Decision
+    on_invalid: Decision
+    block_body: bytes
+    test_lines: tuple[int | None, ...]
+
+    @property
+    def upstreams(self) -> dict[str, UpstreamSpec]:
+        return self.spec.upstreams
+
+
+def _decision(action: str, rule: str, reason: str, monitor_mode: bool) -> Decision:
+    verdict = action
+    if action == MONITOR or (action == DENY and monitor_mode):
+        verdict = MONITOR
+    return Decision(verdict, action, rule, reason, None if verdict == DENY else "default")
+
+
+def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) -> Decision:
+    """The decision for one request. Pure: no I/O, no clock, no globals."""
+    kind = client.kind
+    if kind == INVALID:
+        return policy.on_invalid
+    country = facts.country if policy.field == "country" else facts.registered_country
+    shadow: list[str] | None = None
+    ip = client.ip
+    for rule in policy.rules:
+        if rule.matches(ip, country, facts, path):
+            if not rule.shadow:
+                decision = rule.decision
+                break
+            if shadow is None:
+                shadow = []
+            shadow.append(rule.name)
+    else:
+        if kind == PRIVATE:
+            decision = policy.on_private
+        elif country is None:
+            decision = policy.on_unknown
+        else:
+            decision = policy.on_default
+    if shadow:
+        return dataclasses.replace(decision, shadow=tuple(shadow))
+    return decision
+
+
+def block_body(block: Block) -> bytes:
+    import orjson
+
+    return orjson.dumps(
+        {"error": {"message": block.message, "type": block.type, "param": None, "code": block.code}}
+    )
+
+
+# --- loading and compiling -----------------------------------------------------------
+
+_NEEDS = {
+    "subdivisions": geofacts.SUBDIVISIONS,
+    "asns": geofacts.ASN,
+    "anonymizer": geofacts.ANONYMIZER,
+}
+
+
+def _fmt_loc(loc: Sequence[str | int]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _validation_problems(doc: Document, err: ValidationError) -> list[Problem]:
+    problems = []
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or "[" in p))]
+        where = _fmt_loc(loc)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = f"unknown key {loc[-1]!r}" if loc else "unknown key"
+            where = _fmt_loc(loc[:-1])
+        elif e["type"] == "missing":
+            msg = f"missing required key {loc[-1]!r}" if loc else msg
+            where = _fmt_loc(loc[:-1])
+        elif e["type"] == "literal_error":
+            msg = f"{e['input']!r} is not one of {e.get('ctx', {}).get('expected', '')}"
+        elif e["type"] == "value_error":
+            msg = str(e.get("ctx", {}).get("error", msg))
+        problems.append(Problem(doc.line_of(loc), f"{where}: {msg}" if where else msg))
+    return problems
+
+
+def load_policy(path: str, capabilities: frozenset[str] | None = None) -> Policy:
+    """Read, validate and compile a policy file. Raises :class:`FileError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FileError(path, [Problem(None, f"cannot read policy: {e}")]) from None
+    return parse_policy(text, path, capabilities)
+
+
+def parse_policy(text: str, filename: str, capabilities: frozenset[str] | None = None) -> Policy:
+    """Validate and compile policy text. ``capabilities`` are the geo facts the
+    configured sources provide; ``None`` skips that check (schema-only use)."""
+    doc = load_yaml(text, filename)
+    if not isinstance(doc.data, dict):
+        raise FileError(filename, [Problem(doc.line_of(()), "a policy must be a mapping at the top level")])
+    try:
+        spec = PolicySpec.model_validate(doc.data)
+    except ValidationError as e:
+        raise FileError(filename, _validation_problems(doc, e)) from None
+    policy = compile_policy(spec, doc, capabilities)
+    return dataclasses.replace(policy, sha256=hashlib.sha256(text.encode()).hexdigest())
+
+
+def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str] | None) -> Policy:
+    problems: list[Problem] = []
+    monitor_mode = spec.mode == "monitor"
+
+    def bad(path: tuple[str | int, ...], message: str) -> None:
+        problems.append(Problem(doc.line_of(path), message))
+
+    for name in spec.upstreams:
+        if not name.replace("-", "").replace("_", "").isalnum():
+            bad(("upstreams", name), f"upstream name {name!r}: use letters, digits, '-' and '_'")
+
+    rules: list[Rule] = []
+    names: dict[str, int] = {}
+    for i, r in enumerate(spec.rules):
+        here = ("rules", i)
+        name = r.name or f"rule-{i + 1}"
+        if name in names:
+            bad((*here, "name"), f"rules[{i}]: duplicate rule name {name!r} (also rules[{names[name]}])")
+        names[name] = i
+        for j, c in enumerate(r.countries or ()):
+            if not iso3166.is_country(c):
+                bad((*here, "countries", j), f"rules[{i}].countries: {c!r} is not an ISO 3166-1 alpha-2 code")
+        for j, c in enumerate(r.subdivisions or ()):
+            if not iso3166.is_subdivision(c):
+                bad(
+                    (*here, "subdivisions", j),
+                    f"rules[{i}].subdivisions: {c!r} is not an ISO 3166-2 code (write it as 'UA-43')",
+                )
+        nets = []
+        for j, c in enumerate(r.cidrs or ()):
+            try:
+                nets.append(parse_network(c))
+            except ValueError as e:
+                bad((*here, "cidrs", j), f"rules[{i}].cidrs: {c!r}: {e}")
+        for j, p in enumerate(r.paths or ()):
+            if not p.startswith("/") or "*" in p[:-1]:
+                bad((*here, "paths", j), f"rules[{i}].paths: {p!r} must start with '/' and may end with '*'")
+        for key, fact in _NEEDS.items():
+            if getattr(r, key) is not None:
+                if capabilities is not None and fact not in capabilities:
+                    bad(
+                        (*here, key),
+                        f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; "
+                        "none is configured (--geoip)",
+                    )
+        desc = ", ".join(f"{k} {v}" for k, v in _conditions(r).items()) or "everything"
+        reason = f"rule {name!r} matched ({desc})"
+        rules.append(
+            Rule(
+                name=name,
+                line=doc.line_of(here),
+                action=r.action,
+                shadow=r.mode == "monitor",
+                countries=frozenset(r.countries) if r.countries is not None else None,
+                subdivisions=frozenset(r.subdivisions) if r.subdivisions is not None else None,
+                asns=frozenset(r.asns) if r.asns is not None else None,
+                anonymizer=frozenset(r.anonymizer) if r.anonymizer is not None else None,
+                cidrs=CidrSet(nets) if r.cidrs is not None else None,
+                paths=PathSet(r.paths) if r.paths is not None else None,
+                decision=_decision(r.action, name, reason, monitor_mode),
+            )
+        )
+    if capabilities is not None and spec.geo.field not in capabilities:
+        bad(
+            ("geo", "field") if "geo" in doc.data else (),
+            f"geo.field {spec.geo.field!r} needs {_DB_FOR[spec.geo.field]}; none is configured",
+        )
+
+    for later_i, later in enumerate(rules):
+        for earlier in rules[:later_i]:
+            if not earlier.shadow and _subsumes(earlier, later):
+                bad(
+                    ("rules", later_i),
+                    f"rules[{later_i}] ({later.name}) can never match: rule {earlier.name!r} "
+                    f"(line {earlier.line}) matches everything it does",
+                )
+                break
+
+    for i, t in enumerate(spec.tests):
+        try:
+            parse_address(t.ip)
+        except AddressError as e:
+            bad(("tests", i, "ip"), f"tests[{i}].ip: {e}")
+        if t.rule is not None and t.rule not in names and not t.rule.startswith("defaults."):
+            bad(("tests", i, "rule"), f"tests[{i}].rule: no rule named {t.rule!r}")
+
+    if problems:
+        raise FileError(doc.filename, problems)
+
+    d = spec.defaults
+    return Policy(
+        spec=spec,
+        source=doc.filename,
+        sha256="",
+        rules=tuple(rules),
+        field=spec.geo.field,
+        on_default=_decision(d.action, "defaults.action", "no rule matched", monitor_mode),
+        on_unknown=_decision(d.unknown, "defaults.unknown", "no country for this address", monitor_mode),
+        on_private=_decision(d.private, "defaults.private", "private, loopback or link-local address", monitor_mode),
+        on_invalid=_decision(d.invalid, "defaults.invalid", "client address could not be read", monitor_mode),
+        block_body=block_body(spec.block),
+        test_lines=tuple(doc.line_of(("tests", i)) for i in range(len(spec.tests))),
+    )
+
+
+_DB_FOR = {
+    geofacts.COUNTRY: "a Country, City or Enterprise database",
+    geofacts.SUBDIVISIONS: "a City or Enterprise database",
+    geofacts.ASN: "an ASN, ISP or Enterprise database",
+    geofacts.ANONYMIZER: "an Anonymous-IP database",
+    geofacts.REGISTERED_COUNTRY: "a Country, City or Enterprise database",
+}
+
+
+def _conditions(r: RuleSpec) -> dict[str, Any]:
+    keys = ("countries", "subdivisions", "asns", "anonymizer", "cidrs", "paths")
+    return {k: getattr(r, k) for k in keys if getattr(r, k) is not None}
+
+
+def _subsumes(a: Rule, b: Rule) -> bool:
+    """Whether every request ``b`` matches is matched by ``a`` too.
+
+    Conservative: only compares a key with the same key, so it can miss an
+    unreachable rule (``countries: [UA]`` before ``subdivisions: [UA-43]``)
+    but never calls a reachable one unreachable.
+    """
+    for key in ("countries", "subdivisions", "asns", "anonymizer"):
+        av, bv = getattr(a, key), getattr(b, key)
+        if av is not None and (bv is None or not bv <= av):
+            return False
+    if a.cidrs is not None and (b.cidrs is None or not all(a.cidrs.covers(n) for n in b.cidrs.networks)):
+        return False
+    return a.paths is None or (b.paths is not None and a.paths.covers(b.paths))
+
+
+# --- policy tests --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TestResult:
+    index: int
+    line: int | None
+    test: PolicyTest
+    decision: Decision
+    facts: GeoFacts
+    passed: bool
+    problem: str | None
+
+
+def judge_ip(policy: Policy, geo: geofacts.Geo, ip_text: str, path: str) -> tuple[ClientAddress, GeoFacts, Decision]:
+    """Decide for an address given as text, as ``explain`` and policy tests do."""
+    try:
+        ip = parse_address(ip_text)
+    except AddressError as e:
+        client = ClientAddress(None, INVALID, "argument", ip_text, str(e))
+    else:
+        client = ClientAddress(ip, classify(ip), "argument", ip_text)
+    facts = geo.lookup(client.ip) if client.ip is not None and client.kind != PRIVATE else geofacts.NO_FACTS
+    return client, facts, decide(policy, client, facts, path)
+
+
+def run_tests(policy: Policy, geo: geofacts.Geo) -> list[TestResult]:
+    results = []
+    for i, t in enumerate(policy.spec.tests):
+        _client, facts, decision = judge_ip(policy, geo, t.ip, t.path)
+        problem = None
+        if decision.verdict != t.expect:
+            problem = f"expected {t.expect}, got {decision.verdict} ({decision.reason})"
+        elif t.rule is not None and decision.rule != t.rule:
+            problem = f"expected rule {t.rule!r}, got {decision.rule!r}"
+        results.append(TestResult(i, policy.test_lines[i], t, decision, facts, problem is None, problem))
+    return results
