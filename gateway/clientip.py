@@ -15,8 +15,9 @@ NAT64, Teredo) gets exactly the decision its IPv4 form gets.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -198,15 +199,15 @@ class ClientIPConfig:
 
     trusted: CidrSet
     header: str = "x-forwarded-for"
+    header_bytes: bytes = field(init=False)
 
-    @property
-    def header_bytes(self) -> bytes:
-        return self.header.encode("latin-1")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "header_bytes", self.header.encode("latin-1"))
 
 
-def _from_peer(peer: str | None) -> ClientAddress:
-    if peer is None:
-        return ClientAddress(None, INVALID, "peer", "", "no peer address")
+@lru_cache(maxsize=8192)
+def _peer_address(peer: str) -> ClientAddress:
+    """Peers repeat (load balancers, keep-alive clients), so their parse is cached."""
     try:
         ip = parse_address(peer)
     except AddressError as e:
@@ -214,32 +215,42 @@ def _from_peer(peer: str | None) -> ClientAddress:
     return ClientAddress(ip, classify(ip), "peer", peer)
 
 
-def resolve(peer: str | None, header_values: Sequence[str], config: ClientIPConfig) -> ClientAddress:
-    """Find the client from the peer address and the configured header's values.
+def resolve(peer: str | None, headers: Iterable[tuple[bytes, bytes]], config: ClientIPConfig) -> ClientAddress:
+    """Find the client from the TCP peer and the request's raw (ASGI) headers.
 
-    ``header_values`` are all occurrences of the configured header, in order.
-    They are ignored unless the peer is trusted.
+    Headers are not even looked at unless the peer is a trusted proxy.
     """
-    client = _from_peer(peer)
-    if client.ip is None or not header_values or client.ip not in config.trusted:
+    if peer is None:
+        return ClientAddress(None, INVALID, "peer", "", "no peer address")
+    client = _peer_address(peer)
+    if client.ip is None or not config.trusted or client.ip not in config.trusted:
+        return client
+    wanted = config.header_bytes
+    values = [v.decode("latin-1") for k, v in headers if k == wanted]
+    if not values:
         return client
     header = config.header
     if header == "x-forwarded-for":
-        hops = split_forwarded_for(header_values)
+        hops = split_forwarded_for(values)
     elif header == "forwarded":
-        hops = split_forwarded(header_values)
-    elif len(header_values) == 1:
-        hops = [header_values[0]]
+        hops = split_forwarded(values)
+    elif len(values) == 1:
+        hops = values
     else:
-        return ClientAddress(None, INVALID, header, ", ".join(header_values), f"{header} sent more than once")
+        return ClientAddress(None, INVALID, header, ", ".join(values), f"{header} sent more than once")
     ip = client.ip
-    raw = peer or ""
+    raw = peer
     for hop in reversed(hops):
         try:
-            ip = parse_address(hop)
+            ip = _hop_address(hop)
         except AddressError as e:
-            return ClientAddress(None, INVALID, header, hop.strip(), str(e))
+            return ClientAddress(None, INVALID, header, hop.strip()[:100], str(e))
         raw = hop.strip()
         if ip not in config.trusted:
             break
     return ClientAddress(ip, classify(ip), header, raw)
+
+
+@lru_cache(maxsize=65536)
+def _hop_address(hop: str) -> IPAddress:
+    return parse_address(hop)

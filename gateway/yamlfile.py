@@ -6,12 +6,17 @@ the document is built from the node tree here, recording the line of each
 value under its path (``("rules", 3, "countries", 1)``); validation errors,
 which also speak in paths, are then turned back into lines.
 
+Booleans follow YAML 1.2 (``true``/``false`` only): under YAML 1.1 rules
+``countries: [NO]`` would be ``[False]``, and Norway would be dropped from a
+policy by its own country code.
+
 Duplicate keys are an error: PyYAML would keep the last one silently, and a
 policy with two ``rules:`` keys would lose half its rules.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +24,21 @@ from typing import Any
 import yaml
 
 Path = tuple[str | int, ...]
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: ``yes``, ``no``, ``on``, ``off`` stay strings."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +85,7 @@ class _Builder:
         self.filename = filename
         self.lines: dict[Path, int] = {}
         self.problems: list[Problem] = []
-        self._scalars = yaml.SafeLoader("")
+        self._scalars = _Loader("")
 
     def build(self, node: yaml.Node, path: Path) -> Any:
         self.lines[path] = node.start_mark.line + 1
@@ -95,7 +115,7 @@ class _Builder:
 def load(text: str, filename: str) -> Document:
     """Parse one YAML document. Raises :class:`FileError` with line numbers."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
