@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="machine-readable output")
     _add_geo_flags(e)
 
+    sub.add_parser("schema", help="print the policy file's JSON Schema")
+
     st = sub.add_parser("stub", help="run the bundled OpenAI-compatible stub upstream (for trying out and tests)")
     st.add_argument("--host", default="127.0.0.1")
     st.add_argument("--port", type=int, default=8000)
@@ -105,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "schema":
+            from .policy import json_schema
+
+            sys.stdout.buffer.write(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2) + b"\n")
+            return 0
         if args.command == "stub":
             from .stub import run
 
@@ -200,6 +207,8 @@ def _explain(args: argparse.Namespace) -> int:
         return 2
     client, facts, decision = judge_ip(policy, geo, args.ip, args.path)
     rule = next((r for r in policy.rules if r.name == decision.rule), None)
+    country = facts.country if policy.field == "country" else facts.registered_country
+    why = rule.why(client.ip, country, facts, args.path) if rule else [decision.reason]
     report: dict[str, Any] = {
         "ip": args.ip,
         "normalized": str(client.ip) if client.ip is not None else None,
@@ -212,6 +221,7 @@ def _explain(args: argparse.Namespace) -> int:
         "rule_line": rule.line if rule else None,
         "rule_conditions": rule.conditions() if rule else None,
         "reason": decision.reason,
+        "why": why,
         "shadow": list(decision.shadow),
         "status": policy.spec.block.status if decision.verdict == "deny" else None,
         "facts": facts.as_dict(),
@@ -229,6 +239,8 @@ def _explain(args: argparse.Namespace) -> int:
     print(f"  client:    {client.kind}" + (f" ({client.problem})" if client.problem else ""))
     print(f"  rule:      {decision.rule}{where}")
     print(f"  reason:    {decision.reason}")
+    for line in why:
+        print(f"  because:   {line}")
     if decision.shadow:
         print(f"  shadow:    {', '.join(decision.shadow)} (matched, mode: monitor, not enforced)")
     f = facts

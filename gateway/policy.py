@@ -143,6 +143,14 @@ class PolicySpec(_Spec):
     tests: list[PolicyTest] = []
 
 
+def json_schema() -> dict[str, Any]:
+    """The policy's JSON Schema, for editors (``# yaml-language-server: $schema=...``)."""
+    schema = PolicySpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Regiongate policy"
+    return schema
+
+
 # --- compiled form -----------------------------------------------------------------
 
 
@@ -211,6 +219,25 @@ class Rule:
         if self.cidrs is not None and (ip is None or ip not in self.cidrs):
             return False
         return self.paths is None or path in self.paths
+
+    def why(self, ip: IPAddress | None, country: str | None, facts: GeoFacts, path: str) -> list[str]:
+        """Which fact satisfied each condition, for ``explain`` (not on the request path)."""
+        out = []
+        if self.countries is not None:
+            out.append(f"country {country} is in countries")
+        if self.subdivisions is not None:
+            out.append(f"subdivision {', '.join(sorted(self.subdivisions.intersection(facts.subdivisions)))} "
+                       "is in subdivisions")
+        if self.asns is not None:
+            out.append(f"AS{facts.asn} is in asns")
+        if self.anonymizer is not None:
+            out.append(f"anonymizer {', '.join(sorted(self.anonymizer & facts.anonymizer))} is in anonymizer")
+        if self.cidrs is not None and ip is not None:
+            nets = [str(n) for n in self.cidrs.networks if ip in n]
+            out.append(f"{ip} is in {', '.join(nets)}")
+        if self.paths is not None:
+            out.append(f"path {path} is in paths")
+        return out or ["the rule has no conditions"]
 
     def conditions(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -392,8 +419,8 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
                         f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; "
                         "none is configured (--geoip)",
                     )
-        desc = ", ".join(f"{k} {v}" for k, v in _conditions(r).items()) or "everything"
-        reason = f"rule {name!r} matched ({desc})"
+        desc = "; ".join(_describe(k, v) for k, v in _conditions(r).items()) or "matches everything"
+        reason = f"rule {name!r}: {desc}"
         rules.append(
             Rule(
                 name=name,
@@ -464,6 +491,12 @@ _DB_FOR = {
 def _conditions(r: RuleSpec) -> dict[str, Any]:
     keys = ("countries", "subdivisions", "asns", "anonymizer", "cidrs", "paths")
     return {k: getattr(r, k) for k in keys if getattr(r, k) is not None}
+
+
+def _describe(key: str, values: list[Any]) -> str:
+    if len(values) > 6:
+        return f"{key} ({len(values)} values)"
+    return f"{key} {', '.join(str(v) for v in values)}"
 
 
 def _subsumes(a: Rule, b: Rule) -> bool:

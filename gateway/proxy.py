@@ -47,14 +47,22 @@ log = logging.getLogger("regiongate")
 # bodies (and every event stream) are relayed chunk by chunk as they arrive.
 _WHOLE_BODY_LIMIT = 256 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+# A task that waits on receive() for the client's disconnect costs ~90 µs a
+# request (measured: 2,670 -> 3,550 req/s without it), more than the decision
+# itself. Most answers are back long before that matters, so the watcher
+# starts only when a request has been in flight this long.
+_WATCH_AFTER = 0.1
 
 
 class _Exchange:
     """Per-request state shared with the disconnect watcher."""
 
-    __slots__ = ("attempted", "client_gone", "done", "error", "response_started", "sent", "status", "ttfb")
+    __slots__ = (
+        "attempted", "client_gone", "done", "error", "response_started", "sent", "status", "ttfb", "watcher",
+    )
 
     def __init__(self) -> None:
+        self.watcher: asyncio.Task[None] | None = None
         self.attempted = False
         self.client_gone = False
         self.done = False
@@ -130,14 +138,14 @@ class Gateway:
         body: bytes | AsyncIterator[bytes] | None = message.get("body", b"") or None
         task = asyncio.current_task()
         assert task is not None
-        watcher: asyncio.Future[None] | None = None
+        loop = asyncio.get_running_loop()
+        watch_timer: asyncio.TimerHandle | None = None
         if message.get("more_body", False):
             body = self._stream_request(receive, body or b"", ex, task)
         else:
-            watcher = asyncio.ensure_future(_watch_disconnect(receive, ex, task))
+            watch_timer = loop.call_later(_WATCH_AFTER, _start_watcher, receive, ex, task)
         headers = request_headers(scope["headers"], peer, upstream)
         timeouts = upstream.timeouts
-        loop = asyncio.get_running_loop()
         sent_at = loop.time()  # deadlines are on the loop's clock (whole ms under uvloop) ...
         clock = time.perf_counter()  # ... measurements on a fine one
         total_deadline = sent_at + timeouts.total
@@ -178,8 +186,10 @@ class Gateway:
                 await self.fail(send, errors.UPSTREAM_BAD_RESPONSE, request_id, ex)
         finally:
             ex.done = True
-            if watcher is not None:
-                watcher.cancel()
+            if watch_timer is not None:
+                watch_timer.cancel()
+            if ex.watcher is not None:
+                ex.watcher.cancel()
             if response is not None:
                 response.release()
 
@@ -267,7 +277,7 @@ class Gateway:
                 if not message.get("more_body", False):
                     break
             # The body is read; from here on a receive() can only mean the client left.
-            asyncio.ensure_future(_watch_disconnect(receive, ex, task))
+            _start_watcher(receive, ex, task)
 
         return chunks()
 
@@ -339,6 +349,11 @@ class Gateway:
                 self.runtime.access_log.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _start_watcher(receive: Receive, ex: _Exchange, task: asyncio.Task[Any]) -> None:
+    if not ex.done and ex.watcher is None:
+        ex.watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, ex, task))
 
 
 async def _watch_disconnect(receive: Receive, ex: _Exchange, task: asyncio.Task[Any]) -> None:

@@ -1,0 +1,96 @@
+"""The policies the project ships, and the schema editors use."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CITY, COUNTRY, POLICIES, ROOT, UA_CITY_ADDRESSES
+from gateway.geo import Geo
+from gateway.policy import json_schema, judge_ip, load_policy, run_tests
+
+FULL = str(POLICIES / "openai-supported.yaml")
+COUNTRY_ONLY = str(POLICIES / "openai-supported-country-only.yaml")
+
+
+def reference() -> set[str]:
+    text = (POLICIES / "reference" / "openai-supported-countries.txt").read_text()
+    return {c for line in text.splitlines() if not line.startswith("#") for c in line.split()}
+
+
+def test_generated_files_are_up_to_date() -> None:
+    r = subprocess.run([sys.executable, str(POLICIES / "generate.py"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_reference_list_matches_the_copy_in_shared_when_present() -> None:
+    shared = ROOT.parent / "shared" / "reference" / "openai-supported-countries.txt"
+    if not shared.exists():
+        pytest.skip("no ../shared beside this checkout")
+    assert shared.read_text() == (POLICIES / "reference" / "openai-supported-countries.txt").read_text()
+
+
+def test_full_policy_allows_exactly_the_reference_countries() -> None:
+    p = load_policy(FULL, Geo([CITY]).capabilities)
+    supported = next(r for r in p.rules if r.name == "supported")
+    assert supported.countries == reference()
+    assert len(reference()) == 164
+    assert p.spec.metadata is not None and p.spec.metadata["retrieved"]  # dated
+
+
+def test_country_only_policy_covers_the_same_countries() -> None:
+    p = load_policy(COUNTRY_ONLY, Geo([]).capabilities)
+    allowed = set().union(*(r.countries or set() for r in p.rules))
+    assert allowed == reference()
+
+
+@pytest.mark.parametrize("dbs", [[CITY], [COUNTRY], []], ids=["city", "country", "embedded"])
+def test_country_only_policy_tests_pass_on_every_source(dbs: list[str]) -> None:
+    geo = Geo(dbs)
+    results = run_tests(load_policy(COUNTRY_ONLY, geo.capabilities), geo)
+    assert results and all(r.passed for r in results), [r.problem for r in results if not r.passed]
+
+
+def test_full_policy_tests_pass_on_the_city_database() -> None:
+    geo = Geo([CITY])
+    results = run_tests(load_policy(FULL, geo.capabilities), geo)
+    assert results and all(r.passed for r in results), [r.problem for r in results if not r.passed]
+
+
+def test_full_policy_needs_subdivision_data() -> None:
+    from gateway.yamlfile import FileError
+
+    with pytest.raises(FileError, match="needs a City or Enterprise database"):
+        load_policy(FULL, Geo([]).capabilities)
+
+
+@pytest.mark.parametrize(("code", "ip"), sorted(UA_CITY_ADDRESSES.items()))
+def test_ukraine_exceptions(ua_city_db: str, code: str, ip: str) -> None:
+    geo = Geo([ua_city_db])
+    policy = load_policy(FULL, geo.capabilities)
+    for form in (ip, f"::ffff:{ip}"):
+        d = judge_ip(policy, geo, form, "/v1/chat/completions")[2]
+        if code == "UA-30":
+            assert (d.verdict, d.rule) == ("allow", "supported")
+        else:
+            assert (d.verdict, d.rule) == ("deny", "occupied-regions")
+
+
+def test_schema_file_is_up_to_date() -> None:
+    assert json.loads((POLICIES / "policy.schema.json").read_text()) == json_schema()
+
+
+def test_schema_accepts_the_shipped_policies_and_rejects_typos() -> None:
+    import jsonschema
+
+    from gateway.yamlfile import load
+
+    schema = json_schema()
+    for path in (FULL, COUNTRY_ONLY):
+        with open(path) as f:
+            jsonschema.validate(load(f.read(), path).data, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"version": 1, "rules": [{"countries": ["US"], "action": "allow", "colour": 1}]}, schema)
