@@ -34,7 +34,7 @@ class Stub:
         self.streams_completed = 0
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._count])
+        app = web.Application(middlewares=[self._count], client_max_size=256 * 1024 * 1024)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/embeddings", self.embeddings)
@@ -150,7 +150,7 @@ class Stub:
             {
                 "method": request.method,
                 "path": request.raw_path.split("?")[0],
-                "query": request.query_string,
+                "query": request.raw_path.partition("?")[2],
                 "headers": [[k, v] for k, v in request.headers.items()],
                 "host": request.host,
                 "body": body.decode("utf-8", "replace"),
