@@ -43,7 +43,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -434,7 +434,7 @@ _Yaml12Loader.yaml_implicit_resolvers = {
 
 
 def load_yaml(path: Path) -> Any:
-    return yaml.load(path.read_text(), Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader
+    return yaml.load(path.read_text(), Loader=_Yaml12Loader)
 
 
 @dataclass(frozen=True)
@@ -555,9 +555,7 @@ class WrkRun:
     latency_ms: dict[str, float]
 
 
-def run_wrk(
-    tools: Tools, pin: Pinning, url: str, connections: int, duration_s: int
-) -> WrkRun:
+def run_wrk(tools: Tools, pin: Pinning, url: str, connections: int, duration_s: int) -> WrkRun:
     """One wrk run, read from the JSON line xff.lua's done() prints."""
     cmd = pin.client([
         tools.wrk, "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "5s",
@@ -632,7 +630,9 @@ def check_run(target: Target, run: WrkRun) -> list[str]:
         )
     errors = sum(run.socket_errors.values())
     if errors > MAX_SOCKET_ERROR_SHARE * run.requests:
-        problems.append(f"{where}: {errors} socket errors in {run.requests} requests {run.socket_errors}")
+        problems.append(
+            f"{where}: {errors} socket errors in {run.requests} requests {run.socket_errors}"
+        )
     return problems
 
 
@@ -688,7 +688,9 @@ def markdown_table(results: dict[str, TargetResult]) -> str:
     ]
     for r in results.values():
         t, lat = r.throughput.latency_ms, r.latency.latency_ms
-        added = "-" if r.key == "upstream" or r.added_p50_ms is None else f"{r.added_p50_ms:+.3f} ms"
+        added = (
+            "-" if r.key == "upstream" or r.added_p50_ms is None else f"{r.added_p50_ms:+.3f} ms"
+        )
         rows.append(
             f"| {r.label} | {r.throughput.rps:,.0f} | {t['p50']:.3f} ms | {t['p99']:.3f} ms "
             f"| {lat['p50']:.3f} ms | {lat['p99']:.3f} ms | {added} "
@@ -712,8 +714,7 @@ def report_text(
     results: dict[str, TargetResult], goals: list[Goal], problems: list[str], meta: dict[str, Any]
 ) -> str:
     lines = [
-        f"Regiongate benchmark: {meta['duration_s']}s per run, wrk -t1, "
-        f"{meta['pinning']['note']}",
+        f"Regiongate benchmark: {meta['duration_s']}s per run, wrk -t1, {meta['pinning']['note']}",
         "",
         markdown_table(results),
         "",
@@ -733,7 +734,9 @@ def environment(tools: Tools) -> dict[str, Any]:
     def first_line(cmd: Sequence[str], any_status: bool = False) -> str | None:
         """First line of a command's output; wrk -v prints its version but exits 1."""
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_DIR, timeout=10, check=False)
+            r = subprocess.run(
+                cmd, capture_output=True, text=True, cwd=REPO_DIR, timeout=10, check=False
+            )
         except (OSError, subprocess.TimeoutExpired):
             return None
         text = (r.stdout or r.stderr).strip()
@@ -772,18 +775,39 @@ def environment(tools: Tools) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--duration", type=int, default=10, metavar="SECONDS",
-                        help="length of each measured wrk run (default 10)")
-    length.add_argument("--quick", action="store_true",
-                        help="2 s runs and a 1 s warm-up: a smoke test, not a measurement")
-    p.add_argument("--warmup", type=int, default=2, metavar="SECONDS",
-                   help="unrecorded wrk run before each target's measurements (default 2)")
-    p.add_argument("--skip-nginx-geoip2", action="store_true",
-                   help="do not run the nginx+geoip2 comparison")
-    p.add_argument("--json", action="store_true",
-                   help="print the results as JSON on stdout (the table goes to stderr)")
-    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                   help=f"where to write the JSON results (default {DEFAULT_OUTPUT.relative_to(REPO_DIR)})")  # noqa: E501
+    length.add_argument(
+        "--duration",
+        type=int,
+        default=10,
+        metavar="SECONDS",
+        help="length of each measured wrk run (default 10)",
+    )
+    length.add_argument(
+        "--quick",
+        action="store_true",
+        help="2 s runs and a 1 s warm-up: a smoke test, not a measurement",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        metavar="SECONDS",
+        help="unrecorded wrk run before each target's measurements (default 2)",
+    )
+    p.add_argument(
+        "--skip-nginx-geoip2", action="store_true", help="do not run the nginx+geoip2 comparison"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results as JSON on stdout (the table goes to stderr)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help=f"where to write the JSON results (default {DEFAULT_OUTPUT.relative_to(REPO_DIR)})",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 2, 1
@@ -793,7 +817,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def check_inputs() -> None:
-    for path in (POLICY, XFF_LUA, UPSTREAM_TEMPLATE, GEOIP2_TEMPLATE, CITY_DB, ASN_DB, ANONYMOUS_DB):
+    for path in (
+        POLICY,
+        XFF_LUA,
+        UPSTREAM_TEMPLATE,
+        GEOIP2_TEMPLATE,
+        CITY_DB,
+        ASN_DB,
+        ANONYMOUS_DB,
+    ):
         if not path.is_file():
             raise BenchError(f"missing input file: {path}")
 
@@ -876,8 +908,15 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (a CI timeout, `kill`) takes the same path as Ctrl-C, so the servers are
+    # stopped either way instead of being left running on their ports.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return run(args)
     except BenchError as e:

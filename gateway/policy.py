@@ -436,7 +436,9 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
                 decision=_decision(r.action, name, reason, monitor_mode),
             )
         )
-    if capabilities is not None and spec.geo.field not in capabilities:
+    # Country data matters only where the policy tells countries apart.
+    uses_country = any(r.countries is not None for r in spec.rules) or spec.defaults.action != spec.defaults.unknown
+    if capabilities is not None and uses_country and spec.geo.field not in capabilities:
         bad(
             ("geo", "field") if "geo" in doc.data else (),
             f"geo.field {spec.geo.field!r} needs {_DB_FOR[spec.geo.field]}; none is configured",

@@ -275,8 +275,18 @@ def test_rule_needing_a_database_that_is_not_configured(rule: str, needs: str) -
 
 
 def test_registered_country_needs_a_maxmind_database() -> None:
-    msg = error_of("version: 1\ngeo: {field: registered_country}\n", Geo([]))
+    msg = error_of("version: 1\ngeo: {field: registered_country}\nrules:\n  - {countries: [US], action: allow}\n",
+                   Geo([]))
     assert "p.yaml:2:" in msg and "registered_country" in msg
+
+
+def test_country_data_is_needed_only_where_countries_are_told_apart() -> None:
+    asn_only = Geo([ASN])
+    load("version: 1\ndefaults: {action: allow, unknown: allow}\nrules:\n  - {asns: [4837], action: deny}\n", asn_only)
+    msg = error_of("version: 1\nrules:\n  - {countries: [US], action: allow}\n", asn_only)
+    assert "needs a Country, City or Enterprise database" in msg
+    msg = error_of("version: 1\ndefaults: {action: allow, unknown: deny}\n", asn_only)
+    assert "needs a Country, City or Enterprise database" in msg
 
 
 def test_policy_tests_report_failures(geo: Geo) -> None:
