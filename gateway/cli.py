@@ -33,13 +33,16 @@ def _env_list(name: str) -> list[str]:
 def _add_geo_flags(p: argparse.ArgumentParser, with_policy: bool = True) -> None:
     if with_policy:
         p.add_argument(
-            "--policy", default=_env("POLICY"),
+            "--policy",
+            default=_env("POLICY"),
             help="policy YAML (env REGIONGATE_POLICY; default: the shipped country-only OpenAI policy)",
         )
     p.add_argument(
-        "--geoip", action="append", default=None, metavar="MMDB",
-        help="MaxMind-format database, repeatable (env REGIONGATE_GEOIP, comma-separated); "
-        "none: embedded country data",
+        "--geoip",
+        action="append",
+        default=None,
+        metavar="MMDB",
+        help="MaxMind-format database, repeatable (env REGIONGATE_GEOIP, comma-separated); none: embedded country data",
     )
 
 
@@ -51,33 +54,63 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the gateway")
     _add_geo_flags(s)
     s.add_argument(
-        "--trusted-proxy", action="append", default=None, metavar="CIDR",
+        "--trusted-proxy",
+        action="append",
+        default=None,
+        metavar="CIDR",
         help="peer allowed to set the client address header, repeatable (env REGIONGATE_TRUSTED_PROXY); "
         "default: nobody",
     )
     s.add_argument(
-        "--client-ip-header", default=_env("CLIENT_IP_HEADER", "x-forwarded-for"),
+        "--client-ip-header",
+        default=_env("CLIENT_IP_HEADER", "x-forwarded-for"),
         help="X-Forwarded-For, Forwarded, or a single-value header like CF-Connecting-IP "
         "(env REGIONGATE_CLIENT_IP_HEADER)",
     )
-    s.add_argument("--upstream", default=_env("UPSTREAM"), help="URL of the upstream named 'default' "
-                   "when the policy defines none (env REGIONGATE_UPSTREAM; default https://api.openai.com)")
+    s.add_argument(
+        "--upstream",
+        default=_env("UPSTREAM"),
+        help="URL of the upstream named 'default' "
+        "when the policy defines none (env REGIONGATE_UPSTREAM; default https://api.openai.com)",
+    )
     s.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="proxy address (env REGIONGATE_HOST)")
     s.add_argument("--port", type=int, default=int(_env("PORT", 8080)), help="proxy port (env REGIONGATE_PORT)")
-    s.add_argument("--admin-host", default=_env("ADMIN_HOST", "127.0.0.1"),
-                   help="control-plane address (env REGIONGATE_ADMIN_HOST)")
-    s.add_argument("--admin-port", type=int, default=int(_env("ADMIN_PORT", 9090)),
-                   help="control-plane port: /healthz /readyz /metrics (env REGIONGATE_ADMIN_PORT)")
-    s.add_argument("--workers", type=int, default=int(_env("WORKERS", 1)),
-                   help="worker processes (env REGIONGATE_WORKERS)")
-    s.add_argument("--access-log", default=_env("ACCESS_LOG", "-"),
-                   help="'-' for stdout, 'off', or a file to append to (env REGIONGATE_ACCESS_LOG)")
-    s.add_argument("--log-address", choices=["full", "truncated", "hashed"], default=_env("LOG_ADDRESS", "full"),
-                   help="how the access log writes client addresses (env REGIONGATE_LOG_ADDRESS)")
-    s.add_argument("--log-key", default=_env("LOG_KEY"),
-                   help="key for --log-address hashed, so hashes are stable across restarts (env REGIONGATE_LOG_KEY)")
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                   default=_env("LOG_LEVEL", "warning"), help="(env REGIONGATE_LOG_LEVEL)")
+    s.add_argument(
+        "--admin-host",
+        default=_env("ADMIN_HOST", "127.0.0.1"),
+        help="control-plane address (env REGIONGATE_ADMIN_HOST)",
+    )
+    s.add_argument(
+        "--admin-port",
+        type=int,
+        default=int(_env("ADMIN_PORT", 9090)),
+        help="control-plane port: /healthz /readyz /metrics (env REGIONGATE_ADMIN_PORT)",
+    )
+    s.add_argument(
+        "--workers", type=int, default=int(_env("WORKERS", 1)), help="worker processes (env REGIONGATE_WORKERS)"
+    )
+    s.add_argument(
+        "--access-log",
+        default=_env("ACCESS_LOG", "-"),
+        help="'-' for stdout, 'off', or a file to append to (env REGIONGATE_ACCESS_LOG)",
+    )
+    s.add_argument(
+        "--log-address",
+        choices=["full", "truncated", "hashed"],
+        default=_env("LOG_ADDRESS", "full"),
+        help="how the access log writes client addresses (env REGIONGATE_LOG_ADDRESS)",
+    )
+    s.add_argument(
+        "--log-key",
+        default=_env("LOG_KEY"),
+        help="key for --log-address hashed, so hashes are stable across restarts (env REGIONGATE_LOG_KEY)",
+    )
+    s.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=_env("LOG_LEVEL", "warning"),
+        help="(env REGIONGATE_LOG_LEVEL)",
+    )
 
     c = sub.add_parser("check", help="validate policy files and run their tests")
     c.add_argument("policies", nargs="+", metavar="POLICY")
@@ -152,8 +185,9 @@ def _serve(args: argparse.Namespace) -> int:
         return serve(settings)
     except ValidationError as e:
         for err in e.errors():
-            print(f"regiongate: --{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}",
-                  file=sys.stderr)
+            print(
+                f"regiongate: --{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}", file=sys.stderr
+            )
         return 2
     except ConfigError as e:
         print(f"regiongate: cannot start:\n{e}", file=sys.stderr)
@@ -225,8 +259,7 @@ def _explain(args: argparse.Namespace) -> int:
         "shadow": list(decision.shadow),
         "status": policy.spec.block.status if decision.verdict == "deny" else None,
         "facts": facts.as_dict(),
-        "policy": {"path": policy.source, "sha256": policy.sha256, "mode": policy.spec.mode,
-                   "geo_field": policy.field},
+        "policy": {"path": policy.source, "sha256": policy.sha256, "mode": policy.spec.mode, "geo_field": policy.field},
         "geo": [s.as_dict() for s in geo.sources],
     }
     if args.json:

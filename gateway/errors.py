@@ -22,9 +22,7 @@ class GatewayError:
     retry: bool = False
 
     def body(self) -> bytes:
-        return orjson.dumps(
-            {"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}}
-        )
+        return orjson.dumps({"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}})
 
     def sse_event(self) -> bytes:
         """The same error as one server-sent event, for a stream that cannot change its status any more."""

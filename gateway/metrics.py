@@ -42,32 +42,50 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.decisions = Counter(
-            "regiongate_decisions", "Requests by decision, deciding rule and client country.",
-            ["decision", "rule", "country"], registry=r,
+            "regiongate_decisions",
+            "Requests by decision, deciding rule and client country.",
+            ["decision", "rule", "country"],
+            registry=r,
         )
         self.shadow = Counter(
-            "regiongate_shadow_matches", "Matches of rules in mode: monitor, which are recorded and not enforced.",
-            ["rule"], registry=r,
+            "regiongate_shadow_matches",
+            "Matches of rules in mode: monitor, which are recorded and not enforced.",
+            ["rule"],
+            registry=r,
         )
         self.upstream_requests = Counter(
-            "regiongate_upstream_requests", "Requests forwarded upstream, by upstream and response status class.",
-            ["upstream", "status_class"], registry=r,
+            "regiongate_upstream_requests",
+            "Requests forwarded upstream, by upstream and response status class.",
+            ["upstream", "status_class"],
+            registry=r,
         )
         self.duration = Histogram(
-            "regiongate_request_duration_seconds", "Time from request to last response byte, by decision.",
-            ["decision"], buckets=_LATENCY_BUCKETS, registry=r,
+            "regiongate_request_duration_seconds",
+            "Time from request to last response byte, by decision.",
+            ["decision"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttfb = Histogram(
-            "regiongate_upstream_ttfb_seconds", "Time from sending upstream to its response headers.",
-            ["upstream"], buckets=_LATENCY_BUCKETS, registry=r,
+            "regiongate_upstream_ttfb_seconds",
+            "Time from sending upstream to its response headers.",
+            ["upstream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.geoip_info = Gauge(
-            "regiongate_geoip_database_info", "Geo sources in use (value 1), by type and build time.",
-            ["type", "build_epoch"], registry=r, multiprocess_mode="max",
+            "regiongate_geoip_database_info",
+            "Geo sources in use (value 1), by type and build time.",
+            ["type", "build_epoch"],
+            registry=r,
+            multiprocess_mode="max",
         )
         self.policy_info = Gauge(
-            "regiongate_policy_info", "The policy in force (value 1), by file and content hash.",
-            ["path", "sha256"], registry=r, multiprocess_mode="max",
+            "regiongate_policy_info",
+            "The policy in force (value 1), by file and content hash.",
+            ["path", "sha256"],
+            registry=r,
+            multiprocess_mode="max",
         )
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._upstream_children: dict[tuple[str, int], Counter] = {}

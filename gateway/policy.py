@@ -84,10 +84,10 @@ class GeoSpec(_Spec):
 
 
 class Defaults(_Spec):
-    action: Action = Field(DENY, description="Public address with a country that no rule matched.")
-    unknown: Action = Field(DENY, description="Public address the geo data has no country for.")
-    private: Action = Field(ALLOW, description="Loopback, RFC 1918, link-local and ULA clients.")
-    invalid: Action = Field(DENY, description="The client address could not be read (malformed header).")
+    action: Action = Field("deny", description="Public address with a country that no rule matched.")
+    unknown: Action = Field("deny", description="Public address the geo data has no country for.")
+    private: Action = Field("allow", description="Loopback, RFC 1918, link-local and ULA clients.")
+    invalid: Action = Field("deny", description="The client address could not be read (malformed header).")
 
 
 class Block(_Spec):
@@ -226,8 +226,10 @@ class Rule:
         if self.countries is not None:
             out.append(f"country {country} is in countries")
         if self.subdivisions is not None:
-            out.append(f"subdivision {', '.join(sorted(self.subdivisions.intersection(facts.subdivisions)))} "
-                       "is in subdivisions")
+            out.append(
+                f"subdivision {', '.join(sorted(self.subdivisions.intersection(facts.subdivisions)))} "
+                "is in subdivisions"
+            )
         if self.asns is not None:
             out.append(f"AS{facts.asn} is in asns")
         if self.anonymizer is not None:
@@ -309,9 +311,7 @@ def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) ->
 def block_body(block: Block) -> bytes:
     import orjson
 
-    return orjson.dumps(
-        {"error": {"message": block.message, "type": block.type, "param": None, "code": block.code}}
-    )
+    return orjson.dumps({"error": {"message": block.message, "type": block.type, "param": None, "code": block.code}})
 
 
 # --- loading and compiling -----------------------------------------------------------
@@ -412,13 +412,11 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
             if not p.startswith("/") or "*" in p[:-1]:
                 bad((*here, "paths", j), f"rules[{i}].paths: {p!r} must start with '/' and may end with '*'")
         for key, fact in _NEEDS.items():
-            if getattr(r, key) is not None:
-                if capabilities is not None and fact not in capabilities:
-                    bad(
-                        (*here, key),
-                        f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; "
-                        "none is configured (--geoip)",
-                    )
+            if getattr(r, key) is not None and capabilities is not None and fact not in capabilities:
+                bad(
+                    (*here, key),
+                    f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; none is configured (--geoip)",
+                )
         desc = "; ".join(_describe(k, v) for k, v in _conditions(r).items()) or "matches everything"
         reason = f"rule {name!r}: {desc}"
         rules.append(

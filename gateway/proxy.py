@@ -58,7 +58,15 @@ class _Exchange:
     """Per-request state shared with the disconnect watcher."""
 
     __slots__ = (
-        "attempted", "client_gone", "done", "error", "response_started", "sent", "status", "ttfb", "watcher",
+        "attempted",
+        "client_gone",
+        "done",
+        "error",
+        "response_started",
+        "sent",
+        "status",
+        "ttfb",
+        "watcher",
     )
 
     def __init__(self) -> None:
@@ -135,13 +143,14 @@ class Gateway:
         if message["type"] == "http.disconnect":
             ex.client_gone, ex.status, ex.error = True, 499, "client_disconnected"
             return
-        body: bytes | AsyncIterator[bytes] | None = message.get("body", b"") or None
+        first: bytes = message.get("body", b"")
+        body: bytes | AsyncIterator[bytes] | None = first or None
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         watch_timer: asyncio.TimerHandle | None = None
         if message.get("more_body", False):
-            body = self._stream_request(receive, body or b"", ex, task)
+            body = self._stream_request(receive, first, ex, task)
         else:
             watch_timer = loop.call_later(_WATCH_AFTER, _start_watcher, receive, ex, task)
         headers = request_headers(scope["headers"], peer, upstream)

@@ -182,10 +182,11 @@ def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
             break
         except InterruptedError:
             continue
-        slot = children.pop(pid, None)
         mark_process_dead(pid)
-        if slot is None or stopping:
+        if pid not in children or stopping:
+            children.pop(pid, None)
             continue
+        slot = children.pop(pid)
         log.warning("worker %d exited (status %d); starting a new one", pid, status)
         if time.monotonic() - last_respawn < 1:
             time.sleep(1)  # do not spin if workers die at startup

@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-WORDS = "Hello from the Regiongate stub upstream . This is a streamed answer .".split()
+WORDS = ["Hello", "from", "the", "Regiongate", "stub", "upstream", ".", "This", "is", "a", "streamed", "answer", "."]
 
 
 class Stub:
@@ -160,5 +160,10 @@ class Stub:
 
 
 def run(host: str = "127.0.0.1", port: int = 8000) -> None:
-    web.run_app(Stub().app(), host=host, port=port, print=lambda *_: print(f"stub upstream on http://{host}:{port}"),
-                handler_cancellation=True)
+    web.run_app(
+        Stub().app(),
+        host=host,
+        port=port,
+        print=lambda *_: print(f"stub upstream on http://{host}:{port}"),
+        handler_cancellation=True,
+    )

@@ -97,9 +97,12 @@ class _Builder:
                     self.problems.append(Problem(key_node.start_mark.line + 1, "mapping keys must be plain scalars"))
                     continue
                 if key in out:
+                    first = self.lines.get((*path, key)) if isinstance(key, str | int) else None
                     self.problems.append(
-                        Problem(key_node.start_mark.line + 1, f"duplicate key {key!r} (first at line "
-                                f"{self.lines.get((*path, key))})")
+                        Problem(
+                            key_node.start_mark.line + 1,
+                            f"duplicate key {key!r} (first at line {first})",
+                        )
                     )
                     continue
                 child = (*path, key) if isinstance(key, str | int) else path

@@ -17,7 +17,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE / "reference" / "openai-supported-countries.txt"
 RETRIEVED = "2026-11-22"
-SOURCE = "OpenAI API 'supported countries and territories' page, as mirrored in reference/openai-supported-countries.txt"
+SOURCE = (
+    "OpenAI API 'supported countries and territories' page, as mirrored in reference/openai-supported-countries.txt"
+)
 OCCUPIED = {"UA-43": "Crimea", "UA-40": "Sevastopol", "UA-14": "Donetsk", "UA-09": "Luhansk"}
 
 # Addresses whose country is the same in MaxMind's test databases and in the

@@ -154,9 +154,17 @@ class GatewayFactory:
         access_log = self.tmp_path / f"access-{n}.log"
         stderr_path = self.tmp_path / f"gateway-{n}.err"
         argv = [
-            sys.executable, "-m", "gateway", "serve",
-            "--port", str(port), "--admin-port", str(admin_port),
-            "--access-log", str(access_log), *args,
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--port",
+            str(port),
+            "--admin-port",
+            str(admin_port),
+            "--access-log",
+            str(access_log),
+            *args,
         ]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("REGIONGATE_")}
         full_env.update(env or {})
@@ -211,8 +219,13 @@ def ua_city_db(tmp_path_factory: pytest.TempPathFactory) -> str:
     from mmdb_writer import MMDBWriter
     from netaddr import IPSet
 
-    writer = MMDBWriter(ip_version=6, database_type="GeoIP2-City", languages=["en"],
-                        description={"en": "Regiongate test: Ukrainian subdivisions"}, ipv4_compatible=True)
+    writer = MMDBWriter(
+        ip_version=6,
+        database_type="GeoIP2-City",
+        languages=["en"],
+        description={"en": "Regiongate test: Ukrainian subdivisions"},
+        ipv4_compatible=True,
+    )
     for code, ip in UA_CITY_ADDRESSES.items():
         sub = code.split("-")[1]
         writer.insert_network(
@@ -225,8 +238,11 @@ def ua_city_db(tmp_path_factory: pytest.TempPathFactory) -> str:
         )
     writer.insert_network(
         IPSet(["192.0.2.0/24"]),
-        {"country": {"iso_code": "GB"}, "registered_country": {"iso_code": "GB"},
-         "subdivisions": [{"iso_code": "ENG"}]},
+        {
+            "country": {"iso_code": "GB"},
+            "registered_country": {"iso_code": "GB"},
+            "subdivisions": [{"iso_code": "ENG"}],
+        },
     )
     path = tmp_path_factory.mktemp("geoip") / "ua-city.mmdb"
     writer.to_db_file(str(path))

@@ -15,15 +15,24 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_passes_shipped_policies() -> None:
-    r = run("check", str(POLICIES / "openai-supported.yaml"), str(POLICIES / "openai-supported-country-only.yaml"),
-            "--geoip", CITY)
+    r = run(
+        "check",
+        str(POLICIES / "openai-supported.yaml"),
+        str(POLICIES / "openai-supported-country-only.yaml"),
+        "--geoip",
+        CITY,
+    )
     assert r.returncode == 0, r.stderr
     assert "openai-supported.yaml: ok: 2 rules, 13/13 tests passed" in r.stdout
 
 
 def test_check_fails_on_a_failing_test_with_its_line(tmp_path: Path) -> None:
-    p = write(tmp_path, "p.yaml", "version: 1\nrules:\n  - {name: gb, countries: [GB], action: allow}\n"
-              "tests:\n  - {ip: 81.2.69.142, expect: allow}\n  - {ip: 175.16.199.1, expect: allow}\n")
+    p = write(
+        tmp_path,
+        "p.yaml",
+        "version: 1\nrules:\n  - {name: gb, countries: [GB], action: allow}\n"
+        "tests:\n  - {ip: 81.2.69.142, expect: allow}\n  - {ip: 175.16.199.1, expect: allow}\n",
+    )
     r = run("check", p)
     assert r.returncode == 1
     assert f"{p}:6: test 175.16.199.1 /v1/chat/completions: expected allow, got deny" in r.stderr
@@ -48,8 +57,12 @@ def test_explain_text() -> None:
 
 
 def test_explain_json_names_rule_line_and_facts(tmp_path: Path) -> None:
-    p = write(tmp_path, "p.yaml", "version: 1\nrules:\n  - {name: vpn, anonymizer: [anonymous_vpn], action: deny}\n"
-              "  - {name: gb, countries: [GB], action: allow}\n")
+    p = write(
+        tmp_path,
+        "p.yaml",
+        "version: 1\nrules:\n  - {name: vpn, anonymizer: [anonymous_vpn], action: deny}\n"
+        "  - {name: gb, countries: [GB], action: allow}\n",
+    )
     r = run("explain", "1.124.213.1", "--json", "--policy", p, "--geoip", CITY, "--geoip", ANON)
     out = json.loads(r.stdout)
     assert (out["decision"], out["rule"], out["rule_line"], out["status"]) == ("deny", "vpn", 3, 403)
@@ -66,6 +79,5 @@ def test_explain_invalid_address() -> None:
 
 def test_environment_variables_configure_serve_flags(tmp_path: Path) -> None:
     env = {"REGIONGATE_POLICY": str(tmp_path / "missing.yaml"), "PATH": "/usr/bin:/bin"}
-    r = subprocess.run([sys.executable, "-m", "gateway", "serve"], capture_output=True, text=True, timeout=30,
-                       env=env)
+    r = subprocess.run([sys.executable, "-m", "gateway", "serve"], capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode == 2 and "missing.yaml" in r.stderr

@@ -9,7 +9,9 @@ import pytest
 
 from conftest import ANON, ASN, BAD_DATA, CITY, COUNTRY, ENTERPRISE, GEOIP, ISP
 from gateway.clientip import parse_address
-from gateway.geo import ANONYMIZER, ASN as ASN_FACT, COUNTRY as COUNTRY_FACT, SUBDIVISIONS, Geo, GeoDataError
+from gateway.geo import ANONYMIZER, SUBDIVISIONS, Geo, GeoDataError
+from gateway.geo import ASN as ASN_FACT
+from gateway.geo import COUNTRY as COUNTRY_FACT
 
 
 def lookup(geo: Geo, text: str):  # type: ignore[no-untyped-def]
@@ -108,7 +110,7 @@ def test_corrupt_databases_fail_at_open_with_the_file_named(name: str) -> None:
 
 
 def test_unsupported_type_missing_and_unreadable_files(tmp_path: Path) -> None:
-    with pytest.raises(GeoDataError, match="Connection-Type.*not supported"):
+    with pytest.raises(GeoDataError, match=r"Connection-Type.*not supported"):
         Geo([str(GEOIP / "GeoIP2-Connection-Type-Test.mmdb")])
     with pytest.raises(GeoDataError, match="no such"):
         Geo([str(tmp_path / "missing.mmdb")])

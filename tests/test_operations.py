@@ -81,8 +81,18 @@ def test_port_in_use_is_a_clear_error(gateway: GatewayFactory, stub: Stub) -> No
     from conftest import free_port
 
     gw = gateway("--upstream", stub.url)
-    argv = [sys.executable, "-m", "gateway", "serve", "--upstream", stub.url,
-            "--port", str(gw.port), "--admin-port", str(free_port())]
+    argv = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--upstream",
+        stub.url,
+        "--port",
+        str(gw.port),
+        "--admin-port",
+        str(free_port()),
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=15)
     assert result.returncode == 2 and "in use" in result.stderr.lower() and "Traceback" not in result.stderr
 

@@ -87,71 +87,89 @@ def test_paths_and_countries_and_together(geo: Geo) -> None:
 
 
 def test_first_match_wins(geo: Geo) -> None:
-    p = load("""\
+    p = load(
+        """\
     version: 1
     rules:
       - {name: first, countries: [GB], action: deny}
       - {name: second, subdivisions: [GB-ENG], action: allow}
-    """, geo)
+    """,
+        geo,
+    )
     assert verdict(p, geo, "81.2.69.142").rule == "first"
 
 
 def test_subdivision_rule_with_ukrainian_data(ua_city_db: str) -> None:
     geo = Geo([ua_city_db])
-    p = load("""\
+    p = load(
+        """\
     version: 1
     rules:
       - {name: occupied, subdivisions: [UA-43, UA-40, UA-14, UA-09], action: deny}
       - {name: supported, countries: [UA, GB], action: allow}
-    """, geo)
+    """,
+        geo,
+    )
     assert verdict(p, geo, "198.51.100.43").rule == "occupied"
     assert verdict(p, geo, "::ffff:198.51.100.9").rule == "occupied"
     assert verdict(p, geo, "198.51.100.30").rule == "supported"
 
 
 def test_registered_country_field(geo: Geo) -> None:
-    p = load("""\
+    p = load(
+        """\
     version: 1
     geo: {field: registered_country}
     rules:
       - {name: us, countries: [US], action: allow}
-    """, geo)
+    """,
+        geo,
+    )
     d = verdict(p, geo, "81.2.69.142")  # located in GB, registered to US
     assert d.rule == "us"
 
 
 def test_invalid_client_uses_defaults_invalid_and_skips_rules(geo: Geo) -> None:
-    p = load("""\
+    p = load(
+        """\
     version: 1
     defaults: {invalid: deny}
     rules:
       - {name: everyone, paths: ["/v1/*"], action: allow}
-    """, geo)
+    """,
+        geo,
+    )
     client = ClientAddress(None, INVALID, "x-forwarded-for", "garbage", "bad")
     assert decide(p, client, NO_FACTS, "/v1/models").rule == "defaults.invalid"
 
 
 def test_global_monitor_mode_lets_denials_through_and_says_so(geo: Geo) -> None:
-    p = load("""\
+    p = load(
+        """\
     version: 1
     mode: monitor
     rules:
       - {name: gb, countries: [GB], action: allow}
-    """, geo)
+    """,
+        geo,
+    )
     d = verdict(p, geo, "175.16.199.1")
     assert (d.verdict, d.action, d.allowed, d.rule) == ("monitor", "deny", True, "defaults.action")
     assert verdict(p, geo, "81.2.69.142").verdict == "allow"
 
 
 def test_monitor_action_and_shadow_rules(geo: Geo) -> None:
-    p = load("""\
+    p = load(
+        """\
     version: 1
     rules:
       - {name: watch-cn, countries: [CN], action: deny, mode: monitor}
       - {name: watch-all, action: monitor, mode: monitor}
       - {name: se, countries: [SE], action: monitor}
       - {name: cn, countries: [CN], action: allow}
-    """, geo)
+    """,
+        geo,
+    )
     d = verdict(p, geo, "175.16.199.1")
     assert (d.verdict, d.rule, d.shadow) == ("allow", "cn", ("watch-cn", "watch-all"))
     d = verdict(p, geo, "89.160.20.112")
@@ -197,8 +215,10 @@ def error_of(text: str, geo: Geo | None = None) -> str:
         ("version: 1\nrules:\n  - {countries: [US]}\n", "p.yaml:3: rules[0]: missing required key 'action'"),
         ("version: 1\nrules:\n  - {countries: [US], action: block}\n", "p.yaml:3: rules[0].action: 'block'"),
         ("version: 1\nrules:\n  - {countries: [US], action: deny, colour: red}\n", "p.yaml:3: rules[0]: unknown key"),
-        ("version: 1\nrules:\n  - countries:\n      - US\n      - UK\n    action: allow\n",
-         "p.yaml:5: rules[0].countries: 'UK' is not an ISO 3166-1 alpha-2 code"),
+        (
+            "version: 1\nrules:\n  - countries:\n      - US\n      - UK\n    action: allow\n",
+            "p.yaml:5: rules[0].countries: 'UK' is not an ISO 3166-1 alpha-2 code",
+        ),
         ("version: 1\nrules:\n  - {subdivisions: [UA-99], action: deny}\n", "p.yaml:3: rules[0].subdivisions: 'UA-99'"),
         ("version: 1\nrules:\n  - {subdivisions: [43], action: deny}\n", "p.yaml:3: rules[0].subdivisions"),
         ("version: 1\nrules:\n  - {cidrs: [10.0.0.5/8], action: deny}\n", "p.yaml:3: rules[0].cidrs: '10.0.0.5/8'"),
@@ -206,8 +226,11 @@ def error_of(text: str, geo: Geo | None = None) -> str:
         ("version: 1\nrules:\n  - {countries: [], action: deny}\n", "p.yaml:3: rules[0].countries"),
         ("version: 1\nrules:\n  - {paths: [v1/x], action: deny}\n", "p.yaml:3: rules[0].paths"),
         ("version: 1\nrules:\n  - {anonymizer: [vpn], action: deny}\n", "p.yaml:3: rules[0].anonymizer[0]: 'vpn'"),
-        ("version: 1\nrules:\n  - {name: a, countries: [US], action: deny}\n  - {name: a, countries: [GB], action: deny}\n",
-         "duplicate rule name 'a'"),
+        (
+            "version: 1\nrules:\n  - {name: a, countries: [US], action: deny}\n"
+            "  - {name: a, countries: [GB], action: deny}\n",
+            "duplicate rule name 'a'",
+        ),
         ("version: 1\nrules: []\nrules: []\n", "p.yaml:3: duplicate key 'rules' (first at line 2)"),
         ("version: 1\nrules:\n  - {name: a\n", "YAML syntax error"),
         ("version: 1\nblock: {status: 200}\n", "p.yaml:2: block.status"),
@@ -236,7 +259,11 @@ def test_several_problems_are_reported_together() -> None:
 @pytest.mark.parametrize(
     ("rules", "unreachable"),
     [
-        ("  - {name: a, countries: [US, GB], action: allow}\n  - {name: b, countries: [US], paths: [/v1/x], action: deny}\n", "b"),
+        (
+            "  - {name: a, countries: [US, GB], action: allow}\n"
+            "  - {name: b, countries: [US], paths: [/v1/x], action: deny}\n",
+            "b",
+        ),
         ("  - {name: a, action: deny}\n  - {name: b, countries: [US], action: allow}\n", "b"),
         ("  - {name: a, cidrs: [10.0.0.0/8], action: deny}\n  - {name: b, cidrs: [10.1.0.0/16], action: allow}\n", "b"),
         ("  - {name: a, paths: ['/v1/*'], action: deny}\n  - {name: b, paths: [/v1/models], action: allow}\n", "b"),
@@ -275,8 +302,9 @@ def test_rule_needing_a_database_that_is_not_configured(rule: str, needs: str) -
 
 
 def test_registered_country_needs_a_maxmind_database() -> None:
-    msg = error_of("version: 1\ngeo: {field: registered_country}\nrules:\n  - {countries: [US], action: allow}\n",
-                   Geo([]))
+    msg = error_of(
+        "version: 1\ngeo: {field: registered_country}\nrules:\n  - {countries: [US], action: allow}\n", Geo([])
+    )
     assert "p.yaml:2:" in msg and "registered_country" in msg
 
 
@@ -290,14 +318,17 @@ def test_country_data_is_needed_only_where_countries_are_told_apart() -> None:
 
 
 def test_policy_tests_report_failures(geo: Geo) -> None:
-    p = load("""\
+    p = load(
+        """\
     version: 1
     rules:
       - {name: gb, countries: [GB], action: allow}
     tests:
       - {ip: 175.16.199.1, expect: allow}
       - {ip: 81.2.69.142, expect: allow, rule: gb}
-    """, geo)
+    """,
+        geo,
+    )
     results = run_tests(p, geo)
     assert [r.passed for r in results] == [False, True]
     assert results[0].line == 5 and "expected allow, got deny" in (results[0].problem or "")

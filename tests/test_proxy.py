@@ -43,7 +43,18 @@ def policy(tmp_path: Path) -> str:
 
 def start(gateway: GatewayFactory, stub: Stub, policy: str, *extra: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     return gateway(
-        "--policy", policy, "--geoip", CITY, "--geoip", ASN, "--geoip", ANON, "--upstream", stub.url, *TRUST, *extra,
+        "--policy",
+        policy,
+        "--geoip",
+        CITY,
+        "--geoip",
+        ASN,
+        "--geoip",
+        ANON,
+        "--upstream",
+        stub.url,
+        *TRUST,
+        *extra,
         env=env,
     )
 
@@ -93,15 +104,17 @@ def test_sdk_chat_completion(gateway: GatewayFactory, stub: Stub, policy: str) -
     assert r.model == "gpt-x" and "Regiongate stub" in (r.choices[0].message.content or "")
     log = gw.wait_log(1)[0]
     assert (log["decision"], log["rule"], log["country"], log["status"], log["upstream"]) == (
-        "allow", "supported", "GB", 200, "default"
+        "allow",
+        "supported",
+        "GB",
+        200,
+        "default",
     )
 
 
 def test_sdk_streaming(gateway: GatewayFactory, stub: Stub, policy: str) -> None:
     gw = start(gateway, stub, policy)
-    stream = sdk(gw, SE).chat.completions.create(
-        model="m", messages=[{"role": "user", "content": "hi"}], stream=True
-    )
+    stream = sdk(gw, SE).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert text.startswith("Hello from the Regiongate stub")
 
@@ -114,7 +127,11 @@ def test_sdk_embeddings_and_models(gateway: GatewayFactory, stub: Stub, policy: 
 
 
 def test_path_rule_through_the_proxy(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
-    policy = write(tmp_path, "p.yaml", "version: 1\nrules:\n  - {name: gb-emb, countries: [GB], paths: [/v1/embeddings], action: allow}\n")
+    policy = write(
+        tmp_path,
+        "p.yaml",
+        "version: 1\nrules:\n  - {name: gb-emb, countries: [GB], paths: [/v1/embeddings], action: allow}\n",
+    )
     gw = start(gateway, stub, policy)
     client = sdk(gw, GB)
     client.embeddings.create(model="e", input="a")
@@ -131,10 +148,10 @@ def test_path_rule_through_the_proxy(gateway: GatewayFactory, stub: Stub, tmp_pa
 # --- whose address counts ---------------------------------------------------------------------
 
 
-def test_forwarding_headers_from_untrusted_peers_are_ignored(
-    gateway: GatewayFactory, stub: Stub, policy: str
-) -> None:
-    gw = gateway("--policy", policy, "--geoip", CITY, "--geoip", ASN, "--geoip", ANON, "--upstream", stub.url)  # trusts nobody
+def test_forwarding_headers_from_untrusted_peers_are_ignored(gateway: GatewayFactory, stub: Stub, policy: str) -> None:
+    gw = gateway(
+        "--policy", policy, "--geoip", CITY, "--geoip", ASN, "--geoip", ANON, "--upstream", stub.url
+    )  # trusts nobody
     for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP", "CF-Connecting-IP"):
         value = f"for={GB}" if header == "Forwarded" else GB
         r = httpx.get(gw.url + "/v1/models", headers={header: value})
@@ -218,13 +235,17 @@ def test_headers_path_query_and_body_reach_the_upstream(gateway: GatewayFactory,
 
 
 def test_upstream_key_replaces_the_clients(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
-    policy = write(tmp_path, "p.yaml", f"""\
+    policy = write(
+        tmp_path,
+        "p.yaml",
+        f"""\
 version: 1
 upstreams:
   default: {{url: "{stub.url}", api_key_env: TEST_UPSTREAM_KEY}}
 rules:
   - {{name: gb, countries: [GB], action: allow}}
-""")
+""",
+    )
     gw = gateway("--policy", policy, "--geoip", CITY, *TRUST, env={"TEST_UPSTREAM_KEY": "sk-upstream"})
     r = httpx.get(gw.url + "/echo/k", headers={"X-Forwarded-For": GB, "Authorization": "Bearer sk-client"})
     auth = [v for k, v in r.json()["headers"] if k.lower() == "authorization"]
@@ -232,11 +253,15 @@ rules:
 
 
 def test_missing_upstream_key_stops_startup(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
-    policy = write(tmp_path, "p.yaml", f"""\
+    policy = write(
+        tmp_path,
+        "p.yaml",
+        f"""\
 version: 1
 upstreams:
   default: {{url: "{stub.url}", api_key_env: TEST_UPSTREAM_KEY_MISSING}}
-""")
+""",
+    )
     gw = gateway("--policy", policy, wait=False)
     assert gw.proc.wait(timeout=15) == 2
     assert "TEST_UPSTREAM_KEY_MISSING" in gw.stderr()
@@ -272,7 +297,9 @@ def test_requests_never_reach_another_host(gateway: GatewayFactory, stub: Stub, 
             b"GET /@" + target + b"/echo/at HTTP/1.1\r\nHost: x\r\n",
         ]
         for attempt in attempts:
-            response = raw_request(gw.port, attempt + b"X-Forwarded-For: " + GB.encode() + b"\r\nConnection: close\r\n\r\n")
+            response = raw_request(
+                gw.port, attempt + b"X-Forwarded-For: " + GB.encode() + b"\r\nConnection: close\r\n\r\n"
+            )
             assert response.startswith(b"HTTP/1.1 "), response[:100]
         assert other.stats()["requests"] == 0
         assert stub.stats()["requests"] == len(attempts)
@@ -320,8 +347,11 @@ def test_sse_chunks_arrive_as_they_are_sent(gateway: GatewayFactory, stub: Stub,
     gw = start(gateway, stub, policy)
     arrivals = []
     with httpx.stream(
-        "POST", gw.url + "/v1/chat/completions", json={"model": "m", "stream": True},
-        headers={"X-Forwarded-For": GB, "x-stub-chunk-delay": "0.3", "x-stub-chunks": "4"}, timeout=10,
+        "POST",
+        gw.url + "/v1/chat/completions",
+        json={"model": "m", "stream": True},
+        headers={"X-Forwarded-For": GB, "x-stub-chunk-delay": "0.3", "x-stub-chunks": "4"},
+        timeout=10,
     ) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         start_ = time.monotonic()
@@ -352,8 +382,19 @@ def test_stream_cut_by_upstream_ends_with_an_error_event(gateway: GatewayFactory
 def test_upstream_unreachable_is_502(gateway: GatewayFactory, tmp_path: Path, policy: str) -> None:
     from conftest import free_port
 
-    gw = gateway("--policy", policy, "--geoip", CITY, "--geoip", ASN, "--geoip", ANON,
-                 "--upstream", f"http://127.0.0.1:{free_port()}", *TRUST)
+    gw = gateway(
+        "--policy",
+        policy,
+        "--geoip",
+        CITY,
+        "--geoip",
+        ASN,
+        "--geoip",
+        ANON,
+        "--upstream",
+        f"http://127.0.0.1:{free_port()}",
+        *TRUST,
+    )
     r = httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB}, timeout=10)
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "upstream_unreachable"
@@ -363,13 +404,17 @@ def test_upstream_unreachable_is_502(gateway: GatewayFactory, tmp_path: Path, po
 
 def timeout_policy(tmp_path: Path, stub: Stub, **timeouts: float) -> str:
     t = ", ".join(f"{k}: {v}" for k, v in timeouts.items())
-    return write(tmp_path, "t.yaml", f"""\
+    return write(
+        tmp_path,
+        "t.yaml",
+        f"""\
 version: 1
 upstreams:
   default: {{url: "{stub.url}", timeouts: {{{t}}}}}
 rules:
   - {{name: gb, countries: [GB], action: allow}}
-""")
+""",
+    )
 
 
 def test_first_byte_timeout_is_504(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
@@ -382,8 +427,12 @@ def test_first_byte_timeout_is_504(gateway: GatewayFactory, stub: Stub, tmp_path
 
 def test_idle_timeout_mid_stream_ends_with_error_event(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
     gw = gateway("--policy", timeout_policy(tmp_path, stub, idle=0.5), "--geoip", CITY, *TRUST)
-    r = httpx.post(gw.url + "/v1/chat/completions", json={"stream": True},
-                   headers={"X-Forwarded-For": GB, "x-stub-chunk-delay": "3", "x-stub-chunks": "3"}, timeout=10)
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"stream": True},
+        headers={"X-Forwarded-For": GB, "x-stub-chunk-delay": "3", "x-stub-chunks": "3"},
+        timeout=10,
+    )
     events = [line for line in r.text.splitlines() if line.startswith("data: ")]
     assert len(events) == 2
     assert json.loads(events[-1][6:])["error"]["code"] == "upstream_idle_timeout"
@@ -392,8 +441,12 @@ def test_idle_timeout_mid_stream_ends_with_error_event(gateway: GatewayFactory, 
 def test_total_timeout(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
     gw = gateway("--policy", timeout_policy(tmp_path, stub, total=1.0, idle=5), "--geoip", CITY, *TRUST)
     started = time.monotonic()
-    r = httpx.post(gw.url + "/v1/chat/completions", json={"stream": True},
-                   headers={"X-Forwarded-For": GB, "x-stub-chunk-delay": "0.3", "x-stub-chunks": "20"}, timeout=10)
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        json={"stream": True},
+        headers={"X-Forwarded-For": GB, "x-stub-chunk-delay": "0.3", "x-stub-chunks": "20"},
+        timeout=10,
+    )
     assert time.monotonic() - started < 3
     assert json.loads(r.text.strip().splitlines()[-1][6:])["error"]["code"] == "upstream_total_timeout"
 
@@ -401,8 +454,11 @@ def test_total_timeout(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> N
 def test_client_disconnect_cancels_the_upstream_request(gateway: GatewayFactory, stub: Stub, policy: str) -> None:
     gw = start(gateway, stub, policy)
     with httpx.stream(
-        "POST", gw.url + "/v1/chat/completions", json={"stream": True},
-        headers={"X-Forwarded-For": GB, "x-stub-chunk-delay": "0.2", "x-stub-chunks": "100"}, timeout=10,
+        "POST",
+        gw.url + "/v1/chat/completions",
+        json={"stream": True},
+        headers={"X-Forwarded-For": GB, "x-stub-chunk-delay": "0.2", "x-stub-chunks": "100"},
+        timeout=10,
     ) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -436,7 +492,9 @@ def test_upstream_errors_pass_through(gateway: GatewayFactory, stub: Stub, polic
 
 
 def test_monitor_mode_forwards_and_records(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
-    policy = write(tmp_path, "m.yaml", "version: 1\nmode: monitor\nrules:\n  - {name: gb, countries: [GB], action: allow}\n")
+    policy = write(
+        tmp_path, "m.yaml", "version: 1\nmode: monitor\nrules:\n  - {name: gb, countries: [GB], action: allow}\n"
+    )
     gw = start(gateway, stub, policy)
     assert httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": CN}).status_code == 200
     log = gw.wait_log(1)[0]
