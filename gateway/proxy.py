@@ -222,7 +222,8 @@ class Gateway:
         length = response.content_length
         no_body = scope["method"] == "HEAD" or response.status in _NO_BODY_STATUS
         if not no_body and length is not None and length <= _WHOLE_BODY_LIMIT:
-            deadline.reschedule(min(loop.time() + idle, total_deadline))
+            # A small body follows its headers at once: it is read under the
+            # first-byte deadline rather than paying for a reschedule.
             data = await response.read()
             ex.response_started = True
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
@@ -376,21 +377,20 @@ async def _watch_disconnect(receive: Receive, ex: _Exchange, task: asyncio.Task[
             return
 
 
+_JSON = (b"content-type", b"application/json")
+_RETRY = {True: (b"x-should-retry", b"true"), False: (b"x-should-retry", b"false")}
+
+
 async def _send_error(send: Send, status: int, body: bytes, request_id: str, *, retry: bool) -> None:
     rid = request_id.encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-should-retry", b"true" if retry else b"false"),
-                (b"x-request-id", rid),
-                (b"x-regiongate-request-id", rid),
-            ],
-        }
-    )
+    headers = [
+        _JSON,
+        (b"content-length", b"%d" % len(body)),
+        _RETRY[retry],
+        (b"x-request-id", rid),
+        (b"x-regiongate-request-id", rid),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 

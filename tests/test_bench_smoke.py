@@ -18,7 +18,9 @@ def test_benchmark_quick_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     r = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
