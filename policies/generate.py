@@ -62,6 +62,25 @@ def _header(title: str, body: str) -> str:
 {body}"""
 
 
+def _preamble(description: str, countries: int) -> str:
+    """Everything before the rules, the same in both policies."""
+    return f"""version: 1
+description: {description}
+metadata:
+  source: "{SOURCE}"
+  retrieved: "{RETRIEVED}"
+  countries: {countries}
+geo: {{field: country}}
+defaults: {{action: deny, unknown: deny, private: allow, invalid: deny}}
+mode: enforce
+block:
+  status: 403
+  code: unsupported_country_region_territory
+  message: "Country, region, or territory not supported"
+rules:
+"""
+
+
 def _tests(rows: list[tuple[str, str, str, str]]) -> str:
     out = []
     for ip, expect, rule, note in rows:
@@ -74,24 +93,11 @@ def full_policy() -> str:
     occupied = ", ".join(OCCUPIED)
     names = ", ".join(f"{k} {v}" for k, v in OCCUPIED.items())
     tests = [*COMMON_TESTS, ("2a02:d300::1", "allow", "supported", "UA with no occupied subdivision")]
+    preamble = _preamble("OpenAI API supported countries and territories, with sub-national exceptions.", len(codes))
     return _header(
         "Serve only where OpenAI's API is supported, with Ukraine's occupied regions refused.",
         f"""# Needs a City or Enterprise database (--geoip) for the subdivision rule.
-version: 1
-description: OpenAI API supported countries and territories, with sub-national exceptions.
-metadata:
-  source: "{SOURCE}"
-  retrieved: "{RETRIEVED}"
-  countries: {len(codes)}
-geo: {{field: country}}
-defaults: {{action: deny, unknown: deny, private: allow, invalid: deny}}
-mode: enforce
-block:
-  status: 403
-  code: unsupported_country_region_territory
-  message: "Country, region, or territory not supported"
-rules:
-  # {names}: refused although Ukraine is supported.
+{preamble}  # {names}: refused although Ukraine is supported.
   - name: occupied-regions
     subdivisions: [{occupied}]
     action: deny
@@ -107,6 +113,7 @@ tests:
 def country_only_policy() -> str:
     codes = [c for c in reference_countries() if c != "UA"]
     tests = [*COMMON_TESTS, ("2a02:d300::1", "monitor", "ukraine-unverified", "UA: allowed, recorded as monitor")]
+    preamble = _preamble("OpenAI API supported countries and territories, country level only.", len(codes) + 1)
     return _header(
         "Serve only where OpenAI's API is supported, for country-level data (the embedded default).",
         f"""# Works with the embedded country data and with any Country database. Ukraine is
@@ -114,21 +121,7 @@ def country_only_policy() -> str:
 # traffic is let through as 'monitor' (counted in regiongate_decisions_total{{decision="monitor"}})
 # so that it is visible. To enforce the exception, add a City database and use
 # openai-supported.yaml.
-version: 1
-description: OpenAI API supported countries and territories, country level only.
-metadata:
-  source: "{SOURCE}"
-  retrieved: "{RETRIEVED}"
-  countries: {len(codes) + 1}
-geo: {{field: country}}
-defaults: {{action: deny, unknown: deny, private: allow, invalid: deny}}
-mode: enforce
-block:
-  status: 403
-  code: unsupported_country_region_territory
-  message: "Country, region, or territory not supported"
-rules:
-  - name: ukraine-unverified
+{preamble}  - name: ukraine-unverified
     countries: [UA]
     action: monitor
   - name: supported

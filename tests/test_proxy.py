@@ -41,21 +41,10 @@ def policy(tmp_path: Path) -> str:
     return write(tmp_path, "policy.yaml", POLICY)
 
 
-def start(gateway: GatewayFactory, stub: Stub, policy: str, *extra: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def start(gateway: GatewayFactory, upstream: Stub | str, policy: str, *extra: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    url = upstream if isinstance(upstream, str) else upstream.url
     return gateway(
-        "--policy",
-        policy,
-        "--geoip",
-        CITY,
-        "--geoip",
-        ASN,
-        "--geoip",
-        ANON,
-        "--upstream",
-        stub.url,
-        *TRUST,
-        *extra,
-        env=env,
+        "--policy", policy, "--geoip", CITY, "--geoip", ASN, "--geoip", ANON, "--upstream", url, *TRUST, *extra, env=env
     )
 
 
@@ -234,18 +223,14 @@ def test_headers_path_query_and_body_reach_the_upstream(gateway: GatewayFactory,
     assert r.headers["x-regiongate-request-id"].startswith("rg-")
 
 
+def key_policy(tmp_path: Path, stub: Stub, variable: str) -> str:
+    upstream = f'default: {{url: "{stub.url}", api_key_env: {variable}}}'
+    rules = "  - {name: gb, countries: [GB], action: allow}"
+    return write(tmp_path, "p.yaml", f"version: 1\nupstreams:\n  {upstream}\nrules:\n{rules}\n")
+
+
 def test_upstream_key_replaces_the_clients(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
-    policy = write(
-        tmp_path,
-        "p.yaml",
-        f"""\
-version: 1
-upstreams:
-  default: {{url: "{stub.url}", api_key_env: TEST_UPSTREAM_KEY}}
-rules:
-  - {{name: gb, countries: [GB], action: allow}}
-""",
-    )
+    policy = key_policy(tmp_path, stub, "TEST_UPSTREAM_KEY")
     gw = gateway("--policy", policy, "--geoip", CITY, *TRUST, env={"TEST_UPSTREAM_KEY": "sk-upstream"})
     r = httpx.get(gw.url + "/echo/k", headers={"X-Forwarded-For": GB, "Authorization": "Bearer sk-client"})
     auth = [v for k, v in r.json()["headers"] if k.lower() == "authorization"]
@@ -253,16 +238,8 @@ rules:
 
 
 def test_missing_upstream_key_stops_startup(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
-    policy = write(
-        tmp_path,
-        "p.yaml",
-        f"""\
-version: 1
-upstreams:
-  default: {{url: "{stub.url}", api_key_env: TEST_UPSTREAM_KEY_MISSING}}
-""",
-    )
-    gw = gateway("--policy", policy, wait=False)
+    policy = key_policy(tmp_path, stub, "TEST_UPSTREAM_KEY_MISSING")
+    gw = gateway("--policy", policy, "--geoip", CITY, wait=False)
     assert gw.proc.wait(timeout=15) == 2
     assert "TEST_UPSTREAM_KEY_MISSING" in gw.stderr()
 
@@ -379,22 +356,10 @@ def test_stream_cut_by_upstream_ends_with_an_error_event(gateway: GatewayFactory
     assert log["error"] == "upstream_stream_interrupted" and log["status"] == 200
 
 
-def test_upstream_unreachable_is_502(gateway: GatewayFactory, tmp_path: Path, policy: str) -> None:
+def test_upstream_unreachable_is_502(gateway: GatewayFactory, policy: str) -> None:
     from conftest import free_port
 
-    gw = gateway(
-        "--policy",
-        policy,
-        "--geoip",
-        CITY,
-        "--geoip",
-        ASN,
-        "--geoip",
-        ANON,
-        "--upstream",
-        f"http://127.0.0.1:{free_port()}",
-        *TRUST,
-    )
+    gw = start(gateway, f"http://127.0.0.1:{free_port()}", policy)
     r = httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB}, timeout=10)
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "upstream_unreachable"
