@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ _TYPE_FACTS: tuple[tuple[str, frozenset[str]], ...] = (
 # broken test files), bounded so that a 70 MB City file still opens fast.
 _VERIFY_NETWORKS = 2000
 _CACHE_MAX = 200_000
+
+log = logging.getLogger("regiongate")
 
 
 class GeoDataError(Exception):
@@ -226,6 +229,7 @@ class Geo:
         self.capabilities: frozenset[str] = frozenset().union(*(s.facts for s in self.sources))
         self._cache: dict[int, dict[int, dict[int, GeoFacts]]] = {4: {}, 6: {}}
         self._cache_size = 0
+        self.lookup_errors = 0
 
     def close(self) -> None:
         for db in self._databases:
@@ -246,7 +250,14 @@ class Geo:
             facts = table.get(value >> (bits - plen))
             if facts is not None:
                 return facts
-        facts, plen = self._read(ip)
+        try:
+            facts, plen = self._read(ip)
+        except (maxminddb.errors.InvalidDatabaseError, ValueError) as e:
+            # A record broken past what open_database verified: judge the address
+            # as one with no data (the policy's `unknown` default), do not cache it.
+            log.error("geo lookup of %s failed: %s", ip, e)
+            self.lookup_errors += 1
+            return NO_FACTS
         if self._cache_size >= _CACHE_MAX:
             for t in by_len.values():
                 t.clear()

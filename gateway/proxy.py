@@ -112,11 +112,18 @@ class Gateway:
         decision = decide(policy, client, facts, path if "//" not in path else _squash_slashes(path))
         # 4. Refuse or forward.
         ex = _Exchange()
-        if decision.verdict == DENY:
-            await _send_error(send, policy.spec.block.status, policy.block_body, request_id, retry=False)
-            ex.status, ex.sent = policy.spec.block.status, len(policy.block_body)
-        else:
-            await self.forward(scope, receive, send, decision, request_id, peer, ex)
+        try:
+            if decision.verdict == DENY:
+                await _send_error(send, policy.spec.block.status, policy.block_body, request_id, retry=False)
+                ex.status, ex.sent = policy.spec.block.status, len(policy.block_body)
+            else:
+                await self.forward(scope, receive, send, decision, request_id, peer, ex)
+        except Exception:
+            # A bug of ours must still give the client an OpenAI-shaped answer.
+            log.exception("request %s failed", request_id)
+            if not ex.response_started:
+                await self.fail(send, errors.INTERNAL, request_id, ex)
+            ex.error = ex.error or errors.INTERNAL.code
         # 5. Record.
         self.record(scope, request_id, client, facts, decision, ex, time.perf_counter() - started)
 

@@ -123,3 +123,13 @@ def test_unsupported_type_missing_and_unreadable_files(tmp_path: Path) -> None:
     truncated.write_bytes(truncated.read_bytes()[:5000])
     with pytest.raises(GeoDataError):
         Geo([str(truncated)])
+
+
+def test_a_record_broken_past_the_verified_part_is_judged_as_no_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening checks the first networks only; a broken record found later must not raise."""
+    import gateway.geo
+
+    monkeypatch.setattr(gateway.geo, "_VERIFY_NETWORKS", 0)
+    geo = Geo([str(BAD_DATA / "GeoIP2-City-Test-Broken-Double-Format.mmdb")])
+    facts = lookup(geo, "81.2.69.142")
+    assert facts.country is None and geo.lookup_errors == 1
