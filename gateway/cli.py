@@ -106,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
         help="key for --log-address hashed, so hashes are stable across restarts (env REGIONGATE_LOG_KEY)",
     )
     s.add_argument(
+        "--allow-method",
+        action="append",
+        default=None,
+        metavar="METHOD",
+        help="HTTP method forwarded upstream, repeatable (env REGIONGATE_ALLOW_METHODS, comma-separated); "
+        "others get a 405; default: GET HEAD OPTIONS POST DELETE; TRACE and CONNECT are never allowed",
+    )
+    s.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default=_env("LOG_LEVEL", "warning"),
@@ -159,6 +167,11 @@ def _geoip(args: argparse.Namespace) -> list[str]:
     return args.geoip if args.geoip is not None else _env_list("GEOIP")
 
 
+def _methods(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
+    methods = args.allow_method if args.allow_method is not None else _env_list("ALLOW_METHODS")
+    return {"allow_methods": tuple(methods)} if methods else {}
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -181,6 +194,7 @@ def _serve(args: argparse.Namespace) -> int:
             log_address=args.log_address,
             log_key=args.log_key,
             log_level=args.log_level,
+            **_methods(args),
         )
         return serve(settings)
     except ValidationError as e:

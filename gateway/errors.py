@@ -8,6 +8,7 @@ refusal or a malformed request will fail the same way again, a timeout may not.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import orjson
@@ -20,6 +21,7 @@ class GatewayError:
     code: str
     message: str
     retry: bool = False
+    headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def body(self) -> bytes:
         return orjson.dumps({"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}})
@@ -31,6 +33,17 @@ class GatewayError:
 
 def bad_request(message: str, code: str = "invalid_request") -> GatewayError:
     return GatewayError(400, "invalid_request_error", code, message)
+
+
+def method_not_allowed(method: str, allowed: Iterable[str]) -> GatewayError:
+    allow = ", ".join(sorted(allowed))
+    return GatewayError(
+        405,
+        "invalid_request_error",
+        "method_not_allowed",
+        f"The method {method[:32]!r} is not allowed here; allowed: {allow}.",
+        headers=((b"allow", allow.encode()),),
+    )
 
 
 UPSTREAM_UNREACHABLE = GatewayError(

@@ -87,6 +87,17 @@ class Metrics:
             registry=r,
             multiprocess_mode="max",
         )
+        self.bad_requests = Counter(
+            "regiongate_bad_requests",
+            "Requests refused before the policy was asked (unparseable, bad method, path or header), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.access_log_dropped = Counter(
+            "regiongate_access_log_dropped",
+            "Access-log lines dropped because the log's destination did not keep up.",
+            registry=r,
+        )
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._upstream_children: dict[tuple[str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
@@ -103,6 +114,9 @@ class Metrics:
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)
         child.inc()
+
+    def bad_request(self, reason: str) -> None:
+        self.bad_requests.labels(reason).inc()
 
     def shadow_match(self, rule: str) -> None:
         self.shadow.labels(rule).inc()

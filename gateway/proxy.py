@@ -17,9 +17,7 @@ framework adds is paid on every request.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -32,8 +30,11 @@ from .clientip import PUBLIC, ClientAddress, resolve
 from .errors import GatewayError
 from .geo import NO_FACTS, GeoFacts
 from .policy import DENY, Decision, decide
+from .requestid import RequestIds
+from .requestpath import BadPath, canonical
 from .runtime import Runtime
-from .upstream import BadTarget, Upstream, new_session, request_headers, response_headers
+from .throttledlog import ThrottledLog
+from .upstream import BadHeader, BadTarget, Upstream, new_session, request_headers, response_headers
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -52,6 +53,10 @@ _NO_BODY_STATUS = frozenset({204, 304})
 # itself. Most answers are back long before that matters, so the watcher
 # starts only when a request has been in flight this long.
 _WATCH_AFTER = 0.1
+
+
+class _ClientGone(Exception):
+    """The client hung up while its request body was being streamed upstream."""
 
 
 class _Exchange:
@@ -86,8 +91,8 @@ class Gateway:
         self.runtime = runtime
         self.metrics = metrics
         self.session: aiohttp.ClientSession | None = None
-        prefix = os.urandom(4).hex()
-        self._ids = (f"rg-{prefix}{n:08x}" for n in itertools.count())
+        self._ids = RequestIds()
+        self._throttled = ThrottledLog(log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -103,21 +108,24 @@ class Gateway:
         request_id = next(self._ids)
         peer = scope["client"][0] if scope.get("client") else None
 
+        # 0. What is asked, in the one form that is both judged and forwarded.
+        path, bad = _request_target(scope, rt)
         # 1. Who is asking.
         client = resolve(peer, scope["headers"], rt.clientip)
         # 2. Where they are.
         facts = rt.geo.lookup(client.ip) if client.kind == PUBLIC else NO_FACTS  # type: ignore[arg-type]
         # 3. What the policy says.
-        path = scope["path"]
-        decision = decide(policy, client, facts, path if "//" not in path else _squash_slashes(path))
+        decision = decide(policy, client, facts, path) if path is not None else REJECTED
         # 4. Refuse or forward.
         ex = _Exchange()
         try:
-            if decision.verdict == DENY:
+            if bad is not None:
+                await self.fail(send, bad, request_id, ex)
+            elif decision.verdict == DENY:
                 await _send_error(send, policy.spec.block.status, policy.block_body, request_id, retry=False)
                 ex.status, ex.sent = policy.spec.block.status, len(policy.block_body)
             else:
-                await self.forward(scope, receive, send, decision, request_id, peer, ex)
+                await self.forward(scope, receive, send, path, decision, request_id, peer, client, ex)  # type: ignore[arg-type]
         except Exception:
             # A bug of ours must still give the client an OpenAI-shaped answer.
             log.exception("request %s failed", request_id)
@@ -125,16 +133,18 @@ class Gateway:
                 await self.fail(send, errors.INTERNAL, request_id, ex)
             ex.error = ex.error or errors.INTERNAL.code
         # 5. Record.
-        self.record(scope, request_id, client, facts, decision, ex, time.perf_counter() - started)
+        self.record(scope, path, request_id, client, facts, decision, ex, time.perf_counter() - started)
 
     async def forward(
         self,
         scope: Scope,
         receive: Receive,
         send: Send,
+        path: str,
         decision: Decision,
         request_id: str,
         peer: str | None,
+        client: ClientAddress,
         ex: _Exchange,
     ) -> None:
         upstream = self.runtime.upstreams.get(decision.upstream or "")
@@ -142,9 +152,13 @@ class Gateway:
             await self.fail(send, errors.NO_UPSTREAM, request_id, ex)
             return
         try:
-            url = upstream.target(scope.get("raw_path") or scope["path"].encode(), scope["query_string"])
+            url = upstream.target(path, scope["query_string"])
+            headers = request_headers(scope["headers"], peer, str(client.ip) if client.ip else None, upstream)
         except BadTarget as e:
             await self.fail(send, errors.bad_request(str(e), "invalid_path"), request_id, ex)
+            return
+        except BadHeader as e:
+            await self.fail(send, errors.bad_request(str(e), "invalid_header"), request_id, ex)
             return
         message = await receive()
         if message["type"] == "http.disconnect":
@@ -160,7 +174,6 @@ class Gateway:
             body = self._stream_request(receive, first, ex, task)
         else:
             watch_timer = loop.call_later(_WATCH_AFTER, _start_watcher, receive, ex, task)
-        headers = request_headers(scope["headers"], peer, upstream)
         timeouts = upstream.timeouts
         sent_at = loop.time()  # deadlines are on the loop's clock (whole ms under uvloop) ...
         clock = time.perf_counter()  # ... measurements on a fine one
@@ -257,7 +270,7 @@ class Gateway:
         body = error.body()
         ex.status, ex.error, ex.sent = error.status, error.code, len(body)
         ex.done = True
-        await _send_error(send, error.status, body, request_id, retry=error.retry)
+        await _send_error(send, error.status, body, request_id, retry=error.retry, extra=error.headers)
 
     async def cut(
         self, send: Send, response: aiohttp.ClientResponse | None, error: GatewayError, ex: _Exchange
@@ -285,9 +298,12 @@ class Gateway:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
+                    # Raise, not return: a generator that ends normally makes the
+                    # client write the final chunk, and the upstream would take a
+                    # truncated body for a whole one.
                     ex.client_gone = True
                     task.cancel()
-                    return
+                    raise _ClientGone
                 chunk = message.get("body", b"")
                 if chunk:
                     yield chunk
@@ -301,6 +317,7 @@ class Gateway:
     def record(
         self,
         scope: Scope,
+        path: str | None,
         request_id: str,
         client: ClientAddress,
         facts: GeoFacts,
@@ -310,7 +327,10 @@ class Gateway:
     ) -> None:
         country = facts.country or (client.kind if client.kind != PUBLIC else "unknown")
         m = self.metrics
-        m.decision(decision.verdict, decision.rule, country)
+        if ex.error is not None and ex.error in _BAD_REQUEST_CODES:
+            m.bad_request(ex.error)
+        if decision is not REJECTED:
+            m.decision(decision.verdict, decision.rule, country)
         m.request(decision.verdict, seconds)
         for rule in decision.shadow:
             m.shadow_match(rule)
@@ -323,8 +343,9 @@ class Gateway:
         entry: dict[str, Any] = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "request_id": request_id,
-            "method": scope["method"],
-            "path": scope["path"],
+            "method": scope["method"][:32],
+            # The path as judged and forwarded; a refused one as the client sent it.
+            "path": path if path is not None else _raw_path_text(scope),
             "client": log_.redact(client.ip),
             "client_via": client.via,
             "decision": decision.verdict,
@@ -343,7 +364,7 @@ class Gateway:
         if facts.anonymizer:
             entry["anonymizer"] = sorted(facts.anonymizer)
         if client.problem:
-            entry["client_problem"] = client.problem
+            entry["client_problem"] = log_.redact_text(client.problem)
         if decision.shadow:
             entry["shadow"] = decision.shadow
         if ex.ttfb is not None:
@@ -352,18 +373,25 @@ class Gateway:
             entry["error"] = ex.error
         log_.write(entry)
 
+    def parser_error(self, reason: str, detail: str, *, count: bool) -> None:
+        """Bytes the HTTP parser refused (called by :mod:`gateway.httpprotocol`)."""
+        if count:
+            self.metrics.bad_request(reason)
+        self._throttled.warning(reason, "bad request on the proxy port (%s): %s", reason, detail)
+
     async def lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.session = new_session()
+                self.runtime.access_log.on_drop = self.metrics.access_log_dropped.inc
                 self.runtime.ready = True
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.runtime.ready = False
                 if self.session is not None:
                     await self.session.close()
-                self.runtime.access_log.flush()
+                self.runtime.access_log.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -388,7 +416,9 @@ _JSON = (b"content-type", b"application/json")
 _RETRY = {True: (b"x-should-retry", b"true"), False: (b"x-should-retry", b"false")}
 
 
-async def _send_error(send: Send, status: int, body: bytes, request_id: str, *, retry: bool) -> None:
+async def _send_error(
+    send: Send, status: int, body: bytes, request_id: str, *, retry: bool, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     rid = request_id.encode()
     headers = [
         _JSON,
@@ -396,12 +426,29 @@ async def _send_error(send: Send, status: int, body: bytes, request_id: str, *, 
         _RETRY[retry],
         (b"x-request-id", rid),
         (b"x-regiongate-request-id", rid),
+        *extra,
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def _squash_slashes(path: str) -> str:
-    while "//" in path:
-        path = path.replace("//", "/")
-    return path
+_BAD_REQUEST_CODES = frozenset({"invalid_path", "invalid_header", "method_not_allowed"})
+# The decision recorded for a request refused before the policy was asked
+# (a method not allowed, a path that cannot be forwarded safely).
+REJECTED = Decision("rejected", "rejected", "invalid_request", "refused before the policy: bad method or path", None)
+
+
+def _raw_path_text(scope: Scope) -> str:
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    return raw[:2048].decode("latin-1")
+
+
+def _request_target(scope: Scope, rt: Runtime) -> tuple[str | None, GatewayError | None]:
+    """The canonical path, or the 400/405 that answers a request that has none."""
+    method = scope["method"]
+    if method not in rt.allow_methods:
+        return None, errors.method_not_allowed(method, rt.allow_methods)
+    try:
+        return canonical(scope.get("raw_path") or scope["path"].encode()), None
+    except BadPath as e:
+        return None, errors.bad_request(str(e), "invalid_path")

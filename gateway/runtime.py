@@ -26,6 +26,11 @@ from .upstream import Upstream, UpstreamConfigError, build_upstreams
 from .yamlfile import FileError
 
 DEFAULT_POLICY_NAME = "openai-supported-country-only.yaml"
+# What OpenAI-compatible APIs use (GET, POST, DELETE), plus HEAD and OPTIONS
+# (CORS preflight). TRACE would echo the injected upstream key back to the
+# caller and CONNECT would open a tunnel, so neither can ever be allowed.
+DEFAULT_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "DELETE")
+NEVER_METHODS = frozenset({"TRACE", "CONNECT"})
 
 
 class ConfigError(Exception):
@@ -51,6 +56,7 @@ class Settings(BaseModel):
     log_address: AddressMode = "full"
     log_key: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
+    allow_methods: tuple[str, ...] = DEFAULT_METHODS
 
 
 def default_policy_path() -> str:
@@ -86,6 +92,7 @@ class Runtime:
     started: float = field(default_factory=time.time)
     ready: bool = False
     warnings: list[str] = field(default_factory=list)
+    allow_methods: frozenset[str] = frozenset(DEFAULT_METHODS)
 
     def describe(self) -> dict[str, Any]:
         """What ``/readyz`` shows: enough to tell which policy and data are in force."""
@@ -148,7 +155,16 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         access_log = AccessLog(settings.access_log, AddressRedactor(settings.log_address, key))
     except OSError as e:
         raise ConfigError(f"--access-log {settings.access_log!r}: {e}") from None
+    methods = frozenset(m.strip().upper() for m in settings.allow_methods if m.strip())
+    for m in sorted(methods):
+        if m in NEVER_METHODS:
+            raise ConfigError(f"--allow-method: {m} is never allowed (it exposes the upstream key or opens a tunnel)")
+        if not m.isascii() or not m.isalpha():
+            raise ConfigError(f"--allow-method: {m[:32]!r} is not an HTTP method")
+    if not methods:
+        raise ConfigError("--allow-method: at least one method must be allowed")
     runtime = Runtime(
+        allow_methods=methods,
         settings=settings,
         geo=geo,
         policy=policy,

@@ -51,11 +51,11 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn_config(app: Any, settings: Settings, lifespan: str) -> uvicorn.Config:
+def _uvicorn_config(app: Any, settings: Settings, lifespan: str, http: Any = "httptools") -> uvicorn.Config:
     return uvicorn.Config(
         app,
         loop="none",
-        http="httptools",
+        http=http,
         lifespan=lifespan,  # type: ignore[arg-type]
         access_log=False,
         log_level=settings.log_level,
@@ -69,6 +69,7 @@ def _uvicorn_config(app: Any, settings: Settings, lifespan: str) -> uvicorn.Conf
 
 def run_worker(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
     from .admin import create_admin_app
+    from .httpprotocol import ProxyHttpProtocol
     from .metrics import Metrics
     from .proxy import Gateway
 
@@ -77,7 +78,7 @@ def run_worker(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
     gateway = Gateway(runtime, metrics)
     admin = create_admin_app(runtime, metrics)
     servers = [
-        _Server(_uvicorn_config(gateway, runtime.settings, "on")),
+        _Server(_uvicorn_config(gateway, runtime.settings, "on", ProxyHttpProtocol)),
         _Server(_uvicorn_config(admin, runtime.settings, "off")),
     ]
 

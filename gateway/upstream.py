@@ -38,6 +38,36 @@ HOP_BY_HOP = frozenset(
         b"host",
     }
 )
+# Headers in which a caller can claim an address. An upstream that reads any
+# of them would be fooled by what the client wrote, so none goes up as sent:
+# X-Forwarded-For is extended with the peer (the usual chain), and the one
+# address the gateway decided on travels in CLIENT_IP_HEADER.
+ADDRESS_HEADERS = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"akamai-client-ip",
+        b"x-client-ip",
+        b"client-ip",
+        b"x-cluster-client-ip",
+        b"x-original-forwarded-for",
+        b"x-forwarded",
+        b"forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+        b"x-forwarded-port",
+        b"x-proxyuser-ip",
+        b"x-envoy-external-address",
+        b"x-regiongate-client-ip",
+    }
+)
+CLIENT_IP_HEADER = "X-Regiongate-Client-IP"
+# The gateway answers "Expect: 100-continue" itself and then holds the body;
+# passing it on would make the upstream wait for a 100 that nobody sends.
+_REQUEST_DROP = HOP_BY_HOP | ADDRESS_HEADERS | {b"expect"}
 # The server in front of the client writes its own Date.
 _RESPONSE_DROP = HOP_BY_HOP | {b"date"}
 # aiohttp would otherwise add its own values when the client sent none.
@@ -52,6 +82,10 @@ class BadTarget(ValueError):
     """A request path that cannot be forwarded safely."""
 
 
+class BadHeader(ValueError):
+    """A request header that cannot be forwarded unchanged."""
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
     name: str
@@ -61,35 +95,19 @@ class Upstream:
     timeouts: Timeouts
     client_timeout: aiohttp.ClientTimeout
 
-    def target(self, raw_path: bytes, query: bytes) -> URL:
-        """The upstream URL for a request, or :class:`BadTarget`.
+    def target(self, path: str, query: bytes) -> URL:
+        """The upstream URL for a canonical request path (:func:`requestpath.canonical`).
 
-        Dot segments are refused rather than resolved: an upstream with a
-        base path (``https://host/openai``) must not be escaped with ``..``.
+        The path was already refused if it could climb out of the base path;
+        the host check is kept because it is cheaper than being wrong once.
         """
-        if not raw_path.startswith(b"/"):
-            raise BadTarget("request target must be an absolute path")
-        if b"." in raw_path or b"%" in raw_path or b"\\" in raw_path:
-            _check_segments(raw_path)
-        text = self.base + raw_path.decode("latin-1")
+        text = self.base + path
         if query:
             text += "?" + query.decode("latin-1")
         url = URL(text, encoded=True)
         if url.host != self.url.host or url.port != self.url.port or url.scheme != self.url.scheme:
             raise BadTarget("request target would leave the configured upstream")
         return url
-
-
-_DOT_SEGMENTS = frozenset({b".", b"..", b"%2e", b"%2e%2e", b".%2e", b"%2e."})
-
-
-def _check_segments(raw_path: bytes) -> None:
-    lowered = raw_path.lower()
-    if b"\\" in lowered or b"%5c" in lowered:
-        raise BadTarget("backslashes are not allowed in the request path")
-    for segment in lowered.split(b"/"):
-        if segment in _DOT_SEGMENTS:
-            raise BadTarget("'.' and '..' path segments are not allowed")
 
 
 def build_upstreams(specs: Mapping[str, UpstreamSpec], env: Mapping[str, str] = os.environ) -> dict[str, Upstream]:
@@ -117,34 +135,48 @@ def build_upstreams(specs: Mapping[str, UpstreamSpec], env: Mapping[str, str] = 
 
 
 def request_headers(
-    headers: Iterable[tuple[bytes, bytes]], peer: str | None, upstream: Upstream
+    headers: Iterable[tuple[bytes, bytes]], peer: str | None, client_ip: str | None, upstream: Upstream
 ) -> list[tuple[str, str]]:
-    """The client's headers as the upstream should see them.
+    """The client's headers as the upstream should see them, or :class:`BadHeader`.
 
-    Hop-by-hop headers (and any the client's ``Connection`` names) are
-    dropped, the peer is appended to ``X-Forwarded-For``, and the client's
-    ``Authorization`` is replaced when the upstream has its own key.
+    Hop-by-hop headers (and any the client's ``Connection`` names) and every
+    address header are dropped, the peer is appended to ``X-Forwarded-For``,
+    the decided client address is set in :data:`CLIENT_IP_HEADER`, and the
+    client's ``Authorization`` is replaced when the upstream has its own key.
+
+    Values must reach the upstream byte for byte. The HTTP client encodes
+    header text as UTF-8, so a value is decoded as UTF-8 (which re-encodes to
+    the same bytes); one that is not UTF-8 cannot be passed on unchanged and
+    is refused rather than altered.
     """
     out: list[tuple[str, str]] = []
-    drop = HOP_BY_HOP
+    drop = _REQUEST_DROP
     xff = None
-    for name, value in headers:
-        if name in drop:
-            if name == b"connection":
-                extra = {t.strip().lower().encode() for t in value.decode("latin-1").split(",")}
-                drop = drop | extra
-                out = [(n, v) for n, v in out if n.lower().encode("latin-1") not in extra]
-            continue
-        if name == b"x-forwarded-for":
-            xff = value.decode("latin-1") if xff is None else f"{xff}, {value.decode('latin-1')}"
-            continue
-        if name == b"authorization" and upstream.authorization is not None:
-            continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    try:
+        for name, value in headers:
+            if name in drop:
+                if name == b"connection":
+                    extra = {t.strip().lower() for t in value.split(b",")}
+                    drop = drop | extra
+                    if b"x-forwarded-for" in extra:
+                        xff = None
+                    out = [(n, v) for n, v in out if n.lower().encode("latin-1") not in extra]
+                continue
+            if name == b"x-forwarded-for":
+                text = value.decode()
+                xff = text if xff is None else f"{xff}, {text}"
+                continue
+            if name == b"authorization" and upstream.authorization is not None:
+                continue
+            out.append((name.decode("latin-1"), value.decode()))
+    except UnicodeDecodeError:
+        raise BadHeader(f"the value of header {name.decode('latin-1')!r} is not ASCII or UTF-8") from None
     if peer:
         xff = peer if xff is None else f"{xff}, {peer}"
     if xff is not None:
         out.append(("X-Forwarded-For", xff))
+    if client_ip is not None:
+        out.append((CLIENT_IP_HEADER, client_ip))
     if upstream.authorization is not None:
         out.append(("Authorization", upstream.authorization))
     return out

@@ -126,12 +126,13 @@ def test_path_rule_through_the_proxy(gateway: GatewayFactory, stub: Stub, tmp_pa
     client.embeddings.create(model="e", input="a")
     with pytest.raises(openai.PermissionDeniedError):
         client.models.list()
-    # Doubled slashes are squashed for matching, so they cannot sneak past a path rule;
-    # the path is forwarded as written (this upstream does not squash, so it answers 404).
+    # Doubled slashes are squashed, so they cannot sneak past a path rule, and the path is
+    # forwarded in the squashed form it was judged in (issue 5: judge what is forwarded).
     r = httpx.get(gw.url + "//v1//models", headers={"X-Forwarded-For": GB})
     assert r.status_code == 403
     r = httpx.post(gw.url + "//v1//embeddings", json={"input": "a"}, headers={"X-Forwarded-For": GB})
-    assert r.status_code == 404 and gw.wait_log(4)[-1]["rule"] == "gb-emb"
+    assert r.status_code == 200 and gw.wait_log(4)[-1]["rule"] == "gb-emb"
+    assert gw.wait_log(4)[-1]["path"] == "/v1/embeddings"
 
 
 # --- whose address counts ---------------------------------------------------------------------
