@@ -82,9 +82,10 @@ class AddressRedactor:
 
 
 class AccessLog:
-    def __init__(self, target: str, redactor: AddressRedactor) -> None:
+    def __init__(self, target: str, redactor: AddressRedactor, max_pending: int = MAX_PENDING) -> None:
         """``target`` is ``-`` (stdout), ``off``, or a file path (appended to)."""
         self.redact = redactor
+        self.max_pending = max_pending
         self.redact_text = redactor.text
         self.enabled = target != "off"
         self.dropped = 0
@@ -113,7 +114,7 @@ class AccessLog:
         if not self.enabled:
             return
         line = orjson.dumps(record) + b"\n"
-        if self._added - self._written + len(line) > MAX_PENDING:
+        if self._added - self._written + len(line) > self.max_pending:
             self.dropped += 1
             if self.on_drop is not None:
                 self.on_drop()

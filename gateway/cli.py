@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         help="'-' for stdout, 'off', or a file to append to (env REGIONGATE_ACCESS_LOG)",
     )
     s.add_argument(
+        "--access-log-buffer",
+        type=int,
+        default=int(_env("ACCESS_LOG_BUFFER", 8 * 1024 * 1024)),
+        metavar="BYTES",
+        help="log bytes that may wait for a slow log destination; past it lines are dropped and counted "
+        "(env REGIONGATE_ACCESS_LOG_BUFFER; default 8 MiB)",
+    )
+    s.add_argument(
         "--log-address",
         choices=["full", "truncated", "hashed"],
         default=_env("LOG_ADDRESS", "full"),
@@ -191,6 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             workers=args.workers,
             access_log=args.access_log,
+            access_log_buffer=args.access_log_buffer,
             log_address=args.log_address,
             log_key=args.log_key,
             log_level=args.log_level,

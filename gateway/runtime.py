@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .accesslog import AccessLog, AddressMode, AddressRedactor
+from .accesslog import MAX_PENDING, AccessLog, AddressMode, AddressRedactor
 from .cidrs import CidrSet
 from .clientip import ClientIPConfig
 from .geo import Geo, GeoDataError
@@ -53,6 +53,7 @@ class Settings(BaseModel):
     admin_port: int = Field(9090, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=256)
     access_log: str = "-"
+    access_log_buffer: int = Field(MAX_PENDING, ge=4096)
     log_address: AddressMode = "full"
     log_key: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
@@ -152,7 +153,9 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         raise ConfigError(f"--client-ip-header: {settings.client_ip_header!r} is not a header name")
     key = settings.log_key.encode() if settings.log_key else None
     try:
-        access_log = AccessLog(settings.access_log, AddressRedactor(settings.log_address, key))
+        access_log = AccessLog(
+            settings.access_log, AddressRedactor(settings.log_address, key), settings.access_log_buffer
+        )
     except OSError as e:
         raise ConfigError(f"--access-log {settings.access_log!r}: {e}") from None
     methods = frozenset(m.strip().upper() for m in settings.allow_methods if m.strip())

@@ -247,3 +247,135 @@ def ua_city_db(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("geoip") / "ua-city.mmdb"
     writer.to_db_file(str(path))
     return str(path)
+
+
+@contextlib.contextmanager
+def run_nginx(tmp_path: Path, server_block: str) -> Iterator[int]:
+    """A real nginx (Debian's) on a free loopback port, configured with one ``server`` block.
+
+    ``@PORT@`` in the block is its listening port. Everything nginx writes
+    lives under ``tmp_path``, so it runs without /etc or /var and as any user.
+    """
+    import shutil
+
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    port = free_port()
+    prefix = tmp_path / f"nginx-{port}"
+    prefix.mkdir()
+    temp_paths = "\n".join(
+        f"    {name}_temp_path {prefix}/{name};" for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = (
+        f"worker_processes 1;\ndaemon off;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log warn;\n"
+        f"events {{ worker_connections 256; }}\nhttp {{\n    access_log off;\n{temp_paths}\n"
+        + server_block.replace("@PORT@", str(port))
+        + "\n}\n"
+    )
+    (prefix / "nginx.conf").write_text(conf)
+    proc = subprocess.Popen(
+        [nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", str(prefix / "error.log")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"nginx exited: {(prefix / 'error.log').read_text()}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("nginx did not start")
+            time.sleep(0.05)
+        yield port
+    finally:
+        stop(proc)
+
+
+class RawUpstream:
+    """A socket upstream that records every byte it receives, per connection.
+
+    It answers each complete request (as llhttp, through ``httptools``, sees
+    it) with a small 200, and notes whether a connection ended in the middle
+    of a request. For tests where the exact bytes on the wire matter.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []  # one entry per connection, appended as bytes arrive
+        self.complete: list[int] = []  # complete requests seen, per connection
+        self.closed: list[bool] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        import threading
+
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        import httptools
+
+        index = len(self.received)
+        self.received.append(b"")
+        self.complete.append(0)
+        self.closed.append(False)
+        done: list[bool] = []
+
+        class Callbacks:
+            def on_message_complete(self) -> None:
+                done.append(True)
+
+        parser = httptools.HttpRequestParser(Callbacks())
+        conn.settimeout(30)
+        try:
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                self.received[index] += data
+                try:
+                    parser.feed_data(data)
+                except httptools.HttpParserError:
+                    break
+                while done:
+                    done.pop()
+                    self.complete[index] += 1
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        except OSError:
+            pass
+        finally:
+            self.closed[index] = True
+            conn.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[RawUpstream]:
+    up = RawUpstream()
+    try:
+        yield up
+    finally:
+        up.close()
