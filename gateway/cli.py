@@ -121,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("ip")
     e.add_argument("--path", default="/v1/chat/completions")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument(
+        "--missing",
+        action="store_true",
+        help="judge IP as a trusted proxy whose request named no client (defaults.missing)",
+    )
     _add_geo_flags(e)
 
     sub.add_parser("schema", help="print the policy file's JSON Schema")
@@ -239,7 +244,7 @@ def _explain(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
-    client, facts, decision = judge_ip(policy, geo, args.ip, args.path)
+    client, facts, decision = judge_ip(policy, geo, args.ip, args.path, args.missing)
     rule = next((r for r in policy.rules if r.name == decision.rule), None)
     country = facts.country if policy.field == "country" else facts.registered_country
     why = rule.why(client.ip, country, facts, args.path) if rule else [decision.reason]

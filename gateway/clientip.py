@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
+from . import forwarded
+
 if TYPE_CHECKING:
     from .cidrs import CidrSet
 
@@ -29,14 +31,18 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 PUBLIC = "public"
 PRIVATE = "private"
 INVALID = "invalid"
+MISSING = "missing"
 
 
 class ClientAddress(NamedTuple):
     """The client as the gateway judges it.
 
-    ``kind`` is ``public``, ``private`` (RFC 1918, loopback, link-local, ULA)
-    or ``invalid`` (the address that would have been the client is not an
-    address at all); ``via`` names where it came from (``peer`` or a header);
+    ``kind`` is ``public``, ``private`` (RFC 1918, loopback, link-local, ULA),
+    ``invalid`` (the address that would have been the client is not an
+    address at all) or ``missing`` (a trusted proxy named no client; ``ip``
+    is then the trusted address the request came from, so that ``cidrs``
+    rules can still allow a proxy's own health checks); ``via`` names where
+    it came from (``peer`` or a header);
     ``raw`` is the text it was read from, kept for logs and ``explain``.
     """
 
@@ -153,43 +159,28 @@ def split_forwarded_for(values: Sequence[str]) -> list[str]:
 def split_forwarded(values: Sequence[str]) -> list[str]:
     """``for=`` values of RFC 7239 ``Forwarded``, one per element, left to right.
 
-    Quoted strings may hold ``,`` and ``;``, so this walks the text instead of
-    splitting it. An element without ``for=`` yields ``""``, which the caller
-    treats as an invalid hop: a proxy that did not say whom it served cannot
-    vouch for anyone.
+    Syntax only (see :mod:`gateway.forwarded`; raises its ``ForwardedError``
+    when the field does not parse). An element without ``for=`` yields
+    ``""``, which the caller treats as an invalid hop: a proxy that did not
+    say whom it served cannot vouch for anyone.
     """
-    hops: list[str] = []
-    for value in values:
-        for element in _split_quoted(value, ","):
-            found = ""
-            for pair in _split_quoted(element, ";"):
-                name, eq, val = pair.partition("=")
-                if eq and name.strip().lower() == "for":
-                    val = val.strip()
-                    if len(val) >= 2 and val[0] == '"' and val[-1] == '"':
-                        val = val[1:-1].replace('\\"', '"')
-                    found = val
-            hops.append(found)
-    return hops
+    return [e.get("for", "") for e in forwarded.elements(values)]
 
 
-def _split_quoted(text: str, sep: str) -> list[str]:
-    parts: list[str] = []
-    start = 0
-    quoted = False
-    escaped = False
-    for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == sep and not quoted:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
+def _forwarded_hops(values: Sequence[str]) -> list[str]:
+    """Hops of a ``Forwarded`` field whose every element is well formed."""
+    return [("" if n is None else n.ip or n.text) for n in forwarded.for_nodes(values)]
+
+
+def _hop_problem(header: str, hop: str, error: AddressError) -> str:
+    if header == "forwarded":
+        if not hop:
+            return "a Forwarded element without for= where the client should be"
+        if hop.lower().startswith("unknown"):
+            return "for=unknown: the proxy did not know the client"
+        if hop.startswith("_"):
+            return "for= holds an obfuscated identifier, not an address"
+    return str(error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +212,10 @@ def _peer_address(peer: str) -> ClientAddress:
 def resolve(peer: str | None, headers: Iterable[tuple[bytes, bytes]], config: ClientIPConfig) -> ClientAddress:
     """Find the client from the TCP peer and the request's raw (ASGI) headers.
 
-    Headers are not even looked at unless the peer is a trusted proxy.
+    Headers are not even looked at unless the peer is a trusted proxy. A
+    trusted peer that names no client (no header, an empty one, or only
+    trusted hops in it) gives ``missing``: the request came from our own
+    infrastructure, and nobody said for whom.
     """
     if peer is None:
         return ClientAddress(None, INVALID, "peer", "", "no peer address")
@@ -230,28 +224,37 @@ def resolve(peer: str | None, headers: Iterable[tuple[bytes, bytes]], config: Cl
         return client
     wanted = config.header_bytes
     values = [v.decode("latin-1") for k, v in headers if k == wanted]
-    if not values:
-        return client
     header = config.header
+    if not values:
+        return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent no {header}")
     if header == "x-forwarded-for":
+        if not "".join(values).strip():
+            return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent an empty {header}")
         hops = split_forwarded_for(values)
     elif header == "forwarded":
-        hops = split_forwarded(values)
+        try:
+            hops = _forwarded_hops(values)
+        except forwarded.ForwardedError as e:
+            return ClientAddress(None, INVALID, header, ", ".join(values)[:100], f"malformed Forwarded: {e}")
+        if not hops:
+            return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent an empty {header}")
     elif len(values) == 1:
+        if not values[0].strip():
+            return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent an empty {header}")
         hops = values
     else:
-        return ClientAddress(None, INVALID, header, ", ".join(values), f"{header} sent more than once")
+        return ClientAddress(None, INVALID, header, ", ".join(values)[:100], f"{header} sent more than once")
     ip, kind = client.ip, client.kind
     raw = peer
     for hop in reversed(hops):
         try:
             ip, kind = _hop_address(hop)
         except AddressError as e:
-            return ClientAddress(None, INVALID, header, hop.strip()[:100], str(e))
+            return ClientAddress(None, INVALID, header, hop.strip()[:100], _hop_problem(header, hop, e))
         raw = hop.strip()
         if ip not in config.trusted:
-            break
-    return ClientAddress(ip, kind, header, raw)
+            return ClientAddress(ip, kind, header, raw)
+    return ClientAddress(ip, MISSING, header, raw, f"{header} holds only trusted proxies")
 
 
 @lru_cache(maxsize=65536)
