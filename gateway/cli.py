@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         "default: nobody",
     )
     s.add_argument(
+        "--allow-trust-all",
+        action="store_true",
+        default=None,
+        help="accept a --trusted-proxy list that covers every public address (env REGIONGATE_ALLOW_TRUST_ALL); "
+        "refused without it, since then any caller can choose its country",
+    )
+    s.add_argument(
         "--client-ip-header",
         default=_env("CLIENT_IP_HEADER", "x-forwarded-for"),
         help="X-Forwarded-For, Forwarded, or a single-value header like CF-Connecting-IP "
@@ -175,6 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
             policy=args.policy,
             geoip=tuple(_geoip(args)),
             trusted_proxy=tuple(args.trusted_proxy if args.trusted_proxy is not None else _env_list("TRUSTED_PROXY")),
+            allow_trust_all=args.allow_trust_all or _env("ALLOW_TRUST_ALL", False),
             client_ip_header=args.client_ip_header,
             upstream=args.upstream,
             host=args.host,

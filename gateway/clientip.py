@@ -125,6 +125,9 @@ _PRIVATE_V4 = _ranges("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.
 _PRIVATE_V6 = _ranges("::1/128", "fe80::/10", "fc00::/7", "fec0::/10")
 _NOT_UNICAST_V4 = _ranges("0.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32")
 _NOT_UNICAST_V6 = _ranges("::/128", "ff00::/8")
+# By IP version, as (first, last) integers: for load-time checks elsewhere.
+PRIVATE_RANGES = {4: _PRIVATE_V4, 6: _PRIVATE_V6}
+NOT_UNICAST_RANGES = {4: _NOT_UNICAST_V4, 6: _NOT_UNICAST_V6}
 
 
 def _in(value: int, ranges: tuple[tuple[int, int], ...]) -> bool:
