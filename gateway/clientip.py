@@ -88,9 +88,7 @@ EMBEDDINGS = (
     Embedding("6to4", ipaddress.IPv6Network("2002::/16"), shift=80),
     Embedding("Teredo", ipaddress.IPv6Network("2001::/32"), invert=True),
 )
-_EMBEDDING_SPANS = tuple(
-    (int(e.network.network_address), int(e.network.broadcast_address), e) for e in EMBEDDINGS
-)
+_EMBEDDING_SPANS = tuple((int(e.network.network_address), int(e.network.broadcast_address), e) for e in EMBEDDINGS)
 
 
 def embedding(value: int) -> Embedding | None:
@@ -144,13 +142,16 @@ def classify(ip: IPAddress) -> str:
     return PRIVATE if _in(value, ranges) else PUBLIC
 
 
+_OWS = " \t"  # HTTP's optional whitespace; any other byte around an address makes it malformed
+
+
 def parse_address(text: str) -> IPAddress:
     """Parse one address as headers and sockets write it, and normalise it.
 
     Accepts ``a.b.c.d``, ``a.b.c.d:port``, bare IPv6, ``[v6]`` and ``[v6]:port``,
     with an optional ``%zone``. Raises :class:`AddressError` with a reason.
     """
-    s = text.strip()
+    s = text.strip(_OWS)
     if not s:
         raise AddressError("empty address")
     if len(s) > 64:
@@ -174,10 +175,10 @@ def parse_address(text: str) -> IPAddress:
     try:
         ip = ipaddress.ip_address(s)
     except ValueError:
-        raise AddressError(f"not an IP address: {text.strip()!r}") from None
+        raise AddressError(f"not an IP address: {text.strip(_OWS)!r}") from None
     ip = normalize(ip)
     if _in(int(ip), _NOT_UNICAST_V4 if ip.version == 4 else _NOT_UNICAST_V6):
-        raise AddressError(f"not a unicast address: {text.strip()!r}")
+        raise AddressError(f"not a unicast address: {text.strip(_OWS)!r}")
     return ip
 
 
@@ -197,9 +198,10 @@ def split_forwarded(values: Sequence[str]) -> list[str]:
     return [e.get("for", "") for e in forwarded.elements(values)]
 
 
-def _forwarded_hops(values: Sequence[str]) -> list[str]:
-    """Hops of a ``Forwarded`` field whose every element is well formed."""
-    return [("" if n is None else n.ip or n.text) for n in forwarded.for_nodes(values)]
+@lru_cache(maxsize=8192)
+def _forwarded_hops(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Hops of a ``Forwarded`` field whose every element is well formed (cached: fields repeat)."""
+    return tuple(("" if n is None else n.ip or n.text) for n in forwarded.for_nodes(values))
 
 
 def _hop_problem(header: str, hop: str, error: AddressError) -> str:
@@ -255,21 +257,22 @@ def resolve(peer: str | None, headers: Iterable[tuple[bytes, bytes]], config: Cl
     wanted = config.header_bytes
     values = [v.decode("latin-1") for k, v in headers if k == wanted]
     header = config.header
+    hops: Sequence[str]
     if not values:
         return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent no {header}")
     if header == "x-forwarded-for":
-        if not "".join(values).strip():
+        if not "".join(values).strip(_OWS):
             return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent an empty {header}")
         hops = split_forwarded_for(values)
     elif header == "forwarded":
         try:
-            hops = _forwarded_hops(values)
+            hops = _forwarded_hops(tuple(values))
         except forwarded.ForwardedError as e:
             return ClientAddress(None, INVALID, header, ", ".join(values)[:100], f"malformed Forwarded: {e}")
         if not hops:
             return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent an empty {header}")
     elif len(values) == 1:
-        if not values[0].strip():
+        if not values[0].strip(_OWS):
             return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent an empty {header}")
         hops = values
     else:
@@ -280,8 +283,8 @@ def resolve(peer: str | None, headers: Iterable[tuple[bytes, bytes]], config: Cl
         try:
             ip, kind = _hop_address(hop)
         except AddressError as e:
-            return ClientAddress(None, INVALID, header, hop.strip()[:100], _hop_problem(header, hop, e))
-        raw = hop.strip()
+            return ClientAddress(None, INVALID, header, hop.strip(_OWS)[:100], _hop_problem(header, hop, e))
+        raw = hop.strip(_OWS)
         if ip not in config.trusted:
             return ClientAddress(ip, kind, header, raw)
     return ClientAddress(ip, MISSING, header, raw, f"{header} holds only trusted proxies")

@@ -213,3 +213,28 @@ def test_any_header_text_gives_a_result_never_an_exception(text: str) -> None:
     assert (c.ip is None) == (c.kind == INVALID)
     if c.kind == MISSING:  # only a trusted proxy's own address stands in for a missing client
         assert c.ip in TRUST_LOOPBACK.trusted
+
+
+# --- X-Forwarded-For: quotes and stray bytes mean nothing, and never reach past a comma ----------
+
+
+@given(st.text(max_size=60))
+def test_property_client_text_never_reaches_past_the_appended_hop(client_text: str) -> None:
+    # The proxy appended ", 175.16.199.1"; whatever the client wrote before it is not read.
+    value = (client_text + ", 175.16.199.1").encode("utf-8")
+    c = resolve("127.0.0.1", [(b"x-forwarded-for", value)], TRUST_LOOPBACK)
+    assert (c.ip, c.kind) == (V4("175.16.199.1"), PUBLIC)
+
+
+@pytest.mark.parametrize(
+    "hop",
+    ['"81.2.69.142"', '81.2.69.142"', "81.2.69.142\x0b", "\x8581.2.69.142", "81.2.69.142\x00", "81.2.69.142;x"],
+)
+def test_stray_bytes_in_the_client_hop_make_it_invalid(hop: str) -> None:
+    c = resolve("127.0.0.1", [(b"x-forwarded-for", hop.encode("latin-1"))], TRUST_LOOPBACK)
+    assert c.kind == INVALID and c.problem
+
+
+def test_a_quote_in_client_text_does_not_swallow_the_appended_hop() -> None:
+    c = resolve("127.0.0.1", xff('81.2.69.142", 175.16.199.1'), TRUST_LOOPBACK)
+    assert c.ip == V4("175.16.199.1")
