@@ -13,17 +13,44 @@ import ipaddress
 from bisect import bisect_right
 from collections.abc import Iterable
 
-from .clientip import IPAddress, IPNetwork
+from .clientip import EMBEDDINGS, Embedding, IPAddress, IPNetwork, embedding
 
 
 def parse_network(text: str | IPNetwork) -> IPNetwork:
-    """A CIDR block; host bits set is an error, since ``10.0.0.5/8`` is usually a typo."""
+    """A CIDR block; host bits set is an error, since ``10.0.0.5/8`` is usually a typo.
+
+    A block inside an IPv6 prefix that carries IPv4 addresses (6to4, NAT64,
+    Teredo, ...) is an error too: addresses there are normalised to their
+    IPv4 form before any set is asked, so the block could never match. The
+    message names the IPv4 block to write instead. IPv4-mapped blocks are
+    the exception, kept for compatibility: they are stored as the IPv4 block
+    they mean.
+    """
     net = ipaddress.ip_network(text.strip(), strict=True) if isinstance(text, str) else text
-    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96:
-        mapped = net.network_address.ipv4_mapped
-        if mapped is not None:
-            return ipaddress.IPv4Network((int(mapped), net.prefixlen - 96))
+    if isinstance(net, ipaddress.IPv6Network):
+        e = embedding(int(net.network_address))
+        if e is not None and net.subnet_of(e.network):
+            v4 = _ipv4_form(net, e)
+            if e is EMBEDDINGS[0]:  # IPv4-mapped
+                return v4
+            hint = (
+                f"write {v4} instead"
+                if v4.prefixlen
+                else "it stands for every IPv4 address, so write the IPv4 networks you mean instead"
+            )
+            raise ValueError(
+                f"{net} is inside the {e.name} prefix {e.network}, whose addresses are judged as the "
+                f"IPv4 address they carry, so it can never match: {hint}"
+            )
     return net
+
+
+def _ipv4_form(net: ipaddress.IPv6Network, e: Embedding) -> ipaddress.IPv4Network:
+    """The IPv4 block that the addresses of ``net`` normalise to."""
+    first_bit = 128 - e.shift - 32  # where the IPv4 address starts, counted from the left
+    length = min(max(net.prefixlen - first_bit, 0), 32)
+    mask = (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF
+    return ipaddress.IPv4Network((e.ipv4(int(net.network_address)) & mask, length))
 
 
 def _merge(nets: Iterable[IPNetwork]) -> tuple[list[int], list[int]]:

@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
         "default: nobody",
     )
     s.add_argument(
+        "--allow-trust-all",
+        action="store_true",
+        default=None,
+        help="accept a --trusted-proxy list that covers every public address (env REGIONGATE_ALLOW_TRUST_ALL); "
+        "refused without it, since then any caller can choose its country",
+    )
+    s.add_argument(
         "--client-ip-header",
         default=_env("CLIENT_IP_HEADER", "x-forwarded-for"),
         help="X-Forwarded-For, Forwarded, or a single-value header like CF-Connecting-IP "
@@ -137,6 +144,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("ip")
     e.add_argument("--path", default="/v1/chat/completions")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument(
+        "--missing",
+        action="store_true",
+        help="judge IP as a trusted proxy whose request named no client (defaults.missing)",
+    )
     _add_geo_flags(e)
 
     sub.add_parser("schema", help="print the policy file's JSON Schema")
@@ -191,6 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
             policy=args.policy,
             geoip=tuple(_geoip(args)),
             trusted_proxy=tuple(args.trusted_proxy if args.trusted_proxy is not None else _env_list("TRUSTED_PROXY")),
+            allow_trust_all=args.allow_trust_all or _env("ALLOW_TRUST_ALL", False),
             client_ip_header=args.client_ip_header,
             upstream=args.upstream,
             host=args.host,
@@ -262,7 +275,7 @@ def _explain(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
-    client, facts, decision = judge_ip(policy, geo, args.ip, args.path)
+    client, facts, decision = judge_ip(policy, geo, args.ip, args.path, args.missing)
     rule = next((r for r in policy.rules if r.name == decision.rule), None)
     country = facts.country if policy.field == "country" else facts.registered_country
     why = rule.why(client.ip, country, facts, args.path) if rule else [decision.reason]

@@ -8,8 +8,9 @@ for, which is the client. Everything left of it was written by the client
 and can say anything.
 
 Addresses are normalised before anything looks at them, so that an IPv4
-address wearing an IPv6 costume (``::ffff:a.b.c.d``, ``::a.b.c.d``, 6to4,
-NAT64, Teredo) gets exactly the decision its IPv4 form gets.
+address wearing an IPv6 costume (``::ffff:a.b.c.d``, ``::ffff:0:a.b.c.d``,
+``::a.b.c.d``, 6to4, NAT64 and local-use NAT64, Teredo) gets exactly the
+decision its IPv4 form gets.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
+from . import forwarded
+
 if TYPE_CHECKING:
     from .cidrs import CidrSet
 
@@ -29,14 +32,18 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 PUBLIC = "public"
 PRIVATE = "private"
 INVALID = "invalid"
+MISSING = "missing"
 
 
 class ClientAddress(NamedTuple):
     """The client as the gateway judges it.
 
-    ``kind`` is ``public``, ``private`` (RFC 1918, loopback, link-local, ULA)
-    or ``invalid`` (the address that would have been the client is not an
-    address at all); ``via`` names where it came from (``peer`` or a header);
+    ``kind`` is ``public``, ``private`` (RFC 1918, loopback, link-local, ULA),
+    ``invalid`` (the address that would have been the client is not an
+    address at all) or ``missing`` (a trusted proxy named no client; ``ip``
+    is then the trusted address the request came from, so that ``cidrs``
+    rules can still allow a proxy's own health checks); ``via`` names where
+    it came from (``peer`` or a header);
     ``raw`` is the text it was read from, kept for logs and ``explain``.
     """
 
@@ -51,8 +58,45 @@ class AddressError(ValueError):
     """Text that does not hold one unicast IP address."""
 
 
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 _V4_MAX = 0xFFFFFFFF
+
+
+class Embedding(NamedTuple):
+    """An IPv6 prefix whose addresses carry an IPv4 address, and where it sits.
+
+    ``shift``: the IPv4 address is bits ``shift .. shift+31`` counted from the
+    right; ``invert``: it is stored with every bit flipped (Teredo).
+    """
+
+    name: str
+    network: ipaddress.IPv6Network
+    shift: int = 0
+    invert: bool = False
+
+    def ipv4(self, value: int) -> int:
+        v4 = (value >> self.shift) & _V4_MAX
+        return v4 ^ _V4_MAX if self.invert else v4
+
+
+EMBEDDINGS = (
+    Embedding("IPv4-mapped", ipaddress.IPv6Network("::ffff:0:0/96")),
+    Embedding("IPv4-translated (SIIT)", ipaddress.IPv6Network("::ffff:0:0:0/96")),
+    Embedding("IPv4-compatible", ipaddress.IPv6Network("::/96")),  # but :: and ::1 are themselves
+    Embedding("NAT64", ipaddress.IPv6Network("64:ff9b::/96")),
+    # RFC 8215 local-use NAT64: the IPv4 address is taken as the last 32 bits (a /96 inside the /48).
+    Embedding("local-use NAT64", ipaddress.IPv6Network("64:ff9b:1::/48")),
+    Embedding("6to4", ipaddress.IPv6Network("2002::/16"), shift=80),
+    Embedding("Teredo", ipaddress.IPv6Network("2001::/32"), invert=True),
+)
+_EMBEDDING_SPANS = tuple((int(e.network.network_address), int(e.network.broadcast_address), e) for e in EMBEDDINGS)
+
+
+def embedding(value: int) -> Embedding | None:
+    """The transition prefix an IPv6 address (as an integer) is in, if it carries an IPv4 address."""
+    for lo, hi, e in _EMBEDDING_SPANS:
+        if lo <= value <= hi:
+            return None if value <= 1 else e  # ::/128 and ::1 are not IPv4-compatible addresses
+    return None
 
 
 def normalize(ip: IPAddress) -> IPAddress:
@@ -65,22 +109,9 @@ def normalize(ip: IPAddress) -> IPAddress:
     """
     if ip.version == 4:
         return ip
-    assert isinstance(ip, ipaddress.IPv6Address)
-    mapped = ip.ipv4_mapped
-    if mapped is not None:
-        return mapped
     value = int(ip)
-    if 1 < value <= _V4_MAX:  # IPv4-compatible ::a.b.c.d (deprecated, still parseable)
-        return ipaddress.IPv4Address(value)
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(value & _V4_MAX)
-    sixtofour = ip.sixtofour
-    if sixtofour is not None:
-        return sixtofour
-    teredo = ip.teredo
-    if teredo is not None:
-        return teredo[1]
-    return ip
+    e = embedding(value)
+    return ip if e is None else ipaddress.IPv4Address(e.ipv4(value))
 
 
 def _ranges(*cidrs: str) -> tuple[tuple[int, int], ...]:
@@ -92,6 +123,9 @@ _PRIVATE_V4 = _ranges("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.
 _PRIVATE_V6 = _ranges("::1/128", "fe80::/10", "fc00::/7", "fec0::/10")
 _NOT_UNICAST_V4 = _ranges("0.0.0.0/8", "224.0.0.0/4", "255.255.255.255/32")
 _NOT_UNICAST_V6 = _ranges("::/128", "ff00::/8")
+# By IP version, as (first, last) integers: for load-time checks elsewhere.
+PRIVATE_RANGES = {4: _PRIVATE_V4, 6: _PRIVATE_V6}
+NOT_UNICAST_RANGES = {4: _NOT_UNICAST_V4, 6: _NOT_UNICAST_V6}
 
 
 def _in(value: int, ranges: tuple[tuple[int, int], ...]) -> bool:
@@ -108,13 +142,16 @@ def classify(ip: IPAddress) -> str:
     return PRIVATE if _in(value, ranges) else PUBLIC
 
 
+_OWS = " \t"  # HTTP's optional whitespace; any other byte around an address makes it malformed
+
+
 def parse_address(text: str) -> IPAddress:
     """Parse one address as headers and sockets write it, and normalise it.
 
     Accepts ``a.b.c.d``, ``a.b.c.d:port``, bare IPv6, ``[v6]`` and ``[v6]:port``,
     with an optional ``%zone``. Raises :class:`AddressError` with a reason.
     """
-    s = text.strip()
+    s = text.strip(_OWS)
     if not s:
         raise AddressError("empty address")
     if len(s) > 64:
@@ -138,10 +175,10 @@ def parse_address(text: str) -> IPAddress:
     try:
         ip = ipaddress.ip_address(s)
     except ValueError:
-        raise AddressError(f"not an IP address: {text.strip()!r}") from None
+        raise AddressError(f"not an IP address: {text.strip(_OWS)!r}") from None
     ip = normalize(ip)
     if _in(int(ip), _NOT_UNICAST_V4 if ip.version == 4 else _NOT_UNICAST_V6):
-        raise AddressError(f"not a unicast address: {text.strip()!r}")
+        raise AddressError(f"not a unicast address: {text.strip(_OWS)!r}")
     return ip
 
 
@@ -153,43 +190,29 @@ def split_forwarded_for(values: Sequence[str]) -> list[str]:
 def split_forwarded(values: Sequence[str]) -> list[str]:
     """``for=`` values of RFC 7239 ``Forwarded``, one per element, left to right.
 
-    Quoted strings may hold ``,`` and ``;``, so this walks the text instead of
-    splitting it. An element without ``for=`` yields ``""``, which the caller
-    treats as an invalid hop: a proxy that did not say whom it served cannot
-    vouch for anyone.
+    Syntax only (see :mod:`gateway.forwarded`; raises its ``ForwardedError``
+    when the field does not parse). An element without ``for=`` yields
+    ``""``, which the caller treats as an invalid hop: a proxy that did not
+    say whom it served cannot vouch for anyone.
     """
-    hops: list[str] = []
-    for value in values:
-        for element in _split_quoted(value, ","):
-            found = ""
-            for pair in _split_quoted(element, ";"):
-                name, eq, val = pair.partition("=")
-                if eq and name.strip().lower() == "for":
-                    val = val.strip()
-                    if len(val) >= 2 and val[0] == '"' and val[-1] == '"':
-                        val = val[1:-1].replace('\\"', '"')
-                    found = val
-            hops.append(found)
-    return hops
+    return [e.get("for", "") for e in forwarded.elements(values)]
 
 
-def _split_quoted(text: str, sep: str) -> list[str]:
-    parts: list[str] = []
-    start = 0
-    quoted = False
-    escaped = False
-    for i, ch in enumerate(text):
-        if escaped:
-            escaped = False
-        elif ch == "\\" and quoted:
-            escaped = True
-        elif ch == '"':
-            quoted = not quoted
-        elif ch == sep and not quoted:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
+@lru_cache(maxsize=8192)
+def _forwarded_hops(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Hops of a ``Forwarded`` field whose every element is well formed (cached: fields repeat)."""
+    return tuple(("" if n is None else n.ip or n.text) for n in forwarded.for_nodes(values))
+
+
+def _hop_problem(header: str, hop: str, error: AddressError) -> str:
+    if header == "forwarded":
+        if not hop:
+            return "a Forwarded element without for= where the client should be"
+        if hop.lower().startswith("unknown"):
+            return "for=unknown: the proxy did not know the client"
+        if hop.startswith("_"):
+            return "for= holds an obfuscated identifier, not an address"
+    return str(error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +244,10 @@ def _peer_address(peer: str) -> ClientAddress:
 def resolve(peer: str | None, headers: Iterable[tuple[bytes, bytes]], config: ClientIPConfig) -> ClientAddress:
     """Find the client from the TCP peer and the request's raw (ASGI) headers.
 
-    Headers are not even looked at unless the peer is a trusted proxy.
+    Headers are not even looked at unless the peer is a trusted proxy. A
+    trusted peer that names no client (no header, an empty one, or only
+    trusted hops in it) gives ``missing``: the request came from our own
+    infrastructure, and nobody said for whom.
     """
     if peer is None:
         return ClientAddress(None, INVALID, "peer", "", "no peer address")
@@ -230,28 +256,38 @@ def resolve(peer: str | None, headers: Iterable[tuple[bytes, bytes]], config: Cl
         return client
     wanted = config.header_bytes
     values = [v.decode("latin-1") for k, v in headers if k == wanted]
-    if not values:
-        return client
     header = config.header
+    hops: Sequence[str]
+    if not values:
+        return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent no {header}")
     if header == "x-forwarded-for":
+        if not "".join(values).strip(_OWS):
+            return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent an empty {header}")
         hops = split_forwarded_for(values)
     elif header == "forwarded":
-        hops = split_forwarded(values)
+        try:
+            hops = _forwarded_hops(tuple(values))
+        except forwarded.ForwardedError as e:
+            return ClientAddress(None, INVALID, header, ", ".join(values)[:100], f"malformed Forwarded: {e}")
+        if not hops:
+            return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent an empty {header}")
     elif len(values) == 1:
+        if not values[0].strip(_OWS):
+            return ClientAddress(client.ip, MISSING, header, peer, f"trusted proxy sent an empty {header}")
         hops = values
     else:
-        return ClientAddress(None, INVALID, header, ", ".join(values), f"{header} sent more than once")
+        return ClientAddress(None, INVALID, header, ", ".join(values)[:100], f"{header} sent more than once")
     ip, kind = client.ip, client.kind
     raw = peer
     for hop in reversed(hops):
         try:
             ip, kind = _hop_address(hop)
         except AddressError as e:
-            return ClientAddress(None, INVALID, header, hop.strip()[:100], str(e))
-        raw = hop.strip()
+            return ClientAddress(None, INVALID, header, hop.strip(_OWS)[:100], _hop_problem(header, hop, e))
+        raw = hop.strip(_OWS)
         if ip not in config.trusted:
-            break
-    return ClientAddress(ip, kind, header, raw)
+            return ClientAddress(ip, kind, header, raw)
+    return ClientAddress(ip, MISSING, header, raw, f"{header} holds only trusted proxies")
 
 
 @lru_cache(maxsize=65536)

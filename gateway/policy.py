@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import geo as geofacts
 from . import iso3166
 from .cidrs import CidrSet, parse_network
-from .clientip import INVALID, PRIVATE, AddressError, ClientAddress, IPAddress, classify, parse_address
+from .clientip import INVALID, MISSING, PRIVATE, AddressError, ClientAddress, IPAddress, classify, parse_address
 from .geo import GeoFacts
 from .yamlfile import Document, FileError, Problem
 from .yamlfile import load as load_yaml
@@ -88,6 +88,11 @@ class Defaults(_Spec):
     unknown: Action = Field("deny", description="Public address the geo data has no country for.")
     private: Action = Field("allow", description="Loopback, RFC 1918, link-local and ULA clients.")
     invalid: Action = Field("deny", description="The client address could not be read (malformed header).")
+    missing: Action = Field(
+        "deny",
+        description="A trusted proxy named no client (no or empty forwarding header, or only trusted hops in it). "
+        "Rules are consulted first, so a cidrs rule can allow a proxy's own health checks.",
+    )
 
 
 class Block(_Spec):
@@ -126,6 +131,9 @@ class RuleSpec(_Spec):
 class PolicyTest(_Spec):
     ip: str
     path: str = "/v1/chat/completions"
+    missing: bool = Field(
+        False, description="Judge a request from trusted proxy 'ip' that named no client (defaults.missing)."
+    )
     expect: Action
     rule: str | None = Field(None, description="If given, the rule that must make the decision.")
 
@@ -265,6 +273,7 @@ class Policy:
     on_unknown: Decision
     on_private: Decision
     on_invalid: Decision
+    on_missing: Decision
     block_body: bytes
     test_lines: tuple[int | None, ...]
 
@@ -297,7 +306,9 @@ def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) ->
                 shadow = []
             shadow.append(rule.name)
     else:
-        if kind == PRIVATE:
+        if kind == MISSING:
+            decision = policy.on_missing
+        elif kind == PRIVATE:
             decision = policy.on_private
         elif country is None:
             decision = policy.on_unknown
@@ -474,6 +485,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         on_unknown=_decision(d.unknown, "defaults.unknown", "no country for this address", monitor_mode),
         on_private=_decision(d.private, "defaults.private", "private, loopback or link-local address", monitor_mode),
         on_invalid=_decision(d.invalid, "defaults.invalid", "client address could not be read", monitor_mode),
+        on_missing=_decision(d.missing, "defaults.missing", "a trusted proxy sent no client address", monitor_mode),
         block_body=block_body(spec.block),
         test_lines=tuple(doc.line_of(("tests", i)) for i in range(len(spec.tests))),
     )
@@ -529,22 +541,31 @@ class TestResult:
     problem: str | None
 
 
-def judge_ip(policy: Policy, geo: geofacts.Geo, ip_text: str, path: str) -> tuple[ClientAddress, GeoFacts, Decision]:
-    """Decide for an address given as text, as ``explain`` and policy tests do."""
+def judge_ip(
+    policy: Policy, geo: geofacts.Geo, ip_text: str, path: str, missing: bool = False
+) -> tuple[ClientAddress, GeoFacts, Decision]:
+    """Decide for an address given as text, as ``explain`` and policy tests do.
+
+    ``missing``: the address is a trusted proxy's that sent no client address.
+    """
     try:
         ip = parse_address(ip_text)
     except AddressError as e:
         client = ClientAddress(None, INVALID, "argument", ip_text, str(e))
     else:
-        client = ClientAddress(ip, classify(ip), "argument", ip_text)
-    facts = geo.lookup(client.ip) if client.ip is not None and client.kind != PRIVATE else geofacts.NO_FACTS
+        if missing:
+            client = ClientAddress(ip, MISSING, "argument", ip_text, "a trusted proxy that named no client")
+        else:
+            client = ClientAddress(ip, classify(ip), "argument", ip_text)
+    public = client.ip is not None and client.kind not in (PRIVATE, MISSING)
+    facts = geo.lookup(client.ip) if public else geofacts.NO_FACTS  # type: ignore[arg-type]
     return client, facts, decide(policy, client, facts, path)
 
 
 def run_tests(policy: Policy, geo: geofacts.Geo) -> list[TestResult]:
     results = []
     for i, t in enumerate(policy.spec.tests):
-        _client, facts, decision = judge_ip(policy, geo, t.ip, t.path)
+        _client, facts, decision = judge_ip(policy, geo, t.ip, t.path, t.missing)
         problem = None
         if decision.verdict != t.expect:
             problem = f"expected {t.expect}, got {decision.verdict} ({decision.reason})"

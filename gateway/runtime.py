@@ -22,6 +22,7 @@ from .cidrs import CidrSet
 from .clientip import ClientIPConfig
 from .geo import Geo, GeoDataError
 from .policy import DEFAULT_UPSTREAM_URL, Policy, UpstreamSpec, load_policy
+from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
 from .upstream import Upstream, UpstreamConfigError, build_upstreams
 from .yamlfile import FileError
 
@@ -45,6 +46,7 @@ class Settings(BaseModel):
     policy: str | None = None
     geoip: tuple[str, ...] = ()
     trusted_proxy: tuple[str, ...] = ()
+    allow_trust_all: bool = False
     client_ip_header: str = "x-forwarded-for"
     upstream: str | None = None
     host: str = "127.0.0.1"
@@ -148,6 +150,7 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         trusted = CidrSet(settings.trusted_proxy)
     except ValueError as e:
         raise ConfigError(f"--trusted-proxy: {e}") from None
+    trust_warnings = _check_trust(trusted, settings.allow_trust_all)
     header = settings.client_ip_header.strip().lower()
     if not header or not all(c.isalnum() or c == "-" for c in header):
         raise ConfigError(f"--client-ip-header: {settings.client_ip_header!r} is not a header name")
@@ -179,4 +182,31 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         runtime.warnings.append(EMBEDDED_WARNING)
     if not trusted:
         runtime.warnings.append("no --trusted-proxy: forwarding headers are ignored, the TCP peer is the client")
+    runtime.warnings += trust_warnings
     return runtime
+
+
+def _check_trust(trusted: CidrSet, allow_all: bool) -> list[str]:
+    """Refuse a trusted-proxy list that trusts everyone (unless told to); warn about wide public blocks."""
+    warnings = []
+    everyone = trusts_everyone(trusted)
+    if everyone:
+        families = " and ".join(f"IPv{v}" for v in everyone)
+        nets = ", ".join(str(n) for n in trusted.networks if n.version in everyone)
+        if not allow_all:
+            raise ConfigError(
+                f"--trusted-proxy {nets}: trusts every public {families} address, so any caller could choose "
+                "its country; name the proxies' own networks, or add --allow-trust-all "
+                "(REGIONGATE_ALLOW_TRUST_ALL=1) if this is really meant"
+            )
+        warnings.append(
+            f"--trusted-proxy {nets} trusts every public {families} address (--allow-trust-all): "
+            "any caller can choose its country"
+        )
+    for net in wide_public(trusted):
+        if net.version not in everyone:
+            warnings.append(
+                f"--trusted-proxy {net} is a public range wider than /{WIDEST_PUBLIC[net.version]}: "
+                "any caller in it can choose its country"
+            )
+    return warnings

@@ -71,7 +71,7 @@ metadata:
   retrieved: "{RETRIEVED}"
   countries: {countries}
 geo: {{field: country}}
-defaults: {{action: deny, unknown: deny, private: allow, invalid: deny}}
+defaults: {{action: deny, unknown: deny, private: allow, invalid: deny, missing: deny}}
 mode: enforce
 block:
   status: 403

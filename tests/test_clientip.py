@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from gateway.cidrs import CidrSet
 from gateway.clientip import (
     INVALID,
+    MISSING,
     PRIVATE,
     PUBLIC,
     AddressError,
@@ -160,9 +161,10 @@ def test_mapped_peer_is_trusted_like_its_ipv4_form() -> None:
     assert resolve("::ffff:127.0.0.1", xff("81.2.69.142"), TRUST_LOOPBACK).ip == V4("81.2.69.142")
 
 
-def test_all_hops_trusted_gives_the_leftmost() -> None:
+def test_all_hops_trusted_gives_the_leftmost_as_missing() -> None:
+    # Only our own proxies in the header: nobody named a client (issue 5, item 3).
     c = resolve("127.0.0.1", xff("10.0.0.2, 10.0.0.3"), TRUST_LOOPBACK)
-    assert (c.ip, c.kind) == (V4("10.0.0.2"), PRIVATE)
+    assert (c.ip, c.kind) == (V4("10.0.0.2"), MISSING)
 
 
 def test_garbage_left_of_the_client_is_never_read() -> None:
@@ -207,5 +209,32 @@ def test_single_value_header() -> None:
 @given(st.text(max_size=200))
 def test_any_header_text_gives_a_result_never_an_exception(text: str) -> None:
     c = resolve("127.0.0.1", [(b"x-forwarded-for", text.encode("utf-8", "replace"))], TRUST_LOOPBACK)
-    assert c.kind in (PUBLIC, PRIVATE, INVALID)
+    assert c.kind in (PUBLIC, PRIVATE, INVALID, MISSING)
     assert (c.ip is None) == (c.kind == INVALID)
+    if c.kind == MISSING:  # only a trusted proxy's own address stands in for a missing client
+        assert c.ip in TRUST_LOOPBACK.trusted
+
+
+# --- X-Forwarded-For: quotes and stray bytes mean nothing, and never reach past a comma ----------
+
+
+@given(st.text(max_size=60))
+def test_property_client_text_never_reaches_past_the_appended_hop(client_text: str) -> None:
+    # The proxy appended ", 175.16.199.1"; whatever the client wrote before it is not read.
+    value = (client_text + ", 175.16.199.1").encode("utf-8")
+    c = resolve("127.0.0.1", [(b"x-forwarded-for", value)], TRUST_LOOPBACK)
+    assert (c.ip, c.kind) == (V4("175.16.199.1"), PUBLIC)
+
+
+@pytest.mark.parametrize(
+    "hop",
+    ['"81.2.69.142"', '81.2.69.142"', "81.2.69.142\x0b", "\x8581.2.69.142", "81.2.69.142\x00", "81.2.69.142;x"],
+)
+def test_stray_bytes_in_the_client_hop_make_it_invalid(hop: str) -> None:
+    c = resolve("127.0.0.1", [(b"x-forwarded-for", hop.encode("latin-1"))], TRUST_LOOPBACK)
+    assert c.kind == INVALID and c.problem
+
+
+def test_a_quote_in_client_text_does_not_swallow_the_appended_hop() -> None:
+    c = resolve("127.0.0.1", xff('81.2.69.142", 175.16.199.1'), TRUST_LOOPBACK)
+    assert c.ip == V4("175.16.199.1")
