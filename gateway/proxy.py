@@ -26,7 +26,7 @@ from typing import Any
 import aiohttp
 
 from . import errors
-from .clientip import PUBLIC, ClientAddress, resolve
+from .clientip import MISSING, PUBLIC, ClientAddress, resolve
 from .errors import GatewayError
 from .geo import NO_FACTS, GeoFacts
 from .policy import DENY, Decision, decide
@@ -153,7 +153,9 @@ class Gateway:
             return
         try:
             url = upstream.target(path, scope["query_string"])
-            headers = request_headers(scope["headers"], peer, str(client.ip) if client.ip else None, upstream)
+            # A missing client's address is its proxy's: no client address to vouch for.
+            decided = str(client.ip) if client.ip is not None and client.kind != MISSING else None
+            headers = request_headers(scope["headers"], peer, decided, upstream)
         except BadTarget as e:
             await self.fail(send, errors.bad_request(str(e), "invalid_path"), request_id, ex)
             return
