@@ -121,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("ip")
     e.add_argument("--path", default="/v1/chat/completions")
     e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument(
+        "--trace", action="store_true", help="every rule in order: matched or not, and which key failed"
+    )
     _add_geo_flags(e)
 
     sub.add_parser("schema", help="print the policy file's JSON Schema")
@@ -230,7 +233,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .policy import judge_ip
+    from . import georecords
+    from .explain import explain
     from .runtime import ConfigError, load_checked_policy, load_geo
 
     try:
@@ -239,53 +243,42 @@ def _explain(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
-    client, facts, decision = judge_ip(policy, geo, args.ip, args.path)
-    rule = next((r for r in policy.rules if r.name == decision.rule), None)
-    country = facts.country if policy.field == "country" else facts.registered_country
-    why = rule.why(client.ip, country, facts, args.path) if rule else [decision.reason]
-    report: dict[str, Any] = {
-        "ip": args.ip,
-        "normalized": str(client.ip) if client.ip is not None else None,
-        "kind": client.kind,
-        "problem": client.problem,
-        "path": args.path,
-        "decision": decision.verdict,
-        "action": decision.action,
-        "rule": decision.rule,
-        "rule_line": rule.line if rule else None,
-        "rule_conditions": rule.conditions() if rule else None,
-        "reason": decision.reason,
-        "why": why,
-        "shadow": list(decision.shadow),
-        "status": policy.spec.block.status if decision.verdict == "deny" else None,
-        "facts": facts.as_dict(),
-        "policy": {"path": policy.source, "sha256": policy.sha256, "mode": policy.spec.mode, "geo_field": policy.field},
-        "geo": [s.as_dict() for s in geo.sources],
-    }
+    result = explain(policy, geo, args.ip, args.path, with_trace=args.trace)
+    report = result.report
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
         return 0
+    path = report["path"]
     where = f" (line {report['rule_line']})" if report["rule_line"] else ""
-    print(f"{args.ip} {args.path}: {decision.verdict.upper()}")
-    if client.ip is not None and str(client.ip) != args.ip:
-        print(f"  address:   {args.ip} is {client.ip}")
-    print(f"  client:    {client.kind}" + (f" ({client.problem})" if client.problem else ""))
-    print(f"  rule:      {decision.rule}{where}")
-    print(f"  reason:    {decision.reason}")
-    for line in why:
+    print(f"{args.ip} {path}: {report['decision'].upper()}")
+    if report["normalized"] is not None and report["normalized"] != args.ip:
+        print(f"  address:   {args.ip} is {report['normalized']}")
+    print(f"  client:    {report['kind']}" + (f" ({report['problem']})" if report["problem"] else ""))
+    print(f"  rule:      {report['rule']}{where}")
+    print(f"  reason:    {report['reason']}")
+    for line in report["why"]:
         print(f"  because:   {line}")
-    if decision.shadow:
-        print(f"  shadow:    {', '.join(decision.shadow)} (matched, mode: monitor, not enforced)")
-    f = facts
-    print(f"  country:   {f.country or '-'}   registered: {f.registered_country or '-'}")
-    if f.subdivisions:
-        print(f"  subdivisions: {', '.join(f.subdivisions)}")
-    if f.asn is not None:
-        print(f"  asn:       AS{f.asn} {f.as_org or ''}".rstrip())
-    if f.anonymizer:
-        print(f"  anonymizer: {', '.join(sorted(f.anonymizer))}")
-    if f.network:
-        print(f"  network:   {f.network}")
+    if report["shadow"]:
+        print(f"  shadow:    {', '.join(report['shadow'])} (matched, mode: monitor, not enforced)")
+    f = report["facts"]
+    print(f"  country:   {f['country'] or '-'}   registered: {f['registered_country'] or '-'}")
+    if f["subdivisions"]:
+        print(f"  subdivisions: {', '.join(f['subdivisions'])}")
+    if f["asn"] is not None:
+        print(f"  asn:       AS{f['asn']} {f['as_org'] or ''}".rstrip())
+    if f["anonymizer"]:
+        print(f"  anonymizer: {', '.join(f['anonymizer'])}")
+    if f["network"]:
+        print(f"  network:   {f['network']}")
     print(f"  policy:    {policy.source} (sha256:{policy.sha256[:12]}, mode {policy.spec.mode})")
     print(f"  geo:       {', '.join(s.type + (' ' + s.path if s.path else '') for s in geo.sources)}")
+    if result.records:
+        print("what the databases say:")
+        for record in result.records:
+            for line in georecords.render(record):
+                print(f"  {line}")
+    if result.trace is not None:
+        print("trace (rules in order, first enforcing match wins):")
+        for line in result.trace.lines():
+            print(f"  {line}")
     return 0

@@ -308,6 +308,13 @@ def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) ->
     return decision
 
 
+def request_path(path: str) -> str:
+    """A path as rules see it: repeated slashes squashed, as the proxy does before ``decide()``."""
+    while "//" in path:
+        path = path.replace("//", "/")
+    return path
+
+
 def block_body(block: Block) -> bytes:
     import orjson
 
