@@ -121,9 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("ip")
     e.add_argument("--path", default="/v1/chat/completions")
     e.add_argument("--json", action="store_true", help="machine-readable output")
-    e.add_argument(
-        "--trace", action="store_true", help="every rule in order: matched or not, and which key failed"
-    )
+    e.add_argument("--trace", action="store_true", help="every rule in order: matched or not, and which key failed")
     _add_geo_flags(e)
 
     d = sub.add_parser(
