@@ -15,6 +15,7 @@ only ``/admin/*`` (``/docs`` is off).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated, Any
 
@@ -211,12 +212,14 @@ def admin_openapi(request: Request) -> dict[str, Any]:
 
 
 @router.get("/explain", response_model=ExplainOut)
-def admin_explain(
+async def admin_explain(
     request: Request,
     ip: Annotated[str, Query(description="Client address as a header would carry it; any text is judged.")],
     path: Annotated[str, Query(description="Request path.")] = "/v1/chat/completions",
 ) -> dict[str, Any]:
     """What the running policy does with this address on this path, and why: every rule in order."""
+    # On the event loop, not in a thread: the geo lookup cache is shared with the proxy,
+    # which runs on this loop and is not written to from other threads.
     from .explain import explain
 
     runtime = _runtime(request)
@@ -263,7 +266,10 @@ async def admin_diff(request: Request) -> Any:
         problems = e.render().splitlines()
         return JSONResponse({"error": "candidate policy is invalid", "problems": problems}, status_code=400)
     running = runtime.policy
-    out = diff(running, candidate).as_dict()
+    # diff() is pure and can take a while for a large probe space: off the event loop,
+    # so the proxy on the same loop keeps serving. The policy tests look addresses up in
+    # the shared geo cache, so they stay on the loop.
+    out = (await asyncio.to_thread(diff, running, candidate)).as_dict()
     results = run_tests(candidate, runtime.geo)
     out["candidate_tests"] = {
         "passed": sum(r.passed for r in results),
