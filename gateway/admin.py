@@ -1,23 +1,295 @@
-"""The control plane, on its own port: health, readiness, metrics.
+"""The control plane, on its own port: health, readiness, metrics, admin API.
 
 Kept apart from the proxy port so that probes and scrapes never compete
 with model traffic, and so that the proxy port can be exposed to the world
 while this one stays on a private interface.
+
+``/admin/*`` can say what the gateway would do with any address and what a
+candidate policy would change, so it needs a bearer token
+(``REGIONGATE_ADMIN_TOKEN``). With no token configured the admin API does not
+exist: every ``/admin/*`` route answers 404, so a gateway started without one
+never exposes an unauthenticated admin surface. The OpenAPI document of the
+admin API is itself under ``/admin`` and needs the token too; it describes
+only ``/admin/*`` (``/docs`` is off).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import hmac
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
 
+from . import __version__
 from .metrics import Metrics, exposition
+from .policy import PolicySpec
 from .runtime import Runtime
 
+ADMIN_TOKEN_ENV = "REGIONGATE_ADMIN_TOKEN"
+MAX_CANDIDATE_BYTES = 1 << 20
 
-def create_admin_app(runtime: Runtime, metrics: Metrics) -> FastAPI:
+_bearer = HTTPBearer(auto_error=False, description=f"The token in {ADMIN_TOKEN_ENV}.")
+
+
+async def require_admin(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Bearer-token check for every ``/admin/*`` route, compared in constant time."""
+    token: str | None = getattr(request.app.state, "admin_token", None)
+    if not token:
+        raise HTTPException(404, "Not Found")
+    given = credentials.credentials if credentials is not None else ""
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        raise HTTPException(401, "a valid admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+class ErrorBody(BaseModel):
+    detail: str
+
+
+class CandidateError(BaseModel):
+    error: str
+    problems: list[str] = Field(description="One 'file:line: problem' per problem.")
+
+
+class Verdict(BaseModel):
+    decision: str
+    rule: str
+
+
+class ChangeOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    kind: str = Field(description="country, subdivision, client, asn, anonymizer or cidr")
+    subject: str
+    from_: Verdict = Field(alias="from")
+    to: Verdict
+    countries: list[str] | None = Field(description="Countries it happens with; null: every one probed.")
+    addresses: list[str] | None = Field(description="CIDR addresses it happens at; null: every one probed.")
+    paths: list[str] | None = Field(description="Paths it happens on; null: every one probed.")
+
+
+class SettingOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    key: str
+    from_: Any = Field(alias="from")
+    to: Any
+
+
+class PolicyRef(BaseModel):
+    path: str
+    sha256: str
+
+
+class Summary(BaseModel):
+    changes: int
+    transitions: dict[str, int]
+
+
+class CandidateTests(BaseModel):
+    passed: int
+    failed: list[str]
+
+
+class DiffOut(BaseModel):
+    old: PolicyRef
+    new: PolicyRef
+    changed: bool
+    probes: int
+    changes: list[ChangeOut]
+    rule_changes: list[ChangeOut]
+    settings: list[SettingOut]
+    summary: Summary
+    candidate_tests: CandidateTests
+
+
+class KeyCheckOut(BaseModel):
+    key: str
+    matched: bool
+    detail: str
+
+
+class RuleStepOut(BaseModel):
+    index: int
+    name: str
+    line: int | None
+    action: str
+    mode: str
+    matched: bool
+    reached: bool
+    checks: list[KeyCheckOut]
+
+
+class DecisionOut(BaseModel):
+    verdict: str
+    action: str
+    rule: str
+    reason: str
+    shadow: list[str]
+
+
+class TraceOut(BaseModel):
+    client_kind: str
+    address: str | None
+    path: str
+    geo_field: str
+    country: str | None
+    rules_consulted: bool
+    rules: list[RuleStepOut]
+    default: str | None
+    decision: DecisionOut
+
+
+class RecordOut(BaseModel):
+    database_type: str
+    path: str
+    found: bool
+    network: str | None
+    fields: dict[str, Any]
+    error: str | None
+
+
+class ExplainOut(BaseModel):
+    """The same report as ``regiongate explain --trace --json``."""
+
+    ip: str
+    normalized: str | None
+    kind: str
+    problem: str | None
+    path: str
+    decision: str
+    action: str
+    rule: str
+    rule_line: int | None
+    rule_conditions: dict[str, Any] | None
+    reason: str
+    why: list[str]
+    shadow: list[str]
+    status: int | None
+    facts: dict[str, Any]
+    records: list[RecordOut]
+    policy: dict[str, Any]
+    geo: list[dict[str, Any]]
+    trace: TraceOut
+
+
+_AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "Missing or wrong bearer token."},
+    404: {"model": ErrorBody, "description": f"The admin API is disabled: {ADMIN_TOKEN_ENV} is not set."},
+}
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], responses=_AUTH_RESPONSES)
+
+
+def _runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+@router.get("/openapi.json", include_in_schema=False)
+def admin_openapi(request: Request) -> dict[str, Any]:
+    app: FastAPI = request.app
+    doc = get_openapi(
+        title="Regiongate admin API",
+        version=__version__,
+        description=f"Bearer token: the value of {ADMIN_TOKEN_ENV}. Not set: every /admin route answers 404.",
+        routes=app.routes,
+    )
+    doc["paths"] = {path: ops for path, ops in doc.get("paths", {}).items() if path.startswith("/admin/")}
+    # The diff body is a policy file: its schema is the one editors use.
+    policy_schema = PolicySpec.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(policy_schema.pop("$defs", {}))
+    schemas["PolicySpec"] = policy_schema
+    return doc
+
+
+@router.get(
+    "/explain",
+    response_model=ExplainOut,
+    responses={400: {"model": ErrorBody, "description": "The proxy refuses this path with a 400; no policy is asked."}},
+)
+async def admin_explain(
+    request: Request,
+    ip: Annotated[str, Query(description="Client address as a header would carry it; any text is judged.")],
+    path: Annotated[str, Query(description="Request path.")] = "/v1/chat/completions",
+) -> Any:
+    """What the running policy does with this address on this path, and why: every rule in order."""
+    # On the event loop, not in a thread: the geo lookup cache is shared with the proxy,
+    # which runs on this loop and is not written to from other threads.
+    from .explain import explain
+    from .requestpath import BadPath
+
+    runtime = _runtime(request)
+    try:
+        return explain(runtime.policy, runtime.geo, ip, path, with_trace=True).report
+    except BadPath as e:
+        return JSONResponse({"detail": f"path: {e}; the proxy answers it with a 400, no policy is asked"}, 400)
+
+
+@router.post(
+    "/diff",
+    response_model=DiffOut,
+    responses={
+        400: {"model": CandidateError, "description": "The candidate is not a valid policy here."},
+        413: {"model": ErrorBody, "description": f"The candidate is larger than {MAX_CANDIDATE_BYTES} bytes."},
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "The candidate policy, as YAML text (the policy file's own schema; "
+            "ISO codes, CIDRs and rule reachability are checked beyond it, with 400 and file:line problems).",
+            "content": {"application/yaml": {"schema": {"$ref": "#/components/schemas/PolicySpec"}}},
+        }
+    },
+)
+async def admin_diff(request: Request) -> Any:
+    """Which callers the candidate policy in the body would treat differently from the running one."""
+    from .diff import diff
+    from .policy import parse_policy, run_tests
+    from .yamlfile import FileError
+
+    runtime = _runtime(request)
+    body = await request.body()
+    if len(body) > MAX_CANDIDATE_BYTES:
+        return JSONResponse({"detail": f"candidate larger than {MAX_CANDIDATE_BYTES} bytes"}, status_code=413)
+    name = "candidate.yaml"
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return JSONResponse(
+            {"error": "candidate policy is invalid", "problems": [f"{name}: not UTF-8 text: {e.reason}"]},
+            status_code=400,
+        )
+    try:
+        candidate = parse_policy(text, name, runtime.geo.capabilities)
+    except FileError as e:
+        problems = e.render().splitlines()
+        return JSONResponse({"error": "candidate policy is invalid", "problems": problems}, status_code=400)
+    running = runtime.policy
+    # diff() is pure and can take a while for a large probe space: off the event loop,
+    # so the proxy on the same loop keeps serving. The policy tests look addresses up in
+    # the shared geo cache, so they stay on the loop.
+    out = (await asyncio.to_thread(diff, running, candidate)).as_dict()
+    results = run_tests(candidate, runtime.geo)
+    out["candidate_tests"] = {
+        "passed": sum(r.passed for r in results),
+        "failed": [f"{name}:{r.line}: test {r.test.ip} {r.test.path}: {r.problem}" for r in results if not r.passed],
+    }
+    return out
+
+
+def create_admin_app(runtime: Runtime, metrics: Metrics, admin_token: str | None = None) -> FastAPI:
     app = FastAPI(title="Regiongate control plane", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.runtime = runtime
+    app.state.admin_token = admin_token or None
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -35,4 +307,5 @@ def create_admin_app(runtime: Runtime, metrics: Metrics) -> FastAPI:
         body, content_type = exposition(metrics)
         return Response(body, media_type=content_type)
 
+    app.include_router(router)
     return app

@@ -149,7 +149,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="judge IP as a trusted proxy whose request named no client (defaults.missing)",
     )
+    e.add_argument("--trace", action="store_true", help="every rule in order: matched or not, and which key failed")
     _add_geo_flags(e)
+
+    d = sub.add_parser(
+        "diff",
+        help="which callers a policy change treats differently; exit 0 none, 1 some, 2 bad file",
+        description="Judge every country, named subdivision, ASN, CIDR, anonymizer kind, path and client kind "
+        "with both policies (the gateway's own decide()) and list the callers whose decision differs.",
+    )
+    d.add_argument("old", metavar="OLD")
+    d.add_argument("new", metavar="NEW")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.add_argument(
+        "--replay",
+        metavar="FILE",
+        help="also replay addresses (one per line, optionally followed by a path) or the gateway's JSON-lines "
+        "access log through both policies, with the geo data from --geoip; '-' reads stdin",
+    )
+    _add_geo_flags(d, with_policy=False)
 
     sub.add_parser("schema", help="print the policy file's JSON Schema")
 
@@ -168,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check(args)
         if args.command == "explain":
             return _explain(args)
+        if args.command == "diff":
+            return _diff(args)
         if args.command == "schema":
             from .policy import json_schema
 
@@ -180,6 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` and closed: not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return 2
 
 
@@ -266,7 +291,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .policy import judge_ip
+    from . import georecords
+    from .explain import explain
+    from .requestpath import BadPath
     from .runtime import ConfigError, load_checked_policy, load_geo
 
     try:
@@ -275,53 +302,164 @@ def _explain(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
-    client, facts, decision = judge_ip(policy, geo, args.ip, args.path, args.missing)
-    rule = next((r for r in policy.rules if r.name == decision.rule), None)
-    country = facts.country if policy.field == "country" else facts.registered_country
-    why = rule.why(client.ip, country, facts, args.path) if rule else [decision.reason]
-    report: dict[str, Any] = {
-        "ip": args.ip,
-        "normalized": str(client.ip) if client.ip is not None else None,
-        "kind": client.kind,
-        "problem": client.problem,
-        "path": args.path,
-        "decision": decision.verdict,
-        "action": decision.action,
-        "rule": decision.rule,
-        "rule_line": rule.line if rule else None,
-        "rule_conditions": rule.conditions() if rule else None,
-        "reason": decision.reason,
-        "why": why,
-        "shadow": list(decision.shadow),
-        "status": policy.spec.block.status if decision.verdict == "deny" else None,
-        "facts": facts.as_dict(),
-        "policy": {"path": policy.source, "sha256": policy.sha256, "mode": policy.spec.mode, "geo_field": policy.field},
-        "geo": [s.as_dict() for s in geo.sources],
-    }
+    try:
+        result = explain(policy, geo, args.ip, args.path, with_trace=args.trace, missing=args.missing)
+    except BadPath as e:
+        print(f"regiongate: --path {args.path!r}: {e}; the gateway answers it with a 400, no policy is asked",
+              file=sys.stderr)
+        return 2
+    report = result.report
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
         return 0
+    path = report["path"]
     where = f" (line {report['rule_line']})" if report["rule_line"] else ""
-    print(f"{args.ip} {args.path}: {decision.verdict.upper()}")
-    if client.ip is not None and str(client.ip) != args.ip:
-        print(f"  address:   {args.ip} is {client.ip}")
-    print(f"  client:    {client.kind}" + (f" ({client.problem})" if client.problem else ""))
-    print(f"  rule:      {decision.rule}{where}")
-    print(f"  reason:    {decision.reason}")
-    for line in why:
+    print(f"{args.ip} {path}: {report['decision'].upper()}")
+    if report["normalized"] is not None and report["normalized"] != args.ip:
+        print(f"  address:   {args.ip} is {report['normalized']}")
+    print(f"  client:    {report['kind']}" + (f" ({report['problem']})" if report["problem"] else ""))
+    print(f"  rule:      {report['rule']}{where}")
+    print(f"  reason:    {report['reason']}")
+    for line in report["why"]:
         print(f"  because:   {line}")
-    if decision.shadow:
-        print(f"  shadow:    {', '.join(decision.shadow)} (matched, mode: monitor, not enforced)")
-    f = facts
-    print(f"  country:   {f.country or '-'}   registered: {f.registered_country or '-'}")
-    if f.subdivisions:
-        print(f"  subdivisions: {', '.join(f.subdivisions)}")
-    if f.asn is not None:
-        print(f"  asn:       AS{f.asn} {f.as_org or ''}".rstrip())
-    if f.anonymizer:
-        print(f"  anonymizer: {', '.join(sorted(f.anonymizer))}")
-    if f.network:
-        print(f"  network:   {f.network}")
+    if report["shadow"]:
+        print(f"  shadow:    {', '.join(report['shadow'])} (matched, mode: monitor, not enforced)")
+    f = report["facts"]
+    print(f"  country:   {f['country'] or '-'}   registered: {f['registered_country'] or '-'}")
+    if f["subdivisions"]:
+        print(f"  subdivisions: {', '.join(f['subdivisions'])}")
+    if f["asn"] is not None:
+        print(f"  asn:       AS{f['asn']} {f['as_org'] or ''}".rstrip())
+    if f["anonymizer"]:
+        print(f"  anonymizer: {', '.join(f['anonymizer'])}")
+    if f["network"]:
+        print(f"  network:   {f['network']}")
     print(f"  policy:    {policy.source} (sha256:{policy.sha256[:12]}, mode {policy.spec.mode})")
     print(f"  geo:       {', '.join(s.type + (' ' + s.path if s.path else '') for s in geo.sources)}")
+    if result.records:
+        print("what the databases say:")
+        for record in result.records:
+            for line in georecords.render(record):
+                print(f"  {line}")
+    if result.trace is not None:
+        print("trace (rules in order, first enforcing match wins):")
+        for line in result.trace.lines():
+            print(f"  {line}")
     return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from .diff import diff, replay
+    from .policy import load_policy
+    from .runtime import ConfigError, load_geo
+    from .yamlfile import FileError
+
+    try:
+        old, new = load_policy(args.old), load_policy(args.new)
+    except FileError as e:
+        print(e.render(), file=sys.stderr)
+        return 2
+    result = diff(old, new)
+    replayed = None
+    if args.replay is not None:
+        try:
+            geo = load_geo(_geoip(args))
+            if args.replay == "-":
+                replayed = replay(old, new, geo, sys.stdin)
+            else:
+                with open(args.replay, encoding="utf-8", errors="replace") as f:
+                    replayed = replay(old, new, geo, f)
+        except ConfigError as e:
+            print(f"regiongate: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:
+            print(f"regiongate: --replay {args.replay}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    changed = result.changed or bool(replayed and replayed.flipped)
+    if args.json:
+        out = result.as_dict()
+        if replayed is not None:
+            out["replay"] = replayed.as_dict()
+            out["changed"] = changed
+        sys.stdout.buffer.write(orjson.dumps(out, option=orjson.OPT_INDENT_2) + b"\n")
+        return 1 if changed else 0
+    _print_diff(result)
+    if replayed is not None:
+        _print_replay(args.replay, replayed)
+    return 1 if changed else 0
+
+
+def _country_name(code: str) -> str:
+    import pycountry
+
+    c = pycountry.countries.get(alpha_2=code)
+    return str(c.name) if c is not None else ("Kosovo" if code == "XK" else "")
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def _change_rows(changes: Sequence[Any]) -> list[str]:
+    rows = [["KIND", "SUBJECT", "FROM", "TO", "WHERE"]]
+    for c in changes:
+        subject = f"{c.subject} {_country_name(c.subject)}".strip() if c.kind == "country" else c.subject
+        where = []
+        if c.countries is not None:
+            shown = ", ".join(c.countries[:12]) + (f", … ({len(c.countries)} in all)" if len(c.countries) > 12 else "")
+            where.append("with " + shown)
+        if c.addresses is not None:
+            where.append("at " + ", ".join(c.addresses))
+        if c.paths is not None:
+            where.append("on " + ", ".join(c.paths))
+        rows.append(
+            [
+                c.kind,
+                subject,
+                f"{c.old_verdict} ({c.old_rule})",
+                f"{c.new_verdict} ({c.new_rule})",
+                "; ".join(where) or "everywhere probed",
+            ]
+        )
+    return _table(rows)
+
+
+def _print_diff(result: Any) -> None:
+    print(
+        f"{result.old_source} (sha256:{result.old_sha256[:12]}) -> {result.new_source} "
+        f"(sha256:{result.new_sha256[:12]}): {len(result.changes)} decision changes, "
+        f"{result.probes} callers probed"
+    )
+    if result.changes:
+        print()
+        for line in _change_rows(result.changes):
+            print(line)
+    if result.settings:
+        print()
+        print("settings that change what a client sees:")
+        for s in result.settings:
+            print(f"  {s.key}: {s.old!r} -> {s.new!r}")
+    if result.rule_changes:
+        print()
+        print("same decision, made by another rule (not a change):")
+        for line in _change_rows(result.rule_changes):
+            print(f"  {line}")
+    if not result.changed:
+        print("no caller is treated differently")
+
+
+def _print_replay(source: str, r: Any) -> None:
+    print()
+    skipped = r.skipped_redacted + r.skipped_unreadable
+    print(
+        f"replay of {source}: {r.replayed} requests replayed, {skipped} skipped "
+        f"({r.skipped_redacted} with hashed or truncated addresses, {r.skipped_unreadable} unreadable); "
+        f"{r.flipped} decisions flip"
+    )
+    for transition, n in r.transitions:
+        print(f"  {transition}: {n}")
+    if r.top_countries:
+        print("  top countries: " + ", ".join(f"{c} {n}" for c, n in r.top_countries))
+    if r.top_rules:
+        print("  top rules:     " + ", ".join(f"{rules} {n}" for rules, n in r.top_rules))

@@ -27,6 +27,7 @@ from . import iso3166
 from .cidrs import CidrSet, parse_network
 from .clientip import INVALID, MISSING, PRIVATE, AddressError, ClientAddress, IPAddress, classify, parse_address
 from .geo import GeoFacts
+from .requestpath import canonical
 from .yamlfile import Document, FileError, Problem
 from .yamlfile import load as load_yaml
 
@@ -317,6 +318,15 @@ def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) ->
     if shadow:
         return dataclasses.replace(decision, shadow=tuple(shadow))
     return decision
+
+
+def request_path(path: str) -> str:
+    """A path as rules see it: the canonical form the proxy judges and forwards.
+
+    Raises :class:`requestpath.BadPath` for a path the proxy refuses with a
+    400 before any policy is asked.
+    """
+    return canonical(path.encode("utf-8"))
 
 
 def block_body(block: Block) -> bytes:

@@ -68,7 +68,7 @@ def _uvicorn_config(app: Any, settings: Settings, lifespan: str, http: Any = "ht
 
 
 def run_worker(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
-    from .admin import create_admin_app
+    from .admin import ADMIN_TOKEN_ENV, create_admin_app
     from .httpprotocol import ProxyHttpProtocol
     from .metrics import Metrics
     from .proxy import Gateway
@@ -76,7 +76,7 @@ def run_worker(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
     metrics = Metrics()
     metrics.describe_sources(runtime.geo.sources, runtime.policy.source, runtime.policy.sha256)
     gateway = Gateway(runtime, metrics)
-    admin = create_admin_app(runtime, metrics)
+    admin = create_admin_app(runtime, metrics, admin_token=os.environ.get(ADMIN_TOKEN_ENV))
     servers = [
         _Server(_uvicorn_config(gateway, runtime.settings, "on", ProxyHttpProtocol)),
         _Server(_uvicorn_config(admin, runtime.settings, "off")),
@@ -138,6 +138,10 @@ def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.so
         f"geo: {geo}",
         f"workers: {s.workers}",
     ]
+    if os.environ.get("REGIONGATE_ADMIN_TOKEN"):
+        lines.append(f"admin API on http://{s.admin_host}:{_port(admin_sock)}/admin/ (bearer token required)")
+    else:
+        lines.append("admin API disabled: REGIONGATE_ADMIN_TOKEN is not set (every /admin/* route answers 404)")
     lines += [f"warning: {w}" for w in runtime.warnings]
     for line in lines:
         print(f"regiongate: {line}", file=sys.stderr, flush=True)

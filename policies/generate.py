@@ -1,6 +1,6 @@
 """Write the shipped OpenAI policies from the reference country list.
 
-    python policies/generate.py            # rewrite both files
+    python policies/generate.py            # rewrite the files
     python policies/generate.py --check    # exit 1 if they are out of date
 
 The list in ``reference/openai-supported-countries.txt`` is the single
@@ -62,8 +62,8 @@ def _header(title: str, body: str) -> str:
 {body}"""
 
 
-def _preamble(description: str, countries: int) -> str:
-    """Everything before the rules, the same in both policies."""
+def _preamble(description: str, countries: int, mode: str = "enforce") -> str:
+    """Everything before the rules, the same in every policy but for the mode."""
     return f"""version: 1
 description: {description}
 metadata:
@@ -72,7 +72,7 @@ metadata:
   countries: {countries}
 geo: {{field: country}}
 defaults: {{action: deny, unknown: deny, private: allow, invalid: deny, missing: deny}}
-mode: enforce
+mode: {mode}
 block:
   status: 403
   code: unsupported_country_region_territory
@@ -133,9 +133,47 @@ tests:
     )
 
 
+def monitor_only_starter() -> str:
+    codes = [c for c in reference_countries() if c != "UA"]
+    # The country-only policy's tests, with every refusal turned into a recorded 'monitor'.
+    tests = [
+        (ip, "monitor" if expect == "deny" else expect, rule, note)
+        for ip, expect, rule, note in [
+            *COMMON_TESTS,
+            ("2a02:d300::1", "monitor", "ukraine-unverified", "UA: allowed, recorded as monitor"),
+        ]
+    ]
+    preamble = _preamble(
+        "First rollout. Every request is let through; what openai-supported-country-only.yaml would refuse "
+        "is recorded as monitor.",
+        len(codes) + 1,
+        mode="monitor",
+    )
+    return _header(
+        "Let everything through and record what would be refused: for a first rollout.",
+        f"""# The rules of openai-supported-country-only.yaml under 'mode: monitor': nothing is
+# blocked; every request that policy would refuse is forwarded and recorded with
+# decision "monitor" (regiongate_decisions_total{{decision="monitor"}}, the access
+# log's "decision" and "rule"). Watch those for a while, then switch to
+# openai-supported-country-only.yaml (or openai-supported.yaml with a City
+# database); `regiongate diff` between the two shows exactly what will start to
+# be refused. Works with the embedded country data.
+{preamble}  - name: ukraine-unverified
+    countries: [UA]
+    action: monitor
+  - name: supported
+    countries: [{_wrap(codes, "                ")}]
+    action: allow
+tests:
+{_tests(tests)}
+""",
+    )
+
+
 FILES = {
     HERE / "openai-supported.yaml": full_policy,
     HERE / "openai-supported-country-only.yaml": country_only_policy,
+    HERE / "monitor-only-starter.yaml": monitor_only_starter,
 }
 
 

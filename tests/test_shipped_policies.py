@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import CITY, COUNTRY, POLICIES, ROOT, UA_CITY_ADDRESSES
+from conftest import CITY, COUNTRY, POLICIES, ROOT, UA_CITY_ADDRESSES, GatewayFactory, Stub
 from gateway.geo import Geo
 from gateway.policy import json_schema, judge_ip, load_policy, run_tests
 
@@ -94,3 +94,57 @@ def test_schema_accepts_the_shipped_policies_and_rejects_typos() -> None:
             jsonschema.validate(load(f.read(), path).data, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"version": 1, "rules": [{"countries": ["US"], "action": "allow", "colour": 1}]}, schema)
+
+
+SHIPPED = sorted(POLICIES.glob("*.yaml"))
+
+
+def test_the_monitor_only_starter_is_shipped() -> None:
+    assert POLICIES / "monitor-only-starter.yaml" in SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_policy_passes_regiongate_check(path: object) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", str(path), "--geoip", CITY],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ": ok: " in r.stdout and "FAILED" not in r.stdout
+
+
+def test_monitor_only_starter_refuses_nothing_and_records_what_it_would_refuse() -> None:
+    geo = Geo([CITY])
+    starter = load_policy(str(POLICIES / "monitor-only-starter.yaml"), geo.capabilities)
+    enforcing = load_policy(COUNTRY_ONLY, geo.capabilities)
+    assert starter.spec.mode == "monitor" and starter.spec.tests
+    from gateway.diff import diff
+
+    d = diff(starter, enforcing)
+    # the only difference from the enforcing policy: what it refuses is "monitor" in the starter
+    assert d.changes and all((c.old_verdict, c.new_verdict) == ("monitor", "deny") for c in d.changes)
+    assert all(c.old_rule == c.new_rule for c in d.changes) and not d.settings
+    for ip in ("175.16.199.1", "2a02:d0c0::1", "81.2.69.142", "2a02:d300::1", "10.0.0.1"):
+        decision = judge_ip(starter, geo, ip, "/v1/chat/completions")[2]
+        assert decision.allowed
+
+
+def test_monitor_only_starter_forwards_a_refused_country_through_a_real_gateway(
+    gateway: GatewayFactory, stub: Stub
+) -> None:
+    import httpx
+
+    gw = gateway(
+        "--upstream",
+        stub.url,
+        "--trusted-proxy",
+        "127.0.0.1/32",
+        "--policy",
+        str(POLICIES / "monitor-only-starter.yaml"),
+    )
+    r = httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": "175.16.199.1"})
+    assert r.status_code == 200
+    (record,) = gw.wait_log(1)
+    assert (record["decision"], record["action"], record["rule"]) == ("monitor", "deny", "defaults.action")

@@ -1,0 +1,62 @@
+"""The answer to "what would the gateway do with this address, and why?".
+
+One report for ``regiongate explain`` and ``GET /admin/explain``, so the
+command line and the running gateway can never tell an operator two
+different stories. The decision comes from ``decide()`` (via ``judge_ip``),
+the walk from :mod:`gateway.trace`, the words from :mod:`gateway.georecords`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import georecords
+from .clientip import PUBLIC
+from .geo import Geo
+from .policy import Policy, judge_ip, request_path
+from .trace import Trace, trace
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    report: dict[str, Any]  # what --json prints and /admin/explain returns
+    trace: Trace | None
+    records: tuple[georecords.Record, ...]
+
+
+def explain(
+    policy: Policy, geo: Geo, ip_text: str, path: str, *, with_trace: bool = False, missing: bool = False
+) -> Explanation:
+    path = request_path(path)
+    client, facts, decision = judge_ip(policy, geo, ip_text, path, missing)
+    rule = next((r for r in policy.rules if r.name == decision.rule), None)
+    country = facts.country if policy.field == "country" else facts.registered_country
+    why = rule.why(client.ip, country, facts, path) if rule else [decision.reason]
+    records: list[georecords.Record] = []
+    if client.ip is not None and client.kind == PUBLIC:
+        records = georecords.lookup_all([s.path for s in geo.sources if s.path], client.ip)
+    out: dict[str, Any] = {
+        "ip": ip_text,
+        "normalized": str(client.ip) if client.ip is not None else None,
+        "kind": client.kind,
+        "problem": client.problem,
+        "path": path,
+        "decision": decision.verdict,
+        "action": decision.action,
+        "rule": decision.rule,
+        "rule_line": rule.line if rule else None,
+        "rule_conditions": rule.conditions() if rule else None,
+        "reason": decision.reason,
+        "why": why,
+        "shadow": list(decision.shadow),
+        "status": policy.spec.block.status if decision.verdict == "deny" else None,
+        "facts": facts.as_dict(),
+        "records": [r.as_dict() for r in records],
+        "policy": {"path": policy.source, "sha256": policy.sha256, "mode": policy.spec.mode, "geo_field": policy.field},
+        "geo": [s.as_dict() for s in geo.sources],
+    }
+    walk = trace(policy, client, facts, path) if with_trace else None
+    if walk is not None:
+        out["trace"] = walk.as_dict()
+    return Explanation(out, walk, tuple(records))
