@@ -219,7 +219,13 @@ def admin_openapi(request: Request) -> dict[str, Any]:
 async def admin_explain(
     request: Request,
     ip: Annotated[str, Query(description="Client address as a header would carry it; any text is judged.")],
-    path: Annotated[str, Query(description="Request path.")] = "/v1/chat/completions",
+    path: Annotated[
+        str,
+        Query(
+            description="Request path, judged in the proxy's canonical form; one the proxy refuses gets its 400.",
+            pattern="^/[!-~]*$",
+        ),
+    ] = "/v1/chat/completions",
 ) -> Any:
     """What the running policy does with this address on this path, and why: every rule in order."""
     # On the event loop, not in a thread: the geo lookup cache is shared with the proxy,

@@ -145,7 +145,10 @@ def test_openapi_document_matches_the_running_admin_api(admin_gw: Gateway) -> No
     also checked beyond what a schema can say (ISO codes, CIDRs, rules that can
     never match, databases that are not loaded), so a schema-valid random policy
     is rightly refused with 400 and its problems; that 400 is documented and its
-    body is still checked against the document."""
+    body is still checked against the document. The same check is left out for
+    /admin/explain: its ``path`` is judged as the proxy judges it, and a path the
+    proxy refuses (an encoded separator, a dot segment, double encoding) gets the
+    proxy's 400, documented, which a schema pattern cannot fully describe."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import positive_data_acceptance
@@ -159,7 +162,8 @@ def test_openapi_document_matches_the_running_admin_api(admin_gw: Gateway) -> No
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=operation.as_strategy())
         def check(case: schemathesis.Case) -> None:
-            excluded = [positive_data_acceptance] if case.operation.path == "/admin/diff" else []
+            refuses_beyond_schema = case.operation.path in ("/admin/diff", "/admin/explain")
+            excluded = [positive_data_acceptance] if refuses_beyond_schema else []
             case.call_and_validate(base_url=admin_gw.admin, headers=AUTH, excluded_checks=excluded)
 
         try:
