@@ -38,8 +38,8 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from conftest import CITY, ROOT, Stub, free_port, wait_http
+from dockerfile import DOCKERFILE, exec_form, final, image_env, image_user, instructions
 
-DOCKERFILE = ROOT / "Dockerfile"
 # The image's paths that are not its own files: where it is installed and what gets mounted.
 INSTALL = "/opt/regiongate"
 MOUNTS = ("/etc/regiongate", "/var/lib/geoip", "/run/regiongate/metrics")
@@ -47,48 +47,6 @@ METRICS_DIR = "/run/regiongate/metrics"
 GB, CN = "81.2.69.142", "175.16.199.1"
 
 pytestmark = pytest.mark.slow
-
-
-@dataclass(frozen=True)
-class Instruction:
-    stage: int
-    name: str
-    value: str
-
-
-def instructions() -> list[Instruction]:
-    parser = DockerfileParser(path=str(DOCKERFILE))
-    out: list[Instruction] = []
-    stage = -1
-    for item in parser.structure:
-        name = item["instruction"]
-        if name == "FROM":
-            stage += 1
-        if name != "COMMENT":
-            out.append(Instruction(stage, name, item["value"]))
-    return out
-
-
-def final(name: str) -> list[str]:
-    items = instructions()
-    last = max(i.stage for i in items)
-    return [i.value for i in items if i.stage == last and i.name == name]
-
-
-def exec_form(value: str) -> list[str]:
-    argv = json.loads(value)
-    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), f"not exec form: {value}"
-    return argv
-
-
-def image_env() -> dict[str, str]:
-    return dict(DockerfileParser(path=str(DOCKERFILE)).envs)
-
-
-def image_user() -> tuple[int, int]:
-    (user,) = final("USER")
-    uid, gid = user.split(":")
-    return int(uid), int(gid)
 
 
 # --- the build context -----------------------------------------------------------------------
