@@ -169,7 +169,7 @@ class Container:
         return self.stderr.read_text()
 
 
-class Runtime:
+class Engine:
     """Starts the image's entrypoint with its ENV, user and mounts, like ``docker run --read-only``."""
 
     def __init__(self, image: Image) -> None:
@@ -268,8 +268,8 @@ class Runtime:
 
 
 @pytest.fixture
-def runtime(image: Image) -> Iterator[Runtime]:
-    r = Runtime(image)
+def runtime(image: Image) -> Iterator[Engine]:
+    r = Engine(image)
     try:
         yield r
     finally:
@@ -358,7 +358,7 @@ def test_dockerignore_keeps_the_context_to_the_wheels_sources(tmp_path: Path) ->
         assert not dockerignore_allows(path, patterns), path
 
 
-def test_image_serves_refuses_and_stops_cleanly(runtime: Runtime, stub: Stub) -> None:
+def test_image_serves_refuses_and_stops_cleanly(runtime: Engine, stub: Stub) -> None:
     runtime.mount_policy(shipped_policy())
     runtime.mount_geoip(CITY)
     c = runtime.run(
@@ -410,7 +410,7 @@ def test_image_serves_refuses_and_stops_cleanly(runtime: Runtime, stub: Stub) ->
     assert [(ln["client"], ln["status"]) for ln in lines] == [(GB, 200), (CN, 403)]
 
 
-def test_image_with_several_workers_on_a_readonly_root(runtime: Runtime, stub: Stub) -> None:
+def test_image_with_several_workers_on_a_readonly_root(runtime: Engine, stub: Stub) -> None:
     runtime.mount_policy(shipped_policy())
     runtime.mount_geoip(CITY)
     c = runtime.run(
@@ -432,14 +432,14 @@ def test_image_with_several_workers_on_a_readonly_root(runtime: Runtime, stub: S
     assert "Traceback" not in c.err()
 
 
-def test_image_without_a_policy_mount_refuses_to_start(runtime: Runtime) -> None:
+def test_image_without_a_policy_mount_refuses_to_start(runtime: Engine) -> None:
     c = runtime.run({}, wait=False)
     assert c.proc.wait(timeout=30) == 2
     err = c.err()
     assert runtime.host_path("/etc/regiongate/policy.yaml") in err and "Traceback" not in err
 
 
-def test_image_without_a_writable_metrics_dir_says_so(runtime: Runtime) -> None:
+def test_image_without_a_writable_metrics_dir_says_so(runtime: Engine) -> None:
     runtime.mount_policy(shipped_policy())
     metrics = Path(runtime.host_path(METRICS_DIR))
     if os.geteuid() == 0:
