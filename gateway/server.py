@@ -28,7 +28,7 @@ from typing import Any
 
 import uvicorn
 
-from .runtime import Runtime, Settings, load_runtime
+from .runtime import ConfigError, Runtime, Settings, load_runtime
 
 log = logging.getLogger("regiongate")
 
@@ -109,7 +109,10 @@ def serve(settings: Settings) -> int:
     """Run the gateway until SIGTERM/SIGINT. Raises ``ConfigError`` before listening on bad config."""
     logging.basicConfig(level=settings.log_level.upper(), format="regiongate: %(message)s", stream=sys.stderr)
     metrics_dir = None
-    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    given_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given_dir:
+        _clean_metrics_dir(given_dir)
+    elif settings.workers > 1:
         metrics_dir = tempfile.mkdtemp(prefix="regiongate-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
@@ -124,6 +127,17 @@ def serve(settings: Settings) -> int:
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _clean_metrics_dir(path: str) -> None:
+    """A given directory (a container's tmpfs or emptyDir) outlives a restart: drop the last run's series."""
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"PROMETHEUS_MULTIPROC_DIR {path!r} is not a writable directory (mount a tmpfs or emptyDir there)"
+        )
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
 
 
 def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
