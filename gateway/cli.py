@@ -19,6 +19,10 @@ import orjson
 from . import __version__
 
 ENV_PREFIX = "REGIONGATE_"
+LOCAL_NOTE = (
+    "decided here from the files above, not asked of a running gateway; "
+    "compare the policy's sha256 with the gateway's /readyz"
+)
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -283,7 +287,9 @@ def _explain(args: argparse.Namespace) -> int:
     client, facts, decision = judge_ip(policy, geo, args.ip, args.path)
     rule = next((r for r in policy.rules if r.name == decision.rule), None)
     country = facts.country if policy.field == "country" else facts.registered_country
-    why = rule.why(client.ip, country, facts, args.path) if rule else [decision.reason]
+    # A default's reason says it all; only a rule has conditions to explain.
+    why = rule.why(client.ip, country, facts, args.path) if rule else []
+    rule_line = rule.line if rule else policy.default_lines.get(decision.rule)
     report: dict[str, Any] = {
         "ip": args.ip,
         "normalized": str(client.ip) if client.ip is not None else None,
@@ -293,7 +299,7 @@ def _explain(args: argparse.Namespace) -> int:
         "decision": decision.verdict,
         "action": decision.action,
         "rule": decision.rule,
-        "rule_line": rule.line if rule else None,
+        "rule_line": rule_line,
         "rule_conditions": rule.conditions() if rule else None,
         "reason": decision.reason,
         "why": why,
@@ -302,11 +308,17 @@ def _explain(args: argparse.Namespace) -> int:
         "facts": facts.as_dict(),
         "policy": {"path": policy.source, "sha256": policy.sha256, "mode": policy.spec.mode, "geo_field": policy.field},
         "geo": [s.as_dict() for s in geo.sources],
+        "note": LOCAL_NOTE,
     }
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
         return 0
-    where = f" (line {report['rule_line']})" if report["rule_line"] else ""
+    if rule_line:
+        where = f" (line {rule_line})"
+    elif rule is None and decision.rule.startswith("defaults."):
+        where = f" (not in the file: the built-in default, {decision.action})"
+    else:
+        where = ""
     print(f"{args.ip} {args.path}: {decision.verdict.upper()}")
     if client.ip is not None and str(client.ip) != args.ip:
         print(f"  address:   {args.ip} is {client.ip}")
@@ -328,5 +340,7 @@ def _explain(args: argparse.Namespace) -> int:
     if f.network:
         print(f"  network:   {f.network}")
     print(f"  policy:    {policy.source} (sha256:{policy.sha256[:12]}, mode {policy.spec.mode})")
-    print(f"  geo:       {', '.join(s.type + (' ' + s.path if s.path else '') for s in geo.sources)}")
+    for src in geo.sources:
+        print(f"  geo:       {src.type} {src.path or '(' + src.description + ')'}, built {src.build_date or 'unknown'}")
+    print(f"  note:      {LOCAL_NOTE}")
     return 0
