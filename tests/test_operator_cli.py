@@ -141,3 +141,17 @@ def test_explain_names_the_embedded_data_and_its_date() -> None:
     r = run("explain", "81.2.69.160", "--policy", str(POLICIES / "openai-supported-country-only.yaml"))
     (geo,) = [line for line in r.stdout.splitlines() if line.startswith("  geo:")]
     assert "embedded-iptocc (iptocc " in geo and ", built 2" in geo
+
+
+def test_readme_upstream_key_examples_are_valid_policies() -> None:
+    import re
+
+    from gateway.policy import parse_policy
+
+    readme = (POLICIES.parent / "README.md").read_text()
+    section = readme.split("### The upstream key", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        policy = parse_policy("version: 1\n" + block, "README.md", None)
+        assert any(r.paths is not None for r in policy.rules)
