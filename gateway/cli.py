@@ -44,7 +44,7 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         "--geoip",
         "geoip",
         "MaxMind-format database, repeatable",
-        "none: the embedded iptocc country data",
+        "the embedded iptocc country data",
         {"action": "append", "metavar": "MMDB"},
     ),
     (
@@ -69,10 +69,10 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         "https://api.openai.com",
         {"metavar": "URL"},
     ),
-    ("--host", "host", "proxy listen address", "127.0.0.1", {}),
-    ("--port", "port", "proxy listen port", "8080", {}),
-    ("--admin-host", "admin_host", "control-plane listen address", "127.0.0.1", {}),
-    ("--admin-port", "admin_port", "control-plane listen port: /healthz /readyz /metrics", "9090", {}),
+    ("--host", "host", "proxy listen address", "127.0.0.1", {"metavar": "ADDRESS"}),
+    ("--port", "port", "proxy listen port", "8080", {"metavar": "PORT"}),
+    ("--admin-host", "admin_host", "control-plane listen address", "127.0.0.1", {"metavar": "ADDRESS"}),
+    ("--admin-port", "admin_port", "control-plane listen port: /healthz /readyz /metrics", "9090", {"metavar": "PORT"}),
     ("--workers", "workers", "worker processes", "1", {"metavar": "N"}),
     ("--access-log", "access_log", "'-' for stdout, 'off', or a file to append to", "-", {"metavar": "DEST"}),
     (
@@ -142,8 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "serve",
         help="run the gateway",
-        description="Run the gateway. Every option has a REGIONGATE_* environment variable; a flag beats "
-        "its variable.",
+        description="Run the gateway. Every option has a REGIONGATE_* environment variable; a flag beats its variable.",
     )
     _add_serve_options(s)
 

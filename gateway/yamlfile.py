@@ -174,8 +174,7 @@ def syntax_problem(text: str, e: yaml.MarkedYAMLError) -> Problem:
         opened = f" that starts at line {ctx.line + 1}" if ctx is not None else ""
         return Problem(
             line,
-            f"YAML syntax error: bad indentation at column {col}: this line does not line up "
-            f"with the block{opened}",
+            f"YAML syntax error: bad indentation at column {col}: this line does not line up with the block{opened}",
         )
     return Problem(line, f"YAML syntax error: {problem} (column {col})")
 
