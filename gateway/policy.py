@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -421,23 +421,30 @@ def parse_policy(text: str, filename: str, capabilities: frozenset[str] | None =
     try:
         spec = PolicySpec.model_validate(doc.data)
     except ValidationError as e:
-        problems = _validation_problems(doc, e) + _salvaged_rule_problems(doc, capabilities)
+        problems = _validation_problems(doc, e) + _salvaged_problems(doc, capabilities)
         raise FileError(filename, sorted(problems, key=lambda p: p.line or 0)) from None
     policy = compile_policy(spec, doc, capabilities)
     return dataclasses.replace(policy, sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
-def _salvaged_rule_problems(doc: Document, capabilities: frozenset[str] | None) -> list[Problem]:
-    """Semantic problems in the rules of a file whose structure is broken somewhere.
+def _salvaged_problems(doc: Document, capabilities: frozenset[str] | None) -> list[Problem]:
+    """Semantic problems in the rules and tests of a file whose structure is broken somewhere.
 
     Each rule is validated on its own, and a rule that fails is retried without
     its failing keys, so that a misspelt key in one rule does not hide a bad
     country code in another (or in the same rule) until the next run.
     """
-    raw_rules = doc.data.get("rules") if isinstance(doc.data, dict) else None
-    if not isinstance(raw_rules, list):
-        return []
+    data: dict[str, Any] = doc.data if isinstance(doc.data, dict) else {}
+    raw_rules: list[Any] = data["rules"] if isinstance(data.get("rules"), list) else []
+    raw_tests: list[Any] = data["tests"] if isinstance(data.get("tests"), list) else []
     problems: list[Problem] = []
+    names = {
+        raw["name"] if isinstance(raw, dict) and isinstance(raw.get("name"), str) else f"rule-{i + 1}"
+        for i, raw in enumerate(raw_rules)
+    }
+    for i, raw in enumerate(raw_tests):
+        with contextlib.suppress(ValidationError):  # its shape is reported already
+            problems.extend(_test_problems(i, PolicyTest.model_validate(raw), names, doc))
     for i, raw in enumerate(raw_rules):
         if not isinstance(raw, dict):
             continue
@@ -515,12 +522,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
                 break
 
     for i, t in enumerate(spec.tests):
-        try:
-            parse_address(t.ip)
-        except AddressError as e:
-            bad(("tests", i, "ip"), f"tests[{i}].ip: {e}")
-        if t.rule is not None and t.rule not in names and not t.rule.startswith("defaults."):
-            bad(("tests", i, "rule"), f"tests[{i}].rule: no rule named {t.rule!r}")
+        problems.extend(_test_problems(i, t, names, doc))
 
     if problems:
         raise FileError(doc.filename, problems)
@@ -576,6 +578,17 @@ def _rule_problems(i: int, r: RuleSpec, doc: Document, capabilities: frozenset[s
                 (*here, key),
                 f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; none is configured (--geoip)",
             )
+    return problems
+
+
+def _test_problems(i: int, t: PolicyTest, rule_names: Container[str], doc: Document) -> list[Problem]:
+    problems = []
+    try:
+        parse_address(t.ip)
+    except AddressError as e:
+        problems.append(Problem(doc.line_of(("tests", i, "ip")), f"tests[{i}].ip: {e}"))
+    if t.rule is not None and t.rule not in rule_names and not t.rule.startswith("defaults."):
+        problems.append(Problem(doc.line_of(("tests", i, "rule")), f"tests[{i}].rule: no rule named {t.rule!r}"))
     return problems
 
 

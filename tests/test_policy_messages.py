@@ -162,3 +162,15 @@ def test_structural_problems_elsewhere_do_not_hide_rule_problems() -> None:
         "  - {paths: ['/v1/*/x'], action: deny}\n"
     )
     assert [m.split(":")[1] for m in msgs] == ["1", "2", "4", "5"], msgs
+
+
+def test_rule_problems_do_not_hide_test_problems() -> None:
+    msgs = lines_of(
+        "version: 1\nrules:\n  - {name: gb, countrys: [GB], action: allow}\n"
+        "tests:\n  - {ip: 1.2.3.999, expect: deny}\n  - {ip: 1.2.3.4, expect: deny, rule: gbb}\n"
+        "  - {ip: 1.2.3.4, expect: deny, rule: gb}\n"
+    )
+    assert msgs[0] == "p.yaml:3: rules[0]: unknown key 'countrys'"
+    assert msgs[1].startswith("p.yaml:5: tests[0].ip: ")
+    assert msgs[2] == "p.yaml:6: tests[1].rule: no rule named 'gbb'"
+    assert len(msgs) == 3
