@@ -152,7 +152,9 @@ def serve(settings: Settings) -> int:
 def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
     s = runtime.settings
     p = runtime.policy
-    geo = ", ".join(f"{src.type} ({src.path or 'embedded'})" for src in runtime.geo.sources)
+    geo = ", ".join(
+        f"{src.type} ({src.path or 'embedded'}, built {src.build_date or 'unknown'})" for src in runtime.geo.sources
+    )
     lines = [
         f"proxy on http://{s.host}:{_port(proxy_sock)} -> "
         + ", ".join(f"{n}={u.base}" for n, u in runtime.upstreams.items()),
