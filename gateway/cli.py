@@ -12,13 +12,18 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
 from . import __version__
 
 ENV_PREFIX = "REGIONGATE_"
+# explain computes its report from files; only /admin/explain asks a running gateway.
+LOCAL_NOTE = (
+    "decided here from the files above, not asked of a running gateway; "
+    "compare the policy's sha256 with the gateway's /readyz"
+)
 
 
 def _env(name: str, default: Any = None) -> Any:
@@ -30,119 +35,165 @@ def _env_list(name: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _add_geo_flags(p: argparse.ArgumentParser, with_policy: bool = True) -> None:
-    if with_policy:
-        p.add_argument(
-            "--policy",
-            default=_env("POLICY"),
-            help="policy YAML (env REGIONGATE_POLICY; default: the shipped country-only OpenAI policy)",
-        )
-    p.add_argument(
+# ``serve`` options: (flag, Settings field, help, default as shown). The flags
+# default to None so that a flag given beats its variable, which beats the
+# default in :class:`~gateway.runtime.Settings`; help shows that default,
+# never the variable's value (it may be --log-key).
+_SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
+    ("--policy", "policy", "policy YAML", "the shipped country-only OpenAI policy", {"metavar": "FILE"}),
+    (
         "--geoip",
-        action="append",
-        default=None,
-        metavar="MMDB",
-        help="MaxMind-format database, repeatable (env REGIONGATE_GEOIP, comma-separated); none: embedded country data",
-    )
+        "geoip",
+        "MaxMind-format database, repeatable",
+        "the embedded iptocc country data",
+        {"action": "append", "metavar": "MMDB"},
+    ),
+    (
+        "--trusted-proxy",
+        "trusted_proxy",
+        "peer allowed to set the client address header, repeatable",
+        "nobody",
+        {"action": "append", "metavar": "CIDR"},
+    ),
+    (
+        "--client-ip-header",
+        "client_ip_header",
+        "X-Forwarded-For, Forwarded, or a single-value header like CF-Connecting-IP",
+        "X-Forwarded-For",
+        {"metavar": "NAME"},
+    ),
+    (
+        "--upstream",
+        "upstream",
+        "URL of the upstream named 'default' when the policy defines none; no credentials in it "
+        "(a key goes in a policy upstream's api_key_env)",
+        "https://api.openai.com",
+        {"metavar": "URL"},
+    ),
+    ("--host", "host", "proxy listen address", "127.0.0.1", {"metavar": "ADDRESS"}),
+    ("--port", "port", "proxy listen port", "8080", {"metavar": "PORT"}),
+    ("--admin-host", "admin_host", "control-plane listen address", "127.0.0.1", {"metavar": "ADDRESS"}),
+    ("--admin-port", "admin_port", "control-plane listen port: /healthz /readyz /metrics", "9090", {"metavar": "PORT"}),
+    (
+        "--allow-trust-all",
+        "allow_trust_all",
+        "accept a --trusted-proxy list that covers every public address (refused without it: "
+        "then any caller can choose its country)",
+        "off",
+        {"action": "store_true"},
+    ),
+    ("--workers", "workers", "worker processes", "1", {"metavar": "N"}),
+    ("--access-log", "access_log", "'-' for stdout, 'off', or a file to append to", "-", {"metavar": "DEST"}),
+    (
+        "--access-log-buffer",
+        "access_log_buffer",
+        "log bytes that may wait for a slow log destination; past it lines are dropped and counted",
+        "8388608 (8 MiB)",
+        {"metavar": "BYTES"},
+    ),
+    (
+        "--allow-method",
+        "allow_methods",
+        "HTTP method forwarded upstream, repeatable; others get a 405; TRACE and CONNECT are never allowed",
+        "GET HEAD OPTIONS POST DELETE",
+        {"action": "append", "metavar": "METHOD"},
+    ),
+    (
+        "--log-address",
+        "log_address",
+        "how the access log writes client addresses",
+        "full",
+        {"choices": ["full", "truncated", "hashed"]},
+    ),
+    (
+        "--log-key",
+        "log_key",
+        "key for --log-address hashed, so hashes are stable across restarts",
+        "a random key per start",
+        {"metavar": "KEY"},
+    ),
+    (
+        "--log-level",
+        "log_level",
+        "server log level (stderr)",
+        "warning",
+        {"choices": ["debug", "info", "warning", "error"]},
+    ),
+)
+_LIST_OPTIONS = frozenset({"geoip", "trusted_proxy", "allow_methods"})
+
+
+def _env_name(dest: str) -> str:
+    return ENV_PREFIX + dest.upper()
+
+
+def _add_serve_options(p: argparse.ArgumentParser, only: frozenset[str] | None = None) -> None:
+    for flag, dest, text, shown, extra in _SERVE_OPTIONS:
+        if only is None or dest in only:
+            env = _env_name(dest) + (", comma-separated" if dest in _LIST_OPTIONS else "")
+            p.add_argument(flag, dest=dest, default=None, help=f"{text} (env {env}; default: {shown})", **extra)
+
+
+def _serve_values(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str]]:
+    """The serve options given as flags or variables, and where each came from."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for flag, dest, *_ in _SERVE_OPTIONS:
+        given = getattr(args, dest, None)
+        if given is not None:
+            values[dest], sources[dest] = given, flag
+            continue
+        env = os.environ.get(_env_name(dest), "")
+        if env.strip():
+            values[dest] = _env_list(dest.upper()) if dest in _LIST_OPTIONS else env
+            sources[dest] = _env_name(dest)
+    return values, sources
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="regiongate", description="Region-aware gateway for model APIs.")
+    parser = _Parser(prog="regiongate", description="Region-aware gateway for model APIs.")
     parser.add_argument("--version", action="version", version=f"regiongate {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    s = sub.add_parser("serve", help="run the gateway")
-    _add_geo_flags(s)
-    s.add_argument(
-        "--trusted-proxy",
-        action="append",
-        default=None,
-        metavar="CIDR",
-        help="peer allowed to set the client address header, repeatable (env REGIONGATE_TRUSTED_PROXY); "
-        "default: nobody",
+    s = sub.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway. Every option has a REGIONGATE_* environment variable; a flag beats its variable.",
     )
-    s.add_argument(
-        "--allow-trust-all",
-        action="store_true",
-        default=None,
-        help="accept a --trusted-proxy list that covers every public address (env REGIONGATE_ALLOW_TRUST_ALL); "
-        "refused without it, since then any caller can choose its country",
-    )
-    s.add_argument(
-        "--client-ip-header",
-        default=_env("CLIENT_IP_HEADER", "x-forwarded-for"),
-        help="X-Forwarded-For, Forwarded, or a single-value header like CF-Connecting-IP "
-        "(env REGIONGATE_CLIENT_IP_HEADER)",
-    )
-    s.add_argument(
-        "--upstream",
-        default=_env("UPSTREAM"),
-        help="URL of the upstream named 'default' "
-        "when the policy defines none (env REGIONGATE_UPSTREAM; default https://api.openai.com)",
-    )
-    s.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="proxy address (env REGIONGATE_HOST)")
-    s.add_argument("--port", type=int, default=int(_env("PORT", 8080)), help="proxy port (env REGIONGATE_PORT)")
-    s.add_argument(
-        "--admin-host",
-        default=_env("ADMIN_HOST", "127.0.0.1"),
-        help="control-plane address (env REGIONGATE_ADMIN_HOST)",
-    )
-    s.add_argument(
-        "--admin-port",
-        type=int,
-        default=int(_env("ADMIN_PORT", 9090)),
-        help="control-plane port: /healthz /readyz /metrics (env REGIONGATE_ADMIN_PORT)",
-    )
-    s.add_argument(
-        "--workers", type=int, default=int(_env("WORKERS", 1)), help="worker processes (env REGIONGATE_WORKERS)"
-    )
-    s.add_argument(
-        "--access-log",
-        default=_env("ACCESS_LOG", "-"),
-        help="'-' for stdout, 'off', or a file to append to (env REGIONGATE_ACCESS_LOG)",
-    )
-    s.add_argument(
-        "--access-log-buffer",
-        type=int,
-        default=int(_env("ACCESS_LOG_BUFFER", 8 * 1024 * 1024)),
-        metavar="BYTES",
-        help="log bytes that may wait for a slow log destination; past it lines are dropped and counted "
-        "(env REGIONGATE_ACCESS_LOG_BUFFER; default 8 MiB)",
-    )
-    s.add_argument(
-        "--log-address",
-        choices=["full", "truncated", "hashed"],
-        default=_env("LOG_ADDRESS", "full"),
-        help="how the access log writes client addresses (env REGIONGATE_LOG_ADDRESS)",
-    )
-    s.add_argument(
-        "--log-key",
-        default=_env("LOG_KEY"),
-        help="key for --log-address hashed, so hashes are stable across restarts (env REGIONGATE_LOG_KEY)",
-    )
-    s.add_argument(
-        "--allow-method",
-        action="append",
-        default=None,
-        metavar="METHOD",
-        help="HTTP method forwarded upstream, repeatable (env REGIONGATE_ALLOW_METHODS, comma-separated); "
-        "others get a 405; default: GET HEAD OPTIONS POST DELETE; TRACE and CONNECT are never allowed",
-    )
-    s.add_argument(
-        "--log-level",
-        choices=["debug", "info", "warning", "error"],
-        default=_env("LOG_LEVEL", "warning"),
-        help="(env REGIONGATE_LOG_LEVEL)",
-    )
+    _add_serve_options(s)
 
-    c = sub.add_parser("check", help="validate policy files and run their tests")
-    c.add_argument("policies", nargs="+", metavar="POLICY")
-    _add_geo_flags(c, with_policy=False)
+    local = (
+        "It reads the policy and geo data itself: it does not ask a running gateway, so give it the "
+        "same --policy/--geoip as the gateway (compare the sha256 with /readyz)."
+    )
+    c = sub.add_parser(
+        "check",
+        help="validate policy files and run their tests",
+        description="Validate policy files against the given databases and run their tests:. " + local,
+    )
+    c.add_argument("policies", nargs="+", metavar="POLICY", help="policy YAML file(s) to check")
+    _add_serve_options(c, frozenset({"geoip"}))
     c.add_argument("--quiet", "-q", action="store_true", help="print only failures")
 
-    e = sub.add_parser("explain", help="show the decision for an address, and why")
-    e.add_argument("ip")
-    e.add_argument("--path", default="/v1/chat/completions")
+    e = sub.add_parser(
+        "explain",
+        help="show the decision for an address, and why",
+        description="Show the decision for one address and path, which rule (and line) made it, and the "
+        "geo facts. " + local,
+    )
+    e.add_argument("ip", help="client address (IPv4 or IPv6) to judge")
+    e.add_argument(
+        "--path",
+        default="/v1/chat/completions",
+        help="request path to judge, for policies with paths rules (default: /v1/chat/completions)",
+    )
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument(
         "--missing",
@@ -150,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
         help="judge IP as a trusted proxy whose request named no client (defaults.missing)",
     )
     e.add_argument("--trace", action="store_true", help="every rule in order: matched or not, and which key failed")
-    _add_geo_flags(e)
+    _add_serve_options(e, frozenset({"policy", "geoip"}))
 
     d = sub.add_parser(
         "diff",
@@ -167,13 +218,13 @@ def _parser() -> argparse.ArgumentParser:
         help="also replay addresses (one per line, optionally followed by a path) or the gateway's JSON-lines "
         "access log through both policies, with the geo data from --geoip; '-' reads stdin",
     )
-    _add_geo_flags(d, with_policy=False)
+    _add_serve_options(d, frozenset({"geoip"}))
 
     sub.add_parser("schema", help="print the policy file's JSON Schema")
 
     st = sub.add_parser("stub", help="run the bundled OpenAI-compatible stub upstream (for trying out and tests)")
-    st.add_argument("--host", default="127.0.0.1")
-    st.add_argument("--port", type=int, default=8000)
+    st.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
+    st.add_argument("--port", type=int, default=8000, help="listen port (default: 8000)")
     return parser
 
 
@@ -212,49 +263,34 @@ def _geoip(args: argparse.Namespace) -> list[str]:
     return args.geoip if args.geoip is not None else _env_list("GEOIP")
 
 
-def _methods(args: argparse.Namespace) -> dict[str, tuple[str, ...]]:
-    methods = args.allow_method if args.allow_method is not None else _env_list("ALLOW_METHODS")
-    return {"allow_methods": tuple(methods)} if methods else {}
+def _policy(args: argparse.Namespace) -> str | None:
+    return args.policy if args.policy is not None else (_env("POLICY") or None)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from .policy import plain_error
     from .runtime import ConfigError, Settings
     from .server import serve
 
+    values, sources = _serve_values(args)
     try:
-        settings = Settings(
-            policy=args.policy,
-            geoip=tuple(_geoip(args)),
-            trusted_proxy=tuple(args.trusted_proxy if args.trusted_proxy is not None else _env_list("TRUSTED_PROXY")),
-            allow_trust_all=args.allow_trust_all or _env("ALLOW_TRUST_ALL", False),
-            client_ip_header=args.client_ip_header,
-            upstream=args.upstream,
-            host=args.host,
-            port=args.port,
-            admin_host=args.admin_host,
-            admin_port=args.admin_port,
-            workers=args.workers,
-            access_log=args.access_log,
-            access_log_buffer=args.access_log_buffer,
-            log_address=args.log_address,
-            log_key=args.log_key,
-            log_level=args.log_level,
-            **_methods(args),
-        )
-        return serve(settings)
+        settings = Settings(**values)
     except ValidationError as e:
         for err in e.errors():
-            print(
-                f"regiongate: --{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}", file=sys.stderr
-            )
+            dest = str(err["loc"][0]) if err["loc"] else ""
+            print(f"regiongate: {sources.get(dest, dest)}: {plain_error(err)}", file=sys.stderr)
         return 2
+    try:
+        return serve(settings)
     except ConfigError as e:
-        print(f"regiongate: cannot start:\n{e}", file=sys.stderr)
+        text = str(e)  # several problems (a policy file's) go one per line
+        sep = "\n" if "\n" in text else " "
+        print(f"regiongate: cannot start:{sep}{text}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"regiongate: cannot start: {e}", file=sys.stderr)
+        print(f"regiongate: cannot start: {e.strerror or e}", file=sys.stderr)
         return 2
 
 
@@ -298,7 +334,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     try:
         geo = load_geo(_geoip(args))
-        policy = load_checked_policy(args.policy, geo)
+        policy = load_checked_policy(_policy(args), geo)
     except ConfigError as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
@@ -308,12 +344,17 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"regiongate: --path {args.path!r}: {e}; the gateway answers it with a 400, no policy is asked",
               file=sys.stderr)
         return 2
-    report = result.report
+    report = {**result.report, "note": LOCAL_NOTE}
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
         return 0
     path = report["path"]
-    where = f" (line {report['rule_line']})" if report["rule_line"] else ""
+    if report["rule_line"]:
+        where = f" (line {report['rule_line']})"
+    elif report["rule_conditions"] is None and report["rule"].startswith("defaults."):
+        where = f" (not in the file: the built-in default, {report['action']})"
+    else:
+        where = ""
     print(f"{args.ip} {path}: {report['decision'].upper()}")
     if report["normalized"] is not None and report["normalized"] != args.ip:
         print(f"  address:   {args.ip} is {report['normalized']}")
@@ -335,7 +376,9 @@ def _explain(args: argparse.Namespace) -> int:
     if f["network"]:
         print(f"  network:   {f['network']}")
     print(f"  policy:    {policy.source} (sha256:{policy.sha256[:12]}, mode {policy.spec.mode})")
-    print(f"  geo:       {', '.join(s.type + (' ' + s.path if s.path else '') for s in geo.sources)}")
+    for src in geo.sources:
+        print(f"  geo:       {src.type} {src.path or '(' + src.description + ')'}, built {src.build_date or 'unknown'}")
+    print(f"  note:      {LOCAL_NOTE}")
     if result.records:
         print("what the databases say:")
         for record in result.records:

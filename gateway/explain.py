@@ -32,7 +32,9 @@ def explain(
     client, facts, decision = judge_ip(policy, geo, ip_text, path, missing)
     rule = next((r for r in policy.rules if r.name == decision.rule), None)
     country = facts.country if policy.field == "country" else facts.registered_country
-    why = rule.why(client.ip, country, facts, path) if rule else [decision.reason]
+    # A default's reason says it all; only a rule has conditions to explain.
+    why = rule.why(client.ip, country, facts, path) if rule else []
+    rule_line = rule.line if rule else policy.default_lines.get(decision.rule)
     records: list[georecords.Record] = []
     if client.ip is not None and client.kind == PUBLIC:
         records = georecords.lookup_all([s.path for s in geo.sources if s.path], client.ip)
@@ -45,7 +47,7 @@ def explain(
         "decision": decision.verdict,
         "action": decision.action,
         "rule": decision.rule,
-        "rule_line": rule.line if rule else None,
+        "rule_line": rule_line,
         "rule_conditions": rule.conditions() if rule else None,
         "reason": decision.reason,
         "why": why,

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import maxminddb
@@ -103,11 +106,17 @@ class SourceInfo:
     facts: frozenset[str]
     description: str = ""
 
+    @property
+    def build_date(self) -> str | None:
+        """``build_epoch`` as a UTC date, for people; None when unknown."""
+        return time.strftime("%Y-%m-%d", time.gmtime(self.build_epoch)) if self.build_epoch else None
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "type": self.type,
             "path": self.path,
             "build_epoch": self.build_epoch,
+            "build_date": self.build_date,
             "facts": sorted(self.facts),
             "description": self.description,
         }
@@ -183,23 +192,39 @@ def open_database(path: str) -> _Database:
 
 
 def _embedded_info() -> SourceInfo:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, distribution
 
     try:
-        import iptocc
-
-        spec = iptocc.__file__
-        epoch = int(os.path.getmtime(spec)) if spec else 0
-        ver = version("iptocc")
-    except (ImportError, OSError):
-        epoch, ver = 0, "missing"
+        dist = distribution("iptocc")
+    except PackageNotFoundError:
+        return SourceInfo("embedded-iptocc", None, 0, frozenset({COUNTRY}), "iptocc missing")
     return SourceInfo(
         "embedded-iptocc",
         None,
-        epoch,
+        embedded_data_epoch(dist),
         frozenset({COUNTRY}),
-        f"iptocc {ver}: RIR delegation data, countries only",
+        f"iptocc {dist.version}: RIR delegation data, countries only",
     )
+
+
+def embedded_data_epoch(dist: Any) -> int:
+    """When iptocc's embedded data was built, as a Unix time; 0 when unknown.
+
+    The data carries no date of its own: iptocc refreshes it from the five
+    RIRs nightly, and a changed table is tagged and released as a wheel
+    straight away. That wheel ships a CycloneDX SBOM whose ``timestamp`` is
+    its build time, which is the best date there is for the data inside.
+    (The files' mtimes are when pip unpacked them, not when the data was
+    made.)
+    """
+    for f in dist.files or ():
+        if f.name.endswith(".cyclonedx.json") and "sboms" in f.parts:
+            try:
+                stamp = json.loads(f.read_text())["metadata"]["timestamp"]
+                return int(datetime.fromisoformat(stamp[:19]).replace(tzinfo=UTC).timestamp())
+            except (OSError, ValueError, KeyError, TypeError):
+                return 0
+    return 0
 
 
 class Geo:

@@ -14,13 +14,16 @@ Three layers, each plain:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+import re
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from . import geo as geofacts
 from . import iso3166
@@ -65,17 +68,30 @@ class UpstreamSpec(_Spec):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        from yarl import URL
+        return check_upstream_url(v)
 
-        try:
-            u = URL(v)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"not a URL: {e}") from None
-        if u.scheme not in ("http", "https") or not u.host:
-            raise ValueError("must be an http:// or https:// URL with a host")
-        if u.query_string or u.fragment or u.user or u.password:
-            raise ValueError("must not carry a query, fragment or credentials")
-        return v.rstrip("/")
+
+def check_upstream_url(v: str) -> str:
+    """An upstream base URL without its trailing '/', or ValueError saying what is wrong."""
+    from yarl import URL
+
+    # Messages never repeat the URL: it may hold a password.
+    try:
+        u = URL(v)
+        host = u.host
+    except (ValueError, TypeError):
+        raise ValueError("is not a URL (http://host[:port][/base])") from None
+    authority = re.split(r"[/?#]", v.partition("://")[2], maxsplit=1)[0]
+    if u.raw_user is not None or u.raw_password is not None or "@" in authority:
+        raise ValueError(
+            "must not contain credentials (user:password@): put the key in an environment variable "
+            "and name that variable in the upstream's api_key_env"
+        )
+    if u.scheme not in ("http", "https") or not host:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    if u.query_string or u.fragment:
+        raise ValueError("must not carry a query or fragment")
+    return v.rstrip("/")
 
 
 class GeoSpec(_Spec):
@@ -277,6 +293,7 @@ class Policy:
     on_missing: Decision
     block_body: bytes
     test_lines: tuple[int | None, ...]
+    default_lines: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
     @property
     def upstreams(self) -> dict[str, UpstreamSpec]:
@@ -351,6 +368,37 @@ def _fmt_loc(loc: Sequence[str | int]) -> str:
     return out
 
 
+_ASN_ERRORS = frozenset({"int_parsing", "int_type", "int_from_float", "greater_than_equal", "less_than"})
+# pydantic's wording for the errors a policy can have, in plain words.
+_PLAIN = {
+    "greater_than_equal": "must be {ge} or more",
+    "greater_than": "must be more than {gt}",
+    "less_than_equal": "must be {le} or less",
+    "less_than": "must be less than {lt}",
+    "too_short": "must list at least one value (leave the key out to match anything)",
+    "string_type": "must be text (put it in quotes)",
+    "int_parsing": "must be a whole number",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "list_type": "must be a list ([a, b] or one '- item' per line)",
+    "dict_type": "must be a mapping (key: value)",
+    "model_type": "must be a mapping (key: value)",
+    "model_attributes_type": "must be a mapping (key: value)",
+}
+
+
+def plain_error(err: ErrorDetails) -> str:
+    """One pydantic error in plain words, never repeating the value (it may be a secret)."""
+    if err["type"] == "literal_error":
+        return f"must be one of {err.get('ctx', {}).get('expected', '')}"
+    if err["type"] == "value_error":
+        return str(err.get("ctx", {}).get("error", err["msg"]))
+    template = _PLAIN.get(err["type"])
+    return template.format(**err.get("ctx", {})) if template else err["msg"]
+
+
 def _validation_problems(doc: Document, err: ValidationError) -> list[Problem]:
     problems = []
     for e in err.errors():
@@ -367,6 +415,10 @@ def _validation_problems(doc: Document, err: ValidationError) -> list[Problem]:
             msg = f"{e['input']!r} is not one of {e.get('ctx', {}).get('expected', '')}"
         elif e["type"] == "value_error":
             msg = str(e.get("ctx", {}).get("error", msg))
+        elif "asns" in loc and e["type"] in _ASN_ERRORS:
+            msg = f"{e['input']!r} is not an AS number: write a whole number from 0 to {2**32 - 1} (4837, not AS4837)"
+        else:
+            msg = plain_error(e)
         problems.append(Problem(doc.line_of(loc), f"{where}: {msg}" if where else msg))
     return problems
 
@@ -390,9 +442,45 @@ def parse_policy(text: str, filename: str, capabilities: frozenset[str] | None =
     try:
         spec = PolicySpec.model_validate(doc.data)
     except ValidationError as e:
-        raise FileError(filename, _validation_problems(doc, e)) from None
+        problems = _validation_problems(doc, e) + _salvaged_problems(doc, capabilities)
+        raise FileError(filename, sorted(problems, key=lambda p: p.line or 0)) from None
     policy = compile_policy(spec, doc, capabilities)
     return dataclasses.replace(policy, sha256=hashlib.sha256(text.encode()).hexdigest())
+
+
+def _salvaged_problems(doc: Document, capabilities: frozenset[str] | None) -> list[Problem]:
+    """Semantic problems in the rules and tests of a file whose structure is broken somewhere.
+
+    Each rule is validated on its own, and a rule that fails is retried without
+    its failing keys, so that a misspelt key in one rule does not hide a bad
+    country code in another (or in the same rule) until the next run.
+    """
+    data: dict[str, Any] = doc.data if isinstance(doc.data, dict) else {}
+    raw_rules: list[Any] = data["rules"] if isinstance(data.get("rules"), list) else []
+    raw_tests: list[Any] = data["tests"] if isinstance(data.get("tests"), list) else []
+    problems: list[Problem] = []
+    names = {
+        raw["name"] if isinstance(raw, dict) and isinstance(raw.get("name"), str) else f"rule-{i + 1}"
+        for i, raw in enumerate(raw_rules)
+    }
+    for i, raw in enumerate(raw_tests):
+        with contextlib.suppress(ValidationError):  # its shape is reported already
+            problems.extend(_test_problems(i, PolicyTest.model_validate(raw), names, doc))
+    for i, raw in enumerate(raw_rules):
+        if not isinstance(raw, dict):
+            continue
+        try:
+            rule = RuleSpec.model_validate(raw)
+        except ValidationError as e:
+            failing = {err["loc"][0] for err in e.errors() if err["loc"]}
+            kept = {k: v for k, v in raw.items() if k not in failing}
+            kept.setdefault("action", DENY)
+            try:
+                rule = RuleSpec.model_validate(kept)
+            except ValidationError:
+                continue
+        problems.extend(_rule_problems(i, rule, doc, capabilities))
+    return problems
 
 
 def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str] | None) -> Policy:
@@ -414,30 +502,11 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         if name in names:
             bad((*here, "name"), f"rules[{i}]: duplicate rule name {name!r} (also rules[{names[name]}])")
         names[name] = i
-        for j, c in enumerate(r.countries or ()):
-            if not iso3166.is_country(c):
-                bad((*here, "countries", j), f"rules[{i}].countries: {c!r} is not an ISO 3166-1 alpha-2 code")
-        for j, c in enumerate(r.subdivisions or ()):
-            if not iso3166.is_subdivision(c):
-                bad(
-                    (*here, "subdivisions", j),
-                    f"rules[{i}].subdivisions: {c!r} is not an ISO 3166-2 code (write it as 'UA-43')",
-                )
+        problems.extend(_rule_problems(i, r, doc, capabilities))
         nets = []
-        for j, c in enumerate(r.cidrs or ()):
-            try:
+        for c in r.cidrs or ():
+            with contextlib.suppress(ValueError):  # reported by _rule_problems
                 nets.append(parse_network(c))
-            except ValueError as e:
-                bad((*here, "cidrs", j), f"rules[{i}].cidrs: {c!r}: {e}")
-        for j, p in enumerate(r.paths or ()):
-            if not p.startswith("/") or "*" in p[:-1]:
-                bad((*here, "paths", j), f"rules[{i}].paths: {p!r} must start with '/' and may end with '*'")
-        for key, fact in _NEEDS.items():
-            if getattr(r, key) is not None and capabilities is not None and fact not in capabilities:
-                bad(
-                    (*here, key),
-                    f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; none is configured (--geoip)",
-                )
         desc = "; ".join(_describe(k, v) for k, v in _conditions(r).items()) or "matches everything"
         reason = f"rule {name!r}: {desc}"
         rules.append(
@@ -474,12 +543,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
                 break
 
     for i, t in enumerate(spec.tests):
-        try:
-            parse_address(t.ip)
-        except AddressError as e:
-            bad(("tests", i, "ip"), f"tests[{i}].ip: {e}")
-        if t.rule is not None and t.rule not in names and not t.rule.startswith("defaults."):
-            bad(("tests", i, "rule"), f"tests[{i}].rule: no rule named {t.rule!r}")
+        problems.extend(_test_problems(i, t, names, doc))
 
     if problems:
         raise FileError(doc.filename, problems)
@@ -498,7 +562,70 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         on_missing=_decision(d.missing, "defaults.missing", "a trusted proxy sent no client address", monitor_mode),
         block_body=block_body(spec.block),
         test_lines=tuple(doc.line_of(("tests", i)) for i in range(len(spec.tests))),
+        # Only where the file says it: a default left out has no line.
+        default_lines={f"defaults.{k}": doc.lines.get(("defaults", k)) for k in type(d).model_fields},
     )
+
+
+def _rule_problems(i: int, r: RuleSpec, doc: Document, capabilities: frozenset[str] | None) -> list[Problem]:
+    """What a schema cannot check in one rule. Run on every rule that has a usable
+    shape even when other parts of the file do not, so that one pass reports it all."""
+    problems: list[Problem] = []
+    here = ("rules", i)
+    name = r.name or f"rule-{i + 1}"
+
+    def bad(path: tuple[str | int, ...], message: str) -> None:
+        problems.append(Problem(doc.line_of(path), message))
+
+    for j, c in enumerate(r.countries or ()):
+        if not iso3166.is_country(c):
+            hint = iso3166.country_hint(c)
+            meant = f"; did you mean {hint!r}?" if hint else ""
+            bad((*here, "countries", j), f"rules[{i}].countries: {c!r} is not an ISO 3166-1 alpha-2 code{meant}")
+    for j, c in enumerate(r.subdivisions or ()):
+        if not iso3166.is_subdivision(c):
+            bad((*here, "subdivisions", j), f"rules[{i}].subdivisions: {c!r} {iso3166.subdivision_problem(c)}")
+    for j, c in enumerate(r.cidrs or ()):
+        try:
+            parse_network(c)
+        except ValueError as e:
+            bad((*here, "cidrs", j), f"rules[{i}].cidrs: {c!r}: {e}")
+    for j, p in enumerate(r.paths or ()):
+        problem = _path_pattern_problem(p)
+        if problem:
+            bad((*here, "paths", j), f"rules[{i}].paths: {p!r} {problem}")
+    for key, fact in _NEEDS.items():
+        if getattr(r, key) is not None and capabilities is not None and fact not in capabilities:
+            bad(
+                (*here, key),
+                f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; none is configured (--geoip)",
+            )
+    return problems
+
+
+def _test_problems(i: int, t: PolicyTest, rule_names: Container[str], doc: Document) -> list[Problem]:
+    problems = []
+    try:
+        parse_address(t.ip)
+    except AddressError as e:
+        problems.append(Problem(doc.line_of(("tests", i, "ip")), f"tests[{i}].ip: {e}"))
+    if t.rule is not None and t.rule not in rule_names and not t.rule.startswith("defaults."):
+        problems.append(Problem(doc.line_of(("tests", i, "rule")), f"tests[{i}].rule: no rule named {t.rule!r}"))
+    return problems
+
+
+def _path_pattern_problem(p: str) -> str | None:
+    """Patterns are an exact path or a prefix ending in one '*' (see :class:`PathSet`)."""
+    if not p.startswith("/"):
+        return "must start with '/' (an exact path like '/v1/embeddings', or a prefix like '/v1/*')"
+    if "*" in p[:-1]:
+        return (
+            "has a '*' before its end: '*' is allowed only as the last character, where it makes the "
+            "pattern a prefix ('/v1/*' matches every path under /v1/); there are no wildcards inside a path"
+        )
+    if "?" in p or "#" in p:
+        return "has a '?' or '#': paths are matched without the query string, so it could never match"
+    return None
 
 
 _DB_FOR = {

@@ -15,13 +15,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .accesslog import MAX_PENDING, AccessLog, AddressMode, AddressRedactor
 from .cidrs import CidrSet
 from .clientip import ClientIPConfig
 from .geo import Geo, GeoDataError
-from .policy import DEFAULT_UPSTREAM_URL, Policy, UpstreamSpec, load_policy
+from .policy import DEFAULT_UPSTREAM_URL, Policy, UpstreamSpec, check_upstream_url, load_policy, plain_error
 from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
 from .upstream import Upstream, UpstreamConfigError, build_upstreams
 from .yamlfile import FileError
@@ -60,6 +60,11 @@ class Settings(BaseModel):
     log_key: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     allow_methods: tuple[str, ...] = DEFAULT_METHODS
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str | None) -> str | None:
+        return check_upstream_url(v) if v else v
 
 
 def default_policy_path() -> str:
@@ -136,8 +141,8 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
             )
         try:
             specs["default"] = UpstreamSpec(url=settings.upstream)
-        except ValueError as e:
-            raise ConfigError(f"--upstream {settings.upstream!r}: {e}") from None
+        except ValidationError as e:  # its text would repeat the URL, and a password in it
+            raise ConfigError(f"--upstream: {plain_error(e.errors()[0])}") from None
     elif "default" not in specs:
         if specs:
             raise ConfigError(f"{policy.source}: upstreams must include one named 'default'")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -41,12 +42,30 @@ class _Server(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int) -> socket.socket:
+_BIND_ADVICE = {
+    errno.EADDRINUSE: "address already in use: another process listens there (an earlier regiongate?); "
+    "stop it or choose another port",
+    errno.EACCES: "permission denied: ports below 1024 need privileges; choose a port from 1024 up",
+    errno.EADDRNOTAVAIL: "no such address on this machine: use 127.0.0.1, 0.0.0.0, or one of its own addresses",
+}
+
+
+def bind(host: str, port: int, what: str = "proxy (--host/--port)") -> socket.socket:
+    """A listening socket, or :class:`ConfigError` naming the address, the port and what it is for."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if isinstance(e, socket.gaierror):
+            problem = f"cannot resolve the host name: {e.strerror}"
+        else:
+            problem = _BIND_ADVICE.get(e.errno or 0, e.strerror or str(e))
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise ConfigError(f"cannot listen on {where} for the {what}: {problem}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -117,8 +136,13 @@ def serve(settings: Settings) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         runtime = load_runtime(settings)
-        proxy_sock = bind(settings.host, settings.port)
-        admin_sock = bind(settings.admin_host, settings.admin_port)
+        if (settings.host, settings.port) == (settings.admin_host, settings.admin_port) and settings.port:
+            raise ConfigError(
+                f"the proxy and the control plane cannot share {settings.host}:{settings.port}: "
+                "give --port and --admin-port different values"
+            )
+        proxy_sock = bind(settings.host, settings.port, "proxy (--host/--port)")
+        admin_sock = bind(settings.admin_host, settings.admin_port, "control plane (--admin-host/--admin-port)")
         _announce(runtime, proxy_sock, admin_sock)
         if settings.workers == 1:
             run_worker(runtime, proxy_sock, admin_sock)
@@ -143,7 +167,9 @@ def _clean_metrics_dir(path: str) -> None:
 def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
     s = runtime.settings
     p = runtime.policy
-    geo = ", ".join(f"{src.type} ({src.path or 'embedded'})" for src in runtime.geo.sources)
+    geo = ", ".join(
+        f"{src.type} ({src.path or 'embedded'}, built {src.build_date or 'unknown'})" for src in runtime.geo.sources
+    )
     lines = [
         f"proxy on http://{s.host}:{_port(proxy_sock)} -> "
         + ", ".join(f"{n}={u.base}" for n, u in runtime.upstreams.items()),

@@ -120,10 +120,7 @@ def load(text: str, filename: str) -> Document:
     try:
         root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else None
-        col = f" (column {mark.column + 1})" if mark else ""
-        raise FileError(filename, [Problem(line, f"YAML syntax error: {e.problem or e.context}{col}")]) from None
+        raise FileError(filename, [syntax_problem(text, e)]) from None
     except yaml.YAMLError as e:
         raise FileError(filename, [Problem(None, f"YAML error: {e}")]) from None
     if root is None:
@@ -137,3 +134,76 @@ def load(text: str, filename: str) -> Document:
     if builder.problems:
         raise FileError(filename, builder.problems)
     return Document(filename, data, builder.lines)
+
+
+_OPENERS = {"while parsing a flow sequence": "[", "while parsing a flow mapping": "{"}
+
+
+def syntax_problem(text: str, e: yaml.MarkedYAMLError) -> Problem:
+    """A YAML syntax error at the line where the mistake is, in an editor's words.
+
+    PyYAML reports where it *noticed* a problem, which for the commonest
+    mistakes is a line or more after it: an unclosed ``[`` or quote is noticed
+    where the next token does not fit, and a key without ``: `` is read as
+    text running on to the next line, where the next ``:`` is refused.
+    """
+    mark = e.problem_mark or e.context_mark
+    if mark is None:
+        return Problem(None, f"YAML syntax error: {e.problem or e.context}")
+    line, col = mark.line + 1, mark.column + 1
+    ctx = e.context_mark
+    problem = str(e.problem or e.context)
+    if e.context in _OPENERS and ctx is not None:
+        opener = _OPENERS[str(e.context)]
+        where = f"line {line}, column {col}" if ctx.line + 1 != line else f"column {col}"
+        return Problem(
+            ctx.line + 1,
+            f"YAML syntax error: the '{opener}' at column {ctx.column + 1} is not closed "
+            f"(at {where}: {problem.replace('<', '').replace('>', '')})",
+        )
+    if e.context == "while scanning a quoted scalar" and ctx is not None:
+        return Problem(ctx.line + 1, f"YAML syntax error: the quote at column {ctx.column + 1} is not closed")
+    if "'\\t'" in problem:  # "found character '\\t' that cannot start any token"
+        return Problem(line, f"YAML syntax error: a tab at column {col}; YAML indents with spaces only")
+    if problem == "mapping values are not allowed here":
+        return _colon_problem(text, line, col)
+    if problem.startswith("expected <block end>"):
+        source = text.splitlines()[line - 1] if line <= len(text.splitlines()) else ""
+        if re.match(r"^\s*-[^\s-]", source):
+            return Problem(line, f"YAML syntax error: a list item needs a space after '-' (column {col})")
+        opened = f" that starts at line {ctx.line + 1}" if ctx is not None else ""
+        return Problem(
+            line,
+            f"YAML syntax error: bad indentation at column {col}: this line does not line up with the block{opened}",
+        )
+    return Problem(line, f"YAML syntax error: {problem} (column {col})")
+
+
+def _colon_problem(text: str, line: int, col: int) -> Problem:
+    """A ':' where a key cannot be: find the text it was read as part of."""
+    loader = _Loader(text)
+    seen: list[yaml.Token] = []
+    try:
+        while loader.check_token():
+            seen.append(loader.get_token())  # type: ignore[no-untyped-call]
+    except yaml.MarkedYAMLError:
+        pass
+    tokens = seen + list(loader.tokens)
+    last = tokens[-1] if tokens else None
+    if isinstance(last, yaml.ScalarToken) and last.start_mark.line + 1 < line:
+        start = last.start_mark.line + 1
+        if len(tokens) > 1 and isinstance(tokens[-2], yaml.ValueToken):
+            return Problem(
+                line,
+                f"YAML syntax error: this line is indented more than the key it follows, so it was read as "
+                f"the rest of the value begun on line {start}, and its ':' (column {col}) is not allowed there",
+            )
+        return Problem(
+            start,
+            f"YAML syntax error: no ': ' after the key on this line (a key needs a colon and a space), "
+            f"so it was read as text running on to line {line}, where a ':' (column {col}) is not allowed",
+        )
+    return Problem(
+        line,
+        f"YAML syntax error: a ':' at column {col} where none is allowed (quote a value that contains ': ')",
+    )
