@@ -209,8 +209,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Judge every country, named subdivision, ASN, CIDR, anonymizer kind, path and client kind "
         "with both policies (the gateway's own decide()) and list the callers whose decision differs.",
     )
-    d.add_argument("old", metavar="OLD")
-    d.add_argument("new", metavar="NEW")
+    d.add_argument("old", metavar="OLD", help="the policy in force now (YAML file)")
+    d.add_argument("new", metavar="NEW", help="the candidate policy (YAML file)")
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.add_argument(
         "--replay",
@@ -344,7 +344,7 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"regiongate: --path {args.path!r}: {e}; the gateway answers it with a 400, no policy is asked",
               file=sys.stderr)
         return 2
-    report = {**result.report, "note": LOCAL_NOTE}
+    report = result.report
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
         return 0

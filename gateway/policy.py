@@ -378,6 +378,8 @@ _PLAIN = {
     "too_short": "must list at least one value (leave the key out to match anything)",
     "string_type": "must be text (put it in quotes)",
     "int_parsing": "must be a whole number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
     "int_type": "must be a whole number",
     "int_from_float": "must be a whole number",
     "float_parsing": "must be a number",
