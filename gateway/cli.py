@@ -112,6 +112,27 @@ def _parser() -> argparse.ArgumentParser:
         help="(env REGIONGATE_LOG_LEVEL)",
     )
 
+    s.add_argument(
+        "--shadow-policy",
+        default=_env("SHADOW_POLICY"),
+        metavar="FILE",
+        help="a candidate policy judged beside the active one on every request, never enforced; reloaded like "
+        "the policy (env REGIONGATE_SHADOW_POLICY)",
+    )
+    s.add_argument(
+        "--geoip-max-age",
+        default=_env("GEOIP_MAX_AGE"),
+        metavar="AGE",
+        help="a GeoIP database built longer ago than this (45d, 12h, ...) is reported stale in /readyz "
+        "(env REGIONGATE_GEOIP_MAX_AGE)",
+    )
+    s.add_argument(
+        "--stale-geoip-not-ready",
+        action="store_true",
+        default=_env("STALE_GEOIP_NOT_READY", "").lower() in ("1", "true", "yes"),
+        help="stale GeoIP data makes /readyz answer 503 (env REGIONGATE_STALE_GEOIP_NOT_READY=1)",
+    )
+
     c = sub.add_parser("check", help="validate policy files and run their tests")
     c.add_argument("policies", nargs="+", metavar="POLICY")
     _add_geo_flags(c, with_policy=False)
@@ -162,9 +183,14 @@ def _geoip(args: argparse.Namespace) -> list[str]:
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .runtime import ConfigError, Settings
+    from .runtime import ConfigError, Settings, parse_duration
     from .server import serve
 
+    try:
+        max_age = parse_duration(args.geoip_max_age) if args.geoip_max_age else None
+    except ValueError as e:
+        print(f"regiongate: --geoip-max-age: {e}", file=sys.stderr)
+        return 2
     try:
         settings = Settings(
             policy=args.policy,
@@ -181,6 +207,9 @@ def _serve(args: argparse.Namespace) -> int:
             log_address=args.log_address,
             log_key=args.log_key,
             log_level=args.log_level,
+            shadow_policy=args.shadow_policy,
+            geoip_max_age=max_age,
+            stale_geoip_not_ready=args.stale_geoip_not_ready,
         )
         return serve(settings)
     except ValidationError as e:

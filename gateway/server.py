@@ -9,6 +9,8 @@ than one worker, counters go to prometheus-client's multiprocess files and
 ``/metrics`` adds them up.
 
 A worker that dies is replaced; SIGTERM or SIGINT stops them all gracefully.
+Each worker watches the policy and GeoIP files itself (:mod:`gateway.live`);
+SIGHUP to the parent is passed on to every worker, each of which reloads.
 """
 
 from __future__ import annotations
@@ -67,30 +69,49 @@ def _uvicorn_config(app: Any, settings: Settings, lifespan: str) -> uvicorn.Conf
     )
 
 
-def run_worker(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
+def run_worker(
+    runtime: Runtime,
+    proxy_sock: socket.socket,
+    admin_sock: socket.socket,
+    slot: int = 0,
+    supervisor: int | None = None,
+) -> None:
     from .admin import create_admin_app
+    from .live import watch
+    from .live.reload import Live
     from .metrics import Metrics
     from .proxy import Gateway
 
     metrics = Metrics()
-    metrics.describe_sources(runtime.geo.sources, runtime.policy.source, runtime.policy.sha256)
+    metrics.describe_sources(runtime.geo.sources, runtime.active.current, runtime.active.shadow_version)
     gateway = Gateway(runtime, metrics)
-    admin = create_admin_app(runtime, metrics)
-    servers = [
-        _Server(_uvicorn_config(gateway, runtime.settings, "on")),
-        _Server(_uvicorn_config(admin, runtime.settings, "off")),
-    ]
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        live = Live(runtime, metrics, gateway, report=slot == 0, supervisor=supervisor)
+        admin = create_admin_app(runtime, metrics, live)
+        servers = [
+            _Server(_uvicorn_config(gateway, runtime.settings, "on")),
+            _Server(_uvicorn_config(admin, runtime.settings, "off")),
+        ]
+        stopping = asyncio.Event()
 
         def stop() -> None:
+            stopping.set()
             for s in servers:
                 s.should_exit = True
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        await asyncio.gather(servers[0].serve([proxy_sock]), servers[1].serve([admin_sock]))
+        loop.add_signal_handler(signal.SIGHUP, live.on_sighup)
+        watcher = loop.create_task(watch.run(live, stopping))
+        try:
+            await asyncio.gather(servers[0].serve([proxy_sock]), servers[1].serve([admin_sock]))
+        finally:
+            stopping.set()
+            await live.close()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(watcher, 2)
 
     try:
         import uvloop
@@ -107,6 +128,7 @@ def _port(sock: socket.socket) -> int:
 def serve(settings: Settings) -> int:
     """Run the gateway until SIGTERM/SIGINT. Raises ``ConfigError`` before listening on bad config."""
     logging.basicConfig(level=settings.log_level.upper(), format="regiongate: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until there is something to reload
     metrics_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = tempfile.mkdtemp(prefix="regiongate-metrics-")
@@ -129,11 +151,22 @@ def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.so
     s = runtime.settings
     p = runtime.policy
     geo = ", ".join(f"{src.type} ({src.path or 'embedded'})" for src in runtime.geo.sources)
+    from .admin import admin_token
+
+    admin = (
+        "admin API on /admin/* (bearer token from REGIONGATE_ADMIN_TOKEN)"
+        if admin_token()
+        else "admin API disabled: REGIONGATE_ADMIN_TOKEN is not set (/admin/* answers 404)"
+    )
+    shadow = runtime.active.shadow_version
     lines = [
         f"proxy on http://{s.host}:{_port(proxy_sock)} -> "
         + ", ".join(f"{n}={u.base}" for n, u in runtime.upstreams.items()),
         f"control plane on http://{s.admin_host}:{_port(admin_sock)} (/healthz /readyz /metrics)",
-        f"policy {p.source} sha256:{p.sha256[:12]} ({len(p.rules)} rules, mode {p.spec.mode})",
+        admin,
+        f"policy {p.source} sha256:{p.sha256[:12]} version {runtime.active.current.version} "
+        f"({len(p.rules)} rules, mode {p.spec.mode}); reloads on change, SIGHUP, POST /admin/reload",
+        *([f"shadow policy {shadow.policy.source} sha256:{shadow.tag} (evaluated, never enforced)"] if shadow else []),
         f"geo: {geo}",
         f"workers: {s.workers}",
     ]
@@ -153,9 +186,12 @@ def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
         if pid == 0:  # worker
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
+            # Until the worker's loop takes it over: a reload asked for now is caught by
+            # the watcher's first check, which compares the files with what is loaded.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 0
             try:
-                run_worker(runtime, proxy_sock, admin_sock)
+                run_worker(runtime, proxy_sock, admin_sock, slot, parent)
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
                 code = 1
@@ -170,8 +206,15 @@ def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def reload(signum: int, _frame: Any) -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    parent = os.getpid()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
     for slot in range(runtime.settings.workers):
         spawn(slot)
     last_respawn = 0.0
