@@ -120,6 +120,14 @@ def _parser() -> argparse.ArgumentParser:
         "the policy (env REGIONGATE_SHADOW_POLICY)",
     )
     s.add_argument(
+        "--no-watch",
+        dest="watch",
+        action="store_false",
+        default=_env("WATCH", "1").lower() not in ("0", "false", "no", "off"),
+        help="do not watch the policy and GeoIP files; reload only on SIGHUP or POST /admin/reload "
+        "(env REGIONGATE_WATCH=0)",
+    )
+    s.add_argument(
         "--geoip-max-age",
         default=_env("GEOIP_MAX_AGE"),
         metavar="AGE",
@@ -208,6 +216,7 @@ def _serve(args: argparse.Namespace) -> int:
             log_key=args.log_key,
             log_level=args.log_level,
             shadow_policy=args.shadow_policy,
+            watch=args.watch,
             geoip_max_age=max_age,
             stale_geoip_not_ready=args.stale_geoip_not_ready,
         )

@@ -53,6 +53,7 @@ class Settings(BaseModel):
     log_key: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     shadow_policy: str | None = None
+    watch: bool = True
     geoip_max_age: float | None = Field(None, gt=0, description="seconds")
     stale_geoip_not_ready: bool = False
 

@@ -104,14 +104,16 @@ def run_worker(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
         loop.add_signal_handler(signal.SIGHUP, live.on_sighup)
-        watcher = loop.create_task(watch.run(live, stopping))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one that came meanwhile arrives now
+        watcher = loop.create_task(watch.run(live, stopping)) if runtime.settings.watch else None
         try:
             await asyncio.gather(servers[0].serve([proxy_sock]), servers[1].serve([admin_sock]))
         finally:
             stopping.set()
             await live.close()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(watcher, 2)
+            if watcher is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(watcher, 2)
 
     try:
         import uvloop
@@ -128,7 +130,8 @@ def _port(sock: socket.socket) -> int:
 def serve(settings: Settings) -> int:
     """Run the gateway until SIGTERM/SIGINT. Raises ``ConfigError`` before listening on bad config."""
     logging.basicConfig(level=settings.log_level.upper(), format="regiongate: %(message)s", stream=sys.stderr)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until there is something to reload
+    # Held back until the process that will reload has its handler; workers inherit the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     metrics_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = tempfile.mkdtemp(prefix="regiongate-metrics-")
@@ -182,13 +185,13 @@ def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
     stopping = False
 
     def spawn(slot: int) -> None:
+        # A worker starts with SIGHUP blocked and unblocks it once its loop handles it,
+        # so a reload asked for while it starts is delivered late rather than lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         pid = os.fork()
         if pid == 0:  # worker
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
-            # Until the worker's loop takes it over: a reload asked for now is caught by
-            # the watcher's first check, which compares the files with what is loaded.
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             code = 0
             try:
                 run_worker(runtime, proxy_sock, admin_sock, slot, parent)
@@ -198,6 +201,7 @@ def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
             finally:
                 os._exit(code)
         children[pid] = slot
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -215,6 +219,7 @@ def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     for slot in range(runtime.settings.workers):
         spawn(slot)
     last_respawn = 0.0
