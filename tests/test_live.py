@@ -17,6 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from conftest import CITY, COUNTRY, GatewayFactory, Stub, run_stub
+from gateway.live.watch import watch_set
+from gateway.runtime import format_duration, parse_duration
 from live_support import (
     ADDR,
     BUILD_EPOCH,
@@ -31,10 +35,6 @@ from live_support import (
     write_city_db,
     write_in_place,
 )
-
-from conftest import CITY, COUNTRY, GatewayFactory, Stub, run_stub
-from gateway.live.watch import watch_set
-from gateway.runtime import format_duration, parse_duration
 
 TRUST = ["--trusted-proxy", "127.0.0.1/32"]
 TOKEN = "t0ken-for-tests-only"
