@@ -51,6 +51,7 @@ def watch_set(paths: list[str]) -> tuple[frozenset[str], frozenset[str]]:
 
 async def run(live: Live, stop: asyncio.Event) -> None:
     """Watch until ``stop`` is set; every relevant batch of events becomes one ``live.reload``."""
+    polling = False  # inotify can run out (instances, watches); then watchfiles polls instead
     while not stop.is_set():
         dirs, names = watch_set(live.watched_paths())
         if not dirs:
@@ -71,6 +72,7 @@ async def run(live: Live, stop: asyncio.Event) -> None:
             rust_timeout=FIRST_CHECK_MS,
             yield_on_timeout=True,
             recursive=False,
+            force_polling=polling,
         )
         try:
             async with contextlib.aclosing(changes):
@@ -80,8 +82,13 @@ async def run(live: Live, stop: asyncio.Event) -> None:
                         await live.reload(explicit=False)
                     if watch_set(live.watched_paths()) != (dirs, names):
                         break  # a symlink now leads elsewhere (ConfigMap swap): watch the new place
-        except (OSError, RuntimeError) as e:  # a watched directory vanished under the watcher
+        except FileNotFoundError as e:  # a watched directory vanished under the watcher
             log.debug("file watch restarting: %s", e)
+            await _sleep_unless(stop, 0.2)
+        except (OSError, RuntimeError) as e:
+            if not polling:
+                log.warning("cannot watch files with inotify (%s); polling them instead", e)
+            polling = True
             await _sleep_unless(stop, 0.2)
 
 
