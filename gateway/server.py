@@ -106,6 +106,10 @@ def run_worker(
         loop.add_signal_handler(signal.SIGHUP, live.on_sighup)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one that came meanwhile arrives now
         watcher = loop.create_task(watch.run(live, stopping)) if runtime.settings.watch else None
+        if watcher is None:
+            # The state inherited from the parent is as of startup; a worker started
+            # later (or replacing one that died) reads the files as they are now.
+            live.spawn(live.reload(explicit=False))
         try:
             await asyncio.gather(servers[0].serve([proxy_sock]), servers[1].serve([admin_sock]))
         finally:

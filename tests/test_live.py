@@ -114,6 +114,25 @@ def test_policy_reloads_whichever_way_the_file_is_replaced(
     assert runs == [("allow", tag(allow)), ("deny", tag(deny)), ("allow", tag(allow2))]
 
 
+def test_openai_sdk_sees_which_policy_answered(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
+    import openai
+
+    allow, deny = policy("allow", "a"), policy("deny", "b")
+    path = tmp_path / "policy.yaml"
+    path.write_text(allow)
+    gw = gateway("--policy", str(path), "--geoip", CITY, "--upstream", stub.url, *TRUST)
+    client = openai.OpenAI(
+        base_url=gw.url + "/v1", api_key="sk-test", max_retries=0, default_headers={"X-Forwarded-For": ADDR}
+    )
+    assert client.models.with_raw_response.list().headers["x-regiongate-policy"] == tag(allow)
+    write_by_rename(path, deny)
+    wait_until(lambda: ask(gw.url)[1] == tag(deny), "the deny policy serving")
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.code == "unsupported_country_region_territory"
+    assert refused.value.response.headers["x-regiongate-policy"] == tag(deny)
+
+
 @pytest.mark.parametrize("kind", sorted(EXPECTED_PROBLEM))
 def test_a_bad_candidate_leaves_the_last_good_policy_serving(
     gateway: GatewayFactory, stub: Stub, tmp_path: Path, kind: str

@@ -9,7 +9,7 @@ of one policy and the upstreams or the tag of another.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..policy import Policy
 from ..upstream import Upstream
@@ -46,12 +46,12 @@ class Active:
     upstreams: Mapping[str, Upstream]
     shadow_version: PolicyVersion | None = None
 
-    # Read on every request: plain attributes, filled in once here.
-    policy: Policy = None  # type: ignore[assignment]
-    shadow: Policy | None = None
-    tag: str = ""
-    shadow_tag: str | None = None
-    header: tuple[bytes, bytes] = (POLICY_HEADER, b"")
+    # Read on every request: plain attributes, derived once here.
+    policy: Policy = field(init=False)
+    shadow: Policy | None = field(init=False)
+    tag: str = field(init=False)
+    shadow_tag: str | None = field(init=False)
+    header: tuple[bytes, bytes] = field(init=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

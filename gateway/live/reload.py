@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..geo import GeoDataError
+from ..geo import GeoDataError, file_identity
 from ..policy import run_tests
 from ..runtime import (
     ConfigError,
@@ -236,8 +236,6 @@ class Live:
     # --- GeoIP files ----------------------------------------------------------------
 
     async def _geo(self, path: str, explicit: bool) -> None:
-        from ..geo import file_identity
-
         geo = self.runtime.geo
         if not geo.replaced(path):
             return
@@ -273,6 +271,8 @@ async def _close_when_idle(session: Any, longest: float) -> None:
     # No request outlives its upstream's `total` timeout, so that bounds the wait.
     deadline = time.monotonic() + longest
     acquired: Callable[[], int] = lambda: len(getattr(session.connector, "_acquired", ()) or ())  # noqa: E731
-    while acquired() and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-    await session.close()
+    try:
+        while acquired() and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+    finally:
+        await session.close()
