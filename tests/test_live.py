@@ -170,6 +170,7 @@ def test_sighup_reloads_every_worker(gateway: GatewayFactory, stub: Stub, tmp_pa
     path.write_text(allow)
     # --no-watch: the file changes unnoticed, so only the signal can make the workers reload
     gw = gateway("--policy", str(path), "--geoip", CITY, "--upstream", stub.url, *TRUST, "--workers", "2", "--no-watch")
+    wait_workers_serve(gw.admin, 2, sha(allow))  # both workers up before the file changes
     write_in_place(path, deny)
     gw.proc.send_signal(signal.SIGHUP)
     wait_workers_serve(gw.admin, 2, sha(deny))
@@ -213,6 +214,7 @@ def test_admin_api_with_right_wrong_and_no_token(gateway: GatewayFactory, stub: 
         *("--policy", str(path), "--geoip", CITY, "--upstream", stub.url, *TRUST, "--workers", "2", "--no-watch"),
         env={"REGIONGATE_ADMIN_TOKEN": TOKEN},
     )
+    wait_workers_serve(gw.admin, 2, sha(allow))  # both workers up before the file changes
     right = {"Authorization": f"Bearer {TOKEN}"}
     for headers in (
         {},
