@@ -154,7 +154,7 @@ class Live:
         try:
             text = read_policy_text(path)
         except ConfigError as e:
-            return self._refuse(role, status, None, str(e), explicit, result)
+            return self._refuse(role, status, None, str(e), result)
         sha = hashlib.sha256(text.encode()).hexdigest()
         if sha == running.sha256:
             status.error = status.refused_sha256 = None  # back to what is serving
@@ -162,9 +162,9 @@ class Live:
         if sha == status.refused_sha256 and not explicit:
             return result(False, False, status.error, sha)
         try:
-            candidate, upstreams = self._judge(role, text, path)
+            candidate, upstreams = await self._judge(role, text, path)
         except ConfigError as e:
-            return self._refuse(role, status, sha, str(e), explicit, result)
+            return self._refuse(role, status, sha, str(e), result)
         self._swap(role, candidate, upstreams)
         status.attempted_at = time.time()
         status.error = status.refused_sha256 = None
@@ -172,9 +172,11 @@ class Live:
         log.info("%s %s reloaded: sha256:%s version %s", role, path, candidate.tag, candidate.version)
         return result(True, True, None, sha)
 
-    def _judge(self, role: Role, text: str, path: str) -> tuple[PolicyVersion, Mapping[str, Upstream] | None]:
+    async def _judge(self, role: Role, text: str, path: str) -> tuple[PolicyVersion, Mapping[str, Upstream] | None]:
         rt = self.runtime
-        candidate = compile_policy_text(text, path, rt.geo)
+        # Compiling a long policy takes milliseconds and touches nothing shared: off the loop.
+        # The tests look addresses up in the shared geo cache: on it.
+        candidate = await asyncio.to_thread(compile_policy_text, text, path, rt.geo)
         failed = [r for r in run_tests(candidate.policy, rt.geo) if not r.passed]
         if failed:
             where = [f"{path}:{r.line}" if r.line else path for r in failed]
@@ -204,10 +206,9 @@ class Live:
         status: ReloadStatus,
         sha: str | None,
         error: str,
-        explicit: bool,
         result: Callable[..., ReloadResult],
     ) -> ReloadResult:
-        already = sha is not None and sha == status.refused_sha256 and error == status.error
+        already = sha == status.refused_sha256 and error == status.error
         status.attempted_at = time.time()
         status.error, status.refused_sha256 = error, sha
         self.metrics.policy_reload(role, "error")
