@@ -277,6 +277,7 @@ def test_shadow_policy_is_judged_and_recorded_never_enforced(
         "--upstream",
         stub.url,
         *TRUST,
+        env={"REGIONGATE_ADMIN_TOKEN": TOKEN},
     )
     assert "shadow policy" in gw.stderr()
     assert ask(gw.url) == (200, tag(active))  # the shadow would refuse; it is not enforced
@@ -305,6 +306,13 @@ def test_shadow_policy_is_judged_and_recorded_never_enforced(
     )
     assert ready["policy"]["sha256"] == sha(active) and ready["shadow_policy"]["sha256"] == sha(agreeing)
     assert metric(gw.metrics(), "regiongate_policy_reloads_total", result="error", role="shadow") == 1
+    # The admin API shows both, and a reload reports the shadow's refusal beside the active policy's success.
+    right = {"Authorization": f"Bearer {TOKEN}"}
+    _, doc = get_json(gw.admin + "/admin/policy", right)
+    assert doc["text"] == active and doc["shadow"]["text"] == agreeing and doc["shadow"]["path"] == str(shadow_path)
+    status, result = get_json(gw.admin + "/admin/reload", right, "POST")
+    assert status == 422 and result["ok"] is True and result["shadow"]["ok"] is False
+    assert result["shadow"]["error"].startswith(f"{shadow_path}:3: YAML syntax error")
 
 
 # --- upstreams change with the policy ----------------------------------------------------
