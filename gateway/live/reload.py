@@ -118,7 +118,7 @@ class Live:
     async def admin_reload(self) -> list[ReloadResult]:
         """``POST /admin/reload``: this worker now, the others through the supervisor's SIGHUP."""
         results = await self.reload(explicit=True)
-        if self.supervisor is not None:
+        if self.supervisor is not None and os.getppid() == self.supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.supervisor, signal.SIGHUP)
         return results
