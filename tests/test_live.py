@@ -164,6 +164,26 @@ def test_a_bad_candidate_leaves_the_last_good_policy_serving(
     assert "Traceback" not in err
 
 
+def test_with_workers_a_bad_file_is_logged_once(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
+    good, bad = policy("allow", "good"), policy("schema-error", "bad")
+    path = tmp_path / "policy.yaml"
+    path.write_text(good)
+    gw = gateway("--policy", str(path), "--geoip", CITY, "--upstream", stub.url, *TRUST, "--workers", "2")
+    wait_workers_serve(gw.admin, 2, sha(good))
+    write_by_rename(path, bad)
+    errors: dict[int, str | None] = {}
+
+    def both_refused() -> bool:
+        _, ready = get_json(gw.admin + "/readyz")
+        errors[ready["pid"]] = ready["policy"]["reload"]["error"]
+        return len(errors) == 2 and all(errors.values())
+
+    wait_until(both_refused, "both workers refused the file", attempts=4000, pause=0)
+    problem = f"{path}{EXPECTED_PROBLEM['schema-error']}"
+    assert gw.stderr().count(problem) == 1
+    assert ask(gw.url) == (200, tag(good))
+
+
 def test_sighup_reloads_every_worker(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
     allow, deny = policy("allow", "a"), policy("deny", "b")
     path = tmp_path / "policy.yaml"
