@@ -11,13 +11,17 @@ exist: every ``/admin/*`` route answers 404, so a gateway started without one
 never exposes an unauthenticated admin surface. The OpenAPI document of the
 admin API is itself under ``/admin`` and needs the token too; it describes
 only ``/admin/*`` (``/docs`` is off).
+``POST /admin/reload`` and ``GET /admin/policy`` belong to the live policy
+(:mod:`gateway.live`); the other routes only read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-from typing import Annotated, Any
+import os
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.openapi.utils import get_openapi
@@ -30,8 +34,15 @@ from .metrics import Metrics, exposition
 from .policy import PolicySpec
 from .runtime import Runtime
 
+if TYPE_CHECKING:
+    from .live.reload import Live
+
 ADMIN_TOKEN_ENV = "REGIONGATE_ADMIN_TOKEN"
 MAX_CANDIDATE_BYTES = 1 << 20
+
+
+def admin_token() -> str | None:
+    return os.environ.get(ADMIN_TOKEN_ENV) or None
 
 _bearer = HTTPBearer(auto_error=False, description=f"The token in {ADMIN_TOKEN_ENV}.")
 
@@ -180,6 +191,40 @@ class ExplainOut(BaseModel):
     trace: TraceOut
 
 
+class PolicyFileResult(BaseModel):
+    ok: bool
+    changed: bool
+    path: str
+    sha256: str
+    version: str
+    error: str | None
+    candidate_sha256: str | None
+
+
+class ReloadResponse(PolicyFileResult):
+    """The main policy's result at the top level; the shadow policy's, if one is configured, under ``shadow``."""
+
+    pid: int
+    shadow: PolicyFileResult | None = None
+
+
+class PolicyDocument(BaseModel):
+    path: str
+    source: str
+    sha256: str
+    version: str
+    loaded_at: str
+    text: str
+
+
+class ActivePolicies(PolicyDocument):
+    shadow: PolicyDocument | None = None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or wrong bearer token."},
     404: {"model": ErrorBody, "description": f"The admin API is disabled: {ADMIN_TOKEN_ENV} is not set."},
@@ -292,9 +337,59 @@ async def admin_diff(request: Request) -> Any:
     return out
 
 
-def create_admin_app(runtime: Runtime, metrics: Metrics, admin_token: str | None = None) -> FastAPI:
+def _document(runtime: Runtime, role: str) -> PolicyDocument | None:
+    pv = runtime.active.current if role == "policy" else runtime.active.shadow_version
+    if pv is None:
+        return None
+    path = runtime.policy_path if role == "policy" else str(runtime.settings.shadow_policy)
+    return PolicyDocument(
+        path=path,
+        source=os.path.realpath(path),
+        sha256=pv.sha256,
+        version=pv.version,
+        loaded_at=_iso(pv.loaded_at),
+        text=pv.text,
+    )
+
+
+@router.get("/policy", response_model=ActivePolicies)
+async def active_policy(request: Request) -> ActivePolicies:
+    """The policy in force as it was read: text, hash, version, when loaded, from which file."""
+    runtime = _runtime(request)
+    current = _document(runtime, "policy")
+    assert current is not None
+    return ActivePolicies(**current.model_dump(), shadow=_document(runtime, "shadow"))
+
+
+@router.post(
+    "/reload",
+    response_model=ReloadResponse,
+    responses={
+        422: {"model": ReloadResponse, "description": "a candidate was refused; the old one serves"},
+        503: {"model": ErrorBody, "description": "this process cannot reload"},
+    },
+)
+async def reload(request: Request) -> JSONResponse:
+    """Re-read the policy (and shadow policy and GeoIP files) now, in every worker.
+
+    This worker's result is returned; the others reload through the
+    supervisor's SIGHUP. 422 when a candidate was refused.
+    """
+    live: Live | None = request.app.state.live
+    if live is None:
+        raise HTTPException(status_code=503, detail="reloading is not available in this process")
+    results = {r.role: r.as_dict() for r in await live.admin_reload()}
+    body = ReloadResponse(**results["policy"], pid=os.getpid(), shadow=results.get("shadow"))
+    ok = body.ok and (body.shadow is None or body.shadow.ok)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 422)
+
+
+def create_admin_app(
+    runtime: Runtime, metrics: Metrics, live: Live | None = None, admin_token: str | None = None
+) -> FastAPI:
     app = FastAPI(title="Regiongate control plane", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
+    app.state.live = live
     app.state.admin_token = admin_token or None
 
     @app.get("/healthz")
@@ -304,12 +399,18 @@ def create_admin_app(runtime: Runtime, metrics: Metrics, admin_token: str | None
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        """Ready: policy and geo data are loaded and the proxy is accepting requests."""
+        """Ready: policy and geo data are loaded and the proxy is accepting requests.
+
+        A refused policy reload is a warning here, not unreadiness: the last
+        good policy is still serving. Stale GeoIP data is a warning too,
+        unless ``--stale-geoip-not-ready``.
+        """
         detail = runtime.describe()
-        return JSONResponse(detail, status_code=200 if runtime.ready else 503)
+        return JSONResponse(detail, status_code=200 if detail["ready"] else 503)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
+        metrics.geoip_ages(runtime.geo.sources)
         body, content_type = exposition(metrics)
         return Response(body, media_type=content_type)
 

@@ -157,6 +157,16 @@ class _Database:
     reader: Any
     info: SourceInfo
     provides: set[str] = field(default_factory=set)  # the facts this file is the source of
+    identity: tuple[int, ...] = ()  # the file that was opened, to notice a replacement
+
+
+def file_identity(path: str) -> tuple[int, ...]:
+    """Which file a path names now: a rename-over gives a new inode, an in-place write a new mtime."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def open_database(path: str) -> _Database:
@@ -168,6 +178,7 @@ def open_database(path: str) -> _Database:
     """
     if not os.path.isfile(path):
         raise GeoDataError(f"{path}: no such GeoIP database file")
+    identity = file_identity(path)
     try:
         reader = maxminddb.open_database(path, maxminddb.MODE_AUTO)
     except (OSError, ValueError, maxminddb.errors.InvalidDatabaseError) as e:
@@ -188,7 +199,8 @@ def open_database(path: str) -> _Database:
         reader.close()
         raise GeoDataError(f"{path}: corrupt MaxMind DB file: {e}") from None
     description = meta.description.get("en", "") if isinstance(meta.description, dict) else ""
-    return _Database(path, reader, SourceInfo(meta.database_type, path, int(meta.build_epoch), facts, description))
+    info = SourceInfo(meta.database_type, path, int(meta.build_epoch), facts, description)
+    return _Database(path, reader, info, identity=identity)
 
 
 def _embedded_info() -> SourceInfo:
@@ -259,6 +271,59 @@ class Geo:
     def close(self) -> None:
         for db in self._databases:
             db.reader.close()
+
+    # --- replacing a file while serving (gateway.live) ---------------------------
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The files consulted; only these are worth watching."""
+        return tuple(db.path for db in self._databases)
+
+    def replaced(self, path: str) -> bool:
+        """Whether the file at ``path`` is no longer the one that was opened."""
+        db = self._by_path(path)
+        return db is not None and file_identity(path) != db.identity
+
+    def open_replacement(self, path: str) -> _Database:
+        """Open and check the new file at ``path``; nothing changes yet.
+
+        Safe to run in a thread: it touches only the new file. A file of
+        another type would change what the loaded policy can ask, and an
+        older build is most likely a mistake (a restored backup), so both are
+        refused along with anything :func:`open_database` refuses.
+        """
+        old = self._by_path(path)
+        if old is None:
+            raise GeoDataError(f"{path}: not a configured database")
+        new = open_database(path)
+        problem = None
+        if new.info.type != old.info.type:
+            problem = f"database type {new.info.type!r} differs from the running {old.info.type!r}"
+        elif new.info.build_epoch < old.info.build_epoch:
+            problem = f"build_epoch {new.info.build_epoch} is older than the running one's ({old.info.build_epoch})"
+        if problem:
+            new.reader.close()
+            raise GeoDataError(f"{path}: {problem}")
+        new.provides = old.provides
+        return new
+
+    def swap(self, new: _Database) -> _Database:
+        """Serve ``new`` from now on; returns the old database for the caller to close later.
+
+        Lookups are synchronous on the event loop, so none is half-way
+        through here: each one sees the old list and cache or the new ones.
+        The cache is dropped because its entries came from the old data.
+        """
+        old = self._by_path(new.path)
+        assert old is not None
+        self._databases = [new if db is old else db for db in self._databases]
+        self.sources = tuple(db.info for db in self._databases)
+        self._cache = {4: {}, 6: {}}
+        self._cache_size = 0
+        return old
+
+    def _by_path(self, path: str) -> _Database | None:
+        return next((db for db in self._databases if db.path == path), None)
 
     def lookup(self, ip: IPAddress) -> GeoFacts:
         """Facts for a normalised public address."""

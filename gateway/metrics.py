@@ -11,8 +11,11 @@ every call, and the request path calls it several times per request.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -26,6 +29,9 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _mp
 
 from .geo import SourceInfo
+
+if TYPE_CHECKING:
+    from .live.active import PolicyVersion
 
 # The *_created series double the output and no dashboard of ours reads them.
 disable_created_metrics()
@@ -73,19 +79,58 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # "live" modes: a worker that exits (or is replaced) takes its values with it.
         self.geoip_info = Gauge(
             "regiongate_geoip_database_info",
-            "Geo sources in use (value 1), by type and build time.",
+            "Geo sources in use (value 1; 0 for one replaced since), by type and build time.",
             ["type", "build_epoch"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
+        )
+        self.geoip_age = Gauge(
+            "regiongate_geoip_database_age_seconds",
+            "Seconds since the database in use was built (its build_epoch).",
+            ["type"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.geoip_reloads = Counter(
+            "regiongate_geoip_reloads",
+            "Attempts to load a replaced GeoIP database, by type and result (ok, error), per worker.",
+            ["type", "result"],
+            registry=r,
         )
         self.policy_info = Gauge(
             "regiongate_policy_info",
-            "The policy in force (value 1), by file and content hash.",
-            ["path", "sha256"],
+            "The policy in force (value 1; 0 for one replaced since), by file, content hash and version.",
+            ["path", "sha256", "version"],
             registry=r,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
+        )
+        self.shadow_policy_info = Gauge(
+            "regiongate_shadow_policy_info",
+            "The shadow policy evaluated beside the active one (value 1), by file, content hash and version.",
+            ["path", "sha256", "version"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.policy_reloads = Counter(
+            "regiongate_policy_reloads",
+            "Policy candidates judged, by result (ok, error) and role (policy, shadow), per worker.",
+            ["result", "role"],
+            registry=r,
+        )
+        self.policy_last_reload = Gauge(
+            "regiongate_policy_last_reload_timestamp_seconds",
+            "When the policy in force was loaded (Unix time).",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.shadow_disagreements = Counter(
+            "regiongate_shadow_disagreements",
+            "Requests the shadow policy would have decided otherwise, by both decisions and the shadow's rule.",
+            ["active", "shadow", "rule"],
+            registry=r,
         )
         self.bad_requests = Counter(
             "regiongate_bad_requests",
@@ -103,10 +148,46 @@ class Metrics:
         self._duration_children: dict[str, Histogram] = {}
         self._ttfb_children: dict[str, Histogram] = {}
 
-    def describe_sources(self, sources: Iterable[SourceInfo], policy_path: str, sha256: str) -> None:
+    def describe_sources(
+        self, sources: Iterable[SourceInfo], current: PolicyVersion, shadow: PolicyVersion | None = None
+    ) -> None:
         for s in sources:
             self.geoip_info.labels(s.type, str(s.build_epoch)).set(1)
-        self.policy_info.labels(policy_path, sha256).set(1)
+        self.geoip_ages(sources)
+        self.policy_swapped(None, current)
+        self.shadow_swapped(None, shadow)
+
+    def geoip_ages(self, sources: Iterable[SourceInfo], now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for s in sources:
+            if s.path is not None:
+                self.geoip_age.labels(s.type).set(round(now - s.build_epoch))
+
+    def geoip_swapped(self, old: SourceInfo, new: SourceInfo) -> None:
+        _retire(self.geoip_info, (old.type, str(old.build_epoch)))
+        self.geoip_info.labels(new.type, str(new.build_epoch)).set(1)
+        self.geoip_ages([new])
+
+    def geoip_reload(self, kind: str, result: str) -> None:
+        self.geoip_reloads.labels(kind, result).inc()
+
+    def policy_swapped(self, old: PolicyVersion | None, new: PolicyVersion) -> None:
+        if old is not None:
+            _retire(self.policy_info, (old.policy.source, old.sha256, old.version))
+        self.policy_info.labels(new.policy.source, new.sha256, new.version).set(1)
+        self.policy_last_reload.set(new.loaded_at)
+
+    def shadow_swapped(self, old: PolicyVersion | None, new: PolicyVersion | None) -> None:
+        if old is not None:
+            _retire(self.shadow_policy_info, (old.policy.source, old.sha256, old.version))
+        if new is not None:
+            self.shadow_policy_info.labels(new.policy.source, new.sha256, new.version).set(1)
+
+    def policy_reload(self, role: str, result: str) -> None:
+        self.policy_reloads.labels(result, role).inc()
+
+    def shadow_disagreement(self, active: str, shadow: str, rule: str) -> None:
+        self.shadow_disagreements.labels(active, shadow, rule).inc()
 
     def decision(self, verdict: str, rule: str, country: str) -> None:
         key = (verdict, rule, country)
@@ -139,6 +220,15 @@ class Metrics:
         if h is None:
             h = self._duration_children[verdict] = self.duration.labels(verdict)
         h.observe(seconds)
+
+
+def _retire(gauge: Gauge, labels: tuple[str, ...]) -> None:
+    """A replaced source's info series: gone in one process; 0 across workers, whose files keep it."""
+    if multiprocess():
+        gauge.labels(*labels).set(0)
+    else:
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)
 
 
 def exposition(metrics: Metrics) -> tuple[bytes, str]:

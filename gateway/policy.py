@@ -157,6 +157,11 @@ class PolicyTest(_Spec):
 
 class PolicySpec(_Spec):
     version: Literal[1]
+    revision: str | None = Field(
+        None,
+        description="Your own label for this edition of the policy (a date, a tag); shown in /readyz and "
+        "regiongate_policy_info. The content hash stands in when it is absent.",
+    )
     description: str | None = None
     metadata: dict[str, Any] | None = Field(None, description="Free-form: source, date taken, owner.")
     upstreams: dict[str, UpstreamSpec] = {}

@@ -29,6 +29,7 @@ from . import errors
 from .clientip import MISSING, PUBLIC, ClientAddress, resolve
 from .errors import GatewayError
 from .geo import NO_FACTS, GeoFacts
+from .live.active import Active
 from .policy import DENY, Decision, decide
 from .requestid import RequestIds
 from .requestpath import BadPath, canonical
@@ -63,18 +64,22 @@ class _Exchange:
     """Per-request state shared with the disconnect watcher."""
 
     __slots__ = (
+        "active",
         "attempted",
         "client_gone",
         "done",
         "error",
         "response_started",
         "sent",
+        "shadow",
         "status",
         "ttfb",
         "watcher",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, active: Active) -> None:
+        self.active = active  # the policy (and its upstreams) judging this request, whatever reloads meanwhile
+        self.shadow: Decision | None = None
         self.watcher: asyncio.Task[None] | None = None
         self.attempted = False
         self.client_gone = False
@@ -104,7 +109,8 @@ class Gateway:
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         rt = self.runtime
-        policy = rt.policy
+        active = rt.active
+        policy = active.policy
         request_id = next(self._ids)
         peer = scope["client"][0] if scope.get("client") else None
 
@@ -115,14 +121,18 @@ class Gateway:
         # 2. Where they are.
         facts = rt.geo.lookup(client.ip) if client.kind == PUBLIC else NO_FACTS  # type: ignore[arg-type]
         # 3. What the policy says.
-        decision = decide(policy, client, facts, path) if path is not None else REJECTED
+        decision = REJECTED if path is None else decide(policy, client, facts, path)
+        ex = _Exchange(active)
+        if active.shadow is not None and path is not None:  # judged too, never enforced
+            ex.shadow = decide(active.shadow, client, facts, path)
         # 4. Refuse or forward.
-        ex = _Exchange()
         try:
             if bad is not None:
                 await self.fail(send, bad, request_id, ex)
             elif decision.verdict == DENY:
-                await _send_error(send, policy.spec.block.status, policy.block_body, request_id, retry=False)
+                await _send_error(
+                    send, policy.spec.block.status, policy.block_body, request_id, retry=False, policy=active.header
+                )
                 ex.status, ex.sent = policy.spec.block.status, len(policy.block_body)
             else:
                 await self.forward(scope, receive, send, path, decision, request_id, peer, client, ex)  # type: ignore[arg-type]
@@ -147,7 +157,7 @@ class Gateway:
         client: ClientAddress,
         ex: _Exchange,
     ) -> None:
-        upstream = self.runtime.upstreams.get(decision.upstream or "")
+        upstream = ex.active.upstreams.get(decision.upstream or "")
         if upstream is None or self.session is None:
             await self.fail(send, errors.NO_UPSTREAM, request_id, ex)
             return
@@ -240,6 +250,7 @@ class Gateway:
         idle = upstream.timeouts.idle
         headers = response_headers(response.raw_headers)
         headers.append((b"x-regiongate-request-id", request_id.encode()))
+        headers.append(ex.active.header)
         ex.status = response.status
         length = response.content_length
         no_body = scope["method"] == "HEAD" or response.status in _NO_BODY_STATUS
@@ -272,7 +283,9 @@ class Gateway:
         body = error.body()
         ex.status, ex.error, ex.sent = error.status, error.code, len(body)
         ex.done = True
-        await _send_error(send, error.status, body, request_id, retry=error.retry, extra=error.headers)
+        await _send_error(
+            send, error.status, body, request_id, retry=error.retry, policy=ex.active.header, extra=error.headers
+        )
 
     async def cut(
         self, send: Send, response: aiohttp.ClientResponse | None, error: GatewayError, ex: _Exchange
@@ -336,6 +349,9 @@ class Gateway:
         m.request(decision.verdict, seconds)
         for rule in decision.shadow:
             m.shadow_match(rule)
+        shadow = ex.shadow
+        if shadow is not None and shadow.verdict != decision.verdict:
+            m.shadow_disagreement(decision.verdict, shadow.verdict, shadow.rule)
         if ex.attempted and not (ex.client_gone and ex.ttfb is None):
             # The upstream's own status if it answered, else 0 ("error": unreachable, timed out).
             m.upstream(decision.upstream or "", ex.status if ex.ttfb is not None else 0, ex.ttfb)
@@ -358,6 +374,7 @@ class Gateway:
             "status": ex.status,
             "duration_ms": round(seconds * 1000, 3),
             "bytes": ex.sent,
+            "policy": ex.active.tag,
         }
         if facts.subdivisions:
             entry["subdivisions"] = facts.subdivisions
@@ -369,6 +386,8 @@ class Gateway:
             entry["client_problem"] = log_.redact_text(client.problem)
         if decision.shadow:
             entry["shadow"] = decision.shadow
+        if shadow is not None and shadow.verdict != decision.verdict:
+            entry["shadow_decision"] = {"decision": shadow.verdict, "rule": shadow.rule, "policy": ex.active.shadow_tag}
         if ex.ttfb is not None:
             entry["ttfb_ms"] = round(ex.ttfb * 1000, 3)
         if ex.error:
@@ -419,7 +438,14 @@ _RETRY = {True: (b"x-should-retry", b"true"), False: (b"x-should-retry", b"false
 
 
 async def _send_error(
-    send: Send, status: int, body: bytes, request_id: str, *, retry: bool, extra: tuple[tuple[bytes, bytes], ...] = ()
+    send: Send,
+    status: int,
+    body: bytes,
+    request_id: str,
+    *,
+    retry: bool,
+    policy: tuple[bytes, bytes],
+    extra: tuple[tuple[bytes, bytes], ...] = (),
 ) -> None:
     rid = request_id.encode()
     headers = [
@@ -428,6 +454,7 @@ async def _send_error(
         _RETRY[retry],
         (b"x-request-id", rid),
         (b"x-regiongate-request-id", rid),
+        policy,
         *extra,
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})

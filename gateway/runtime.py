@@ -21,10 +21,19 @@ from .accesslog import MAX_PENDING, AccessLog, AddressMode, AddressRedactor
 from .cidrs import CidrSet
 from .clientip import ClientIPConfig
 from .geo import Geo, GeoDataError
-from .policy import DEFAULT_UPSTREAM_URL, Policy, UpstreamSpec, check_upstream_url, load_policy, plain_error
+from .live.active import Active, PolicyVersion
+from .policy import (
+    DEFAULT_UPSTREAM_URL,
+    Policy,
+    UpstreamSpec,
+    check_upstream_url,
+    load_policy,
+    parse_policy,
+    plain_error,
+)
 from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
 from .upstream import Upstream, UpstreamConfigError, build_upstreams
-from .yamlfile import FileError
+from .yamlfile import FileError, Problem
 
 DEFAULT_POLICY_NAME = "openai-supported-country-only.yaml"
 # What OpenAI-compatible APIs use (GET, POST, DELETE), plus HEAD and OPTIONS
@@ -60,11 +69,20 @@ class Settings(BaseModel):
     log_key: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
     allow_methods: tuple[str, ...] = DEFAULT_METHODS
+    shadow_policy: str | None = None
+    watch: bool = True
+    geoip_max_age: float | None = Field(None, gt=0, description="seconds")
+    stale_geoip_not_ready: bool = False
 
     @field_validator("upstream")
     @classmethod
     def _upstream(cls, v: str | None) -> str | None:
         return check_upstream_url(v) if v else v
+
+    @field_validator("geoip_max_age", mode="before")
+    @classmethod
+    def _max_age(cls, v: object) -> object:
+        return parse_duration(v) if isinstance(v, str) else v
 
 
 def default_policy_path() -> str:
@@ -89,49 +107,29 @@ def load_checked_policy(path: str | None, geo: Geo) -> Policy:
         raise ConfigError(e.render()) from None
 
 
-@dataclass
-class Runtime:
-    settings: Settings
-    geo: Geo
-    policy: Policy
-    clientip: ClientIPConfig
-    upstreams: dict[str, Upstream]
-    access_log: AccessLog
-    started: float = field(default_factory=time.time)
-    ready: bool = False
-    warnings: list[str] = field(default_factory=list)
-    allow_methods: frozenset[str] = frozenset(DEFAULT_METHODS)
-
-    def describe(self) -> dict[str, Any]:
-        """What ``/readyz`` shows: enough to tell which policy and data are in force."""
-        return {
-            "ready": self.ready,
-            "pid": os.getpid(),
-            "policy": {
-                "path": self.policy.source,
-                "sha256": self.policy.sha256,
-                "rules": len(self.policy.rules),
-                "mode": self.policy.spec.mode,
-            },
-            "geo": [s.as_dict() for s in self.geo.sources],
-            "embedded_geo": self.geo.embedded,
-            "upstreams": {name: up.base for name, up in self.upstreams.items()},
-            "trusted_proxies": [str(n) for n in self.clientip.trusted.networks],
-            "client_ip_header": self.clientip.header,
-            "warnings": self.warnings,
-        }
+def read_policy_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(FileError(path, [Problem(None, f"cannot read policy: {e}")]).render()) from None
 
 
-EMBEDDED_WARNING = (
-    "no --geoip database configured: using the embedded iptocc country data (countries only; "
-    "subdivision, ASN and anonymizer rules need MaxMind-format databases)"
-)
+def compile_policy_text(text: str, path: str, geo: Geo) -> PolicyVersion:
+    """Compile policy text against what the loaded geo data can answer. Raises ``ConfigError``."""
+    try:
+        policy = parse_policy(text, path, geo.capabilities)
+    except FileError as e:
+        raise ConfigError(e.render()) from None
+    return PolicyVersion(policy, text, time.time())
 
 
-def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runtime:
-    env = dict(os.environ) if env is None else env
-    geo = load_geo(settings.geoip)
-    policy = load_checked_policy(settings.policy, geo)
+def read_policy(path: str, geo: Geo) -> PolicyVersion:
+    return compile_policy_text(read_policy_text(path), path, geo)
+
+
+def resolve_upstreams(policy: Policy, settings: Settings, env: dict[str, str]) -> dict[str, Upstream]:
+    """The policy's upstreams plus ``--upstream`` as ``default``, keys read from ``env``."""
     specs = dict(policy.upstreams)
     if settings.upstream:
         if "default" in specs:
@@ -148,9 +146,146 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
             raise ConfigError(f"{policy.source}: upstreams must include one named 'default'")
         specs["default"] = UpstreamSpec(url=DEFAULT_UPSTREAM_URL)
     try:
-        upstreams = build_upstreams(specs, env)
+        return build_upstreams(specs, env)
     except UpstreamConfigError as e:
         raise ConfigError(f"{policy.source}: {e}") from None
+
+
+@dataclass
+class ReloadStatus:
+    """How the last attempt to load one file went; what ``/readyz`` reports."""
+
+    attempted_at: float | None = None
+    error: str | None = None  # the refused candidate's problems, while it is still on disk
+    refused_sha256: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"attempted_at": self.attempted_at, "error": self.error}
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    geo: Geo
+    active: Active
+    clientip: ClientIPConfig
+    access_log: AccessLog
+    started: float = field(default_factory=time.time)
+    ready: bool = False
+    warnings: list[str] = field(default_factory=list)
+    policy_status: ReloadStatus = field(default_factory=ReloadStatus)
+    shadow_status: ReloadStatus = field(default_factory=ReloadStatus)
+    geo_errors: dict[str, str] = field(default_factory=dict)  # path -> why its replacement was refused
+    allow_methods: frozenset[str] = frozenset(DEFAULT_METHODS)
+    env: dict[str, str] = field(default_factory=dict, repr=False)  # holds upstream keys: never shown
+
+    @property
+    def policy(self) -> Policy:
+        return self.active.policy
+
+    @property
+    def upstreams(self) -> dict[str, Upstream]:
+        return dict(self.active.upstreams)
+
+    @property
+    def policy_path(self) -> str:
+        return self.settings.policy or default_policy_path()
+
+    def stale_geo(self, now: float | None = None) -> list[str]:
+        """Databases past ``--geoip-max-age`` (embedded data has no build date worth judging)."""
+        limit = self.settings.geoip_max_age
+        if limit is None:
+            return []
+        now = time.time() if now is None else now
+        return [
+            f"GeoIP database {s.type} ({s.path}) is stale: built {(now - s.build_epoch) / 86400:.1f} days ago, "
+            f"past --geoip-max-age {format_duration(limit)}"
+            for s in self.geo.sources
+            if s.path is not None and now - s.build_epoch > limit
+        ]
+
+    def is_ready(self) -> bool:
+        return self.ready and not (self.settings.stale_geoip_not_ready and self.stale_geo())
+
+    def describe(self) -> dict[str, Any]:
+        """What ``/readyz`` shows: enough to tell which policy and data are in force."""
+        now = time.time()
+        current, shadow = self.active.current, self.active.shadow_version
+        warnings = list(self.warnings)
+        if self.policy_status.error:
+            warnings.append(f"policy reload refused, still serving sha256:{current.tag}: {self.policy_status.error}")
+        if self.shadow_status.error:
+            warnings.append(f"shadow policy reload refused: {self.shadow_status.error}")
+        warnings += [f"GeoIP reload refused, old data still serving: {e}" for e in self.geo_errors.values()]
+        stale = self.stale_geo(now)
+        warnings += stale
+        return {
+            "ready": self.is_ready(),
+            "pid": os.getpid(),
+            "policy": {
+                "path": self.policy.source,
+                "sha256": self.policy.sha256,
+                "version": current.version,
+                "loaded_at": current.loaded_at,
+                "rules": len(self.policy.rules),
+                "mode": self.policy.spec.mode,
+                "reload": self.policy_status.as_dict(),
+            },
+            "shadow_policy": None
+            if shadow is None
+            else {
+                "path": shadow.policy.source,
+                "sha256": shadow.sha256,
+                "version": shadow.version,
+                "loaded_at": shadow.loaded_at,
+                "reload": self.shadow_status.as_dict(),
+            },
+            "geo": [
+                s.as_dict() | ({"age_seconds": round(now - s.build_epoch)} if s.path else {}) for s in self.geo.sources
+            ],
+            "geo_stale": bool(stale),
+            "embedded_geo": self.geo.embedded,
+            "upstreams": {name: up.base for name, up in self.active.upstreams.items()},
+            "trusted_proxies": [str(n) for n in self.clientip.trusted.networks],
+            "client_ip_header": self.clientip.header,
+            "warnings": warnings,
+        }
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """``45d``, ``12h``, ``30m``, ``90s``, ``2w`` or plain seconds."""
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * _UNITS[t[-1]] if t and t[-1] in _UNITS else float(t)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (e.g. 45d, 12h, 30m, 90s)") from None
+    if value <= 0:
+        raise ValueError(f"{text!r}: must be more than zero")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    for unit in ("w", "d", "h", "m"):
+        if seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
+
+
+EMBEDDED_WARNING = (
+    "no --geoip database configured: using the embedded iptocc country data (countries only; "
+    "subdivision, ASN and anonymizer rules need MaxMind-format databases)"
+)
+
+
+def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runtime:
+    env = dict(os.environ) if env is None else env
+    geo = load_geo(settings.geoip)
+    current = read_policy(settings.policy or default_policy_path(), geo)
+    upstreams = resolve_upstreams(current.policy, settings, env)
+    shadow = read_policy(settings.shadow_policy, geo) if settings.shadow_policy else None
     try:
         trusted = CidrSet(settings.trusted_proxy)
     except ValueError as e:
@@ -178,10 +313,10 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         allow_methods=methods,
         settings=settings,
         geo=geo,
-        policy=policy,
+        active=Active(current, upstreams, shadow),
         clientip=ClientIPConfig(trusted, header),
-        upstreams=upstreams,
         access_log=access_log,
+        env=env,
     )
     if geo.embedded:
         runtime.warnings.append(EMBEDDED_WARNING)

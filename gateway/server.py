@@ -9,6 +9,8 @@ than one worker, counters go to prometheus-client's multiprocess files and
 ``/metrics`` adds them up.
 
 A worker that dies is replaced; SIGTERM or SIGINT stops them all gracefully.
+Each worker watches the policy and GeoIP files itself (:mod:`gateway.live`);
+SIGHUP to the parent is passed on to every worker, each of which reloads.
 """
 
 from __future__ import annotations
@@ -86,31 +88,56 @@ def _uvicorn_config(app: Any, settings: Settings, lifespan: str, http: Any = "ht
     )
 
 
-def run_worker(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
-    from .admin import ADMIN_TOKEN_ENV, create_admin_app
+def run_worker(
+    runtime: Runtime,
+    proxy_sock: socket.socket,
+    admin_sock: socket.socket,
+    slot: int = 0,
+    supervisor: int | None = None,
+) -> None:
+    from .admin import admin_token, create_admin_app
     from .httpprotocol import ProxyHttpProtocol
+    from .live import watch
+    from .live.reload import Live
     from .metrics import Metrics
     from .proxy import Gateway
 
     metrics = Metrics()
-    metrics.describe_sources(runtime.geo.sources, runtime.policy.source, runtime.policy.sha256)
+    metrics.describe_sources(runtime.geo.sources, runtime.active.current, runtime.active.shadow_version)
     gateway = Gateway(runtime, metrics)
-    admin = create_admin_app(runtime, metrics, admin_token=os.environ.get(ADMIN_TOKEN_ENV))
-    servers = [
-        _Server(_uvicorn_config(gateway, runtime.settings, "on", ProxyHttpProtocol)),
-        _Server(_uvicorn_config(admin, runtime.settings, "off")),
-    ]
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        live = Live(runtime, metrics, gateway, report=slot == 0, supervisor=supervisor)
+        admin = create_admin_app(runtime, metrics, live, admin_token=admin_token())
+        servers = [
+            _Server(_uvicorn_config(gateway, runtime.settings, "on", ProxyHttpProtocol)),
+            _Server(_uvicorn_config(admin, runtime.settings, "off")),
+        ]
+        stopping = asyncio.Event()
 
         def stop() -> None:
+            stopping.set()
             for s in servers:
                 s.should_exit = True
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        await asyncio.gather(servers[0].serve([proxy_sock]), servers[1].serve([admin_sock]))
+        loop.add_signal_handler(signal.SIGHUP, live.on_sighup)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one that came meanwhile arrives now
+        watcher = loop.create_task(watch.run(live, stopping)) if runtime.settings.watch else None
+        if watcher is None:
+            # The state inherited from the parent is as of startup; a worker started
+            # later (or replacing one that died) reads the files as they are now.
+            live.spawn(live.reload(explicit=False))
+        try:
+            await asyncio.gather(servers[0].serve([proxy_sock]), servers[1].serve([admin_sock]))
+        finally:
+            stopping.set()
+            await live.close()
+            if watcher is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(watcher, 2)
 
     try:
         import uvloop
@@ -127,6 +154,8 @@ def _port(sock: socket.socket) -> int:
 def serve(settings: Settings) -> int:
     """Run the gateway until SIGTERM/SIGINT. Raises ``ConfigError`` before listening on bad config."""
     logging.basicConfig(level=settings.log_level.upper(), format="regiongate: %(message)s", stream=sys.stderr)
+    # Held back until the process that will reload has its handler; workers inherit the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     metrics_dir = None
     given_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if given_dir:
@@ -170,18 +199,25 @@ def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.so
     geo = ", ".join(
         f"{src.type} ({src.path or 'embedded'}, built {src.build_date or 'unknown'})" for src in runtime.geo.sources
     )
+    from .admin import admin_token
+
+    admin = (
+        f"admin API on http://{s.admin_host}:{_port(admin_sock)}/admin/ (bearer token from REGIONGATE_ADMIN_TOKEN)"
+        if admin_token()
+        else "admin API disabled: REGIONGATE_ADMIN_TOKEN is not set (every /admin/* route answers 404)"
+    )
+    shadow = runtime.active.shadow_version
     lines = [
         f"proxy on http://{s.host}:{_port(proxy_sock)} -> "
         + ", ".join(f"{n}={u.base}" for n, u in runtime.upstreams.items()),
         f"control plane on http://{s.admin_host}:{_port(admin_sock)} (/healthz /readyz /metrics)",
-        f"policy {p.source} sha256:{p.sha256[:12]} ({len(p.rules)} rules, mode {p.spec.mode})",
+        admin,
+        f"policy {p.source} sha256:{p.sha256[:12]} version {runtime.active.current.version} "
+        f"({len(p.rules)} rules, mode {p.spec.mode}); reloads on change, SIGHUP, POST /admin/reload",
+        *([f"shadow policy {shadow.policy.source} sha256:{shadow.tag} (evaluated, never enforced)"] if shadow else []),
         f"geo: {geo}",
         f"workers: {s.workers}",
     ]
-    if os.environ.get("REGIONGATE_ADMIN_TOKEN"):
-        lines.append(f"admin API on http://{s.admin_host}:{_port(admin_sock)}/admin/ (bearer token required)")
-    else:
-        lines.append("admin API disabled: REGIONGATE_ADMIN_TOKEN is not set (every /admin/* route answers 404)")
     lines += [f"warning: {w}" for w in runtime.warnings]
     for line in lines:
         print(f"regiongate: {line}", file=sys.stderr, flush=True)
@@ -194,19 +230,23 @@ def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
     stopping = False
 
     def spawn(slot: int) -> None:
+        # A worker starts with SIGHUP blocked and unblocks it once its loop handles it,
+        # so a reload asked for while it starts is delivered late rather than lost.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         pid = os.fork()
         if pid == 0:  # worker
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
             code = 0
             try:
-                run_worker(runtime, proxy_sock, admin_sock)
+                run_worker(runtime, proxy_sock, admin_sock, slot, parent)
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
                 code = 1
             finally:
                 os._exit(code)
         children[pid] = slot
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def stop(signum: int, _frame: Any) -> None:
         nonlocal stopping
@@ -215,8 +255,16 @@ def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def reload(signum: int, _frame: Any) -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
+    parent = os.getpid()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     for slot in range(runtime.settings.workers):
         spawn(slot)
     last_respawn = 0.0

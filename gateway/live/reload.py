@@ -1,0 +1,279 @@
+"""Judging a candidate file and swapping it in, or refusing it and saying why.
+
+A policy candidate goes through what startup does (parse, schema, compile
+against the loaded databases, upstreams and their keys) plus its own
+``tests:``; only then does one assignment of ``runtime.active`` put it in
+force. A GeoIP candidate is opened in a thread (the verification decode
+takes a while), checked against the file it replaces, and swapped between
+requests. Whatever is refused leaves the running state untouched and is
+reported once per distinct bad file: log, ``/readyz``, metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..geo import GeoDataError, file_identity
+from ..policy import run_tests
+from ..runtime import (
+    ConfigError,
+    ReloadStatus,
+    Runtime,
+    compile_policy_text,
+    read_policy_text,
+    resolve_upstreams,
+)
+from ..upstream import Upstream, new_session
+from .active import Active, PolicyVersion
+
+log = logging.getLogger("regiongate")
+
+Role = Literal["policy", "shadow"]
+# The old reader may still be referenced by code outside the request path
+# (explain, the admin API); lookups on the request path are synchronous and
+# done with it by the time the swap returns.
+_CLOSE_OLD_READER_AFTER = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    """The outcome of one attempt for one file; what ``POST /admin/reload`` returns."""
+
+    role: Role
+    path: str
+    ok: bool
+    changed: bool
+    sha256: str  # the one in force after the attempt
+    version: str
+    error: str | None = None
+    candidate_sha256: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "changed": self.changed,
+            "path": self.path,
+            "sha256": self.sha256,
+            "version": self.version,
+            "error": self.error,
+            "candidate_sha256": self.candidate_sha256,
+        }
+
+
+class Live:
+    """One worker's reloader. Every worker has its own; they converge because they read the same files."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        metrics: Any,
+        gateway: Any = None,
+        *,
+        report: bool = True,
+        supervisor: int | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.gateway = gateway
+        self.report = report  # with several workers, one of them logs, so a bad file is logged once
+        self.supervisor = supervisor
+        self._lock = asyncio.Lock()
+        self._refused_geo: dict[str, tuple[int, ...]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- what is watched ----------------------------------------------------------
+
+    def policy_paths(self) -> dict[Role, str]:
+        out: dict[Role, str] = {"policy": self.runtime.policy_path}
+        if self.runtime.settings.shadow_policy:
+            out["shadow"] = self.runtime.settings.shadow_policy
+        return out
+
+    def watched_paths(self) -> list[str]:
+        return [*self.policy_paths().values(), *self.runtime.geo.paths]
+
+    # --- entry points -------------------------------------------------------------
+
+    async def reload(self, *, explicit: bool = True) -> list[ReloadResult]:
+        """Check every watched file and load what changed. Used by the watcher, SIGHUP and the admin API.
+
+        ``explicit`` (SIGHUP, admin) re-judges a file even if it was refused
+        before; the watcher does not, so one bad file is reported once.
+        """
+        async with self._lock:
+            results = [await self._policy(role, path, explicit) for role, path in self.policy_paths().items()]
+            for path in self.runtime.geo.paths:
+                await self._geo(path, explicit)
+        return results
+
+    async def admin_reload(self) -> list[ReloadResult]:
+        """``POST /admin/reload``: this worker now, the others through the supervisor's SIGHUP."""
+        results = await self.reload(explicit=True)
+        if self.supervisor is not None and os.getppid() == self.supervisor:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.supervisor, signal.SIGHUP)
+        return results
+
+    def on_sighup(self) -> None:
+        self.spawn(self.reload(explicit=True))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # --- policies -----------------------------------------------------------------
+
+    async def _policy(self, role: Role, path: str, explicit: bool) -> ReloadResult:
+        rt = self.runtime
+        status = rt.policy_status if role == "policy" else rt.shadow_status
+        running = rt.active.current if role == "policy" else rt.active.shadow_version
+        assert running is not None
+
+        def result(ok: bool, changed: bool, error: str | None = None, candidate: str | None = None) -> ReloadResult:
+            now = rt.active.current if role == "policy" else rt.active.shadow_version
+            assert now is not None
+            return ReloadResult(role, path, ok, changed, now.sha256, now.version, error, candidate)
+
+        try:
+            text = read_policy_text(path)
+        except ConfigError as e:
+            return self._refuse(role, status, None, str(e), result)
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        if sha == running.sha256:
+            status.error = status.refused_sha256 = None  # back to what is serving
+            return result(True, False)
+        if sha == status.refused_sha256 and not explicit:
+            return result(False, False, status.error, sha)
+        try:
+            candidate, upstreams = await self._judge(role, text, path)
+        except ConfigError as e:
+            return self._refuse(role, status, sha, str(e), result)
+        self._swap(role, candidate, upstreams)
+        status.attempted_at = time.time()
+        status.error = status.refused_sha256 = None
+        self.metrics.policy_reload(role, "ok")
+        log.info("%s %s reloaded: sha256:%s version %s", role, path, candidate.tag, candidate.version)
+        return result(True, True, None, sha)
+
+    async def _judge(self, role: Role, text: str, path: str) -> tuple[PolicyVersion, Mapping[str, Upstream] | None]:
+        rt = self.runtime
+        # Compiling a long policy takes milliseconds and touches nothing shared: off the loop.
+        # The tests look addresses up in the shared geo cache: on it.
+        candidate = await asyncio.to_thread(compile_policy_text, text, path, rt.geo)
+        failed = [r for r in run_tests(candidate.policy, rt.geo) if not r.passed]
+        if failed:
+            where = [f"{path}:{r.line}" if r.line else path for r in failed]
+            raise ConfigError(
+                "\n".join(
+                    f"{w}: test {r.test.ip} {r.test.path}: {r.problem}" for w, r in zip(where, failed, strict=True)
+                )
+            )
+        upstreams = resolve_upstreams(candidate.policy, rt.settings, rt.env) if role == "policy" else None
+        return candidate, upstreams
+
+    def _swap(self, role: Role, candidate: PolicyVersion, upstreams: Mapping[str, Upstream] | None) -> None:
+        rt = self.runtime
+        old = rt.active
+        if role == "policy":
+            assert upstreams is not None
+            rt.active = Active(candidate, upstreams, old.shadow_version)  # the one assignment requests see
+            self.metrics.policy_swapped(old.current, candidate)
+            self._retire_removed_upstreams(old.upstreams, upstreams)
+        else:
+            rt.active = Active(old.current, old.upstreams, candidate)
+            self.metrics.shadow_swapped(old.shadow_version, candidate)
+
+    def _refuse(
+        self,
+        role: Role,
+        status: ReloadStatus,
+        sha: str | None,
+        error: str,
+        result: Callable[..., ReloadResult],
+    ) -> ReloadResult:
+        already = sha == status.refused_sha256 and error == status.error
+        status.attempted_at = time.time()
+        status.error, status.refused_sha256 = error, sha
+        self.metrics.policy_reload(role, "error")
+        if self.report and not already:
+            serving = self.runtime.active.current if role == "policy" else self.runtime.active.shadow_version
+            tag = serving.tag if serving else "-"
+            log.error("%s reload refused, still serving sha256:%s:\n%s", role, tag, error)
+        return result(False, False, error, sha)
+
+    def _retire_removed_upstreams(self, old: Mapping[str, Upstream], new: Mapping[str, Upstream]) -> None:
+        """A new session for new requests when an upstream host went away; the old one closes when idle.
+
+        aiohttp pools keep-alive connections per host; connections to a
+        host no longer configured would otherwise linger. Requests already
+        forwarded keep using the old session until they end.
+        """
+        gw = self.gateway
+        removed = {_origin(u) for u in old.values()} - {_origin(u) for u in new.values()}
+        if gw is None or gw.session is None or not removed:
+            return
+        retired = gw.session
+        gw.session = new_session()
+        longest = max((u.timeouts.total for u in old.values()), default=900.0)
+        self.spawn(_close_when_idle(retired, longest))
+
+    # --- GeoIP files ----------------------------------------------------------------
+
+    async def _geo(self, path: str, explicit: bool) -> None:
+        geo = self.runtime.geo
+        if not geo.replaced(path):
+            return
+        identity = file_identity(path)
+        if not identity:
+            return  # gone for the moment (between unlink and rename): the next event brings it
+        if self._refused_geo.get(path) == identity and not explicit:
+            return
+        try:
+            new = await asyncio.to_thread(geo.open_replacement, path)
+        except GeoDataError as e:
+            again = self._refused_geo.get(path) == identity
+            self._refused_geo[path] = identity
+            self.runtime.geo_errors[path] = str(e)
+            self.metrics.geoip_reload(next(s.type for s in geo.sources if s.path == path), "error")
+            if self.report and not again:
+                log.error("GeoIP reload refused, old data still serving: %s", e)
+            return
+        old = geo.swap(new)
+        self._refused_geo.pop(path, None)
+        self.runtime.geo_errors.pop(path, None)
+        self.metrics.geoip_swapped(old.info, new.info)
+        self.metrics.geoip_reload(new.info.type, "ok")
+        asyncio.get_running_loop().call_later(_CLOSE_OLD_READER_AFTER, old.reader.close)
+        log.info("GeoIP %s reloaded: %s build_epoch %d", path, new.info.type, new.info.build_epoch)
+
+
+def _origin(u: Upstream) -> tuple[str, str | None, int | None]:
+    return (u.url.scheme, u.url.host, u.url.port)
+
+
+async def _close_when_idle(session: Any, longest: float) -> None:
+    # No request outlives its upstream's `total` timeout, so that bounds the wait.
+    deadline = time.monotonic() + longest
+    acquired: Callable[[], int] = lambda: len(getattr(session.connector, "_acquired", ()) or ())  # noqa: E731
+    try:
+        while acquired() and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+    finally:
+        await session.close()
