@@ -1,0 +1,423 @@
+#!/usr/bin/env python3
+"""Regiongate's Grafana dashboard, as code: writes deploy/grafana/dashboards/regiongate.json.
+
+Built with Grafana's own builders (PyPI ``grafana-foundation-sdk``, pinned in
+the test extras), so the JSON is what Grafana's schema expects rather than
+hand-kept. The committed file must equal this script's output; a test checks
+that, and another test evaluates every query below against a real Prometheus
+scraping a real gateway, so every panel here must read a metric the gateway
+exports today. Panels for metrics that do not exist yet have marked places
+below ("LATER:") instead of queries that would return nothing.
+
+    python deploy/grafana/generate.py            # rewrite the JSON
+    python deploy/grafana/generate.py -o -       # print it
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import bargauge, common, dashboard, geomap, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as common_models
+from grafana_foundation_sdk.models import dashboard as dashboard_models
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+OUT = Path(__file__).resolve().parent / "dashboards" / "regiongate.json"
+UID = "regiongate"
+
+DS = dashboard_models.DataSourceRef(type_val="prometheus", uid="${datasource}")
+# Every query selects the chosen gateways; $instance is a regex of them (All: every one).
+SEL = 'instance=~"$instance"'
+RATE = "$__rate_interval"
+QUANTILES = (0.5, 0.95, 0.99)
+
+
+def query(expr: str, legend: str = "__auto", ref: str = "A") -> prometheus.Dataquery:
+    return prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref).datasource(DS).range()
+
+
+def instant_table(expr: str, ref: str = "A") -> prometheus.Dataquery:
+    """One row per series over the dashboard's whole time range: for maps, top lists and info series."""
+    return prometheus.Dataquery().expr(expr).ref_id(ref).datasource(DS).instant().format(PromQueryFormat.TABLE)
+
+
+def legend_table() -> common.VizLegendOptions:
+    return (
+        common.VizLegendOptions()
+        .show_legend(True)
+        .display_mode(common_models.LegendDisplayMode.TABLE)
+        .placement(common_models.LegendPlacement.RIGHT)
+        .calcs(["mean", "max"])
+    )
+
+
+def series(title: str, description: str, unit: str, *targets: prometheus.Dataquery) -> timeseries.Panel:
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DS)
+        .unit(unit)
+        .line_width(1)
+        .fill_opacity(10)
+        .legend(legend_table())
+        .height(8)
+        .span(12)
+    )
+    for target in targets:
+        panel = panel.with_target(target)
+    return panel
+
+
+def percentiles(metric: str, by: str, description: str, title: str) -> timeseries.Panel:
+    targets = [
+        query(
+            f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{SEL}}}[{RATE}])))",
+            f"p{round(q * 100)} {{{{{by}}}}}",
+            chr(ord("A") + i),
+        )
+        for i, q in enumerate(QUANTILES)
+    ]
+    return series(title, description, "s", *targets)
+
+
+def country_map(title: str, description: str, selector: str, color: str) -> geomap.Panel:
+    """Circles on each country's centroid, sized and coloured by its count over the time range.
+
+    The layer's ``config`` (marker style) is an untyped object in the SDK's
+    model, so it is given as a dict: the SDK has no builder for it.
+    """
+    layer = (
+        common.MapLayerOptions()
+        .type("markers")
+        .name(title)
+        .location(
+            common.FrameGeometrySource()
+            .mode(common_models.FrameGeometrySourceMode.LOOKUP)
+            .lookup("country")
+            .gazetteer("public/gazetteer/countries.json")
+        )
+        .config(
+            {
+                "showLegend": True,
+                "style": {
+                    "size": {"field": "Value", "fixed": 5, "min": 4, "max": 40},
+                    "color": {"field": "Value", "fixed": color},
+                    "opacity": 0.6,
+                    "text": {"field": "country", "mode": "field"},
+                    "textConfig": {"fontSize": 10, "offsetY": -12, "textAlign": "center"},
+                },
+            }
+        )
+        .tooltip(True)
+    )
+    return (
+        geomap.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DS)
+        .with_target(instant_table(f"sum by (country) (increase(regiongate_decisions_total{{{selector}}}[$__range]))"))
+        .basemap(common.MapLayerOptions().type("default").name("Basemap"))
+        .layers([layer])
+        .view(geomap.MapViewConfig().id("zero").lat(20).lon(0).zoom(1))
+        .controls(geomap.ControlsOptions().show_zoom(True).mouse_wheel_zoom(False))
+        .color_scheme(dashboard.FieldColor().mode(dashboard_models.FieldColorModeId.CONTINUOUS_YL_RD))
+        .height(11)
+        .span(12)
+    )
+
+
+def build() -> dashboard.Dashboard:
+    d = (
+        dashboard.Dashboard("Regiongate")
+        .uid(UID)
+        .description("Where requests come from, what the policy decided, how the upstreams answered.")
+        .tags(["regiongate", "generated"])
+        .refresh("30s")
+        .time("now-6h", "now")
+        .timezone("browser")
+        .tooltip(dashboard_models.DashboardCursorSync.CROSSHAIR)
+        .readonly()
+        .with_variable(dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        .with_variable(
+            dashboard.QueryVariable("instance")
+            .label("Gateway")
+            .description("Gateways (their control-plane scrape targets) to show.")
+            .datasource(DS)
+            .query("label_values(regiongate_policy_info, instance)")
+            .refresh(dashboard_models.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dashboard_models.VariableSort.ALPHABETICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+            .current(dashboard_models.VariableOption(selected=True, text="All", value="$__all"))
+        )
+    )
+
+    # --- Where requests come from and what was decided --------------------------------------
+    d = (
+        d.with_row(dashboard.Row("Decisions"))
+        .with_panel(
+            country_map(
+                "Requests by country",
+                "Every judged request over the time range, by the client's ISO 3166-1 country "
+                "(the `country` label; addresses with no country are not on the map).",
+                SEL,
+                "blue",
+            )
+        )
+        .with_panel(
+            country_map(
+                "Refusals by country",
+                "Requests refused by the policy (decision=deny) over the time range, by country.",
+                f'{SEL}, decision="deny"',
+                "red",
+            )
+        )
+        .with_panel(
+            series(
+                "Decisions by decision and rule",
+                "Requests per second by decision (allow, deny, monitor) and the rule that decided.",
+                "reqps",
+                query(
+                    f"sum by (decision, rule) (rate(regiongate_decisions_total{{{SEL}}}[{RATE}]))",
+                    "{{decision}} · {{rule}}",
+                ),
+            ).span(16)
+        )
+        .with_panel(
+            bargauge.Panel()
+            .title("Top refused countries")
+            .description(
+                "The ten countries with the most refusals over the time range. Subdivisions "
+                "(e.g. UA-43) are not a metric label, to keep the series count bounded: find them "
+                "in the access log's `subdivision` field or with `regiongate explain`."
+            )
+            .datasource(DS)
+            .with_target(
+                prometheus.Dataquery()
+                .expr(
+                    "topk(10, sum by (country) "
+                    f'(increase(regiongate_decisions_total{{{SEL}, decision="deny"}}[$__range])))'
+                )
+                .legend_format("{{country}}")
+                .ref_id("A")
+                .datasource(DS)
+                .instant()
+            )
+            .orientation(common_models.VizOrientation.HORIZONTAL)
+            .display_mode(common_models.BarGaugeDisplayMode.BASIC)
+            .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]))
+            .unit("short")
+            .decimals(0)
+            .height(8)
+            .span(8)
+        )
+    )
+
+    # --- Upstreams ---------------------------------------------------------------------------
+    d = (
+        d.with_row(dashboard.Row("Upstreams"))
+        .with_panel(
+            series(
+                "Upstream requests by status class",
+                "Requests forwarded per second, by upstream and response status class "
+                "(`error`: no response came: refused connection, timeout).",
+                "reqps",
+                query(
+                    f"sum by (upstream, status_class) (rate(regiongate_upstream_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{upstream}} {{status_class}}",
+                ),
+            )
+        )
+        .with_panel(
+            series(
+                "Upstream error rate",
+                "Share of forwarded requests answered 5xx or not answered at all, by upstream.",
+                "percentunit",
+                query(
+                    "sum by (upstream) (rate(regiongate_upstream_requests_total"
+                    f'{{{SEL}, status_class=~"5xx|error"}}[{RATE}]))\n'
+                    f"/ sum by (upstream) (rate(regiongate_upstream_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{upstream}}",
+                ),
+            ).min(0)
+        )
+        .with_panel(
+            percentiles(
+                "regiongate_upstream_ttfb_seconds",
+                "upstream",
+                "Time from sending a request upstream to its response headers, by upstream: "
+                "the model server's own latency to first token for streams.",
+                "Upstream time to first byte (p50, p95, p99)",
+            )
+        )
+        .with_panel(
+            percentiles(
+                "regiongate_request_duration_seconds",
+                "decision",
+                "Time from request to last response byte, by decision (the metric has no upstream "
+                "label: per upstream, see time to first byte). Refusals never leave the gateway.",
+                "Request duration (p50, p95, p99)",
+            )
+        )
+        # LATER: failovers and upstream region refusals (routing, being built): add one panel each
+        # here once their metrics exist, e.g. failovers by upstream pair and upstream 403s with
+        # unsupported_country_region_territory, with an alert in deploy/prometheus/alerts.yml.
+    )
+
+    # --- Policy and data -------------------------------------------------------------------
+    d = (
+        d.with_row(dashboard.Row("Policy and GeoIP data"))
+        .with_panel(
+            table.Panel()
+            .title("Policy in force")
+            .description(
+                "The policy each gateway enforces: file, content hash (sha256) and version. "
+                "Two rows for one gateway mean its workers are mid-reload or disagree."
+            )
+            .datasource(DS)
+            .with_target(
+                instant_table(f"max by (instance, path, sha256, version) (regiongate_policy_info{{{SEL}}} == 1)")
+            )
+            .with_transformation(
+                dashboard_models.DataTransformerConfig(
+                    id_val="organize",
+                    options={"excludeByName": {"Time": True, "Value": True}, "indexByName": {}, "renameByName": {}},
+                )
+            )
+            .height(6)
+            .span(12)
+        )
+        .with_panel(
+            series(
+                "Policy reloads",
+                "Policy files judged, by result and role (policy, shadow); with N workers each "
+                "candidate counts N times. Any `error` means a candidate was refused and the last "
+                "good policy still serves.",
+                "short",
+                query(
+                    f"sum by (result, role) (increase(regiongate_policy_reloads_total{{{SEL}}}[{RATE}]))",
+                    "{{role}} {{result}}",
+                ),
+            ).height(6)
+        )
+        .with_panel(
+            stat.Panel()
+            .title("GeoIP database age")
+            .description(
+                "Time since each database in use was built (its metadata's build_epoch). "
+                "MaxMind publishes weekly or twice weekly; the GeoIPDatabaseTooOld alert fires past 30 days."
+            )
+            .datasource(DS)
+            .with_target(query(f"max by (type) (regiongate_geoip_database_age_seconds{{{SEL}}})", "{{type}}"))
+            .unit("s")
+            .decimals(1)
+            .thresholds(
+                dashboard.ThresholdsConfig()
+                .mode(dashboard_models.ThresholdsMode.ABSOLUTE)
+                .steps(
+                    [
+                        dashboard_models.Threshold(value=None, color="green"),
+                        dashboard_models.Threshold(value=14 * 86400, color="orange"),
+                        dashboard_models.Threshold(value=30 * 86400, color="red"),
+                    ]
+                )
+            )
+            .color_mode(common_models.BigValueColorMode.BACKGROUND)
+            .graph_mode(common_models.BigValueGraphMode.NONE)
+            .height(5)
+            .span(12)
+        )
+        .with_panel(
+            stat.Panel()
+            .title("Time since the policy was loaded")
+            .datasource(DS)
+            .with_target(query(f"time() - max(regiongate_policy_last_reload_timestamp_seconds{{{SEL}}})", "loaded"))
+            .unit("s")
+            .decimals(0)
+            .graph_mode(common_models.BigValueGraphMode.NONE)
+            .height(5)
+            .span(12)
+        )
+        # LATER: Redis health and override count (being built): a stat panel each here once
+        # their metrics exist.
+    )
+
+    # --- Gateway health ----------------------------------------------------------------------
+    d = (
+        d.with_row(dashboard.Row("Gateway health"))
+        .with_panel(
+            series(
+                "Bad requests by reason",
+                "Requests refused before the policy was asked (unparseable, bad method, path or header). "
+                "A burst is usually a scanner; each reason is logged at most once a minute.",
+                "short",
+                query(
+                    f"sum by (reason) (increase(regiongate_bad_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{reason}}",
+                ),
+            ).span(8)
+        )
+        .with_panel(
+            series(
+                "Dropped access-log lines",
+                "Lines the access log could not write because its destination did not keep up. Should stay 0.",
+                "short",
+                query(
+                    f"sum by (instance) (increase(regiongate_access_log_dropped_total{{{SEL}}}[{RATE}]))",
+                    "{{instance}}",
+                ),
+            ).span(8)
+        )
+        .with_panel(
+            stat.Panel()
+            .title("Scrape up")
+            .description("1 when Prometheus scraped the gateway's /metrics; 0 when it is down (GatewayDown).")
+            .datasource(DS)
+            .with_target(query(f"up{{{SEL}}}", "{{instance}}"))
+            .thresholds(
+                dashboard.ThresholdsConfig()
+                .mode(dashboard_models.ThresholdsMode.ABSOLUTE)
+                .steps(
+                    [
+                        dashboard_models.Threshold(value=None, color="red"),
+                        dashboard_models.Threshold(value=1, color="green"),
+                    ]
+                )
+            )
+            .color_mode(common_models.BigValueColorMode.BACKGROUND)
+            .graph_mode(common_models.BigValueGraphMode.NONE)
+            .height(8)
+            .span(8)
+        )
+        # LATER: rate-limited requests (being built): a time series by limit here once the metric
+        # exists.
+    )
+    return d
+
+
+def render() -> str:
+    model = build().build()
+    for n, panel in enumerate(model.panels or [], 1):  # Grafana links, embeds and reports panels by id
+        panel.id_val = n
+    return JSONEncoder(sort_keys=True, indent=2).encode(model) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-o", "--output", default=str(OUT), help="where to write the JSON ('-': standard output)")
+    args = parser.parse_args()
+    text = render()
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
