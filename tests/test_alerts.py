@@ -41,9 +41,7 @@ def test_promtool_checks_the_rules() -> None:
 
 
 def test_promtool_unit_tests_pass() -> None:
-    out = subprocess.run(
-        [promtool(), "test", "rules", UNIT_TESTS.name], capture_output=True, text=True, cwd=PROMETHEUS
-    )
+    out = subprocess.run([promtool(), "test", "rules", UNIT_TESTS.name], capture_output=True, text=True, cwd=PROMETHEUS)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS" in out.stdout
 

@@ -1,0 +1,297 @@
+"""The Grafana dashboard: generated as committed, and every query of every panel answered by a real Prometheus.
+
+The end-to-end test starts a gateway in front of the stub upstream, and
+Debian's Prometheus scraping the gateway's control plane every second (with
+the alert rules loaded), drives mixed traffic (allowed and refused callers
+from several countries through the ``openai`` SDK, upstream errors, a bad
+request, a policy reload that works and one that is refused), then reads
+every panel's queries out of the dashboard file, fills in the template
+variables as Grafana would, and requires each to return data. A panel added
+later is checked the same way, so it must read a metric the gateway exports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from conftest import CITY, POLICIES, ROOT, GatewayFactory, Stub, free_port, stop, wait_http
+
+GRAFANA = ROOT / "deploy" / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "regiongate.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+TOKEN = "dashboard-test-token"
+# Addresses MaxMind's City test database places in these countries (see tests/fixtures/geoip).
+ALLOWED = {"GB": "2.125.160.216", "SE": "89.160.20.112", "US": "216.160.83.56", "BT": "67.43.156.1"}
+REFUSED = {"CN": "175.16.199.1", "RU": "2a02:d0c0::1", "IR": "2a02:d2c0::1", "BY": "2a02:d240::1", "HK": "2001:2e0::1"}
+# What Grafana puts in place of its built-in variables; the scrape interval here is 1s.
+BUILTINS = {"$__rate_interval": "1m", "$__range": "10m", "$__interval": "1s"}
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())  # type: ignore[no-any-return]
+
+
+def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every panel, those inside (collapsed) rows included."""
+    found = []
+    for p in board["panels"]:
+        found.append(p)
+        found.extend(p.get("panels", []))
+    return found
+
+
+def queries(board: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [
+        (p["title"], t.get("refId", "A"), t) for p in panels(board) for t in p.get("targets", []) if not t.get("hide")
+    ]
+
+
+def fill(expr: str, variables: dict[str, str]) -> str:
+    for name in sorted(variables, key=len, reverse=True):  # $__rate_interval before $__range
+        expr = expr.replace(name, variables[name]).replace("${" + name[1:] + "}", variables[name])
+    assert "$" not in expr, f"unknown template variable left in {expr!r}"
+    return expr
+
+
+# --- the file ------------------------------------------------------------------------------
+
+
+def test_committed_dashboard_is_the_generators_output() -> None:
+    out = subprocess.run(
+        [sys.executable, str(GRAFANA / "generate.py"), "-o", "-"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout == DASHBOARD.read_text(), "run: python deploy/grafana/generate.py"
+
+
+def test_dashboard_has_its_variables_and_every_panel_a_query() -> None:
+    board = dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    assert variables["instance"]["type"] == "query" and variables["instance"]["datasource"]["uid"] == "${datasource}"
+    ids = [p["id"] for p in panels(board)]
+    assert len(set(ids)) == len(ids)
+    for p in panels(board):
+        if p["type"] == "row":
+            continue
+        assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert p.get("targets"), p["title"]
+        for t in p["targets"]:
+            assert 'instance=~"$instance"' in t["expr"], (p["title"], t["expr"])
+            assert t["datasource"]["uid"] == "${datasource}", p["title"]
+    maps = [p for p in panels(board) if p["type"] == "geomap"]
+    assert {p["title"] for p in maps} == {"Requests by country", "Refusals by country"}
+    for p in maps:
+        (layer,) = p["options"]["layers"]
+        assert layer["location"] == {
+            "mode": "lookup",
+            "lookup": "country",
+            "gazetteer": "public/gazetteer/countries.json",
+        }
+        assert "sum by (country)" in p["targets"][0]["expr"]
+
+
+# --- against a real Prometheus ---------------------------------------------------------------
+
+
+@dataclass
+class Prometheus:
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def api(self, path: str, **params: str) -> Any:
+        try:
+            with urllib.request.urlopen(f"{self.url}{path}?{urllib.parse.urlencode(params)}", timeout=10) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise AssertionError(f"{path} {params}: {e.code} {e.read().decode()}") from None
+        assert body["status"] == "success", body
+        return body["data"]
+
+
+@pytest.fixture
+def prometheus_for(tmp_path: Path) -> Iterator[Any]:
+    started: list[Prometheus] = []
+
+    def start(target: str) -> Prometheus:
+        binary = shutil.which("prometheus")
+        assert binary, "prometheus missing (Debian package prometheus; scripts/test installs it)"
+        port = free_port()
+        rules = tmp_path / "alerts.yml"
+        shutil.copy(ALERTS, rules)
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"rule_files: [{rules.name}]\n"
+            "scrape_configs:\n"
+            f"  - job_name: regiongate\n    static_configs: [{{targets: ['{target}']}}]\n"
+        )
+        log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        prom = Prometheus(f"http://127.0.0.1:{port}", proc)
+        started.append(prom)
+        wait_http(prom.url + "/-/ready", timeout=30, proc=proc)
+        return prom
+
+    try:
+        yield start
+    finally:
+        for prom in started:
+            stop(prom.proc)
+
+
+def drive_traffic(gw_url: str, admin: str, policy: Path, rounds: int) -> None:
+    """Allowed and refused callers, upstream errors, a bad request, a good and a refused policy reload."""
+    for round_ in range(rounds):
+        for country, ip in {**ALLOWED, **REFUSED}.items():
+            client = openai.OpenAI(
+                base_url=gw_url + "/v1", api_key="sk-test", max_retries=0, default_headers={"X-Forwarded-For": ip}
+            )
+            for _ in range(1 + (ord(country[0]) + round_ // 3) % 4):
+                try:
+                    client.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "hi"}])
+                    assert country in ALLOWED
+                except openai.PermissionDeniedError as e:
+                    assert country in REFUSED and e.code == "unsupported_country_region_territory"
+        with httpx.Client() as raw:
+            headers = {"X-Forwarded-For": ALLOWED["GB"]}
+            for status in ("500", "503", "429"):
+                r = raw.get(gw_url + "/v1/models", headers={**headers, "x-stub-status": status})
+                assert r.status_code == int(status)
+            r = raw.get(gw_url + "/v1/%2e%2e/admin", headers=headers)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path"
+        time.sleep(1.5)  # spread over several scrapes, so rates have points to work with
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    policy.write_text(policy.read_text() + "\n# reloaded by the dashboard test\n")
+    r = httpx.post(admin + "/admin/reload", headers=auth)
+    assert r.status_code == 200 and r.json()["changed"] is True, r.text
+    good = policy.read_text()
+    policy.write_text(good + "rules: [not, a, rule]\n")
+    r = httpx.post(admin + "/admin/reload", headers=auth)
+    assert r.status_code == 422, r.text
+    policy.write_text(good)
+
+
+def wait_scraped(prom: Prometheus, instance: str) -> None:
+    deadline = time.monotonic() + 30
+    while not prom.api("/api/v1/query", query=f'up{{instance="{instance}"}} == 1')["result"]:
+        assert time.monotonic() < deadline, "Prometheus never scraped the gateway"
+        time.sleep(0.2)
+
+
+def evaluate(prom: Prometheus, expr: str, instant: bool) -> list[dict[str, Any]]:
+    now = time.time()
+    if instant:
+        return prom.api("/api/v1/query", query=expr, time=f"{now}")["result"]  # type: ignore[no-any-return]
+    return prom.api(  # type: ignore[no-any-return]
+        "/api/v1/query_range", query=expr, start=f"{now - 120}", end=f"{now}", step="1"
+    )["result"]
+
+
+def has_data(result: list[dict[str, Any]]) -> bool:
+    """At least one series with a real number (histogram_quantile of nothing is NaN)."""
+    values = [v for r in result for _, v in ([r["value"]] if "value" in r else r["values"])]
+    return any(math.isfinite(float(v)) for v in values)
+
+
+def test_every_panel_query_returns_data(
+    gateway: GatewayFactory, stub: Stub, prometheus_for: Any, tmp_path: Path
+) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text((POLICIES / "openai-supported-country-only.yaml").read_text())
+    gw = gateway(
+        *("--policy", str(policy), "--geoip", CITY, "--upstream", stub.url, "--trusted-proxy", "127.0.0.1/32"),
+        env={"REGIONGATE_ADMIN_TOKEN": TOKEN},
+    )
+    instance = f"127.0.0.1:{gw.admin_port}"
+    prom = prometheus_for(instance)
+    wait_scraped(prom, instance)  # so that the counters' first samples come before the traffic
+    png = Path(os.environ.get("REGIONGATE_DASHBOARD_PNG") or tmp_path / "dashboard.png")
+    # A few rounds are enough for the queries; the README's picture gets a couple of minutes.
+    drive_traffic(gw.url, gw.admin, policy, rounds=60 if "REGIONGATE_DASHBOARD_PNG" in os.environ else 3)
+
+    board = dashboard()
+    # As Grafana fills a regex variable into a PromQL string: escaped for the regex, then for the string.
+    variables = {"$instance": re.escape(instance).replace("\\", "\\\\"), "$datasource": "prometheus", **BUILTINS}
+    todo = {(title, ref): (fill(t["expr"], variables), bool(t.get("instant"))) for title, ref, t in queries(board)}
+    assert len(todo) >= 15
+    results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    deadline = time.monotonic() + 60  # scrapes are every second; this only bounds a broken setup
+    while True:
+        results = {key: evaluate(prom, expr, instant) for key, (expr, instant) in todo.items()}
+        empty = sorted(key for key, result in results.items() if not has_data(result))
+        if not empty or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert empty == [], "panels whose query returned no data:\n" + "\n".join(
+        f"  {title} [{ref}]: {todo[(title, ref)][0]}" for title, ref in empty
+    )
+
+    # The instance variable's own query lists this gateway.
+    (var,) = [v for v in board["templating"]["list"] if v["name"] == "instance"]
+    metric = re.fullmatch(r"label_values\((\w+), instance\)", var["query"])
+    assert metric, var["query"]
+    assert instance in prom.api("/api/v1/label/instance/values", **{"match[]": metric.group(1)})
+
+    # What the panels show is what was sent: every country in its map.
+    def countries(title: str) -> set[str]:
+        return {r["metric"]["country"] for r in results[(title, "A")]}
+
+    assert countries("Requests by country") == set(ALLOWED) | set(REFUSED)
+    assert countries("Refusals by country") == set(REFUSED)
+    policy_rows = results[("Policy in force", "A")]
+    assert [r["metric"]["sha256"] for r in policy_rows] == [gw_sha(gw.admin)]
+    reloads = {(r["metric"]["role"], r["metric"]["result"]) for r in results[("Policy reloads", "A")]}
+    assert reloads == {("policy", "ok"), ("policy", "error")}
+
+    # Prometheus loaded the alert rules too, and none of them is firing for this healthy gateway
+    # (the refused reload is the exception: it is what RegiongatePolicyReloadFailing is for).
+    groups = prom.api("/api/v1/rules")["groups"]
+    loaded = {r["name"]: r["state"] for g in groups for r in g["rules"]}
+    assert set(loaded) >= {"RegiongateDown", "RegiongatePolicyReloadFailing", "RegiongateUpstreamErrors"}
+    assert loaded["RegiongateDown"] == "inactive"
+
+    # The README's picture: drawn from this Prometheus by the repository's script.
+    drawn = subprocess.run(
+        [
+            sys.executable,
+            str(GRAFANA / "render_png.py"),
+            *("--prometheus", prom.url, "--out", str(png), "--instance", variables["$instance"]),
+            *("--range", "180", "--rate-interval", "15s"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert drawn.returncode == 0, drawn.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def gw_sha(admin: str) -> str:
+    with urllib.request.urlopen(admin + "/readyz", timeout=5) as r:
+        return str(json.loads(r.read())["policy"]["sha256"])
