@@ -39,7 +39,14 @@ DASHBOARD = GRAFANA / "dashboards" / "regiongate.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 TOKEN = "dashboard-test-token"
 # Addresses MaxMind's City test database places in these countries (see tests/fixtures/geoip).
-ALLOWED = {"GB": "2.125.160.216", "SE": "89.160.20.112", "US": "216.160.83.56", "BT": "67.43.156.1"}
+# UA is let through and recorded as monitor by the shipped policy.
+ALLOWED = {
+    "GB": "2.125.160.216",
+    "SE": "89.160.20.112",
+    "US": "216.160.83.56",
+    "BT": "67.43.156.1",
+    "UA": "2a02:d300::1",
+}
 REFUSED = {"CN": "175.16.199.1", "RU": "2a02:d0c0::1", "IR": "2a02:d2c0::1", "BY": "2a02:d240::1", "HK": "2001:2e0::1"}
 # What Grafana puts in place of its built-in variables; the scrape interval here is 1s.
 BUILTINS = {"$__rate_interval": "1m", "$__range": "10m", "$__interval": "1s"}
@@ -166,9 +173,27 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
             stop(prom.proc)
 
 
+PAUSE_SE = "  - {name: paused-se, countries: [SE], action: deny}\n"
+SE_ALLOWED = '{ip: "89.160.20.112", expect: allow, rule: supported}'
+SE_PAUSED = '{ip: "89.160.20.112", expect: deny, rule: paused-se}'
+
+
 def drive_traffic(gw_url: str, admin: str, policy: Path, rounds: int) -> None:
-    """Allowed and refused callers, upstream errors, a bad request, a good and a refused policy reload."""
+    """Allowed and refused callers, upstream errors, bad requests; halfway, a broken policy file (refused)
+    and then one that refuses SE too."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    refused = set(REFUSED)
     for round_ in range(rounds):
+        if round_ == rounds // 2:  # a broken file first (refused), then the fixed one
+            good = policy.read_text()
+            policy.write_text(good + "rules: [not, a, rule]\n")
+            r = httpx.post(admin + "/admin/reload", headers=auth)
+            assert r.status_code == 422, r.text
+            text = good.replace("\nrules:\n", "\nrules:\n" + PAUSE_SE, 1)
+            policy.write_text(text.replace(SE_ALLOWED, SE_PAUSED))  # its own test changes with it
+            r = httpx.post(admin + "/admin/reload", headers=auth)
+            assert r.status_code == 200 and r.json()["changed"] is True, r.text
+            refused.add("SE")
         for country, ip in {**ALLOWED, **REFUSED}.items():
             client = openai.OpenAI(
                 base_url=gw_url + "/v1", api_key="sk-test", max_retries=0, default_headers={"X-Forwarded-For": ip}
@@ -176,26 +201,16 @@ def drive_traffic(gw_url: str, admin: str, policy: Path, rounds: int) -> None:
             for _ in range(1 + (ord(country[0]) + round_ // 3) % 4):
                 try:
                     client.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "hi"}])
-                    assert country in ALLOWED
+                    assert country not in refused
                 except openai.PermissionDeniedError as e:
-                    assert country in REFUSED and e.code == "unsupported_country_region_territory"
+                    assert country in refused and e.code == "unsupported_country_region_territory"
         with httpx.Client() as raw:
-            headers = {"X-Forwarded-For": ALLOWED["GB"]}
-            for status in ("500", "503", "429"):
-                r = raw.get(gw_url + "/v1/models", headers={**headers, "x-stub-status": status})
-                assert r.status_code == int(status)
-            r = raw.get(gw_url + "/v1/%2e%2e/admin", headers=headers)
+            for status, country in (("500", "GB"), ("503", "US"), ("429", "BT")):
+                headers = {"X-Forwarded-For": ALLOWED[country], "x-stub-status": status}
+                assert raw.get(gw_url + "/v1/models", headers=headers).status_code == int(status)
+            r = raw.get(gw_url + "/v1/%2e%2e/admin", headers={"X-Forwarded-For": ALLOWED["US"]})
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path"
         time.sleep(1.5)  # spread over several scrapes, so rates have points to work with
-    auth = {"Authorization": f"Bearer {TOKEN}"}
-    policy.write_text(policy.read_text() + "\n# reloaded by the dashboard test\n")
-    r = httpx.post(admin + "/admin/reload", headers=auth)
-    assert r.status_code == 200 and r.json()["changed"] is True, r.text
-    good = policy.read_text()
-    policy.write_text(good + "rules: [not, a, rule]\n")
-    r = httpx.post(admin + "/admin/reload", headers=auth)
-    assert r.status_code == 422, r.text
-    policy.write_text(good)
 
 
 def wait_scraped(prom: Prometheus, instance: str) -> None:
@@ -253,6 +268,16 @@ def test_every_panel_query_returns_data(
         f"  {title} [{ref}]: {todo[(title, ref)][0]}" for title, ref in empty
     )
 
+    # Bounded labels: after all that traffic, no label holds an address, a key or a path.
+    series = prom.api("/api/v1/series", **{"match[]": '{__name__=~"regiongate_.*"}', "start": f"{time.time() - 900}"})
+    never = [*ALLOWED.values(), *REFUSED.values(), TOKEN, "sk-test", "/v1", "%2e", "stub-model"]
+    for labels in series:
+        for name, value in labels.items():
+            if name not in ("__name__", "instance", "job", "le"):
+                assert not any(bad in value for bad in never), labels
+    assert {s["country"] for s in series if "country" in s} <= {*ALLOWED, *REFUSED}
+    assert len(series) < 300
+
     # The instance variable's own query lists this gateway.
     (var,) = [v for v in board["templating"]["list"] if v["name"] == "instance"]
     metric = re.fullmatch(r"label_values\((\w+), instance\)", var["query"])
@@ -264,7 +289,7 @@ def test_every_panel_query_returns_data(
         return {r["metric"]["country"] for r in results[(title, "A")]}
 
     assert countries("Requests by country") == set(ALLOWED) | set(REFUSED)
-    assert countries("Refusals by country") == set(REFUSED)
+    assert countries("Refusals by country") == set(REFUSED) | {"SE"}
     policy_rows = results[("Policy in force", "A")]
     assert [r["metric"]["sha256"] for r in policy_rows] == [gw_sha(gw.admin)]
     reloads = {(r["metric"]["role"], r["metric"]["result"]) for r in results[("Policy reloads", "A")]}

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.metrics import MetricWrapperBase
 
-from conftest import CITY, GatewayFactory, Stub
+from conftest import CITY, ROOT, GatewayFactory, Stub
 from live_support import get_json, wait_until, wait_workers_serve, write_in_place
 
 GB, CN = "2.125.160.216", "175.16.199.1"
@@ -150,3 +151,34 @@ def test_counters_histograms_and_gauges_across_two_workers(gateway: GatewayFacto
         sha(new): 1,
     }
     assert value(text, "regiongate_policy_reloads_total", result="ok", role="policy") == 2
+
+
+def readme_metrics() -> dict[str, str]:
+    """The README's metrics table: metric name -> its labels column."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Control plane and metrics", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `regiongate_")]
+    return {row[0].strip("| `"): row[2] for row in rows}
+
+
+def test_readme_documents_every_metric_and_its_labels() -> None:
+    """Each metric the gateway defines is in the README's table, with each of its labels named there."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    defined = {}
+    for attribute in vars(metrics).values():
+        if isinstance(attribute, MetricWrapperBase):
+            name = attribute._name + ("_total" if attribute._type == "counter" else "")
+            defined[name] = attribute._labelnames
+    documented = readme_metrics()
+    assert set(documented) == set(defined)
+    for name, labels in defined.items():
+        column = documented[name]
+        for label in labels:
+            assert f"`{label}`" in column, (name, label)
+        if not labels:
+            assert column.strip() == "none", name

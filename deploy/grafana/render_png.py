@@ -161,6 +161,7 @@ def render(story: Story, out: Path) -> None:
         x_label_rotation=0,
         show_minor_x_labels=False,
         truncate_legend=-1,
+        truncate_label=-1,
     )
     times = sorted({t for points in story.decisions.values() for t, _ in points})
     line.x_labels = [datetime.fromtimestamp(t, UTC).strftime("%H:%M:%S") for t in times]
