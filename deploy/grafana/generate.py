@@ -84,7 +84,9 @@ def percentiles(metric: str, by: str, description: str, title: str) -> timeserie
     return series(title, description, "s", *targets)
 
 
-def country_map(title: str, description: str, selector: str, color: str) -> geomap.Panel:
+def country_map(
+    title: str, description: str, selector: str, color: str, scheme: dashboard_models.FieldColorModeId
+) -> geomap.Panel:
     """Circles on each country's centroid, sized and coloured by its count over the time range.
 
     The layer's ``config`` (marker style) is an untyped object in the SDK's
@@ -124,7 +126,7 @@ def country_map(title: str, description: str, selector: str, color: str) -> geom
         .layers([layer])
         .view(geomap.MapViewConfig().id("zero").lat(20).lon(0).zoom(1))
         .controls(geomap.ControlsOptions().show_zoom(True).mouse_wheel_zoom(False))
-        .color_scheme(dashboard.FieldColor().mode(dashboard_models.FieldColorModeId.CONTINUOUS_YL_RD))
+        .color_scheme(dashboard.FieldColor().mode(scheme))
         .height(11)
         .span(12)
     )
@@ -167,6 +169,7 @@ def build() -> dashboard.Dashboard:
                 "(the `country` label; addresses with no country are not on the map).",
                 SEL,
                 "blue",
+                dashboard_models.FieldColorModeId.CONTINUOUS_BL_PU,
             )
         )
         .with_panel(
@@ -175,6 +178,7 @@ def build() -> dashboard.Dashboard:
                 "Requests refused by the policy (decision=deny) over the time range, by country.",
                 f'{SEL}, decision="deny"',
                 "red",
+                dashboard_models.FieldColorModeId.CONTINUOUS_YL_RD,
             )
         )
         .with_panel(
