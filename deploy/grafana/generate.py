@@ -124,7 +124,7 @@ def country_map(
         .with_target(instant_table(f"sum by (country) (increase(regiongate_decisions_total{{{selector}}}[$__range]))"))
         .basemap(common.MapLayerOptions().type("default").name("Basemap"))
         .layers([layer])
-        .view(geomap.MapViewConfig().id("zero").lat(20).lon(0).zoom(1))
+        .view(geomap.MapViewConfig().id("coords").lat(20).lon(0).zoom(1))
         .controls(geomap.ControlsOptions().show_zoom(True).mouse_wheel_zoom(False))
         .color_scheme(dashboard.FieldColor().mode(scheme))
         .height(11)
