@@ -111,6 +111,32 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("LOG_LEVEL", "warning"),
         help="(env REGIONGATE_LOG_LEVEL)",
     )
+    s.add_argument(
+        "--data-plane",
+        choices=["native", "asgi"],
+        default=_env("DATA_PLANE", "native"),
+        help="proxy port implementation: native (asyncio protocols, httptools) or asgi (the previous "
+        "uvicorn + aiohttp one, kept for comparison) (env REGIONGATE_DATA_PLANE; default native)",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=float,
+        default=float(_env("HEADER_TIMEOUT", 10.0)),
+        help="seconds a client may take to send a request's headers (env REGIONGATE_HEADER_TIMEOUT; default 10)",
+    )
+    s.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=float(_env("IDLE_TIMEOUT", 30.0)),
+        help="seconds a client connection may stay open with no request (env REGIONGATE_IDLE_TIMEOUT; default 30)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=int(_env("MAX_CONNECTIONS", 0)),
+        help="concurrent proxy connections (env REGIONGATE_MAX_CONNECTIONS; default 0: as many as the "
+        "open-file limit allows with room for the control plane)",
+    )
 
     c = sub.add_parser("check", help="validate policy files and run their tests")
     c.add_argument("policies", nargs="+", metavar="POLICY")
@@ -181,6 +207,10 @@ def _serve(args: argparse.Namespace) -> int:
             log_address=args.log_address,
             log_key=args.log_key,
             log_level=args.log_level,
+            data_plane=args.data_plane,
+            header_timeout=args.header_timeout,
+            idle_timeout=args.idle_timeout,
+            max_connections=args.max_connections,
         )
         return serve(settings)
     except ValidationError as e:

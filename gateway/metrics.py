@@ -73,6 +73,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.bad_requests = Counter(
+            "regiongate_bad_requests",
+            "Requests refused before a decision because they could not be read, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.geoip_info = Gauge(
             "regiongate_geoip_database_info",
             "Geo sources in use (value 1), by type and build time.",
@@ -103,6 +109,9 @@ class Metrics:
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)
         child.inc()
+
+    def bad_request(self, reason: str) -> None:
+        self.bad_requests.labels(reason).inc()
 
     def shadow_match(self, rule: str) -> None:
         self.shadow.labels(rule).inc()

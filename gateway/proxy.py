@@ -1,311 +1,148 @@
-"""The proxy port: one raw ASGI app, one straight line per request.
+"""The proxy port's request path, one straight line per request:
 
     address  ->  geo facts  ->  decision  ->  refuse or forward  ->  record
 
 Everything that decides is a pure function in another module
 (:func:`clientip.resolve`, :meth:`geo.Geo.lookup`, :func:`policy.decide`);
-this file only moves bytes between the client and the upstream and keeps
-the promises about failure: the gateway's own errors are OpenAI-shaped
-JSON, an upstream that is down or slow gets a 502/504 rather than a hang, a
-stream cut in the middle ends with an error event, and a client that hangs
-up cancels its upstream request.
+how bytes move is :mod:`gateway.dataplane`'s. This file joins them and
+keeps the promises about the gateway's own answers: they are OpenAI-shaped
+JSON, a method outside :data:`ALLOWED_METHODS` gets a 405 (``TRACE`` would
+echo the injected upstream key), a path that could escape the upstream's
+base gets a 400, and every request is recorded once, when its answer is over.
 
-Raw ASGI rather than a framework: the hot path is small, and every layer a
-framework adds is paid on every request.
+``handle`` is called by the server for each request, in the loop turn that
+read its head: no task per request. A forwarded request's record is written
+by the relay's completion callback.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
-
 from . import errors
 from .clientip import PUBLIC, ClientAddress, resolve
+from .dataplane.limits import Limits
+from .dataplane.pool import Pool
+from .dataplane.relay import Relay, error_headers, send_error
+from .dataplane.server import Request
 from .errors import GatewayError
 from .geo import NO_FACTS, GeoFacts
 from .policy import DENY, Decision, decide
 from .runtime import Runtime
-from .upstream import BadTarget, Upstream, new_session, request_headers, response_headers
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from .upstream import BadTarget, forward_headers
 
 log = logging.getLogger("regiongate")
 
-# A response up to this size with a known length is read whole and sent in
-# one piece: one ASGI message instead of a loop. Larger or unknown-length
-# bodies (and every event stream) are relayed chunk by chunk as they arrive.
-_WHOLE_BODY_LIMIT = 256 * 1024
-_NO_BODY_STATUS = frozenset({204, 304})
-# A task that waits on receive() for the client's disconnect costs ~90 µs a
-# request (measured: 2,670 -> 3,550 req/s without it), more than the decision
-# itself. Most answers are back long before that matters, so the watcher
-# starts only when a request has been in flight this long.
-_WATCH_AFTER = 0.1
+# What OpenAI-compatible APIs use. TRACE would echo the upstream key back,
+# CONNECT and the WebDAV family have no business here.
+ALLOWED_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 
-class _Exchange:
-    """Per-request state shared with the disconnect watcher."""
+class Outcome:
+    """What became of one request, for the record."""
 
-    __slots__ = (
-        "attempted",
-        "client_gone",
-        "done",
-        "error",
-        "response_started",
-        "sent",
-        "status",
-        "ttfb",
-        "watcher",
-    )
+    __slots__ = ("attempted", "client_gone", "error", "sent", "status", "ttfb")
 
     def __init__(self) -> None:
-        self.watcher: asyncio.Task[None] | None = None
         self.attempted = False
         self.client_gone = False
-        self.done = False
         self.status = 0
         self.sent = 0
         self.error: str | None = None
         self.ttfb: float | None = None
-        self.response_started = False
 
 
 class Gateway:
-    def __init__(self, runtime: Runtime, metrics: Any) -> None:
+    def __init__(self, runtime: Runtime, metrics: Any, limits: Limits) -> None:
         self.runtime = runtime
         self.metrics = metrics
-        self.session: aiohttp.ClientSession | None = None
+        self.limits = limits
+        self.pools: dict[str, Pool] = {}
         prefix = os.urandom(4).hex()
         self._ids = (f"rg-{prefix}{n:08x}" for n in itertools.count())
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self.handle(scope, receive, send)
-        elif scope["type"] == "lifespan":
-            await self.lifespan(receive, send)
-        # websocket: returning without accepting makes the server answer 403
+    def open(self, bound: int) -> None:
+        """One keep-alive pool per upstream (inside the running loop)."""
+        self.pools = {name: Pool(up, self.limits, bound) for name, up in self.runtime.upstreams.items()}
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+    def handle(self, request: Request) -> None:
         started = time.perf_counter()
         rt = self.runtime
         policy = rt.policy
         request_id = next(self._ids)
-        peer = scope["client"][0] if scope.get("client") else None
 
         # 1. Who is asking.
-        client = resolve(peer, scope["headers"], rt.clientip)
+        client = resolve(request.peer, request.headers, rt.clientip)
         # 2. Where they are.
         facts = rt.geo.lookup(client.ip) if client.kind == PUBLIC else NO_FACTS  # type: ignore[arg-type]
         # 3. What the policy says.
-        path = scope["path"]
+        path = request.path
         decision = decide(policy, client, facts, path if "//" not in path else _squash_slashes(path))
-        # 4. Refuse or forward.
-        ex = _Exchange()
+        # 4. Refuse or forward; 5. record, now or when the answer is over.
+        outcome = Outcome()
+
+        def record() -> None:
+            self.record(request, request_id, client, facts, decision, outcome, time.perf_counter() - started)
+
+        rid = request_id.encode()
         try:
             if decision.verdict == DENY:
-                await _send_error(send, policy.spec.block.status, policy.block_body, request_id, retry=False)
-                ex.status, ex.sent = policy.spec.block.status, len(policy.block_body)
+                block = policy.spec.block
+                request.respond(block.status, error_headers(rid, False), policy.block_body)
+                outcome.status, outcome.sent = block.status, len(policy.block_body)
+                record()
             else:
-                await self.forward(scope, receive, send, decision, request_id, peer, ex)
+                self.forward(request, decision, rid, outcome, record)
         except Exception:
             # A bug of ours must still give the client an OpenAI-shaped answer.
             log.exception("request %s failed", request_id)
-            if not ex.response_started:
-                await self.fail(send, errors.INTERNAL, request_id, ex)
-            ex.error = ex.error or errors.INTERNAL.code
-        # 5. Record.
-        self.record(scope, request_id, client, facts, decision, ex, time.perf_counter() - started)
+            if not request.started:
+                self.fail(request, errors.INTERNAL, rid, outcome, record)
+            else:
+                request.abort()
+                outcome.error = outcome.error or errors.INTERNAL.code
+                record()
 
-    async def forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        decision: Decision,
-        request_id: str,
-        peer: str | None,
-        ex: _Exchange,
-    ) -> None:
-        upstream = self.runtime.upstreams.get(decision.upstream or "")
-        if upstream is None or self.session is None:
-            await self.fail(send, errors.NO_UPSTREAM, request_id, ex)
+    def forward(self, request: Request, decision: Decision, rid: bytes, outcome: Outcome, record: Any) -> None:
+        pool = self.pools.get(decision.upstream or "")
+        if pool is None:
+            self.fail(request, errors.NO_UPSTREAM, rid, outcome, record)
             return
+        if request.method not in ALLOWED_METHODS:
+            self.fail(request, METHOD_NOT_ALLOWED, rid, outcome, record)
+            return
+        upstream = pool.upstream
         try:
-            url = upstream.target(scope.get("raw_path") or scope["path"].encode(), scope["query_string"])
+            url = upstream.target(request.raw_path, request.query)
         except BadTarget as e:
-            await self.fail(send, errors.bad_request(str(e), "invalid_path"), request_id, ex)
+            self.fail(request, errors.bad_request(str(e), "invalid_path"), rid, outcome, record)
             return
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            ex.client_gone, ex.status, ex.error = True, 499, "client_disconnected"
-            return
-        first: bytes = message.get("body", b"")
-        body: bytes | AsyncIterator[bytes] | None = first or None
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        watch_timer: asyncio.TimerHandle | None = None
-        if message.get("more_body", False):
-            body = self._stream_request(receive, first, ex, task)
-        else:
-            watch_timer = loop.call_later(_WATCH_AFTER, _start_watcher, receive, ex, task)
-        headers = request_headers(scope["headers"], peer, upstream)
-        timeouts = upstream.timeouts
-        sent_at = loop.time()  # deadlines are on the loop's clock (whole ms under uvloop) ...
-        clock = time.perf_counter()  # ... measurements on a fine one
-        total_deadline = sent_at + timeouts.total
-        response: aiohttp.ClientResponse | None = None
-        ex.attempted = True
-        try:
-            async with asyncio.timeout_at(min(sent_at + timeouts.first_byte, total_deadline)) as deadline:
-                response = await self.session.request(
-                    scope["method"],
-                    url,
-                    headers=headers,
-                    data=body,
-                    allow_redirects=False,
-                    timeout=upstream.client_timeout,
-                )
-                ex.ttfb = time.perf_counter() - clock
-                await self.relay(scope, send, response, upstream, request_id, ex, deadline, total_deadline)
-        except asyncio.CancelledError:
-            if not ex.client_gone:
-                raise
-            task.uncancel()
-            ex.status, ex.error = 499, "client_disconnected"
-        except TimeoutError as e:
-            if isinstance(e, aiohttp.ConnectionTimeoutError):
-                await self.fail(send, errors.UPSTREAM_CONNECT_TIMEOUT, request_id, ex)
-            elif not ex.response_started:
-                await self.fail(send, errors.UPSTREAM_TIMEOUT, request_id, ex)
-            elif loop.time() >= total_deadline:
-                await self.cut(send, response, errors.UPSTREAM_TOTAL_TIMEOUT, ex)
-            else:
-                await self.cut(send, response, errors.UPSTREAM_IDLE_TIMEOUT, ex)
-        except aiohttp.ClientConnectorError:
-            await self.fail(send, errors.UPSTREAM_UNREACHABLE, request_id, ex)
-        except aiohttp.ClientError:
-            if ex.response_started:
-                await self.cut(send, response, errors.UPSTREAM_STREAM_CUT, ex)
-            else:
-                await self.fail(send, errors.UPSTREAM_BAD_RESPONSE, request_id, ex)
-        finally:
-            ex.done = True
-            if watch_timer is not None:
-                watch_timer.cancel()
-            if ex.watcher is not None:
-                ex.watcher.cancel()
-            if response is not None:
-                response.release()
+        headers = forward_headers(request.headers, request.peer, upstream)
+        Relay(request, pool, url.raw_path_qs.encode("latin-1"), headers, rid, outcome, record).start()
 
-    async def relay(
-        self,
-        scope: Scope,
-        send: Send,
-        response: aiohttp.ClientResponse,
-        upstream: Upstream,
-        request_id: str,
-        ex: _Exchange,
-        deadline: asyncio.Timeout,
-        total_deadline: float,
-    ) -> None:
-        """Send the upstream's response on, keeping the stream a stream."""
-        loop = asyncio.get_running_loop()
-        idle = upstream.timeouts.idle
-        headers = response_headers(response.raw_headers)
-        headers.append((b"x-regiongate-request-id", request_id.encode()))
-        ex.status = response.status
-        length = response.content_length
-        no_body = scope["method"] == "HEAD" or response.status in _NO_BODY_STATUS
-        if not no_body and length is not None and length <= _WHOLE_BODY_LIMIT:
-            # A small body follows its headers at once: it is read under the
-            # first-byte deadline rather than paying for a reschedule.
-            data = await response.read()
-            ex.response_started = True
-            await send({"type": "http.response.start", "status": response.status, "headers": headers})
-            ex.done = True
-            await send({"type": "http.response.body", "body": data})
-            ex.sent = len(data)
-            return
-        ex.response_started = True
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        if not no_body:
-            content = response.content
-            while True:
-                deadline.reschedule(min(loop.time() + idle, total_deadline))
-                chunk = await content.readany()
-                if not chunk:
-                    break
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                ex.sent += len(chunk)
-        ex.done = True
-        await send({"type": "http.response.body", "body": b""})
-
-    async def fail(self, send: Send, error: GatewayError, request_id: str, ex: _Exchange) -> None:
-        """Answer with the gateway's own error, before any upstream byte went out."""
+    def fail(self, request: Request, error: GatewayError, rid: bytes, outcome: Outcome, record: Any) -> None:
         body = error.body()
-        ex.status, ex.error, ex.sent = error.status, error.code, len(body)
-        ex.done = True
-        await _send_error(send, error.status, body, request_id, retry=error.retry)
-
-    async def cut(
-        self, send: Send, response: aiohttp.ClientResponse | None, error: GatewayError, ex: _Exchange
-    ) -> None:
-        """The response already started and the upstream failed.
-
-        An event stream gets a final error event, which OpenAI's SDKs raise
-        as an ``APIError``; any other body is left incomplete (the server
-        closes the connection), so the client cannot take it for a whole one.
-        """
-        ex.error = error.code
-        ex.done = True
-        content_type = response.headers.get("content-type", "") if response is not None else ""
-        if content_type.startswith("text/event-stream"):
-            event = error.sse_event()
-            await send({"type": "http.response.body", "body": event, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
-            ex.sent += len(event)
-
-    def _stream_request(
-        self, receive: Receive, first: bytes, ex: _Exchange, task: asyncio.Task[Any]
-    ) -> AsyncIterator[bytes]:
-        async def chunks() -> AsyncIterator[bytes]:
-            yield first
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    ex.client_gone = True
-                    task.cancel()
-                    return
-                chunk = message.get("body", b"")
-                if chunk:
-                    yield chunk
-                if not message.get("more_body", False):
-                    break
-            # The body is read; from here on a receive() can only mean the client left.
-            _start_watcher(receive, ex, task)
-
-        return chunks()
+        outcome.status, outcome.error, outcome.sent = error.status, error.code, len(body)
+        send_error(request, error, rid)
+        record()
 
     def record(
         self,
-        scope: Scope,
+        request: Request,
         request_id: str,
         client: ClientAddress,
         facts: GeoFacts,
         decision: Decision,
-        ex: _Exchange,
+        ex: Outcome,
         seconds: float,
     ) -> None:
         country = facts.country or (client.kind if client.kind != PUBLIC else "unknown")
@@ -323,8 +160,8 @@ class Gateway:
         entry: dict[str, Any] = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "request_id": request_id,
-            "method": scope["method"],
-            "path": scope["path"],
+            "method": request.method,
+            "path": request.path,
             "client": log_.redact(client.ip),
             "client_via": client.via,
             "decision": decision.verdict,
@@ -352,53 +189,10 @@ class Gateway:
             entry["error"] = ex.error
         log_.write(entry)
 
-    async def lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self.session = new_session()
-                self.runtime.ready = True
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                self.runtime.ready = False
-                if self.session is not None:
-                    await self.session.close()
-                self.runtime.access_log.flush()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
-
-def _start_watcher(receive: Receive, ex: _Exchange, task: asyncio.Task[Any]) -> None:
-    if not ex.done and ex.watcher is None:
-        ex.watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, ex, task))
-
-
-async def _watch_disconnect(receive: Receive, ex: _Exchange, task: asyncio.Task[Any]) -> None:
-    """Cancel the request's task when its client hangs up, so the upstream request stops too."""
-    while not ex.done:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if not ex.done:
-                ex.client_gone = True
-                task.cancel()
-            return
-
-
-_JSON = (b"content-type", b"application/json")
-_RETRY = {True: (b"x-should-retry", b"true"), False: (b"x-should-retry", b"false")}
-
-
-async def _send_error(send: Send, status: int, body: bytes, request_id: str, *, retry: bool) -> None:
-    rid = request_id.encode()
-    headers = [
-        _JSON,
-        (b"content-length", b"%d" % len(body)),
-        _RETRY[retry],
-        (b"x-request-id", rid),
-        (b"x-regiongate-request-id", rid),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+METHOD_NOT_ALLOWED = GatewayError(
+    405, "invalid_request_error", "method_not_allowed", "This method is not allowed through the gateway."
+)
 
 
 def _squash_slashes(path: str) -> str:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -28,9 +29,13 @@ from typing import Any
 
 import uvicorn
 
+from .dataplane.limits import Limits, connection_cap, raise_nofile
 from .runtime import Runtime, Settings, load_runtime
 
 log = logging.getLogger("regiongate")
+
+# Below this many open files, a busy replica runs out of descriptors before CPU.
+LOW_NOFILE = 4096
 
 
 class _Server(uvicorn.Server):
@@ -70,34 +75,80 @@ def _uvicorn_config(app: Any, settings: Settings, lifespan: str) -> uvicorn.Conf
 def run_worker(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
     from .admin import create_admin_app
     from .metrics import Metrics
-    from .proxy import Gateway
 
     metrics = Metrics()
     metrics.describe_sources(runtime.geo.sources, runtime.policy.source, runtime.policy.sha256)
-    gateway = Gateway(runtime, metrics)
     admin = create_admin_app(runtime, metrics)
-    servers = [
-        _Server(_uvicorn_config(gateway, runtime.settings, "on")),
-        _Server(_uvicorn_config(admin, runtime.settings, "off")),
-    ]
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-
-        def stop() -> None:
-            for s in servers:
-                s.should_exit = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
-        await asyncio.gather(servers[0].serve([proxy_sock]), servers[1].serve([admin_sock]))
-
+    if runtime.settings.data_plane == "asgi":
+        main = _asgi_main(runtime, metrics, admin, proxy_sock, admin_sock)
+    else:
+        main = _native_main(runtime, metrics, admin, proxy_sock, admin_sock)
     try:
         import uvloop
 
-        uvloop.run(main())
+        uvloop.run(main)
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        asyncio.run(main())
+        asyncio.run(main)
+
+
+def limits_for(settings: Settings) -> Limits:
+    return Limits(
+        header_timeout=settings.header_timeout,
+        idle_timeout=settings.idle_timeout,
+        max_connections=settings.max_connections,
+    )
+
+
+async def _native_main(
+    runtime: Runtime, metrics: Any, admin: Any, proxy_sock: socket.socket, admin_sock: socket.socket
+) -> None:
+    """The native data plane on the proxy port, uvicorn + FastAPI on the control plane."""
+    from .dataplane.server import Listener
+    from .proxy import Gateway
+
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    limits = limits_for(runtime.settings)
+    cap = connection_cap(limits, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    gateway = Gateway(runtime, metrics, limits)
+    gateway.open(min(limits.upstream_connections or cap, cap))
+    listener = Listener(gateway.handle, limits, cap, metrics.bad_request)
+    await listener.start(proxy_sock)
+    admin_server = _Server(_uvicorn_config(admin, runtime.settings, "off"))
+    admin_task = loop.create_task(admin_server.serve([admin_sock]))
+    runtime.ready = True
+    stop_task = loop.create_task(stopping.wait())
+    await asyncio.wait([admin_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
+    runtime.ready = False
+    await listener.shutdown()
+    gateway.close()
+    admin_server.should_exit = True
+    await admin_task
+    stop_task.cancel()
+    runtime.access_log.flush()
+
+
+async def _asgi_main(
+    runtime: Runtime, metrics: Any, admin: Any, proxy_sock: socket.socket, admin_sock: socket.socket
+) -> None:
+    """The previous data plane: uvicorn serving the raw ASGI app, aiohttp upstream."""
+    from .asgi_proxy import Gateway
+
+    servers = [
+        _Server(_uvicorn_config(Gateway(runtime, metrics), runtime.settings, "on")),
+        _Server(_uvicorn_config(admin, runtime.settings, "off")),
+    ]
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for s in servers:
+            s.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    await asyncio.gather(servers[0].serve([proxy_sock]), servers[1].serve([admin_sock]))
 
 
 def _port(sock: socket.socket) -> int:
@@ -111,8 +162,10 @@ def serve(settings: Settings) -> int:
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = tempfile.mkdtemp(prefix="regiongate-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    soft, hard = raise_nofile()
     try:
         runtime = load_runtime(settings)
+        _note_file_limit(runtime, soft, hard)
         proxy_sock = bind(settings.host, settings.port)
         admin_sock = bind(settings.admin_host, settings.admin_port)
         _announce(runtime, proxy_sock, admin_sock)
@@ -125,6 +178,16 @@ def serve(settings: Settings) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _note_file_limit(runtime: Runtime, soft: int, hard: int) -> None:
+    """Say so when the open-file limit, not the machine, bounds the proxy's connections."""
+    if hard < LOW_NOFILE:
+        cap = connection_cap(limits_for(runtime.settings), soft)
+        runtime.warnings.append(
+            f"the open-file limit is {hard} (hard): at most {cap} concurrent proxy connections per worker; "
+            "raise it (ulimit -n, LimitNOFILE=) for more"
+        )
+
+
 def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
     s = runtime.settings
     p = runtime.policy
@@ -135,7 +198,7 @@ def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.so
         f"control plane on http://{s.admin_host}:{_port(admin_sock)} (/healthz /readyz /metrics)",
         f"policy {p.source} sha256:{p.sha256[:12]} ({len(p.rules)} rules, mode {p.spec.mode})",
         f"geo: {geo}",
-        f"workers: {s.workers}",
+        f"workers: {s.workers}, data plane: {s.data_plane}",
     ]
     lines += [f"warning: {w}" for w in runtime.warnings]
     for line in lines:

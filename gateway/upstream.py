@@ -38,6 +38,7 @@ HOP_BY_HOP = frozenset(
         b"host",
     }
 )
+_REQUEST_DROP = HOP_BY_HOP | {b"expect"}
 # The server in front of the client writes its own Date.
 _RESPONSE_DROP = HOP_BY_HOP | {b"date"}
 # aiohttp would otherwise add its own values when the client sent none.
@@ -116,38 +117,50 @@ def build_upstreams(specs: Mapping[str, UpstreamSpec], env: Mapping[str, str] = 
     return out
 
 
-def request_headers(
+def forward_headers(
     headers: Iterable[tuple[bytes, bytes]], peer: str | None, upstream: Upstream
-) -> list[tuple[str, str]]:
-    """The client's headers as the upstream should see them.
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers as the upstream should see them, byte for byte.
 
     Hop-by-hop headers (and any the client's ``Connection`` names) are
-    dropped, the peer is appended to ``X-Forwarded-For``, and the client's
-    ``Authorization`` is replaced when the upstream has its own key.
+    dropped, and so is ``Expect``: the gateway answers ``100-continue``
+    itself and holds the body. The peer is appended to ``X-Forwarded-For``,
+    and the client's ``Authorization`` is replaced when the upstream has
+    its own key. Names arrive lower-cased; values are never re-encoded.
     """
-    out: list[tuple[str, str]] = []
-    drop = HOP_BY_HOP
+    out: list[tuple[bytes, bytes]] = []
+    drop = _REQUEST_DROP
     xff = None
     for name, value in headers:
         if name in drop:
             if name == b"connection":
-                extra = {t.strip().lower().encode() for t in value.decode("latin-1").split(",")}
+                extra = {t.strip().lower() for t in value.split(b",")}
                 drop = drop | extra
-                out = [(n, v) for n, v in out if n.lower().encode("latin-1") not in extra]
+                out = [(n, v) for n, v in out if n not in extra]
             continue
         if name == b"x-forwarded-for":
-            xff = value.decode("latin-1") if xff is None else f"{xff}, {value.decode('latin-1')}"
+            xff = value if xff is None else xff + b", " + value
             continue
         if name == b"authorization" and upstream.authorization is not None:
             continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+        out.append((name, value))
     if peer:
-        xff = peer if xff is None else f"{xff}, {peer}"
+        xff = peer.encode() if xff is None else xff + b", " + peer.encode()
     if xff is not None:
-        out.append(("X-Forwarded-For", xff))
+        out.append((b"x-forwarded-for", xff))
     if upstream.authorization is not None:
-        out.append(("Authorization", upstream.authorization))
+        out.append((b"authorization", upstream.authorization.encode("latin-1")))
     return out
+
+
+def request_headers(
+    headers: Iterable[tuple[bytes, bytes]], peer: str | None, upstream: Upstream
+) -> list[tuple[str, str]]:
+    """:func:`forward_headers` as text, for aiohttp (the ``asgi`` data plane)."""
+    named = {b"x-forwarded-for": "X-Forwarded-For", b"authorization": "Authorization"}
+    return [
+        (named.get(n) or n.decode("latin-1"), v.decode("latin-1")) for n, v in forward_headers(headers, peer, upstream)
+    ]
 
 
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
