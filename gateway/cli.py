@@ -137,6 +137,20 @@ def _parser() -> argparse.ArgumentParser:
         help="concurrent proxy connections (env REGIONGATE_MAX_CONNECTIONS; default 0: as many as the "
         "open-file limit allows with room for the control plane)",
     )
+    s.add_argument(
+        "--upstream-connections",
+        type=int,
+        default=int(_env("UPSTREAM_CONNECTIONS", 0)),
+        help="connections per upstream, busy and idle (env REGIONGATE_UPSTREAM_CONNECTIONS; default 0: "
+        "as many as proxy connections)",
+    )
+    s.add_argument(
+        "--upstream-keepalive",
+        type=float,
+        default=float(_env("UPSTREAM_KEEPALIVE", 4.0)),
+        help="seconds an idle upstream connection is kept; keep it below the upstream's own keep-alive "
+        "timeout (env REGIONGATE_UPSTREAM_KEEPALIVE; default 4)",
+    )
 
     c = sub.add_parser("check", help="validate policy files and run their tests")
     c.add_argument("policies", nargs="+", metavar="POLICY")
@@ -154,6 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stub", help="run the bundled OpenAI-compatible stub upstream (for trying out and tests)")
     st.add_argument("--host", default="127.0.0.1")
     st.add_argument("--port", type=int, default=8000)
+    st.add_argument("--certfile", help="serve HTTPS with this certificate chain (PEM)")
+    st.add_argument("--keyfile", help="the certificate's private key (PEM)")
     return parser
 
 
@@ -174,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stub":
             from .stub import run
 
-            run(args.host, args.port)
+            run(args.host, args.port, args.certfile, args.keyfile)
             return 0
     except KeyboardInterrupt:
         return 130
@@ -211,6 +227,8 @@ def _serve(args: argparse.Namespace) -> int:
             header_timeout=args.header_timeout,
             idle_timeout=args.idle_timeout,
             max_connections=args.max_connections,
+            upstream_connections=args.upstream_connections,
+            upstream_keepalive=args.upstream_keepalive,
         )
         return serve(settings)
     except ValidationError as e:

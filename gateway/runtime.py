@@ -55,6 +55,8 @@ class Settings(BaseModel):
     header_timeout: float = Field(10.0, gt=0)
     idle_timeout: float = Field(30.0, gt=0)
     max_connections: int = Field(0, ge=0)
+    upstream_connections: int = Field(0, ge=0)
+    upstream_keepalive: float = Field(4.0, gt=0)
 
 
 def default_policy_path() -> str:

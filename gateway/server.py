@@ -96,6 +96,8 @@ def limits_for(settings: Settings) -> Limits:
         header_timeout=settings.header_timeout,
         idle_timeout=settings.idle_timeout,
         max_connections=settings.max_connections,
+        upstream_connections=settings.upstream_connections,
+        upstream_idle=settings.upstream_keepalive,
     )
 
 

@@ -58,6 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = True
         self._status = 0
+        self._reusable = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -100,6 +101,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # parser callbacks
     def on_message_begin(self) -> None:
+        self._reusable = False
         self._headers = []
         self._in_head = True
 
@@ -120,6 +122,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self._status < 200:
             return  # 1xx: the real response follows
+        self._reusable = self.parser.should_keep_alive()  # llhttp forgets it once the message is over
         if self.receiver is not None:
             self.receiver.upstream_complete()
 
@@ -137,7 +140,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def keep_alive(self) -> bool:
-        return not self.closed and self.parser.should_keep_alive()
+        return not self.closed and self._reusable
 
     def abort(self) -> None:
         self.receiver = None

@@ -67,6 +67,7 @@ class Relay:
         "first_byte_at",
         "head",
         "held",
+        "held_bytes",
         "last_rx",
         "loop",
         "no_body",
@@ -113,7 +114,8 @@ class Relay:
         parts.append(b"\r\n")
         self.head = b"".join(parts)
         self.pending: list[bytes] = []
-        self.held: list[bytes] | None = None  # the whole body, kept for one retry
+        self.held: list[bytes] | None = []  # the body so far, kept for one retry while it is small
+        self.held_bytes = 0
         self.pending_bytes = 0
         self.body_sent = not request.has_body
         self.streamed = False
@@ -169,8 +171,6 @@ class Relay:
         self.conn = conn
         conn.receiver = self
         data = [self.head, *self.pending]
-        if not self.streamed:
-            self.held = self.pending  # in hand whole: can be sent again once
         self.pending = []
         self.pending_bytes = 0
         if self.body_sent and self.chunked_up:
@@ -185,6 +185,12 @@ class Relay:
         if not data:
             return
         framed = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked_up else data
+        if self.held is not None:
+            self.held_bytes += len(framed)
+            if self.held_bytes <= self.pool.limits.body_buffer:
+                self.held.append(framed)
+            else:
+                self.held = None  # too big to keep: this request cannot be sent twice
         if self.conn is not None:
             self.conn.write(framed)
         else:
@@ -269,7 +275,7 @@ class Relay:
         if not self.response_started:
             quiet = error is None or isinstance(error, OSError)  # closed or reset, not a bad response
             stale = conn is not None and conn.reused and not conn.got_bytes and quiet
-            if stale and self.held is not None and not self.retried:
+            if stale and self.body_sent and self.held is not None and not self.retried:
                 self._retry()
                 return
             self._fail(errors.UPSTREAM_BAD_RESPONSE)
@@ -283,7 +289,7 @@ class Relay:
     def _retry(self) -> None:
         """A pooled connection closed under the request before any answer: once more, on a new one."""
         self.retried = True
-        self.pending, self.held = self.held or [], None
+        self.pending, self.held = list(self.held or []), None
         self.cancel_wait = self.pool.acquire(self._connected, fresh=True)
 
     # --- backpressure: a slow client pauses the upstream --------------------------------

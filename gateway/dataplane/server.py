@@ -105,9 +105,12 @@ class Request:
     def __init__(self, conn: ClientConnection, method: str, url: bytes, headers: list[Header]) -> None:
         self._conn = conn
         self.method = method
-        parsed = httptools.parse_url(url)
-        self.raw_path: bytes = parsed.path or b""
-        self.query: bytes = parsed.query or b""
+        try:
+            parsed = httptools.parse_url(url)
+            self.raw_path: bytes = parsed.path or b""
+            self.query: bytes = parsed.query or b""
+        except httptools.HttpParserInvalidURLError:  # authority form (CONNECT) and the like: refused later
+            self.raw_path, self.query = url, b""
         text = self.raw_path.decode("latin-1")
         self.path = unquote(text) if "%" in text else text
         self.headers = headers
@@ -465,6 +468,20 @@ class ClientConnection(asyncio.Protocol):
             self.broken = error
         self.broken_reason = self.broken_reason or reason
         self.flow(self.parser, paused=True)
+        # The unreadable request itself is never dispatched; one being sent on (its body
+        # turned out bad) is aborted upstream, so the upstream never sees it completed.
+        self.queue = deque(r for r in self.queue if r is not self.receiving)
+        current = self.current
+        if current is not None and current is self.receiving:
+            self.current = None
+            current.keep_alive = False
+            if current.dispatched and not current.finished:
+                current.finished = True
+                if current.on_gone is not None:
+                    current.on_gone()
+                if current.started:
+                    self.close()
+                    return
         if self.current is None or self.current.finished:
             self._answer_broken()
 
