@@ -627,6 +627,9 @@ class TargetResult:
     throughput: WrkRun
     latency: WrkRun
     added_p50_ms: float | None = None
+    # CPU time of the target's own process per request at 64 connections: less sensitive to
+    # a busy machine than req/s (nginx targets: the master only, so not comparable).
+    cpu_us_per_request: float | None = None
     problems: list[str] = field(default_factory=list)
 
 
@@ -637,10 +640,14 @@ def measure(
     log(f"{target.label}: warm-up {warmup_s}s")
     run_wrk(tools, pin, target.url, THROUGHPUT_CONNECTIONS, warmup_s)
     log(f"{target.label}: {THROUGHPUT_CONNECTIONS} connections, {duration_s}s")
+    cpu_before = stream_bench.cpu_seconds(target.pid)
     throughput = run_wrk(tools, pin, target.url, THROUGHPUT_CONNECTIONS, duration_s)
+    cpu = stream_bench.cpu_seconds(target.pid) - cpu_before
     log(f"{target.label}: 1 connection, {duration_s}s")
     latency = run_wrk(tools, pin, target.url, 1, duration_s)
     result = TargetResult(target.key, target.label, target.pid, throughput, latency)
+    if throughput.requests:
+        result.cpu_us_per_request = round(cpu / throughput.requests * 1e6, 1)
     result.problems = check_run(target, throughput) + check_run(target, latency)
     return result
 
@@ -738,8 +745,8 @@ def markdown_table(results: dict[str, TargetResult]) -> str:
     c = THROUGHPUT_CONNECTIONS
     rows = [
         f"| target | req/s @{c} | p50 @{c} | p99 @{c} | p50 @1 | p99 @1 "
-        "| added p50 @1 vs bare upstream | non-2xx @64 / @1 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| added p50 @1 vs bare upstream | non-2xx @64 / @1 | process CPU µs / request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results.values():
         t, lat = r.throughput.latency_ms, r.latency.latency_ms
@@ -749,7 +756,8 @@ def markdown_table(results: dict[str, TargetResult]) -> str:
         rows.append(
             f"| {r.label} | {r.throughput.rps:,.0f} | {t['p50']:.3f} ms | {t['p99']:.3f} ms "
             f"| {lat['p50']:.3f} ms | {lat['p99']:.3f} ms | {added} "
-            f"| {r.throughput.non2xx_share:.1%} / {r.latency.non2xx_share:.1%} |"
+            f"| {r.throughput.non2xx_share:.1%} / {r.latency.non2xx_share:.1%} "
+            f"| {'-' if r.cpu_us_per_request is None or r.key not in GATEWAYS else r.cpu_us_per_request} |"
         )
     return "\n".join(rows)
 

@@ -765,3 +765,44 @@ def test_differential_gateway_versus_straight_to_the_stub(gateway: GatewayFactor
             xff = dict((k.lower(), v) for k, v in p["headers"])["x-forwarded-for"]  # type: ignore[attr-defined]
             assert xff == f"{GB}, 127.0.0.1"
             assert dict((k.lower(), v) for k, v in p["headers"])["host"] == f"127.0.0.1:{stub.port}"  # type: ignore[attr-defined]
+
+
+# --- bodiless answers, and the previous data plane still selectable ------------------------------
+
+
+def test_head_204_and_304_have_no_body_and_keep_the_connection(gateway: GatewayFactory, tmp_path: Path) -> None:
+    def serve(conn: socket.socket, _: int) -> None:
+        while request := read_request(conn):
+            if request.startswith(b"HEAD"):
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1234\r\n\r\n")
+            elif b"/204" in request.split(b"\r\n")[0]:
+                conn.sendall(b"HTTP/1.1 204 No Content\r\nx-a: 1\r\n\r\n")
+            else:
+                conn.sendall(b'HTTP/1.1 304 Not Modified\r\netag: "e"\r\n\r\n')
+
+    with scripted(serve) as up:
+        gw = start(gateway, tmp_path, up.url)
+        data = (
+            b"HEAD /h HTTP/1.1\r\nHost: x\r\n" + XFF + b"\r\n"
+            b"GET /204 HTTP/1.1\r\nHost: x\r\n" + XFF + b"\r\n"
+            b'GET /304 HTTP/1.1\r\nHost: x\r\nIf-None-Match: "e"\r\n' + XFF + b"\r\n"
+            b"GET /204 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + XFF + b"\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+            s.sendall(data)
+            raw, closed = read_until_closed(s)
+    assert closed
+    # A HEAD answer keeps its announced length; the parser is told the request was HEAD.
+    head, rest = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"content-length: 1234" in head
+    statuses = [r.status for r in parse_responses(rest)]
+    assert statuses == [204, 304, 204]
+    assert all(r.body == b"" for r in parse_responses(rest))
+    assert b"transfer-encoding" not in raw.lower()
+
+
+def test_previous_data_plane_is_still_selectable(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
+    gw = start(gateway, tmp_path, stub.url, "--data-plane", "asgi")
+    assert "data plane: asgi" in gw.stderr()
+    assert httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB}).status_code == 200
+    assert httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": CN}).status_code == 403

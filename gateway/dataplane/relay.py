@@ -67,6 +67,7 @@ class Relay:
         "first_byte_at",
         "head",
         "held",
+        "idle_timer",
         "held_bytes",
         "last_rx",
         "loop",
@@ -121,6 +122,7 @@ class Relay:
         self.streamed = False
         self.out: list[bytes] = []
         self.response_started = False
+        self.idle_timer = False
         self.complete = False
         self.finished = False
         self.paused = False
@@ -218,10 +220,7 @@ class Relay:
         self.outcome.ttfb = time.perf_counter() - self.clock
         self.outcome.status = status
         self.response_started = True
-        self.last_rx = now = self.loop.time()
-        if self.timer is not None:  # from the first-byte deadline to the idle and total ones
-            self.timer.cancel()
-        self.timer = self.loop.call_at(min(now + self.pool.upstream.timeouts.idle, self.total_at), self._on_timer)
+        self.last_rx = self.loop.time()
         self.no_body = self.no_body or status in _NO_BODY_STATUS
         length = chunked = False
         for name, value in raw:
@@ -264,6 +263,14 @@ class Relay:
             out.clear()
         if self.complete:
             self._finish(reusable=self.body_sent)
+        elif self.response_started and not self.idle_timer:
+            # A body still to come: from the first-byte deadline to the idle and total ones.
+            # (Not done for a response that is over in the read that started it: most are.)
+            self.idle_timer = True
+            if self.timer is not None:
+                self.timer.cancel()
+            idle_at = self.last_rx + self.pool.upstream.timeouts.idle
+            self.timer = self.loop.call_at(min(idle_at, self.total_at), self._on_timer)
 
     def upstream_lost(self, error: Exception | None) -> None:
         conn, self.conn = self.conn, None
