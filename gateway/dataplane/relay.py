@@ -67,8 +67,8 @@ class Relay:
         "first_byte_at",
         "head",
         "held",
-        "idle_timer",
         "held_bytes",
+        "idle_timer",
         "last_rx",
         "loop",
         "no_body",
@@ -83,7 +83,6 @@ class Relay:
         "response_started",
         "retried",
         "sse",
-        "streamed",
         "timer",
         "total_at",
         "until_close",
@@ -119,7 +118,6 @@ class Relay:
         self.held_bytes = 0
         self.pending_bytes = 0
         self.body_sent = not request.has_body
-        self.streamed = False
         self.out: list[bytes] = []
         self.response_started = False
         self.idle_timer = False
@@ -156,8 +154,6 @@ class Relay:
                 self._client_chunk(chunk)
             if request.body_done:
                 self._client_end()
-            else:
-                self.streamed = True
         self.cancel_wait = self.pool.acquire(self._connected)
 
     def _connected(self, conn: UpstreamConnection | None, error: Exception | None) -> None:

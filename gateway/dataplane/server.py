@@ -445,6 +445,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             request._on_chunk = request._on_end = None
             self.flow(request, paused=False)  # read and drop the rest of the body, then go on
+            self.deadline = self.listener.loop.time() + self.limits.idle_timeout
 
     def _next(self) -> None:
         self.current = None
@@ -504,8 +505,8 @@ class ClientConnection(asyncio.Protocol):
         if self._in_head and self.current is None:
             self.broken, self.broken_reason = _HEADER_TIMEOUT, "header_timeout"
             self._answer_broken()
-        elif self.current is None:
-            self.close()
+        elif self.current is None or self.current.finished:
+            self.close()  # silent, or answered and still trickling a body nobody reads
 
 
 class _Refuse(Exception):
