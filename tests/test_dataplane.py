@@ -806,3 +806,30 @@ def test_previous_data_plane_is_still_selectable(gateway: GatewayFactory, stub: 
     assert "data plane: asgi" in gw.stderr()
     assert httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB}).status_code == 200
     assert httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": CN}).status_code == 403
+
+
+def test_connect_timeout_is_504(gateway: GatewayFactory, tmp_path: Path) -> None:
+    """An upstream whose accept queue is full drops SYNs: the connect deadline answers, not the first-byte one."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # never accepted: the queue overflows and later SYNs go unanswered
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.3)
+        policy = write(
+            tmp_path,
+            "t.yaml",
+            f"version: 1\nupstreams:\n  default: {{url: 'http://127.0.0.1:{port}', timeouts: {{connect: 0.5}}}}\n"
+            "rules:\n  - {name: gb, countries: [GB], action: allow}\n",
+        )
+        gw = gateway("--policy", policy, "--geoip", CITY, *TRUST)
+        r = httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB}, timeout=20)
+        for s in fillers:
+            s.close()
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_connect_timeout"

@@ -44,6 +44,23 @@ class Receiver(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One socket to an upstream; its response parser reports to the current receiver."""
 
+    __slots__ = (
+        "_headers",
+        "_in_head",
+        "_reusable",
+        "_status",
+        "closed",
+        "counted",
+        "got_bytes",
+        "idle_since",
+        "in_idle",
+        "parser",
+        "pool",
+        "receiver",
+        "reused",
+        "transport",
+    )
+
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.parser = httptools.HttpResponseParser(self)

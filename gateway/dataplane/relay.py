@@ -169,6 +169,8 @@ class Relay:
         self.conn = conn
         conn.receiver = self
         data = [self.head, *self.pending]
+        if self.retried:
+            self.head = b""  # sent for the last time
         self.pending = []
         self.pending_bytes = 0
         if self.body_sent and self.chunked_up:
@@ -214,6 +216,7 @@ class Relay:
 
     def upstream_head(self, status: int, raw: list[Header]) -> None:
         self.outcome.ttfb = time.perf_counter() - self.clock
+        self.head, self.held = b"", None  # an answer arrived: no retry, nothing to keep
         self.outcome.status = status
         self.response_started = True
         self.last_rx = self.loop.time()

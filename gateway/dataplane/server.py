@@ -248,6 +248,32 @@ class Request:
 class ClientConnection(asyncio.Protocol):
     """One client socket: parser callbacks in, responses out, in request order."""
 
+    # Slots: thousands of these are held at once, one per open stream.
+    __slots__ = (
+        "_advancing",
+        "_head_bytes",
+        "_head_fresh",
+        "_headers",
+        "_in_head",
+        "_paused_by",
+        "_url",
+        "broken",
+        "broken_reason",
+        "closed",
+        "current",
+        "deadline",
+        "draining",
+        "last",
+        "limits",
+        "listener",
+        "parser",
+        "peer",
+        "queue",
+        "receiving",
+        "transport",
+        "write_paused",
+    )
+
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.limits = listener.limits
