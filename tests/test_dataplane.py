@@ -833,3 +833,28 @@ def test_connect_timeout_is_504(gateway: GatewayFactory, tmp_path: Path) -> None
         for s in fillers:
             s.close()
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_connect_timeout"
+
+
+def test_close_delimited_and_truncated_upstream_responses(gateway: GatewayFactory, tmp_path: Path) -> None:
+    def serve(conn: socket.socket, _: int) -> None:
+        request = read_request(conn)
+        if request and b"/whole" in request:
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nhello, until close")
+        elif request:
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n\r\nonly this")
+
+    with scripted(serve) as up:
+        gw = start(gateway, tmp_path, up.url)
+        responses, _ = exchange(gw.port, b"GET /whole HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + XFF + b"\r\n")
+        assert responses[0].complete and responses[0].body == b"hello, until close"
+        assert responses[0].header("transfer-encoding") == "chunked"  # re-framed for an HTTP/1.1 client
+        responses, closed = exchange(gw.port, b"GET /cut HTTP/1.1\r\nHost: x\r\n" + XFF + b"\r\n")
+        assert closed and not responses[0].complete  # cut short, and it cannot pass for a whole body
+        assert gw.wait_log(2)[-1]["error"] == "upstream_stream_interrupted"
+
+
+def test_good_request_before_garbage_is_answered_first(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
+    gw = start(gateway, tmp_path, stub.url)
+    responses, closed = exchange(gw.port, b"GET /echo/ok HTTP/1.1\r\nHost: x\r\n" + XFF + b"\r\nGARBAGE\r\n\r\n")
+    assert [r.status for r in responses] == [200, 400] and closed
+    assert responses[0].json()["path"] == "/echo/ok"

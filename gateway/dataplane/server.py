@@ -239,7 +239,7 @@ class Request:
 
     def _must_close(self) -> bool:
         conn = self._conn
-        if not self.keep_alive or conn.draining or conn.broken is not None:
+        if not self.keep_alive or conn.draining:
             return True
         # The client was told to wait and was never asked for the body: its framing is unknown.
         return not self.body_done and self.expect_continue and not self.continue_sent
@@ -380,8 +380,7 @@ class ClientConnection(asyncio.Protocol):
             self.flow(self.parser, paused=True)
         except httptools.HttpParserError as e:
             self._bad(self.broken or errors.bad_request(f"Malformed HTTP request: {_parser_message(e)}"), "malformed")
-            return
-        if self._in_head:
+        if self.broken is None and self._in_head:
             # A head still open after a whole feed: count all of it, so a header that never
             # ends is refused after max_header_bytes, not after it has filled memory.
             if self._head_fresh:
@@ -390,7 +389,7 @@ class ClientConnection(asyncio.Protocol):
                 self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._bad(_HEADERS_TOO_LARGE, "headers_too_large")
-                return
+        # Requests read whole before a bad one are still answered, in order, before the error.
         self._advance()
 
     def on_message_begin(self) -> None:
@@ -515,7 +514,7 @@ class ClientConnection(asyncio.Protocol):
     def _answer_broken(self) -> None:
         error = self.broken
         assert error is not None
-        self.listener.bad_request(self.broken_reason or "malformed", self.peer)
+        self.listener.bad_request(self.broken_reason or "malformed")
         body = error.body()
         self.write(
             status_line(error.status)
@@ -596,13 +595,13 @@ class Listener:
             conn.timed_out()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
-    def bad_request(self, reason: str, peer: str | None) -> None:
-        """Count every unparseable request; log at most one line a second about them."""
+    def bad_request(self, reason: str) -> None:
+        """Count every unparseable request; log at most one line a second about them (no addresses)."""
         self.on_bad_request(reason)
         now = self.loop.time()
         if now - self._bad_logged_at >= 1.0:
             more = f" (and {self._bad_suppressed} more since the last line)" if self._bad_suppressed else ""
-            log.warning("bad request from %s: %s%s", peer, reason, more)
+            log.warning("bad request on the proxy port: %s%s", reason, more)
             self._bad_logged_at = now
             self._bad_suppressed = 0
         else:
