@@ -131,6 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = self.parser.get_status_code()
         if self._status >= 200 and self.receiver is not None:
             self.receiver.upstream_head(self._status, self._headers)
+        self._headers = []
 
     def on_body(self, body: bytes) -> None:
         if self.receiver is not None:

@@ -113,6 +113,7 @@ class Relay:
             parts.append(b"transfer-encoding: chunked\r\n")
         parts.append(b"\r\n")
         self.head = b"".join(parts)
+        request.forget_headers()
         self.pending: list[bytes] = []
         self.held: list[bytes] | None = []  # the body so far, kept for one retry while it is small
         self.held_bytes = 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, cast
@@ -142,6 +141,10 @@ class Request:
         self.on_gone: Callable[[], None] | None = None
         self.on_pause: Callable[[], None] | None = None
         self.on_resume: Callable[[], None] | None = None
+
+    def forget_headers(self) -> None:
+        """Once forwarded, a stream that stays open for minutes need not keep the request's headers."""
+        self.headers = []
 
     # --- the request body ----------------------------------------------------------------
 
@@ -283,14 +286,14 @@ class ClientConnection(asyncio.Protocol):
         self.current: Request | None = None  # being answered
         self.receiving: Request | None = None  # being parsed (its body may still arrive)
         self.last: Request | None = None
-        self.queue: deque[Request] = deque()
+        self.queue: list[Request] = []  # pipelined, waiting (a list: a deque's block is 600 bytes a connection)
         self.deadline = 0.0  # when the sweep closes this connection (0: never)
         self.draining = False
         self.broken: GatewayError | None = None
         self.broken_reason = ""
         self.closed = False
         self.write_paused = False
-        self._paused_by: set[int] = set()
+        self._paused_by: list[int] = []
         self._url = b""
         self._headers: list[Header] = []
         self._head_bytes = 0
@@ -358,9 +361,10 @@ class ClientConnection(asyncio.Protocol):
         if paused:
             if not self._paused_by:
                 self.transport.pause_reading()
-            self._paused_by.add(key)
+            if key not in self._paused_by:
+                self._paused_by.append(key)
         elif key in self._paused_by:
-            self._paused_by.discard(key)
+            self._paused_by.remove(key)
             if not self._paused_by:
                 self.transport.resume_reading()
 
@@ -377,7 +381,7 @@ class ClientConnection(asyncio.Protocol):
             # connection closes after the answer.
             if self.last is not None:
                 self.last.keep_alive = False
-            self.flow(self.parser, paused=True)
+            self.flow(_STOPPED, paused=True)
         except httptools.HttpParserError as e:
             self._bad(self.broken or errors.bad_request(f"Malformed HTTP request: {_parser_message(e)}"), "malformed")
         if self.broken is None and self._in_head:
@@ -424,13 +428,14 @@ class ClientConnection(asyncio.Protocol):
         self._in_head = False
         method = self.parser.get_method().decode("latin-1")
         request = Request(self, method, self._url, self._headers)
+        self._url, self._headers = b"", []
         self.receiving = self.last = request
         if self.current is None and not self.queue:
             self.current = request
             self.deadline = 0.0
         else:
             self.queue.append(request)
-            self.flow(self.queue, paused=True)
+            self.flow(_PIPELINE, paused=True)
 
     def on_body(self, body: bytes) -> None:
         if self.receiving is not None:
@@ -475,9 +480,9 @@ class ClientConnection(asyncio.Protocol):
     def _next(self) -> None:
         self.current = None
         if self.queue:
-            self.current = self.queue.popleft()
+            self.current = self.queue.pop(0)
             if not self.queue:
-                self.flow(self.queue, paused=False)
+                self.flow(_PIPELINE, paused=False)
             if not self.current.dispatched:
                 self._advance()
             return
@@ -493,10 +498,10 @@ class ClientConnection(asyncio.Protocol):
         if self.broken is None:
             self.broken = error
         self.broken_reason = self.broken_reason or reason
-        self.flow(self.parser, paused=True)
+        self.flow(_STOPPED, paused=True)
         # The unreadable request itself is never dispatched; one being sent on (its body
         # turned out bad) is aborted upstream, so the upstream never sees it completed.
-        self.queue = deque(r for r in self.queue if r is not self.receiving)
+        self.queue = [r for r in self.queue if r is not self.receiving]
         current = self.current
         if current is not None and current is self.receiving:
             self.current = None
@@ -532,6 +537,11 @@ class ClientConnection(asyncio.Protocol):
             self._answer_broken()
         elif self.current is None or self.current.finished:
             self.close()  # silent, or answered and still trickling a body nobody reads
+
+
+# Reasons to stop reading a connection, besides a request's own (a full body buffer).
+_PIPELINE = object()  # a request waits behind the one being answered
+_STOPPED = object()  # nothing after this point can be parsed
 
 
 class _Refuse(Exception):
