@@ -772,15 +772,16 @@ def stream_table(streams: dict[str, Any]) -> list[str]:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key, r in streams.items():
-        relay, held = r["relay"], r["held"]
+        relay, held = r["relay"], r["held"] or {}
+        label = GATEWAYS[key][1] if key in GATEWAYS else "bare byte pipe on uvloop (floor, no HTTP)"
         per_event = "-" if relay["cpu_us_per_event"] is None else f"{relay['cpu_us_per_event']:.1f}"
-        per_stream = "-" if held["kib_per_stream"] is None else f"{held['kib_per_stream']:.2f}"
+        per_stream = "-" if held.get("kib_per_stream") is None else f"{held['kib_per_stream']:.2f}"
+        rss = f"{(held['rss_after_kib'] - held['rss_before_kib']) / 1024:,.1f} MiB" if held else "-"
         rows.append(
-            f"| {GATEWAYS[key][1]} | {relay['streams']:,} | {relay['events_in_window']:,} "
+            f"| {label} | {relay['streams']:,} | {relay['events_in_window']:,} "
             f"(expected {relay['expected_events']:,.0f}) | {per_event} | {relay['emitter_cpu_share']:.0%} "
-            f"| {relay['client_cpu_share']:.0%} | {held['streams']:,} "
-            f"| {(held['rss_after_kib'] - held['rss_before_kib']) / 1024:,.1f} MiB | {per_stream} "
-            f"| {relay['dropped']} / {held['dropped']} |"
+            f"| {relay['client_cpu_share']:.0%} | {held.get('streams', 0):,} | {rss} | {per_stream} "
+            f"| {relay['dropped']} / {held.get('dropped', '-')} |"
         )
     return [*rows, ""]
 
@@ -988,6 +989,13 @@ def run_streams(
             import uvloop
 
             asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        floor = relay_through_pipe(args, pin, workdir, port, emitter.pid)
+        results["pipe"] = {"relay": asdict(floor), "held": None}
+        if floor.dropped or floor.events_in_window < 0.9 * floor.expected_events:
+            problems.append(
+                f"bare pipe: {floor.events_in_window:,} of {floor.expected_events:,.0f} events, {floor.dropped} "
+                f"dropped: the emitter ({floor.emitter_cpu_share:.0%} CPU) or the clients cannot keep the schedule"
+            )
         for key in GATEWAYS:
             with contextlib.ExitStack() as gw_stack:
                 gw = start_gateway(gw_stack, pin, workdir, f"http://127.0.0.1:{port}", key)
@@ -1016,6 +1024,27 @@ def run_streams(
     if pin.client_cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
     return results, problems
+
+
+def relay_through_pipe(
+    args: argparse.Namespace, pin: Pinning, workdir: Path, emitter_port: int, emitter_pid: int
+) -> stream_bench.RelayMeasure:
+    """The same relay load through a bare byte pipe on the gateway's CPU: the floor per event."""
+    port = free_port()
+    log_path = workdir / "pipe.log"
+    cmd = [sys.executable, str(BENCH_DIR / "streams.py"), "pipe", "--port", str(port),
+           "--upstream-port", str(emitter_port)]  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        proc = spawn(pin.server(cmd), log_path, many_files=True)
+        stack.callback(stop, proc, "pipe")
+        wait_ready(proc, "pipe", [log_path], lambda: _connects(port))
+        log(f"bare byte pipe (floor): {args.streams:,} streams")
+        return asyncio.run(
+            stream_bench.measure_relay(
+                "127.0.0.1", port, CHAT_PATH, ALLOWED_ADDRS[0], args.streams,
+                args.stream_interval, args.duration, proc.pid, emitter_pid,
+            )
+        )  # fmt: skip
 
 
 def fit_held_streams(wanted: int) -> int:

@@ -10,6 +10,9 @@ neither is the bottleneck of what is measured:
   events that are due, one ``write`` per event on a ``TCP_NODELAY`` socket, so
   each event leaves as its own TCP segment; streams are spread evenly over the
   interval, so the load is flat rather than bursty.
+* ``python bench/streams.py pipe --port P --upstream-port U``: a bare byte pipe on the
+  same event loop, no HTTP at all: what relaying one event costs the kernel and the
+  loop alone, the floor under any proxy written this way.
 * :func:`drive`: the client side, run inside ``bench/run.py``: opens streams
   through the target, counts events as they arrive and reports how many were
   relayed in a measurement window and how many streams were dropped.
@@ -162,6 +165,64 @@ async def emit(host: str, port: int) -> None:
     print(f"emitter on {host}:{port}", flush=True)
     async with server:
         await emitter.run()
+
+
+# --- the floor: a byte pipe ---------------------------------------------------------------
+
+
+class _PipeUp(asyncio.Protocol):
+    def __init__(self, down: _PipeDown) -> None:
+        self.down = down
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.down.transport is not None:
+            self.down.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.down.transport is not None:
+            self.down.transport.close()
+
+
+class _PipeDown(asyncio.Protocol):
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.transport: asyncio.Transport | None = None
+        self.up: _PipeUp | None = None
+        self.early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        _, up = await loop.create_connection(lambda: _PipeUp(self), "127.0.0.1", self.upstream_port)
+        self.up = up
+        for data in self.early:
+            up.transport.write(data)  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.write(data)
+        else:
+            self.early.append(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self.up is not None and self.up.transport is not None:
+            self.up.transport.close()
+
+
+async def pipe(host: str, port: int, upstream_port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _PipeDown(upstream_port), host, port, backlog=8192)
+    print(f"pipe on {host}:{port} -> {upstream_port}", flush=True)
+    async with server:
+        await server.serve_forever()
 
 
 # --- the client side ---------------------------------------------------------------------------
@@ -400,11 +461,18 @@ def main() -> None:
     e = sub.add_parser("emit")
     e.add_argument("--host", default="127.0.0.1")
     e.add_argument("--port", type=int, required=True)
+    f = sub.add_parser("pipe")
+    f.add_argument("--host", default="127.0.0.1")
+    f.add_argument("--port", type=int, required=True)
+    f.add_argument("--upstream-port", type=int, required=True)
     args = p.parse_args()
     raise_nofile()
     _use_uvloop()
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(emit(args.host, args.port))
+        if args.command == "emit":
+            asyncio.run(emit(args.host, args.port))
+        else:
+            asyncio.run(pipe(args.host, args.port, args.upstream_port))
 
 
 if __name__ == "__main__":
