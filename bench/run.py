@@ -371,7 +371,15 @@ def start_upstream(
     return Target("upstream", "bare upstream", url, proc.pid, refuses=False)
 
 
-GATEWAYS = {"gateway": ("native", "gateway (native)"), "gateway-asgi": ("asgi", "gateway (previous: asgi)")}
+SHADOW_POLICY = BENCH_DIR / "policy-shadow.yaml"
+# key: (data plane, label, extra serve flags)
+GATEWAYS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "gateway": ("native", "gateway (native)", ()),
+    "gateway-shadow": ("native", "gateway (native) + shadow policy", ("--shadow-policy", str(SHADOW_POLICY))),
+    "gateway-asgi": ("asgi", "gateway (previous: asgi)", ()),
+}
+# The stream benchmarks compare the two data planes; the shadow policy costs per request, not per event.
+STREAM_GATEWAYS = ("gateway", "gateway-asgi")
 
 
 def start_gateway(
@@ -386,7 +394,7 @@ def start_gateway(
 
     Its access log goes to a file, as a production gateway's would.
     """
-    plane, label = GATEWAYS[key]
+    plane, label, extra = GATEWAYS[key]
     port, admin_port = free_port(), free_port()
     cmd = [
         sys.executable, "-m", "gateway", "serve",
@@ -399,6 +407,7 @@ def start_gateway(
         "--admin-host", "127.0.0.1", "--admin-port", str(admin_port),
         "--access-log", str(workdir / f"{key}-access-{port}.log"),
         "--workers", "1",
+        *extra,
     ]  # fmt: skip
     log_path = workdir / f"{key}-{port}.log"
     proc = spawn(pin.server(cmd), log_path, many_files=True)
@@ -930,6 +939,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def check_inputs() -> None:
     for path in (
         POLICY,
+        SHADOW_POLICY,
         XFF_LUA,
         UPSTREAM_TEMPLATE,
         GEOIP2_TEMPLATE,
@@ -996,7 +1006,7 @@ def run_streams(
                 f"bare pipe: {floor.events_in_window:,} of {floor.expected_events:,.0f} events, {floor.dropped} "
                 f"dropped: the emitter ({floor.emitter_cpu_share:.0%} CPU) or the clients cannot keep the schedule"
             )
-        for key in GATEWAYS:
+        for key in STREAM_GATEWAYS:
             with contextlib.ExitStack() as gw_stack:
                 gw = start_gateway(gw_stack, pin, workdir, f"http://127.0.0.1:{port}", key)
                 gw_port = int(gw.url.split(":")[2].split("/")[0])
