@@ -6,12 +6,18 @@ One run starts, all on 127.0.0.1 and on ports the OS hands out:
 * a static upstream (nginx, one worker) answering POST /v1/chat/completions with a
   fixed chat-completion body, so the upstream costs next to nothing;
 * the gateway (``sys.executable -m gateway serve --workers 1``) with the full benchmark
-  policy (bench/policy.yaml: every rule kind, City + ASN + Anonymous-IP test databases);
+  policy (bench/policy.yaml: every rule kind, City + ASN + Anonymous-IP test databases)
+  and its access log written to a file, twice: on the native data plane and on the
+  previous one (``--data-plane asgi``: uvicorn + aiohttp), for the comparison;
 * nginx with ngx_http_geoip2_module doing the same block-and-proxy job by country, as
   the reference point of what a C proxy does on the same hardware;
 
 then drives each with wrk (bench/xff.lua: one request in four comes from a refused
 country) at 64 connections (throughput) and at 1 connection (latency).
+
+Then the stream benchmarks (bench/streams.py), for both data planes: thousands of
+concurrent SSE streams with spaced events from an emitter on the other CPU (gateway
+CPU time per relayed event), and many held streams (gateway RSS per stream).
 
 Servers share one CPU and wrk gets the other, so "req/s" means "on one core" and wrk
 never competes with what it measures. Results go to stdout as a Markdown table and to
@@ -28,12 +34,14 @@ Standard library only, plus PyYAML, which the project already depends on.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as dt
 import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -47,6 +55,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import streams as stream_bench
 
 try:
     import yaml
@@ -98,8 +108,10 @@ UPSTREAM_BODY = json.dumps(
 )
 
 THROUGHPUT_CONNECTIONS = 64
-TARGET_RPS = 5000.0
-TARGET_ADDED_P50_MS = 1.0
+TARGET_RPS = 10000.0
+TARGET_ADDED_P50_MS = 0.15
+TARGET_STREAM_CPU_RATIO = 1 / 3  # native CPU per relayed event vs the previous data plane's
+TARGET_HELD_KIB = 8.0
 STARTUP_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
@@ -211,7 +223,12 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("REGIONGATE_")}
 
 
-def spawn(cmd: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
+def raise_child_nofile() -> None:
+    """Run in a child before exec: thousands of held streams need twice as many descriptors."""
+    stream_bench.raise_nofile()
+
+
+def spawn(cmd: Sequence[str], log_path: Path, many_files: bool = False) -> subprocess.Popen[bytes]:
     """Start a server in its own session, output to a log file.
 
     Its own session keeps Ctrl-C from reaching it directly, so shutdown happens in one
@@ -226,6 +243,7 @@ def spawn(cmd: Sequence[str], log_path: Path) -> subprocess.Popen[bytes]:
             cwd=REPO_DIR,
             env=child_env(),
             start_new_session=True,
+            preexec_fn=raise_child_nofile if many_files else None,
         )
 
 
@@ -353,29 +371,50 @@ def start_upstream(
     return Target("upstream", "bare upstream", url, proc.pid, refuses=False)
 
 
+SHADOW_POLICY = BENCH_DIR / "policy-shadow.yaml"
+# key: (data plane, label, extra serve flags)
+GATEWAYS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "gateway": ("native", "gateway (native)", ()),
+    "gateway-shadow": ("native", "gateway (native) + shadow policy", ("--shadow-policy", str(SHADOW_POLICY))),
+    "gateway-asgi": ("asgi", "gateway (previous: asgi)", ()),
+}
+# The stream benchmarks compare the two data planes; the shadow policy costs per request, not per event.
+STREAM_GATEWAYS = ("gateway", "gateway-asgi")
+
+
 def start_gateway(
-    stack: contextlib.ExitStack, pin: Pinning, workdir: Path, upstream: Target
+    stack: contextlib.ExitStack,
+    pin: Pinning,
+    workdir: Path,
+    upstream_base: str,
+    key: str,
+    path: str = CHAT_PATH,
 ) -> Target:
-    """The gateway under test, as `python -m gateway` of the interpreter running us."""
+    """The gateway under test, as `python -m gateway` of the interpreter running us.
+
+    Its access log goes to a file, as a production gateway's would.
+    """
+    plane, label, extra = GATEWAYS[key]
     port, admin_port = free_port(), free_port()
-    upstream_base = upstream.url.removesuffix(CHAT_PATH)
     cmd = [
         sys.executable, "-m", "gateway", "serve",
+        "--data-plane", plane,
         "--policy", str(POLICY),
         "--geoip", str(CITY_DB), "--geoip", str(ASN_DB), "--geoip", str(ANONYMOUS_DB),
         "--trusted-proxy", "127.0.0.1/32",
         "--upstream", upstream_base,
         "--host", "127.0.0.1", "--port", str(port),
         "--admin-host", "127.0.0.1", "--admin-port", str(admin_port),
-        "--access-log", "off",
+        "--access-log", str(workdir / f"{key}-access-{port}.log"),
         "--workers", "1",
+        *extra,
     ]  # fmt: skip
-    log_path = workdir / "gateway.log"
-    proc = spawn(pin.server(cmd), log_path)
-    stack.callback(stop, proc, "gateway")
+    log_path = workdir / f"{key}-{port}.log"
+    proc = spawn(pin.server(cmd), log_path, many_files=True)
+    stack.callback(stop, proc, label)
     readyz = f"http://127.0.0.1:{admin_port}/readyz"
-    wait_ready(proc, "gateway", [log_path], lambda: http(readyz)[0] == 200)
-    return Target("gateway", "gateway", f"http://127.0.0.1:{port}{CHAT_PATH}", proc.pid, True)
+    wait_ready(proc, label, [log_path], lambda: http(readyz)[0] == 200)
+    return Target(key, label, f"http://127.0.0.1:{port}{path}", proc.pid, True)
 
 
 def start_nginx_geoip2(
@@ -598,6 +637,9 @@ class TargetResult:
     throughput: WrkRun
     latency: WrkRun
     added_p50_ms: float | None = None
+    # CPU time of the target's own process per request at 64 connections: less sensitive to
+    # a busy machine than req/s (nginx targets: the master only, so not comparable).
+    cpu_us_per_request: float | None = None
     problems: list[str] = field(default_factory=list)
 
 
@@ -608,10 +650,14 @@ def measure(
     log(f"{target.label}: warm-up {warmup_s}s")
     run_wrk(tools, pin, target.url, THROUGHPUT_CONNECTIONS, warmup_s)
     log(f"{target.label}: {THROUGHPUT_CONNECTIONS} connections, {duration_s}s")
+    cpu_before = stream_bench.cpu_seconds(target.pid)
     throughput = run_wrk(tools, pin, target.url, THROUGHPUT_CONNECTIONS, duration_s)
+    cpu = stream_bench.cpu_seconds(target.pid) - cpu_before
     log(f"{target.label}: 1 connection, {duration_s}s")
     latency = run_wrk(tools, pin, target.url, 1, duration_s)
     result = TargetResult(target.key, target.label, target.pid, throughput, latency)
+    if throughput.requests:
+        result.cpu_us_per_request = round(cpu / throughput.requests * 1e6, 1)
     result.problems = check_run(target, throughput) + check_run(target, latency)
     return result
 
@@ -649,12 +695,13 @@ class Goal:
     margin: float  # positive when met, by how much; negative when missed
 
 
-def evaluate(results: dict[str, TargetResult]) -> list[Goal]:
+def evaluate(results: dict[str, TargetResult], streams: dict[str, Any] | None = None) -> list[Goal]:
     """The gateway's performance targets; missing one is reported, not an error."""
     gw = results.get("gateway")
     if gw is None:
         return []
-    goals = [
+    goals = stream_goals(streams or {})
+    goals[:0] = [
         Goal(
             f"gateway req/s @{THROUGHPUT_CONNECTIONS} >= {TARGET_RPS:,.0f}",
             gw.throughput.rps, TARGET_RPS, "req/s",
@@ -672,6 +719,31 @@ def evaluate(results: dict[str, TargetResult]) -> list[Goal]:
     return goals
 
 
+def stream_goals(streams: dict[str, Any]) -> list[Goal]:
+    goals = []
+    native, previous = streams.get("gateway"), streams.get("gateway-asgi")
+    if native and previous:
+        new, old = native["relay"]["cpu_us_per_event"], previous["relay"]["cpu_us_per_event"]
+        if new and old:
+            ratio = new / old
+            goals.append(
+                Goal(
+                    f"stream CPU per event <= {TARGET_STREAM_CPU_RATIO:.2f} x the previous data plane's",
+                    round(ratio, 3), TARGET_STREAM_CPU_RATIO, "x",
+                    ratio <= TARGET_STREAM_CPU_RATIO, TARGET_STREAM_CPU_RATIO - ratio,
+                )
+            )  # fmt: skip
+    if native and native["held"]["kib_per_stream"] is not None:
+        kib = native["held"]["kib_per_stream"]
+        goals.append(
+            Goal(
+                f"held stream memory <= {TARGET_HELD_KIB:g} KiB ({native['held']['streams']:,} streams)",
+                kib, TARGET_HELD_KIB, "KiB", kib <= TARGET_HELD_KIB, TARGET_HELD_KIB - kib,
+            )
+        )  # fmt: skip
+    return goals
+
+
 def fill_added_latency(results: dict[str, TargetResult]) -> None:
     """Added p50 @1 = the target's p50 at one connection minus the bare upstream's."""
     base = results["upstream"].latency.latency_ms["p50"]
@@ -683,8 +755,8 @@ def markdown_table(results: dict[str, TargetResult]) -> str:
     c = THROUGHPUT_CONNECTIONS
     rows = [
         f"| target | req/s @{c} | p50 @{c} | p99 @{c} | p50 @1 | p99 @1 "
-        "| added p50 @1 vs bare upstream | non-2xx @64 / @1 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| added p50 @1 vs bare upstream | non-2xx @64 / @1 | process CPU µs / request |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results.values():
         t, lat = r.throughput.latency_ms, r.latency.latency_ms
@@ -694,9 +766,33 @@ def markdown_table(results: dict[str, TargetResult]) -> str:
         rows.append(
             f"| {r.label} | {r.throughput.rps:,.0f} | {t['p50']:.3f} ms | {t['p99']:.3f} ms "
             f"| {lat['p50']:.3f} ms | {lat['p99']:.3f} ms | {added} "
-            f"| {r.throughput.non2xx_share:.1%} / {r.latency.non2xx_share:.1%} |"
+            f"| {r.throughput.non2xx_share:.1%} / {r.latency.non2xx_share:.1%} "
+            f"| {'-' if r.cpu_us_per_request is None or r.key not in GATEWAYS else r.cpu_us_per_request} |"
         )
     return "\n".join(rows)
+
+
+def stream_table(streams: dict[str, Any]) -> list[str]:
+    if not streams:
+        return []
+    rows = [
+        "| data plane | streams | events relayed | gateway CPU µs / event | emitter CPU | client CPU "
+        "| held streams | RSS delta | KiB / held stream | dropped |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in streams.items():
+        relay, held = r["relay"], r["held"] or {}
+        label = GATEWAYS[key][1] if key in GATEWAYS else "bare byte pipe on uvloop (floor, no HTTP)"
+        per_event = "-" if relay["cpu_us_per_event"] is None else f"{relay['cpu_us_per_event']:.1f}"
+        per_stream = "-" if held.get("kib_per_stream") is None else f"{held['kib_per_stream']:.2f}"
+        rss = f"{(held['rss_after_kib'] - held['rss_before_kib']) / 1024:,.1f} MiB" if held else "-"
+        rows.append(
+            f"| {label} | {relay['streams']:,} | {relay['events_in_window']:,} "
+            f"(expected {relay['expected_events']:,.0f}) | {per_event} | {relay['emitter_cpu_share']:.0%} "
+            f"| {relay['client_cpu_share']:.0%} | {held.get('streams', 0):,} | {rss} | {per_stream} "
+            f"| {relay['dropped']} / {held.get('dropped', '-')} |"
+        )
+    return [*rows, ""]
 
 
 def goal_lines(goals: list[Goal]) -> list[str]:
@@ -706,6 +802,8 @@ def goal_lines(goals: list[Goal]) -> list[str]:
         pct = f", {g.margin / g.threshold:+.0%}" if g.threshold else ""
         value = f"{g.measured:,.0f}" if g.unit == "req/s" else f"{g.measured:.3f}"
         margin = f"{g.margin:+,.0f}" if g.unit == "req/s" else f"{g.margin:+.3f}"
+        if g.unit == "x":
+            value, margin = f"{g.measured:.2f}", f"{g.margin:+.2f}"
         lines.append(f"{verdict}  {g.name}: {value} {g.unit} (margin {margin} {g.unit}{pct})")
     return lines
 
@@ -718,6 +816,7 @@ def report_text(
         "",
         markdown_table(results),
         "",
+        *stream_table(meta.get("streams") or {}),
         *goal_lines(goals),
     ]
     if problems:
@@ -797,6 +896,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--skip-nginx-geoip2", action="store_true", help="do not run the nginx+geoip2 comparison"
     )
+    p.add_argument("--skip-streams", action="store_true", help="do not run the stream benchmarks")
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=2000,
+        help="concurrent event streams for the CPU-per-event benchmark (default 2000)",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=float,
+        default=0.25,
+        metavar="SECONDS",
+        help="time between two events of one stream (default 0.25)",
+    )
+    p.add_argument(
+        "--held-streams",
+        type=int,
+        default=10000,
+        help="concurrent idle streams for the memory-per-stream benchmark (default 10000)",
+    )
     p.add_argument(
         "--json",
         action="store_true",
@@ -811,6 +930,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.warmup = 2, 1
+        args.streams, args.held_streams = min(args.streams, 100), min(args.held_streams, 200)
     if args.duration < 1 or args.warmup < 1:
         p.error("--duration and --warmup must be at least 1 second")
     return args
@@ -819,6 +939,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def check_inputs() -> None:
     for path in (
         POLICY,
+        SHADOW_POLICY,
         XFF_LUA,
         UPSTREAM_TEMPLATE,
         GEOIP2_TEMPLATE,
@@ -842,12 +963,124 @@ def start_targets(
     # `nobody`, which must be able to enter the prefix to create its temp paths.
     workdir.chmod(0o755)
     upstream = start_upstream(stack, tools, pin, workdir)
-    targets = [upstream, start_gateway(stack, pin, workdir, upstream)]
+    base = upstream.url.removesuffix(CHAT_PATH)
+    targets = [upstream, *(start_gateway(stack, pin, workdir, base, key) for key in GATEWAYS)]
     if with_nginx_geoip2:
         targets.append(start_nginx_geoip2(stack, tools, pin, workdir, upstream, policy))
     for t in targets:
         log(f"{t.label} ready: {t.url} (pid {t.pid})")
     return targets
+
+
+def run_streams(
+    args: argparse.Namespace, pin: Pinning, workdir: Path
+) -> tuple[dict[str, Any], list[str]]:
+    """Targets 3 and 4 for both data planes, one gateway at a time, against one emitter.
+
+    The emitter and this process (the clients) share the CPU wrk used; the gateway has
+    its own. The emitter is not the bottleneck when its CPU share stays well below one
+    core and the events relayed match what the schedule asks for; both are reported, and
+    a shortfall of more than 10% fails the sanity check.
+    """
+    problems: list[str] = []
+    results: dict[str, Any] = {}
+    port = free_port()
+    with contextlib.ExitStack() as stack:
+        log_path = workdir / "emitter.log"
+        cmd = [sys.executable, str(BENCH_DIR / "streams.py"), "emit", "--port", str(port)]
+        emitter = spawn(pin.client(cmd), log_path, many_files=True)
+        stack.callback(stop, emitter, "emitter")
+        wait_ready(emitter, "emitter", [log_path], lambda: _connects(port))
+        stream_bench.raise_nofile()
+        held_streams = fit_held_streams(args.held_streams)
+        if pin.client_cpu is not None and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, {pin.client_cpu})
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        floor = relay_through_pipe(args, pin, workdir, port, emitter.pid)
+        results["pipe"] = {"relay": asdict(floor), "held": None}
+        if floor.dropped or floor.events_in_window < 0.9 * floor.expected_events:
+            problems.append(
+                f"bare pipe: {floor.events_in_window:,} of {floor.expected_events:,.0f} events, {floor.dropped} "
+                f"dropped: the emitter ({floor.emitter_cpu_share:.0%} CPU) or the clients cannot keep the schedule"
+            )
+        for key in STREAM_GATEWAYS:
+            with contextlib.ExitStack() as gw_stack:
+                gw = start_gateway(gw_stack, pin, workdir, f"http://127.0.0.1:{port}", key)
+                gw_port = int(gw.url.split(":")[2].split("/")[0])
+                log(f"{gw.label}: {args.streams:,} streams, one event each per {args.stream_interval}s, "
+                    f"{args.duration}s window")  # fmt: skip
+                relay = asyncio.run(
+                    stream_bench.measure_relay(
+                        "127.0.0.1", gw_port, CHAT_PATH, ALLOWED_ADDRS[0], args.streams,
+                        args.stream_interval, args.duration, gw.pid, emitter.pid,
+                    )
+                )  # fmt: skip
+                log(f"{gw.label}: {held_streams:,} held streams")
+                held = asyncio.run(
+                    stream_bench.measure_held("127.0.0.1", gw_port, CHAT_PATH, ALLOWED_ADDRS[0], held_streams, gw.pid)
+                )
+            results[key] = {"relay": asdict(relay), "held": asdict(held)}
+            where = gw.label
+            if relay.dropped or held.dropped:
+                problems.append(f"{where}: streams dropped: {relay.dropped} relayed, {held.dropped} held")
+            if relay.events_in_window < 0.9 * relay.expected_events:
+                problems.append(
+                    f"{where}: {relay.events_in_window:,} events relayed, {relay.expected_events:,.0f} scheduled: "
+                    f"the emitter ({relay.emitter_cpu_share:.0%} CPU), the clients or the gateway fell behind"
+                )
+    if pin.client_cpu is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return results, problems
+
+
+def relay_through_pipe(
+    args: argparse.Namespace, pin: Pinning, workdir: Path, emitter_port: int, emitter_pid: int
+) -> stream_bench.RelayMeasure:
+    """The same relay load through a bare byte pipe on the gateway's CPU: the floor per event."""
+    port = free_port()
+    log_path = workdir / "pipe.log"
+    cmd = [sys.executable, str(BENCH_DIR / "streams.py"), "pipe", "--port", str(port),
+           "--upstream-port", str(emitter_port)]  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        proc = spawn(pin.server(cmd), log_path, many_files=True)
+        stack.callback(stop, proc, "pipe")
+        wait_ready(proc, "pipe", [log_path], lambda: _connects(port))
+        log(f"bare byte pipe (floor): {args.streams:,} streams")
+        return asyncio.run(
+            stream_bench.measure_relay(
+                "127.0.0.1", port, CHAT_PATH, ALLOWED_ADDRS[0], args.streams,
+                args.stream_interval, args.duration, proc.pid, emitter_pid,
+            )
+        )  # fmt: skip
+
+
+def fit_held_streams(wanted: int) -> int:
+    """As many held streams as one gateway process may hold under the open-file hard limit.
+
+    Each held stream is two descriptors in the gateway (client and upstream side), and the
+    native data plane keeps 64 back for its control plane; a hard limit we cannot raise
+    (no CAP_SYS_RESOURCE) bounds the benchmark, and the output says so.
+    """
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    fit = (hard - 64) // 2 - 100  # the warm-up streams and some slack
+    if wanted > fit:
+        log(f"NOTE: open-file hard limit {hard}: {fit:,} held streams instead of {wanted:,} (raise it to measure more)")
+        return fit
+    return wanted
+
+
+def stop_target(target: Target) -> None:
+    """Free the CPU and descriptors of the wrk targets before the stream benchmarks."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(target.pid, signal.SIGTERM)
+
+
+def _connects(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
 
 
 def run(args: argparse.Namespace) -> int:
@@ -876,8 +1109,15 @@ def run(args: argparse.Namespace) -> int:
         for t in targets:
             results[t.key] = measure(t, tools, pin, args.duration, args.warmup)
             problems += results[t.key].problems
+        for t in targets:
+            stop_target(t)
+        streams: dict[str, Any] = {}
+        if not args.skip_streams:
+            streams, stream_problems = run_streams(args, pin, workdir)
+            problems += stream_problems
+    meta["streams"] = streams
     fill_added_latency(results)
-    goals = evaluate(results)
+    goals = evaluate(results, streams)
     document = {
         **meta,
         "targets": {k: asdict(r) for k, r in results.items()},

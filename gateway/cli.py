@@ -141,6 +141,37 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         {"action": "store_true"},
     ),
     (
+        "--data-plane",
+        "data_plane",
+        "proxy port implementation: native (asyncio protocols, httptools) or asgi (the previous uvicorn + "
+        "aiohttp one, kept for the benchmark comparison)",
+        "native",
+        {"choices": ["native", "asgi"]},
+    ),
+    ("--header-timeout", "header_timeout", "seconds a client may take to send a request's headers", "10", {}),
+    ("--idle-timeout", "idle_timeout", "seconds a client connection may stay open with no request", "30", {}),
+    (
+        "--max-connections",
+        "max_connections",
+        "concurrent proxy connections",
+        "0: as many as the open-file limit allows with room for the control plane",
+        {"metavar": "N"},
+    ),
+    (
+        "--upstream-connections",
+        "upstream_connections",
+        "connections per upstream, busy and idle",
+        "0: as many as proxy connections",
+        {"metavar": "N"},
+    ),
+    (
+        "--upstream-keepalive",
+        "upstream_keepalive",
+        "seconds an idle upstream connection is kept; keep it below the upstream's own keep-alive timeout",
+        "4",
+        {},
+    ),
+    (
         "--log-level",
         "log_level",
         "server log level (stderr)",
@@ -253,6 +284,8 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stub", help="run the bundled OpenAI-compatible stub upstream (for trying out and tests)")
     st.add_argument("--host", default="127.0.0.1", help="listen address (default: 127.0.0.1)")
     st.add_argument("--port", type=int, default=8000, help="listen port (default: 8000)")
+    st.add_argument("--certfile", help="serve HTTPS with this certificate chain (PEM)")
+    st.add_argument("--keyfile", help="the certificate's private key (PEM)")
     return parser
 
 
@@ -275,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stub":
             from .stub import run
 
-            run(args.host, args.port)
+            run(args.host, args.port, args.certfile, args.keyfile)
             return 0
     except KeyboardInterrupt:
         return 130

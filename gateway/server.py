@@ -20,20 +20,25 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import uvicorn
 
+from .dataplane.limits import Limits, connection_cap, raise_nofile
 from .runtime import ConfigError, Runtime, Settings, load_runtime
 
 log = logging.getLogger("regiongate")
+
+# Below this many open files, a busy replica runs out of descriptors before CPU.
+LOW_NOFILE = 4096
 
 
 class _Server(uvicorn.Server):
@@ -95,56 +100,128 @@ def run_worker(
     slot: int = 0,
     supervisor: int | None = None,
 ) -> None:
-    from .admin import admin_token, create_admin_app
-    from .httpprotocol import ProxyHttpProtocol
-    from .live import watch
-    from .live.reload import Live
     from .metrics import Metrics
-    from .proxy import Gateway
 
     metrics = Metrics()
     metrics.describe_sources(runtime.geo.sources, runtime.active.current, runtime.active.shadow_version)
-    gateway = Gateway(runtime, metrics)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        live = Live(runtime, metrics, gateway, report=slot == 0, supervisor=supervisor)
-        admin = create_admin_app(runtime, metrics, live, admin_token=admin_token())
-        servers = [
-            _Server(_uvicorn_config(gateway, runtime.settings, "on", ProxyHttpProtocol)),
-            _Server(_uvicorn_config(admin, runtime.settings, "off")),
-        ]
-        stopping = asyncio.Event()
-
-        def stop() -> None:
-            stopping.set()
-            for s in servers:
-                s.should_exit = True
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop)
-        loop.add_signal_handler(signal.SIGHUP, live.on_sighup)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one that came meanwhile arrives now
-        watcher = loop.create_task(watch.run(live, stopping)) if runtime.settings.watch else None
-        if watcher is None:
-            # The state inherited from the parent is as of startup; a worker started
-            # later (or replacing one that died) reads the files as they are now.
-            live.spawn(live.reload(explicit=False))
-        try:
-            await asyncio.gather(servers[0].serve([proxy_sock]), servers[1].serve([admin_sock]))
-        finally:
-            stopping.set()
-            await live.close()
-            if watcher is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(watcher, 2)
-
+    plane = _asgi_main if runtime.settings.data_plane == "asgi" else _native_main
+    main = plane(runtime, metrics, proxy_sock, admin_sock, slot, supervisor)
     try:
         import uvloop
 
-        uvloop.run(main())
+        uvloop.run(main)
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        asyncio.run(main())
+        asyncio.run(main)
+
+
+def limits_for(settings: Settings) -> Limits:
+    return Limits(
+        header_timeout=settings.header_timeout,
+        idle_timeout=settings.idle_timeout,
+        max_connections=settings.max_connections,
+        upstream_connections=settings.upstream_connections,
+        upstream_idle=settings.upstream_keepalive,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _control_plane(
+    runtime: Runtime,
+    metrics: Any,
+    gateway: Any,
+    admin_sock: socket.socket,
+    slot: int,
+    supervisor: int | None,
+    also_stop: list[_Server],
+) -> AsyncIterator[asyncio.Event]:
+    """The control plane and the live policy around a data plane; yields the event SIGTERM sets.
+
+    Whichever data plane serves the proxy port, the admin port is uvicorn +
+    FastAPI, and policy and GeoIP changes reach this worker through its own
+    file watcher, SIGHUP (passed on by the supervisor) or ``POST /admin/reload``.
+    """
+    from .admin import admin_token, create_admin_app
+    from .live import watch
+    from .live.reload import Live
+
+    loop = asyncio.get_running_loop()
+    live = Live(runtime, metrics, gateway, report=slot == 0, supervisor=supervisor)
+    admin = create_admin_app(runtime, metrics, live, admin_token())
+    admin_server = _Server(_uvicorn_config(admin, runtime.settings, "off"))
+    servers = [admin_server, *also_stop]
+    stopping = asyncio.Event()
+
+    def stop() -> None:
+        stopping.set()
+        for s in servers:
+            s.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    loop.add_signal_handler(signal.SIGHUP, live.on_sighup)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one that came meanwhile arrives now
+    watcher = loop.create_task(watch.run(live, stopping)) if runtime.settings.watch else None
+    if watcher is None:
+        # The state inherited from the parent is as of startup; a worker started
+        # later (or replacing one that died) reads the files as they are now.
+        live.spawn(live.reload(explicit=False))
+    admin_task = loop.create_task(admin_server.serve([admin_sock]))
+    admin_task.add_done_callback(lambda _t: stopping.set())
+    try:
+        yield stopping
+    finally:
+        stop()
+        await admin_task
+        await live.close()
+        if watcher is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(watcher, 2)
+
+
+async def _native_main(
+    runtime: Runtime,
+    metrics: Any,
+    proxy_sock: socket.socket,
+    admin_sock: socket.socket,
+    slot: int,
+    supervisor: int | None,
+) -> None:
+    """The native data plane on the proxy port."""
+    from .dataplane.server import Listener
+    from .proxy import Gateway
+
+    limits = limits_for(runtime.settings)
+    cap = connection_cap(limits, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    gateway = Gateway(runtime, metrics, limits)
+    gateway.open(min(limits.upstream_connections or cap, cap))
+    runtime.access_log.on_drop = metrics.access_log_dropped.inc
+    listener = Listener(gateway.handle, limits, cap, metrics.bad_request)
+    await listener.start(proxy_sock)
+    async with _control_plane(runtime, metrics, gateway, admin_sock, slot, supervisor, []) as stopping:
+        runtime.ready = True
+        await stopping.wait()
+        runtime.ready = False
+        await listener.shutdown()
+        gateway.close()
+    runtime.access_log.close()
+
+
+async def _asgi_main(
+    runtime: Runtime,
+    metrics: Any,
+    proxy_sock: socket.socket,
+    admin_sock: socket.socket,
+    slot: int,
+    supervisor: int | None,
+) -> None:
+    """The previous data plane: uvicorn serving the raw ASGI app, aiohttp upstream."""
+    from .asgi_proxy import Gateway
+    from .httpprotocol import ProxyHttpProtocol
+
+    gateway = Gateway(runtime, metrics)
+    proxy_server = _Server(_uvicorn_config(gateway, runtime.settings, "on", ProxyHttpProtocol))
+    async with _control_plane(runtime, metrics, gateway, admin_sock, slot, supervisor, [proxy_server]):
+        await proxy_server.serve([proxy_sock])
 
 
 def _port(sock: socket.socket) -> int:
@@ -163,6 +240,7 @@ def serve(settings: Settings) -> int:
     elif settings.workers > 1:
         metrics_dir = tempfile.mkdtemp(prefix="regiongate-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    soft, hard = raise_nofile()
     try:
         runtime = load_runtime(settings)
         if (settings.host, settings.port) == (settings.admin_host, settings.admin_port) and settings.port:
@@ -170,6 +248,7 @@ def serve(settings: Settings) -> int:
                 f"the proxy and the control plane cannot share {settings.host}:{settings.port}: "
                 "give --port and --admin-port different values"
             )
+        _note_file_limit(runtime, soft, hard)
         proxy_sock = bind(settings.host, settings.port, "proxy (--host/--port)")
         admin_sock = bind(settings.admin_host, settings.admin_port, "control plane (--admin-host/--admin-port)")
         _announce(runtime, proxy_sock, admin_sock)
@@ -191,6 +270,16 @@ def _clean_metrics_dir(path: str) -> None:
     for name in os.listdir(path):
         if name.endswith(".db"):
             os.unlink(os.path.join(path, name))
+
+
+def _note_file_limit(runtime: Runtime, soft: int, hard: int) -> None:
+    """Say so when the open-file limit, not the machine, bounds the proxy's connections."""
+    if hard < LOW_NOFILE:
+        cap = connection_cap(limits_for(runtime.settings), soft)
+        runtime.warnings.append(
+            f"the open-file limit is {hard} (hard): at most {cap} concurrent proxy connections per worker; "
+            "raise it (ulimit -n, LimitNOFILE=) for more"
+        )
 
 
 def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
@@ -216,7 +305,7 @@ def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.so
         f"({len(p.rules)} rules, mode {p.spec.mode}); reloads on change, SIGHUP, POST /admin/reload",
         *([f"shadow policy {shadow.policy.source} sha256:{shadow.tag} (evaluated, never enforced)"] if shadow else []),
         f"geo: {geo}",
-        f"workers: {s.workers}",
+        f"workers: {s.workers}, data plane: {s.data_plane}",
     ]
     lines += [f"warning: {w}" for w in runtime.warnings]
     for line in lines:

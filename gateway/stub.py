@@ -10,6 +10,10 @@ headers steer it, and they pass through the gateway like any other header:
 * ``x-stub-cut-after``: drop the connection after this many chunks
 * ``x-stub-status``: answer with this status and an OpenAI-shaped error
 
+``GET /bytes/N`` streams N bytes as fast as the socket takes them (for
+backpressure tests), and ``/echo/`` says which client port the request came
+from (for keep-alive tests). ``--certfile``/``--keyfile`` serve HTTPS.
+
 ``GET /_stub/stats`` says how many requests arrived and how many streams
 were abandoned by their client (a gateway that cancels upstream work on
 client disconnect shows up there).
@@ -39,6 +43,7 @@ class Stub:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_route("*", "/echo/{tail:.*}", self.echo)
+        app.router.add_get("/bytes/{n:[0-9]+}", self.bytes)
         app.router.add_get("/_stub/stats", self.stats)
         return app
 
@@ -155,15 +160,36 @@ class Stub:
                 "host": request.host,
                 "body": body.decode("utf-8", "replace"),
                 "body_length": len(body),
+                "client_port": request.transport.get_extra_info("peername")[1] if request.transport else None,
             }
         )
 
+    async def bytes(self, request: web.Request) -> web.StreamResponse:
+        n = int(request.match_info["n"])
+        response = web.StreamResponse(headers={"content-type": "application/octet-stream"})
+        response.content_length = n
+        await response.prepare(request)
+        block = b"x" * 65536
+        while n > 0:
+            await response.write(block[: min(n, len(block))])
+            n -= len(block)
+        await response.write_eof()
+        return response
 
-def run(host: str = "127.0.0.1", port: int = 8000) -> None:
+
+def run(host: str = "127.0.0.1", port: int = 8000, certfile: str | None = None, keyfile: str | None = None) -> None:
+    context = None
+    if certfile:
+        import ssl
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certfile, keyfile)
+    scheme = "https" if context else "http"
     web.run_app(
         Stub().app(),
         host=host,
         port=port,
-        print=lambda *_: print(f"stub upstream on http://{host}:{port}"),
+        ssl_context=context,
+        print=lambda *_: print(f"stub upstream on {scheme}://{host}:{port}"),
         handler_cancellation=True,
     )

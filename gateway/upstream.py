@@ -65,6 +65,7 @@ ADDRESS_HEADERS = frozenset(
     }
 )
 CLIENT_IP_HEADER = "X-Regiongate-Client-IP"
+_CLIENT_IP_HEADER_BYTES = CLIENT_IP_HEADER.lower().encode()
 # The gateway answers "Expect: 100-continue" itself and then holds the body;
 # passing it on would make the upstream wait for a 100 that nobody sends.
 _REQUEST_DROP = HOP_BY_HOP | ADDRESS_HEADERS | {b"expect"}
@@ -134,51 +135,64 @@ def build_upstreams(specs: Mapping[str, UpstreamSpec], env: Mapping[str, str] = 
     return out
 
 
+def forward_headers(
+    headers: Iterable[tuple[bytes, bytes]], peer: str | None, client_ip: str | None, upstream: Upstream
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers as the upstream should see them, byte for byte.
+
+    Hop-by-hop headers (and any the client's ``Connection`` names) and every
+    address header are dropped, and so is ``Expect``: the gateway answers
+    ``100-continue`` itself and holds the body. The peer is appended to
+    ``X-Forwarded-For``, the decided client address is set in
+    :data:`CLIENT_IP_HEADER`, and the client's ``Authorization`` is replaced
+    when the upstream has its own key. Names arrive lower-cased; values are
+    never re-encoded.
+    """
+    out: list[tuple[bytes, bytes]] = []
+    drop = _REQUEST_DROP
+    xff = None
+    for name, value in headers:
+        if name in drop:
+            if name == b"connection":
+                extra = {t.strip().lower() for t in value.split(b",")}
+                drop = drop | extra
+                if b"x-forwarded-for" in extra:
+                    xff = None
+                out = [(n, v) for n, v in out if n not in extra]
+            continue
+        if name == b"x-forwarded-for":
+            xff = value if xff is None else xff + b", " + value
+            continue
+        if name == b"authorization" and upstream.authorization is not None:
+            continue
+        out.append((name, value))
+    if peer:
+        xff = peer.encode() if xff is None else xff + b", " + peer.encode()
+    if xff is not None:
+        out.append((b"x-forwarded-for", xff))
+    if client_ip is not None:
+        out.append((_CLIENT_IP_HEADER_BYTES, client_ip.encode()))
+    if upstream.authorization is not None:
+        out.append((b"authorization", upstream.authorization.encode("latin-1")))
+    return out
+
+
 def request_headers(
     headers: Iterable[tuple[bytes, bytes]], peer: str | None, client_ip: str | None, upstream: Upstream
 ) -> list[tuple[str, str]]:
-    """The client's headers as the upstream should see them, or :class:`BadHeader`.
+    """:func:`forward_headers` as text, for aiohttp (the ``asgi`` data plane), or :class:`BadHeader`.
 
-    Hop-by-hop headers (and any the client's ``Connection`` names) and every
-    address header are dropped, the peer is appended to ``X-Forwarded-For``,
-    the decided client address is set in :data:`CLIENT_IP_HEADER`, and the
-    client's ``Authorization`` is replaced when the upstream has its own key.
-
-    Values must reach the upstream byte for byte. The HTTP client encodes
-    header text as UTF-8, so a value is decoded as UTF-8 (which re-encodes to
-    the same bytes); one that is not UTF-8 cannot be passed on unchanged and
-    is refused rather than altered.
+    aiohttp encodes header text as UTF-8, so a value is decoded as UTF-8
+    (which re-encodes to the same bytes); one that is not UTF-8 cannot be
+    passed on unchanged and is refused rather than altered.
     """
-    out: list[tuple[str, str]] = []
-    drop = _REQUEST_DROP
-    xff = None
-    try:
-        for name, value in headers:
-            if name in drop:
-                if name == b"connection":
-                    extra = {t.strip().lower() for t in value.split(b",")}
-                    drop = drop | extra
-                    if b"x-forwarded-for" in extra:
-                        xff = None
-                    out = [(n, v) for n, v in out if n.lower().encode("latin-1") not in extra]
-                continue
-            if name == b"x-forwarded-for":
-                text = value.decode()
-                xff = text if xff is None else f"{xff}, {text}"
-                continue
-            if name == b"authorization" and upstream.authorization is not None:
-                continue
-            out.append((name.decode("latin-1"), value.decode()))
-    except UnicodeDecodeError:
-        raise BadHeader(f"the value of header {name.decode('latin-1')!r} is not ASCII or UTF-8") from None
-    if peer:
-        xff = peer if xff is None else f"{xff}, {peer}"
-    if xff is not None:
-        out.append(("X-Forwarded-For", xff))
-    if client_ip is not None:
-        out.append((CLIENT_IP_HEADER, client_ip))
-    if upstream.authorization is not None:
-        out.append(("Authorization", upstream.authorization))
+    named = {b"x-forwarded-for": "X-Forwarded-For", b"authorization": "Authorization"}
+    out = []
+    for n, v in forward_headers(headers, peer, client_ip, upstream):
+        try:
+            out.append((named.get(n) or n.decode("latin-1"), v.decode()))
+        except UnicodeDecodeError:
+            raise BadHeader(f"the value of header {n.decode('latin-1')!r} is not ASCII or UTF-8") from None
     return out
 
 

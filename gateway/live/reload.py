@@ -32,7 +32,7 @@ from ..runtime import (
     read_policy_text,
     resolve_upstreams,
 )
-from ..upstream import Upstream, new_session
+from ..upstream import Upstream
 from .active import Active, PolicyVersion
 
 log = logging.getLogger("regiongate")
@@ -219,20 +219,9 @@ class Live:
         return result(False, False, error, sha)
 
     def _retire_removed_upstreams(self, old: Mapping[str, Upstream], new: Mapping[str, Upstream]) -> None:
-        """A new session for new requests when an upstream host went away; the old one closes when idle.
-
-        aiohttp pools keep-alive connections per host; connections to a
-        host no longer configured would otherwise linger. Requests already
-        forwarded keep using the old session until they end.
-        """
-        gw = self.gateway
-        removed = {_origin(u) for u in old.values()} - {_origin(u) for u in new.values()}
-        if gw is None or gw.session is None or not removed:
-            return
-        retired = gw.session
-        gw.session = new_session()
-        longest = max((u.timeouts.total for u in old.values()), default=900.0)
-        self.spawn(_close_when_idle(retired, longest))
+        """Connections to upstreams no longer configured close once their requests end (the data plane's job)."""
+        if self.gateway is not None:
+            self.gateway.retire_upstreams(old, new)
 
     # --- GeoIP files ----------------------------------------------------------------
 
@@ -262,18 +251,3 @@ class Live:
         self.metrics.geoip_reload(new.info.type, "ok")
         asyncio.get_running_loop().call_later(_CLOSE_OLD_READER_AFTER, old.reader.close)
         log.info("GeoIP %s reloaded: %s build_epoch %d", path, new.info.type, new.info.build_epoch)
-
-
-def _origin(u: Upstream) -> tuple[str, str | None, int | None]:
-    return (u.url.scheme, u.url.host, u.url.port)
-
-
-async def _close_when_idle(session: Any, longest: float) -> None:
-    # No request outlives its upstream's `total` timeout, so that bounds the wait.
-    deadline = time.monotonic() + longest
-    acquired: Callable[[], int] = lambda: len(getattr(session.connector, "_acquired", ()) or ())  # noqa: E731
-    try:
-        while acquired() and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-    finally:
-        await session.close()

@@ -1,0 +1,639 @@
+"""The client side of the proxy port: HTTP/1.1 parsing, framing and connection lifetime.
+
+``httptools`` (llhttp) parses, so request smuggling defences come from a
+hardened parser: ``Content-Length`` with ``Transfer-Encoding``, conflicting
+lengths and bad chunk sizes are parse errors, answered with 400 and a closed
+connection before anything is dispatched. What llhttp does not bound, this
+module does, before memory grows: the request line (414), the head's size
+and header count (431), how long a head may take to arrive, and how long a
+connection may sit idle (slowloris and silent sockets are closed by one
+sweep a second, so no timer is armed per request).
+
+Requests on one connection are answered in order: a pipelined request waits
+(with reading paused) until the one before it is answered. HTTP/1.0 clients
+get close-delimited bodies and a closed connection, never chunked encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any, cast
+from urllib.parse import unquote
+
+import httptools
+
+from .. import errors
+from ..errors import GatewayError
+from .limits import Limits
+
+log = logging.getLogger("regiongate")
+
+Header = tuple[bytes, bytes]
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BUSY = errors.GatewayError(503, "server_error", "gateway_busy", "The gateway has too many open connections.", True)
+
+
+def status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
+
+
+class _Clock:
+    """The ``Date`` header, rebuilt once a second rather than per response."""
+
+    __slots__ = ("header", "second")
+
+    def __init__(self) -> None:
+        self.second = 0
+        self.header = b""
+
+    def date(self) -> bytes:
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.header = b"date: " + time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode() + b"\r\n"
+        return self.header
+
+
+_clock = _Clock()
+
+
+class Request:
+    """One request on a client connection, and the way to answer it.
+
+    The head is read-only once dispatched. The body arrives through
+    :meth:`read_body` callbacks (buffered until someone reads it); the answer
+    goes out as one :meth:`respond` or as :meth:`head` + :meth:`send` +
+    :meth:`finish` (or :meth:`abort` for a body that must not look whole).
+    """
+
+    __slots__ = (
+        "_conn",
+        "_on_chunk",
+        "_on_end",
+        "body",
+        "body_bytes",
+        "body_done",
+        "chunked",
+        "closing",
+        "continue_sent",
+        "dispatched",
+        "expect_continue",
+        "finished",
+        "has_body",
+        "headers",
+        "http10",
+        "keep_alive",
+        "method",
+        "on_gone",
+        "on_pause",
+        "on_resume",
+        "out_chunked",
+        "path",
+        "peer",
+        "query",
+        "raw_path",
+        "started",
+    )
+
+    def __init__(self, conn: ClientConnection, method: str, url: bytes, headers: list[Header]) -> None:
+        self._conn = conn
+        self.method = method
+        try:
+            parsed = httptools.parse_url(url)
+            self.raw_path: bytes = parsed.path or b""
+            self.query: bytes = parsed.query or b""
+        except httptools.HttpParserInvalidURLError:  # authority form (CONNECT) and the like: refused later
+            self.raw_path, self.query = url, b""
+        text = self.raw_path.decode("latin-1")
+        self.path = unquote(text) if "%" in text else text
+        self.headers = headers
+        self.peer = conn.peer
+        parser = conn.parser
+        self.http10 = parser.get_http_version() == "1.0"
+        self.keep_alive = parser.should_keep_alive() and not self.http10
+        self.expect_continue = False
+        self.chunked = False
+        self.has_body = False
+        for name, value in headers:
+            if name == b"transfer-encoding":
+                self.chunked = self.has_body = True
+            elif name == b"content-length":
+                self.has_body = value.strip() not in (b"0", b"")
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self.expect_continue = not self.http10
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.body_done = not self.has_body
+        self.continue_sent = False
+        self.dispatched = False
+        self.started = False
+        self.finished = False
+        self.closing = False
+        self.out_chunked = False
+        self._on_chunk: Callable[[bytes], None] | None = None
+        self._on_end: Callable[[], None] | None = None
+        self.on_gone: Callable[[], None] | None = None
+        self.on_pause: Callable[[], None] | None = None
+        self.on_resume: Callable[[], None] | None = None
+
+    def forget_headers(self) -> None:
+        """Once forwarded, a stream that stays open for minutes need not keep the request's headers."""
+        self.headers = []
+
+    # --- the request body ----------------------------------------------------------------
+
+    def read_body(self, on_chunk: Callable[[bytes], None], on_end: Callable[[], None]) -> list[bytes]:
+        """Start taking the body: what arrived so far is returned, the rest comes by callback.
+
+        A client waiting on ``Expect: 100-continue`` is told to send now:
+        the gateway answers the expectation itself and never forwards it.
+        """
+        got, self.body = self.body, []
+        self.body_bytes = 0
+        if self.body_done:
+            return got
+        self._on_chunk, self._on_end = on_chunk, on_end
+        if self.expect_continue and not self.continue_sent:
+            self.continue_sent = True
+            self._conn.write(_CONTINUE)
+        self._conn.flow(self, paused=False)
+        return got
+
+    def _chunk(self, data: bytes) -> None:
+        if self._on_chunk is not None:
+            self._on_chunk(data)
+        elif not self.finished:
+            self.body.append(data)
+            self.body_bytes += len(data)
+            if self.body_bytes > self._conn.limits.body_buffer:
+                self._conn.flow(self, paused=True)
+
+    def _end(self) -> None:
+        self.body_done = True
+        on_end, self._on_chunk, self._on_end = self._on_end, None, None
+        if on_end is not None:
+            on_end()
+
+    def pause_body(self) -> None:
+        self._conn.flow(self, paused=True)
+
+    def resume_body(self) -> None:
+        self._conn.flow(self, paused=False)
+
+    # --- the response ----------------------------------------------------------------------
+
+    def head(self, status: int, headers: list[Header], *, length_known: bool, no_body: bool = False) -> bytes:
+        """The response head; the body that follows is framed by :meth:`frame`.
+
+        An unknown length becomes chunked encoding for HTTP/1.1 and a
+        close-delimited body for HTTP/1.0.
+        """
+        self.started = True
+        parts = [status_line(status), _clock.date()]
+        parts += [b"%s: %s\r\n" % h for h in headers]
+        if not no_body and not length_known:
+            if self.http10:
+                self.closing = True
+            else:
+                self.out_chunked = True
+                parts.append(b"transfer-encoding: chunked\r\n")
+        if self._must_close():
+            self.closing = True
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def frame(self, data: bytes) -> bytes:
+        return b"%x\r\n%b\r\n" % (len(data), data) if self.out_chunked else data
+
+    def tail(self) -> bytes:
+        return b"0\r\n\r\n" if self.out_chunked else b""
+
+    @property
+    def write_paused(self) -> bool:
+        return self._conn.write_paused
+
+    def send(self, data: bytes) -> None:
+        self._conn.write(data)
+
+    def respond(self, status: int, headers: list[Header], body: bytes) -> None:
+        """A whole response at once (the gateway's own answers)."""
+        head = self.head(status, [*headers, (b"content-length", b"%d" % len(body))], length_known=True)
+        self._conn.write(head + body if self.method != "HEAD" else head)
+        self.finish()
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._conn.request_done(self)
+
+    def abort(self) -> None:
+        """End the response so that it cannot pass for a whole one: close the connection."""
+        self.finished = True
+        self.closing = True
+        self._conn.request_done(self)
+
+    def _must_close(self) -> bool:
+        conn = self._conn
+        if not self.keep_alive or conn.draining:
+            return True
+        # The client was told to wait and was never asked for the body: its framing is unknown.
+        return not self.body_done and self.expect_continue and not self.continue_sent
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client socket: parser callbacks in, responses out, in request order."""
+
+    # Slots: thousands of these are held at once, one per open stream.
+    __slots__ = (
+        "_advancing",
+        "_head_bytes",
+        "_head_fresh",
+        "_headers",
+        "_in_head",
+        "_paused_by",
+        "_url",
+        "broken",
+        "broken_reason",
+        "closed",
+        "current",
+        "deadline",
+        "draining",
+        "last",
+        "limits",
+        "listener",
+        "parser",
+        "peer",
+        "queue",
+        "receiving",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.limits = listener.limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
+        self.current: Request | None = None  # being answered
+        self.receiving: Request | None = None  # being parsed (its body may still arrive)
+        self.last: Request | None = None
+        self.queue: list[Request] = []  # pipelined, waiting (a list: a deque's block is 600 bytes a connection)
+        self.deadline = 0.0  # when the sweep closes this connection (0: never)
+        self.draining = False
+        self.broken: GatewayError | None = None
+        self.broken_reason = ""
+        self.closed = False
+        self.write_paused = False
+        self._paused_by: list[int] = []
+        self._url = b""
+        self._headers: list[Header] = []
+        self._head_bytes = 0
+        self._head_fresh = False
+        self._in_head = False
+        self._advancing = False
+
+    # --- connection --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else None
+        if not self.listener.admit(self):
+            self.closed = True
+            body = _BUSY.body()
+            transport.write(
+                status_line(503)
+                + b"content-type: application/json\r\ncontent-length: %d\r\nx-should-retry: true\r\n"
+                b"connection: close\r\n\r\n" % len(body)
+                + body
+            )
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=self.limits.write_high_water)
+        self.deadline = self.listener.loop.time() + self.limits.idle_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.listener.forget(self)
+        self.transport = None
+        current = self.current
+        if current is not None and not current.finished:
+            current.finished = True
+            if current.on_gone is not None:
+                current.on_gone()
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        current = self.current
+        if current is not None and current.on_pause is not None:
+            current.on_pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        current = self.current
+        if current is not None and current.on_resume is not None:
+            current.on_resume()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.close()
+
+    def flow(self, who: Any, *, paused: bool) -> None:
+        """Reading pauses while anyone wants it paused (a pipelined request, a full buffer)."""
+        if self.transport is None:
+            return
+        key = id(who)
+        if paused:
+            if not self._paused_by:
+                self.transport.pause_reading()
+            if key not in self._paused_by:
+                self._paused_by.append(key)
+        elif key in self._paused_by:
+            self._paused_by.remove(key)
+            if not self._paused_by:
+                self.transport.resume_reading()
+
+    # --- parsing -----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.broken is not None:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # An upgrade (or CONNECT) is not followed: the request is answered as a plain
+            # one, and what the client sends after its head cannot be framed, so the
+            # connection closes after the answer.
+            if self.last is not None:
+                self.last.keep_alive = False
+            self.flow(_STOPPED, paused=True)
+        except httptools.HttpParserError as e:
+            self._bad(self.broken or errors.bad_request(f"Malformed HTTP request: {_parser_message(e)}"), "malformed")
+        if self.broken is None and self._in_head:
+            # A head still open after a whole feed: count all of it, so a header that never
+            # ends is refused after max_header_bytes, not after it has filled memory.
+            if self._head_fresh:
+                self._head_fresh = False
+            else:
+                self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._bad(_HEADERS_TOO_LARGE, "headers_too_large")
+        # Requests read whole before a bad one are still answered, in order, before the error.
+        self._advance()
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_fresh = True
+        self._head_bytes = 0
+        self._url = b""
+        self._headers = []
+        if self.current is None:
+            self.deadline = self.listener.loop.time() + self.limits.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if len(self._url) > self.limits.max_request_line:
+            self.broken, self.broken_reason = _URI_TOO_LONG, "uri_too_long"
+            raise _Refuse
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            return  # a chunked body's trailers are not forwarded
+        self._headers.append((name.lower(), value))
+        self._head_bytes += len(name) + len(value) + 4
+        if len(self._headers) > self.limits.max_headers:
+            self.broken, self.broken_reason = _TOO_MANY_HEADERS, "too_many_headers"
+            raise _Refuse
+        if self._head_bytes > self.limits.max_header_bytes:
+            self.broken, self.broken_reason = _HEADERS_TOO_LARGE, "headers_too_large"
+            raise _Refuse
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        method = self.parser.get_method().decode("latin-1")
+        request = Request(self, method, self._url, self._headers)
+        self._url, self._headers = b"", []
+        self.receiving = self.last = request
+        if self.current is None and not self.queue:
+            self.current = request
+            self.deadline = 0.0
+        else:
+            self.queue.append(request)
+            self.flow(_PIPELINE, paused=True)
+
+    def on_body(self, body: bytes) -> None:
+        if self.receiving is not None:
+            self.receiving._chunk(body)
+
+    def on_message_complete(self) -> None:
+        request, self.receiving = self.receiving, None
+        if request is not None:
+            request._end()
+            if request.finished and request is self.current:
+                self._next()
+
+    # --- answering in order ------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Dispatch the current request once its head is in (after a whole feed, so a small body is in too)."""
+        if self._advancing:
+            return
+        self._advancing = True
+        try:
+            while (request := self.current) is not None and not request.dispatched and not self.closed:
+                request.dispatched = True
+                self.listener.handler(request)
+                if self.current is request:
+                    break
+        finally:
+            self._advancing = False
+
+    def request_done(self, request: Request) -> None:
+        if request is not self.current or self.closed:
+            return
+        if request.closing:
+            self.close()
+            return
+        if request.body_done or request is not self.receiving:
+            self._next()
+        else:
+            request._on_chunk = request._on_end = None
+            self.flow(request, paused=False)  # read and drop the rest of the body, then go on
+            self.deadline = self.listener.loop.time() + self.limits.idle_timeout
+
+    def _next(self) -> None:
+        self.current = None
+        if self.queue:
+            self.current = self.queue.pop(0)
+            if not self.queue:
+                self.flow(_PIPELINE, paused=False)
+            if not self.current.dispatched:
+                self._advance()
+            return
+        if self.broken is not None:
+            self._answer_broken()
+        elif self.listener.draining:
+            self.close()
+        else:
+            self.deadline = self.listener.loop.time() + self.limits.idle_timeout
+
+    def _bad(self, error: GatewayError, reason: str) -> None:
+        """A request that cannot be parsed: answered after the ones before it, then the connection closes."""
+        if self.broken is None:
+            self.broken = error
+        self.broken_reason = self.broken_reason or reason
+        self.flow(_STOPPED, paused=True)
+        # The unreadable request itself is never dispatched; one being sent on (its body
+        # turned out bad) is aborted upstream, so the upstream never sees it completed.
+        self.queue = [r for r in self.queue if r is not self.receiving]
+        current = self.current
+        if current is not None and current is self.receiving:
+            self.current = None
+            current.keep_alive = False
+            if current.dispatched and not current.finished:
+                current.finished = True
+                if current.on_gone is not None:
+                    current.on_gone()
+                if current.started:
+                    self.close()
+                    return
+        if self.current is None or self.current.finished:
+            self._answer_broken()
+
+    def _answer_broken(self) -> None:
+        error = self.broken
+        assert error is not None
+        self.listener.bad_request(self.broken_reason or "malformed")
+        body = error.body()
+        self.write(
+            status_line(error.status)
+            + _clock.date()
+            + b"content-type: application/json\r\ncontent-length: %d\r\nx-should-retry: false\r\n"
+            b"connection: close\r\n\r\n" % len(body)
+            + body
+        )
+        self.close()
+
+    def timed_out(self) -> None:
+        """The sweep found this connection past its deadline."""
+        if self._in_head and self.current is None:
+            self.broken, self.broken_reason = _HEADER_TIMEOUT, "header_timeout"
+            self._answer_broken()
+        elif self.current is None or self.current.finished:
+            self.close()  # silent, or answered and still trickling a body nobody reads
+
+
+# Reasons to stop reading a connection, besides a request's own (a full body buffer).
+_PIPELINE = object()  # a request waits behind the one being answered
+_STOPPED = object()  # nothing after this point can be parsed
+
+
+class _Refuse(Exception):
+    """Raised inside a parser callback to stop parsing; the reason is in ``broken``."""
+
+
+_URI_TOO_LONG = GatewayError(414, "invalid_request_error", "uri_too_long", "The request target is too long.")
+_HEADERS_TOO_LARGE = GatewayError(
+    431, "invalid_request_error", "headers_too_large", "The request headers are too large."
+)
+_TOO_MANY_HEADERS = GatewayError(431, "invalid_request_error", "too_many_headers", "The request has too many headers.")
+_HEADER_TIMEOUT = GatewayError(408, "invalid_request_error", "header_timeout", "The request headers took too long.")
+
+
+def _parser_message(e: Exception) -> str:
+    text = str(e) or type(e).__name__
+    return text if text.isprintable() and len(text) < 100 else "invalid request"
+
+
+class Listener:
+    """The proxy port: admits connections up to a cap, sweeps slow ones, drains on shutdown."""
+
+    def __init__(
+        self,
+        handler: Callable[[Request], None],
+        limits: Limits,
+        cap: int,
+        on_bad_request: Callable[[str], None],
+    ) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.cap = cap
+        self.on_bad_request = on_bad_request
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.server: asyncio.AbstractServer | None = None
+        self.loop = asyncio.get_running_loop()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._bad_logged_at = 0.0
+        self._bad_suppressed = 0
+        self._drained = asyncio.Event()
+
+    async def start(self, sock: Any) -> None:
+        self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=2048)
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def admit(self, conn: ClientConnection) -> bool:
+        if self.draining or len(self.connections) >= self.cap:
+            return False
+        self.connections.add(conn)
+        return True
+
+    def forget(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if self.draining and not self.connections:
+            self._drained.set()
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for conn in [c for c in self.connections if c.deadline and c.deadline <= now]:
+            conn.timed_out()
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def bad_request(self, reason: str) -> None:
+        """Count every unparseable request; log at most one line a second about them (no addresses)."""
+        self.on_bad_request(reason)
+        now = self.loop.time()
+        if now - self._bad_logged_at >= 1.0:
+            more = f" (and {self._bad_suppressed} more since the last line)" if self._bad_suppressed else ""
+            log.warning("bad request on the proxy port: %s%s", reason, more)
+            self._bad_logged_at = now
+            self._bad_suppressed = 0
+        else:
+            self._bad_suppressed += 1
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close idle connections, let in-flight answers finish up to the grace period."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.draining = True
+            if conn.current is None:
+                conn.close()
+        if self.connections:
+            try:
+                await asyncio.wait_for(self._drained.wait(), self.limits.grace)
+            except TimeoutError:
+                log.warning("shutdown: closing %d connections still busy after %.0f s", len(self.connections),
+                            self.limits.grace)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
