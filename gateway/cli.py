@@ -141,6 +141,29 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         {"action": "store_true"},
     ),
     (
+        "--redis",
+        "redis",
+        "Redis shared by every replica for runtime overrides: redis://host:6379/0, rediss:// (TLS), "
+        "unix:///path.sock, redis+sentinel://host:26379,host:26379/service, redis+cluster://host:7000,host:7001; "
+        "no password in it (REGIONGATE_REDIS_PASSWORD)",
+        "none: overrides live in this process's memory",
+        {"metavar": "URL"},
+    ),
+    (
+        "--redis-prefix",
+        "redis_prefix",
+        "prefix of every Redis key, so several gateways can share one Redis",
+        "regiongate:",
+        {"metavar": "PREFIX"},
+    ),
+    (
+        "--redis-timeout",
+        "redis_timeout",
+        "seconds a Redis call may take before it counts as failed (the request path never waits on Redis)",
+        "0.05",
+        {"metavar": "SECONDS"},
+    ),
+    (
         "--log-level",
         "log_level",
         "server log level (stderr)",

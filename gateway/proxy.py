@@ -34,6 +34,8 @@ from .policy import DENY, Decision, decide
 from .requestid import RequestIds
 from .requestpath import BadPath, canonical
 from .runtime import Runtime
+from .shared.overrides import judge as judge_override
+from .shared.overrides import request_key_hash
 from .throttledlog import ThrottledLog
 from .upstream import BadHeader, BadTarget, Upstream, new_session, request_headers, response_headers
 
@@ -120,8 +122,10 @@ class Gateway:
         client = resolve(peer, scope["headers"], rt.clientip)
         # 2. Where they are.
         facts = rt.geo.lookup(client.ip) if client.kind == PUBLIC else NO_FACTS  # type: ignore[arg-type]
-        # 3. What the policy says.
-        decision = REJECTED if path is None else decide(policy, client, facts, path)
+        # 3. What an operator's runtime override says (gateway.shared), else what the policy says.
+        ov = rt.overrides
+        override = judge_override(ov.compiled, client, facts, request_key_hash(ov.compiled, ov.key, scope["headers"]))
+        decision = REJECTED if path is None else override or decide(policy, client, facts, path)
         ex = _Exchange(active)
         if active.shadow is not None and path is not None:  # judged too, never enforced
             ex.shadow = decide(active.shadow, client, facts, path)

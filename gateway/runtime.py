@@ -31,6 +31,8 @@ from .policy import (
     parse_policy,
     plain_error,
 )
+from .shared.redisconn import RedisConfigError
+from .shared.store import OverrideStore, open_store
 from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
 from .upstream import Upstream, UpstreamConfigError, build_upstreams
 from .yamlfile import FileError, Problem
@@ -73,6 +75,9 @@ class Settings(BaseModel):
     watch: bool = True
     geoip_max_age: float | None = Field(None, gt=0, description="seconds")
     stale_geoip_not_ready: bool = False
+    redis: str | None = None
+    redis_prefix: str = Field("regiongate:", min_length=1, max_length=100)
+    redis_timeout: float = Field(0.05, gt=0, le=5, description="seconds")
 
     @field_validator("upstream")
     @classmethod
@@ -178,6 +183,7 @@ class Runtime:
     geo_errors: dict[str, str] = field(default_factory=dict)  # path -> why its replacement was refused
     allow_methods: frozenset[str] = frozenset(DEFAULT_METHODS)
     env: dict[str, str] = field(default_factory=dict, repr=False)  # holds upstream keys: never shown
+    overrides: OverrideStore = field(default_factory=lambda: OverrideStore({}), repr=False)
 
     @property
     def policy(self) -> Policy:
@@ -248,6 +254,7 @@ class Runtime:
             "upstreams": {name: up.base for name, up in self.active.upstreams.items()},
             "trusted_proxies": [str(n) for n in self.clientip.trusted.networks],
             "client_ip_header": self.clientip.header,
+            "overrides": self.overrides.describe(),
             "warnings": warnings,
         }
 
@@ -309,7 +316,12 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
             raise ConfigError(f"--allow-method: {m[:32]!r} is not an HTTP method")
     if not methods:
         raise ConfigError("--allow-method: at least one method must be allowed")
+    try:
+        overrides = open_store(settings.redis, settings.redis_prefix, settings.redis_timeout, env)
+    except RedisConfigError as e:
+        raise ConfigError(str(e)) from None
     runtime = Runtime(
+        overrides=overrides,
         allow_methods=methods,
         settings=settings,
         geo=geo,
@@ -323,6 +335,11 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
     if not trusted:
         runtime.warnings.append("no --trusted-proxy: forwarding headers are ignored, the TCP peer is the client")
     runtime.warnings += trust_warnings
+    if settings.workers > 1 and not settings.redis:
+        runtime.warnings.append(
+            f"--workers {settings.workers} without --redis: each worker keeps its own runtime overrides, and one "
+            "added through the admin API reaches only the worker that answered; use --redis"
+        )
     return runtime
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import uvicorn
 
 from .runtime import ConfigError, Runtime, Settings, load_runtime
+from .shared.store import OverrideStore, probe
 
 log = logging.getLogger("regiongate")
 
@@ -125,6 +126,7 @@ def run_worker(
             loop.add_signal_handler(sig, stop)
         loop.add_signal_handler(signal.SIGHUP, live.on_sighup)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one that came meanwhile arrives now
+        await runtime.overrides.start(metrics)  # Redis (if any) is synced in the background from here on
         watcher = loop.create_task(watch.run(live, stopping)) if runtime.settings.watch else None
         if watcher is None:
             # The state inherited from the parent is as of startup; a worker started
@@ -135,6 +137,7 @@ def run_worker(
         finally:
             stopping.set()
             await live.close()
+            await runtime.overrides.close()
             if watcher is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.wait_for(watcher, 2)
@@ -172,7 +175,8 @@ def serve(settings: Settings) -> int:
             )
         proxy_sock = bind(settings.host, settings.port, "proxy (--host/--port)")
         admin_sock = bind(settings.admin_host, settings.admin_port, "control plane (--admin-host/--admin-port)")
-        _announce(runtime, proxy_sock, admin_sock)
+        redis_problem = asyncio.run(probe(runtime.overrides))
+        _announce(runtime, proxy_sock, admin_sock, redis_problem)
         if settings.workers == 1:
             run_worker(runtime, proxy_sock, admin_sock)
             return 0
@@ -193,7 +197,9 @@ def _clean_metrics_dir(path: str) -> None:
             os.unlink(os.path.join(path, name))
 
 
-def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
+def _announce(
+    runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket, redis_problem: str | None = None
+) -> None:
     s = runtime.settings
     p = runtime.policy
     geo = ", ".join(
@@ -218,9 +224,23 @@ def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.so
         f"geo: {geo}",
         f"workers: {s.workers}",
     ]
+    lines.append(_describe_overrides(runtime.overrides))
     lines += [f"warning: {w}" for w in runtime.warnings]
+    if redis_problem is not None:
+        lines.append(
+            f"warning: Redis {runtime.overrides.describe()['url']} did not answer at startup ({redis_problem}): "
+            "serving anyway; requests are decided by the policy alone until Redis answers, then its overrides apply "
+            "(a circuit breaker retries it in the background; see /readyz)"
+        )
     for line in lines:
         print(f"regiongate: {line}", file=sys.stderr, flush=True)
+
+
+def _describe_overrides(store: OverrideStore) -> str:
+    d = store.describe()
+    if d["backend"] == "memory":
+        return "overrides: in this process's memory (no --redis): POST /admin/overrides reaches this process only"
+    return f"overrides: Redis {d['url']} ({d['mode']}), key prefix {d['prefix']!r}"
 
 
 def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> int:
