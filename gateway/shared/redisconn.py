@@ -139,12 +139,16 @@ def _db(text: str, shown: str) -> int:
 
 def connect(target: RedisTarget, password: str | None, timeout: float) -> Any:
     """An asyncio client (hiredis parser when installed) for the target; connects lazily."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
     common: dict[str, Any] = {
         "password": password,
         "username": target.username,
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry_on_timeout": False,
+        # No retries inside redis-py: a failed call fails now, and the breaker decides when to try again.
+        "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
     }
     if target.mode == "unix":
@@ -255,12 +259,12 @@ class Breaker:
         self.failures += 1
         self.last_error = describe_error(e)
         self.observer.error(op)
+        if self.up is not False:
+            self.up = False
+            self.observer.up(False)
         if self.open:
             self.retry_at = time.monotonic() + self.backoff
             self.backoff = min(self.backoff * 2, self.max_backoff)
-            if self.up is not False:
-                self.up = False
-                self.observer.up(False)
 
 
 def describe_error(e: BaseException) -> str:

@@ -171,7 +171,7 @@ class RedisStore(OverrideStore):
         try:
             await self._ensure_key()
             version = await self._call("sync", self.client.get, self.k_version)
-            if force or version != self.version or self.synced_at is None:
+            if force or version != self.version or self.synced_at is None or self._due():
                 raw = await self._call("sync", self.client.hgetall, self.k_data)
                 items, expired = self._parse(raw)
                 self.version = version

@@ -1,0 +1,212 @@
+"""Overrides shared through a real Redis: two gateways, expiry, Redis killed and restarted, bad credentials.
+
+Each test uses its own key prefix on the session's Redis, or a Redis of its
+own when it kills or restarts it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import GatewayFactory, Stub, free_port
+from overrides_support import AUTH, CN, GB, add, list_ids, overrides_gateway, remove, status_of, wait_for
+from redis_support import RedisServer
+
+SE = "89.160.20.112"
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def prefix() -> str:
+    return f"t{next(_prefixes)}-{time.monotonic_ns()}:"
+
+
+def shared(gateway: GatewayFactory, stub: Stub, url: str, pfx: str, *args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return overrides_gateway(gateway, stub, "--redis", url, "--redis-prefix", pfx, *args, env=env)
+
+
+def readyz(gw) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    r = httpx.get(gw.admin + "/readyz", timeout=10)
+    assert r.status_code == 200  # Redis state never costs readiness
+    return r.json()  # type: ignore[no-any-return]
+
+
+def test_two_gateways_agree_on_a_new_override(gateway: GatewayFactory, stub: Stub, redis_server: RedisServer) -> None:
+    pfx = prefix()
+    a, b = shared(gateway, stub, redis_server.url, pfx), shared(gateway, stub, redis_server.url, pfx)
+    assert status_of(a, GB) == status_of(b, GB) == 200
+    o = add(a, {"action": "deny", "cidr": "2.125.160.216/32", "reason": "abuse", "by": "test"})
+    assert status_of(a, GB) == 403
+    started = time.monotonic()
+    wait_for(lambda: status_of(b, GB) == 403, 10, "the second gateway to apply the override")
+    seen_after = time.monotonic() - started
+    assert o["id"] in list_ids(b)
+    assert b.wait_log(2)[-1]["rule"] == f"override:{o['id']}"
+    # Lifted on b, lifted on a.
+    remove(b, o["id"])
+    wait_for(lambda: status_of(a, GB) == 200, 10, "the first gateway to lift the override")
+    state = readyz(a)["overrides"]
+    assert state["backend"] == "redis" and state["up"] is True and state["circuit"] == "closed"
+    metrics = a.metrics()
+    assert "regiongate_redis_up 1.0" in metrics and "regiongate_redis_latency_seconds_count" in metrics
+    print(f"second gateway applied the override {seen_after:.3f}s after the first answered")
+
+
+def test_api_key_override_is_shared_by_hash(gateway: GatewayFactory, stub: Stub, redis_server: RedisServer) -> None:
+    pfx = prefix()
+    a, b = shared(gateway, stub, redis_server.url, pfx), shared(gateway, stub, redis_server.url, pfx)
+    add(a, {"action": "deny", "api_key": "sk-shared-leak", "reason": "leaked"})
+    wait_for(lambda: status_of(b, GB, token="sk-shared-leak") == 403, 10, "the key override on the second gateway")
+    assert status_of(b, GB, token="sk-fine") == 200
+    dump = redis_server.command("HGETALL", f"{pfx}{{overrides}}:data")
+    assert "sk-shared-leak" not in dump and "api_key" in dump
+
+
+def test_override_expiry_with_redis(gateway: GatewayFactory, stub: Stub, redis_server: RedisServer) -> None:
+    pfx = prefix()
+    a, b = shared(gateway, stub, redis_server.url, pfx), shared(gateway, stub, redis_server.url, pfx)
+    add(a, {"action": "allow", "country": "CN", "reason": "one-second pilot", "ttl": 1})
+    assert status_of(a, CN) == 200
+    wait_for(lambda: status_of(a, CN) == 403 and status_of(b, CN) == 403, 10, "the override to expire")
+    assert list_ids(a) == list_ids(b) == []
+    wait_for(lambda: redis_server.command("HLEN", f"{pfx}{{overrides}}:data") == "0", 10, "Redis to drop it")
+
+
+def test_redis_killed_mid_load_then_restarted(gateway: GatewayFactory, stub: Stub, own_redis: RedisServer) -> None:
+    pfx = prefix()
+    a = shared(gateway, stub, own_redis.url, pfx)
+    b = shared(gateway, stub, own_redis.url, pfx)
+    o = add(a, {"action": "deny", "country": "GB", "reason": "held through an outage"})
+    wait_for(lambda: status_of(b, GB) == 403, 10, "the override on the second gateway")
+    own_redis.command("SAVE")  # so that the restarted server holds it again
+
+    timeout = 5.0
+    results: list[tuple[str, int | str, float]] = []
+    stop = threading.Event()
+
+    def load(gw, ip: str) -> None:  # type: ignore[no-untyped-def]
+        with httpx.Client(timeout=timeout) as c:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    code: int | str = c.get(gw.url + "/v1/models", headers={"X-Forwarded-For": ip}).status_code
+                except httpx.HTTPError as e:
+                    code = type(e).__name__
+                results.append((ip, code, time.monotonic() - started))
+
+    threads = [threading.Thread(target=load, args=(gw, ip)) for gw in (a, b) for ip in (GB, SE)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: len(results) > 40, 30, "load before the kill")
+        own_redis.kill()
+        before = len(results)
+        wait_for(lambda: "regiongate_redis_up 0.0" in a.metrics() and "regiongate_redis_up 0.0" in b.metrics(),
+                 15, "both gateways to notice Redis is gone")
+        wait_for(lambda: len(results) > before + 80, 30, "load while Redis is down")
+        state = readyz(a)["overrides"]
+        assert state["up"] is False and state["error"]
+        assert o["id"] in list_ids(a)  # the last synced copy
+        # Added while Redis is down: refused with 503, nothing half-written.
+        r = httpx.post(a.admin + "/admin/overrides", json={"action": "deny", "country": "SE", "reason": "x"},
+                       headers=AUTH, timeout=10)
+        assert r.status_code == 503
+        own_redis.start()
+        wait_for(lambda: readyz(a)["overrides"]["up"] is True and readyz(b)["overrides"]["up"] is True,
+                 30, "both gateways to find Redis again")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    bad = [r for r in results if r[1] != {GB: 403, SE: 200}[r[0]]]
+    assert not bad, bad[:5]
+    assert max(r[2] for r in results) < timeout  # none waited for its client timeout
+    # After the restart: overrides resume, both ways.
+    assert status_of(a, GB) == status_of(b, GB) == 403
+    o2 = add(b, {"action": "deny", "country": "SE", "reason": "after the restart"})
+    wait_for(lambda: status_of(a, SE) == 403, 10, "a new override to reach the other gateway after the restart")
+    remove(a, o2["id"])
+    wait_for(lambda: status_of(b, SE) == 200, 10, "the removal to reach the other gateway")
+    assert 'regiongate_redis_errors_total{op="sync"}' in a.metrics()
+
+
+def test_wrong_password_warns_and_serves_by_the_policy(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", "--requirepass", "right-horse-battery").start()
+    try:
+        gw = shared(gateway, stub, server.url, prefix(), env={"REGIONGATE_REDIS_PASSWORD": "wrong-password-123"})
+        err = gw.stderr()
+        assert "warning: Redis redis://127.0.0.1" in err and "did not answer at startup" in err
+        assert "authentication failed" in err and "REGIONGATE_REDIS_PASSWORD" in err
+        assert "wrong-password-123" not in err
+        state = readyz(gw)
+        assert state["overrides"]["up"] is False
+        assert "wrong-password-123" not in json.dumps(state)
+        assert status_of(gw, GB) == 200 and status_of(gw, CN) == 403
+        r = httpx.post(gw.admin + "/admin/overrides", json={"action": "deny", "country": "GB", "reason": "x"},
+                       headers=AUTH, timeout=10)
+        assert r.status_code == 503 and "unavailable" in r.json()["detail"]
+
+        good = shared(gateway, stub, server.url, prefix(), env={"REGIONGATE_REDIS_PASSWORD": "right-horse-battery"})
+        assert "did not answer" not in good.stderr()
+        add(good, {"action": "deny", "country": "GB", "reason": "with the right password"})
+        assert status_of(good, GB) == 403
+        assert "right-horse-battery" not in json.dumps(readyz(good)) + good.stderr() + good.metrics()
+    finally:
+        server.stop()
+
+
+def test_unreachable_redis_warns_and_serves(gateway: GatewayFactory, stub: Stub) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    gw = shared(gateway, stub, url, prefix())
+    assert f"warning: Redis {url} did not answer at startup" in gw.stderr()
+    assert status_of(gw, GB) == 200 and status_of(gw, CN) == 403
+    assert readyz(gw)["overrides"]["up"] is False
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://:hunter2secret@127.0.0.1:6379/0", "REGIONGATE_REDIS_PASSWORD"),
+        ("redis://user:hunter2secret@127.0.0.1:6379/0", "REGIONGATE_REDIS_PASSWORD"),
+        ("http://127.0.0.1:6379", "scheme must be one of"),
+        ("redis+sentinel://127.0.0.1:26379", "name the service"),
+        ("redis://a:1,b:2/0", "redis+sentinel:// or redis+cluster://"),
+    ],
+)
+def test_bad_redis_urls_stop_startup_with_a_clear_error(url: str, problem: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", "0", "--admin-port", "0", "--redis", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert problem in out.stderr and "Traceback" not in out.stderr
+    assert "hunter2secret" not in out.stderr
