@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -210,3 +211,59 @@ def test_bad_redis_urls_stop_startup_with_a_clear_error(url: str, problem: str) 
     assert out.returncode == 2
     assert problem in out.stderr and "Traceback" not in out.stderr
     assert "hunter2secret" not in out.stderr
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("REGIONGATE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "override", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
+    )
+
+
+def test_override_cli_through_redis_and_through_the_admin_api(
+    gateway: GatewayFactory, stub: Stub, redis_server: RedisServer
+) -> None:
+    pfx = prefix()
+    gw = shared(gateway, stub, redis_server.url, pfx)
+    redis = ["--redis", redis_server.url, "--redis-prefix", pfx]
+    out = cli("add", "deny", "--country", "gb", "--reason", "from the CLI", "--by", "ops", "--id", "cli-1", *redis)
+    assert out.returncode == 0, out.stderr
+    assert "added override cli-1: deny country GB (rule override:cli-1)" in out.stdout
+    wait_for(lambda: status_of(gw, GB) == 403, 10, "the gateway to apply an override written straight to Redis")
+
+    admin = ["--admin-url", gw.admin]
+    token = {"REGIONGATE_ADMIN_TOKEN": AUTH["Authorization"].split()[1]}
+    out = cli("add", "deny", "--api-key-env", "LEAKED", "--reason", "leaked key", *admin,
+              env={**token, "LEAKED": "sk-cli-leaked-key"})
+    assert out.returncode == 0, out.stderr
+    assert "sk-cli-leaked-key" not in out.stdout + out.stderr
+    assert status_of(gw, SE, token="sk-cli-leaked-key") == 403
+
+    listed = cli("list", "--json", *admin, env=token)
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert {r["id"] for r in rows} >= {"cli-1"} and {r["kind"] for r in rows} == {"country", "api_key"}
+    table = cli("list", *redis).stdout
+    assert "cli-1" in table and "from the CLI" in table and "hmac-sha256:" in table
+
+    assert cli("remove", "cli-1", *admin, env=token).returncode == 0
+    assert status_of(gw, GB) == 200
+    missing = cli("remove", "cli-1", *redis)
+    assert missing.returncode == 1 and "no override cli-1" in missing.stderr
+
+
+def test_override_cli_errors_are_one_line(gateway: GatewayFactory, stub: Stub) -> None:
+    out = cli("list")
+    assert out.returncode == 1 and "give --admin-url" in out.stderr
+    out = cli("list", "--admin-url", f"http://127.0.0.1:{free_port()}", env={"REGIONGATE_ADMIN_TOKEN": "t"})
+    assert out.returncode == 1 and "cannot reach the admin API" in out.stderr
+    out = cli("list", "--redis", f"redis://127.0.0.1:{free_port()}/0")
+    assert out.returncode == 1 and "Redis redis://127.0.0.1" in out.stderr and "Traceback" not in out.stderr
+    gw = overrides_gateway(gateway, stub)
+    token = {"REGIONGATE_ADMIN_TOKEN": AUTH["Authorization"].split()[1]}
+    out = cli("add", "deny", "--cidr", "10.0.0.1/8", "--reason", "x", "--admin-url", gw.admin, env=token)
+    assert out.returncode == 1 and "422" in out.stderr and "host bits" in out.stderr

@@ -56,6 +56,7 @@ class OverrideStore:
         self.observer: StoreObserver = NullObserver()
         self._items: dict[str, Override] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
 
     async def start(self, observer: StoreObserver | None = None) -> None:
         if observer is not None:
@@ -66,11 +67,11 @@ class OverrideStore:
         self._tasks.append(asyncio.get_running_loop().create_task(self._expire_loop()))
 
     async def close(self) -> None:
+        self._closing = True
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if self._tasks:  # bounded: a half-open connection must not hold up shutdown
+            await asyncio.wait(self._tasks, timeout=2)
         self._tasks.clear()
 
     def _swap(self, items: Any) -> None:
@@ -153,7 +154,7 @@ class RedisStore(OverrideStore):
         await super().close()
         if self.client is not None:
             with contextlib.suppress(Exception):
-                await self.client.aclose()
+                await asyncio.wait_for(self.client.aclose(), 2)
 
     async def _call(self, op: str, fn: Any, *args: Any) -> Any:
         return await self.breaker.call(op, lambda: fn(*args))
@@ -203,7 +204,7 @@ class RedisStore(OverrideStore):
 
     async def _sync_loop(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(SYNC_INTERVAL):
                     await self._wake.wait()
@@ -216,17 +217,20 @@ class RedisStore(OverrideStore):
     async def _listen(self) -> None:
         """Wake the sync loop when another replica announces a change."""
         assert self._wake is not None
-        while True:
+        # Polled with a timeout rather than ``listen()``: a cancel that lands inside redis-py's
+        # read can be lost, and then the task would never end; the flag ends it within a poll.
+        while not self._closing:
             pubsub = None
             try:
                 if self.breaker.open:
                     await asyncio.sleep(SYNC_INTERVAL)
                     continue
-                pubsub = self.client.pubsub()
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 async with asyncio.timeout(self.timeout * 4):
                     await pubsub.subscribe(self.channel)
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                while not self._closing:
+                    message = await pubsub.get_message(timeout=SYNC_INTERVAL)
+                    if message is not None and message.get("type") == "message":
                         self._wake.set()
             except asyncio.CancelledError:
                 raise
@@ -236,7 +240,7 @@ class RedisStore(OverrideStore):
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()
+                        await asyncio.wait_for(pubsub.aclose(), 1)
 
     async def _announce(self) -> None:
         await self._call("write", self.client.incr, self.k_version)
