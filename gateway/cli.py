@@ -277,9 +277,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Runtime overrides: allow or deny a CIDR, API key, country or subdivision now, before the "
         "policy. Give --admin-url (token in REGIONGATE_ADMIN_TOKEN) or --redis.",
     )
-    osub = o.add_subparsers(dest="override_command", required=True, parser_class=_Parser)
+    osub = o.add_subparsers(dest="override_command", required=True, parser_class=_Parser, help="what to do")
     oa = osub.add_parser("add", help="add an override")
-    oa.add_argument("action", choices=["allow", "deny"])
+    oa.add_argument("action", choices=["allow", "deny"], help="let through or refuse, whatever the policy says")
     subject = oa.add_mutually_exclusive_group(required=True)
     subject.add_argument("--cidr", help="an IPv4 or IPv6 block")
     subject.add_argument("--country", help="ISO 3166-1 alpha-2 code")
@@ -297,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     ol = osub.add_parser("list", help="list the overrides in force")
     ol.add_argument("--json", action="store_true", help="machine-readable output")
     orm = osub.add_parser("remove", help="remove an override")
-    orm.add_argument("id")
+    orm.add_argument("id", help="the override's id (see override list)")
     for p in (oa, ol, orm):
         p.add_argument("--admin-url", metavar="URL", help="a running gateway's control plane, e.g. http://127.0.0.1:9090")
         p.add_argument("--redis", metavar="URL", default=_env("REDIS_URL"), help="Redis, as serve --redis (env "
