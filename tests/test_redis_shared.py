@@ -267,3 +267,37 @@ def test_override_cli_errors_are_one_line(gateway: GatewayFactory, stub: Stub) -
     token = {"REGIONGATE_ADMIN_TOKEN": AUTH["Authorization"].split()[1]}
     out = cli("add", "deny", "--cidr", "10.0.0.1/8", "--reason", "x", "--admin-url", gw.admin, env=token)
     assert out.returncode == 1 and "422" in out.stderr and "host bits" in out.stderr
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
+    nodes = [RedisServer(tmp_path / f"node{i}", "--cluster-enabled", "yes", "--cluster-config-file",
+                         "nodes.conf", "--cluster-node-timeout", "2000") for i in range(3)]
+    try:
+        for n in nodes:
+            n.start()
+        out = subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        wait_for(lambda: all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in nodes), 30, "the cluster")
+        yield nodes
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_two_gateways_agree_through_a_redis_cluster(
+    gateway: GatewayFactory, stub: Stub, redis_cluster: list[RedisServer]
+) -> None:
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in redis_cluster[:2])
+    pfx = prefix()
+    a, b = shared(gateway, stub, url, pfx), shared(gateway, stub, url, pfx)
+    assert "did not answer" not in a.stderr()
+    o = add(a, {"action": "deny", "country": "GB", "reason": "through the cluster", "ttl": 30})
+    wait_for(lambda: status_of(b, GB) == 403, 10, "the second gateway to apply the override")
+    assert readyz(b)["overrides"]["mode"] == "cluster"
+    remove(b, o["id"])
+    wait_for(lambda: status_of(a, GB) == 200, 10, "the first gateway to lift it")
