@@ -168,6 +168,12 @@ class Metrics:
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
             registry=r,
         )
+        self.rate_limited_total = Counter(
+            "regiongate_rate_limited",
+            "Requests refused with 429 by a rule's rate_limit, by rule and what the limit counts by.",
+            ["rule", "by"],
+            registry=r,
+        )
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._upstream_children: dict[tuple[str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
@@ -224,6 +230,9 @@ class Metrics:
     def overrides(self, counts: dict[str, int]) -> None:
         for kind, n in counts.items():
             self.overrides_active.labels(kind).set(n)
+
+    def rate_limited(self, rule: str, by: str) -> None:
+        self.rate_limited_total.labels(rule, by).inc()
 
     def up(self, value: bool) -> None:
         """Redis state (the shared store's observer)."""

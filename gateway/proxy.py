@@ -36,6 +36,7 @@ from .requestpath import BadPath, canonical
 from .runtime import Runtime
 from .shared.overrides import judge as judge_override
 from .shared.overrides import request_key_hash
+from .shared.ratelimit import check as check_rate
 from .throttledlog import ThrottledLog
 from .upstream import BadHeader, BadTarget, Upstream, new_session, request_headers, response_headers
 
@@ -126,6 +127,10 @@ class Gateway:
         ov = rt.overrides
         override = judge_override(ov.compiled, client, facts, request_key_hash(ov.compiled, ov.key, scope["headers"]))
         decision = REJECTED if path is None else override or decide(policy, client, facts, path)
+        # 3b. The deciding rule's rate limit, if it has one (gateway.shared; Redis only when a limit applies).
+        limited = None
+        if decision.limit is not None and decision.verdict != DENY:
+            limited = await check_rate(ov, decision.limit, client, facts, scope["headers"], policy.spec.redis.on_error)
         ex = _Exchange(active)
         if active.shadow is not None and path is not None:  # judged too, never enforced
             ex.shadow = decide(active.shadow, client, facts, path)
@@ -133,6 +138,8 @@ class Gateway:
         try:
             if bad is not None:
                 await self.fail(send, bad, request_id, ex)
+            elif limited is not None:
+                await self.fail(send, limited, request_id, ex)
             elif decision.verdict == DENY:
                 await _send_error(
                     send, policy.spec.block.status, policy.block_body, request_id, retry=False, policy=active.header

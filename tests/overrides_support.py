@@ -61,3 +61,15 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def limited_policy(requests: int, by: str = "ip", on_error: str = "open", per: str = "1h") -> str:
+    """GB and SE let through under a shared rate limit; everything else refused."""
+    return f"""version: 1
+redis: {{on_error: {on_error}}}
+rules:
+  - name: limited
+    countries: [GB, SE]
+    action: allow
+    rate_limit: {{requests: {requests}, per: {per}, by: {by}}}
+"""

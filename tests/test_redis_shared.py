@@ -20,7 +20,18 @@ import httpx
 import pytest
 
 from conftest import GatewayFactory, Stub, free_port
-from overrides_support import AUTH, CN, GB, add, list_ids, overrides_gateway, remove, status_of, wait_for
+from overrides_support import (
+    AUTH,
+    CN,
+    GB,
+    add,
+    limited_policy,
+    list_ids,
+    overrides_gateway,
+    remove,
+    status_of,
+    wait_for,
+)
 from redis_support import RedisServer
 
 SE = "89.160.20.112"
@@ -301,3 +312,39 @@ def test_two_gateways_agree_through_a_redis_cluster(
     assert readyz(b)["overrides"]["mode"] == "cluster"
     remove(b, o["id"])
     wait_for(lambda: status_of(a, GB) == 200, 10, "the first gateway to lift it")
+
+
+def limited_gateway(gateway: GatewayFactory, stub: Stub, tmp_path: Path, url: str, pfx: str, policy: str):  # type: ignore[no-untyped-def]
+    path = tmp_path / f"limited-{pfx.strip(':')}.yaml"
+    path.write_text(policy)
+    return overrides_gateway(gateway, stub, "--redis", url, "--redis-prefix", pfx, "--policy", str(path))
+
+
+def test_two_gateways_enforce_one_shared_rate_limit(
+    gateway: GatewayFactory, stub: Stub, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    pfx = prefix()
+    policy = limited_policy(5, by="country")
+    a = limited_gateway(gateway, stub, tmp_path, redis_server.url, pfx, policy)
+    b = limited_gateway(gateway, stub, tmp_path, redis_server.url, pfx, policy)
+    codes = [status_of(gw, ip) for _ in range(4) for gw in (a, b) for ip in (GB, "81.2.69.160")]
+    assert codes.count(200) == 5 and codes.count(429) == len(codes) - 5  # one budget for GB across both
+    assert status_of(a, SE) == 200  # another country, its own budget
+    # A script cache flushed (a restart, a failover) is loaded again: EVALSHA, then NOSCRIPT, then the script.
+    redis_server.command("SCRIPT", "FLUSH")
+    assert status_of(b, SE) == 200
+    assert status_of(b, GB) == 429
+
+
+@pytest.mark.parametrize(("on_error", "expected"), [("open", 200), ("closed", 503)])
+def test_rate_limit_with_redis_down_follows_on_error(
+    gateway: GatewayFactory, stub: Stub, tmp_path: Path, on_error: str, expected: int
+) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    gw = limited_gateway(gateway, stub, tmp_path, url, prefix(), limited_policy(1, on_error=on_error))
+    codes = [status_of(gw, GB, timeout=5) for _ in range(5)]  # a request that hung would raise
+    assert codes == [expected] * 5
+    if expected == 503:
+        r = httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB})
+        assert r.json()["error"]["code"] == "rate_limiter_unavailable"
+    assert status_of(gw, CN) == 403  # the policy still decides

@@ -203,6 +203,9 @@ class NullObserver:
     def overrides(self, counts: dict[str, int]) -> None:
         pass
 
+    def rate_limited(self, rule: str, by: str) -> None:
+        pass
+
 
 class Breaker:
     """Closed: calls go through. Open after ``threshold`` failures in a row: calls fail at once

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import orjson
 
 from .overrides import EMPTY, Compiled, Override, OverrideError, compile_overrides
+from .ratelimit import GCRA_LUA, Outcome, RateLimit, gcra, outcome_from_script, redis_key
 from .redisconn import Breaker, NullObserver, Observer, RedisTarget, RedisUnavailable, connect, describe_error
 
 log = logging.getLogger("regiongate")
@@ -41,6 +42,8 @@ EXPIRY_CHECK = 0.25
 
 class StoreObserver(Observer, Protocol):
     def overrides(self, counts: dict[str, int]) -> None: ...
+
+    def rate_limited(self, rule: str, by: str) -> None: ...
 
 
 class OverrideStore:
@@ -55,6 +58,7 @@ class OverrideStore:
         self.compiled: Compiled = EMPTY
         self.observer: StoreObserver = NullObserver()
         self._items: dict[str, Override] = {}
+        self._tats: dict[str, float] = {}  # rate-limit subject -> theoretical arrival time (monotonic)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
 
@@ -88,6 +92,9 @@ class OverrideStore:
             await asyncio.sleep(EXPIRY_CHECK)
             if self._due():
                 self._swap(self.compiled.overrides)
+            if self._tats:  # a subject whose TAT has passed has its full burst again: forget it
+                now = time.monotonic()
+                self._tats = {k: v for k, v in self._tats.items() if v > now}
 
     async def add(self, override: Override) -> Override:
         self._items[override.id] = override
@@ -103,6 +110,13 @@ class OverrideStore:
         found = self._items.pop(id, None) is not None
         self._swap(self._items.values())
         return found
+
+    async def rate(self, limit: RateLimit, who: str) -> Outcome:
+        """One rate-limit check for ``who``; in memory it is exact for this process only."""
+        key = f"{limit.rule}\0{limit.by}\0{who}"
+        outcome, tat = gcra(self._tats.get(key), time.monotonic(), limit.interval, limit.tolerance)
+        self._tats[key] = tat
+        return outcome
 
     async def ensure_key(self) -> bytes | None:
         """The HMAC key for API-key overrides (None while Redis, which holds it, cannot be asked)."""
@@ -142,6 +156,7 @@ class RedisStore(OverrideStore):
             self.observer = observer
             self.breaker.observer = observer
         self.client = connect(self.target, self._password, self.timeout)
+        self._gcra = self.client.register_script(GCRA_LUA)  # EVALSHA; loaded again on NOSCRIPT
         self._wake = asyncio.Event()
         self.observer.overrides(self.compiled.counts())
         loop = asyncio.get_running_loop()
@@ -241,6 +256,16 @@ class RedisStore(OverrideStore):
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(pubsub.aclose(), 1)
+
+    async def rate(self, limit: RateLimit, who: str) -> Outcome:
+        reply = await self.breaker.call(
+            "ratelimit",
+            lambda: self._gcra(
+                keys=[redis_key(self.prefix, limit, who)],
+                args=[f"{limit.interval * 1000:.3f}", f"{limit.tolerance * 1000:.3f}"],
+            ),
+        )
+        return outcome_from_script(reply)
 
     async def _announce(self) -> None:
         await self._call("write", self.client.incr, self.k_version)
