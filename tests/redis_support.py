@@ -25,11 +25,25 @@ def require_redis_server() -> str:
     return path
 
 
+def _cluster_safe_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a port, and free too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
 class RedisServer:
     def __init__(self, directory: Path, *extra: str) -> None:
         self.binary = require_redis_server()
         self.directory = directory
-        self.port = free_port()
+        self.port = _cluster_safe_port() if "--cluster-enabled" in extra else free_port()
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
 

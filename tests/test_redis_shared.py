@@ -314,6 +314,19 @@ def test_two_gateways_agree_through_a_redis_cluster(
     wait_for(lambda: status_of(a, GB) == 200, 10, "the first gateway to lift it")
 
 
+def test_shared_rate_limit_through_a_redis_cluster(
+    gateway: GatewayFactory, stub: Stub, redis_cluster: list[RedisServer], tmp_path: Path
+) -> None:
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in redis_cluster)
+    pfx = prefix()
+    policy = limited_policy(4, by="ip")
+    a = limited_gateway(gateway, stub, tmp_path, url, pfx, policy)
+    b = limited_gateway(gateway, stub, tmp_path, url, pfx, policy)
+    for ip in (GB, SE, "81.2.69.160"):  # keys in different slots, each its own budget
+        codes = [status_of(gw, ip) for _ in range(3) for gw in (a, b)]
+        assert codes.count(200) == 4 and codes.count(429) == 2, (ip, codes)
+
+
 def limited_gateway(gateway: GatewayFactory, stub: Stub, tmp_path: Path, url: str, pfx: str, policy: str):  # type: ignore[no-untyped-def]
     path = tmp_path / f"limited-{pfx.strip(':')}.yaml"
     path.write_text(policy)
