@@ -164,6 +164,20 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         {"metavar": "SECONDS"},
     ),
     (
+        "--audit",
+        "audit",
+        "what goes to the Redis audit stream <prefix>audit (needs --redis)",
+        "refusals",
+        {"choices": ["off", "refusals", "all"]},
+    ),
+    (
+        "--audit-maxlen",
+        "audit_maxlen",
+        "the audit stream is capped at about this many entries (XADD MAXLEN ~)",
+        "100000",
+        {"metavar": "N"},
+    ),
+    (
         "--log-level",
         "log_level",
         "server log level (stderr)",
@@ -304,6 +318,23 @@ def _parser() -> argparse.ArgumentParser:
                        "REGIONGATE_REDIS_URL; password in REGIONGATE_REDIS_PASSWORD)")
         p.add_argument("--redis-prefix", default=_env("REDIS_PREFIX", "regiongate:"), help="as serve --redis-prefix")
 
+    au = sub.add_parser(
+        "audit",
+        help="read the Redis audit stream (refusals, or every decision with serve --audit all)",
+        description="Read the audit stream <prefix>audit that gateways with --redis write.",
+    )
+    asub = au.add_subparsers(dest="audit_command", required=True, parser_class=_Parser, help="what to do")
+    at = asub.add_parser("tail", help="the latest entries as JSON lines")
+    at.add_argument("-n", "--count", type=int, default=20, help="how many of the latest entries (default: 20)")
+    at.add_argument("--follow", "-f", action="store_true", help="then keep printing new entries as they come")
+    ae = asub.add_parser("export", help="entries since a time, as JSON lines or CSV")
+    ae.add_argument("--since", default="24h", help="how far back: 30m, 12h, 7d (default: 24h)")
+    ae.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="output format (default: jsonl)")
+    for p in (at, ae):
+        p.add_argument("--redis", metavar="URL", default=_env("REDIS_URL"), help="Redis, as serve --redis (env "
+                       "REGIONGATE_REDIS_URL; password in REGIONGATE_REDIS_PASSWORD)")
+        p.add_argument("--redis-prefix", default=_env("REDIS_PREFIX", "regiongate:"), help="as serve --redis-prefix")
+
     sub.add_parser("schema", help="print the policy file's JSON Schema")
 
     st = sub.add_parser("stub", help="run the bundled OpenAI-compatible stub upstream (for trying out and tests)")
@@ -325,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _diff(args)
         if args.command == "override":
             return _override(args)
+        if args.command == "audit":
+            return _audit(args)
         if args.command == "schema":
             from .policy import json_schema
 
@@ -383,6 +416,34 @@ def _override(args: argparse.Namespace) -> int:
             client.remove(args.id)
             print(f"removed override {args.id}")
     except ClientError as e:
+        print(f"regiongate: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .runtime import parse_duration
+    from .shared import audit
+    from .shared.redisconn import RedisConfigError, RedisUnavailable
+
+    if not args.redis:
+        print("regiongate: give --redis (or REGIONGATE_REDIS_URL)", file=sys.stderr)
+        return 1
+    env = dict(os.environ)
+    try:
+        if args.audit_command == "tail":
+            asyncio.run(audit.read(args.redis, args.redis_prefix, env, count=args.count, follow=args.follow))
+        else:
+            since = parse_duration(args.since)
+            if args.format == "jsonl":
+                asyncio.run(audit.read(args.redis, args.redis_prefix, env, since=since))
+            else:
+                rows: list[dict[str, Any]] = []
+                asyncio.run(audit.read(args.redis, args.redis_prefix, env, since=since, out=rows))
+                sys.stdout.write(audit.as_csv(rows))
+    except (RedisConfigError, RedisUnavailable, ValueError) as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 1
     return 0

@@ -174,6 +174,12 @@ class Metrics:
             ["rule", "by"],
             registry=r,
         )
+        self.audit_dropped_total = Counter(
+            "regiongate_audit_dropped",
+            "Audit entries dropped, by reason: queue_full (the writer fell behind), redis (unavailable), error.",
+            ["reason"],
+            registry=r,
+        )
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._upstream_children: dict[tuple[str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
@@ -233,6 +239,9 @@ class Metrics:
 
     def rate_limited(self, rule: str, by: str) -> None:
         self.rate_limited_total.labels(rule, by).inc()
+
+    def audit_dropped(self, reason: str, n: int) -> None:
+        self.audit_dropped_total.labels(reason).inc(n)
 
     def up(self, value: bool) -> None:
         """Redis state (the shared store's observer)."""

@@ -34,6 +34,7 @@ from .policy import DENY, Decision, decide
 from .requestid import RequestIds
 from .requestpath import BadPath, canonical
 from .runtime import Runtime
+from .shared.audit import entry as audit_entry
 from .shared.overrides import judge as judge_override
 from .shared.overrides import request_key_hash
 from .shared.ratelimit import check as check_rate
@@ -367,6 +368,16 @@ class Gateway:
             # The upstream's own status if it answered, else 0 ("error": unreachable, timed out).
             m.upstream(decision.upstream or "", ex.status if ex.ttfb is not None else 0, ex.ttfb)
         log_ = self.runtime.access_log
+        # The audit stream (gateway.shared): refusals, or every decision; queued, never waited for.
+        audit = self.runtime.audit
+        verdict = "rate_limited" if ex.error == "rate_limit_exceeded" else decision.verdict
+        if audit.enabled and audit.wants(verdict):
+            audit.put(
+                audit_entry(
+                    request_id, verdict, decision.rule,
+                    facts.country, facts.subdivisions, facts.asn, path, ex.active.policy.sha256, log_.redact(client.ip),
+                )
+            )
         if not log_.enabled:
             return
         entry: dict[str, Any] = {

@@ -31,6 +31,7 @@ from .policy import (
     parse_policy,
     plain_error,
 )
+from .shared.audit import Audit
 from .shared.redisconn import RedisConfigError
 from .shared.store import OverrideStore, open_store
 from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
@@ -78,6 +79,8 @@ class Settings(BaseModel):
     redis: str | None = None
     redis_prefix: str = Field("regiongate:", min_length=1, max_length=100)
     redis_timeout: float = Field(0.05, gt=0, le=5, description="seconds")
+    audit: Literal["off", "refusals", "all"] = "refusals"
+    audit_maxlen: int = Field(100_000, ge=100)
 
     @field_validator("upstream")
     @classmethod
@@ -184,6 +187,7 @@ class Runtime:
     allow_methods: frozenset[str] = frozenset(DEFAULT_METHODS)
     env: dict[str, str] = field(default_factory=dict, repr=False)  # holds upstream keys: never shown
     overrides: OverrideStore = field(default_factory=lambda: OverrideStore({}), repr=False)
+    audit: Audit = field(default_factory=lambda: Audit("off", 0), repr=False)  # needs Redis
 
     @property
     def policy(self) -> Policy:
@@ -255,6 +259,7 @@ class Runtime:
             "trusted_proxies": [str(n) for n in self.clientip.trusted.networks],
             "client_ip_header": self.clientip.header,
             "overrides": self.overrides.describe(),
+            "audit": {"mode": self.audit.mode, "dropped": self.audit.dropped, "written": self.audit.written},
             "warnings": warnings,
         }
 
@@ -321,6 +326,7 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
     except RedisConfigError as e:
         raise ConfigError(str(e)) from None
     runtime = Runtime(
+        audit=Audit(settings.audit if settings.redis else "off", settings.audit_maxlen),
         overrides=overrides,
         allow_methods=methods,
         settings=settings,

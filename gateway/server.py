@@ -127,6 +127,7 @@ def run_worker(
         loop.add_signal_handler(signal.SIGHUP, live.on_sighup)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one that came meanwhile arrives now
         await runtime.overrides.start(metrics)  # Redis (if any) is synced in the background from here on
+        runtime.audit.start(runtime.overrides)  # on only with --redis
         watcher = loop.create_task(watch.run(live, stopping)) if runtime.settings.watch else None
         if watcher is None:
             # The state inherited from the parent is as of startup; a worker started
@@ -137,6 +138,7 @@ def run_worker(
         finally:
             stopping.set()
             await live.close()
+            await runtime.audit.close()
             await runtime.overrides.close()
             if watcher is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):

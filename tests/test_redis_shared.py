@@ -361,3 +361,62 @@ def test_rate_limit_with_redis_down_follows_on_error(
         r = httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB})
         assert r.json()["error"]["code"] == "rate_limiter_unavailable"
     assert status_of(gw, CN) == 403  # the policy still decides
+
+
+def audit_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("REGIONGATE_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "audit", *args], capture_output=True, text=True, timeout=60, env=base
+    )
+
+
+def test_refusals_reach_the_audit_stream(gateway: GatewayFactory, stub: Stub, redis_server: RedisServer) -> None:
+    pfx = prefix()
+    gw = shared(gateway, stub, redis_server.url, pfx, "--log-address", "hashed", "--log-key", "k1")
+    redis = ["--redis", redis_server.url, "--redis-prefix", pfx]
+    assert status_of(gw, CN) == 403 and status_of(gw, GB) == 200 and status_of(gw, CN) == 403
+
+    def tail() -> list[dict[str, object]]:
+        out = audit_cli("tail", *redis)
+        assert out.returncode == 0, out.stderr
+        return [json.loads(line) for line in out.stdout.splitlines()]
+
+    wait_for(lambda: len(tail()) == 2, 10, "two refusals in the stream")
+    rows = tail()
+    assert {r["decision"] for r in rows} == {"deny"} and {r["country"] for r in rows} == {"CN"}
+    first = rows[0]
+    assert first["rule"] == "defaults.action" and first["path"] == "/v1/models" and len(str(first["policy"])) == 64
+    assert first["client"] != CN and first["client"] == rows[1]["client"]  # hashed as the access log hashes it
+    assert first["client"] == gw.wait_log(3)[0]["client"]
+    csv_out = audit_cli("export", "--since", "1h", "--format", "csv", *redis)
+    assert csv_out.returncode == 0, csv_out.stderr
+    lines = csv_out.stdout.splitlines()
+    assert lines[0].startswith("time,request_id,decision,rule,country") and len(lines) == 3
+    assert audit_cli("export", "--since", "1h", *redis).stdout.count("\n") == 2
+
+
+def test_audit_all_and_follow(gateway: GatewayFactory, stub: Stub, redis_server: RedisServer) -> None:
+    pfx = prefix()
+    gw = shared(gateway, stub, redis_server.url, pfx, "--audit", "all")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("REGIONGATE_")}
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "audit", "tail", "--follow", "-n", "0", "--redis", redis_server.url,
+         "--redis-prefix", pfx],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=base,
+    )
+    lines: list[dict[str, object]] = []
+
+    def read() -> None:
+        assert follow.stdout is not None
+        for line in follow.stdout:
+            lines.append(json.loads(line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        # The follower sees what is written after it starts reading: keep allowing requests until it prints one.
+        wait_for(lambda: status_of(gw, SE) == 200 and bool(lines), 20, "the follower to print an entry")
+        assert lines[0]["decision"] == "allow" and lines[0]["country"] == "SE"
+    finally:
+        follow.terminate()
+        follow.wait(10)

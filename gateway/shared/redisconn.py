@@ -206,6 +206,9 @@ class NullObserver:
     def rate_limited(self, rule: str, by: str) -> None:
         pass
 
+    def audit_dropped(self, reason: str, n: int) -> None:
+        pass
+
 
 class Breaker:
     """Closed: calls go through. Open after ``threshold`` failures in a row: calls fail at once

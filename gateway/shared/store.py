@@ -45,6 +45,8 @@ class StoreObserver(Observer, Protocol):
 
     def rate_limited(self, rule: str, by: str) -> None: ...
 
+    def audit_dropped(self, reason: str, n: int) -> None: ...
+
 
 class OverrideStore:
     """The in-memory store (one process); :class:`RedisStore` shares it between replicas."""
@@ -142,6 +144,7 @@ class RedisStore(OverrideStore):
         tag = f"{prefix}{{overrides}}"
         self.k_data, self.k_version, self.k_key = f"{tag}:data", f"{tag}:version", f"{tag}:key"
         self.channel = f"{prefix}overrides:changed"
+        self.k_audit = f"{prefix}audit"
         self.breaker = Breaker(timeout)
         self.client: Any = None
         self.version: bytes | None = None
