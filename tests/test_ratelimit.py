@@ -69,3 +69,16 @@ def test_memory_limit_gives_openais_429(gateway: GatewayFactory, stub: Stub, tmp
     assert 'regiongate_rate_limited_total{by="ip",rule="limited"} 2.0' in gw.metrics()
     line = gw.wait_log(6)[-1]
     assert line["status"] == 429 and line["error"] == "rate_limit_exceeded" and line["rule"] == "limited"
+
+
+def test_memory_limit_refills(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
+    from overrides_support import status_of, wait_for
+
+    policy = write(tmp_path, "limited.yaml", limited_policy(1, per="1s"))
+    gw = gateway("--upstream", stub.url, "--policy", policy, "--geoip", CITY, "--trusted-proxy", "127.0.0.1/32")
+    assert status_of(gw, GB) == 200
+    codes = []
+    while 429 not in codes and len(codes) < 50:  # back to back, the budget of one per second runs out
+        codes.append(status_of(gw, GB))
+    assert 429 in codes
+    wait_for(lambda: status_of(gw, GB) == 200, 10, "the budget to refill")
