@@ -420,3 +420,36 @@ def test_audit_all_and_follow(gateway: GatewayFactory, stub: Stub, redis_server:
     finally:
         follow.terminate()
         follow.wait(10)
+
+
+def test_rate_limit_while_redis_is_killed_and_restarted(
+    gateway: GatewayFactory, stub: Stub, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """on_error: closed under continuous load: every answer is a 200 (counted) or the documented 503, none hangs."""
+    policy = limited_policy(1_000_000, on_error="closed")
+    gw = limited_gateway(gateway, stub, tmp_path, own_redis.url, prefix(), policy)
+    results: list[int | str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=5.0) as c:
+            while not stop.is_set():
+                try:
+                    results.append(c.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB}).status_code)
+                except httpx.HTTPError as e:  # a hang past the timeout lands here, and fails the test
+                    results.append(type(e).__name__)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: results.count(200) > 20, 30, "counted requests")
+        own_redis.kill()
+        wait_for(lambda: results[-5:].count(503) == 5, 30, "requests refused while the limiter is down")
+        own_redis.start()
+        wait_for(lambda: results[-5:].count(200) == 5, 30, "counted requests after the restart")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert set(results) <= {200, 503}, {r for r in results if r not in (200, 503)}
