@@ -453,3 +453,32 @@ def test_rate_limit_while_redis_is_killed_and_restarted(
         for t in threads:
             t.join(30)
     assert set(results) <= {200, 503}, {r for r in results if r not in (200, 503)}
+
+
+@pytest.fixture
+def sentinel(own_redis: RedisServer, tmp_path: Path) -> Iterator[RedisServer]:
+    """A Sentinel watching ``own_redis`` as the master of service ``regiongate-test``."""
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"sentinel monitor regiongate-test 127.0.0.1 {own_redis.port} 1\n")
+    server = RedisServer(tmp_path / "sentinel")
+    # redis-server takes a Sentinel's config file first, so this one is started by hand.
+    argv = [server.binary, str(conf), "--sentinel", "--port", str(server.port), "--bind", "127.0.0.1"]
+    server.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        wait_for(lambda: "regiongate-test" in server.command("SENTINEL", "MASTERS"), 15, "the sentinel")
+        yield server
+    finally:
+        server.stop()
+
+
+def test_two_gateways_agree_through_sentinel(
+    gateway: GatewayFactory, stub: Stub, own_redis: RedisServer, sentinel: RedisServer
+) -> None:
+    url = f"redis+sentinel://127.0.0.1:{sentinel.port}/regiongate-test"
+    pfx = prefix()
+    a, b = shared(gateway, stub, url, pfx), shared(gateway, stub, url, pfx)
+    assert "did not answer" not in a.stderr()
+    add(a, {"action": "deny", "country": "GB", "reason": "through sentinel"})
+    wait_for(lambda: status_of(b, GB) == 403, 10, "the second gateway to apply the override")
+    assert readyz(b)["overrides"]["mode"] == "sentinel"
+    assert own_redis.command("HLEN", f"{pfx}{{overrides}}:data") == "1"  # written to the master Sentinel named
