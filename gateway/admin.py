@@ -192,6 +192,9 @@ class ExplainOut(BaseModel):
     geo: list[dict[str, Any]]
     trace: TraceOut
     override: OverrideOut | None = Field(None, description="The runtime override that decides, before any rule.")
+    rate_limit: dict[str, Any] | None = Field(
+        None, description="The deciding rule's rate_limit (per: seconds); a request within it goes on."
+    )
 
 
 class OverrideIn(BaseModel):

@@ -551,6 +551,9 @@ def _explain(args: argparse.Namespace) -> int:
     print(f"  client:    {report['kind']}" + (f" ({report['problem']})" if report["problem"] else ""))
     print(f"  rule:      {report['rule']}{where}")
     print(f"  reason:    {report['reason']}")
+    if "rate_limit" in report:
+        lim = report["rate_limit"]
+        print(f"  limit:     {lim['requests']} requests per {lim['per']:g}s by {lim['by']} (burst {lim['burst']})")
     for line in report["why"]:
         print(f"  because:   {line}")
     if report["shadow"]:

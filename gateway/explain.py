@@ -58,6 +58,9 @@ def explain(
         "policy": {"path": policy.source, "sha256": policy.sha256, "mode": policy.spec.mode, "geo_field": policy.field},
         "geo": [s.as_dict() for s in geo.sources],
     }
+    lim = decision.limit
+    if lim is not None:  # only when the deciding rule has one, so older reports stay as they were
+        out["rate_limit"] = {"requests": lim.requests, "per": lim.per, "by": lim.by, "burst": lim.burst}
     walk = trace(policy, client, facts, path) if with_trace else None
     if walk is not None:
         out["trace"] = walk.as_dict()

@@ -82,3 +82,24 @@ def test_memory_limit_refills(gateway: GatewayFactory, stub: Stub, tmp_path: Pat
         codes.append(status_of(gw, GB))
     assert 429 in codes
     wait_for(lambda: status_of(gw, GB) == 200, 10, "the budget to refill")
+
+
+def test_explain_and_diff_show_rate_limits(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    old = write(tmp_path, "old.yaml", limited_policy(3))
+    new = write(tmp_path, "new.yaml", limited_policy(5, on_error="closed"))
+    run = [sys.executable, "-m", "gateway"]
+    out = subprocess.run([*run, "explain", GB, "--policy", old, "--geoip", CITY], capture_output=True, text=True)
+    assert "limit:     3 requests per 3600s by ip (burst 3)" in out.stdout
+    report = json.loads(
+        subprocess.run([*run, "explain", GB, "--json", "--policy", old, "--geoip", CITY], capture_output=True,
+                       text=True).stdout
+    )
+    assert report["rate_limit"] == {"requests": 3, "per": 3600.0, "by": "ip", "burst": 3}
+    d = subprocess.run([*run, "diff", old, new, "--json"], capture_output=True, text=True)
+    assert d.returncode == 1
+    keys = {s["key"] for s in json.loads(d.stdout)["settings"]}
+    assert keys == {"redis.on_error", "rules.limited.rate_limit"}
