@@ -259,18 +259,7 @@ class OverrideRemoved(BaseModel):
 
 
 def _override_out(o: Override) -> OverrideOut:
-    value = f"hmac-sha256:{o.value[:16]}" if o.kind == "api_key" else o.value
-    return OverrideOut(
-        id=o.id,
-        action=o.action,
-        kind=o.kind,
-        value=value,
-        reason=o.reason,
-        by=o.by,
-        created_at=o.created_at,
-        expires_at=o.expires_at,
-        rule=f"override:{o.id}",
-    )
+    return OverrideOut(**o.public())
 
 
 class PolicyFileResult(BaseModel):
@@ -363,37 +352,11 @@ async def admin_explain(
 
     runtime = _runtime(request)
     try:
-        report = explain(runtime.policy, runtime.geo, ip, path, with_trace=True).report
+        return explain(
+            runtime.policy, runtime.geo, ip, path, with_trace=True, overrides=runtime.overrides.compiled
+        ).report
     except BadPath as e:
         return JSONResponse({"detail": f"path: {e}; the proxy answers it with a 400, no policy is asked"}, 400)
-    return _with_override(runtime, report, ip, report["path"])
-
-
-def _with_override(runtime: Runtime, report: dict[str, Any], ip: str, path: str) -> dict[str, Any]:
-    """An override decides before the policy: say so, with its reason (the trace stays the policy's)."""
-    from .policy import judge_ip
-    from .shared.overrides import judge
-
-    compiled = runtime.overrides.compiled
-    if not compiled:
-        return report
-    client, facts, _ = judge_ip(runtime.policy, runtime.geo, ip, path)
-    decision = judge(compiled, client, facts, None)
-    if decision is None:
-        return report
-    o = next(o for o in compiled.overrides if f"override:{o.id}" == decision.rule)
-    report |= {
-        "decision": decision.verdict,
-        "action": decision.action,
-        "rule": decision.rule,
-        "rule_line": None,
-        "rule_conditions": None,
-        "reason": decision.reason,
-        "why": [f"runtime override {o.id}: {o.action} {o.kind} {o.value}, evaluated before the policy's rules"],
-        "status": runtime.policy.spec.block.status if decision.verdict == "deny" else None,
-        "override": _override_out(o).model_dump(),
-    }
-    return report
 
 
 _STORE_DOWN: dict[int | str, dict[str, Any]] = {

@@ -266,6 +266,13 @@ def _parser() -> argparse.ArgumentParser:
         help="judge IP as a trusted proxy whose request named no client (defaults.missing)",
     )
     e.add_argument("--trace", action="store_true", help="every rule in order: matched or not, and which key failed")
+    e.add_argument(
+        "--redis",
+        metavar="URL",
+        help="also apply the runtime overrides kept in this Redis, as the gateways sharing it do "
+        "(password in REGIONGATE_REDIS_PASSWORD)",
+    )
+    e.add_argument("--redis-prefix", default=_env("REDIS_PREFIX", "regiongate:"), help="as serve --redis-prefix")
     _add_serve_options(e, frozenset({"policy", "geoip"}))
 
     d = sub.add_parser(
@@ -528,8 +535,19 @@ def _explain(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
+    overrides = None
+    if args.redis:
+        from .shared.client import ClientError, RedisClient
+
+        try:
+            overrides = RedisClient(args.redis, args.redis_prefix, dict(os.environ)).compiled()
+        except ClientError as e:
+            print(f"regiongate: {e}", file=sys.stderr)
+            return 2
     try:
-        result = explain(policy, geo, args.ip, args.path, with_trace=args.trace, missing=args.missing)
+        result = explain(
+            policy, geo, args.ip, args.path, with_trace=args.trace, missing=args.missing, overrides=overrides
+        )
     except BadPath as e:
         print(f"regiongate: --path {args.path!r}: {e}; the gateway answers it with a 400, no policy is asked",
               file=sys.stderr)
@@ -551,6 +569,10 @@ def _explain(args: argparse.Namespace) -> int:
     print(f"  client:    {report['kind']}" + (f" ({report['problem']})" if report["problem"] else ""))
     print(f"  rule:      {report['rule']}{where}")
     print(f"  reason:    {report['reason']}")
+    if "override" in report:
+        o = report["override"]
+        print(f"  override:  {o['id']} by {o['by'] or 'unknown'}: {o['action']} {o['kind']} {o['value']} "
+              "(runtime override from Redis, evaluated before the policy's rules)")
     if "rate_limit" in report:
         lim = report["rate_limit"]
         print(f"  limit:     {lim['requests']} requests per {lim['per']:g}s by {lim['by']} (burst {lim['burst']})")

@@ -482,3 +482,22 @@ def test_two_gateways_agree_through_sentinel(
     wait_for(lambda: status_of(b, GB) == 403, 10, "the second gateway to apply the override")
     assert readyz(b)["overrides"]["mode"] == "sentinel"
     assert own_redis.command("HLEN", f"{pfx}{{overrides}}:data") == "1"  # written to the master Sentinel named
+
+
+def test_explain_with_redis_shows_the_override(gateway: GatewayFactory, stub: Stub, redis_server: RedisServer) -> None:
+    from conftest import CITY
+
+    pfx = prefix()
+    gw = shared(gateway, stub, redis_server.url, pfx)
+    o = add(gw, {"action": "deny", "cidr": "2.125.160.0/24", "reason": "abuse ticket 9", "by": "oncall"})
+    base = [sys.executable, "-m", "gateway", "explain", GB, "--geoip", CITY, "--redis", redis_server.url,
+            "--redis-prefix", pfx]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REGIONGATE_")}
+    report = json.loads(subprocess.run([*base, "--json"], capture_output=True, text=True, env=env).stdout)
+    assert report["decision"] == "deny" and report["rule"] == f"override:{o['id']}"
+    assert "abuse ticket 9" in report["reason"] and report["override"]["by"] == "oncall"
+    text = subprocess.run([*base, "--trace"], capture_output=True, text=True, env=env).stdout
+    assert f"override:  {o['id']} by oncall: deny cidr 2.125.160.0/24" in text
+    assert "trace (rules in order" in text
+    served = httpx.get(gw.admin + "/admin/explain", params={"ip": GB}, headers=AUTH).json()
+    assert served["rule"] == report["rule"] and served["override"] == report["override"]

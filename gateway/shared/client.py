@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from .overrides import Override, OverrideError, new_override
+from .overrides import Compiled, Override, OverrideError, compile_overrides, new_override
 from .redisconn import RedisConfigError, RedisUnavailable
 from .store import OverrideStore, open_store
 
@@ -27,8 +28,7 @@ class ClientError(Exception):
 
 
 def _out(o: Override) -> dict[str, Any]:
-    value = f"hmac-sha256:{o.value[:16]}" if o.kind == "api_key" else o.value
-    return o.as_dict() | {"value": value, "rule": f"override:{o.id}"}
+    return o.public()
 
 
 class AdminClient:
@@ -113,6 +113,14 @@ class RedisClient:
 
         result: list[dict[str, Any]] = self._run(go)
         return result
+
+    def compiled(self) -> Compiled:
+        """The overrides in force, compiled as a gateway compiles them."""
+
+        async def go() -> list[Override]:
+            return await self.store.list()
+
+        return compile_overrides(self._run(go), time.time())
 
     def remove(self, id: str) -> None:
         async def go() -> None:

@@ -71,6 +71,11 @@ class Override:
             "expires_at": self.expires_at,
         }
 
+    def public(self) -> dict[str, Any]:
+        """What may be shown: an API key only as a prefix of its hash."""
+        value = f"hmac-sha256:{self.value[:16]}" if self.kind == "api_key" else self.value
+        return self.as_dict() | {"value": value, "rule": f"override:{self.id}"}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Override:
         return new_override(
