@@ -178,3 +178,11 @@ def test_bad_override_bodies_get_422_and_unknown_ids_404(gateway: GatewayFactory
         assert r.status_code == 422, body
     assert httpx.delete(gw.admin + "/admin/overrides/nope", headers=AUTH).status_code == 404
     assert httpx.get(gw.admin + "/admin/overrides").status_code == 401
+
+
+def test_workers_without_redis_warn_that_overrides_are_per_worker(gateway: GatewayFactory, stub: Stub) -> None:
+    gw = overrides_gateway(gateway, stub, "--workers", "2")
+    assert "--workers 2 without --redis: each worker keeps its own runtime overrides" in gw.stderr()
+    single = overrides_gateway(gateway, stub)
+    assert "without --redis" not in single.stderr()
+    assert "overrides: in this process's memory" in single.stderr()
