@@ -501,3 +501,17 @@ def test_explain_with_redis_shows_the_override(gateway: GatewayFactory, stub: St
     assert "trace (rules in order" in text
     served = httpx.get(gw.admin + "/admin/explain", params={"ip": GB}, headers=AUTH).json()
     assert served["rule"] == report["rule"] and served["override"] == report["override"]
+
+
+def test_redis_out_of_memory_follows_on_error(
+    gateway: GatewayFactory, stub: Stub, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A Redis that refuses writes (OOM) is a failure like any other: on_error closed answers 503, then recovers."""
+    gw = limited_gateway(gateway, stub, tmp_path, own_redis.url, prefix(), limited_policy(1_000_000, on_error="closed"))
+    assert status_of(gw, GB) == 200
+    own_redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    own_redis.command("CONFIG", "SET", "maxmemory", "1")
+    wait_for(lambda: status_of(gw, SE) == 503, 10, "the limiter to fail on OOM")  # a new key: a write refused
+    own_redis.command("CONFIG", "SET", "maxmemory", "0")
+    wait_for(lambda: status_of(gw, SE) == 200, 30, "the limiter to recover")
+    assert 'regiongate_redis_errors_total{op="ratelimit"}' in gw.metrics()

@@ -1,8 +1,11 @@
-"""State shared by every replica: runtime overrides, kept in Redis or in memory.
+"""State shared by every replica, kept in Redis or, without it, in this process's memory.
 
-Owns the override model and its pure judgement (:mod:`.overrides`), where
-overrides are kept (:mod:`.store`: one process in memory, or Redis shared by
-many), and the Redis connection with its circuit breaker (:mod:`.redisconn`).
-The request path only ever reads the last compiled copy; Redis is talked to
-by a background task, so a slow or dead Redis never stalls a request.
+Owns runtime overrides (:mod:`.overrides`, pure judgement, and :mod:`.store`),
+distributed rate limits (:mod:`.ratelimit`, GCRA), the audit stream
+(:mod:`.audit`), the Redis connection with its circuit breaker
+(:mod:`.redisconn`) and the command-line clients (:mod:`.client`). The
+request path reads only the last compiled copy of the overrides; Redis is
+asked on the request path only for a rule with a ``rate_limit``, bounded by a
+short timeout and skipped while the breaker is open, so a slow or dead
+Redis never stalls a request.
 """
