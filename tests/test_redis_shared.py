@@ -515,3 +515,45 @@ def test_redis_out_of_memory_follows_on_error(
     own_redis.command("CONFIG", "SET", "maxmemory", "0")
     wait_for(lambda: status_of(gw, SE) == 200, 30, "the limiter to recover")
     assert 'regiongate_redis_errors_total{op="ratelimit"}' in gw.metrics()
+
+
+def test_sentinel_failover_keeps_overrides_working(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
+    """The master dies, Sentinel promotes its replica; the gateway follows without a restart."""
+    master = RedisServer(tmp_path / "master").start()
+    replica = RedisServer(tmp_path / "replica").start()
+    sentinel_proc = None
+    try:
+        replica.command("REPLICAOF", "127.0.0.1", str(master.port))
+        wait_for(lambda: "master_link_status:up" in replica.command("INFO", "replication"), 15, "replication")
+        conf = tmp_path / "sentinel.conf"
+        conf.write_text(
+            f"sentinel monitor svc 127.0.0.1 {master.port} 1\n"
+            "sentinel down-after-milliseconds svc 1000\nsentinel failover-timeout svc 5000\n"
+        )
+        sentinel = RedisServer(tmp_path / "sentinel")
+        sentinel_proc = subprocess.Popen(
+            [sentinel.binary, str(conf), "--sentinel", "--port", str(sentinel.port), "--bind", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path,
+        )
+        sentinel.proc = sentinel_proc
+        wait_for(lambda: "svc" in sentinel.command("SENTINEL", "MASTERS"), 15, "the sentinel")
+        wait_for(lambda: sentinel.command("SENTINEL", "REPLICAS", "svc") != "", 15, "the sentinel to see the replica")
+        pfx = prefix()
+        gw = shared(gateway, stub, f"redis+sentinel://127.0.0.1:{sentinel.port}/svc", pfx)
+        add(gw, {"action": "deny", "country": "GB", "reason": "before the failover"})
+        wait_for(lambda: replica.command("HLEN", f"{pfx}{{overrides}}:data") == "1", 15, "the replica to copy it")
+        master.kill()
+        wait_for(lambda: str(replica.port) in sentinel.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "svc"),
+                 60, "Sentinel to promote the replica")
+        assert status_of(gw, GB) == 403  # the last copy meanwhile
+        wait_for(lambda: httpx.post(gw.admin + "/admin/overrides", headers=AUTH, timeout=10, json={
+            "action": "deny", "country": "SE", "reason": "after the failover", "id": "after"}).status_code == 201,
+            30, "writes to reach the new master")
+        assert status_of(gw, SE) == 403 and status_of(gw, GB) == 403
+        assert replica.command("HLEN", f"{pfx}{{overrides}}:data") == "2"
+    finally:
+        for server in (master, replica):
+            server.stop()
+        if sentinel_proc is not None:
+            sentinel_proc.terminate()
+            sentinel_proc.wait(10)
