@@ -166,7 +166,9 @@ def test_redis_killed_mid_load_then_restarted(gateway: GatewayFactory, stub: Stu
     wait_for(lambda: status_of(a, SE) == 403, 10, "a new override to reach the other gateway after the restart")
     remove(a, o2["id"])
     wait_for(lambda: status_of(b, SE) == 200, 10, "the removal to reach the other gateway")
-    assert 'regiongate_redis_errors_total{op="sync"}' in a.metrics()
+    # The first calls to fail are counted by operation (sync, or audit writes of the refusals); once the
+    # circuit is open, calls fail without touching the network and are not counted again.
+    assert "regiongate_redis_errors_total{op=" in a.metrics()
 
 
 def test_wrong_password_warns_and_serves_by_the_policy(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
