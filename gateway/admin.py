@@ -21,18 +21,20 @@ import asyncio
 import hmac
 import os
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import __version__
 from .metrics import Metrics, exposition
 from .policy import PolicySpec
 from .runtime import Runtime
+from .shared.overrides import KINDS, MAX_TEXT, Override, OverrideError, new_override
+from .shared.redisconn import RedisUnavailable
 
 if TYPE_CHECKING:
     from .live.reload import Live
@@ -189,6 +191,75 @@ class ExplainOut(BaseModel):
     policy: dict[str, Any]
     geo: list[dict[str, Any]]
     trace: TraceOut
+    override: OverrideOut | None = Field(None, description="The runtime override that decides, before any rule.")
+    rate_limit: dict[str, Any] | None = Field(
+        None, description="The deciding rule's rate_limit (per: seconds); a request within it goes on."
+    )
+
+
+class OverrideIn(BaseModel):
+    """Exactly one of cidr, api_key, country, subdivision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["allow", "deny"]
+    cidr: str | None = Field(None, max_length=64, description="An IPv4 or IPv6 block, e.g. 203.0.113.0/24.")
+    api_key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="A caller's bearer token; only its keyed hash (HMAC-SHA256) is kept, never the token.",
+    )
+    country: str | None = Field(None, pattern="^[A-Za-z]{2}$", description="ISO 3166-1 alpha-2, e.g. CN.")
+    subdivision: str | None = Field(
+        None, pattern="^[A-Za-z]{2}-[A-Za-z0-9]{1,3}$", description="ISO 3166-2, e.g. GB-ENG."
+    )
+    reason: str = Field(..., max_length=MAX_TEXT)
+    by: str = Field("", max_length=MAX_TEXT, description="Who set it.")
+    ttl: float | None = Field(None, gt=0, le=10 * 365 * 86400, description="Seconds until it expires; none: never.")
+    id: str | None = Field(None, pattern="^[A-Za-z0-9_.-]{1,64}$", description="Chosen id; none: a random one.")
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> OverrideIn:
+        given = [k for k in KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of cidr, api_key, country, subdivision")
+        kind = given[0]
+        if kind != "api_key":
+            try:
+                new_override(self.action, kind, getattr(self, kind), self.reason, self.by)
+            except OverrideError as e:
+                raise ValueError(str(e)) from None
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in KINDS if getattr(self, k) is not None)
+
+
+class OverrideOut(BaseModel):
+    id: str
+    action: str
+    kind: str = Field(description="api_key, cidr, subdivision or country")
+    value: str = Field(description="The block or code; for api_key 'hmac-sha256:' and the hash's first 16 hex digits.")
+    reason: str
+    by: str
+    created_at: float
+    expires_at: float | None
+    rule: str = Field(description="The rule name its decisions carry: override:<id>.")
+
+
+class OverrideList(BaseModel):
+    backend: str = Field(description="memory (this process) or redis (every replica)")
+    overrides: list[OverrideOut]
+
+
+class OverrideRemoved(BaseModel):
+    removed: str
+
+
+def _override_out(o: Override) -> OverrideOut:
+    return OverrideOut(**o.public())
 
 
 class PolicyFileResult(BaseModel):
@@ -259,6 +330,7 @@ def admin_openapi(request: Request) -> dict[str, Any]:
 @router.get(
     "/explain",
     response_model=ExplainOut,
+    response_model_exclude_unset=True,  # "override" only when one decides: otherwise the CLI's report exactly
     responses={400: {"model": ErrorBody, "description": "The proxy refuses this path with a 400; no policy is asked."}},
 )
 async def admin_explain(
@@ -280,9 +352,64 @@ async def admin_explain(
 
     runtime = _runtime(request)
     try:
-        return explain(runtime.policy, runtime.geo, ip, path, with_trace=True).report
+        return explain(
+            runtime.policy, runtime.geo, ip, path, with_trace=True, overrides=runtime.overrides.compiled
+        ).report
     except BadPath as e:
         return JSONResponse({"detail": f"path: {e}; the proxy answers it with a 400, no policy is asked"}, 400)
+
+
+_STORE_DOWN: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorBody, "description": "Redis is unavailable; overrides keep serving from the last copy."}
+}
+
+
+def _unavailable(e: RedisUnavailable) -> JSONResponse:
+    return JSONResponse({"detail": f"the shared store is unavailable: {e}"}, status_code=503)
+
+
+@router.post("/overrides", status_code=201, response_model=OverrideOut, responses=_STORE_DOWN)
+async def add_override(request: Request, body: OverrideIn) -> Any:
+    """Allow or deny a CIDR, API key, country or subdivision now, before the policy; on every replica with Redis."""
+    store = _runtime(request).overrides
+    kind = body.kind
+    key = await store.ensure_key() if kind == "api_key" else None
+    try:
+        o = new_override(
+            body.action, kind, getattr(body, kind), body.reason, body.by, id=body.id, ttl=body.ttl, key=key
+        )
+    except OverrideError as e:
+        return JSONResponse({"detail": str(e)}, status_code=503)
+    try:
+        await store.add(o)
+    except RedisUnavailable as e:
+        return _unavailable(e)
+    return _override_out(o)
+
+
+@router.get("/overrides", response_model=OverrideList)
+async def list_overrides(request: Request) -> OverrideList:
+    """The overrides in force (expired ones are gone); with Redis down, this replica's last synced copy."""
+    store = _runtime(request).overrides
+    return OverrideList(backend=store.backend, overrides=[_override_out(o) for o in await store.list()])
+
+
+@router.delete(
+    "/overrides/{override_id}",
+    response_model=OverrideRemoved,
+    responses={404: {"model": ErrorBody, "description": "No override with this id."}, **_STORE_DOWN},
+)
+async def remove_override(
+    request: Request, override_id: Annotated[str, Path(pattern="^[A-Za-z0-9_.-]{1,64}$")]
+) -> Any:
+    """Lift an override now, on every replica with Redis."""
+    try:
+        found = await _runtime(request).overrides.remove(override_id)
+    except RedisUnavailable as e:
+        return _unavailable(e)
+    if not found:
+        return JSONResponse({"detail": f"no override {override_id}"}, status_code=404)
+    return OverrideRemoved(removed=override_id)
 
 
 @router.post(

@@ -172,6 +172,43 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         {},
     ),
     (
+        "--redis",
+        "redis",
+        "Redis shared by every replica for runtime overrides: redis://host:6379/0, rediss:// (TLS), "
+        "unix:///path.sock, redis+sentinel://host:26379,host:26379/service, redis+cluster://host:7000,host:7001; "
+        "no password in it (REGIONGATE_REDIS_PASSWORD)",
+        "none: overrides live in this process's memory",
+        {"metavar": "URL"},
+    ),
+    (
+        "--redis-prefix",
+        "redis_prefix",
+        "prefix of every Redis key, so several gateways can share one Redis",
+        "regiongate:",
+        {"metavar": "PREFIX"},
+    ),
+    (
+        "--redis-timeout",
+        "redis_timeout",
+        "seconds a Redis call may take before it counts as failed (the request path never waits on Redis)",
+        "0.05",
+        {"metavar": "SECONDS"},
+    ),
+    (
+        "--audit",
+        "audit",
+        "what goes to the Redis audit stream <prefix>audit (needs --redis)",
+        "refusals",
+        {"choices": ["off", "refusals", "all"]},
+    ),
+    (
+        "--audit-maxlen",
+        "audit_maxlen",
+        "the audit stream is capped at about this many entries (XADD MAXLEN ~)",
+        "100000",
+        {"metavar": "N"},
+    ),
+    (
         "--log-level",
         "log_level",
         "server log level (stderr)",
@@ -260,6 +297,13 @@ def _parser() -> argparse.ArgumentParser:
         help="judge IP as a trusted proxy whose request named no client (defaults.missing)",
     )
     e.add_argument("--trace", action="store_true", help="every rule in order: matched or not, and which key failed")
+    e.add_argument(
+        "--redis",
+        metavar="URL",
+        help="also apply the runtime overrides kept in this Redis, as the gateways sharing it do "
+        "(password in REGIONGATE_REDIS_PASSWORD)",
+    )
+    e.add_argument("--redis-prefix", default=_env("REDIS_PREFIX", "regiongate:"), help="as serve --redis-prefix")
     _add_serve_options(e, frozenset({"policy", "geoip"}))
 
     d = sub.add_parser(
@@ -278,6 +322,56 @@ def _parser() -> argparse.ArgumentParser:
         "access log through both policies, with the geo data from --geoip; '-' reads stdin",
     )
     _add_serve_options(d, frozenset({"geoip"}))
+
+    o = sub.add_parser(
+        "override",
+        help="add, list or remove runtime overrides (through a gateway's admin API or straight to Redis)",
+        description="Runtime overrides: allow or deny a CIDR, API key, country or subdivision now, before the "
+        "policy. Give --admin-url (token in REGIONGATE_ADMIN_TOKEN) or --redis.",
+    )
+    osub = o.add_subparsers(dest="override_command", required=True, parser_class=_Parser, help="what to do")
+    oa = osub.add_parser("add", help="add an override")
+    oa.add_argument("action", choices=["allow", "deny"], help="let through or refuse, whatever the policy says")
+    subject = oa.add_mutually_exclusive_group(required=True)
+    subject.add_argument("--cidr", help="an IPv4 or IPv6 block")
+    subject.add_argument("--country", help="ISO 3166-1 alpha-2 code")
+    subject.add_argument("--subdivision", help="ISO 3166-2 code, e.g. GB-ENG")
+    subject.add_argument(
+        "--api-key-env",
+        metavar="VAR",
+        help="name of an environment variable holding the caller's API key (never the key itself on the "
+        "command line); only its keyed hash is stored",
+    )
+    oa.add_argument("--reason", required=True, help="why (shown in explain, logs and the list)")
+    oa.add_argument("--by", default=os.environ.get("USER", ""), help="who sets it (default: $USER)")
+    oa.add_argument("--ttl", metavar="DURATION", help="expires after this long (90s, 30m, 12h, 7d); default: never")
+    oa.add_argument("--id", help="the override's id (default: a random one)")
+    ol = osub.add_parser("list", help="list the overrides in force")
+    ol.add_argument("--json", action="store_true", help="machine-readable output")
+    orm = osub.add_parser("remove", help="remove an override")
+    orm.add_argument("id", help="the override's id (see override list)")
+    for p in (oa, ol, orm):
+        p.add_argument("--admin-url", metavar="URL", help="a running gateway's control plane, e.g. http://127.0.0.1:9090")
+        p.add_argument("--redis", metavar="URL", default=_env("REDIS_URL"), help="Redis, as serve --redis (env "
+                       "REGIONGATE_REDIS_URL; password in REGIONGATE_REDIS_PASSWORD)")
+        p.add_argument("--redis-prefix", default=_env("REDIS_PREFIX", "regiongate:"), help="as serve --redis-prefix")
+
+    au = sub.add_parser(
+        "audit",
+        help="read the Redis audit stream (refusals, or every decision with serve --audit all)",
+        description="Read the audit stream <prefix>audit that gateways with --redis write.",
+    )
+    asub = au.add_subparsers(dest="audit_command", required=True, parser_class=_Parser, help="what to do")
+    at = asub.add_parser("tail", help="the latest entries as JSON lines")
+    at.add_argument("-n", "--count", type=int, default=20, help="how many of the latest entries (default: 20)")
+    at.add_argument("--follow", "-f", action="store_true", help="then keep printing new entries as they come")
+    ae = asub.add_parser("export", help="entries since a time, as JSON lines or CSV")
+    ae.add_argument("--since", default="24h", help="how far back: 30m, 12h, 7d (default: 24h)")
+    ae.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="output format (default: jsonl)")
+    for p in (at, ae):
+        p.add_argument("--redis", metavar="URL", default=_env("REDIS_URL"), help="Redis, as serve --redis (env "
+                       "REGIONGATE_REDIS_URL; password in REGIONGATE_REDIS_PASSWORD)")
+        p.add_argument("--redis-prefix", default=_env("REDIS_PREFIX", "regiongate:"), help="as serve --redis-prefix")
 
     sub.add_parser("schema", help="print the policy file's JSON Schema")
 
@@ -300,6 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(args)
         if args.command == "diff":
             return _diff(args)
+        if args.command == "override":
+            return _override(args)
+        if args.command == "audit":
+            return _audit(args)
         if args.command == "schema":
             from .policy import json_schema
 
@@ -318,6 +416,77 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     return 2
+
+
+def _override(args: argparse.Namespace) -> int:
+    from .runtime import parse_duration
+    from .shared.client import ClientError, client_for, render
+
+    try:
+        # A gateway's admin URL beats a Redis URL that only came from the environment.
+        redis = None if args.admin_url else args.redis
+        client = client_for(args.admin_url, redis, args.redis_prefix)
+        if args.override_command == "add":
+            body: dict[str, Any] = {"action": args.action, "reason": args.reason, "by": args.by}
+            if args.id:
+                body["id"] = args.id
+            if args.ttl:
+                try:
+                    body["ttl"] = parse_duration(args.ttl)
+                except ValueError as e:
+                    raise ClientError(f"--ttl: {e}") from None
+            if args.api_key_env:
+                key = os.environ.get(args.api_key_env)
+                if not key:
+                    raise ClientError(f"--api-key-env: {args.api_key_env} is not set")
+                body["api_key"] = key
+            else:
+                kind = next(k for k in ("cidr", "country", "subdivision") if getattr(args, k))
+                body[kind] = getattr(args, kind)
+            out = client.add(body)
+            print(f"added override {out['id']}: {out['action']} {out['kind']} {out['value']} (rule {out['rule']})")
+        elif args.override_command == "list":
+            rows = client.list()
+            if args.json:
+                sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+            else:
+                for line in render(rows):
+                    print(line)
+        else:
+            client.remove(args.id)
+            print(f"removed override {args.id}")
+    except ClientError as e:
+        print(f"regiongate: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .runtime import parse_duration
+    from .shared import audit
+    from .shared.redisconn import RedisConfigError, RedisUnavailable
+
+    if not args.redis:
+        print("regiongate: give --redis (or REGIONGATE_REDIS_URL)", file=sys.stderr)
+        return 1
+    env = dict(os.environ)
+    try:
+        if args.audit_command == "tail":
+            asyncio.run(audit.read(args.redis, args.redis_prefix, env, count=args.count, follow=args.follow))
+        else:
+            since = parse_duration(args.since)
+            if args.format == "jsonl":
+                asyncio.run(audit.read(args.redis, args.redis_prefix, env, since=since))
+            else:
+                rows: list[dict[str, Any]] = []
+                asyncio.run(audit.read(args.redis, args.redis_prefix, env, since=since, out=rows))
+                sys.stdout.write(audit.as_csv(rows))
+    except (RedisConfigError, RedisUnavailable, ValueError) as e:
+        print(f"regiongate: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _geoip(args: argparse.Namespace) -> list[str]:
@@ -399,8 +568,19 @@ def _explain(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
+    overrides = None
+    if args.redis:
+        from .shared.client import ClientError, RedisClient
+
+        try:
+            overrides = RedisClient(args.redis, args.redis_prefix, dict(os.environ)).compiled()
+        except ClientError as e:
+            print(f"regiongate: {e}", file=sys.stderr)
+            return 2
     try:
-        result = explain(policy, geo, args.ip, args.path, with_trace=args.trace, missing=args.missing)
+        result = explain(
+            policy, geo, args.ip, args.path, with_trace=args.trace, missing=args.missing, overrides=overrides
+        )
     except BadPath as e:
         print(f"regiongate: --path {args.path!r}: {e}; the gateway answers it with a 400, no policy is asked",
               file=sys.stderr)
@@ -422,6 +602,13 @@ def _explain(args: argparse.Namespace) -> int:
     print(f"  client:    {report['kind']}" + (f" ({report['problem']})" if report["problem"] else ""))
     print(f"  rule:      {report['rule']}{where}")
     print(f"  reason:    {report['reason']}")
+    if "override" in report:
+        o = report["override"]
+        print(f"  override:  {o['id']} by {o['by'] or 'unknown'}: {o['action']} {o['kind']} {o['value']} "
+              "(runtime override from Redis, evaluated before the policy's rules)")
+    if "rate_limit" in report:
+        lim = report["rate_limit"]
+        print(f"  limit:     {lim['requests']} requests per {lim['per']:g}s by {lim['by']} (burst {lim['burst']})")
     for line in report["why"]:
         print(f"  because:   {line}")
     if report["shadow"]:

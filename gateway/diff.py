@@ -272,7 +272,19 @@ def _settings(old: Policy, new: Policy) -> list[SettingChange]:
     for name in sorted(set(ups_a) | set(ups_b)):
         if ups_a.get(name) != ups_b.get(name):
             out.append(SettingChange(f"upstreams.{name}", ups_a.get(name), ups_b.get(name)))
+    if old.spec.redis.on_error != new.spec.redis.on_error:
+        out.append(SettingChange("redis.on_error", old.spec.redis.on_error, new.spec.redis.on_error))
+    limits_a = {r.name: _limit(r.decision) for r in old.rules}
+    limits_b = {r.name: _limit(r.decision) for r in new.rules}
+    for name in sorted(set(limits_a) & set(limits_b)):  # a rule added or removed shows as decision changes
+        if limits_a[name] != limits_b[name]:
+            out.append(SettingChange(f"rules.{name}.rate_limit", limits_a[name], limits_b[name]))
     return out
+
+
+def _limit(decision: Decision) -> dict[str, Any] | None:
+    lim = decision.limit
+    return None if lim is None else {"requests": lim.requests, "per": lim.per, "by": lim.by, "burst": lim.burst}
 
 
 def diff(old: Policy, new: Policy) -> PolicyDiff:

@@ -15,6 +15,7 @@ from . import georecords
 from .clientip import PUBLIC
 from .geo import Geo
 from .policy import Policy, judge_ip, request_path
+from .shared.overrides import Compiled, judge
 from .trace import Trace, trace
 
 
@@ -26,10 +27,18 @@ class Explanation:
 
 
 def explain(
-    policy: Policy, geo: Geo, ip_text: str, path: str, *, with_trace: bool = False, missing: bool = False
+    policy: Policy,
+    geo: Geo,
+    ip_text: str,
+    path: str,
+    *,
+    with_trace: bool = False,
+    missing: bool = False,
+    overrides: Compiled | None = None,
 ) -> Explanation:
     path = request_path(path)
     client, facts, decision = judge_ip(policy, geo, ip_text, path, missing)
+    override = judge(overrides, client, facts, None) if overrides else None
     rule = next((r for r in policy.rules if r.name == decision.rule), None)
     country = facts.country if policy.field == "country" else facts.registered_country
     # A default's reason says it all; only a rule has conditions to explain.
@@ -58,6 +67,22 @@ def explain(
         "policy": {"path": policy.source, "sha256": policy.sha256, "mode": policy.spec.mode, "geo_field": policy.field},
         "geo": [s.as_dict() for s in geo.sources],
     }
+    if override is not None:  # it decides before any rule; the trace below stays the policy's own walk
+        o = next(o for o in overrides.overrides if f"override:{o.id}" == override.rule)  # type: ignore[union-attr]
+        out |= {
+            "decision": override.verdict,
+            "action": override.action,
+            "rule": override.rule,
+            "rule_line": None,
+            "rule_conditions": None,
+            "reason": override.reason,
+            "why": [f"runtime override {o.id}: {o.action} {o.kind} {o.public()['value']}, before the policy's rules"],
+            "status": policy.spec.block.status if override.verdict == "deny" else None,
+            "override": o.public(),
+        }
+    lim = decision.limit
+    if lim is not None and override is None:  # only when the deciding rule has one, so older reports stay as they were
+        out["rate_limit"] = {"requests": lim.requests, "per": lim.per, "by": lim.by, "burst": lim.burst}
     walk = trace(policy, client, facts, path) if with_trace else None
     if walk is not None:
         out["trace"] = walk.as_dict()

@@ -143,6 +143,43 @@ class Metrics:
             "Access-log lines dropped because the log's destination did not keep up.",
             registry=r,
         )
+        self.overrides_active = Gauge(
+            "regiongate_overrides_active",
+            "Runtime overrides in force in this worker's copy, by kind (api_key, cidr, subdivision, country).",
+            ["kind"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.redis_up = Gauge(
+            "regiongate_redis_up",
+            "1 when Redis answered the last call, 0 while it is failing (circuit open).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.redis_errors = Counter(
+            "regiongate_redis_errors",
+            "Redis calls that failed or timed out, by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.redis_latency = Histogram(
+            "regiongate_redis_latency_seconds",
+            "Time of Redis calls that succeeded.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+            registry=r,
+        )
+        self.rate_limited_total = Counter(
+            "regiongate_rate_limited",
+            "Requests refused with 429 by a rule's rate_limit, by rule and what the limit counts by.",
+            ["rule", "by"],
+            registry=r,
+        )
+        self.audit_dropped_total = Counter(
+            "regiongate_audit_dropped",
+            "Audit entries dropped, by reason: queue_full (the writer fell behind), redis (unavailable), error.",
+            ["reason"],
+            registry=r,
+        )
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._upstream_children: dict[tuple[str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
@@ -195,6 +232,26 @@ class Metrics:
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)
         child.inc()
+
+    def overrides(self, counts: dict[str, int]) -> None:
+        for kind, n in counts.items():
+            self.overrides_active.labels(kind).set(n)
+
+    def rate_limited(self, rule: str, by: str) -> None:
+        self.rate_limited_total.labels(rule, by).inc()
+
+    def audit_dropped(self, reason: str, n: int) -> None:
+        self.audit_dropped_total.labels(reason).inc(n)
+
+    def up(self, value: bool) -> None:
+        """Redis state (the shared store's observer)."""
+        self.redis_up.set(1 if value else 0)
+
+    def error(self, op: str) -> None:
+        self.redis_errors.labels(op).inc()
+
+    def latency(self, seconds: float) -> None:
+        self.redis_latency.observe(seconds)
 
     def bad_request(self, reason: str) -> None:
         self.bad_requests.labels(reason).inc()

@@ -31,6 +31,7 @@ from .cidrs import CidrSet, parse_network
 from .clientip import INVALID, MISSING, PRIVATE, AddressError, ClientAddress, IPAddress, classify, parse_address
 from .geo import GeoFacts
 from .requestpath import canonical
+from .shared.ratelimit import RateLimit, parse_period
 from .yamlfile import Document, FileError, Problem
 from .yamlfile import load as load_yaml
 
@@ -127,6 +128,33 @@ AnonymizerFlag = Literal[
 NonEmpty = Field(min_length=1)
 
 
+class RateLimitSpec(_Spec):
+    """A budget for the requests this rule lets through, shared by every replica (with --redis)."""
+
+    requests: Annotated[int, Field(gt=0, le=10**9)] = Field(description="Requests let through per period.")
+    per: str | Annotated[float, Field(gt=0)] = Field(description="The period: 10s, 1m, 1h, 1d, or seconds.")
+    by: Literal["ip", "api_key", "country", "subdivision", "asn"] = Field(
+        "ip", description="Who shares one budget: each client address, bearer token, country, subdivision or ASN."
+    )
+    burst: Annotated[int, Field(gt=0, le=10**9)] | None = Field(
+        None, description="How many may arrive at once; default: requests."
+    )
+
+    @field_validator("per")
+    @classmethod
+    def _per(cls, v: str | float) -> str | float:
+        parse_period(v)
+        return v
+
+
+class RedisPolicy(_Spec):
+    on_error: Literal["open", "closed"] = Field(
+        "open",
+        description="When the rate limiter cannot be asked (Redis down): 'open' lets the request through, "
+        "'closed' answers 503.",
+    )
+
+
 class RuleSpec(_Spec):
     """Keys in one rule AND together; values within one key OR together."""
 
@@ -142,6 +170,9 @@ class RuleSpec(_Spec):
     action: Action
     mode: Literal["enforce", "monitor"] = Field(
         "enforce", description="'monitor' shadows this rule: record when it matches, then carry on."
+    )
+    rate_limit: RateLimitSpec | None = Field(
+        None, description="Requests this rule lets through are counted; over the limit they get OpenAI's 429."
     )
 
 
@@ -171,6 +202,7 @@ class PolicySpec(_Spec):
     block: Block = Block()
     rules: list[RuleSpec] = []
     tests: list[PolicyTest] = []
+    redis: RedisPolicy = RedisPolicy()
 
 
 def json_schema() -> dict[str, Any]:
@@ -201,6 +233,7 @@ class Decision:
     reason: str
     upstream: str | None = "default"
     shadow: tuple[str, ...] = ()
+    limit: RateLimit | None = None  # the deciding rule's rate limit
 
     @property
     def allowed(self) -> bool:
@@ -310,6 +343,13 @@ def _decision(action: str, rule: str, reason: str, monitor_mode: bool) -> Decisi
     if action == MONITOR or (action == DENY and monitor_mode):
         verdict = MONITOR
     return Decision(verdict, action, rule, reason, None if verdict == DENY else "default")
+
+
+def _with_limit(decision: Decision, spec: RateLimitSpec | None) -> Decision:
+    if spec is None or decision.action != ALLOW:
+        return decision
+    limit = RateLimit(decision.rule, spec.by, spec.requests, parse_period(spec.per), spec.burst or spec.requests)
+    return dataclasses.replace(decision, limit=limit)
 
 
 def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) -> Decision:
@@ -528,7 +568,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
                 anonymizer=frozenset(r.anonymizer) if r.anonymizer is not None else None,
                 cidrs=CidrSet(nets) if r.cidrs is not None else None,
                 paths=PathSet(r.paths) if r.paths is not None else None,
-                decision=_decision(r.action, name, reason, monitor_mode),
+                decision=_with_limit(_decision(r.action, name, reason, monitor_mode), r.rate_limit),
             )
         )
     # Country data matters only where the policy tells countries apart.

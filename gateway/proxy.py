@@ -19,6 +19,7 @@ by the relay's completion callback.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +39,10 @@ from .policy import DENY, Decision, decide
 from .requestid import RequestIds
 from .requestpath import BadPath, canonical
 from .runtime import Runtime
+from .shared.audit import entry as audit_entry
+from .shared.overrides import judge as judge_override
+from .shared.overrides import request_key_hash
+from .shared.ratelimit import check as check_rate
 from .upstream import BadTarget, Upstream, forward_headers
 
 log = logging.getLogger("regiongate")
@@ -67,6 +72,7 @@ class Gateway:
         self.bound = 1
         self.pools: dict[Upstream, Pool] = {}
         self._ids = RequestIds()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def open(self, bound: int) -> None:
         """Keep-alive pools are made per upstream as requests need them (inside the running loop)."""
@@ -97,8 +103,11 @@ class Gateway:
         client = resolve(request.peer, request.headers, rt.clientip)
         # 2. Where they are.
         facts = rt.geo.lookup(client.ip) if client.kind == PUBLIC else NO_FACTS  # type: ignore[arg-type]
-        # 3. What the policy says (and a shadow policy, judged too, never enforced).
-        decision = REJECTED if path is None else decide(policy, client, facts, path)
+        # 3. What an operator's runtime override says (gateway.shared), else what the policy says
+        #    (and a shadow policy, judged too, never enforced).
+        ov = rt.overrides
+        override = judge_override(ov.compiled, client, facts, request_key_hash(ov.compiled, ov.key, request.headers))
+        decision = REJECTED if path is None else override or decide(policy, client, facts, path)
         outcome = Outcome(active)
         if active.shadow is not None and path is not None:
             outcome.shadow = decide(active.shadow, client, facts, path)
@@ -116,11 +125,48 @@ class Gateway:
                 request.respond(block.status, error_headers(rid, False, active.header), policy.block_body)
                 outcome.status, outcome.sent = block.status, len(policy.block_body)
                 record()
+            elif decision.limit is not None:
+                # 3b. The deciding rule's rate limit: the one step that may wait (on Redis), so only
+                # a request under a limit gets a task; every other request stays on callbacks.
+                task = asyncio.get_running_loop().create_task(
+                    self.limited(request, path, client, facts, decision, rid, outcome, record)  # type: ignore[arg-type]
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             else:
                 self.forward(request, path, client, decision, rid, outcome, record)  # type: ignore[arg-type]
         except Exception:
             # A bug of ours must still give the client an OpenAI-shaped answer.
             log.exception("request %s failed", request_id)
+            if not request.started:
+                self.fail(request, errors.INTERNAL, rid, outcome, record)
+            else:
+                request.abort()
+                outcome.error = outcome.error or errors.INTERNAL.code
+                record()
+
+    async def limited(
+        self,
+        request: Request,
+        path: str,
+        client: ClientAddress,
+        facts: GeoFacts,
+        decision: Decision,
+        rid: bytes,
+        outcome: Outcome,
+        record: Callable[[], None],
+    ) -> None:
+        """Forward unless the deciding rule's rate limit says no (a 429; Redis trouble follows ``on_error``)."""
+        assert decision.limit is not None
+        try:
+            on_error = outcome.active.policy.spec.redis.on_error
+            refused = await check_rate(self.runtime.overrides, decision.limit, client, facts, request.headers, on_error)
+            if refused is not None:
+                self.fail(request, refused, rid, outcome, record)
+            else:
+                self.forward(request, path, client, decision, rid, outcome, record)
+        except Exception:
+            log.exception("request %s failed", rid.decode())
             if not request.started:
                 self.fail(request, errors.INTERNAL, rid, outcome, record)
             else:
@@ -191,6 +237,16 @@ class Gateway:
             # The upstream's own status if it answered, else 0 ("error": unreachable, timed out).
             m.upstream(decision.upstream or "", ex.status if ex.ttfb is not None else 0, ex.ttfb)
         log_ = self.runtime.access_log
+        # The audit stream (gateway.shared): refusals, or every decision; queued, never waited for.
+        audit = self.runtime.audit
+        verdict = "rate_limited" if ex.error == "rate_limit_exceeded" else decision.verdict
+        if audit.enabled and audit.wants(verdict):
+            audit.put(
+                audit_entry(
+                    request_id, verdict, decision.rule,
+                    facts.country, facts.subdivisions, facts.asn, path, ex.active.policy.sha256, log_.redact(client.ip),
+                )
+            )  # fmt: skip
         if not log_.enabled:
             return
         entry: dict[str, Any] = {

@@ -31,6 +31,9 @@ from .policy import (
     parse_policy,
     plain_error,
 )
+from .shared.audit import Audit
+from .shared.redisconn import RedisConfigError
+from .shared.store import OverrideStore, open_store
 from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
 from .upstream import Upstream, UpstreamConfigError, build_upstreams
 from .yamlfile import FileError, Problem
@@ -79,6 +82,11 @@ class Settings(BaseModel):
     watch: bool = True
     geoip_max_age: float | None = Field(None, gt=0, description="seconds")
     stale_geoip_not_ready: bool = False
+    redis: str | None = None
+    redis_prefix: str = Field("regiongate:", min_length=1, max_length=100)
+    redis_timeout: float = Field(0.05, gt=0, le=5, description="seconds")
+    audit: Literal["off", "refusals", "all"] = "refusals"
+    audit_maxlen: int = Field(100_000, ge=100)
 
     @field_validator("upstream")
     @classmethod
@@ -184,6 +192,8 @@ class Runtime:
     geo_errors: dict[str, str] = field(default_factory=dict)  # path -> why its replacement was refused
     allow_methods: frozenset[str] = frozenset(DEFAULT_METHODS)
     env: dict[str, str] = field(default_factory=dict, repr=False)  # holds upstream keys: never shown
+    overrides: OverrideStore = field(default_factory=lambda: OverrideStore({}), repr=False)
+    audit: Audit = field(default_factory=lambda: Audit("off", 0), repr=False)  # needs Redis
 
     @property
     def policy(self) -> Policy:
@@ -254,6 +264,8 @@ class Runtime:
             "upstreams": {name: up.base for name, up in self.active.upstreams.items()},
             "trusted_proxies": [str(n) for n in self.clientip.trusted.networks],
             "client_ip_header": self.clientip.header,
+            "overrides": self.overrides.describe(),
+            "audit": {"mode": self.audit.mode, "dropped": self.audit.dropped, "written": self.audit.written},
             "warnings": warnings,
         }
 
@@ -315,7 +327,13 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
             raise ConfigError(f"--allow-method: {m[:32]!r} is not an HTTP method")
     if not methods:
         raise ConfigError("--allow-method: at least one method must be allowed")
+    try:
+        overrides = open_store(settings.redis, settings.redis_prefix, settings.redis_timeout, env)
+    except RedisConfigError as e:
+        raise ConfigError(str(e)) from None
     runtime = Runtime(
+        audit=Audit(settings.audit if settings.redis else "off", settings.audit_maxlen),
+        overrides=overrides,
         allow_methods=methods,
         settings=settings,
         geo=geo,
@@ -329,6 +347,11 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
     if not trusted:
         runtime.warnings.append("no --trusted-proxy: forwarding headers are ignored, the TCP peer is the client")
     runtime.warnings += trust_warnings
+    if settings.workers > 1 and not settings.redis:
+        runtime.warnings.append(
+            f"--workers {settings.workers} without --redis: each worker keeps its own runtime overrides, and one "
+            "added through the admin API reaches only the worker that answered; use --redis"
+        )
     return runtime
 
 

@@ -34,6 +34,7 @@ import uvicorn
 
 from .dataplane.limits import Limits, connection_cap, raise_nofile
 from .runtime import ConfigError, Runtime, Settings, load_runtime
+from .shared.store import OverrideStore, probe
 
 log = logging.getLogger("regiongate")
 
@@ -165,6 +166,8 @@ async def _control_plane(
         # The state inherited from the parent is as of startup; a worker started
         # later (or replacing one that died) reads the files as they are now.
         live.spawn(live.reload(explicit=False))
+    await runtime.overrides.start(metrics)  # Redis (if any) is synced in the background from here on
+    runtime.audit.start(runtime.overrides)  # on only with --redis
     admin_task = loop.create_task(admin_server.serve([admin_sock]))
     admin_task.add_done_callback(lambda _t: stopping.set())
     try:
@@ -173,6 +176,8 @@ async def _control_plane(
         stop()
         await admin_task
         await live.close()
+        await runtime.audit.close()
+        await runtime.overrides.close()
         if watcher is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(watcher, 2)
@@ -251,7 +256,8 @@ def serve(settings: Settings) -> int:
         _note_file_limit(runtime, soft, hard)
         proxy_sock = bind(settings.host, settings.port, "proxy (--host/--port)")
         admin_sock = bind(settings.admin_host, settings.admin_port, "control plane (--admin-host/--admin-port)")
-        _announce(runtime, proxy_sock, admin_sock)
+        redis_problem = asyncio.run(probe(runtime.overrides))
+        _announce(runtime, proxy_sock, admin_sock, redis_problem)
         if settings.workers == 1:
             run_worker(runtime, proxy_sock, admin_sock)
             return 0
@@ -282,7 +288,9 @@ def _note_file_limit(runtime: Runtime, soft: int, hard: int) -> None:
         )
 
 
-def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
+def _announce(
+    runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket, redis_problem: str | None = None
+) -> None:
     s = runtime.settings
     p = runtime.policy
     geo = ", ".join(
@@ -307,9 +315,23 @@ def _announce(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.so
         f"geo: {geo}",
         f"workers: {s.workers}, data plane: {s.data_plane}",
     ]
+    lines.append(_describe_overrides(runtime.overrides))
     lines += [f"warning: {w}" for w in runtime.warnings]
+    if redis_problem is not None:
+        lines.append(
+            f"warning: Redis {runtime.overrides.describe()['url']} did not answer at startup ({redis_problem}): "
+            "serving anyway; requests are decided by the policy alone until Redis answers, then its overrides apply "
+            "(a circuit breaker retries it in the background; see /readyz)"
+        )
     for line in lines:
         print(f"regiongate: {line}", file=sys.stderr, flush=True)
+
+
+def _describe_overrides(store: OverrideStore) -> str:
+    d = store.describe()
+    if d["backend"] == "memory":
+        return "overrides: in this process's memory (no --redis): POST /admin/overrides reaches this process only"
+    return f"overrides: Redis {d['url']} ({d['mode']}), key prefix {d['prefix']!r}"
 
 
 def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> int:

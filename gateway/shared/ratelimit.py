@@ -1,0 +1,179 @@
+"""Rate limits that hold across replicas: GCRA, in Redis (one Lua script) or in memory.
+
+GCRA (the generic cell rate algorithm) keeps one number per subject, the
+theoretical arrival time (TAT) of its next request, so a check is one
+atomic read-modify-write: in Redis a single ``EVALSHA`` (redis-py's script
+object loads the script again on ``NOSCRIPT``, e.g. after a restart or a
+failover). The script reads Redis's own clock, so replicas whose clocks
+disagree still share one limit.
+
+``requests`` per ``per`` is the steady rate; ``burst`` (default: ``requests``)
+is how many may arrive at once. Keys are ``<prefix>rl:{<rule>:<by>:<subject>}``:
+the braces are a hash tag, so each key has its own slot in a Redis Cluster
+and the script touches one key only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..clientip import ClientAddress
+from ..errors import GatewayError
+from ..geo import GeoFacts
+
+By = Literal["ip", "api_key", "country", "subdivision", "asn"]
+OnError = Literal["open", "closed"]
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_period(value: str | float) -> float:
+    """``1m``, ``10s``, ``1h``, ``500ms``, ``1d`` or plain seconds."""
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(value)
+        if m is None:
+            raise ValueError(f"{value!r} is not a duration (e.g. 1s, 1m, 1h, 1d)")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if seconds <= 0:
+        raise ValueError("must be more than zero")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    rule: str
+    by: By
+    requests: int
+    per: float  # seconds
+    burst: int
+
+    @property
+    def interval(self) -> float:
+        return self.per / self.requests
+
+    @property
+    def tolerance(self) -> float:
+        return self.burst * self.interval
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    allowed: bool
+    remaining: int
+    retry_after: float  # seconds until a request would be let through (0 when allowed)
+    reset: float  # seconds until the subject is back to a full burst
+
+
+def gcra(tat: float | None, now: float, interval: float, tolerance: float) -> tuple[Outcome, float]:
+    """One check: the outcome, and the TAT to store. Pure; the Lua script is the same in milliseconds."""
+    tat = now if tat is None or tat < now else tat
+    new_tat = tat + interval
+    if new_tat - now > tolerance + 1e-9:
+        return Outcome(False, 0, new_tat - tolerance - now, tat - now), tat
+    remaining = math.floor((tolerance - (new_tat - now)) / interval + 1e-9)
+    return Outcome(True, remaining, 0.0, new_tat - now), new_tat
+
+
+# KEYS[1]: the subject's key. ARGV: interval, tolerance (ms). Returns {allowed, remaining, retry_after, reset} (ms).
+GCRA_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil or tat < now then tat = now end
+local new_tat = tat + interval
+if new_tat - now > tolerance + 0.000001 then
+  return {0, 0, tostring(new_tat - tolerance - now), tostring(tat - now)}
+end
+redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
+local remaining = math.floor((tolerance - (new_tat - now)) / interval + 0.000000001)
+return {1, remaining, '0', tostring(new_tat - now)}
+"""
+
+
+def outcome_from_script(reply: list[Any]) -> Outcome:
+    allowed, remaining, retry_after, reset = reply
+    return Outcome(bool(int(allowed)), int(remaining), float(retry_after) / 1000, float(reset) / 1000)
+
+
+def subject(limit: RateLimit, client: ClientAddress, facts: GeoFacts, key_hash: str | None) -> str:
+    """Who shares one budget under this limit."""
+    by = limit.by
+    if by == "ip":
+        return str(client.ip) if client.ip is not None else "unknown"
+    if by == "api_key":
+        return key_hash or "no-key"
+    if by == "country":
+        return facts.country or "unknown"
+    if by == "subdivision":
+        return facts.subdivisions[0] if facts.subdivisions else "unknown"
+    return str(facts.asn) if facts.asn is not None else "unknown"
+
+
+def redis_key(prefix: str, limit: RateLimit, who: str) -> str:
+    rule = limit.rule.replace("{", "_").replace("}", "_")
+    return f"{prefix}rl:{{{rule}:{limit.by}:{who}}}"
+
+
+def _seconds(value: float) -> bytes:
+    return f"{value:.3f}".rstrip("0").rstrip(".").encode() + b"s"
+
+
+def exceeded(limit: RateLimit, outcome: Outcome) -> GatewayError:
+    """OpenAI's own 429: the SDKs read ``retry-after``/``retry-after-ms`` and retry after that long."""
+    retry_ms = max(1, math.ceil(outcome.retry_after * 1000))
+    return GatewayError(
+        429,
+        "requests",
+        "rate_limit_exceeded",
+        f"Rate limit reached for {limit.by} on rule {limit.rule!r}: limit {limit.requests} requests per "
+        f"{_seconds(limit.per).decode()}. Please try again in {retry_ms / 1000:g}s.",
+        retry=True,
+        headers=(
+            (b"retry-after", str(max(1, math.ceil(outcome.retry_after))).encode()),
+            (b"retry-after-ms", str(retry_ms).encode()),
+            (b"x-ratelimit-limit-requests", str(limit.requests).encode()),
+            (b"x-ratelimit-remaining-requests", b"0"),
+            (b"x-ratelimit-reset-requests", _seconds(outcome.reset)),
+        ),
+    )
+
+
+UNAVAILABLE = GatewayError(
+    503,
+    "server_error",
+    "rate_limiter_unavailable",
+    "The rate limiter is unavailable and this policy fails closed (redis.on_error: closed).",
+    retry=True,
+    headers=((b"retry-after", b"1"),),
+)
+
+
+async def check(
+    store: Any, limit: RateLimit, client: ClientAddress, facts: GeoFacts,
+    headers: Iterable[tuple[bytes, bytes]], on_error: OnError,
+) -> GatewayError | None:
+    """None to go on, or the error to answer with. Never raises: a failure follows ``on_error``."""
+    from .overrides import bearer_token, hash_key
+
+    key_hash = None
+    if limit.by == "api_key":
+        token = bearer_token(headers)
+        if token is not None and store.key is not None:
+            key_hash = hash_key(store.key, token)
+    try:
+        outcome: Outcome = await store.rate(limit, subject(limit, client, facts, key_hash))
+    except Exception:  # RedisUnavailable (counted by the breaker), or a bug: the policy says what then
+        return None if on_error == "open" else UNAVAILABLE
+    if outcome.allowed:
+        return None
+    store.observer.rate_limited(limit.rule, limit.by)
+    return exceeded(limit, outcome)

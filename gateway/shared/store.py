@@ -1,0 +1,337 @@
+"""Where overrides are kept: in this process's memory, or in Redis for every replica.
+
+Either way the request path reads :attr:`OverrideStore.compiled`, an
+immutable table swapped whole (one attribute assignment, atomic under the
+event loop), so it never waits on Redis.
+
+Redis layout, all keys under ``--redis-prefix`` and one hash tag (so a
+Redis Cluster keeps them in one slot): ``<prefix>{overrides}:data``, a
+hash of id -> JSON; ``<prefix>{overrides}:version``, bumped on every change;
+``<prefix>{overrides}:key``, the shared HMAC key for API-key overrides
+(unless ``REGIONGATE_OVERRIDE_KEY`` is set); and the pub/sub channel
+``<prefix>overrides:changed``. A replica applies a change when the channel
+says so, and in any case within ``SYNC_INTERVAL`` (it reads the version
+counter and fetches the hash only when it moved), so a missed message heals.
+
+Expiry is judged by each replica against its own copy, so an override
+expires on time even while Redis is down; expired entries are deleted
+from Redis by whichever replica sees them first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import Any, Protocol
+
+import orjson
+
+from .overrides import EMPTY, Compiled, Override, OverrideError, compile_overrides
+from .ratelimit import GCRA_LUA, Outcome, RateLimit, gcra, outcome_from_script, redis_key
+from .redisconn import Breaker, NullObserver, Observer, RedisTarget, RedisUnavailable, connect, describe_error
+
+log = logging.getLogger("regiongate")
+
+OVERRIDE_KEY_ENV = "REGIONGATE_OVERRIDE_KEY"
+SYNC_INTERVAL = 0.5
+EXPIRY_CHECK = 0.25
+
+
+class StoreObserver(Observer, Protocol):
+    def overrides(self, counts: dict[str, int]) -> None: ...
+
+    def rate_limited(self, rule: str, by: str) -> None: ...
+
+    def audit_dropped(self, reason: str, n: int) -> None: ...
+
+
+class OverrideStore:
+    """The in-memory store (one process); :class:`RedisStore` shares it between replicas."""
+
+    backend = "memory"
+
+    def __init__(self, env: dict[str, str]) -> None:
+        given = env.get(OVERRIDE_KEY_ENV)
+        self.key_source = "env" if given else "random per process"
+        self.key: bytes | None = given.encode() if given else None
+        self.compiled: Compiled = EMPTY
+        self.observer: StoreObserver = NullObserver()
+        self._items: dict[str, Override] = {}
+        self._tats: dict[str, float] = {}  # rate-limit subject -> theoretical arrival time (monotonic)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    async def start(self, observer: StoreObserver | None = None) -> None:
+        if observer is not None:
+            self.observer = observer
+        if self.key is None:
+            self.key = secrets.token_bytes(32)
+        self._swap(self._items.values())
+        self._tasks.append(asyncio.get_running_loop().create_task(self._expire_loop()))
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:  # bounded: a half-open connection must not hold up shutdown
+            await asyncio.wait(self._tasks, timeout=2)
+        self._tasks.clear()
+
+    def _swap(self, items: Any) -> None:
+        compiled = compile_overrides(items, time.time())
+        self.compiled = compiled
+        self.observer.overrides(compiled.counts())
+
+    def _due(self) -> bool:
+        nxt = self.compiled.next_expiry
+        return nxt is not None and time.time() >= nxt
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK)
+            if self._due():
+                self._swap(self.compiled.overrides)
+            if self._tats:  # a subject whose TAT has passed has its full burst again: forget it
+                now = time.monotonic()
+                self._tats = {k: v for k, v in self._tats.items() if v > now}
+
+    async def add(self, override: Override) -> Override:
+        self._items[override.id] = override
+        self._swap(self._items.values())
+        return override
+
+    async def list(self) -> list[Override]:
+        if self._due():
+            self._swap(self.compiled.overrides)
+        return list(self.compiled.overrides)
+
+    async def remove(self, id: str) -> bool:
+        found = self._items.pop(id, None) is not None
+        self._swap(self._items.values())
+        return found
+
+    async def rate(self, limit: RateLimit, who: str) -> Outcome:
+        """One rate-limit check for ``who``; in memory it is exact for this process only."""
+        key = f"{limit.rule}\0{limit.by}\0{who}"
+        outcome, tat = gcra(self._tats.get(key), time.monotonic(), limit.interval, limit.tolerance)
+        self._tats[key] = tat
+        return outcome
+
+    async def ensure_key(self) -> bytes | None:
+        """The HMAC key for API-key overrides (None while Redis, which holds it, cannot be asked)."""
+        return self.key
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.backend, "overrides": len(self.compiled.overrides), "override_key": self.key_source}
+
+
+class RedisStore(OverrideStore):
+    backend = "redis"
+
+    def __init__(
+        self, target: RedisTarget, password: str | None, prefix: str, timeout: float, env: dict[str, str]
+    ) -> None:
+        super().__init__(env)
+        if self.key is None:
+            self.key_source = "redis"
+        self.target = target
+        self._password = password
+        self.timeout = timeout
+        self.prefix = prefix
+        tag = f"{prefix}{{overrides}}"
+        self.k_data, self.k_version, self.k_key = f"{tag}:data", f"{tag}:version", f"{tag}:key"
+        self.channel = f"{prefix}overrides:changed"
+        self.k_audit = f"{prefix}audit"
+        self.breaker = Breaker(timeout)
+        self.client: Any = None
+        self.version: bytes | None = None
+        self.synced_at: float | None = None
+        self._wake: asyncio.Event | None = None
+
+    def __repr__(self) -> str:  # never the password
+        return f"RedisStore({self.target.url!r}, prefix={self.prefix!r})"
+
+    async def start(self, observer: StoreObserver | None = None) -> None:
+        if observer is not None:
+            self.observer = observer
+            self.breaker.observer = observer
+        self.client = connect(self.target, self._password, self.timeout)
+        self._gcra = self.client.register_script(GCRA_LUA)  # EVALSHA; loaded again on NOSCRIPT
+        self._wake = asyncio.Event()
+        self.observer.overrides(self.compiled.counts())
+        loop = asyncio.get_running_loop()
+        await self.sync()
+        self._tasks.append(loop.create_task(self._sync_loop()))
+        if self.target.mode != "cluster":  # the periodic sync alone serves a Cluster
+            self._tasks.append(loop.create_task(self._listen()))
+
+    async def close(self) -> None:
+        await super().close()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.client.aclose(), 2)
+
+    async def _call(self, op: str, fn: Any, *args: Any) -> Any:
+        return await self.breaker.call(op, lambda: fn(*args))
+
+    async def _ensure_key(self) -> None:
+        if self.key is not None:
+            return
+        await self.breaker.call("key", lambda: self.client.set(self.k_key, secrets.token_hex(32), nx=True))
+        value = await self._call("key", self.client.get, self.k_key)
+        if value:
+            self.key = bytes(value)
+
+    async def sync(self, force: bool = False) -> bool:
+        """Fetch the overrides if they changed; False when Redis could not be asked."""
+        try:
+            await self._ensure_key()
+            version = await self._call("sync", self.client.get, self.k_version)
+            if force or version != self.version or self.synced_at is None or self._due():
+                raw = await self._call("sync", self.client.hgetall, self.k_data)
+                items, expired = self._parse(raw)
+                self.version = version
+                self._swap(items)
+                if expired:
+                    await self._call("expire", self.client.hdel, self.k_data, *expired)
+            self.synced_at = time.time()
+            return True
+        except RedisUnavailable:
+            if self._due():  # expiry holds without Redis
+                self._swap(self.compiled.overrides)
+            return False
+
+    def _parse(self, raw: dict[bytes, bytes]) -> tuple[list[Override], list[bytes]]:
+        now = time.time()
+        items: list[Override] = []
+        expired: list[bytes] = []
+        for field, value in raw.items():
+            try:
+                o = Override.from_dict(orjson.loads(value))
+            except (OverrideError, KeyError, TypeError, ValueError, orjson.JSONDecodeError) as e:
+                log.warning("ignoring unreadable override %r in Redis: %s", field[:64], e)
+                continue
+            if o.expired(now):
+                expired.append(field)
+            else:
+                items.append(o)
+        return items, expired
+
+    async def _sync_loop(self) -> None:
+        assert self._wake is not None
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SYNC_INTERVAL):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.sync()
+            except Exception:  # a bug here must not end syncing
+                log.exception("override sync failed")
+
+    async def _listen(self) -> None:
+        """Wake the sync loop when another replica announces a change."""
+        assert self._wake is not None
+        # Polled with a timeout rather than ``listen()``: a cancel that lands inside redis-py's
+        # read can be lost, and then the task would never end; the flag ends it within a poll.
+        while not self._closing:
+            pubsub = None
+            try:
+                if self.breaker.open:
+                    await asyncio.sleep(SYNC_INTERVAL)
+                    continue
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                async with asyncio.timeout(self.timeout * 4):
+                    await pubsub.subscribe(self.channel)
+                while not self._closing:
+                    message = await pubsub.get_message(timeout=SYNC_INTERVAL)
+                    if message is not None and message.get("type") == "message":
+                        self._wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.debug("override channel: %s", describe_error(e))
+                await asyncio.sleep(SYNC_INTERVAL)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(pubsub.aclose(), 1)
+
+    async def rate(self, limit: RateLimit, who: str) -> Outcome:
+        reply = await self.breaker.call(
+            "ratelimit",
+            lambda: self._gcra(
+                keys=[redis_key(self.prefix, limit, who)],
+                args=[f"{limit.interval * 1000:.3f}", f"{limit.tolerance * 1000:.3f}"],
+            ),
+        )
+        return outcome_from_script(reply)
+
+    async def _announce(self) -> None:
+        await self._call("write", self.client.incr, self.k_version)
+        with contextlib.suppress(RedisUnavailable):
+            await self._call("publish", self.client.publish, self.channel, b"1")
+
+    async def add(self, override: Override) -> Override:
+        await self._call("write", self.client.hset, self.k_data, override.id, orjson.dumps(override.as_dict()))
+        await self._announce()
+        await self.sync(force=True)
+        return override
+
+    async def list(self) -> list[Override]:
+        await self.sync()
+        return list(self.compiled.overrides)
+
+    async def remove(self, id: str) -> bool:
+        removed = await self._call("write", self.client.hdel, self.k_data, id)
+        if removed:
+            await self._announce()
+        await self.sync(force=True)
+        return bool(removed)
+
+    async def ensure_key(self) -> bytes | None:
+        with contextlib.suppress(RedisUnavailable):
+            await self._ensure_key()
+        return self.key
+
+    def describe(self) -> dict[str, Any]:
+        b = self.breaker
+        return {
+            "backend": self.backend,
+            "url": self.target.url,
+            "mode": self.target.mode,
+            "prefix": self.prefix,
+            "up": b.up,
+            "error": b.last_error,
+            "circuit": "open" if b.open else "closed",
+            "last_sync": self.synced_at,
+            "overrides": len(self.compiled.overrides),
+            "override_key": self.key_source,
+        }
+
+
+async def probe(store: OverrideStore) -> str | None:
+    """A startup check: None when Redis answers (or none is configured), else why not."""
+    if not isinstance(store, RedisStore):
+        return None
+    client = connect(store.target, store._password, max(store.timeout, 1.0))
+    try:
+        await asyncio.wait_for(client.ping(), max(store.timeout, 1.0) * 2)
+        return None
+    except Exception as e:
+        return describe_error(e)
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+
+
+def open_store(url: str | None, prefix: str, timeout: float, env: dict[str, str]) -> OverrideStore:
+    """The store ``--redis`` asks for (memory without it). Raises ``RedisConfigError`` on a bad URL."""
+    if not url:
+        return OverrideStore(env)
+    from .redisconn import PASSWORD_ENV, parse_url
+
+    return RedisStore(parse_url(url), env.get(PASSWORD_ENV) or None, prefix, timeout, env)
