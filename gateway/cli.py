@@ -140,14 +140,6 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         "off: stale is a warning",
         {"action": "store_true"},
     ),
-    (
-        "--data-plane",
-        "data_plane",
-        "proxy port implementation: native (asyncio protocols, httptools) or asgi (the previous uvicorn + "
-        "aiohttp one, kept for the benchmark comparison)",
-        "native",
-        {"choices": ["native", "asgi"]},
-    ),
     ("--header-timeout", "header_timeout", "seconds a client may take to send a request's headers", "10", {}),
     ("--idle-timeout", "idle_timeout", "seconds a client connection may stay open with no request", "30", {}),
     (

@@ -286,7 +286,7 @@ class Gateway:
         log_.write(entry)
 
 
-_BAD_REQUEST_CODES = frozenset({"invalid_path", "invalid_header", "method_not_allowed"})
+_BAD_REQUEST_CODES = frozenset({"invalid_path", "method_not_allowed"})
 # The decision recorded for a request refused before the policy was asked
 # (a method not allowed, a path that cannot be forwarded safely).
 REJECTED = Decision("rejected", "rejected", "invalid_request", "refused before the policy: bad method or path", None)

@@ -71,7 +71,6 @@ class Settings(BaseModel):
     log_address: AddressMode = "full"
     log_key: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "warning"
-    data_plane: Literal["native", "asgi"] = "native"
     header_timeout: float = Field(10.0, gt=0)
     idle_timeout: float = Field(30.0, gt=0)
     max_connections: int = Field(0, ge=0)

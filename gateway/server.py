@@ -78,11 +78,11 @@ def bind(host: str, port: int, what: str = "proxy (--host/--port)") -> socket.so
     return sock
 
 
-def _uvicorn_config(app: Any, settings: Settings, lifespan: str, http: Any = "httptools") -> uvicorn.Config:
+def _uvicorn_config(app: Any, settings: Settings, lifespan: str = "off") -> uvicorn.Config:
     return uvicorn.Config(
         app,
         loop="none",
-        http=http,
+        http="httptools",
         lifespan=lifespan,  # type: ignore[arg-type]
         access_log=False,
         log_level=settings.log_level,
@@ -105,8 +105,7 @@ def run_worker(
 
     metrics = Metrics()
     metrics.describe_sources(runtime.geo.sources, runtime.active.current, runtime.active.shadow_version)
-    plane = _asgi_main if runtime.settings.data_plane == "asgi" else _native_main
-    main = plane(runtime, metrics, proxy_sock, admin_sock, slot, supervisor)
+    main = _native_main(runtime, metrics, proxy_sock, admin_sock, slot, supervisor)
     try:
         import uvloop
 
@@ -211,24 +210,6 @@ async def _native_main(
     runtime.access_log.close()
 
 
-async def _asgi_main(
-    runtime: Runtime,
-    metrics: Any,
-    proxy_sock: socket.socket,
-    admin_sock: socket.socket,
-    slot: int,
-    supervisor: int | None,
-) -> None:
-    """The previous data plane: uvicorn serving the raw ASGI app, aiohttp upstream."""
-    from .asgi_proxy import Gateway
-    from .httpprotocol import ProxyHttpProtocol
-
-    gateway = Gateway(runtime, metrics)
-    proxy_server = _Server(_uvicorn_config(gateway, runtime.settings, "on", ProxyHttpProtocol))
-    async with _control_plane(runtime, metrics, gateway, admin_sock, slot, supervisor, [proxy_server]):
-        await proxy_server.serve([proxy_sock])
-
-
 def _port(sock: socket.socket) -> int:
     return int(sock.getsockname()[1])
 
@@ -313,7 +294,7 @@ def _announce(
         f"({len(p.rules)} rules, mode {p.spec.mode}); reloads on change, SIGHUP, POST /admin/reload",
         *([f"shadow policy {shadow.policy.source} sha256:{shadow.tag} (evaluated, never enforced)"] if shadow else []),
         f"geo: {geo}",
-        f"workers: {s.workers}, data plane: {s.data_plane}",
+        f"workers: {s.workers}",
     ]
     lines.append(_describe_overrides(runtime.overrides))
     lines += [f"warning: {w}" for w in runtime.warnings]

@@ -1,14 +1,11 @@
-"""Where allowed requests go, and the one HTTP client that takes them there.
+"""Where allowed requests go, and which of the client's headers go with them.
 
 An upstream is a base URL; a request's path and query are appended to it and
 nothing else about the request (request line, ``Host``, absolute-form URL)
 can change the scheme, host or port. The target is checked again after it is
-built, because that check is cheaper than being wrong once.
-
-The client is one ``aiohttp`` session per worker: a keep-alive pool, no
-cookie jar (cookies of one caller must never reach another), no automatic
-decompression (bytes pass through with their ``content-encoding``), no
-redirects followed (a redirect is the upstream's answer to the client).
+built, because that check is cheaper than being wrong once. How the bytes
+travel (keep-alive pools, TLS, no cookies, bodies untouched, redirects passed
+back to the client) is :mod:`gateway.dataplane`'s.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-import aiohttp
 from yarl import URL
 
 from .policy import Timeouts, UpstreamSpec
@@ -71,8 +67,6 @@ _CLIENT_IP_HEADER_BYTES = CLIENT_IP_HEADER.lower().encode()
 _REQUEST_DROP = HOP_BY_HOP | ADDRESS_HEADERS | {b"expect"}
 # The server in front of the client writes its own Date.
 _RESPONSE_DROP = HOP_BY_HOP | {b"date"}
-# aiohttp would otherwise add its own values when the client sent none.
-SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 
 
 class UpstreamConfigError(Exception):
@@ -83,9 +77,6 @@ class BadTarget(ValueError):
     """A request path that cannot be forwarded safely."""
 
 
-class BadHeader(ValueError):
-    """A request header that cannot be forwarded unchanged."""
-
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
@@ -94,7 +85,6 @@ class Upstream:
     base: str
     authorization: str | None
     timeouts: Timeouts
-    client_timeout: aiohttp.ClientTimeout
 
     def target(self, path: str, query: bytes) -> URL:
         """The upstream URL for a canonical request path (:func:`requestpath.canonical`).
@@ -130,7 +120,6 @@ def build_upstreams(specs: Mapping[str, UpstreamSpec], env: Mapping[str, str] = 
             base=str(url).rstrip("/"),
             authorization=auth,
             timeouts=spec.timeouts,
-            client_timeout=aiohttp.ClientTimeout(total=None, sock_connect=spec.timeouts.connect),
         )
     return out
 
@@ -177,25 +166,6 @@ def forward_headers(
     return out
 
 
-def request_headers(
-    headers: Iterable[tuple[bytes, bytes]], peer: str | None, client_ip: str | None, upstream: Upstream
-) -> list[tuple[str, str]]:
-    """:func:`forward_headers` as text, for aiohttp (the ``asgi`` data plane), or :class:`BadHeader`.
-
-    aiohttp encodes header text as UTF-8, so a value is decoded as UTF-8
-    (which re-encodes to the same bytes); one that is not UTF-8 cannot be
-    passed on unchanged and is refused rather than altered.
-    """
-    named = {b"x-forwarded-for": "X-Forwarded-For", b"authorization": "Authorization"}
-    out = []
-    for n, v in forward_headers(headers, peer, client_ip, upstream):
-        try:
-            out.append((named.get(n) or n.decode("latin-1"), v.decode()))
-        except UnicodeDecodeError:
-            raise BadHeader(f"the value of header {n.decode('latin-1')!r} is not ASCII or UTF-8") from None
-    return out
-
-
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     connection_named: set[bytes] = set()
     out = []
@@ -210,15 +180,3 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, by
     if connection_named:
         out = [(n, v) for n, v in out if n not in connection_named]
     return out
-
-
-def new_session(pool_size: int = 0) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=pool_size, keepalive_timeout=30, ttl_dns_cache=60)
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        trust_env=False,
-        timeout=aiohttp.ClientTimeout(total=None),
-        skip_auto_headers=SKIP_AUTO_HEADERS,
-    )

@@ -32,11 +32,6 @@ ENTERPRISE = str(GEOIP / "GeoIP2-Enterprise-Test.mmdb")
 ISP = str(GEOIP / "GeoIP2-ISP-Test.mmdb")
 BAD_DATA = GEOIP / "bad-data"
 POLICIES = ROOT / "policies"
-# The whole suite runs against either data plane: REGIONGATE_TEST_DATA_PLANE=asgi pytest
-_PLANE = os.environ.get("REGIONGATE_TEST_DATA_PLANE")
-DATA_PLANE = ["--data-plane", _PLANE] if _PLANE else []
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -167,7 +162,6 @@ class GatewayFactory:
             str(admin_port),
             "--access-log",
             str(access_log),
-            *DATA_PLANE,
             *args,
         ]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("REGIONGATE_")}

@@ -26,11 +26,7 @@ import httptools
 import httpx
 import pytest
 
-from conftest import CITY, DATA_PLANE, GatewayFactory, Stub, free_port, run_stub, stop, wait_http, write
-
-pytestmark = pytest.mark.skipif(
-    "asgi" in DATA_PLANE, reason="the native data plane's own contract (the asgi one is kept only for comparison)"
-)
+from conftest import CITY, GatewayFactory, Stub, free_port, run_stub, stop, wait_http, write
 
 GB, CN = "2.125.160.216", "175.16.199.1"
 TRUST = ["--trusted-proxy", "127.0.0.1/32"]
@@ -491,7 +487,7 @@ def _spawn_with_nofile(
     with open(err, "wb") as f:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--admin-port", str(admin),
-             "--access-log", "off", *DATA_PLANE, *args],
+             "--access-log", "off", *args],
             stdout=subprocess.DEVNULL, stderr=f, preexec_fn=limit, env=env,
         )  # fmt: skip
     wait_http(f"http://127.0.0.1:{admin}/readyz", proc=proc)
@@ -804,13 +800,6 @@ def test_head_204_and_304_have_no_body_and_keep_the_connection(gateway: GatewayF
     assert statuses == [204, 304, 204]
     assert all(r.body == b"" for r in parse_responses(rest))
     assert b"transfer-encoding" not in raw.lower()
-
-
-def test_previous_data_plane_is_still_selectable(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
-    gw = start(gateway, tmp_path, stub.url, "--data-plane", "asgi")
-    assert "data plane: asgi" in gw.stderr()
-    assert httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB}).status_code == 200
-    assert httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": CN}).status_code == 403
 
 
 def test_connect_timeout_is_504(gateway: GatewayFactory, tmp_path: Path) -> None:
