@@ -376,13 +376,42 @@ def start_upstream(
 
 
 SHADOW_POLICY = BENCH_DIR / "policy-shadow.yaml"
+RATELIMIT_POLICY = BENCH_DIR / "policy-ratelimit.yaml"
+REDIS_MARK = "@REDIS@"  # replaced by the URL of the redis-server bench/run.py starts
 # key: (label, extra serve flags)
 GATEWAYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway": ("gateway", ()),
     "gateway-shadow": ("gateway + shadow policy", ("--shadow-policy", str(SHADOW_POLICY))),
+    # Redis on the gateway's core, as in a sidecar; one GCRA check per allowed request.
+    "gateway-redis": ("gateway + Redis rate limit", ("--policy", str(RATELIMIT_POLICY), "--redis", REDIS_MARK)),
 }
 # The shadow policy costs per request, not per event: the stream benchmarks run the plain gateway.
 STREAM_GATEWAYS = ("gateway",)
+
+
+def start_redis(stack: contextlib.ExitStack, pin: Pinning, workdir: Path) -> str:
+    """A throwaway redis-server (no persistence) on the servers' CPU; its URL."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise BenchError("redis-server not found on PATH (Debian: apt-get install redis-server)")
+    port = free_port()
+    data = workdir / f"redis-{port}"
+    data.mkdir()
+    cmd = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(data)]
+    log_path = workdir / f"redis-{port}.log"
+    proc = spawn(pin.server(cmd), log_path)
+    stack.callback(stop, proc, "redis-server")
+
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_ready(proc, "redis-server", [log_path], up)
+    return f"redis://127.0.0.1:{port}/0"
 
 
 def start_gateway(
@@ -398,6 +427,8 @@ def start_gateway(
     Its access log goes to a file, as a production gateway's would.
     """
     label, extra = GATEWAYS[key]
+    if REDIS_MARK in extra:
+        extra = tuple(start_redis(stack, pin, workdir) if a == REDIS_MARK else a for a in extra)
     port, admin_port = free_port(), free_port()
     cmd = [
         sys.executable, "-m", "gateway", "serve",
@@ -943,6 +974,7 @@ def check_inputs() -> None:
     for path in (
         POLICY,
         SHADOW_POLICY,
+        RATELIMIT_POLICY,
         XFF_LUA,
         UPSTREAM_TEMPLATE,
         GEOIP2_TEMPLATE,
