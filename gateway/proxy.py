@@ -136,14 +136,7 @@ class Gateway:
             else:
                 self.forward(request, path, client, decision, rid, outcome, record)  # type: ignore[arg-type]
         except Exception:
-            # A bug of ours must still give the client an OpenAI-shaped answer.
-            log.exception("request %s failed", request_id)
-            if not request.started:
-                self.fail(request, errors.INTERNAL, rid, outcome, record)
-            else:
-                request.abort()
-                outcome.error = outcome.error or errors.INTERNAL.code
-                record()
+            self.crashed(request, rid, outcome, record)
 
     async def limited(
         self,
@@ -166,13 +159,7 @@ class Gateway:
             else:
                 self.forward(request, path, client, decision, rid, outcome, record)
         except Exception:
-            log.exception("request %s failed", rid.decode())
-            if not request.started:
-                self.fail(request, errors.INTERNAL, rid, outcome, record)
-            else:
-                request.abort()
-                outcome.error = outcome.error or errors.INTERNAL.code
-                record()
+            self.crashed(request, rid, outcome, record)
 
     def forward(
         self,
@@ -201,6 +188,16 @@ class Gateway:
         headers = forward_headers(request.headers, request.peer, decided, upstream)
         target = url.raw_path_qs.encode("latin-1")
         Relay(request, pool, target, headers, rid, outcome.active.header, outcome, record).start()
+
+    def crashed(self, request: Request, rid: bytes, outcome: Outcome, record: Callable[[], None]) -> None:
+        """A bug of ours must still give the client an OpenAI-shaped answer (or a cut, once it started)."""
+        log.exception("request %s failed", rid.decode())
+        if not request.started:
+            self.fail(request, errors.INTERNAL, rid, outcome, record)
+        else:
+            request.abort()
+            outcome.error = outcome.error or errors.INTERNAL.code
+            record()
 
     def fail(
         self, request: Request, error: GatewayError, rid: bytes, outcome: Outcome, record: Callable[[], None]
