@@ -121,16 +121,22 @@ def country_only_policy() -> str:
 # traffic is let through as 'monitor' (counted in regiongate_decisions_total{{decision="monitor"}})
 # so that it is visible. To enforce the exception, add a City database and use
 # openai-supported.yaml.
-{preamble}  - name: ukraine-unverified
+{preamble}{_country_rules(codes)}tests:
+{_tests(tests)}
+""",
+    )
+
+
+def _country_rules(codes: list[str]) -> str:
+    """The country-level rules: Ukraine only recorded (country data cannot see its occupied
+    regions), the other supported countries allowed."""
+    return f"""  - name: ukraine-unverified
     countries: [UA]
     action: monitor
   - name: supported
     countries: [{_wrap(codes, "                ")}]
     action: allow
-tests:
-{_tests(tests)}
-""",
-    )
+"""
 
 
 def monitor_only_starter() -> str:
@@ -158,13 +164,7 @@ def monitor_only_starter() -> str:
 # openai-supported-country-only.yaml (or openai-supported.yaml with a City
 # database); `regiongate diff` between the two shows exactly what will start to
 # be refused. Works with the embedded country data.
-{preamble}  - name: ukraine-unverified
-    countries: [UA]
-    action: monitor
-  - name: supported
-    countries: [{_wrap(codes, "                ")}]
-    action: allow
-tests:
+{preamble}{_country_rules(codes)}tests:
 {_tests(tests)}
 """,
     )
