@@ -108,8 +108,12 @@ def test_policy_reloads_whichever_way_the_file_is_replaced(
     assert metric(text, "regiongate_policy_info", sha256=sha(allow2), version="c") == 1
     assert metric(text, "regiongate_policy_info", sha256=sha(deny), version="b") in (None, 0)
     assert re.search(r"^regiongate_policy_last_reload_timestamp_seconds 1\.\d+e\+09$", text, re.M)
-    # The access log names the policy that judged each request.
-    logged = [(line["decision"], line["policy"]) for line in gw.wait_log(3)]
+    # The access log names the policy that judged each request. It is written by a thread
+    # behind the requests, so wait until the last policy's requests have reached it.
+    wait_until(
+        lambda: any(line["policy"] == tag(allow2) for line in gw.log_lines()), "the last request in the access log"
+    )
+    logged = [(line["decision"], line["policy"]) for line in gw.log_lines()]
     runs = [pair for i, pair in enumerate(logged) if i == 0 or logged[i - 1] != pair]
     assert runs == [("allow", tag(allow)), ("deny", tag(deny)), ("allow", tag(allow2))]
 
