@@ -177,6 +177,7 @@ class ExplainOut(BaseModel):
     kind: str
     problem: str | None
     path: str
+    model: str | None = Field(None, description="The model judged (query 'model'); null: judged as unknown.")
     decision: str
     action: str
     rule: str
@@ -185,6 +186,8 @@ class ExplainOut(BaseModel):
     reason: str
     why: list[str]
     shadow: list[str]
+    upstream: str | None = Field(None, description="Where the request would go (null when refused).")
+    allow_models: list[str] | None = Field(None, description="The deciding rule's allow_models.")
     status: int | None
     facts: dict[str, Any]
     records: list[RecordOut]
@@ -343,6 +346,9 @@ async def admin_explain(
             pattern="^/[!-~]*$",
         ),
     ] = "/v1/chat/completions",
+    model: Annotated[
+        str | None, Query(description="The request body's model; left out, it is judged as unknown.", max_length=256)
+    ] = None,
 ) -> Any:
     """What the running policy does with this address on this path, and why: every rule in order."""
     # On the event loop, not in a thread: the geo lookup cache is shared with the proxy,
@@ -353,7 +359,7 @@ async def admin_explain(
     runtime = _runtime(request)
     try:
         return explain(
-            runtime.policy, runtime.geo, ip, path, with_trace=True, overrides=runtime.overrides.compiled
+            runtime.policy, runtime.geo, ip, path, with_trace=True, overrides=runtime.overrides.compiled, model=model
         ).report
     except BadPath as e:
         return JSONResponse({"detail": f"path: {e}; the proxy answers it with a 400, no policy is asked"}, 400)

@@ -282,6 +282,11 @@ def _parser() -> argparse.ArgumentParser:
         default="/v1/chat/completions",
         help="request path to judge, for policies with paths rules (default: /v1/chat/completions)",
     )
+    e.add_argument(
+        "--model",
+        help="the request body's model, for policies with models or allow_models rules "
+        "(left out: judged as a request whose model is unknown, see body.unknown_model)",
+    )
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument(
         "--missing",
@@ -537,10 +542,12 @@ def _check(args: argparse.Namespace) -> int:
         results = run_tests(policy, geo)
         bad = [r for r in results if not r.passed]
         for r in results:
+            asked = f"{r.test.ip} {r.test.path}" + (f" model {r.test.model}" if r.test.model is not None else "")
             if not r.passed:
-                print(f"{path}:{r.line}: test {r.test.ip} {r.test.path}: {r.problem}", file=sys.stderr)
+                print(f"{path}:{r.line}: test {asked}: {r.problem}", file=sys.stderr)
             elif not args.quiet:
-                print(f"{path}:{r.line}: ok   {r.test.ip} {r.test.path} -> {r.decision.verdict} ({r.decision.rule})")
+                to = f" to {r.decision.upstream}" if r.decision.verdict == "route" else ""
+                print(f"{path}:{r.line}: ok   {asked} -> {r.decision.verdict}{to} ({r.decision.rule})")
         failed |= bool(bad)
         if not args.quiet or bad:
             status = "FAILED" if bad else "ok"
@@ -571,7 +578,14 @@ def _explain(args: argparse.Namespace) -> int:
             return 2
     try:
         result = explain(
-            policy, geo, args.ip, args.path, with_trace=args.trace, missing=args.missing, overrides=overrides
+            policy,
+            geo,
+            args.ip,
+            args.path,
+            with_trace=args.trace,
+            missing=args.missing,
+            overrides=overrides,
+            model=args.model,
         )
     except BadPath as e:
         print(f"regiongate: --path {args.path!r}: {e}; the gateway answers it with a 400, no policy is asked",
@@ -594,6 +608,11 @@ def _explain(args: argparse.Namespace) -> int:
     print(f"  client:    {report['kind']}" + (f" ({report['problem']})" if report["problem"] else ""))
     print(f"  rule:      {report['rule']}{where}")
     print(f"  reason:    {report['reason']}")
+    if report["upstream"] is not None and report["decision"] != "deny":
+        print(f"  upstream:  {report['upstream']}")
+    if report["model"] is not None or "allow_models" in report or _uses_models(policy):
+        print(f"  model:     {report['model'] or 'unknown (--model not given)'}"
+              + (f"; allowed here: {', '.join(report['allow_models'])}" if "allow_models" in report else ""))
     if "override" in report:
         o = report["override"]
         print(f"  override:  {o['id']} by {o['by'] or 'unknown'}: {o['action']} {o['kind']} {o['value']} "
@@ -629,6 +648,10 @@ def _explain(args: argparse.Namespace) -> int:
         for line in result.trace.lines():
             print(f"  {line}")
     return 0
+
+
+def _uses_models(policy: Any) -> bool:
+    return any(r.models is not None or r.decision.allow_models is not None for r in policy.rules)
 
 
 def _diff(args: argparse.Namespace) -> int:

@@ -35,9 +35,10 @@ def explain(
     with_trace: bool = False,
     missing: bool = False,
     overrides: Compiled | None = None,
+    model: str | None = None,
 ) -> Explanation:
     path = request_path(path)
-    client, facts, decision = judge_ip(policy, geo, ip_text, path, missing)
+    client, facts, decision = judge_ip(policy, geo, ip_text, path, missing, model)
     override = judge(overrides, client, facts, None) if overrides else None
     rule = next((r for r in policy.rules if r.name == decision.rule), None)
     country = facts.country if policy.field == "country" else facts.registered_country
@@ -53,6 +54,7 @@ def explain(
         "kind": client.kind,
         "problem": client.problem,
         "path": path,
+        "model": model,
         "decision": decision.verdict,
         "action": decision.action,
         "rule": decision.rule,
@@ -61,7 +63,8 @@ def explain(
         "reason": decision.reason,
         "why": why,
         "shadow": list(decision.shadow),
-        "status": policy.spec.block.status if decision.verdict == "deny" else None,
+        "upstream": decision.upstream,
+        "status": (403 if decision.model_refused else policy.spec.block.status) if decision.verdict == "deny" else None,
         "facts": facts.as_dict(),
         "records": [r.as_dict() for r in records],
         "policy": {"path": policy.source, "sha256": policy.sha256, "mode": policy.spec.mode, "geo_field": policy.field},
@@ -83,7 +86,9 @@ def explain(
     lim = decision.limit
     if lim is not None and override is None:  # only when the deciding rule has one, so older reports stay as they were
         out["rate_limit"] = {"requests": lim.requests, "per": lim.per, "by": lim.by, "burst": lim.burst}
-    walk = trace(policy, client, facts, path) if with_trace else None
+    if decision.allow_models is not None and override is None:
+        out["allow_models"] = decision.allow_models.listed()
+    walk = trace(policy, client, facts, path, model) if with_trace else None
     if walk is not None:
         out["trace"] = walk.as_dict()
     return Explanation(out, walk, tuple(records))

@@ -36,7 +36,9 @@ from .yamlfile import Document, FileError, Problem
 from .yamlfile import load as load_yaml
 
 Action = Literal["allow", "deny", "monitor"]
-ALLOW, DENY, MONITOR = "allow", "deny", "monitor"
+RuleAction = Literal["allow", "deny", "monitor", "route"]
+ALLOW, DENY, MONITOR, ROUTE = "allow", "deny", "monitor", "route"
+DEFAULT_UPSTREAM = "default"
 
 DEFAULT_UPSTREAM_URL = "https://api.openai.com"
 
@@ -155,6 +157,26 @@ class RedisPolicy(_Spec):
     )
 
 
+class BodySpec(_Spec):
+    """How much of a request the gateway reads to learn its model, and what it does when it cannot.
+
+    The body is read only for a request whose decision needs the model (a
+    rule with ``models``, ``allow_models``, or an upstream with a model map),
+    only when it is ``application/json``, and only up to ``max_bytes``;
+    anything else streams through untouched with its model unknown.
+    """
+
+    max_bytes: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = Field(
+        1024 * 1024, description="The most of a JSON body read to find its model; a larger one is streamed untouched."
+    )
+    unknown_model: Literal["deny", "allow"] = Field(
+        "deny",
+        description='A request whose model a rule needs but cannot be read (not JSON, too large, no "model" '
+        "string). 'deny': the model conditions are taken the restrictive way (a deny rule's models match it, an "
+        "allow or route rule's do not, allow_models refuses it). 'allow': the permissive way.",
+    )
+
+
 class RuleSpec(_Spec):
     """Keys in one rule AND together; values within one key OR together."""
 
@@ -167,7 +189,18 @@ class RuleSpec(_Spec):
     paths: Annotated[list[str], NonEmpty] | None = Field(
         None, description="Exact request paths; a trailing '*' makes a prefix ('/v1/*')."
     )
-    action: Action
+    models: Annotated[list[str], NonEmpty] | None = Field(
+        None,
+        description="The \"model\" of a JSON request body: exact names, or a prefix ending in '*' ('o1*'). "
+        "The body is read only when a rule like this is reached.",
+    )
+    action: RuleAction = Field(description="allow, deny, monitor, or route (to the upstream named in 'upstream').")
+    upstream: str | None = Field(None, description="For action: route, the upstream that serves these callers.")
+    allow_models: Annotated[list[str], NonEmpty] | None = Field(
+        None,
+        description="On an allow or route rule: the only models these callers may use (exact or prefix*); any "
+        "other gets OpenAI's 403 with code model_not_allowed_in_region.",
+    )
     mode: Literal["enforce", "monitor"] = Field(
         "enforce", description="'monitor' shadows this rule: record when it matches, then carry on."
     )
@@ -179,11 +212,13 @@ class RuleSpec(_Spec):
 class PolicyTest(_Spec):
     ip: str
     path: str = "/v1/chat/completions"
+    model: str | None = Field(None, description="The request body's model; left out: the model is unknown.")
     missing: bool = Field(
         False, description="Judge a request from trusted proxy 'ip' that named no client (defaults.missing)."
     )
-    expect: Action
+    expect: RuleAction
     rule: str | None = Field(None, description="If given, the rule that must make the decision.")
+    upstream: str | None = Field(None, description="If given, the upstream the request must go to.")
 
 
 class PolicySpec(_Spec):
@@ -203,6 +238,7 @@ class PolicySpec(_Spec):
     rules: list[RuleSpec] = []
     tests: list[PolicyTest] = []
     redis: RedisPolicy = RedisPolicy()
+    body: BodySpec = BodySpec()
 
 
 def json_schema() -> dict[str, Any]:
@@ -220,27 +256,34 @@ def json_schema() -> dict[str, Any]:
 class Decision:
     """What the gateway does with one request, and why.
 
-    ``verdict`` is what happens and the metrics label: ``allow``, ``deny``, or
-    ``monitor`` (let through, but only because of monitoring: an ``action:
-    monitor`` rule, or a denial under ``mode: monitor``). ``action`` is what
-    the policy itself said. ``shadow`` names ``mode: monitor`` rules that
-    matched on the way and were not enforced.
+    ``verdict`` is what happens and the metrics label: ``allow``, ``deny``,
+    ``route`` (let through to the rule's own upstream), or ``monitor`` (let
+    through, but only because of monitoring: an ``action: monitor`` rule, or a
+    denial under ``mode: monitor``). ``action`` is what the policy itself
+    said. ``shadow`` names ``mode: monitor`` rules that matched on the way
+    and were not enforced. ``allow_models`` is checked once the model is
+    known (:func:`model_refusal`); ``model_refused`` marks the refusal that
+    check makes, answered with OpenAI's model error rather than the block.
     """
 
     verdict: str
     action: str
     rule: str
     reason: str
-    upstream: str | None = "default"
+    upstream: str | None = DEFAULT_UPSTREAM
     shadow: tuple[str, ...] = ()
     limit: RateLimit | None = None  # the deciding rule's rate limit
+    allow_models: Patterns | None = None
+    model_refused: bool = False
 
     @property
     def allowed(self) -> bool:
         return self.verdict != DENY
 
 
-class PathSet:
+class Patterns:
+    """Exact names and prefixes (a pattern ending in '*'): request paths, model names."""
+
     __slots__ = ("exact", "prefixes")
 
     def __init__(self, patterns: Sequence[str]) -> None:
@@ -250,10 +293,31 @@ class PathSet:
     def __contains__(self, path: str) -> bool:
         return path in self.exact or path.startswith(self.prefixes)
 
-    def covers(self, other: PathSet) -> bool:
+    def covers(self, other: Patterns) -> bool:
         return all(p in self for p in other.exact) and all(
             any(q.startswith(p) for p in self.prefixes) for q in other.prefixes
         )
+
+    def listed(self) -> list[str]:
+        return sorted(self.exact) + [p + "*" for p in self.prefixes]
+
+
+PathSet = Patterns
+
+
+class _Unread:
+    """The model before the body was read: a rule that needs it stops the decision there."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNREAD"
+
+
+UNREAD: Any = _Unread()
+# What decide() returns when the first rule that could decide looks at the model and the body
+# has not been read: the proxy reads it (bounded) and asks again with the model.
+NEEDS_MODEL = Decision("needs_model", "needs_model", "needs_model", "the decision needs the request's model", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,8 +333,11 @@ class Rule:
     cidrs: CidrSet | None
     paths: PathSet | None
     decision: Decision
+    models: Patterns | None = None
+    unknown_matches: bool = False  # what models says of a request whose model is unknown (body.unknown_model)
 
     def matches(self, ip: IPAddress | None, country: str | None, facts: GeoFacts, path: str) -> bool:
+        """Every key but ``models`` (which needs the body: :meth:`model_matches`)."""
         if self.countries is not None and country not in self.countries:
             return False
         if self.subdivisions is not None and self.subdivisions.isdisjoint(facts.subdivisions):
@@ -282,6 +349,11 @@ class Rule:
         if self.cidrs is not None and (ip is None or ip not in self.cidrs):
             return False
         return self.paths is None or path in self.paths
+
+    def model_matches(self, model: str | None) -> bool:
+        if self.models is None:
+            return True
+        return self.unknown_matches if model is None else model in self.models
 
     def why(self, ip: IPAddress | None, country: str | None, facts: GeoFacts, path: str) -> list[str]:
         """Which fact satisfied each condition, for ``explain`` (not on the request path)."""
@@ -313,7 +385,9 @@ class Rule:
         if self.cidrs is not None:
             out["cidrs"] = [str(n) for n in self.cidrs.networks]
         if self.paths is not None:
-            out["paths"] = sorted(self.paths.exact) + [p + "*" for p in self.paths.prefixes]
+            out["paths"] = self.paths.listed()
+        if self.models is not None:
+            out["models"] = self.models.listed()
         return out
 
 
@@ -332,28 +406,36 @@ class Policy:
     block_body: bytes
     test_lines: tuple[int | None, ...]
     default_lines: dict[str, int | None] = dataclasses.field(default_factory=dict)
+    unknown_model_allowed: bool = False  # body.unknown_model: allow
 
     @property
     def upstreams(self) -> dict[str, UpstreamSpec]:
         return self.spec.upstreams
 
 
-def _decision(action: str, rule: str, reason: str, monitor_mode: bool) -> Decision:
+def _decision(action: str, rule: str, reason: str, monitor_mode: bool, upstream: str | None = None) -> Decision:
     verdict = action
     if action == MONITOR or (action == DENY and monitor_mode):
         verdict = MONITOR
-    return Decision(verdict, action, rule, reason, None if verdict == DENY else "default")
+    return Decision(verdict, action, rule, reason, None if verdict == DENY else upstream or DEFAULT_UPSTREAM)
 
 
 def _with_limit(decision: Decision, spec: RateLimitSpec | None) -> Decision:
-    if spec is None or decision.action != ALLOW:
+    if spec is None or decision.action not in (ALLOW, ROUTE):
         return decision
     limit = RateLimit(decision.rule, spec.by, spec.requests, parse_period(spec.per), spec.burst or spec.requests)
     return dataclasses.replace(decision, limit=limit)
 
 
-def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) -> Decision:
-    """The decision for one request. Pure: no I/O, no clock, no globals."""
+def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str, model: Any = UNREAD) -> Decision:
+    """The decision for one request. Pure: no I/O, no clock, no globals.
+
+    ``model`` is the request body's model: :data:`UNREAD` until the body was
+    read (a rule that looks at the model then returns :data:`NEEDS_MODEL`,
+    so that only requests that reach such a rule pay for reading it), ``None``
+    when it is unknown (``body.unknown_model`` says which way that goes).
+    The deciding rule's ``allow_models`` is :func:`model_refusal`'s.
+    """
     kind = client.kind
     if kind == INVALID:
         return policy.on_invalid
@@ -362,6 +444,11 @@ def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) ->
     ip = client.ip
     for rule in policy.rules:
         if rule.matches(ip, country, facts, path):
+            if rule.models is not None:
+                if model is UNREAD:
+                    return NEEDS_MODEL
+                if not rule.model_matches(model):
+                    continue
             if not rule.shadow:
                 decision = rule.decision
                 break
@@ -380,6 +467,34 @@ def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) ->
     if shadow:
         return dataclasses.replace(decision, shadow=tuple(shadow))
     return decision
+
+
+def model_refusal(policy: Policy, decision: Decision, model: str | None) -> Decision | None:
+    """The refusal for a model outside the deciding rule's ``allow_models``, else None. Pure.
+
+    Under ``mode: monitor`` the refusal is recorded and not enforced, like
+    any other denial.
+    """
+    allowed = decision.allow_models
+    if allowed is None:
+        return None
+    if model is None:
+        if policy.unknown_model_allowed:
+            return None
+        reason = f"rule {decision.rule!r}: the request's model could not be read and allow_models needs it"
+    elif model in allowed:
+        return None
+    else:
+        reason = f"rule {decision.rule!r}: model {model[:200]!r} is not in allow_models"
+    refusal = _decision(DENY, decision.rule, reason, policy.spec.mode == "monitor", decision.upstream)
+    return dataclasses.replace(refusal, model_refused=True, shadow=decision.shadow)
+
+
+def decide_model(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str, model: str | None) -> Decision:
+    """The whole decision for a request whose model is known (or known to be unknown: None),
+    ``allow_models`` included: what the proxy ends with once it has read the body."""
+    decision = decide(policy, client, facts, path, model)
+    return model_refusal(policy, decision, model) or decision
 
 
 def request_path(path: str) -> str:
@@ -556,6 +671,13 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
                 nets.append(parse_network(c))
         desc = "; ".join(_describe(k, v) for k, v in _conditions(r).items()) or "matches everything"
         reason = f"rule {name!r}: {desc}"
+        if r.upstream is not None and r.upstream != DEFAULT_UPSTREAM and r.upstream not in spec.upstreams:
+            known = ", ".join(sorted({DEFAULT_UPSTREAM, *spec.upstreams}))
+            bad((*here, "upstream"), f"rules[{i}] ({name}): no upstream named {r.upstream!r} (upstreams: {known})")
+        decision = _decision(r.action, name, reason, monitor_mode, r.upstream)
+        if r.allow_models is not None:
+            decision = dataclasses.replace(decision, allow_models=Patterns(r.allow_models))
+        restrictive = r.action in (DENY, MONITOR)
         rules.append(
             Rule(
                 name=name,
@@ -568,7 +690,10 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
                 anonymizer=frozenset(r.anonymizer) if r.anonymizer is not None else None,
                 cidrs=CidrSet(nets) if r.cidrs is not None else None,
                 paths=PathSet(r.paths) if r.paths is not None else None,
-                decision=_with_limit(_decision(r.action, name, reason, monitor_mode), r.rate_limit),
+                decision=_with_limit(decision, r.rate_limit),
+                models=Patterns(r.models) if r.models is not None else None,
+                # Unknown model, 'deny': a rule that refuses takes it, one that lets through does not.
+                unknown_matches=restrictive == (spec.body.unknown_model == "deny"),
             )
         )
     # Country data matters only where the policy tells countries apart.
@@ -611,6 +736,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         test_lines=tuple(doc.line_of(("tests", i)) for i in range(len(spec.tests))),
         # Only where the file says it: a default left out has no line.
         default_lines={f"defaults.{k}": doc.lines.get(("defaults", k)) for k in type(d).model_fields},
+        unknown_model_allowed=spec.body.unknown_model == "allow",
     )
 
 
@@ -641,6 +767,23 @@ def _rule_problems(i: int, r: RuleSpec, doc: Document, capabilities: frozenset[s
         problem = _path_pattern_problem(p)
         if problem:
             bad((*here, "paths", j), f"rules[{i}].paths: {p!r} {problem}")
+    for key in ("models", "allow_models"):
+        for j, m in enumerate(getattr(r, key) or ()):
+            if not m or m == "*" or "*" in m[:-1]:
+                bad(
+                    (*here, key, j),
+                    f"rules[{i}].{key}: {m!r}: write a model name ('gpt-4o') or a prefix ending in one '*' ('o1*')",
+                )
+    if r.action == ROUTE and r.upstream is None:
+        bad((*here, "action"), f"rules[{i}] ({name}): action: route needs 'upstream: NAME' (which upstream to use)")
+    if r.upstream is not None and r.action != ROUTE:
+        bad((*here, "upstream"), f"rules[{i}] ({name}): 'upstream' goes with action: route (this rule is {r.action})")
+    if r.allow_models is not None and r.action not in (ALLOW, ROUTE):
+        bad(
+            (*here, "allow_models"),
+            f"rules[{i}] ({name}): allow_models limits what an allow or route rule lets through; "
+            f"a {r.action} rule lets nothing through to limit",
+        )
     for key, fact in _NEEDS.items():
         if getattr(r, key) is not None and capabilities is not None and fact not in capabilities:
             bad(
@@ -658,6 +801,9 @@ def _test_problems(i: int, t: PolicyTest, rule_names: Container[str], doc: Docum
         problems.append(Problem(doc.line_of(("tests", i, "ip")), f"tests[{i}].ip: {e}"))
     if t.rule is not None and t.rule not in rule_names and not t.rule.startswith("defaults."):
         problems.append(Problem(doc.line_of(("tests", i, "rule")), f"tests[{i}].rule: no rule named {t.rule!r}"))
+    if t.expect == DENY and t.upstream is not None:
+        where = doc.line_of(("tests", i, "upstream"))
+        problems.append(Problem(where, f"tests[{i}].upstream: a denied request goes to no upstream"))
     return problems
 
 
@@ -685,7 +831,7 @@ _DB_FOR = {
 
 
 def _conditions(r: RuleSpec) -> dict[str, Any]:
-    keys = ("countries", "subdivisions", "asns", "anonymizer", "cidrs", "paths")
+    keys = ("countries", "subdivisions", "asns", "anonymizer", "cidrs", "paths", "models")
     return {k: getattr(r, k) for k in keys if getattr(r, k) is not None}
 
 
@@ -708,6 +854,10 @@ def _subsumes(a: Rule, b: Rule) -> bool:
             return False
     if a.cidrs is not None and (b.cidrs is None or not all(a.cidrs.covers(n) for n in b.cidrs.networks)):
         return False
+    if a.models is not None and (
+        b.models is None or not a.models.covers(b.models) or (b.unknown_matches and not a.unknown_matches)
+    ):
+        return False
     return a.paths is None or (b.paths is not None and a.paths.covers(b.paths))
 
 
@@ -726,11 +876,12 @@ class TestResult:
 
 
 def judge_ip(
-    policy: Policy, geo: geofacts.Geo, ip_text: str, path: str, missing: bool = False
+    policy: Policy, geo: geofacts.Geo, ip_text: str, path: str, missing: bool = False, model: str | None = None
 ) -> tuple[ClientAddress, GeoFacts, Decision]:
     """Decide for an address given as text, as ``explain`` and policy tests do.
 
     ``missing``: the address is a trusted proxy's that sent no client address.
+    ``model``: the request body's model; None judges it as unknown.
     """
     try:
         ip = parse_address(ip_text)
@@ -743,17 +894,19 @@ def judge_ip(
             client = ClientAddress(ip, classify(ip), "argument", ip_text)
     public = client.ip is not None and client.kind not in (PRIVATE, MISSING)
     facts = geo.lookup(client.ip) if public else geofacts.NO_FACTS  # type: ignore[arg-type]
-    return client, facts, decide(policy, client, facts, path)
+    return client, facts, decide_model(policy, client, facts, path, model)
 
 
 def run_tests(policy: Policy, geo: geofacts.Geo) -> list[TestResult]:
     results = []
     for i, t in enumerate(policy.spec.tests):
-        _client, facts, decision = judge_ip(policy, geo, t.ip, t.path, t.missing)
+        _client, facts, decision = judge_ip(policy, geo, t.ip, t.path, t.missing, t.model)
         problem = None
         if decision.verdict != t.expect:
             problem = f"expected {t.expect}, got {decision.verdict} ({decision.reason})"
         elif t.rule is not None and decision.rule != t.rule:
             problem = f"expected rule {t.rule!r}, got {decision.rule!r}"
+        elif t.upstream is not None and decision.upstream != t.upstream:
+            problem = f"expected upstream {t.upstream!r}, got {decision.upstream!r}"
         results.append(TestResult(i, policy.test_lines[i], t, decision, facts, problem is None, problem))
     return results

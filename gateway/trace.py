@@ -16,9 +16,9 @@ from typing import Any
 
 from .clientip import INVALID, PRIVATE, ClientAddress
 from .geo import GeoFacts
-from .policy import Decision, Policy, Rule
+from .policy import Decision, Policy, Rule, model_refusal
 
-KEYS = ("countries", "subdivisions", "asns", "anonymizer", "cidrs", "paths")
+KEYS = ("countries", "subdivisions", "asns", "anonymizer", "cidrs", "paths")  # what Rule.matches looks at
 _SHOWN = 8  # values listed before "…"
 
 
@@ -146,7 +146,9 @@ def _failure(rule: Rule, key: str, client: ClientAddress, country: str | None, f
     return f"paths: {path} not in {values}"
 
 
-def _checks(rule: Rule, client: ClientAddress, country: str | None, facts: GeoFacts, path: str) -> tuple[KeyCheck, ...]:
+def _checks(
+    rule: Rule, client: ClientAddress, country: str | None, facts: GeoFacts, path: str, model: str | None
+) -> tuple[KeyCheck, ...]:
     out = []
     for key in KEYS:
         if getattr(rule, key) is None:
@@ -157,14 +159,26 @@ def _checks(rule: Rule, client: ClientAddress, country: str | None, facts: GeoFa
             out.append(KeyCheck(key, True, detail))
         else:
             out.append(KeyCheck(key, False, _failure(rule, key, client, country, facts, path)))
+    if rule.models is not None:
+        listed = _listing(rule.models.listed())
+        if model is None:
+            taken = "taken as matching" if rule.unknown_matches else "taken as not matching"
+            out.append(
+                KeyCheck("models", rule.unknown_matches, f"models: the model is unknown, {taken} (body.unknown_model)")
+            )
+        elif rule.model_matches(model):
+            out.append(KeyCheck("models", True, f"model {model} is in models"))
+        else:
+            out.append(KeyCheck("models", False, f"models: {model} not in {listed}"))
     if not out:
         out.append(KeyCheck("(none)", True, "the rule has no conditions: it matches everything"))
     return tuple(out)
 
 
-def trace(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) -> Trace:
+def trace(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str, model: str | None = None) -> Trace:
     """Walk every rule for one request. The resulting decision is what
-    ``decide()`` returns for the same arguments (a property test holds it to that)."""
+    ``decide_model()`` returns for the same arguments (a property test holds it to that);
+    ``model`` None is a request whose model is unknown."""
     country = facts.country if policy.field == "country" else facts.registered_country
     address = str(client.ip) if client.ip is not None else None
     if client.kind == INVALID:
@@ -174,8 +188,8 @@ def trace(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) -> 
     decided: Decision | None = None
     shadow: list[str] = []
     for i, rule in enumerate(policy.rules):
-        matched = rule.matches(client.ip, country, facts, path)
-        checks = _checks(rule, client, country, facts, path)
+        matched = rule.matches(client.ip, country, facts, path) and rule.model_matches(model)
+        checks = _checks(rule, client, country, facts, path, model)
         steps.append(RuleStep(i, rule.name, rule.line, rule.action, rule.shadow, matched, decided is None, checks))
         if matched and decided is None:
             if rule.shadow:
@@ -192,4 +206,5 @@ def trace(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str) -> 
             decided, default = policy.on_default, "defaults.action"
     if shadow:
         decided = dataclasses.replace(decided, shadow=tuple(shadow))
+    decided = model_refusal(policy, decided, model) or decided
     return Trace(client.kind, address, path, policy.field, country, True, tuple(steps), default, decided)

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from conftest import ANON, ASN, CITY, POLICIES, write
 from gateway.clientip import INVALID, ClientAddress, classify, normalize
 from gateway.geo import ANONYMIZER_FLAGS, Geo, GeoFacts
-from gateway.policy import decide, parse_policy
+from gateway.policy import NEEDS_MODEL, decide, decide_model, parse_policy
 from gateway.trace import trace
 
 EVERY_KIND = """version: 1
@@ -34,10 +34,29 @@ rules:
   - {name: everyone-models, paths: ["/v1/models"], action: allow}
 """
 
+MODELS = """version: 1
+defaults: {action: deny, unknown: deny}
+upstreams:
+  default: {url: "http://127.0.0.1:9"}
+  eu: {url: "http://127.0.0.1:10"}
+rules:
+  - {name: no-reasoning, countries: [SE], models: ["o1*", "o3*"], action: deny}
+  - {name: watch-gpt4, models: [gpt-4o], action: deny, mode: monitor}
+  - {name: eu, countries: [DE], action: route, upstream: eu, allow_models: [gpt-4o, "gpt-4o-*"]}
+  - {name: cheap-everywhere, countries: [CN, RU], models: [gpt-4o-mini], action: allow}
+  - {name: supported, countries: [GB, SE, US], action: allow}
+"""
+MODELS_PERMISSIVE = MODELS.replace("defaults:", "body: {unknown_model: allow}\ndefaults:")
+
 SHIPPED = sorted(POLICIES.glob("*.yaml"))
-POLICY_TEXTS = {p.name: p.read_text() for p in SHIPPED} | {"every-kind.yaml": EVERY_KIND}
+POLICY_TEXTS = {p.name: p.read_text() for p in SHIPPED} | {
+    "every-kind.yaml": EVERY_KIND,
+    "models.yaml": MODELS,
+    "models-permissive.yaml": MODELS_PERMISSIVE,
+}
 POLICIES_COMPILED = {name: parse_policy(text, name) for name, text in POLICY_TEXTS.items()}
 PATHS = ["/v1/chat/completions", "/v1/embeddings", "/v1/models", "/v1/", "/other", "/v1/embeddings/x"]
+model_names = st.one_of(st.none(), st.sampled_from(["gpt-4o", "gpt-4o-mini", "o1-preview", "o3", "o", "qwen-plus"]))
 
 addresses = st.one_of(
     st.integers(0, 2**32 - 1).map(ipaddress.IPv4Address),
@@ -69,27 +88,51 @@ def client_for(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> Clie
     ip=st.one_of(st.none(), addresses),
     facts=facts_strategy,
     path=st.sampled_from(PATHS),
+    model=model_names,
 )
 def test_trace_decides_as_decide_does(
-    name: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, facts: GeoFacts, path: str
+    name: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, facts: GeoFacts, path: str, model: str | None
 ) -> None:
     policy = POLICIES_COMPILED[name]
     client = client_for(ip)
-    walk = trace(policy, client, facts, path)
-    assert walk.decision == decide(policy, client, facts, path)
+    walk = trace(policy, client, facts, path, model)
+    assert walk.decision == decide_model(policy, client, facts, path, model)
     if client.kind == INVALID:
         assert not walk.consulted and walk.steps == ()
         return
     assert [s.name for s in walk.steps] == [r.name for r in policy.rules]  # every rule, in order
     for step, rule in zip(walk.steps, policy.rules, strict=True):
         country = facts.country if policy.field == "country" else facts.registered_country
-        assert step.matched == rule.matches(client.ip, country, facts, path)
+        assert step.matched == (rule.matches(client.ip, country, facts, path) and rule.model_matches(model))
         assert step.matched == all(c.matched for c in step.checks)  # a rule matches iff each of its keys does
     if walk.default is None:
         assert walk.decision.rule == next(s.name for s in walk.steps if s.matched and not s.shadow)
     else:
         assert walk.decision.rule == walk.default
         assert not any(s.matched and not s.shadow for s in walk.steps)
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    name=st.sampled_from(sorted(POLICIES_COMPILED)),
+    ip=st.one_of(st.none(), addresses),
+    facts=facts_strategy,
+    path=st.sampled_from(PATHS),
+    model=model_names,
+)
+def test_a_decision_made_before_the_body_is_read_is_the_one_the_model_would_give(
+    name: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, facts: GeoFacts, path: str, model: str | None
+) -> None:
+    """The proxy reads a body only when decide() asks for the model: so deciding without it must never
+    give an answer that knowing the model would change (apart from allow_models, checked afterwards)."""
+    policy = POLICIES_COMPILED[name]
+    client = client_for(ip)
+    early = decide(policy, client, facts, path)
+    late = decide(policy, client, facts, path, model)
+    if early is NEEDS_MODEL:
+        assert any(r.models is not None for r in policy.rules)
+    else:
+        assert early == late
 
 
 _GEO = Geo([CITY, ASN, ANON])
@@ -103,7 +146,7 @@ def test_trace_agrees_with_decide_on_real_geo_data(
     client = client_for(ip)
     facts = _GEO.lookup(client.ip) if client.kind == "public" and client.ip is not None else GeoFacts()
     for policy in POLICIES_COMPILED.values():
-        assert trace(policy, client, facts, path).decision == decide(policy, client, facts, path)
+        assert trace(policy, client, facts, path).decision == decide_model(policy, client, facts, path, None)
 
 
 def test_failed_keys_are_named() -> None:
