@@ -1,13 +1,15 @@
 """The Grafana dashboard: generated as committed, and every query of every panel answered by a real Prometheus.
 
-The end-to-end test starts a gateway in front of the stub upstream, and
-Debian's Prometheus scraping the gateway's control plane every second (with
-the alert rules loaded), drives mixed traffic (allowed and refused callers
-from several countries through the ``openai`` SDK, upstream errors, a bad
-request, a policy reload that works and one that is refused), then reads
-every panel's queries out of the dashboard file, fills in the template
-variables as Grafana would, and requires each to return data. A panel added
-later is checked the same way, so it must read a metric the gateway exports.
+The end-to-end test starts a gateway in front of the stub upstream, sharing
+state through a real ``redis-server``, and Debian's Prometheus scraping the
+gateway's control plane every second (with the alert rules loaded), drives
+mixed traffic (allowed and refused callers from several countries through the
+``openai`` SDK, a caller over a rule's rate limit, a runtime override, upstream
+errors, a bad request, a policy reload that works and one that is refused,
+Redis killed and restarted), then reads every panel's queries out of the
+dashboard file, fills in the template variables as Grafana would, and requires
+each to return data. A panel added later is checked the same way, so it must
+read a metric the gateway exports.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import openai
 import pytest
 
 from conftest import CITY, POLICIES, ROOT, GatewayFactory, Stub, free_port, stop, wait_http
+from redis_support import RedisServer
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "regiongate.json"
@@ -48,6 +51,11 @@ ALLOWED = {
     "UA": "2a02:d300::1",
 }
 REFUSED = {"CN": "175.16.199.1", "RU": "2a02:d0c0::1", "IR": "2a02:d2c0::1", "BY": "2a02:d240::1", "HK": "2001:2e0::1"}
+# PH passes the policy under a rate limit of one an hour (LIMITED_RULE): after its first request, 429s.
+LIMITED = {"PH": "202.196.224.1"}
+LIMITED_RULE = "  - {name: limited-ph, countries: [PH], action: allow, rate_limit: {requests: 1, per: 1h, by: ip}}\n"
+# A CN address let through by a runtime override (added through the admin API) before the policy refuses it.
+OVERRIDDEN = "2001:250::1"
 # What Grafana puts in place of its built-in variables; the scrape interval here is 1s.
 BUILTINS = {"$__rate_interval": "1m", "$__range": "10m", "$__interval": "1s"}
 
@@ -174,36 +182,55 @@ def prometheus_for(tmp_path: Path) -> Iterator[Any]:
 
 
 PAUSE_SE = "  - {name: paused-se, countries: [SE], action: deny}\n"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SE_ALLOWED = '{ip: "89.160.20.112", expect: allow, rule: supported}'
 SE_PAUSED = '{ip: "89.160.20.112", expect: deny, rule: paused-se}'
 
 
-def drive_traffic(gw_url: str, admin: str, policy: Path, rounds: int) -> None:
-    """Allowed and refused callers, upstream errors, bad requests; halfway, a broken policy file (refused)
-    and then one that refuses SE too."""
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+def drive_traffic(gw_url: str, admin: str, policy: Path, redis: RedisServer, rounds: int) -> None:
+    """Allowed, refused and rate-limited callers, an override, upstream errors, bad requests; halfway, a
+    broken policy file (refused) and then one that refuses SE too; from two thirds, Redis killed for a
+    round (rate limits fail open, audit entries are dropped) and started again."""
     refused = set(REFUSED)
+    override = httpx.post(
+        admin + "/admin/overrides",
+        json={"action": "allow", "cidr": OVERRIDDEN + "/128", "reason": "dashboard test", "by": "test"},
+        headers=AUTH,
+    )
+    assert override.status_code == 201, override.text
     for round_ in range(rounds):
         if round_ == rounds // 2:  # a broken file first (refused), then the fixed one
             good = policy.read_text()
             policy.write_text(good + "rules: [not, a, rule]\n")
-            r = httpx.post(admin + "/admin/reload", headers=auth)
+            r = httpx.post(admin + "/admin/reload", headers=AUTH)
             assert r.status_code == 422, r.text
             text = good.replace("\nrules:\n", "\nrules:\n" + PAUSE_SE, 1)
             policy.write_text(text.replace(SE_ALLOWED, SE_PAUSED))  # its own test changes with it
-            r = httpx.post(admin + "/admin/reload", headers=auth)
+            r = httpx.post(admin + "/admin/reload", headers=AUTH)
             assert r.status_code == 200 and r.json()["changed"] is True, r.text
             refused.add("SE")
-        for country, ip in {**ALLOWED, **REFUSED}.items():
+        redis_down = round_ == rounds * 2 // 3
+        if redis_down:
+            redis.command("SAVE")  # so the override and the limit's state come back with it
+            redis.kill()
+            wait_redis(admin, up=False)
+        for country, ip in {**ALLOWED, **REFUSED, **LIMITED}.items():
             client = openai.OpenAI(
                 base_url=gw_url + "/v1", api_key="sk-test", max_retries=0, default_headers={"X-Forwarded-For": ip}
             )
-            for _ in range(1 + (ord(country[0]) + round_ // 3) % 4):
+            for _ in range(3 if country in LIMITED else 1 + (ord(country[0]) + round_ // 3) % 4):
                 try:
                     client.chat.completions.create(model="stub-model", messages=[{"role": "user", "content": "hi"}])
                     assert country not in refused
                 except openai.PermissionDeniedError as e:
                     assert country in refused and e.code == "unsupported_country_region_territory"
+                except openai.RateLimitError as e:  # failing open while Redis is down: never then
+                    assert country in LIMITED and not redis_down and e.code == "rate_limit_exceeded"
+        overridden = httpx.get(gw_url + "/v1/models", headers={"X-Forwarded-For": OVERRIDDEN})
+        assert overridden.status_code == 200, overridden.text
+        if redis_down:
+            redis.start()
+            wait_redis(admin, up=True)
         with httpx.Client() as raw:
             for status, country in (("500", "GB"), ("503", "US"), ("429", "BT")):
                 headers = {"X-Forwarded-For": ALLOWED[country], "x-stub-status": status}
@@ -211,6 +238,15 @@ def drive_traffic(gw_url: str, admin: str, policy: Path, rounds: int) -> None:
             r = raw.get(gw_url + "/v1/%2e%2e/admin", headers={"X-Forwarded-For": ALLOWED["US"]})
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path"
         time.sleep(1.5)  # spread over several scrapes, so rates have points to work with
+
+
+def wait_redis(admin: str, up: bool) -> None:
+    """Until the gateway's /readyz says its Redis circuit is closed (up) or open (down)."""
+    want = "closed" if up else "open"
+    deadline = time.monotonic() + 30
+    while httpx.get(admin + "/readyz").json()["overrides"]["circuit"] != want:
+        assert time.monotonic() < deadline, f"the gateway never saw Redis {'up' if up else 'down'}"
+        time.sleep(0.1)
 
 
 def wait_scraped(prom: Prometheus, instance: str) -> None:
@@ -235,13 +271,24 @@ def has_data(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(v)) for v in values)
 
 
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def test_every_panel_query_returns_data(
-    gateway: GatewayFactory, stub: Stub, prometheus_for: Any, tmp_path: Path
+    gateway: GatewayFactory, stub: Stub, prometheus_for: Any, redis_server: RedisServer, tmp_path: Path
 ) -> None:
     policy = tmp_path / "policy.yaml"
-    policy.write_text((POLICIES / "openai-supported-country-only.yaml").read_text())
+    shipped = (POLICIES / "openai-supported-country-only.yaml").read_text()
+    policy.write_text(shipped.replace("\nrules:\n", "\nrules:\n" + LIMITED_RULE, 1))
     gw = gateway(
         *("--policy", str(policy), "--geoip", CITY, "--upstream", stub.url, "--trusted-proxy", "127.0.0.1/32"),
+        *("--redis", redis_server.url),
         env={"REGIONGATE_ADMIN_TOKEN": TOKEN},
     )
     instance = f"127.0.0.1:{gw.admin_port}"
@@ -249,7 +296,7 @@ def test_every_panel_query_returns_data(
     wait_scraped(prom, instance)  # so that the counters' first samples come before the traffic
     png = Path(os.environ.get("REGIONGATE_DASHBOARD_PNG") or tmp_path / "dashboard.png")
     # A few rounds are enough for the queries; the README's picture gets a couple of minutes.
-    drive_traffic(gw.url, gw.admin, policy, rounds=60 if "REGIONGATE_DASHBOARD_PNG" in os.environ else 3)
+    drive_traffic(gw.url, gw.admin, policy, redis_server, rounds=60 if "REGIONGATE_DASHBOARD_PNG" in os.environ else 3)
 
     board = dashboard()
     # As Grafana fills a regex variable into a PromQL string: escaped for the regex, then for the string.
@@ -272,12 +319,13 @@ def test_every_panel_query_returns_data(
 
     # Bounded labels: after all that traffic, no label holds an address, a key or a path.
     series = prom.api("/api/v1/series", **{"match[]": '{__name__=~"regiongate_.*"}', "start": f"{time.time() - 900}"})
-    never = [*ALLOWED.values(), *REFUSED.values(), TOKEN, "sk-test", "/v1", "%2e", "stub-model"]
+    never = [*ALLOWED.values(), *REFUSED.values(), *LIMITED.values(), OVERRIDDEN]
+    never += [TOKEN, "sk-test", "/v1", "%2e", "stub-model"]
     for labels in series:
         for name, value in labels.items():
             if name not in ("__name__", "instance", "job", "le"):
                 assert not any(bad in value for bad in never), labels
-    assert {s["country"] for s in series if "country" in s} <= {*ALLOWED, *REFUSED}
+    assert {s["country"] for s in series if "country" in s} <= {*ALLOWED, *REFUSED, *LIMITED}
     assert len(series) < 300
 
     # The instance variable's own query lists this gateway.
@@ -290,12 +338,19 @@ def test_every_panel_query_returns_data(
     def countries(title: str) -> set[str]:
         return {r["metric"]["country"] for r in results[(title, "A")]}
 
-    assert countries("Requests by country") == set(ALLOWED) | set(REFUSED)
+    assert countries("Requests by country") == set(ALLOWED) | set(REFUSED) | set(LIMITED)
     assert countries("Refusals by country") == set(REFUSED) | {"SE"}
     policy_rows = results[("Policy in force", "A")]
     assert [r["metric"]["sha256"] for r in policy_rows] == [gw_sha(gw.admin)]
     reloads = {(r["metric"]["role"], r["metric"]["result"]) for r in results[("Policy reloads", "A")]}
     assert reloads == {("policy", "ok"), ("policy", "error")}
+    limited = {(r["metric"]["rule"], r["metric"]["by"]) for r in results[("Rate-limited requests by rule", "A")]}
+    assert limited == {("limited-ph", "ip")}
+    assert {r["metric"]["reason"] for r in results[("Dropped audit entries by reason", "A")]} == {"redis"}
+    overrides = {r["metric"]["kind"]: r["values"][-1][1] for r in results[("Active overrides by kind", "A")]}
+    assert overrides == {"api_key": "0", "cidr": "1", "subdivision": "0", "country": "0"}
+    (redis_up,) = results[("Redis up", "A")]
+    assert [v for _, v in redis_up["values"]][-1] == "1" and "0" in {v for _, v in redis_up["values"]}
 
     # Prometheus loaded the alert rules too, and none of them is firing for this healthy gateway
     # (the refused reload is the exception: it is what RegiongatePolicyReloadFailing is for).

@@ -33,6 +33,12 @@ DS = dashboard_models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 SEL = 'instance=~"$instance"'
 RATE = "$__rate_interval"
 QUANTILES = (0.5, 0.95, 0.99)
+# Gateways that use Redis: regiongate_redis_up is 0 on one without --redis too, but only a gateway
+# with Redis has calls that succeeded or failed.
+USES_REDIS = (
+    f"(sum by (instance) (regiongate_redis_latency_seconds_count{{{SEL}}}) > 0"
+    f" or sum by (instance) (regiongate_redis_errors_total{{{SEL}}}) > 0)"
+)
 
 
 def query(expr: str, legend: str = "__auto", ref: str = "A") -> prometheus.Dataquery:
@@ -347,8 +353,97 @@ def build() -> dashboard.Dashboard:
             .height(5)
             .span(12)
         )
-        # LATER: Redis health and override count (being built): a stat panel each here once
-        # their metrics exist.
+    )
+
+    # --- Shared state: Redis, overrides, rate limits, audit ---------------------------------
+    d = (
+        d.with_row(dashboard.Row("Shared state (Redis)"))
+        .with_panel(
+            stat.Panel()
+            .title("Redis up")
+            .description(
+                "1 when the gateway's last Redis call succeeded, 0 while its calls fail (circuit open: "
+                "overrides from the last synced copy, rate limits open or closed per the policy's "
+                "redis.on_error, audit entries dropped). Gateways without --redis are left out "
+                "(their regiongate_redis_up is 0 but they never call Redis)."
+            )
+            .datasource(DS)
+            .with_target(
+                query(
+                    f"min by (instance) (regiongate_redis_up{{{SEL}}})\nand on (instance) {USES_REDIS}", "{{instance}}"
+                )
+            )
+            .thresholds(
+                dashboard.ThresholdsConfig()
+                .mode(dashboard_models.ThresholdsMode.ABSOLUTE)
+                .steps(
+                    [
+                        dashboard_models.Threshold(value=None, color="red"),
+                        dashboard_models.Threshold(value=1, color="green"),
+                    ]
+                )
+            )
+            .color_mode(common_models.BigValueColorMode.BACKGROUND)
+            .graph_mode(common_models.BigValueGraphMode.AREA)
+            .height(8)
+            .span(6)
+        )
+        .with_panel(
+            series(
+                "Redis errors by operation",
+                "Redis calls that failed or took longer than --redis-timeout, by operation (sync: the "
+                "override copy; write, publish, key, expire: override changes; ratelimit; audit). "
+                "A steady trickle is a slow Redis (RegiongateRedisErrors), a wall of them a dead one "
+                "(RegiongateRedisDown).",
+                "short",
+                query(f"sum by (op) (increase(regiongate_redis_errors_total{{{SEL}}}[{RATE}]))", "{{op}}"),
+            ).span(9)
+        )
+        .with_panel(
+            percentiles(
+                "regiongate_redis_latency_seconds",
+                "instance",
+                "Time of Redis calls that succeeded, by gateway: rate-limit checks (one pipelined batch "
+                "per event-loop turn), override syncs, audit writes. Calls past --redis-timeout are "
+                "errors instead.",
+                "Redis call latency (p50, p95, p99)",
+            ).span(9)
+        )
+        .with_panel(
+            series(
+                "Active overrides by kind",
+                "Runtime overrides in force (regiongate override add, POST /admin/overrides), by kind; the "
+                "largest count among the gateways, which hold the same copy within a second when they "
+                "share a Redis.",
+                "short",
+                query(f"max by (kind) (regiongate_overrides_active{{{SEL}}})", "{{kind}}"),
+            )
+            .decimals(0)
+            .span(8)
+        )
+        .with_panel(
+            series(
+                "Rate-limited requests by rule",
+                "Requests refused with 429 by a rule's rate_limit, per second, by rule and what the limit "
+                "counts by (ip, api_key, country, subdivision, asn). RegiongateRateLimitSurge compares "
+                "this with the day before.",
+                "reqps",
+                query(
+                    f"sum by (rule, by) (rate(regiongate_rate_limited_total{{{SEL}}}[{RATE}]))",
+                    "{{rule}} by {{by}}",
+                ),
+            ).span(8)
+        )
+        .with_panel(
+            series(
+                "Dropped audit entries by reason",
+                "Entries for the Redis audit stream that were not written: redis (Redis unavailable), "
+                "queue_full (the writer fell behind), error. Should stay 0: each one is a gap in the "
+                "audit trail.",
+                "short",
+                query(f"sum by (reason) (increase(regiongate_audit_dropped_total{{{SEL}}}[{RATE}]))", "{{reason}}"),
+            ).span(8)
+        )
     )
 
     # --- Gateway health ----------------------------------------------------------------------
@@ -398,8 +493,6 @@ def build() -> dashboard.Dashboard:
             .height(8)
             .span(8)
         )
-        # LATER: rate-limited requests (being built): a time series by limit here once the metric
-        # exists.
     )
     return d
 
