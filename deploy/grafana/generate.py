@@ -90,6 +90,29 @@ def percentiles(metric: str, by: str, description: str, title: str) -> timeserie
     return series(title, description, "s", *targets)
 
 
+def up_stat(title: str, description: str, target: prometheus.Dataquery) -> stat.Panel:
+    """A yes/no state per gateway: red at 0, green at 1."""
+    return (
+        stat.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DS)
+        .with_target(target)
+        .thresholds(
+            dashboard.ThresholdsConfig()
+            .mode(dashboard_models.ThresholdsMode.ABSOLUTE)
+            .steps(
+                [
+                    dashboard_models.Threshold(value=None, color="red"),
+                    dashboard_models.Threshold(value=1, color="green"),
+                ]
+            )
+        )
+        .color_mode(common_models.BigValueColorMode.BACKGROUND)
+        .height(8)
+    )
+
+
 def country_map(
     title: str, description: str, selector: str, color: str, scheme: dashboard_models.FieldColorModeId
 ) -> geomap.Panel:
@@ -359,33 +382,17 @@ def build() -> dashboard.Dashboard:
     d = (
         d.with_row(dashboard.Row("Shared state (Redis)"))
         .with_panel(
-            stat.Panel()
-            .title("Redis up")
-            .description(
+            up_stat(
+                "Redis up",
                 "1 when the gateway's last Redis call succeeded, 0 while its calls fail (circuit open: "
                 "overrides from the last synced copy, rate limits open or closed per the policy's "
                 "redis.on_error, audit entries dropped). Gateways without --redis are left out "
-                "(their regiongate_redis_up is 0 but they never call Redis)."
-            )
-            .datasource(DS)
-            .with_target(
+                "(their regiongate_redis_up is 0 but they never call Redis).",
                 query(
                     f"min by (instance) (regiongate_redis_up{{{SEL}}})\nand on (instance) {USES_REDIS}", "{{instance}}"
-                )
+                ),
             )
-            .thresholds(
-                dashboard.ThresholdsConfig()
-                .mode(dashboard_models.ThresholdsMode.ABSOLUTE)
-                .steps(
-                    [
-                        dashboard_models.Threshold(value=None, color="red"),
-                        dashboard_models.Threshold(value=1, color="green"),
-                    ]
-                )
-            )
-            .color_mode(common_models.BigValueColorMode.BACKGROUND)
             .graph_mode(common_models.BigValueGraphMode.AREA)
-            .height(8)
             .span(6)
         )
         .with_panel(
@@ -473,24 +480,12 @@ def build() -> dashboard.Dashboard:
             ).span(8)
         )
         .with_panel(
-            stat.Panel()
-            .title("Scrape up")
-            .description("1 when Prometheus scraped the gateway's /metrics; 0 when it is down (GatewayDown).")
-            .datasource(DS)
-            .with_target(query(f"up{{{SEL}}}", "{{instance}}"))
-            .thresholds(
-                dashboard.ThresholdsConfig()
-                .mode(dashboard_models.ThresholdsMode.ABSOLUTE)
-                .steps(
-                    [
-                        dashboard_models.Threshold(value=None, color="red"),
-                        dashboard_models.Threshold(value=1, color="green"),
-                    ]
-                )
+            up_stat(
+                "Scrape up",
+                "1 when Prometheus scraped the gateway's /metrics; 0 when it is down (GatewayDown).",
+                query(f"up{{{SEL}}}", "{{instance}}"),
             )
-            .color_mode(common_models.BigValueColorMode.BACKGROUND)
             .graph_mode(common_models.BigValueGraphMode.NONE)
-            .height(8)
             .span(8)
         )
     )
