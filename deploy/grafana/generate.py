@@ -6,8 +6,9 @@ the test extras), so the JSON is what Grafana's schema expects rather than
 hand-kept. The committed file must equal this script's output; a test checks
 that, and another test evaluates every query below against a real Prometheus
 scraping a real gateway, so every panel here must read a metric the gateway
-exports today. Panels for metrics that do not exist yet have marked places
-below ("LATER:") instead of queries that would return nothing.
+exports. The routing panels (route decisions, model refusals, failovers,
+upstream region refusals) read the metrics of routing (issue 8); that test
+requires their data whenever the gateway it starts can route.
 
     python deploy/grafana/generate.py            # rewrite the JSON
     python deploy/grafana/generate.py -o -       # print it
@@ -249,6 +250,32 @@ def build() -> dashboard.Dashboard:
             .height(8)
             .span(8)
         )
+        .with_panel(
+            series(
+                "Route decisions by rule and upstream",
+                "Requests per second sent by an `action: route` rule to an upstream other than "
+                "`default` (e.g. an EU endpoint, or a provider that serves the caller's region), by the "
+                "rule and, where the metric has it, the target upstream.",
+                "reqps",
+                query(
+                    f'sum by (rule, upstream) (rate(regiongate_decisions_total{{{SEL}, decision="route"}}[{RATE}]))',
+                    "{{rule}} → {{upstream}}",
+                ),
+            )
+        )
+        .with_panel(
+            series(
+                "Model refusals by rule",
+                "Requests refused (403 model_not_allowed_in_region) because their model is not in the "
+                "deciding rule's `allow_models`, per second, by rule. They are also counted as `deny` "
+                "decisions of that rule.",
+                "reqps",
+                query(
+                    f"sum by (rule) (rate(regiongate_model_refusals_total{{{SEL}}}[{RATE}]))",
+                    "{{rule}}",
+                ),
+            )
+        )
     )
 
     # --- Upstreams ---------------------------------------------------------------------------
@@ -257,12 +284,14 @@ def build() -> dashboard.Dashboard:
         .with_panel(
             series(
                 "Upstream requests by status class",
-                "Requests forwarded per second, by upstream and response status class "
-                "(`error`: no response came: refused connection, timeout).",
+                "Attempts sent upstream per second, by upstream, URL (`target`: its index in the "
+                "upstream's `urls`) and response status class (`error`: no response came: refused "
+                "connection, timeout). A request that failed over counts once per attempt.",
                 "reqps",
                 query(
-                    f"sum by (upstream, status_class) (rate(regiongate_upstream_requests_total{{{SEL}}}[{RATE}]))",
-                    "{{upstream}} {{status_class}}",
+                    "sum by (upstream, target, status_class) "
+                    f"(rate(regiongate_upstream_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{upstream}}/{{target}} {{status_class}}",
                 ),
             )
         )
@@ -297,9 +326,40 @@ def build() -> dashboard.Dashboard:
                 "Request duration (p50, p95, p99)",
             )
         )
-        # LATER: failovers and upstream region refusals (routing, being built): add one panel each
-        # here once their metrics exist, e.g. failovers by upstream pair and upstream 403s with
-        # unsupported_country_region_territory, with an alert in deploy/prometheus/alerts.yml.
+        .with_panel(
+            series(
+                "Failovers by reason",
+                "Attempts that failed before any byte reached the client and were followed by the next "
+                "URL of the group or the next fallback, per second, by reason: connect_error, "
+                "connect_timeout, status_502/503/504, region_refusal.",
+                "reqps",
+                query(f"sum by (reason) (rate(regiongate_failovers_total{{{SEL}}}[{RATE}]))", "{{reason}}"),
+            ).span(8)
+        )
+        .with_panel(
+            series(
+                "Failovers by route",
+                "The same failovers by where from and where to (`upstream/index`): which URL is failing "
+                "and which one serves in its place.",
+                "reqps",
+                query(
+                    f"sum by (from, to) (rate(regiongate_failovers_total{{{SEL}}}[{RATE}]))",
+                    "{{from}} → {{to}}",
+                ),
+            ).span(8)
+        )
+        .with_panel(
+            series(
+                "Upstream region refusals",
+                "Upstream answers 403 unsupported_country_region_territory, by upstream: the provider "
+                "refusing the gateway's own egress address, not a client (RegiongateUpstreamRegionRefusal).",
+                "short",
+                query(
+                    f"sum by (upstream) (increase(regiongate_upstream_region_refusals_total{{{SEL}}}[{RATE}]))",
+                    "{{upstream}}",
+                ),
+            ).span(8)
+        )
     )
 
     # --- Policy and data -------------------------------------------------------------------
