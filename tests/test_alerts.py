@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,13 @@ def test_readme_explains_every_alert() -> None:
 def test_prometheus_loads_the_rules() -> None:
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     assert config["rule_files"] == [RULES.name]
+
+
+def test_prometheus_operator_rule_is_generated_from_the_rules() -> None:
+    out = subprocess.run(
+        [sys.executable, str(PROMETHEUS / "prometheusrule.py"), "-o", "-"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout == OPERATOR_RULE.read_text(), "run: python deploy/prometheus/prometheusrule.py"
 
 
 def test_prometheus_operator_rule_has_the_same_groups() -> None:

@@ -6,8 +6,9 @@ the test extras), so the JSON is what Grafana's schema expects rather than
 hand-kept. The committed file must equal this script's output; a test checks
 that, and another test evaluates every query below against a real Prometheus
 scraping a real gateway, so every panel here must read a metric the gateway
-exports today. Panels for metrics that do not exist yet have marked places
-below ("LATER:") instead of queries that would return nothing.
+exports. The routing panels (route decisions, model refusals, failovers,
+upstream region refusals) read the metrics of routing (issue 8); that test
+requires their data whenever the gateway it starts can route.
 
     python deploy/grafana/generate.py            # rewrite the JSON
     python deploy/grafana/generate.py -o -       # print it
@@ -33,6 +34,12 @@ DS = dashboard_models.DataSourceRef(type_val="prometheus", uid="${datasource}")
 SEL = 'instance=~"$instance"'
 RATE = "$__rate_interval"
 QUANTILES = (0.5, 0.95, 0.99)
+# Gateways that use Redis: regiongate_redis_up is 0 on one without --redis too, but only a gateway
+# with Redis has calls that succeeded or failed.
+USES_REDIS = (
+    f"(sum by (instance) (regiongate_redis_latency_seconds_count{{{SEL}}}) > 0"
+    f" or sum by (instance) (regiongate_redis_errors_total{{{SEL}}}) > 0)"
+)
 
 
 def query(expr: str, legend: str = "__auto", ref: str = "A") -> prometheus.Dataquery:
@@ -82,6 +89,29 @@ def percentiles(metric: str, by: str, description: str, title: str) -> timeserie
         for i, q in enumerate(QUANTILES)
     ]
     return series(title, description, "s", *targets)
+
+
+def up_stat(title: str, description: str, target: prometheus.Dataquery) -> stat.Panel:
+    """A yes/no state per gateway: red at 0, green at 1."""
+    return (
+        stat.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DS)
+        .with_target(target)
+        .thresholds(
+            dashboard.ThresholdsConfig()
+            .mode(dashboard_models.ThresholdsMode.ABSOLUTE)
+            .steps(
+                [
+                    dashboard_models.Threshold(value=None, color="red"),
+                    dashboard_models.Threshold(value=1, color="green"),
+                ]
+            )
+        )
+        .color_mode(common_models.BigValueColorMode.BACKGROUND)
+        .height(8)
+    )
 
 
 def country_map(
@@ -220,6 +250,32 @@ def build() -> dashboard.Dashboard:
             .height(8)
             .span(8)
         )
+        .with_panel(
+            series(
+                "Route decisions by rule and upstream",
+                "Requests per second sent by an `action: route` rule to an upstream other than "
+                "`default` (e.g. an EU endpoint, or a provider that serves the caller's region), by the "
+                "rule and, where the metric has it, the target upstream.",
+                "reqps",
+                query(
+                    f'sum by (rule, upstream) (rate(regiongate_decisions_total{{{SEL}, decision="route"}}[{RATE}]))',
+                    "{{rule}} → {{upstream}}",
+                ),
+            )
+        )
+        .with_panel(
+            series(
+                "Model refusals by rule",
+                "Requests refused (403 model_not_allowed_in_region) because their model is not in the "
+                "deciding rule's `allow_models`, per second, by rule. They are also counted as `deny` "
+                "decisions of that rule.",
+                "reqps",
+                query(
+                    f"sum by (rule) (rate(regiongate_model_refusals_total{{{SEL}}}[{RATE}]))",
+                    "{{rule}}",
+                ),
+            )
+        )
     )
 
     # --- Upstreams ---------------------------------------------------------------------------
@@ -228,12 +284,14 @@ def build() -> dashboard.Dashboard:
         .with_panel(
             series(
                 "Upstream requests by status class",
-                "Requests forwarded per second, by upstream and response status class "
-                "(`error`: no response came: refused connection, timeout).",
+                "Attempts sent upstream per second, by upstream, URL (`target`: its index in the "
+                "upstream's `urls`) and response status class (`error`: no response came: refused "
+                "connection, timeout). A request that failed over counts once per attempt.",
                 "reqps",
                 query(
-                    f"sum by (upstream, status_class) (rate(regiongate_upstream_requests_total{{{SEL}}}[{RATE}]))",
-                    "{{upstream}} {{status_class}}",
+                    "sum by (upstream, target, status_class) "
+                    f"(rate(regiongate_upstream_requests_total{{{SEL}}}[{RATE}]))",
+                    "{{upstream}}/{{target}} {{status_class}}",
                 ),
             )
         )
@@ -268,9 +326,40 @@ def build() -> dashboard.Dashboard:
                 "Request duration (p50, p95, p99)",
             )
         )
-        # LATER: failovers and upstream region refusals (routing, being built): add one panel each
-        # here once their metrics exist, e.g. failovers by upstream pair and upstream 403s with
-        # unsupported_country_region_territory, with an alert in deploy/prometheus/alerts.yml.
+        .with_panel(
+            series(
+                "Failovers by reason",
+                "Attempts that failed before any byte reached the client and were followed by the next "
+                "URL of the group or the next fallback, per second, by reason: connect_error, "
+                "connect_timeout, status_502/503/504, region_refusal.",
+                "reqps",
+                query(f"sum by (reason) (rate(regiongate_failovers_total{{{SEL}}}[{RATE}]))", "{{reason}}"),
+            ).span(8)
+        )
+        .with_panel(
+            series(
+                "Failovers by route",
+                "The same failovers by where from and where to (`upstream/index`): which URL is failing "
+                "and which one serves in its place.",
+                "reqps",
+                query(
+                    f"sum by (from, to) (rate(regiongate_failovers_total{{{SEL}}}[{RATE}]))",
+                    "{{from}} → {{to}}",
+                ),
+            ).span(8)
+        )
+        .with_panel(
+            series(
+                "Upstream region refusals",
+                "Upstream answers 403 unsupported_country_region_territory, by upstream: the provider "
+                "refusing the gateway's own egress address, not a client (RegiongateUpstreamRegionRefusal).",
+                "short",
+                query(
+                    f"sum by (upstream) (increase(regiongate_upstream_region_refusals_total{{{SEL}}}[{RATE}]))",
+                    "{{upstream}}",
+                ),
+            ).span(8)
+        )
     )
 
     # --- Policy and data -------------------------------------------------------------------
@@ -347,8 +436,81 @@ def build() -> dashboard.Dashboard:
             .height(5)
             .span(12)
         )
-        # LATER: Redis health and override count (being built): a stat panel each here once
-        # their metrics exist.
+    )
+
+    # --- Shared state: Redis, overrides, rate limits, audit ---------------------------------
+    d = (
+        d.with_row(dashboard.Row("Shared state (Redis)"))
+        .with_panel(
+            up_stat(
+                "Redis up",
+                "1 when the gateway's last Redis call succeeded, 0 while its calls fail (circuit open: "
+                "overrides from the last synced copy, rate limits open or closed per the policy's "
+                "redis.on_error, audit entries dropped). Gateways without --redis are left out "
+                "(their regiongate_redis_up is 0 but they never call Redis).",
+                query(
+                    f"min by (instance) (regiongate_redis_up{{{SEL}}})\nand on (instance) {USES_REDIS}", "{{instance}}"
+                ),
+            )
+            .graph_mode(common_models.BigValueGraphMode.AREA)
+            .span(6)
+        )
+        .with_panel(
+            series(
+                "Redis errors by operation",
+                "Redis calls that failed or took longer than --redis-timeout, by operation (sync: the "
+                "override copy; write, publish, key, expire: override changes; ratelimit; audit). "
+                "A steady trickle is a slow Redis (RegiongateRedisErrors), a wall of them a dead one "
+                "(RegiongateRedisDown).",
+                "short",
+                query(f"sum by (op) (increase(regiongate_redis_errors_total{{{SEL}}}[{RATE}]))", "{{op}}"),
+            ).span(9)
+        )
+        .with_panel(
+            percentiles(
+                "regiongate_redis_latency_seconds",
+                "instance",
+                "Time of Redis calls that succeeded, by gateway: rate-limit checks (one pipelined batch "
+                "per event-loop turn), override syncs, audit writes. Calls past --redis-timeout are "
+                "errors instead.",
+                "Redis call latency (p50, p95, p99)",
+            ).span(9)
+        )
+        .with_panel(
+            series(
+                "Active overrides by kind",
+                "Runtime overrides in force (regiongate override add, POST /admin/overrides), by kind; the "
+                "largest count among the gateways, which hold the same copy within a second when they "
+                "share a Redis.",
+                "short",
+                query(f"max by (kind) (regiongate_overrides_active{{{SEL}}})", "{{kind}}"),
+            )
+            .decimals(0)
+            .span(8)
+        )
+        .with_panel(
+            series(
+                "Rate-limited requests by rule",
+                "Requests refused with 429 by a rule's rate_limit, per second, by rule and what the limit "
+                "counts by (ip, api_key, country, subdivision, asn). RegiongateRateLimitSurge compares "
+                "this with the day before.",
+                "reqps",
+                query(
+                    f"sum by (rule, by) (rate(regiongate_rate_limited_total{{{SEL}}}[{RATE}]))",
+                    "{{rule}} by {{by}}",
+                ),
+            ).span(8)
+        )
+        .with_panel(
+            series(
+                "Dropped audit entries by reason",
+                "Entries for the Redis audit stream that were not written: redis (Redis unavailable), "
+                "queue_full (the writer fell behind), error. Should stay 0: each one is a gap in the "
+                "audit trail.",
+                "short",
+                query(f"sum by (reason) (increase(regiongate_audit_dropped_total{{{SEL}}}[{RATE}]))", "{{reason}}"),
+            ).span(8)
+        )
     )
 
     # --- Gateway health ----------------------------------------------------------------------
@@ -378,28 +540,14 @@ def build() -> dashboard.Dashboard:
             ).span(8)
         )
         .with_panel(
-            stat.Panel()
-            .title("Scrape up")
-            .description("1 when Prometheus scraped the gateway's /metrics; 0 when it is down (GatewayDown).")
-            .datasource(DS)
-            .with_target(query(f"up{{{SEL}}}", "{{instance}}"))
-            .thresholds(
-                dashboard.ThresholdsConfig()
-                .mode(dashboard_models.ThresholdsMode.ABSOLUTE)
-                .steps(
-                    [
-                        dashboard_models.Threshold(value=None, color="red"),
-                        dashboard_models.Threshold(value=1, color="green"),
-                    ]
-                )
+            up_stat(
+                "Scrape up",
+                "1 when Prometheus scraped the gateway's /metrics; 0 when it is down (GatewayDown).",
+                query(f"up{{{SEL}}}", "{{instance}}"),
             )
-            .color_mode(common_models.BigValueColorMode.BACKGROUND)
             .graph_mode(common_models.BigValueGraphMode.NONE)
-            .height(8)
             .span(8)
         )
-        # LATER: rate-limited requests (being built): a time series by limit here once the metric
-        # exists.
     )
     return d
 
