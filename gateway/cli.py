@@ -211,8 +211,12 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
 _LIST_OPTIONS = frozenset({"geoip", "trusted_proxy", "allow_methods"})
 
 
+# Where an option's variable is not simply its name: REGIONGATE_REDIS_URL is what every command reads.
+_ENV_NAMES = {"redis": "REDIS_URL"}
+
+
 def _env_name(dest: str) -> str:
-    return ENV_PREFIX + dest.upper()
+    return ENV_PREFIX + _ENV_NAMES.get(dest, dest.upper())
 
 
 def _add_serve_options(p: argparse.ArgumentParser, only: frozenset[str] | None = None) -> None:

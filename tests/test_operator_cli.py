@@ -49,7 +49,8 @@ def test_every_serve_option_shows_its_default_and_variable() -> None:
     assert {a.dest for a in opts} == set(Settings.model_fields)  # every setting has a flag, and no more
     for a in opts:
         assert a.help and "default: " in a.help, a.option_strings
-        assert f"REGIONGATE_{a.dest.upper()}" in a.help, a.option_strings
+        variable = "REGIONGATE_REDIS_URL" if a.dest == "redis" else f"REGIONGATE_{a.dest.upper()}"
+        assert f"(env {variable}" in a.help, a.option_strings
 
 
 @pytest.mark.parametrize(
