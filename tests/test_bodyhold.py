@@ -34,6 +34,7 @@ from gateway.upstream import build_upstreams
 
 LIMIT = 200_000  # above one socket read, so a held body arrives in several
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+NEXT = b"GET /v1/next HTTP/1.1\r\nhost: x\r\n\r\n"
 GUARD = 20.0  # seconds before a wait that should have ended is a failure (a hang guard, not a timing claim)
 
 
@@ -179,13 +180,17 @@ class Responses:
         return [(s, b) for s, b in zip(self.statuses, self.bodies, strict=True) if s >= 200]
 
 
-async def send(port: int, body: bytes, *, chunked: bool, expect: bool) -> tuple[Responses, asyncio.StreamWriter]:
-    """One request; with ``expect`` the body goes only after the gateway's 100 Continue."""
+async def send(
+    port: int, body: bytes, *, chunked: bool, expect: bool, then: bytes = b""
+) -> tuple[Responses, asyncio.StreamWriter]:
+    """One request (``then`` right behind its body); with ``expect`` the body waits for the 100 Continue."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(request_head(len(body), chunked=chunked, expect=expect))
     if expect:
         assert await asyncio.wait_for(reader.readexactly(len(CONTINUE)), GUARD) == CONTINUE
-    for piece in frame(body, chunked=chunked):
+    pieces = frame(body, chunked=chunked)
+    pieces[-1] += then
+    for piece in pieces:
         writer.write(piece)
         await writer.drain()
     return Responses(reader), writer
@@ -235,11 +240,13 @@ def test_a_body_within_the_limit_is_held_whole(size: int, chunked: bool, expect:
     async def scenario() -> None:
         seen = Seen()
         async with serving(holder(seen, echo)) as port:
-            responses, writer = await send(port, body, chunked=chunked, expect=expect)
-            await responses.until(1)
+            # A request right behind the body: done() runs inside the read that ends the body (with
+            # expect, always), answers there, and the connection goes on to the next one.
+            responses, writer = await send(port, body, chunked=chunked, expect=expect, then=NEXT)
+            await responses.until(2)
             writer.close()
-        assert responses.final() == [(200, body)]
-        assert seen.done == [body]
+        assert responses.final() == [(200, body), (200, b"")]
+        assert seen.done == [body, b""]
         assert 100 not in responses.statuses  # with expect, send() read the one 100 Continue: no second
 
     run(scenario)
@@ -277,17 +284,17 @@ def test_a_body_over_the_limit_reaches_the_upstream_byte_exact(
         limits = Limits(grace=1.0)
         pool = upstream_pool(raw_upstream, limits)
         async with serving(holder(seen, lambda request, _: relay(request, pool)), limits) as port:
-            responses, writer = await send(port, body, chunked=chunked, expect=expect)
-            await responses.until(1)
+            responses, writer = await send(port, body, chunked=chunked, expect=expect, then=NEXT)
+            await responses.until(2)
             writer.close()
         pool.close()
-        assert responses.final() == [(200, b"{}")]
-        assert seen.done == [None]
-        assert upstream_bodies(raw_upstream.received[0]) == [body]
+        assert responses.final() == [(200, b"{}"), (200, b"{}")]
+        assert seen.done == [None, b""]
+        assert upstream_bodies(raw_upstream.received[0]) == [body, b""]
         assert 100 not in responses.statuses  # with expect, send() read the one 100 Continue: no second
         if expect and not chunked:
             # Declared too large: given up on before reading, so the 100 Continue came from the relay.
-            assert seen.continue_sent_at_done == [False]
+            assert seen.continue_sent_at_done[0] is False
 
     run(scenario)
 
@@ -374,7 +381,7 @@ def test_a_body_that_ends_in_the_read_that_filled_its_buffer_leaves_the_connecti
             )
             responses = Responses(reader)
             await responses.until(1)
-            writer.write(b"GET /v1/next HTTP/1.1\r\nhost: x\r\n\r\n")
+            writer.write(NEXT)
             await responses.until(2)
             writer.close()
         pool.close()
