@@ -3,11 +3,12 @@
 orjson validates the body and decodes the value, but no JSON library says
 where a value sits in the bytes, and a rename must keep every other byte
 (key order, whitespace, unknown fields, escapes) as the client sent it. So
-a small scanner walks the top level of the bytes orjson has already
-accepted and finds the span of the ``"model"`` value. Because the grammar
-was checked first, the scanner need not check it again; it jumps over
-strings and nested values with regular expressions, so its cost grows with
-the number of tokens, not bytes.
+a small scanner finds the span of the top-level ``"model"`` value in the
+bytes orjson has already accepted. Because the grammar was checked first,
+the scanner need not check it again: it looks for keys spelled like
+``model`` (a quote that is not escaped opens a string, a string followed by
+a colon is a key) and, only when there are several, for how deeply each is
+nested, with ``re`` and ``bytes`` doing the passes over the body in C.
 
 A top-level ``model`` key written twice is refused, however it is spelled
 (``"mod\\u0065l"`` is the same key): parsers disagree on which copy wins
@@ -26,12 +27,11 @@ from dataclasses import dataclass
 
 import orjson
 
-_WS = re.compile(rb"[ \t\n\r]*")
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_SCALAR = re.compile(rb"[^,\]} \t\n\r]*")
-# Inside a nested value only brackets count; strings are matched whole so a bracket in one is skipped.
-_NESTED = re.compile(rb'[\[\]{}]|"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_OPEN, _CLOSE, _QUOTE, _BACKSLASH = b"{[", b"}]", ord('"'), b"\\"
+# Every spelling of "model" (and a few other five-letter strings), escapes included; _is_model decides.
+_MAYBE_MODEL = re.compile(rb'"(?:[model]|\\u00[0-9a-fA-F]{2}){5}"')
+_COLON = re.compile(rb"[ \t\n\r]*:[ \t\n\r]*")
+_BACKSLASH = b"\\"
 _BOM = b"\xef\xbb\xbf"
 _MODEL = b'"model"'
 
@@ -72,7 +72,10 @@ def read_model(body: bytes) -> ModelField:
     value = doc["model"]
     if not isinstance(value, str):
         return NO_MODEL
-    return ModelField(value, *spans[0])
+    start, end = spans[0]
+    if start < 0:
+        raise AssertionError("modelfield: scanner and parser disagree")
+    return ModelField(value, start, end)
 
 
 def rename(body: bytes, field: ModelField, new: str) -> bytes:
@@ -94,49 +97,49 @@ def is_json(content_type: bytes | None) -> bool:
 
 
 def _model_spans(body: bytes) -> list[tuple[int, int]]:
-    """The value span of every top-level key that decodes to ``model`` (the body is valid JSON)."""
-    spans: list[tuple[int, int]] = []
-    pos = _skip_ws(body, _skip_ws(body, 0) + 1)  # past the object's "{"
-    if body[pos] != _QUOTE:  # "{}"
-        return spans
+    """Each top-level key that decodes to ``model``: its string value's span, or (-1, -1) for another value.
+
+    Work done in Python grows with the number of keys spelled like ``model``;
+    the rest is ``re`` and ``bytes`` in C, so a hostile body made of many tiny
+    tokens costs a few passes over its bytes, in the range of parsing it.
+    """
+    keys = [(m.start(), m.end()) for m in _MAYBE_MODEL.finditer(body) if _is_model_key(body, m)]
+    if len(keys) > 1:  # some are nested (or a duplicate): keep those at the top level
+        keys = [key for key, depth in zip(keys, _depths(body, [k for k, _ in keys]), strict=True) if depth == 1]
+    spans = []
+    for _, end in keys:
+        value = _COLON.match(body, end)
+        assert value is not None
+        string = _STRING.match(body, value.end())
+        spans.append((string.start(), string.end()) if string is not None else (-1, -1))
+    return spans
+
+
+def _is_model_key(body: bytes, m: re.Match[bytes]) -> bool:
+    """A real string (its opening quote not escaped), followed by ":", that decodes to ``model``."""
+    return _opens_string(body, m.start()) and _COLON.match(body, m.end()) is not None and _is_model(m.group())
+
+
+def _opens_string(body: bytes, pos: int) -> bool:
+    """The quote at ``pos`` is not escaped: an even run of backslashes before it (a valid body)."""
+    size = 16
     while True:
-        key = _STRING.match(body, pos)
-        assert key is not None
-        start = _skip_ws(body, _skip_ws(body, key.end()) + 1)  # past the ":"
-        end = _skip_value(body, start)
-        if _is_model(key.group()):
-            spans.append((start, end))
-        pos = _skip_ws(body, end)
-        if body[pos] != ord(","):
-            return spans
-        pos = _skip_ws(body, pos + 1)
+        before = body[max(0, pos - size) : pos]
+        run = len(before) - len(before.rstrip(b"\\"))
+        if run < len(before) or size >= pos:
+            return run % 2 == 0
+        size *= 2
 
 
-def _skip_ws(body: bytes, pos: int) -> int:
-    m = _WS.match(body, pos)
-    assert m is not None
-    return m.end()
-
-
-def _skip_value(body: bytes, pos: int) -> int:
-    first = body[pos : pos + 1]
-    if first == b'"':
-        m = _STRING.match(body, pos)
-    elif first in (b"{", b"["):
-        depth = 0
-        for token in _NESTED.finditer(body, pos):
-            c = body[token.start() : token.start() + 1]
-            if c in _OPEN:
-                depth += 1
-            elif c in _CLOSE:
-                depth -= 1
-                if depth == 0:
-                    return token.end()
-        raise AssertionError("modelfield: unbalanced value in a validated body")
-    else:
-        m = _SCALAR.match(body, pos)
-    assert m is not None
-    return m.end()
+def _depths(body: bytes, positions: list[int]) -> list[int]:
+    """Nesting depth at each position (ascending, each a string's opening quote; 1: in the top object)."""
+    depths, depth, seen = [], 0, 0
+    for pos in positions:
+        between = _STRING.sub(b"", body[seen:pos])  # both ends are outside strings: what is left is structure
+        depth += between.count(b"{") + between.count(b"[") - between.count(b"}") - between.count(b"]")
+        depths.append(depth)
+        seen = pos
+    return depths
 
 
 def _is_model(key: bytes) -> bool:

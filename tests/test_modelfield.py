@@ -86,7 +86,8 @@ class Pairs:
 
 
 keys = st.one_of(
-    st.sampled_from(["model", "messages", "Model", "model ", "mode", "modell", "stream"]), st.text(max_size=8)
+    st.sampled_from(["model", "messages", "Model", "model ", "modell", '"model', 'x\\"model', "\\", "model\\"]),
+    st.text(max_size=8),
 )
 scalars = st.one_of(
     st.none(),
@@ -308,10 +309,27 @@ def test_a_model_that_is_not_a_string_is_unknown(body: bytes) -> None:
         b'{"a":{"model":"gpt-4o"},"b":[{"model":"o1"}]}',
         b'{"Model":"gpt-4o","model ":"o1","\\"model\\"":"x"}',
         b'{"x":"\\"model\\":\\"gpt-4o\\""}',
+        b'{"x\\"model":"gpt-4o"}',
+        b'{"\\\\":"x","model\\\\":"gpt-4o"}',
     ],
 )
 def test_no_top_level_model(body: bytes) -> None:
     assert read_model(body) == ModelField(None, -1, -1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"\\"model":"a","model":"gpt-4o"}',
+        b'{"x\\\\\\"model":"a","model":"gpt-4o"}',
+        b'{"a":["\\"model","\\\\"],"model":"gpt-4o","b":{"model":"x"}}',
+        b'{"' + b"\\\\" * 40 + b'\\"model":"a","model":"gpt-4o"}',
+    ],
+)
+def test_a_model_key_inside_another_string_after_an_escaped_quote_is_not_a_key(body: bytes) -> None:
+    field = read_model(body)
+    assert field.model == "gpt-4o"
+    assert body[field.start : field.end] == b'"gpt-4o"'
 
 
 def test_huge_and_odd_numbers_around_the_model() -> None:
@@ -348,8 +366,8 @@ def test_a_new_name_is_json_encoded() -> None:
     assert orjson.loads(out) == {"model": 'we"ird\\ \u00e9\U0001f600\n'}
 
 
-def test_a_large_body_is_scanned_quickly_enough_to_finish() -> None:
-    """A 1 MiB chat body with the model last: the scanner goes by tokens (this would crawl byte by byte)."""
+def test_a_large_chat_body_with_nested_model_keys_and_the_model_last() -> None:
+    """1 MiB: a thousand nested "model" keys, brackets and quotes inside strings, then the real one."""
     messages = [{"role": "user", "content": "x" * 1000 + '"]}{[', "model": "n"} for _ in range(1000)]
     body = orjson.dumps({"messages": messages, "model": "gpt-4o"})
     field = read_model(body)
