@@ -124,7 +124,8 @@ def oracle_model(body: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
-FAST = settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+# No deadline: the machine is shared and noisy, and how long an example takes is not what is tested.
+FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # --- properties ------------------------------------------------------------------------
