@@ -27,6 +27,7 @@ class Limits:
     upstream_idle: float = 4.0  # below the 5 s keep-alive of uvicorn-based model servers
     write_high_water: int = 64 * 1024  # per socket: stop reading the other side above this
     body_buffer: int = 64 * 1024  # request body held while the upstream connects
+    body_timeout: float = 60.0  # a body read whole before forwarding (to see its model) must arrive in this
     grace: float = 10.0  # SIGTERM: time for in-flight requests and streams to finish
 
 

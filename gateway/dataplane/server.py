@@ -180,6 +180,24 @@ class Request:
         if on_end is not None:
             on_end()
 
+    def unread(self, chunks: list[bytes]) -> None:
+        """Give back chunks taken by :meth:`read_body`: the next reader gets them first, then the rest.
+
+        For a body looked at before it is forwarded (:mod:`.bodyhold`). The
+        reader's callbacks are dropped, and reading pauses as it does for any
+        body nobody is reading, once more than ``body_buffer`` is waiting.
+        """
+        self._on_chunk = self._on_end = None
+        if chunks:
+            self.body[:0] = chunks
+            self.body_bytes += sum(len(c) for c in chunks)
+        if not self.body_done and self.body_bytes > self._conn.limits.body_buffer:
+            self._conn.flow(self, paused=True)
+
+    @property
+    def limits(self) -> Limits:
+        return self._conn.limits
+
     def pause_body(self) -> None:
         self._conn.flow(self, paused=True)
 
@@ -471,6 +489,9 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         if request.body_done or request is not self.receiving:
+            # Reading paused for this request's body (a full buffer, an upstream not yet connected)
+            # ends with it: a body that ended in the read that filled the buffer is never read again.
+            self.flow(request, paused=False)
             self._next()
         else:
             request._on_chunk = request._on_end = None

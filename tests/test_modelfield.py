@@ -1,0 +1,398 @@
+"""gateway.modelfield against orjson's own reading, on bodies written every way JSON allows.
+
+The generator writes JSON text itself (random whitespace, key order, \\u and
+short escapes in keys and strings, surrogate pairs, nested "model" keys,
+numbers in every form) so the scanner meets what clients really send, not
+what one encoder happens to produce. orjson is the oracle: what the gateway
+reads as the model must be what a parser reads, and a rename must change
+the parsed document in exactly one place and the bytes in exactly one span.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from gateway.modelfield import BadBody, ModelField, is_json, read_model, rename
+
+# --- writing JSON text every way the grammar allows ------------------------------------
+
+_WS = " \t\n\r"
+_SHORT = {'"': '\\"', "\\": "\\\\", "/": "\\/", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def ws(r: random.Random) -> str:
+    return "".join(r.choice(_WS) for _ in range(r.choice((0, 0, 0, 1, 2, 5))))
+
+
+def write_string(s: str, r: random.Random) -> str:
+    out = ['"']
+    for ch in s:
+        code = ord(ch)
+        must = ch in '"\\' or code < 0x20
+        how = r.random()
+        if must and ch in _SHORT and how < 0.5:
+            out.append(_SHORT[ch])
+        elif must or how < 0.15:
+            if code > 0xFFFF:
+                code -= 0x10000
+                pair = (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
+                out.append("".join(f"\\u{u:04x}" if r.random() < 0.5 else f"\\u{u:04X}" for u in pair))
+            else:
+                out.append(f"\\u{code:04x}" if r.random() < 0.5 else f"\\u{code:04X}")
+        elif ch == "/" and how < 0.2:
+            out.append("\\/")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def write_number(n: int | float, r: random.Random) -> str:
+    if isinstance(n, int):
+        return str(n) if r.random() < 0.8 else f"{n}e0" if n >= 0 else f"{n}E+0"
+    text = repr(n)
+    return text.replace("e", "E") if r.random() < 0.3 else text
+
+
+def write(value: Any, r: random.Random) -> str:
+    """JSON text for ``value``: dicts are lists of pairs so keys may repeat and keep their order."""
+    if isinstance(value, Pairs):
+        if not value.items:
+            return "{" + ws(r) + "}"
+        inner = ",".join(ws(r) + write_string(k, r) + ws(r) + ":" + ws(r) + write(v, r) + ws(r) for k, v in value.items)
+        return "{" + inner + "}"
+    if isinstance(value, list):
+        if not value:
+            return "[" + ws(r) + "]"
+        return "[" + ",".join(ws(r) + write(v, r) + ws(r) for v in value) + "]"
+    if isinstance(value, str):
+        return write_string(value, r)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return write_number(value, r)
+
+
+class Pairs:
+    def __init__(self, items: list[tuple[str, Any]]) -> None:
+        self.items = items
+
+
+keys = st.one_of(
+    st.sampled_from(["model", "messages", "Model", "model ", "modell", '"model', 'x\\"model', "\\", "model\\"]),
+    st.text(max_size=8),
+)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(10**30), max_value=10**30),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.lists(st.tuples(keys, inner), max_size=4).map(Pairs),
+    ),
+    max_leaves=12,
+)
+models = st.one_of(st.text(max_size=16), st.sampled_from(["gpt-4o", "o1-mini", "qwen-plus"]), values)
+
+
+@st.composite
+def bodies(draw: st.DrawFn, model_copies: int = -1) -> bytes:
+    """A top-level object: other keys (never "model" itself) and ``model_copies`` model keys (-1: 0 or 1)."""
+    others = draw(st.lists(st.tuples(keys.filter(lambda k: k != "model"), values), max_size=5))
+    copies = draw(st.integers(0, 1)) if model_copies < 0 else model_copies
+    items = list(others)
+    for _ in range(copies):
+        items.insert(draw(st.integers(0, len(items))), ("model", draw(models)))
+    r = draw(st.randoms(use_true_random=False))
+    return (ws(r) + write(Pairs(items), r) + ws(r)).encode()
+
+
+def oracle_model(body: bytes) -> str | None:
+    value = orjson.loads(body).get("model")
+    return value if isinstance(value, str) else None
+
+
+# No deadline: the machine is shared and noisy, and how long an example takes is not what is tested.
+FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# --- properties ------------------------------------------------------------------------
+
+
+@FAST
+@given(bodies())
+@example(b'{"model":"gpt-4o"}')
+@example(b' {"a":{"model":"x"},"model":"y"} ')
+@example(b'{"mod\\u0065l":"y"}')
+@example(b'{"model":"\\ud83d\\ude00"}')
+def test_read_model_agrees_with_the_parser(body: bytes) -> None:
+    try:
+        expected = oracle_model(body)
+    except orjson.JSONDecodeError:  # numbers a double cannot hold: refused by both
+        with pytest.raises(BadBody):
+            read_model(body)
+        return
+    field = read_model(body)
+    assert field.model == expected
+    if expected is None:
+        assert (field.start, field.end) == (-1, -1)
+    else:
+        assert orjson.loads(body[field.start : field.end]) == expected  # the span is exactly the value
+
+
+@FAST
+@given(bodies(model_copies=1), st.text(max_size=20))
+def test_rename_changes_only_the_model(body: bytes, new: str) -> None:
+    try:
+        before = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return
+    field = read_model(body)
+    out = rename(body, field, new)
+    if field.model is None:  # the model was not a string: nothing to rename
+        assert out == body
+        return
+    assert orjson.loads(out) == {**before, "model": new}
+    assert out[: field.start] == body[: field.start]
+    assert out[len(out) - (len(body) - field.end) :] == body[field.end :]
+    assert read_model(out).model == new
+
+
+@FAST
+@given(bodies(model_copies=2))
+def test_a_second_model_key_is_refused_whatever_the_parser_keeps(body: bytes) -> None:
+    try:
+        orjson.loads(body)  # a parser takes it (and silently keeps one copy)
+    except orjson.JSONDecodeError:
+        return
+    with pytest.raises(BadBody, match="more than one"):
+        read_model(body)
+
+
+@FAST
+@given(values.filter(lambda v: not isinstance(v, Pairs)), st.randoms(use_true_random=False))
+def test_a_top_level_that_is_not_an_object_is_refused(value: Any, r: random.Random) -> None:
+    with pytest.raises(BadBody):
+        read_model(write(value, r).encode())
+
+
+@FAST
+@given(bodies(), st.data())
+def test_damaged_bodies_are_refused_or_read_as_the_parser_reads_them(body: bytes, data: st.DataObject) -> None:
+    """Any byte changed, dropped or added: BadBody, or the same model a parser sees; never another error."""
+    i = data.draw(st.integers(0, len(body)))
+    damage = data.draw(st.sampled_from(["replace", "drop", "insert"]))
+    byte = bytes([data.draw(st.integers(0, 255))])
+    body = body[:i] + (b"" if damage == "drop" else byte) + body[i + (damage != "insert") :]
+    try:
+        expected = oracle_model(body)
+        parsed = True
+    except (orjson.JSONDecodeError, AttributeError):  # unreadable, or not an object
+        parsed = False
+    if not parsed:
+        with pytest.raises(BadBody):
+            read_model(body)
+        return
+    try:
+        assert read_model(body).model == expected
+    except BadBody as e:
+        assert "more than one" in e.message  # a damaged key can become a second "model"
+
+
+@FAST
+@given(st.binary(max_size=64))
+def test_any_bytes_give_a_model_or_badbody(body: bytes) -> None:
+    try:
+        read_model(body)
+    except BadBody as e:
+        assert e.message and e.message.isprintable()
+
+
+# --- hand cases ------------------------------------------------------------------------
+
+
+def test_model_found_and_renamed_with_every_other_byte_kept() -> None:
+    body = (
+        b'{\n  "messages": [{"role": "user", "content": "hi", "model": "inner"}],\n  "model" :\t"gpt-4o",\n  "x": 1}\n'
+    )
+    field = read_model(body)
+    assert field == ModelField("gpt-4o", body.index(b'"gpt-4o"'), body.index(b'"gpt-4o"') + 8)
+    out = rename(body, field, "qwen-plus")
+    assert out == body.replace(b'"gpt-4o"', b'"qwen-plus"')
+
+
+def test_escaped_key_is_the_model_and_stays_escaped() -> None:
+    body = b'{"\\u006d\\u006Fdel":"gpt-4o","a":"\\u00e9"}'
+    field = read_model(body)
+    assert field.model == "gpt-4o"
+    assert rename(body, field, "qwen-plus") == b'{"\\u006d\\u006Fdel":"qwen-plus","a":"\\u00e9"}'
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"gpt-4o","model":"o1"}',
+        b'{"model":"gpt-4o","mod\\u0065l":"o1"}',
+        b'{"mod\\u0065l":"gpt-4o", "\\u006dodel" : 5}',
+        b'{"model":null,"x":{},"model":"o1"}',
+        b'{"model":"o1","model":"o1"}',
+    ],
+)
+def test_duplicated_model_key_is_refused(body: bytes) -> None:
+    assert orjson.loads(body)  # a parser accepts it: only the gateway's own check stands between
+    with pytest.raises(BadBody, match='more than one "model"'):
+        read_model(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'\xef\xbb\xbf{"model":"gpt-4o"}', "byte order mark"),
+        (b'{"model":"gpt-4o","x":"\xff"}', "not valid UTF-8 (byte 23)"),
+        (b'{"model":"\xc3"}', "not valid UTF-8"),
+        (b'{"model":"\\ud800"}', "surrogate"),
+        (b"", "empty"),
+        (b"  \n", "empty"),
+        (b'{"model":"gpt-4o",}', "could not be read as JSON"),
+        (b'{"model":"gpt-4o"} {}', "could not be read as JSON"),
+        (b'{"model":"gpt-4o"}\x00', "could not be read as JSON"),
+        (b'{"model":NaN}', "could not be read as JSON"),
+        (b'{"n":1e400,"model":"gpt-4o"}', "infinity"),
+        (b'{"n":' + b"9" * 400 + b',"model":"gpt-4o"}', "infinity"),
+        (b'{"a":' + b"[" * 2000 + b"]" * 2000 + b',"model":"gpt-4o"}', "depth"),
+        (b'["model","gpt-4o"]', "must be a JSON object"),
+        (b'"gpt-4o"', "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+    ],
+)
+def test_unreadable_bodies_are_refused_with_a_plain_reason(body: bytes, words: str) -> None:
+    with pytest.raises(BadBody) as e:
+        read_model(body)
+    assert words in e.value.message
+    assert e.value.message.isprintable() and len(e.value.message) < 200
+    assert "gpt-4o" not in e.value.message  # nothing of the body is echoed
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":5}',
+        b'{"model":null}',
+        b'{"model":["gpt-4o"]}',
+        b'{"model":{"name":"gpt-4o"}}',
+        b'{"model":true}',
+    ],
+)
+def test_a_model_that_is_not_a_string_is_unknown(body: bytes) -> None:
+    field = read_model(body)
+    assert field == ModelField(None, -1, -1)
+    assert rename(body, field, "qwen-plus") == body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{}",
+        b" \r\n\t{ \n } \n",
+        b'{"messages":[{"model":"gpt-4o"}]}',
+        b'{"a":{"model":"gpt-4o"},"b":[{"model":"o1"}]}',
+        b'{"Model":"gpt-4o","model ":"o1","\\"model\\"":"x"}',
+        b'{"x":"\\"model\\":\\"gpt-4o\\""}',
+        b'{"x\\"model":"gpt-4o"}',
+        b'{"\\\\":"x","model\\\\":"gpt-4o"}',
+    ],
+)
+def test_no_top_level_model(body: bytes) -> None:
+    assert read_model(body) == ModelField(None, -1, -1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"\\"model":"a","model":"gpt-4o"}',
+        b'{"x\\\\\\"model":"a","model":"gpt-4o"}',
+        b'{"a":["\\"model","\\\\"],"model":"gpt-4o","b":{"model":"x"}}',
+        b'{"' + b"\\\\" * 40 + b'\\"model":"a","model":"gpt-4o"}',
+    ],
+)
+def test_a_model_key_inside_another_string_after_an_escaped_quote_is_not_a_key(body: bytes) -> None:
+    field = read_model(body)
+    assert field.model == "gpt-4o"
+    assert body[field.start : field.end] == b'"gpt-4o"'
+
+
+def test_huge_and_odd_numbers_around_the_model() -> None:
+    body = b'{"a":123456789012345678901234567890,"b":-0.0e-0,"c":1E+308,"model":"gpt-4o","d":-1.5e-300}'
+    field = read_model(body)
+    assert field.model == "gpt-4o"
+    assert rename(body, field, "m") == body.replace(b'"gpt-4o"', b'"m"')
+
+
+def test_deep_nesting_within_the_parser_limit() -> None:
+    deep = b"[" * 1000 + b'{"model":"inner"}' + b"]" * 1000
+    body = b'{"a":' + deep + b',"model":"gpt-4o","z":' + deep + b"}"
+    field = read_model(body)
+    assert field.model == "gpt-4o"
+    assert rename(body, field, "qwen") == body.replace(b'"gpt-4o"', b'"qwen"')
+
+
+def test_whitespace_around_the_object_is_kept() -> None:
+    body = b'\r\n \t{"model":"gpt-4o"}  \n\n'
+    out = rename(body, read_model(body), "qwen")
+    assert out == b'\r\n \t{"model":"qwen"}  \n\n'
+
+
+def test_string_values_with_brackets_quotes_and_escapes_do_not_confuse_the_scanner() -> None:
+    body = b'{"a":"}]{[\\"\\\\","b":["\\\\",{"c":"\\"}"}],"model":"g\\u0070t-4o\\n","z":"\\\\"}'
+    field = read_model(body)
+    assert field.model == "gpt-4o\n"
+    assert body[field.start : field.end] == b'"g\\u0070t-4o\\n"'
+
+
+def test_a_new_name_is_json_encoded() -> None:
+    body = b'{"model":"gpt-4o"}'
+    out = rename(body, read_model(body), 'we"ird\\ \u00e9\U0001f600\n')
+    assert orjson.loads(out) == {"model": 'we"ird\\ \u00e9\U0001f600\n'}
+
+
+def test_a_large_chat_body_with_nested_model_keys_and_the_model_last() -> None:
+    """1 MiB: a thousand nested "model" keys, brackets and quotes inside strings, then the real one."""
+    messages = [{"role": "user", "content": "x" * 1000 + '"]}{[', "model": "n"} for _ in range(1000)]
+    body = orjson.dumps({"messages": messages, "model": "gpt-4o"})
+    field = read_model(body)
+    assert field.model == "gpt-4o" and body[field.end :] == b"}"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (b"application/json", True),
+        (b"Application/JSON; charset=utf-8", True),
+        (b" application/json ;charset=UTF-8", True),
+        (b"application/vnd.api+json", True),
+        (b"application/merge-patch+JSON", True),
+        (b"application/+json", False),
+        (b"application/jsonl", False),
+        (b"application/json-seq", False),
+        (b"text/json", False),
+        (b"text/plain", False),
+        (b"multipart/form-data; boundary=x", False),
+        (b"application/x-www-form-urlencoded", False),
+        (b"", False),
+        (None, False),
+    ],
+)
+def test_is_json(value: bytes | None, expected: bool) -> None:
+    assert is_json(value) is expected
