@@ -78,10 +78,11 @@ class Stub:
 
 
 @contextlib.contextmanager
-def run_stub() -> Iterator[Stub]:
+def run_stub(*args: str) -> Iterator[Stub]:
+    """``args``: more ``stub`` options (``--status 503``, ``--refuse-region``)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "stub", "--port", str(port)],
+        [sys.executable, "-m", "gateway", "stub", "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
