@@ -147,7 +147,10 @@ class GatewayFactory:
         self.tmp_path = tmp_path
         self.running: list[Gateway] = []
 
-    def __call__(self, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Gateway:
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None, wait: bool = True, module: str = "gateway"
+    ) -> Gateway:
+        """``module``: what ``python -m`` runs (a test's wrapper around the gateway's ``main``)."""
         port, admin_port = free_port(), free_port()
         n = len(self.running)
         access_log = self.tmp_path / f"access-{n}.log"
@@ -155,7 +158,7 @@ class GatewayFactory:
         argv = [
             sys.executable,
             "-m",
-            "gateway",
+            module,
             "serve",
             "--port",
             str(port),

@@ -378,3 +378,28 @@ def test_fallback_to_default_from_the_command_line(gateway: GatewayFactory, stub
     path = write(tmp_path, "p.yaml", f'version: 1\nupstreams:\n  eu: {{url: "{dead}", fallback: [default]}}\n')
     gw = gateway("--policy", path, "--geoip", CITY, "--upstream", stub.url)
     assert httpx.get(gw.admin + "/readyz").json()["upstreams"] == {"eu": dead, "default": stub.url}
+
+
+# --- a body of the gateway's own (body_for) ---------------------------------------------------------
+
+
+def test_each_upstream_gets_its_own_body_with_its_length(
+    gateway: GatewayFactory, stub: Stub, stub_503: Stub, tmp_path: Path
+) -> None:
+    """``Gateway.forward(..., body_for=...)``: the bytes for the upstream tried, sent with their own length."""
+    text = (
+        f'version: 1\nupstreams:\n  default: {{url: "{stub_503.url}", fallback: [backup]}}\n'
+        f'  backup: {{url: "{stub.url}"}}\nrules:\n  - {{name: gb, countries: [GB], action: allow}}\n'
+    )
+    gw = gateway(
+        "--policy", write(tmp_path, "p.yaml", text), "--geoip", CITY, *TRUST,
+        module="body_for_gateway", env={"PYTHONPATH": str(Path(__file__).parent)},
+    )  # fmt: skip
+    r = httpx.post(gw.url + "/echo/x", headers={**FROM_GB, "Content-Length": "0"})
+    assert r.status_code == 200
+    assert r.json()["body"] == '{"model":"backup"}'
+    headers = echoed(r)
+    assert headers["content-length"] == [str(len('{"model":"backup"}'))]
+    assert "transfer-encoding" not in headers
+    (entry,) = gw.wait_log(1)
+    assert entry["failovers"] == [{"from": "default/0", "to": "backup/0", "reason": "status_503"}]
