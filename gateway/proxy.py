@@ -206,8 +206,9 @@ class Gateway:
             upstream = chain[0]
         else:
             route = Route(
-                chain, groups, self.pool_for, request.headers, request.peer, decided, path, request.query, body_for
-            )
+                chain, groups, self.pools, self.pool_for,
+                request.headers, request.peer, decided, path, request.query, body_for,
+            )  # fmt: skip
             upstream = route.first()
         body = None if body_for is None else body_for(groups[upstream.name])
         try:

@@ -66,13 +66,15 @@ class Route:
     """The URLs one request may still try, and how to address each (made only when there are several)."""
 
     __slots__ = (
-        "at", "body_for", "chain", "decided", "everyone", "groups", "headers", "path", "peer", "pool_for", "query",
+        "at", "body_for", "chain", "decided", "everyone", "groups", "headers", "path", "peer", "pool_for", "pools",
+        "query",
     )  # fmt: skip
 
     def __init__(
         self,
         chain: tuple[Upstream, ...],
         groups: Mapping[str, UpstreamGroup],
+        pools: Mapping[Upstream, Pool],
         pool_for: Callable[[Upstream], Pool],
         headers: list[Header],
         peer: str | None,
@@ -83,6 +85,7 @@ class Route:
     ) -> None:
         self.chain = chain
         self.groups = groups
+        self.pools = pools  # a URL without a pool yet has never failed
         self.pool_for = pool_for
         self.headers = headers  # the client's, kept (the request forgets its own) until an answer is passed on
         self.peer = peer
@@ -123,8 +126,10 @@ class Route:
         if self.everyone:
             return start if start < len(chain) else None
         now = time.monotonic()
+        pools = self.pools
         for i in range(start, len(chain)):
-            if not self.pool_for(chain[i]).health.ejected(now):
+            pool = pools.get(chain[i])
+            if pool is None or not pool.health.ejected(now):
                 return i
         return None
 
