@@ -37,6 +37,11 @@ def routed(gateway: GatewayFactory, tmp_path: Path, upstreams: str, env: dict[st
     return gateway("--policy", write(tmp_path, "p.yaml", text), "--geoip", CITY, *TRUST, env=env)
 
 
+def with_fallback(gateway: GatewayFactory, tmp_path: Path, first: str, then: str, name: str = "backup") -> Gateway:
+    """``default`` at ``first``, falling back to upstream ``name`` at ``then``."""
+    return routed(gateway, tmp_path, f'  default: {{url: "{first}", fallback: [{name}]}}\n  {name}: {{url: "{then}"}}')
+
+
 def dead_url() -> str:
     """A loopback port nothing listens on: connections are refused."""
     return f"http://127.0.0.1:{free_port()}"
@@ -93,9 +98,7 @@ def test_second_url_serves_when_the_first_refuses_connections(
 def test_failover_on_503_sends_the_same_body_to_the_fallback(
     gateway: GatewayFactory, stub: Stub, stub_503: Stub, tmp_path: Path
 ) -> None:
-    gw = routed(
-        gateway, tmp_path, f'  default: {{url: "{stub_503.url}", fallback: [backup]}}\n  backup: {{url: "{stub.url}"}}'
-    )
+    gw = with_fallback(gateway, tmp_path, stub_503.url, stub.url)
     body = b'{"z": 1, "model": "gpt-4o", "a": [1, 2]}'
     r = httpx.post(gw.url + "/echo/x", content=body, headers={**FROM_GB, "content-type": "application/json"})
     assert r.status_code == 200
@@ -122,11 +125,7 @@ def test_503_passes_through_when_nothing_is_left_to_try(
 
 def test_no_failover_after_the_first_byte(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
     with run_stub() as backup:
-        gw = routed(
-            gateway,
-            tmp_path,
-            f'  default: {{url: "{stub.url}", fallback: [backup]}}\n  backup: {{url: "{backup.url}"}}',
-        )
+        gw = with_fallback(gateway, tmp_path, stub.url, backup.url)
         stream = sdk(gw).chat.completions.create(**CHAT, stream=True, extra_headers={"x-stub-cut-after": "3"})
         with pytest.raises(openai.APIError) as e:
             for _ in stream:
@@ -142,15 +141,9 @@ def test_a_streamed_upload_is_never_sent_twice(
     gateway: GatewayFactory, stub: Stub, stub_503: Stub, tmp_path: Path
 ) -> None:
     """A chunked body larger than the held buffer (64 KiB) went up once; the first upstream's 503 stands."""
-    gw = routed(
-        gateway, tmp_path, f'  default: {{url: "{stub_503.url}", fallback: [backup]}}\n  backup: {{url: "{stub.url}"}}'
-    )
+    gw = with_fallback(gateway, tmp_path, stub_503.url, stub.url)
 
-    def upload() -> Iterator[bytes]:
-        for _ in range(64):
-            yield b"x" * 4096
-
-    r = httpx.post(gw.url + "/echo/upload", content=upload(), headers=FROM_GB)
+    r = httpx.post(gw.url + "/echo/upload", content=(b"x" * 4096 for _ in range(64)), headers=FROM_GB)
     assert r.status_code == 503 and r.json()["error"]["code"] == "stub"
     assert stub_503.stats()["requests"] == 1
     assert stub.stats()["requests"] == 0
@@ -161,15 +154,9 @@ def test_a_streamed_upload_is_never_sent_twice(
 def test_a_small_chunked_upload_is_held_and_sent_again(
     gateway: GatewayFactory, stub: Stub, stub_503: Stub, tmp_path: Path
 ) -> None:
-    gw = routed(
-        gateway, tmp_path, f'  default: {{url: "{stub_503.url}", fallback: [backup]}}\n  backup: {{url: "{stub.url}"}}'
-    )
+    gw = with_fallback(gateway, tmp_path, stub_503.url, stub.url)
 
-    def upload() -> Iterator[bytes]:
-        yield b"first,"
-        yield b"second"
-
-    r = httpx.post(gw.url + "/echo/upload", content=upload(), headers=FROM_GB)
+    r = httpx.post(gw.url + "/echo/upload", content=iter([b"first,", b"second"]), headers=FROM_GB)
     assert r.status_code == 200 and r.json()["body"] == "first,second"
     assert stub.stats()["requests"] == 1
 
@@ -225,9 +212,7 @@ def test_all_urls_ejected_are_still_tried(gateway: GatewayFactory, tmp_path: Pat
 def test_region_refusal_fails_over_and_is_counted_and_logged(
     gateway: GatewayFactory, stub: Stub, refusing: Stub, tmp_path: Path
 ) -> None:
-    gw = routed(
-        gateway, tmp_path, f'  default: {{url: "{refusing.url}", fallback: [other]}}\n  other: {{url: "{stub.url}"}}'
-    )
+    gw = with_fallback(gateway, tmp_path, refusing.url, stub.url, "other")
     for _ in range(2):
         assert sdk(gw).chat.completions.create(**CHAT).choices[0].message.content
     assert metric(gw, "regiongate_upstream_region_refusals_total", upstream="default") == 2
@@ -259,7 +244,7 @@ def test_region_refusal_passes_through_unchanged_when_nothing_is_left(
 
 def test_other_403s_are_passed_on_as_they_came(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
     with run_stub() as backup:
-        gw = routed(gateway, tmp_path, f'  default: {{url: "{stub.url}", fallback: [b]}}\n  b: {{url: "{backup.url}"}}')
+        gw = with_fallback(gateway, tmp_path, stub.url, backup.url, "b")
         r = httpx.get(gw.url + "/v1/models", headers={**FROM_GB, "x-stub-status": "403"})
         assert r.status_code == 403 and r.json()["error"]["message"] == "stub error 403"
         assert backup.stats()["requests"] == 0
