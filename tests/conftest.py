@@ -93,6 +93,28 @@ def run_stub(*args: str) -> Iterator[Stub]:
         stop(proc)
 
 
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose accept queue is full: later SYNs go unanswered, so a connect times out."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # never accepted: the queue overflows
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.3)
+        try:
+            yield port
+        finally:
+            for s in fillers:
+                s.close()
+
+
 @pytest.fixture
 def stub() -> Iterator[Stub]:
     with run_stub() as s:

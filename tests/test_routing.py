@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import CITY, Gateway, GatewayFactory, Stub, free_port, run_stub, write
+from conftest import CITY, Gateway, GatewayFactory, Stub, free_port, run_stub, unanswered_port, write
 from gateway.policy import parse_policy
 from gateway.stub import REGION_REFUSAL
 from gateway.yamlfile import FileError
@@ -93,6 +93,18 @@ def test_second_url_serves_when_the_first_refuses_connections(
     assert metric(gw, "regiongate_upstream_requests_total", upstream="default", target="0", status_class="error") == 1
     assert metric(gw, "regiongate_upstream_requests_total", upstream="default", target="1", status_class="2xx") == 1
     assert httpx.get(gw.admin + "/readyz").json()["upstreams"] == {"default": [dead, stub.url]}
+
+
+def test_connect_timeout_fails_over(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
+    with unanswered_port() as port:
+        gw = routed(
+            gateway,
+            tmp_path,
+            f'  default: {{urls: ["http://127.0.0.1:{port}", "{stub.url}"], timeouts: {{connect: 0.5}}}}',
+        )
+        assert httpx.get(gw.url + "/v1/models", headers=FROM_GB, timeout=20).status_code == 200
+    (entry,) = gw.wait_log(1)
+    assert entry["failovers"] == [{"from": "default/0", "to": "default/1", "reason": "connect_timeout"}]
 
 
 def test_failover_on_503_sends_the_same_body_to_the_fallback(
@@ -388,3 +400,61 @@ def test_each_upstream_gets_its_own_body_with_its_length(
     assert "transfer-encoding" not in headers
     (entry,) = gw.wait_log(1)
     assert entry["failovers"] == [{"from": "default/0", "to": "backup/0", "reason": "status_503"}]
+
+
+# --- the pieces, on their own -----------------------------------------------------------------------
+
+
+def test_chain_order_is_own_urls_then_each_fallback_depth_first() -> None:
+    from gateway.upstream import build_upstreams
+
+    text = (
+        "version: 1\nupstreams:\n"
+        '  default: {urls: ["http://a0", "http://a1"], fallback: [b, c]}\n'
+        '  b: {url: "http://b0", fallback: [d]}\n'
+        '  c: {url: "http://c0", fallback: [d]}\n'
+        '  d: {url: "http://d0"}\n'
+    )
+    groups = build_upstreams(parse_policy(text, "p.yaml").upstreams, {})
+    assert [m.label for m in groups["default"].chain] == ["default/0", "default/1", "b/0", "d/0", "c/0"]
+    assert [m.label for m in groups["c"].chain] == ["c/0", "d/0"]
+    assert [m.label for m in groups["d"].chain] == ["d/0"]
+
+
+def test_health_ejects_doubles_caps_and_resets() -> None:
+    from gateway.dataplane.health import Health
+    from gateway.policy import HealthSpec
+
+    h = Health(HealthSpec(failures=2, backoff="1s", max_backoff="3s"))
+    h.failed(now=100)
+    assert not h.ejected(100)  # one failure of two
+    h.failed(now=100)
+    assert h.ejected(100.5) and not h.ejected(101)  # ejected for 1 s
+    h.failed(now=100.5)  # a request still under way when it was ejected: no longer
+    assert not h.ejected(101)
+    h.failed(now=101)  # back, and failing again: 2 s at once
+    assert h.ejected(102.9) and not h.ejected(103)
+    h.failed(now=103)
+    assert h.ejected(105.9) and not h.ejected(106)  # 4 s capped to 3 s
+    h.ok()
+    h.failed(now=200)
+    assert not h.ejected(200)  # a success resets the count and the backoff
+    h.failed(now=200)
+    assert h.ejected(200.9) and not h.ejected(201)
+
+
+def test_region_refusal_is_read_from_plain_and_compressed_bodies() -> None:
+    import gzip
+    import zlib
+
+    from gateway.dataplane.failover import region_refusal
+
+    message = "Country, region, or territory not supported"
+    assert region_refusal(REGION_REFUSAL, None) == message
+    assert region_refusal(gzip.compress(REGION_REFUSAL), b"gzip") == message
+    assert region_refusal(zlib.compress(REGION_REFUSAL), b"deflate") == message
+    assert region_refusal(REGION_REFUSAL, b"br") is None  # cannot be read: passed on as it came
+    assert region_refusal(b'{"error": {"code": "model_not_found", "message": "x"}}', None) is None
+    assert region_refusal(b"<html>forbidden</html>", None) is None
+    assert region_refusal(b'["error"]', None) is None
+    assert region_refusal(b'{"error": {"code": "unsupported_country_region_territory"}}', None) == ""
