@@ -458,3 +458,15 @@ def test_region_refusal_is_read_from_plain_and_compressed_bodies() -> None:
     assert region_refusal(b"<html>forbidden</html>", None) is None
     assert region_refusal(b'["error"]', None) is None
     assert region_refusal(b'{"error": {"code": "unsupported_country_region_territory"}}', None) == ""
+
+
+def test_a_key_that_cannot_go_in_a_header_is_refused_without_showing_it() -> None:
+    from gateway.upstream import UpstreamConfigError, build_upstreams
+
+    specs = parse_policy('version: 1\nupstreams:\n  default: {url: "http://a", api_key_env: K}\n', "p.yaml").upstreams
+    with pytest.raises(UpstreamConfigError) as e:
+        build_upstreams(specs, {"K": "sk-line1\nX-Evil: 1"})
+    assert "cannot go in a header" in str(e.value) and "sk-line1" not in str(e.value)
+    (member,) = build_upstreams(specs, {"K": "sk-ok"})["default"].members
+    assert member.auth == (b"authorization", b"Bearer sk-ok")
+    assert "sk-ok" not in repr(member)
