@@ -93,13 +93,12 @@ class Gateway:
     def retire_upstreams(self, old: Mapping[str, UpstreamGroup], new: Mapping[str, UpstreamGroup]) -> None:
         """After a reload: pools (and passive health) of URLs no longer configured close as their requests end.
 
-        A URL configured exactly as before keeps its pool and what its health learnt.
+        A URL configured exactly as before keeps its pool and what its health learnt. Any other pool
+        goes, including one a request that started before the last reload made when it failed over.
         """
         keep = {m for g in new.values() for m in g.members}
-        for upstream in {m for g in old.values() for m in g.members} - keep:
-            pool = self.pools.pop(upstream, None)
-            if pool is not None:
-                pool.close()  # idle connections now; busy ones when released
+        for upstream in [u for u in self.pools if u not in keep]:
+            self.pools.pop(upstream).close()  # idle connections now; busy ones when released
 
     def pool_for(self, upstream: Upstream) -> Pool:
         pool = self.pools.get(upstream)
