@@ -118,7 +118,9 @@ class HealthSpec(_Spec):
 
     failures: Annotated[int, Field(ge=1, le=10**6)] = 3
     backoff: str | Annotated[float, Field(gt=0)] = Field("1s", description="First ejection: 500ms, 1s, 1m, or seconds.")
-    max_backoff: str | Annotated[float, Field(gt=0)] = Field("60s", description="The longest ejection.")
+    max_backoff: str | Annotated[float, Field(gt=0)] = Field(
+        "60s", description="The longest ejection (when left out: 60s, or backoff if that is longer)."
+    )
 
     @field_validator("backoff", "max_backoff")
     @classmethod
@@ -132,7 +134,8 @@ class HealthSpec(_Spec):
 
     @property
     def max_backoff_seconds(self) -> float:
-        return parse_period(self.max_backoff)
+        given = parse_period(self.max_backoff)
+        return given if "max_backoff" in self.model_fields_set else max(given, self.backoff_seconds)
 
 
 class UpstreamSpec(_Spec):

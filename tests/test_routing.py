@@ -20,7 +20,7 @@ from conftest import CITY, Gateway, GatewayFactory, Stub, free_port, run_stub, u
 from gateway.policy import parse_policy
 from gateway.stub import REGION_REFUSAL
 from gateway.yamlfile import FileError
-from live_support import wait_until
+from live_support import wait_until, write_by_rename
 
 TRUST = ["--trusted-proxy", "127.0.0.1/32"]
 GB = "2.125.160.216"
@@ -183,7 +183,7 @@ def test_an_ejected_url_is_skipped_then_tried_again_after_its_backoff(
     gw = routed(
         gateway,
         tmp_path,
-        f'  default: {{urls: ["{dead}", "{stub.url}"], health: {{failures: 1, backoff: 3s, max_backoff: 6s}}}}',
+        f'  default: {{urls: ["{dead}", "{stub.url}"], health: {{failures: 1, backoff: 5s, max_backoff: 10s}}}}',
     )
     tried_dead = {"from": "default/0", "to": "default/1", "reason": "connect_error"}
     # 1: the first URL refuses, and is ejected (one failure is enough here).
@@ -201,6 +201,23 @@ def test_an_ejected_url_is_skipped_then_tried_again_after_its_backoff(
 
     wait_until(retried, "the ejected URL tried again after its backoff", attempts=200, pause=0.2)
     assert stub.stats()["requests"] >= 3
+
+
+def test_what_health_learnt_survives_a_reload_that_keeps_the_url(
+    gateway: GatewayFactory, stub: Stub, tmp_path: Path
+) -> None:
+    dead = dead_url()
+    gw = routed(
+        gateway, tmp_path, f'  default: {{urls: ["{dead}", "{stub.url}"], health: {{failures: 1, backoff: 10m}}}}'
+    )
+    assert httpx.get(gw.url + "/v1/models", headers=FROM_GB).status_code == 200
+    policy = tmp_path / "p.yaml"
+    write_by_rename(policy, policy.read_text() + "revision: two\n")
+    wait_until(lambda: httpx.get(gw.admin + "/readyz").json()["policy"]["version"] == "two", "the reload")
+    assert httpx.get(gw.url + "/v1/models", headers=FROM_GB).status_code == 200
+    first, second = gw.wait_log(2)
+    assert first["failovers"] == [{"from": "default/0", "to": "default/1", "reason": "connect_error"}]
+    assert "failovers" not in second and second["target"] == "default/1"  # still ejected
 
 
 def test_all_urls_ejected_are_still_tried(gateway: GatewayFactory, tmp_path: Path) -> None:
@@ -441,6 +458,9 @@ def test_health_ejects_doubles_caps_and_resets() -> None:
     assert not h.ejected(200)  # a success resets the count and the backoff
     h.failed(now=200)
     assert h.ejected(200.9) and not h.ejected(201)
+    # Left out, max_backoff is 60 s, or backoff if that is longer.
+    assert HealthSpec(backoff="10m").max_backoff_seconds == 600
+    assert HealthSpec(backoff="2s").max_backoff_seconds == 60
 
 
 def test_region_refusal_is_read_from_plain_and_compressed_bodies() -> None:
