@@ -381,6 +381,14 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--port", type=int, default=8000, help="listen port (default: 8000)")
     st.add_argument("--certfile", help="serve HTTPS with this certificate chain (PEM)")
     st.add_argument("--keyfile", help="the certificate's private key (PEM)")
+    st.add_argument(
+        "--status", type=int, metavar="N", help="answer every request with this status (after reading its body)"
+    )
+    st.add_argument(
+        "--refuse-region",
+        action="store_true",
+        help="answer every request with OpenAI's 403 refusal of the caller's region",
+    )
     return parser
 
 
@@ -407,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stub":
             from .stub import run
 
-            run(args.host, args.port, args.certfile, args.keyfile)
+            run(args.host, args.port, args.certfile, args.keyfile, status=args.status, refuse_region=args.refuse_region)
             return 0
     except KeyboardInterrupt:
         return 130

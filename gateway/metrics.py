@@ -61,8 +61,22 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "regiongate_upstream_requests",
-            "Requests forwarded upstream, by upstream and response status class.",
-            ["upstream", "status_class"],
+            "Requests sent upstream, each attempt once, by upstream, URL (its index in the upstream's urls) and "
+            "response status class (error: no response).",
+            ["upstream", "target", "status_class"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "regiongate_failovers",
+            "Attempts that failed before any byte reached the client and were followed by another, by the URLs "
+            "(name/index) and the reason.",
+            ["from", "to", "reason"],
+            registry=r,
+        )
+        self.region_refusals = Counter(
+            "regiongate_upstream_region_refusals",
+            "Upstream answers refusing the gateway's own region (403 unsupported_country_region_territory).",
+            ["upstream"],
             registry=r,
         )
         self.duration = Histogram(
@@ -181,7 +195,7 @@ class Metrics:
             registry=r,
         )
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
-        self._upstream_children: dict[tuple[str, int], Counter] = {}
+        self._upstream_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._ttfb_children: dict[str, Histogram] = {}
 
@@ -259,12 +273,18 @@ class Metrics:
     def shadow_match(self, rule: str) -> None:
         self.shadow.labels(rule).inc()
 
-    def upstream(self, name: str, status: int, ttfb: float | None) -> None:
-        key = (name, status // 100 if status else 0)
+    def failover(self, source: str, dest: str, reason: str) -> None:
+        self.failovers.labels(source, dest, reason).inc()
+
+    def region_refusal(self, upstream: str) -> None:
+        self.region_refusals.labels(upstream).inc()
+
+    def upstream(self, name: str, target: str, status: int, ttfb: float | None) -> None:
+        key = (name, target, status // 100 if status else 0)
         child = self._upstream_children.get(key)
         if child is None:
             cls = f"{status // 100}xx" if status else "error"
-            child = self._upstream_children[key] = self.upstream_requests.labels(name, cls)
+            child = self._upstream_children[key] = self.upstream_requests.labels(name, target, cls)
         child.inc()
         if ttfb is not None:
             h = self._ttfb_children.get(name)

@@ -22,7 +22,7 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import ErrorDetails
 
 from . import geo as geofacts
@@ -47,6 +47,9 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+NonEmpty = Field(min_length=1)
+
+
 class Timeouts(_Spec):
     """Seconds. ``first_byte`` is generous because a non-streamed completion
     sends nothing until the model has finished; ``idle`` bounds the silence
@@ -56,22 +59,6 @@ class Timeouts(_Spec):
     first_byte: Annotated[float, Field(gt=0)] = 300.0
     idle: Annotated[float, Field(gt=0)] = 60.0
     total: Annotated[float, Field(gt=0)] = 900.0
-
-
-class UpstreamSpec(_Spec):
-    """An OpenAI-compatible API. Requests keep their path and query and are
-    appended to ``url``; they can never go to any other host."""
-
-    url: str
-    api_key_env: str | None = Field(
-        None, description="Environment variable holding the key that replaces the client's Authorization."
-    )
-    timeouts: Timeouts = Timeouts()
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return check_upstream_url(v)
 
 
 def check_upstream_url(v: str) -> str:
@@ -95,6 +82,111 @@ def check_upstream_url(v: str) -> str:
     if u.query_string or u.fragment:
         raise ValueError("must not carry a query or fragment")
     return v.rstrip("/")
+
+
+UpstreamURL = Annotated[str, AfterValidator(check_upstream_url)]
+
+
+class AuthSpec(_Spec):
+    """How the upstream's key is presented: it replaces the client's ``Authorization`` and
+    any header of this name that the client sent."""
+
+    header: str = Field("Authorization", description="Header that carries the key (Azure-style APIs: api-key).")
+    format: str = Field("Bearer {key}", description="The header's value; '{key}' (once) stands for the key.")
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, v: str) -> str:
+        if not v or not all(c in _TOKEN_CHARS for c in v):
+            raise ValueError("must be an HTTP header name (letters, digits and !#$%&'*+-.^_`|~)")
+        if v.lower() in _NOT_AUTH_HEADERS:
+            raise ValueError(f"{v!r} describes the message or the caller, it cannot carry a key")
+        return v
+
+    @field_validator("format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        if v.count("{key}") != 1:
+            raise ValueError("must contain '{key}' exactly once, where the key goes (e.g. 'Bearer {key}')")
+        if any(c in v for c in "\r\n\0"):
+            raise ValueError("must be one line")
+        return v
+
+
+class HealthSpec(_Spec):
+    """Passive health, per URL: this many failures in a row (connect error or timeout, 502,
+    503, 504) and the URL is skipped for ``backoff``, doubled at each new ejection up to
+    ``max_backoff``; it comes back by itself, and one success resets it."""
+
+    failures: Annotated[int, Field(ge=1, le=10**6)] = 3
+    backoff: str | Annotated[float, Field(gt=0)] = Field("1s", description="First ejection: 500ms, 1s, 1m, or seconds.")
+    max_backoff: str | Annotated[float, Field(gt=0)] = Field(
+        "60s", description="The longest ejection (when left out: 60s, or backoff if that is longer)."
+    )
+
+    @field_validator("backoff", "max_backoff")
+    @classmethod
+    def _duration(cls, v: str | float) -> str | float:
+        parse_period(v)
+        return v
+
+    @property
+    def backoff_seconds(self) -> float:
+        return parse_period(self.backoff)
+
+    @property
+    def max_backoff_seconds(self) -> float:
+        given = parse_period(self.max_backoff)
+        return given if "max_backoff" in self.model_fields_set else max(given, self.backoff_seconds)
+
+
+class UpstreamSpec(_Spec):
+    """An OpenAI-compatible API. Requests keep their path and query and are
+    appended to ``url`` (or to each of ``urls``, tried in order); they can
+    never go to any other host."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["url"]}, {"required": ["urls"]}]})
+
+    url: str | None = None
+    urls: Annotated[list[UpstreamURL], NonEmpty] | None = Field(
+        None, description="Several base URLs of one API, tried in order (instead of url)."
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the key that replaces the client's Authorization."
+    )
+    auth: AuthSpec = AuthSpec()
+    models: dict[str, str] = Field({}, description="Model names renamed for this upstream (requested: sent).")
+    fallback: list[str] = Field(
+        [],
+        description="Other upstreams tried in order (and their own fallbacks) when this one fails before "
+        "its answer started: connect error or timeout, 502, 503, 504, or a region refusal.",
+    )
+    client_address: Literal["forward", "drop"] = Field(
+        "forward",
+        description="'drop' keeps the caller's address from this upstream: no X-Forwarded-For and no "
+        "X-Regiongate-Client-IP.",
+    )
+    health: HealthSpec = HealthSpec()
+    timeouts: Timeouts = Timeouts()
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        return None if v is None else check_upstream_url(v)
+
+    @property
+    def all_urls(self) -> list[str]:
+        return self.urls if self.urls is not None else [self.url] if self.url is not None else []
+
+
+# RFC 9110 token characters: what a header name may be made of.
+_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_NOT_AUTH_HEADERS = frozenset(
+    {
+        "host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade",
+        "expect", "content-type", "x-forwarded-for", "forwarded", "x-regiongate-client-ip",
+    }
+)  # fmt: skip
 
 
 class GeoSpec(_Spec):
@@ -127,7 +219,6 @@ class Block(_Spec):
 AnonymizerFlag = Literal[
     "anonymous", "anonymous_vpn", "hosting_provider", "public_proxy", "residential_proxy", "tor_exit_node"
 ]
-NonEmpty = Field(min_length=1)
 
 
 class RateLimitSpec(_Spec):
@@ -652,9 +743,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
     def bad(path: tuple[str | int, ...], message: str) -> None:
         problems.append(Problem(doc.line_of(path), message))
 
-    for name in spec.upstreams:
-        if not name.replace("-", "").replace("_", "").isalnum():
-            bad(("upstreams", name), f"upstream name {name!r}: use letters, digits, '-' and '_'")
+    problems += _upstream_problems(spec.upstreams, doc)
 
     rules: list[Rule] = []
     names: dict[str, int] = {}
@@ -790,6 +879,59 @@ def _rule_problems(i: int, r: RuleSpec, doc: Document, capabilities: frozenset[s
                 (*here, key),
                 f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; none is configured (--geoip)",
             )
+    return problems
+
+
+def _upstream_problems(upstreams: dict[str, UpstreamSpec], doc: Document) -> list[Problem]:
+    """What a schema cannot check in ``upstreams``: one of url/urls, keys for auth, fallback chains.
+
+    ``default`` may be named as a fallback without being defined here: ``--upstream`` provides it.
+    """
+    problems: list[Problem] = []
+
+    def bad(path: tuple[str | int, ...], message: str) -> None:
+        problems.append(Problem(doc.line_of(path), message))
+
+    for name, up in upstreams.items():
+        here = ("upstreams", name)
+        if not name.replace("-", "").replace("_", "").isalnum():
+            bad(here, f"upstream name {name!r}: use letters, digits, '-' and '_'")
+        if (up.url is None) == (up.urls is None):
+            bad(here, f"upstreams.{name}: give either url (one URL) or urls (a list tried in order), not both")
+        if "auth" in up.model_fields_set and not up.api_key_env:
+            bad((*here, "auth"), f"upstreams.{name}.auth: needs api_key_env, the variable holding the key")
+        if up.health.max_backoff_seconds < up.health.backoff_seconds:
+            bad((*here, "health", "max_backoff"), f"upstreams.{name}.health: max_backoff is shorter than backoff")
+        for requested, sent in up.models.items():
+            if not requested or not sent:
+                bad((*here, "models"), f"upstreams.{name}.models: model names cannot be empty")
+        for j, other in enumerate(up.fallback):
+            where = (*here, "fallback", j)
+            if other == name:
+                bad(where, f"upstreams.{name}.fallback: {other!r} is this upstream itself")
+            elif other not in upstreams and other != "default":
+                bad(where, f"upstreams.{name}.fallback: no upstream named {other!r}")
+            elif up.fallback.index(other) != j:
+                bad(where, f"upstreams.{name}.fallback: {other!r} is listed twice")
+    # A cycle through other upstreams (a -> b -> a) would try the same URLs forever.
+    state: dict[str, int] = {}  # 1: being walked, 2: done
+
+    def walk(name: str, trail: list[str]) -> None:
+        state[name] = 1
+        up = upstreams.get(name)
+        for j, other in enumerate(up.fallback if up is not None else ()):
+            if other == name:
+                continue  # reported above
+            if state.get(other) == 1:
+                cycle = " -> ".join([*trail[trail.index(other) :], name, other])
+                bad(("upstreams", name, "fallback", j), f"upstreams.{name}.fallback: a cycle: {cycle}")
+            elif other not in state:
+                walk(other, [*trail, name])
+        state[name] = 2
+
+    for name in upstreams:
+        if name not in state:
+            walk(name, [])
     return problems
 
 

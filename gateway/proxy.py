@@ -28,6 +28,7 @@ from typing import Any
 
 from . import errors
 from .clientip import MISSING, PUBLIC, ClientAddress, resolve
+from .dataplane.failover import REGION_REFUSAL, Failover, Notices, Route, prepare
 from .dataplane.limits import Limits
 from .dataplane.pool import Pool
 from .dataplane.relay import Relay, error_headers, send_error
@@ -43,7 +44,7 @@ from .shared.audit import entry as audit_entry
 from .shared.overrides import judge as judge_override
 from .shared.overrides import request_key_hash
 from .shared.ratelimit import check as check_rate
-from .upstream import BadTarget, Upstream, forward_headers
+from .upstream import BadTarget, Upstream, UpstreamGroup
 
 log = logging.getLogger("regiongate")
 
@@ -51,12 +52,18 @@ log = logging.getLogger("regiongate")
 class Outcome:
     """What became of one request, for the record."""
 
-    __slots__ = ("active", "attempted", "client_gone", "error", "sent", "shadow", "status", "ttfb")
+    __slots__ = (
+        "active", "attempted", "client_gone", "error", "failovers", "refused", "sent", "shadow", "status", "target",
+        "ttfb",
+    )  # fmt: skip
 
     def __init__(self, active: Active) -> None:
         self.active = active  # the policy (and its upstreams) judging this request, whatever reloads meanwhile
         self.shadow: Decision | None = None
         self.attempted = False
+        self.target: Upstream | None = None  # the URL that answered (or was tried last)
+        self.failovers: list[Failover] | None = None
+        self.refused: str | None = None  # an upstream's region refusal, passed on
         self.client_gone = False
         self.status = 0
         self.sent = 0
@@ -73,6 +80,7 @@ class Gateway:
         self.pools: dict[Upstream, Pool] = {}
         self._ids = RequestIds()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refusal_notices = Notices()
 
     def open(self, bound: int) -> None:
         """Keep-alive pools are made per upstream as requests need them (inside the running loop)."""
@@ -82,13 +90,21 @@ class Gateway:
         for pool in self.pools.values():
             pool.close()
 
-    def retire_upstreams(self, old: Mapping[str, Upstream], new: Mapping[str, Upstream]) -> None:
-        """After a reload: pools of upstreams no longer configured close as their requests end."""
-        keep = set(new.values())
-        for upstream in set(old.values()) - keep:
-            pool = self.pools.pop(upstream, None)
-            if pool is not None:
-                pool.close()  # idle connections now; busy ones when released
+    def retire_upstreams(self, old: Mapping[str, UpstreamGroup], new: Mapping[str, UpstreamGroup]) -> None:
+        """After a reload: pools (and passive health) of URLs no longer configured close as their requests end.
+
+        A URL configured exactly as before keeps its pool and what its health learnt. Any other pool
+        goes, including one a request that started before the last reload made when it failed over.
+        """
+        keep = {m for g in new.values() for m in g.members}
+        for upstream in [u for u in self.pools if u not in keep]:
+            self.pools.pop(upstream).close()  # idle connections now; busy ones when released
+
+    def pool_for(self, upstream: Upstream) -> Pool:
+        pool = self.pools.get(upstream)
+        if pool is None:
+            pool = self.pools[upstream] = Pool(upstream, self.limits, self.bound)
+        return pool
 
     def handle(self, request: Request) -> None:
         started = time.perf_counter()
@@ -170,24 +186,39 @@ class Gateway:
         rid: bytes,
         outcome: Outcome,
         record: Callable[[], None],
+        body_for: Callable[[UpstreamGroup], bytes] | None = None,
     ) -> None:
-        upstream = outcome.active.upstreams.get(decision.upstream or "")
-        if upstream is None:
+        """Send the request to ``decision.upstream``'s first URL that is not ejected (see :mod:`.dataplane.failover`).
+
+        ``body_for``: the whole body was read already; it gives the bytes to send to each upstream.
+        """
+        groups = outcome.active.upstreams
+        group = groups.get(decision.upstream or "")
+        if group is None:
             self.fail(request, errors.NO_UPSTREAM, rid, outcome, record)
             return
+        # A missing client's address is its proxy's: no client address to vouch for.
+        decided = str(client.ip) if client.ip is not None and client.kind != MISSING else None
+        chain = group.chain
+        route = None
+        if len(chain) == 1:
+            upstream = chain[0]
+        else:
+            route = Route(
+                chain, groups, self.pools, self.pool_for,
+                request.headers, request.peer, decided, path, request.query, body_for,
+            )  # fmt: skip
+            upstream = route.first()
+        body = None if body_for is None else body_for(groups[upstream.name])
         try:
-            url = upstream.target(path, request.query)
+            target, headers = prepare(upstream, path, request.query, request.headers, request.peer, decided, body)
         except BadTarget as e:
             self.fail(request, errors.bad_request(str(e), "invalid_path"), rid, outcome, record)
             return
         pool = self.pools.get(upstream)
         if pool is None:
-            pool = self.pools[upstream] = Pool(upstream, self.limits, self.bound)
-        # A missing client's address is its proxy's: no client address to vouch for.
-        decided = str(client.ip) if client.ip is not None and client.kind != MISSING else None
-        headers = forward_headers(request.headers, request.peer, decided, upstream)
-        target = url.raw_path_qs.encode("latin-1")
-        Relay(request, pool, target, headers, rid, outcome.active.header, outcome, record).start()
+            pool = self.pool_for(upstream)
+        Relay(request, pool, target, headers, rid, outcome.active.header, outcome, record, route, body).start()
 
     def crashed(self, request: Request, rid: bytes, outcome: Outcome, record: Callable[[], None]) -> None:
         """A bug of ours must still give the client an OpenAI-shaped answer (or a cut, once it started)."""
@@ -230,9 +261,14 @@ class Gateway:
         shadow = ex.shadow
         if shadow is not None and shadow.verdict != decision.verdict:
             m.shadow_disagreement(decision.verdict, shadow.verdict, shadow.rule)
-        if ex.attempted and not (ex.client_gone and ex.ttfb is None):
+        target = ex.target
+        if ex.failovers:
+            self.record_failovers(ex.failovers)
+        if target is not None and not (ex.client_gone and ex.ttfb is None):
             # The upstream's own status if it answered, else 0 ("error": unreachable, timed out).
-            m.upstream(decision.upstream or "", ex.status if ex.ttfb is not None else 0, ex.ttfb)
+            m.upstream(target.name, target.target, ex.status if ex.ttfb is not None else 0, ex.ttfb)
+            if ex.refused is not None:
+                self.region_refused(target, ex.refused)
         log_ = self.runtime.access_log
         # The audit stream (gateway.shared): refusals, or every decision; queued, never waited for.
         audit = self.runtime.audit
@@ -259,6 +295,7 @@ class Gateway:
             "rule": decision.rule,
             "country": facts.country,
             "upstream": decision.upstream if decision.verdict != DENY else None,
+            "target": target.label if target is not None else None,
             "status": ex.status,
             "duration_ms": round(seconds * 1000, 3),
             "bytes": ex.sent,
@@ -280,7 +317,29 @@ class Gateway:
             entry["ttfb_ms"] = round(ex.ttfb * 1000, 3)
         if ex.error:
             entry["error"] = ex.error
+        if ex.failovers:
+            entry["failovers"] = [
+                {"from": f.source.label, "to": f.dest.label, "reason": f.reason} for f in ex.failovers
+            ]
         log_.write(entry)
+
+    def record_failovers(self, failovers: list[Failover]) -> None:
+        """Each attempt that another followed: counted as a request to its URL, and as a failover."""
+        m = self.metrics
+        for f in failovers:
+            m.upstream(f.source.name, f.source.target, f.status, None)
+            m.failover(f.source.label, f.dest.label, f.reason)
+            if f.reason == REGION_REFUSAL:
+                self.region_refused(f.source, f.message or "")
+
+    def region_refused(self, upstream: Upstream, message: str) -> None:
+        """The upstream refuses the gateway's own region: not the client's doing, so the operator is told."""
+        self.metrics.region_refusal(upstream.name)
+        if self._refusal_notices.due(upstream.name):
+            log.warning(
+                "upstream %s (%s) refuses the gateway's region: %r (at most one warning a minute per upstream)",
+                upstream.name, upstream.label, message,
+            )  # fmt: skip
 
 
 _BAD_REQUEST_CODES = frozenset({"invalid_path", "method_not_allowed"})

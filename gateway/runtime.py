@@ -35,7 +35,7 @@ from .shared.audit import Audit
 from .shared.redisconn import RedisConfigError
 from .shared.store import OverrideStore, open_store
 from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
-from .upstream import Upstream, UpstreamConfigError, build_upstreams
+from .upstream import UpstreamConfigError, UpstreamGroup, build_upstreams
 from .yamlfile import FileError, Problem
 
 DEFAULT_POLICY_NAME = "openai-supported-country-only.yaml"
@@ -141,7 +141,7 @@ def read_policy(path: str, geo: Geo) -> PolicyVersion:
     return compile_policy_text(read_policy_text(path), path, geo)
 
 
-def resolve_upstreams(policy: Policy, settings: Settings, env: dict[str, str]) -> dict[str, Upstream]:
+def resolve_upstreams(policy: Policy, settings: Settings, env: dict[str, str]) -> dict[str, UpstreamGroup]:
     """The policy's upstreams plus ``--upstream`` as ``default``, keys read from ``env``."""
     specs = dict(policy.upstreams)
     if settings.upstream:
@@ -199,8 +199,15 @@ class Runtime:
         return self.active.policy
 
     @property
-    def upstreams(self) -> dict[str, Upstream]:
+    def upstreams(self) -> dict[str, UpstreamGroup]:
         return dict(self.active.upstreams)
+
+    def upstream_urls(self) -> dict[str, str | list[str]]:
+        """Each upstream's base URL (a list for a group of several); never a key, never credentials."""
+        return {
+            name: g.members[0].base if len(g.members) == 1 else [m.base for m in g.members]
+            for name, g in self.active.upstreams.items()
+        }
 
     @property
     def policy_path(self) -> str:
@@ -260,7 +267,7 @@ class Runtime:
             ],
             "geo_stale": bool(stale),
             "embedded_geo": self.geo.embedded,
-            "upstreams": {name: up.base for name, up in self.active.upstreams.items()},
+            "upstreams": self.upstream_urls(),
             "trusted_proxies": [str(n) for n in self.clientip.trusted.networks],
             "client_ip_header": self.clientip.header,
             "overrides": self.overrides.describe(),

@@ -287,7 +287,7 @@ def _announce(
     shadow = runtime.active.shadow_version
     lines = [
         f"proxy on http://{s.host}:{_port(proxy_sock)} -> "
-        + ", ".join(f"{n}={u.base}" for n, u in runtime.upstreams.items()),
+        + ", ".join(f"{n}={' '.join(u) if isinstance(u, list) else u}" for n, u in runtime.upstream_urls().items()),
         f"control plane on http://{s.admin_host}:{_port(admin_sock)} (/healthz /readyz /metrics)",
         admin,
         f"policy {p.source} sha256:{p.sha256[:12]} version {runtime.active.current.version} "

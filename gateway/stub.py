@@ -17,6 +17,12 @@ from (for keep-alive tests). ``--certfile``/``--keyfile`` serve HTTPS.
 ``GET /_stub/stats`` says how many requests arrived and how many streams
 were abandoned by their client (a gateway that cancels upstream work on
 client disconnect shows up there).
+
+Started with ``--status N`` it answers every request (after reading its
+body) with that status and an OpenAI-shaped error, and with
+``--refuse-region`` with OpenAI's own refusal of the caller's region: an
+upstream that is down, or that refuses the gateway's egress address, whatever
+the request says (for failover tests, where one request reaches several).
 """
 
 from __future__ import annotations
@@ -28,11 +34,18 @@ from typing import Any
 
 from aiohttp import web
 
+# OpenAI's answer to a caller from a region it does not serve, byte for byte.
+REGION_REFUSAL = (
+    b'{"error":{"message":"Country, region, or territory not supported","type":"request_forbidden",'
+    b'"param":null,"code":"unsupported_country_region_territory"}}'
+)
 WORDS = ["Hello", "from", "the", "Regiongate", "stub", "upstream", ".", "This", "is", "a", "streamed", "answer", "."]
 
 
 class Stub:
-    def __init__(self) -> None:
+    def __init__(self, status: int | None = None, refuse_region: bool = False) -> None:
+        self.status = status
+        self.refuse_region = refuse_region
         self.requests = 0
         self.streams_abandoned = 0
         self.streams_completed = 0
@@ -51,16 +64,17 @@ class Stub:
     async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if not request.path.startswith("/_stub/"):
             self.requests += 1
+            if self.refuse_region or self.status:
+                await request.read()
+                if self.refuse_region:
+                    return web.Response(status=403, body=REGION_REFUSAL, content_type="application/json")
+                return _error(self.status or 500)
         delay = float(request.headers.get("x-stub-delay", "0"))
         if delay:
             await asyncio.sleep(delay)
         status = request.headers.get("x-stub-status")
         if status:
-            code = int(status)
-            return web.json_response(
-                {"error": {"message": f"stub error {code}", "type": "stub_error", "param": None, "code": "stub"}},
-                status=code,
-            )
+            return _error(int(status))
         response: web.StreamResponse = await handler(request)
         return response
 
@@ -177,7 +191,22 @@ class Stub:
         return response
 
 
-def run(host: str = "127.0.0.1", port: int = 8000, certfile: str | None = None, keyfile: str | None = None) -> None:
+def _error(code: int) -> web.Response:
+    return web.json_response(
+        {"error": {"message": f"stub error {code}", "type": "stub_error", "param": None, "code": "stub"}},
+        status=code,
+    )
+
+
+def run(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    *,
+    status: int | None = None,
+    refuse_region: bool = False,
+) -> None:
     context = None
     if certfile:
         import ssl
@@ -186,7 +215,7 @@ def run(host: str = "127.0.0.1", port: int = 8000, certfile: str | None = None, 
         context.load_cert_chain(certfile, keyfile)
     scheme = "https" if context else "http"
     web.run_app(
-        Stub().app(),
+        Stub(status, refuse_region).app(),
         host=host,
         port=port,
         ssl_context=context,

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from yarl import URL
 
-from .policy import Timeouts, UpstreamSpec
+from .policy import HealthSpec, Timeouts, UpstreamSpec
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 # plus the ones the gateway sets itself.
@@ -67,6 +68,10 @@ _CLIENT_IP_HEADER_BYTES = CLIENT_IP_HEADER.lower().encode()
 _REQUEST_DROP = HOP_BY_HOP | ADDRESS_HEADERS | {b"expect"}
 # The server in front of the client writes its own Date.
 _RESPONSE_DROP = HOP_BY_HOP | {b"date"}
+_LENGTH = frozenset({b"content-length"})
+
+
+_DEFAULT_HEALTH = HealthSpec()
 
 
 class UpstreamConfigError(Exception):
@@ -77,16 +82,42 @@ class BadTarget(ValueError):
     """A request path that cannot be forwarded safely."""
 
 
-
 @dataclass(frozen=True, slots=True)
 class Upstream:
+    """One URL of a configured upstream: a keep-alive pool's key, and the unit of passive health.
+
+    ``target`` is its place in the group ("0", "1", ...), the metrics label: never the URL.
+    ``auth`` is the (lower-case name, value) header that replaces the client's; never logged.
+    """
+
     name: str
+    target: str
     url: URL
     base: str
-    authorization: str | None
     timeouts: Timeouts
+    auth: tuple[bytes, bytes] | None = field(default=None, repr=False)
+    forward_client: bool = True
+    health: HealthSpec = _DEFAULT_HEALTH
+    # Derived once: what forward_headers drops, the log and metrics label, the hash (a pool lookup per request).
+    drop: frozenset[bytes] = field(init=False, compare=False, repr=False)
+    label: str = field(init=False, compare=False, repr=False)
+    _hash: int = field(init=False, compare=False, repr=False)
 
-    def target(self, path: str, query: bytes) -> URL:
+    def __post_init__(self) -> None:
+        drop = _REQUEST_DROP
+        if self.auth is not None:
+            drop = drop | {b"authorization", self.auth[0]}
+        if not self.forward_client:
+            drop = drop | {b"x-forwarded-for"}
+        set_ = object.__setattr__
+        set_(self, "drop", drop)
+        set_(self, "label", f"{self.name}/{self.target}")
+        set_(self, "_hash", hash((self.name, self.target, self.base, self.timeouts, self.auth, self.forward_client)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def target_url(self, path: str, query: bytes) -> URL:
         """The upstream URL for a canonical request path (:func:`requestpath.canonical`).
 
         The path was already refused if it could climb out of the base path;
@@ -101,9 +132,27 @@ class Upstream:
         return url
 
 
-def build_upstreams(specs: Mapping[str, UpstreamSpec], env: Mapping[str, str] = os.environ) -> dict[str, Upstream]:
-    """Resolve API keys from the environment now, so a missing one fails at startup."""
-    out: dict[str, Upstream] = {}
+@dataclass(frozen=True, slots=True)
+class UpstreamGroup:
+    """One configured upstream (what a rule's ``upstream:`` names): its URLs, model map and fallbacks.
+
+    ``chain`` is every URL a request to it may try, in order: its own, then each fallback's
+    chain, each URL once. Passive health decides which of them are skipped.
+    """
+
+    name: str
+    members: tuple[Upstream, ...]
+    models: Mapping[str, str]
+    fallback: tuple[str, ...]
+    chain: tuple[Upstream, ...] = ()
+
+
+def build_upstreams(specs: Mapping[str, UpstreamSpec], env: Mapping[str, str] = os.environ) -> dict[str, UpstreamGroup]:
+    """Resolve API keys from the environment now, so a missing one fails at startup.
+
+    Fallback names were checked when the policy was compiled (they exist, no cycles).
+    """
+    members: dict[str, tuple[Upstream, ...]] = {}
     for name, spec in specs.items():
         auth = None
         if spec.api_key_env:
@@ -112,33 +161,81 @@ def build_upstreams(specs: Mapping[str, UpstreamSpec], env: Mapping[str, str] = 
                 raise UpstreamConfigError(
                     f"upstream {name!r}: api_key_env {spec.api_key_env!r} is not set in the environment"
                 )
-            auth = f"Bearer {key}"
-        url = URL(spec.url)
-        out[name] = Upstream(
+            auth = _auth_header(name, spec, key)
+        out = []
+        for i, text in enumerate(spec.all_urls):
+            url = URL(text)
+            out.append(
+                Upstream(
+                    name=name,
+                    target=str(i),
+                    url=url,
+                    base=str(url).rstrip("/"),
+                    timeouts=spec.timeouts,
+                    auth=auth,
+                    forward_client=spec.client_address == "forward",
+                    health=spec.health,
+                )
+            )
+        members[name] = tuple(out)
+
+    def chain(name: str, seen: set[str]) -> list[Upstream]:
+        seen.add(name)
+        out = list(members[name])
+        for other in specs[name].fallback:
+            if other not in seen and other in members:
+                out += [m for m in chain(other, seen) if m not in out]
+        return out
+
+    return {
+        name: UpstreamGroup(
             name=name,
-            url=url,
-            base=str(url).rstrip("/"),
-            authorization=auth,
-            timeouts=spec.timeouts,
+            members=members[name],
+            models=MappingProxyType(dict(spec.models)),
+            fallback=tuple(spec.fallback),
+            chain=tuple(chain(name, set())),
         )
-    return out
+        for name, spec in specs.items()
+    }
+
+
+def _auth_header(name: str, spec: UpstreamSpec, key: str) -> tuple[bytes, bytes]:
+    value = spec.auth.format.replace("{key}", key)
+    try:
+        encoded = value.encode("latin-1")
+    except UnicodeEncodeError:
+        encoded = b""
+    if not encoded or any(c in encoded for c in b"\r\n\0"):
+        # Never the key itself in the message.
+        raise UpstreamConfigError(
+            f"upstream {name!r}: the key in {spec.api_key_env!r} holds characters that cannot go in a header"
+        )
+    return spec.auth.header.lower().encode("ascii"), encoded
 
 
 def forward_headers(
-    headers: Iterable[tuple[bytes, bytes]], peer: str | None, client_ip: str | None, upstream: Upstream
+    headers: Iterable[tuple[bytes, bytes]],
+    peer: str | None,
+    client_ip: str | None,
+    upstream: Upstream,
+    length: int | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """The client's headers as the upstream should see them, byte for byte.
 
     Hop-by-hop headers (and any the client's ``Connection`` names) and every
     address header are dropped, and so is ``Expect``: the gateway answers
     ``100-continue`` itself and holds the body. The peer is appended to
-    ``X-Forwarded-For``, the decided client address is set in
-    :data:`CLIENT_IP_HEADER`, and the client's ``Authorization`` is replaced
-    when the upstream has its own key. Names arrive lower-cased; values are
-    never re-encoded.
+    ``X-Forwarded-For`` and the decided client address is set in
+    :data:`CLIENT_IP_HEADER`, unless the upstream is told nothing about the
+    client (``client_address: drop``: then neither goes, nor the client's own
+    ``X-Forwarded-For``). An upstream with its own key gets it in its auth
+    header, and neither the client's ``Authorization`` nor its copy of that
+    header. ``length``: the body is the gateway's (a held, maybe rewritten
+    one), so the client's ``Content-Length`` is replaced. Names arrive
+    lower-cased; values are never re-encoded.
     """
     out: list[tuple[bytes, bytes]] = []
-    drop = _REQUEST_DROP
+    drop = upstream.drop if length is None else upstream.drop | _LENGTH
     xff = None
     for name, value in headers:
         if name in drop:
@@ -152,17 +249,18 @@ def forward_headers(
         if name == b"x-forwarded-for":
             xff = value if xff is None else xff + b", " + value
             continue
-        if name == b"authorization" and upstream.authorization is not None:
-            continue
         out.append((name, value))
-    if peer:
-        xff = peer.encode() if xff is None else xff + b", " + peer.encode()
-    if xff is not None:
-        out.append((b"x-forwarded-for", xff))
-    if client_ip is not None:
-        out.append((_CLIENT_IP_HEADER_BYTES, client_ip.encode()))
-    if upstream.authorization is not None:
-        out.append((b"authorization", upstream.authorization.encode("latin-1")))
+    if upstream.forward_client:
+        if peer:
+            xff = peer.encode() if xff is None else xff + b", " + peer.encode()
+        if xff is not None:
+            out.append((b"x-forwarded-for", xff))
+        if client_ip is not None:
+            out.append((_CLIENT_IP_HEADER_BYTES, client_ip.encode()))
+    if upstream.auth is not None:
+        out.append(upstream.auth)
+    if length is not None:
+        out.append((b"content-length", b"%d" % length))
     return out
 
 

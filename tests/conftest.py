@@ -78,10 +78,11 @@ class Stub:
 
 
 @contextlib.contextmanager
-def run_stub() -> Iterator[Stub]:
+def run_stub(*args: str) -> Iterator[Stub]:
+    """``args``: more ``stub`` options (``--status 503``, ``--refuse-region``)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "stub", "--port", str(port)],
+        [sys.executable, "-m", "gateway", "stub", "--port", str(port), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -90,6 +91,28 @@ def run_stub() -> Iterator[Stub]:
         yield Stub(port, proc)
     finally:
         stop(proc)
+
+
+@contextlib.contextmanager
+def unanswered_port() -> Iterator[int]:
+    """A loopback port whose accept queue is full: later SYNs go unanswered, so a connect times out."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # never accepted: the queue overflows
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+            fillers.append(s)
+        time.sleep(0.3)
+        try:
+            yield port
+        finally:
+            for s in fillers:
+                s.close()
 
 
 @pytest.fixture
@@ -146,7 +169,10 @@ class GatewayFactory:
         self.tmp_path = tmp_path
         self.running: list[Gateway] = []
 
-    def __call__(self, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Gateway:
+    def __call__(
+        self, *args: str, env: dict[str, str] | None = None, wait: bool = True, module: str = "gateway"
+    ) -> Gateway:
+        """``module``: what ``python -m`` runs (a test's wrapper around the gateway's ``main``)."""
         port, admin_port = free_port(), free_port()
         n = len(self.running)
         access_log = self.tmp_path / f"access-{n}.log"
@@ -154,7 +180,7 @@ class GatewayFactory:
         argv = [
             sys.executable,
             "-m",
-            "gateway",
+            module,
             "serve",
             "--port",
             str(port),

@@ -26,7 +26,7 @@ import httptools
 import httpx
 import pytest
 
-from conftest import CITY, GatewayFactory, Stub, free_port, run_stub, stop, wait_http, write
+from conftest import CITY, GatewayFactory, Stub, free_port, run_stub, stop, unanswered_port, wait_http, write
 
 GB, CN = "2.125.160.216", "175.16.199.1"
 TRUST = ["--trusted-proxy", "127.0.0.1/32"]
@@ -804,18 +804,7 @@ def test_head_204_and_304_have_no_body_and_keep_the_connection(gateway: GatewayF
 
 def test_connect_timeout_is_504(gateway: GatewayFactory, tmp_path: Path) -> None:
     """An upstream whose accept queue is full drops SYNs: the connect deadline answers, not the first-byte one."""
-    with socket.socket() as full:
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        port = full.getsockname()[1]
-        fillers = []
-        for _ in range(4):  # never accepted: the queue overflows and later SYNs go unanswered
-            s = socket.socket()
-            s.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                s.connect(("127.0.0.1", port))
-            fillers.append(s)
-        time.sleep(0.3)
+    with unanswered_port() as port:
         policy = write(
             tmp_path,
             "t.yaml",
@@ -824,8 +813,6 @@ def test_connect_timeout_is_504(gateway: GatewayFactory, tmp_path: Path) -> None
         )
         gw = gateway("--policy", policy, "--geoip", CITY, *TRUST)
         r = httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB}, timeout=20)
-        for s in fillers:
-            s.close()
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_connect_timeout"
 
 

@@ -105,7 +105,7 @@ def test_metrics(gateway: GatewayFactory, stub: Stub) -> None:
     text = gw.metrics()
     assert 'regiongate_decisions_total{country="GB",decision="allow",rule="supported"} 2.0' in text
     assert 'regiongate_decisions_total{country="CN",decision="deny",rule="defaults.action"} 1.0' in text
-    assert 'regiongate_upstream_requests_total{status_class="2xx",upstream="default"} 2.0' in text
+    assert 'regiongate_upstream_requests_total{status_class="2xx",target="0",upstream="default"} 2.0' in text
     assert 'regiongate_request_duration_seconds_count{decision="allow"} 2.0' in text
     assert 'regiongate_upstream_ttfb_seconds_count{upstream="default"} 2.0' in text
     assert re.search(r'regiongate_geoip_database_info\{build_epoch="\d+",type="GeoIP2-City"\} 1\.0', text)

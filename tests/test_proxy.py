@@ -366,7 +366,7 @@ def test_upstream_unreachable_is_502(gateway: GatewayFactory, policy: str) -> No
     assert r.status_code == 502
     assert r.json()["error"]["code"] == "upstream_unreachable"
     assert r.headers["x-should-retry"] == "true"
-    assert 'regiongate_upstream_requests_total{status_class="error",upstream="default"} 1.0' in gw.metrics()
+    assert 'regiongate_upstream_requests_total{status_class="error",target="0",upstream="default"} 1.0' in gw.metrics()
 
 
 def timeout_policy(tmp_path: Path, stub: Stub, **timeouts: float) -> str:
@@ -452,7 +452,7 @@ def test_upstream_errors_pass_through(gateway: GatewayFactory, stub: Stub, polic
     gw = start(gateway, stub, policy)
     with pytest.raises(openai.RateLimitError):
         sdk(gw, GB, max_retries=0).models.list(extra_headers={"x-stub-status": "429"})
-    assert 'regiongate_upstream_requests_total{status_class="4xx",upstream="default"} 1.0' in gw.metrics()
+    assert 'regiongate_upstream_requests_total{status_class="4xx",target="0",upstream="default"} 1.0' in gw.metrics()
 
 
 # --- modes ---------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The upstream side: one keep-alive pool per upstream, TLS with verification.
+"""The upstream side: one keep-alive pool per upstream URL, TLS with verification.
 
 A connection is handed to one relay at a time and comes back when its
 response was read to the end and the upstream did not ask to close. Idle
@@ -23,6 +23,7 @@ from typing import Protocol, cast
 import httptools
 
 from ..upstream import Upstream
+from .health import Health
 from .limits import Limits
 
 
@@ -174,6 +175,7 @@ class Pool:
 
     def __init__(self, upstream: Upstream, limits: Limits, bound: int) -> None:
         self.upstream = upstream
+        self.health = Health(upstream.health)  # kept while the URL stays configured
         self.limits = limits
         self.bound = bound
         self.loop = asyncio.get_running_loop()

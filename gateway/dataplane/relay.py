@@ -13,6 +13,17 @@ a client that leaves aborts the upstream request, so a chunked upload cut
 short never reaches the upstream with a terminator; and a request sent on a
 pooled connection that the upstream had just closed is sent once more on a
 new one when nothing of the response arrived and the body was in hand.
+
+Failover (:mod:`.failover`), when the request has more than one URL to try:
+a failed connect, a 502/503/504 or an upstream's region refusal moves the
+request to the next URL, but only while no byte of the response has reached
+the client, and only when the body can be sent again: the gateway's own
+(``body``, given per upstream) or a client's that was wholly held (a
+streamed upload, larger than ``Limits.body_buffer``, is never sent twice).
+Each attempt runs on its URL's timeouts from the moment it starts. A 403 is
+read (bounded) before it is passed on, to tell a region refusal apart; every
+other answer streams as before. The plain request (one URL, no fallback)
+pays for none of this beyond a ``None`` check and its URL's health counter.
 """
 
 from __future__ import annotations
@@ -24,11 +35,14 @@ from typing import Protocol
 
 from .. import errors
 from ..errors import GatewayError
-from ..upstream import response_headers
+from ..upstream import Upstream, response_headers
+from .failover import CONNECT_ERROR, CONNECT_TIMEOUT, REGION_REFUSAL, SNIFF_LIMIT, STATUS_REASONS, Failover, Route
+from .failover import region_refusal as read_refusal
 from .pool import ConnectTimeout, Pool, UpstreamConnection
 from .server import Header, Request
 
 _NO_BODY_STATUS = frozenset({204, 304})
+_UNHEALTHY = frozenset(STATUS_REASONS)  # 502, 503, 504: the upstream itself says it could not serve
 
 
 class Outcome(Protocol):
@@ -38,6 +52,9 @@ class Outcome(Protocol):
     sent: int
     error: str | None
     ttfb: float | None
+    target: Upstream | None  # the URL of the last attempt (the one that answered)
+    failovers: list[Failover] | None
+    refused: str | None  # the upstream's message, when its region refusal was passed on
 
 
 def send_error(request: Request, error: GatewayError, request_id: bytes, policy: Header) -> None:
@@ -87,6 +104,10 @@ class Relay:
         "request_id",
         "response_started",
         "retried",
+        "route",
+        "sniff",
+        "sniff_bytes",
+        "sniff_head",
         "sse",
         "timer",
         "total_at",
@@ -103,7 +124,11 @@ class Relay:
         policy: Header,
         outcome: Outcome,
         done: Callable[[], None],
+        route: Route | None = None,
+        body: bytes | None = None,
     ) -> None:
+        """``body``: the whole request body, read by the gateway (sent with its own content-length,
+        which ``headers`` carry); None streams the client's. ``route``: the URLs left to try."""
         self.request = request
         self.pool = pool
         self.loop = pool.loop
@@ -111,21 +136,26 @@ class Relay:
         self.policy = policy
         self.outcome = outcome
         self.done = done
+        self.route = route
         self.conn: UpstreamConnection | None = None
         self.cancel_wait: Callable[[], None] | None = None
-        self.chunked_up = request.chunked
-        parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method.encode(), target, pool.host_header)]
-        parts += [b"%s: %s\r\n" % h for h in headers]
-        if self.chunked_up:
-            parts.append(b"transfer-encoding: chunked\r\n")
-        parts.append(b"\r\n")
-        self.head = b"".join(parts)
+        self.chunked_up = request.chunked and body is None
+        self.head = self._head(target, headers)
         request.forget_headers()
-        self.pending: list[bytes] = []
-        self.held: list[bytes] | None = []  # the body so far, kept for one retry while it is small
-        self.held_bytes = 0
+        if body is None:
+            self.pending: list[bytes] = []
+            self.held: list[bytes] | None = []  # the body so far, kept for a second attempt while it is small
+            self.held_bytes = 0
+            self.body_sent = not request.has_body
+        else:
+            self.pending = [body]
+            self.held = [body]
+            self.held_bytes = len(body)
+            self.body_sent = True
         self.pending_bytes = 0
-        self.body_sent = not request.has_body
+        self.sniff: list[bytes] | None = None  # a 403's body, read before anything is passed on
+        self.sniff_head: tuple[int, list[Header], bool, bytes | None] | None = None
+        self.sniff_bytes = 0
         self.out: list[bytes] = []
         self.response_started = False
         self.idle_timer = False
@@ -142,27 +172,42 @@ class Relay:
         self.total_at = 0.0
         self.first_byte_at = 0.0
 
+    def _head(self, target: bytes, headers: list[Header]) -> bytes:
+        parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (self.request.method.encode(), target, self.pool.host_header)]
+        parts += [b"%s: %s\r\n" % h for h in headers]
+        if self.chunked_up:
+            parts.append(b"transfer-encoding: chunked\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
     # --- start -------------------------------------------------------------------------
 
     def start(self) -> None:
         request = self.request
-        timeouts = self.pool.upstream.timeouts
-        now = self.loop.time()
-        self.total_at = now + timeouts.total
-        self.first_byte_at = min(now + timeouts.first_byte, self.total_at)
-        self.timer = self.loop.call_at(self.first_byte_at, self._on_timer)
-        self.clock = time.perf_counter()
+        self._deadlines()
         request.on_gone = self._client_gone
         request.on_pause = self._client_paused
         request.on_resume = self._client_resumed
         self.outcome.attempted = True
-        if request.has_body:
+        self.outcome.target = self.pool.upstream
+        if not self.body_sent:
             first = request.read_body(self._client_chunk, self._client_end)
             for chunk in first:
                 self._client_chunk(chunk)
             if request.body_done:
                 self._client_end()
         self.cancel_wait = self.pool.acquire(self._connected)
+
+    def _deadlines(self) -> None:
+        """An attempt's timeouts, from now: its URL's first-byte and total ones."""
+        timeouts = self.pool.upstream.timeouts
+        now = self.loop.time()
+        self.total_at = now + timeouts.total
+        self.first_byte_at = min(now + timeouts.first_byte, self.total_at)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_at(self.first_byte_at, self._on_timer)
+        self.clock = time.perf_counter()
 
     def _connected(self, conn: UpstreamConnection | None, error: Exception | None) -> None:
         self.cancel_wait = None
@@ -172,6 +217,10 @@ class Relay:
             return
         if conn is None:
             timed_out = isinstance(error, ConnectTimeout)
+            self.pool.health.failed()
+            # Nothing went up: whatever of the body was read is still pending, so it can go elsewhere.
+            if self.route is not None and self._failover(CONNECT_TIMEOUT if timed_out else CONNECT_ERROR, 0):
+                return
             self._fail(errors.UPSTREAM_CONNECT_TIMEOUT if timed_out else errors.UPSTREAM_UNREACHABLE)
             return
         self.conn = conn
@@ -223,8 +272,17 @@ class Relay:
     # --- the response, from the upstream -------------------------------------------------
 
     def upstream_head(self, status: int, raw: list[Header]) -> None:
+        health = self.pool.health
+        if status in _UNHEALTHY:
+            health.failed()
+            if self.route is not None and self.held is not None and self._failover(STATUS_REASONS[status], status):
+                return
+        elif health.failures:
+            health.ok()
         self.outcome.ttfb = time.perf_counter() - self.clock
-        self.head, self.held = b"", None  # an answer arrived: no retry, nothing to keep
+        self.head = b""  # an answer arrived: no retry on this connection
+        if self.route is None or status != 403:
+            self.held = None  # nothing to keep for another attempt
         self.outcome.status = status
         self.response_started = True
         self.last_rx = self.loop.time()
@@ -243,6 +301,12 @@ class Relay:
         headers = response_headers(raw)
         headers.append((b"x-regiongate-request-id", self.request_id))
         headers.append(self.policy)
+        if status == 403 and not self.no_body:
+            # Maybe the upstream refusing the gateway's region: read it before passing anything on.
+            encoding = next((v for n, v in raw if n.lower() == b"content-encoding"), None)
+            self.sniff, self.sniff_head, self.sniff_bytes = [], (status, headers, length_known, encoding), 0
+            return
+        self.route = None  # the answer is this one: the client's headers need not be kept
         self.out.append(self.request.head(status, headers, length_known=length_known, no_body=self.no_body))
         if self.request.method == "HEAD":
             # The parser would wait for the body a HEAD response announces but never sends.
@@ -254,17 +318,26 @@ class Relay:
     def upstream_body(self, data: bytes) -> None:
         if self.no_body:
             return
+        if self.sniff is not None:
+            self.sniff.append(data)
+            self.sniff_bytes += len(data)
+            self.last_rx = self.loop.time()
+            if self.sniff_bytes > SNIFF_LIMIT:
+                self._pass_sniffed()  # too long to be a refusal
+            return
         self.out.append(self.request.frame(data))
         self.outcome.sent += len(data)
         self.last_rx = self.loop.time()
 
     def upstream_complete(self) -> None:
         self.complete = True
-        if not self.no_body:
+        if not self.no_body and self.sniff is None:
             self.out.append(self.request.tail())
 
     def upstream_fed(self) -> None:
         """The end of one upstream read: what it produced goes to the client in one write."""
+        if self.sniff is not None and self.complete and self._judge_403():
+            return  # another attempt is under way
         out = self.out
         if out:
             self.request.send(out[0] if len(out) == 1 else b"".join(out))
@@ -297,6 +370,8 @@ class Relay:
         elif self.until_close and error is None:
             self.upstream_complete()
             self.upstream_fed()
+        elif self.sniff is not None:
+            self._fail(errors.UPSTREAM_BAD_RESPONSE)  # a 403 cut short: nothing of it was passed on
         else:
             self.upstream_fed()
             self._cut(errors.UPSTREAM_STREAM_CUT)
@@ -304,8 +379,78 @@ class Relay:
     def _retry(self) -> None:
         """A pooled connection closed under the request before any answer: once more, on a new one."""
         self.retried = True
-        self.pending, self.held = list(self.held or []), None
+        self.pending = list(self.held or [])
+        if self.route is None:
+            self.held = None
         self.cancel_wait = self.pool.acquire(self._connected, fresh=True)
+
+    # --- another URL, before anything reached the client ---------------------------------
+
+    def _judge_403(self) -> bool:
+        """A whole 403 is in: a region refusal goes to the next URL if there is one, else it is passed on."""
+        assert self.sniff is not None and self.sniff_head is not None
+        message = read_refusal(b"".join(self.sniff), self.sniff_head[3])
+        if message is not None:
+            if self.route is not None and self.held is not None and self._failover(REGION_REFUSAL, 403, message):
+                return True
+            self.outcome.refused = message
+        self._pass_sniffed()
+        return False
+
+    def _pass_sniffed(self) -> None:
+        """The 403 read so far goes to the client as it came (framed for it), and the rest streams on."""
+        assert self.sniff is not None and self.sniff_head is not None
+        status, headers, length_known, _ = self.sniff_head
+        sniffed, self.sniff, self.sniff_head = self.sniff, None, None
+        self.held = self.route = None
+        request = self.request
+        out = self.out
+        out.append(request.head(status, headers, length_known=length_known))
+        for data in sniffed:
+            out.append(request.frame(data))
+            self.outcome.sent += len(data)
+        if self.complete:
+            out.append(request.tail())
+
+    def _failover(self, reason: str, status: int, message: str | None = None) -> bool:
+        """Start the next attempt, if there is a URL left and nothing reached the client."""
+        route = self.route
+        if route is None or self.request.started or self.finished:
+            return False
+        step = route.next()
+        if step is None:
+            return False
+        pool, target, headers, body = step
+        o = self.outcome
+        if o.failovers is None:
+            o.failovers = []
+        o.failovers.append(Failover(self.pool.upstream, pool.upstream, reason, status, message))
+        conn, self.conn = self.conn, None
+        if self.cancel_wait is not None:
+            self.cancel_wait()
+            self.cancel_wait = None
+        if conn is not None:
+            if self.complete and self.body_sent:
+                self.pool.release(conn)  # a whole answer (a refusal) on a sound connection
+            else:
+                conn.abort()
+        self.pool = pool
+        self.head = self._head(target, headers)
+        if body is not None:
+            self.pending, self.held, self.held_bytes = [body], [body], len(body)
+        elif status:  # the last URL had (some of) the body: all of it again, from what was held
+            assert self.held is not None
+            self.pending = list(self.held)
+        self.pending_bytes = sum(map(len, self.pending))
+        self.response_started = self.complete = self.idle_timer = self.retried = self.sse = False
+        self.until_close = False
+        self.no_body = self.request.method == "HEAD"
+        self.sniff = self.sniff_head = None
+        self.out.clear()
+        o.status, o.ttfb, o.target = 0, None, pool.upstream
+        self._deadlines()
+        self.cancel_wait = pool.acquire(self._connected)
+        return True
 
     # --- backpressure: a slow client pauses the upstream --------------------------------
 
@@ -369,6 +514,9 @@ class Relay:
 
     def _cut(self, error: GatewayError) -> None:
         """After the response started: a final error event for a stream, else a body that cannot look whole."""
+        if not self.request.started:  # the upstream's answer was still being read (a 403): nothing passed on
+            self._fail(error)
+            return
         self._stop()
         self._drop_upstream()
         self.outcome.error = error.code

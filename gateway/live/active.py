@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..policy import Policy
-from ..upstream import Upstream
+from ..upstream import UpstreamGroup
 
 POLICY_HEADER = b"x-regiongate-policy"
 TAG_LENGTH = 12
@@ -43,7 +43,7 @@ class PolicyVersion:
 @dataclass(frozen=True, slots=True)
 class Active:
     current: PolicyVersion
-    upstreams: Mapping[str, Upstream]
+    upstreams: Mapping[str, UpstreamGroup]
     shadow_version: PolicyVersion | None = None
 
     # Read on every request: plain attributes, derived once here.

@@ -32,7 +32,7 @@ from ..runtime import (
     read_policy_text,
     resolve_upstreams,
 )
-from ..upstream import Upstream
+from ..upstream import UpstreamGroup
 from .active import Active, PolicyVersion
 
 log = logging.getLogger("regiongate")
@@ -172,7 +172,9 @@ class Live:
         log.info("%s %s reloaded: sha256:%s version %s", role, path, candidate.tag, candidate.version)
         return result(True, True, None, sha)
 
-    async def _judge(self, role: Role, text: str, path: str) -> tuple[PolicyVersion, Mapping[str, Upstream] | None]:
+    async def _judge(
+        self, role: Role, text: str, path: str
+    ) -> tuple[PolicyVersion, Mapping[str, UpstreamGroup] | None]:
         rt = self.runtime
         # Compiling a long policy takes milliseconds and touches nothing shared: off the loop.
         # The tests look addresses up in the shared geo cache: on it.
@@ -188,7 +190,7 @@ class Live:
         upstreams = resolve_upstreams(candidate.policy, rt.settings, rt.env) if role == "policy" else None
         return candidate, upstreams
 
-    def _swap(self, role: Role, candidate: PolicyVersion, upstreams: Mapping[str, Upstream] | None) -> None:
+    def _swap(self, role: Role, candidate: PolicyVersion, upstreams: Mapping[str, UpstreamGroup] | None) -> None:
         rt = self.runtime
         old = rt.active
         if role == "policy":
@@ -218,7 +220,7 @@ class Live:
             log.error("%s reload refused, still serving sha256:%s:\n%s", role, tag, error)
         return result(False, False, error, sha)
 
-    def _retire_removed_upstreams(self, old: Mapping[str, Upstream], new: Mapping[str, Upstream]) -> None:
+    def _retire_removed_upstreams(self, old: Mapping[str, UpstreamGroup], new: Mapping[str, UpstreamGroup]) -> None:
         """Connections to upstreams no longer configured close once their requests end (the data plane's job)."""
         if self.gateway is not None:
             self.gateway.retire_upstreams(old, new)
