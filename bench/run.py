@@ -377,7 +377,9 @@ def start_upstream(
 
 SHADOW_POLICY = BENCH_DIR / "policy-shadow.yaml"
 RATELIMIT_POLICY = BENCH_DIR / "policy-ratelimit.yaml"
+ROUTE_POLICY = BENCH_DIR / "policy-route.yaml"
 REDIS_MARK = "@REDIS@"  # replaced by the URL of the redis-server bench/run.py starts
+ROUTE_MARK = "@ROUTE_POLICY@"  # replaced by ROUTE_POLICY with the bare upstream's URL written in
 # key: (label, extra serve flags)
 GATEWAYS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gateway": ("gateway", ()),
@@ -388,6 +390,9 @@ GATEWAYS: dict[str, tuple[str, tuple[str, ...]]] = {
         "gateway + Redis rate limit",
         ("--policy", str(RATELIMIT_POLICY), "--redis", REDIS_MARK, "--audit", "off"),
     ),
+    # Every allowed request's JSON body read, its model checked against allow_models and
+    # renamed for the upstream it is routed to: the routing step's cost beside the plain forward.
+    "gateway-route": ("gateway + model-mapped route", ("--policy", ROUTE_MARK)),
 }
 # The shadow policy costs per request, not per event: the stream benchmarks run the plain gateway.
 STREAM_GATEWAYS = ("gateway",)
@@ -433,6 +438,10 @@ def start_gateway(
     label, extra = GATEWAYS[key]
     if REDIS_MARK in extra:
         extra = tuple(start_redis(stack, pin, workdir) if a == REDIS_MARK else a for a in extra)
+    if ROUTE_MARK in extra:
+        routed = workdir / "policy-route.yaml"
+        routed.write_text(ROUTE_POLICY.read_text(encoding="utf-8").replace("@UPSTREAM@", upstream_base))
+        extra = tuple(str(routed) if a == ROUTE_MARK else a for a in extra)
     port, admin_port = free_port(), free_port()
     cmd = [
         sys.executable, "-m", "gateway", "serve",
@@ -979,6 +988,7 @@ def check_inputs() -> None:
         POLICY,
         SHADOW_POLICY,
         RATELIMIT_POLICY,
+        ROUTE_POLICY,
         XFF_LUA,
         UPSTREAM_TEMPLATE,
         GEOIP2_TEMPLATE,

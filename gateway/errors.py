@@ -46,6 +46,15 @@ def method_not_allowed(method: str, allowed: Iterable[str]) -> GatewayError:
     )
 
 
+def model_not_allowed(model: str | None) -> GatewayError:
+    """OpenAI-shaped, so the SDKs raise ``PermissionDeniedError`` (403)."""
+    if model is None:
+        message = "The request's model could not be read, and only some models are available in your region."
+    else:
+        message = f"The model {model[:200]!r} is not available in your country, region, or territory."
+    return GatewayError(403, "invalid_request_error", "model_not_allowed_in_region", message)
+
+
 UPSTREAM_UNREACHABLE = GatewayError(
     502, "upstream_error", "upstream_unreachable", "The upstream API could not be reached.", retry=True
 )

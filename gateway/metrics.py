@@ -49,8 +49,9 @@ class Metrics:
         r = self.registry
         self.decisions = Counter(
             "regiongate_decisions",
-            "Requests by decision, deciding rule and client country.",
-            ["decision", "rule", "country"],
+            "Requests by decision (allow, route, monitor, deny), deciding rule, client country, and the upstream "
+            "they went to (empty when refused).",
+            ["decision", "rule", "country", "upstream"],
             registry=r,
         )
         self.shadow = Counter(
@@ -194,7 +195,14 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self._decision_children: dict[tuple[str, str, str], Counter] = {}
+        self.model_refusals = Counter(
+            "regiongate_model_refusals",
+            "Requests refused because their model is not in the deciding rule's allow_models (or could not be read), "
+            "by rule.",
+            ["rule"],
+            registry=r,
+        )
+        self._decision_children: dict[tuple[str, str, str, str], Counter] = {}
         self._upstream_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._ttfb_children: dict[str, Histogram] = {}
@@ -240,8 +248,8 @@ class Metrics:
     def shadow_disagreement(self, active: str, shadow: str, rule: str) -> None:
         self.shadow_disagreements.labels(active, shadow, rule).inc()
 
-    def decision(self, verdict: str, rule: str, country: str) -> None:
-        key = (verdict, rule, country)
+    def decision(self, verdict: str, rule: str, country: str, upstream: str) -> None:
+        key = (verdict, rule, country, upstream)
         child = self._decision_children.get(key)
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)
@@ -250,6 +258,9 @@ class Metrics:
     def overrides(self, counts: dict[str, int]) -> None:
         for kind, n in counts.items():
             self.overrides_active.labels(kind).set(n)
+
+    def model_refused(self, rule: str) -> None:
+        self.model_refusals.labels(rule).inc()
 
     def rate_limited(self, rule: str, by: str) -> None:
         self.rate_limited_total.labels(rule, by).inc()

@@ -14,7 +14,11 @@ once, when its answer is over.
 
 ``handle`` is called by the server for each request, in the loop turn that
 read its head: no task per request. A forwarded request's record is written
-by the relay's completion callback.
+by the relay's completion callback. Two steps may wait, and only requests
+that need them pay for them: reading a JSON body to learn its model (a rule
+that looks at the model, ``allow_models``, an upstream that renames models;
+callbacks, :mod:`gateway.dataplane.bodyhold`) and asking the rate limiter
+(a task, since it awaits Redis).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 from . import errors
 from .clientip import MISSING, PUBLIC, ClientAddress, resolve
+from .dataplane.bodyhold import hold
 from .dataplane.failover import REGION_REFUSAL, Failover, Notices, Route, prepare
 from .dataplane.limits import Limits
 from .dataplane.pool import Pool
@@ -36,7 +41,8 @@ from .dataplane.server import Request
 from .errors import GatewayError
 from .geo import NO_FACTS, GeoFacts
 from .live.active import Active
-from .policy import DENY, Decision, decide
+from .modelfield import BadBody, ModelField, is_json, read_model, rename
+from .policy import DENY, NEEDS_MODEL, Decision, decide, decide_model, model_refusal
 from .requestid import RequestIds
 from .requestpath import BadPath, canonical
 from .runtime import Runtime
@@ -53,12 +59,14 @@ class Outcome:
     """What became of one request, for the record."""
 
     __slots__ = (
-        "active", "attempted", "client_gone", "error", "failovers", "refused", "sent", "shadow", "status", "target",
-        "ttfb",
+        "active", "attempted", "client_gone", "decision", "error", "failovers", "model", "refused", "sent", "shadow",
+        "status", "target", "ttfb",
     )  # fmt: skip
 
-    def __init__(self, active: Active) -> None:
+    def __init__(self, active: Active, decision: Decision) -> None:
         self.active = active  # the policy (and its upstreams) judging this request, whatever reloads meanwhile
+        self.decision = decision  # final once the model is known (when the decision needs it)
+        self.model: str | None = None
         self.shadow: Decision | None = None
         self.attempted = False
         self.target: Upstream | None = None  # the URL that answered (or was tried last)
@@ -124,35 +132,126 @@ class Gateway:
         ov = rt.overrides
         override = judge_override(ov.compiled, client, facts, request_key_hash(ov.compiled, ov.key, request.headers))
         decision = REJECTED if path is None else override or decide(policy, client, facts, path)
-        outcome = Outcome(active)
+        outcome = Outcome(active, decision)
         if active.shadow is not None and path is not None:
             outcome.shadow = decide(active.shadow, client, facts, path)
         # 4. Refuse or forward; 5. record, now or when the answer is over.
 
         def record() -> None:
-            self.record(request, path, request_id, client, facts, decision, outcome, time.perf_counter() - started)
+            self.record(request, path, request_id, client, facts, outcome, time.perf_counter() - started)
 
         rid = request_id.encode()
         try:
             if bad is not None:
                 self.fail(request, bad, rid, outcome, record)
-            elif decision.verdict == DENY:
-                block = policy.spec.block
-                request.respond(block.status, error_headers(rid, False, active.header), policy.block_body)
-                outcome.status, outcome.sent = block.status, len(policy.block_body)
-                record()
-            elif decision.limit is not None:
-                # 3b. The deciding rule's rate limit: the one step that may wait (on Redis), so only
-                # a request under a limit gets a task; every other request stays on callbacks.
-                task = asyncio.get_running_loop().create_task(
-                    self.limited(request, path, client, facts, decision, rid, outcome, record)  # type: ignore[arg-type]
-                )
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            elif decision is NEEDS_MODEL or decision.allow_models is not None or decision.upstream in active.renaming:
+                # 3a. The decision needs the request's model: read the body (JSON only, bounded), then go on.
+                self.read_model(request, path, client, facts, rid, outcome, record)  # type: ignore[arg-type]
             else:
-                self.forward(request, path, client, decision, rid, outcome, record)  # type: ignore[arg-type]
+                self.proceed(request, path, client, facts, rid, outcome, record, None)  # type: ignore[arg-type]
         except Exception:
             self.crashed(request, rid, outcome, record)
+
+    def proceed(
+        self,
+        request: Request,
+        path: str,
+        client: ClientAddress,
+        facts: GeoFacts,
+        rid: bytes,
+        outcome: Outcome,
+        record: Callable[[], None],
+        body_for: BodyFor | None,
+    ) -> None:
+        """Refuse, or forward (after the rate limit when the deciding rule has one)."""
+        decision = outcome.decision
+        if decision.verdict == DENY:
+            if decision.model_refused:
+                self.metrics.model_refused(decision.rule)
+                self.fail(request, errors.model_not_allowed(outcome.model), rid, outcome, record)
+                return
+            policy = outcome.active.policy
+            block = policy.spec.block
+            request.respond(block.status, error_headers(rid, False, outcome.active.header), policy.block_body)
+            outcome.status, outcome.sent = block.status, len(policy.block_body)
+            record()
+        elif decision.limit is not None:
+            # 3b. The deciding rule's rate limit: the one step that may wait (on Redis), so only
+            # a request under a limit gets a task; every other request stays on callbacks.
+            task = asyncio.get_running_loop().create_task(
+                self.limited(request, path, client, facts, decision, rid, outcome, record, body_for)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            self.forward(request, path, client, decision, rid, outcome, record, body_for)
+
+    def read_model(
+        self,
+        request: Request,
+        path: str,
+        client: ClientAddress,
+        facts: GeoFacts,
+        rid: bytes,
+        outcome: Outcome,
+        record: Callable[[], None],
+    ) -> None:
+        """Learn the model from a JSON body of at most ``body.max_bytes``, then decide with it.
+
+        Any other body (not JSON, too large, none) is streamed untouched and its model
+        is unknown (``body.unknown_model``). A held body goes up as bytes, renamed for
+        the upstream that gets it; it can then be sent again on failover.
+        """
+        spec = outcome.active.policy.spec.body
+        if not request.has_body or not is_json(_content_type(request.headers)):
+            self.with_model(request, path, client, facts, rid, outcome, record, None)
+            return
+
+        def held(body: bytes | None) -> None:
+            request.on_gone = None
+            try:
+                self.with_model(request, path, client, facts, rid, outcome, record, body)
+            except Exception:
+                self.crashed(request, rid, outcome, record)
+
+        def gone() -> None:  # left before the body was whole: nothing was sent anywhere
+            outcome.client_gone, outcome.status, outcome.error = True, 499, "client_disconnected"
+            record()
+
+        request.on_gone = gone
+        hold(request, spec.max_bytes, held)
+
+    def with_model(
+        self,
+        request: Request,
+        path: str,
+        client: ClientAddress,
+        facts: GeoFacts,
+        rid: bytes,
+        outcome: Outcome,
+        record: Callable[[], None],
+        body: bytes | None,
+    ) -> None:
+        field: ModelField | None = None
+        if body:  # an empty body has no model; a body too large or too slow was given back (None)
+            try:
+                field = read_model(body)
+            except BadBody as e:
+                self.fail(request, errors.bad_request(e.message, "invalid_body"), rid, outcome, record)
+                return
+        model = field.model if field is not None else None
+        active = outcome.active
+        decision = outcome.decision
+        if decision is NEEDS_MODEL:
+            decision = decide(active.policy, client, facts, path, model)
+        outcome.decision = model_refusal(active.policy, decision, model) or decision
+        outcome.model = model
+        if active.shadow is not None:
+            outcome.shadow = decide_model(active.shadow, client, facts, path, model)
+        body_for: BodyFor | None = None
+        if body is not None:
+            body_for = _renamer(body, field)
+        self.proceed(request, path, client, facts, rid, outcome, record, body_for)
 
     async def limited(
         self,
@@ -164,6 +263,7 @@ class Gateway:
         rid: bytes,
         outcome: Outcome,
         record: Callable[[], None],
+        body_for: BodyFor | None,
     ) -> None:
         """Forward unless the deciding rule's rate limit says no (a 429; Redis trouble follows ``on_error``)."""
         assert decision.limit is not None
@@ -173,7 +273,7 @@ class Gateway:
             if refused is not None:
                 self.fail(request, refused, rid, outcome, record)
             else:
-                self.forward(request, path, client, decision, rid, outcome, record)
+                self.forward(request, path, client, decision, rid, outcome, record, body_for)
         except Exception:
             self.crashed(request, rid, outcome, record)
 
@@ -245,20 +345,23 @@ class Gateway:
         request_id: str,
         client: ClientAddress,
         facts: GeoFacts,
-        decision: Decision,
         ex: Outcome,
         seconds: float,
     ) -> None:
+        decision = ex.decision
         country = facts.country or (client.kind if client.kind != PUBLIC else "unknown")
         m = self.metrics
         if ex.error is not None and ex.error in _BAD_REQUEST_CODES:
             m.bad_request(ex.error)
         if decision is not REJECTED:
-            m.decision(decision.verdict, decision.rule, country)
+            m.decision(decision.verdict, decision.rule, country, decision.upstream or "")
         m.request(decision.verdict, seconds)
         for rule in decision.shadow:
             m.shadow_match(rule)
         shadow = ex.shadow
+        if shadow is NEEDS_MODEL and ex.active.shadow is not None and path is not None:
+            # Only the shadow policy looks at the model: it is judged as unknown (the body was not read for it).
+            shadow = ex.shadow = decide_model(ex.active.shadow, client, facts, path, None)
         if shadow is not None and shadow.verdict != decision.verdict:
             m.shadow_disagreement(decision.verdict, shadow.verdict, shadow.rule)
         target = ex.target
@@ -278,6 +381,7 @@ class Gateway:
                 audit_entry(
                     request_id, verdict, decision.rule,
                     facts.country, facts.subdivisions, facts.asn, path, ex.active.policy.sha256, log_.redact(client.ip),
+                    ex.model,
                 )
             )  # fmt: skip
         if not log_.enabled:
@@ -301,6 +405,8 @@ class Gateway:
             "bytes": ex.sent,
             "policy": ex.active.tag,
         }
+        if ex.model is not None:
+            entry["model"] = ex.model[:256]
         if facts.subdivisions:
             entry["subdivisions"] = facts.subdivisions
         if facts.asn is not None:
@@ -348,9 +454,30 @@ _BAD_REQUEST_CODES = frozenset({"invalid_path", "method_not_allowed"})
 REJECTED = Decision("rejected", "rejected", "invalid_request", "refused before the policy: bad method or path", None)
 
 
-def _request_target(
-    method: str, raw_path: bytes, allowed: frozenset[str]
-) -> tuple[str | None, GatewayError | None]:
+BodyFor = Callable[[UpstreamGroup], bytes]
+
+
+def _renamer(body: bytes, field: ModelField | None) -> BodyFor:
+    """The bytes each upstream gets: the body with only its model renamed, if that upstream maps it."""
+    model = field.model if field is not None else None
+
+    def body_for(group: UpstreamGroup) -> bytes:
+        new = group.models.get(model) if model is not None else None
+        if new is None or field is None:
+            return body
+        return rename(body, field, new)
+
+    return body_for
+
+
+def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    for name, value in headers:
+        if name == b"content-type":
+            return value
+    return None
+
+
+def _request_target(method: str, raw_path: bytes, allowed: frozenset[str]) -> tuple[str | None, GatewayError | None]:
     """The canonical path, or the 400/405 that answers a request that has none."""
     if method not in allowed:
         return None, errors.method_not_allowed(method, allowed)

@@ -169,10 +169,7 @@ class GatewayFactory:
         self.tmp_path = tmp_path
         self.running: list[Gateway] = []
 
-    def __call__(
-        self, *args: str, env: dict[str, str] | None = None, wait: bool = True, module: str = "gateway"
-    ) -> Gateway:
-        """``module``: what ``python -m`` runs (a test's wrapper around the gateway's ``main``)."""
+    def __call__(self, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Gateway:
         port, admin_port = free_port(), free_port()
         n = len(self.running)
         access_log = self.tmp_path / f"access-{n}.log"
@@ -180,7 +177,7 @@ class GatewayFactory:
         argv = [
             sys.executable,
             "-m",
-            module,
+            "gateway",
             "serve",
             "--port",
             str(port),

@@ -59,6 +59,9 @@ class _Outcome:
     sent = 0
     error: str | None = None
     ttfb: float | None = None
+    target: object = None
+    failovers: object = None
+    refused: str | None = None
 
 
 def relay(request: Request, pool: Pool) -> None:
@@ -117,7 +120,7 @@ async def serving(handler: Callable[[Request], None], limits: Limits | None = No
 
 
 def upstream_pool(up: RawUpstream, limits: Limits) -> Pool:
-    upstream = build_upstreams({"default": UpstreamSpec(url=up.url)}, {})["default"]
+    upstream = build_upstreams({"default": UpstreamSpec(url=up.url)}, {})["default"].members[0]
     return Pool(upstream, limits, 8)
 
 

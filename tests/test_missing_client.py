@@ -147,8 +147,14 @@ def test_gateway_refuses_a_trusted_peer_without_a_client_and_says_why(
     missing = [line for line in lines if line["rule"] == "defaults.missing"]
     assert all(line["client_problem"] and line["country"] is None for line in missing)
     metrics = gw.metrics()
-    assert 'regiongate_decisions_total{country="missing",decision="deny",rule="defaults.missing"} 4.0' in metrics
-    assert 'regiongate_decisions_total{country="missing",decision="allow",rule="proxy-health"} 1.0' in metrics
+    assert (
+        'regiongate_decisions_total{country="missing",decision="deny",rule="defaults.missing",upstream=""} 4.0'
+        in metrics
+    )
+    assert (
+        'regiongate_decisions_total{country="missing",decision="allow",rule="proxy-health",upstream="default"} 1.0'
+        in metrics
+    )
 
 
 def test_gateway_with_forwarded_treats_an_absent_or_empty_field_as_missing(

@@ -466,4 +466,7 @@ def test_monitor_mode_forwards_and_records(gateway: GatewayFactory, stub: Stub, 
     assert httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": CN}).status_code == 200
     log = gw.wait_log(1)[0]
     assert (log["decision"], log["action"], log["rule"]) == ("monitor", "deny", "defaults.action")
-    assert 'regiongate_decisions_total{country="CN",decision="monitor",rule="defaults.action"} 1.0' in gw.metrics()
+    assert (
+        'regiongate_decisions_total{country="CN",decision="monitor",rule="defaults.action",upstream="default"} 1.0'
+        in gw.metrics()
+    )

@@ -394,29 +394,30 @@ def test_fallback_to_default_from_the_command_line(gateway: GatewayFactory, stub
     assert httpx.get(gw.admin + "/readyz").json()["upstreams"] == {"eu": dead, "default": stub.url}
 
 
-# --- a body of the gateway's own (body_for) ---------------------------------------------------------
+# --- a held body, renamed per upstream (body_for) ---------------------------------------------------
 
 
 def test_each_upstream_gets_its_own_body_with_its_length(
     gateway: GatewayFactory, stub: Stub, stub_503: Stub, tmp_path: Path
 ) -> None:
-    """``Gateway.forward(..., body_for=...)``: the bytes for the upstream tried, sent with their own length."""
+    """A body read for its model goes to each upstream tried as that upstream's bytes, with their own length:
+    renamed for the one with a model map, as the client wrote it for the fallback without one."""
     text = (
-        f'version: 1\nupstreams:\n  default: {{url: "{stub_503.url}", fallback: [backup]}}\n'
-        f'  backup: {{url: "{stub.url}"}}\nrules:\n  - {{name: gb, countries: [GB], action: allow}}\n'
+        f'version: 1\nupstreams:\n  default: {{url: "{stub_503.url}", models: {{gpt-4o: qwen-plus}}, '
+        f'fallback: [backup]}}\n  backup: {{url: "{stub.url}"}}\n'
+        "rules:\n  - {name: gb, countries: [GB], action: allow}\n"
     )
-    gw = gateway(
-        "--policy", write(tmp_path, "p.yaml", text), "--geoip", CITY, *TRUST,
-        module="body_for_gateway", env={"PYTHONPATH": str(Path(__file__).parent)},
-    )  # fmt: skip
-    r = httpx.post(gw.url + "/echo/x", headers={**FROM_GB, "Content-Length": "0"})
+    gw = gateway("--policy", write(tmp_path, "p.yaml", text), "--geoip", CITY, *TRUST)
+    body = '{"model": "gpt-4o", "n": 1}'
+    r = httpx.post(gw.url + "/echo/x", content=body, headers={**FROM_GB, "content-type": "application/json"})
     assert r.status_code == 200
-    assert r.json()["body"] == '{"model":"backup"}'
+    assert r.json()["body"] == body
     headers = echoed(r)
-    assert headers["content-length"] == [str(len('{"model":"backup"}'))]
+    assert headers["content-length"] == [str(len(body))]
     assert "transfer-encoding" not in headers
     (entry,) = gw.wait_log(1)
     assert entry["failovers"] == [{"from": "default/0", "to": "backup/0", "reason": "status_503"}]
+    assert entry["model"] == "gpt-4o"
 
 
 # --- the pieces, on their own -----------------------------------------------------------------------

@@ -52,6 +52,8 @@ class Active:
     tag: str = field(init=False)
     shadow_tag: str | None = field(init=False)
     header: tuple[bytes, bytes] = field(init=False)
+    # Upstreams a request cannot go to without its model: one in its chain renames models.
+    renaming: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -60,3 +62,9 @@ class Active:
         set_(self, "tag", self.current.tag)
         set_(self, "shadow_tag", self.shadow_version.tag if self.shadow_version else None)
         set_(self, "header", (POLICY_HEADER, self.current.tag.encode()))
+        groups = self.upstreams
+        set_(
+            self,
+            "renaming",
+            frozenset(name for name, g in groups.items() if any(groups[u.name].models for u in g.chain)),
+        )

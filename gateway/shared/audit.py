@@ -105,7 +105,7 @@ class Audit:
 
 def entry(
     request_id: str, verdict: str, rule: str, country: str | None, subdivisions: Iterable[str], asn: int | None,
-    path: str | None, policy: str, client: str | None,
+    path: str | None, policy: str, client: str | None, model: str | None = None,
 ) -> dict[str, Any]:
     return {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
@@ -116,7 +116,7 @@ def entry(
         "subdivisions": list(subdivisions),
         "asn": asn,
         "path": path,
-        "model": None,  # the gateway does not read request bodies
+        "model": model[:256] if model is not None else None,  # known only when the decision read the body
         "policy": policy,
         "client": client,
     }
