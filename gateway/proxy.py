@@ -216,6 +216,8 @@ class Gateway:
 
         def gone() -> None:  # left before the body was whole: nothing was sent anywhere
             outcome.client_gone, outcome.status, outcome.error = True, 499, "client_disconnected"
+            if outcome.decision is NEEDS_MODEL:  # recorded as for a request whose model is unknown
+                outcome.decision = decide_model(outcome.active.policy, client, facts, path, None)
             record()
 
         request.on_gone = gone

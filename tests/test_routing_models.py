@@ -215,3 +215,23 @@ def test_a_body_that_cannot_be_judged_gets_a_400(
     error = r.json()["error"]
     assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_body")
     assert got(ups["qwen"]) == []
+
+
+def test_a_client_that_leaves_while_its_body_is_read_is_recorded_and_nothing_goes_up(
+    gateway: GatewayFactory, tmp_path: Path, ups: dict[str, RawUpstream]
+) -> None:
+    import socket
+
+    gw = start(gateway, tmp_path, ups)
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"x-forwarded-for: " + US.encode() + b"\r\ncontent-length: 100\r\n\r\n" + b'{"model": "o1'
+        )
+        gw.wait_log(0, timeout=0.5)
+    (entry,) = gw.wait_log(1)
+    assert (entry["status"], entry["error"]) == (499, "client_disconnected")
+    # Judged as a request whose model is unknown (the restrictive default): the models rule takes it.
+    assert (entry["decision"], entry["rule"]) == ("deny", "no-reasoning-here")
+    assert all(got(up) == [] for up in ups.values())
+    assert 'decision="needs_model"' not in gw.metrics()
