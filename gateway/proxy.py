@@ -19,7 +19,6 @@ by the relay's completion callback.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -72,7 +71,6 @@ class Gateway:
         self.bound = 1
         self.pools: dict[Upstream, Pool] = {}
         self._ids = RequestIds()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     def open(self, bound: int) -> None:
         """Keep-alive pools are made per upstream as requests need them (inside the running loop)."""
@@ -126,19 +124,15 @@ class Gateway:
                 outcome.status, outcome.sent = block.status, len(policy.block_body)
                 record()
             elif decision.limit is not None:
-                # 3b. The deciding rule's rate limit: the one step that may wait (on Redis), so only
-                # a request under a limit gets a task; every other request stays on callbacks.
-                task = asyncio.get_running_loop().create_task(
-                    self.limited(request, path, client, facts, decision, rid, outcome, record)  # type: ignore[arg-type]
-                )
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                # 3b. The deciding rule's rate limit: the one step that may wait (on Redis), with a
+                # callback like every other step (answered when the batch of checks is).
+                self.limited(request, path, client, facts, decision, rid, outcome, record)  # type: ignore[arg-type]
             else:
                 self.forward(request, path, client, decision, rid, outcome, record)  # type: ignore[arg-type]
         except Exception:
             self.crashed(request, rid, outcome, record)
 
-    async def limited(
+    def limited(
         self,
         request: Request,
         path: str,
@@ -151,15 +145,18 @@ class Gateway:
     ) -> None:
         """Forward unless the deciding rule's rate limit says no (a 429; Redis trouble follows ``on_error``)."""
         assert decision.limit is not None
-        try:
-            on_error = outcome.active.policy.spec.redis.on_error
-            refused = await check_rate(self.runtime.overrides, decision.limit, client, facts, request.headers, on_error)
-            if refused is not None:
-                self.fail(request, refused, rid, outcome, record)
-            else:
-                self.forward(request, path, client, decision, rid, outcome, record)
-        except Exception:
-            self.crashed(request, rid, outcome, record)
+
+        def then(refused: GatewayError | None) -> None:
+            try:
+                if refused is not None:
+                    self.fail(request, refused, rid, outcome, record)
+                else:
+                    self.forward(request, path, client, decision, rid, outcome, record)
+            except Exception:
+                self.crashed(request, rid, outcome, record)
+
+        on_error = outcome.active.policy.spec.redis.on_error
+        check_rate(self.runtime.overrides, decision.limit, client, facts, request.headers, on_error, then)
 
     def forward(
         self,
