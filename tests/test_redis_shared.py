@@ -6,6 +6,7 @@ own when it kills or restarts it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -349,6 +350,26 @@ def test_two_gateways_enforce_one_shared_rate_limit(
     redis_server.command("SCRIPT", "FLUSH")
     assert status_of(b, SE) == 200
     assert status_of(b, GB) == 429
+
+
+def test_requests_arriving_together_share_one_budget(
+    gateway: GatewayFactory, stub: Stub, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Checks asked for at once go to Redis in batches; the shared budget still holds to the request."""
+    pfx = prefix()
+    policy = limited_policy(10, by="country")
+    gateways = [limited_gateway(gateway, stub, tmp_path, redis_server.url, pfx, policy) for _ in range(2)]
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            replies = await asyncio.gather(*(
+                client.get(gw.url + "/v1/models", headers={"X-Forwarded-For": ip})
+                for _ in range(15) for gw in gateways for ip in (GB, "81.2.69.160")
+            ))  # fmt: skip
+        return [r.status_code for r in replies]
+
+    codes = asyncio.run(burst())
+    assert codes.count(200) == 10 and codes.count(429) == len(codes) - 10
 
 
 @pytest.mark.parametrize(("on_error", "expected"), [("open", 200), ("closed", 503)])

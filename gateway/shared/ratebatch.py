@@ -64,10 +64,13 @@ class Batcher:
         self._thens.append(then)
 
     async def close(self) -> None:
+        """Shutting down: every check still waiting is answered None, so nobody waits forever."""
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(self._runner, 2)
+        thens, self._keys, self._args, self._thens = self._thens, [], [], []
+        _answer(thens, None)
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._conn.disconnect(), 2)
@@ -89,9 +92,8 @@ class Batcher:
                         log.exception("rate-limit batch failed")
                 _answer(thens, outcomes)
                 thens = []
-        except asyncio.CancelledError:  # shutting down: nobody is left waiting forever
-            _answer(thens + self._thens, None)
-            self._keys, self._args, self._thens = [], [], []
+        except asyncio.CancelledError:  # closed while a batch was out
+            _answer(thens, None)
             raise
         finally:
             self._runner = None
