@@ -540,8 +540,9 @@ def test_redis_out_of_memory_follows_on_error(
     assert 'regiongate_redis_errors_total{op="ratelimit"}' in gw.metrics()
 
 
-def test_sentinel_failover_keeps_overrides_working(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
-    """The master dies, Sentinel promotes its replica; the gateway follows without a restart."""
+@pytest.fixture
+def failover(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, RedisServer]]:
+    """A master, its replica and a Sentinel (service ``svc``) promoting the replica a second after the master dies."""
     master = RedisServer(tmp_path / "master").start()
     replica = RedisServer(tmp_path / "replica").start()
     sentinel_proc = None
@@ -561,22 +562,51 @@ def test_sentinel_failover_keeps_overrides_working(gateway: GatewayFactory, stub
         sentinel.proc = sentinel_proc
         wait_for(lambda: "svc" in sentinel.command("SENTINEL", "MASTERS"), 15, "the sentinel")
         wait_for(lambda: sentinel.command("SENTINEL", "REPLICAS", "svc") != "", 15, "the sentinel to see the replica")
-        pfx = prefix()
-        gw = shared(gateway, stub, f"redis+sentinel://127.0.0.1:{sentinel.port}/svc", pfx)
-        add(gw, {"action": "deny", "country": "GB", "reason": "before the failover"})
-        wait_for(lambda: replica.command("HLEN", f"{pfx}{{overrides}}:data") == "1", 15, "the replica to copy it")
-        master.kill()
-        wait_for(lambda: str(replica.port) in sentinel.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "svc"),
-                 60, "Sentinel to promote the replica")
-        assert status_of(gw, GB) == 403  # the last copy meanwhile
-        wait_for(lambda: httpx.post(gw.admin + "/admin/overrides", headers=AUTH, timeout=10, json={
-            "action": "deny", "country": "SE", "reason": "after the failover", "id": "after"}).status_code == 201,
-            30, "writes to reach the new master")
-        assert status_of(gw, SE) == 403 and status_of(gw, GB) == 403
-        assert replica.command("HLEN", f"{pfx}{{overrides}}:data") == "2"
+        yield master, replica, sentinel
     finally:
         for server in (master, replica):
             server.stop()
         if sentinel_proc is not None:
             sentinel_proc.terminate()
             sentinel_proc.wait(10)
+
+
+def promoted(sentinel: RedisServer, replica: RedisServer) -> None:
+    wait_for(lambda: str(replica.port) in sentinel.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "svc"),
+             60, "Sentinel to promote the replica")
+
+
+def test_sentinel_failover_keeps_overrides_working(
+    gateway: GatewayFactory, stub: Stub, failover: tuple[RedisServer, RedisServer, RedisServer]
+) -> None:
+    """The master dies, Sentinel promotes its replica; the gateway follows without a restart."""
+    master, replica, sentinel = failover
+    pfx = prefix()
+    gw = shared(gateway, stub, f"redis+sentinel://127.0.0.1:{sentinel.port}/svc", pfx)
+    add(gw, {"action": "deny", "country": "GB", "reason": "before the failover"})
+    wait_for(lambda: replica.command("HLEN", f"{pfx}{{overrides}}:data") == "1", 15, "the replica to copy it")
+    master.kill()
+    promoted(sentinel, replica)
+    assert status_of(gw, GB) == 403  # the last copy meanwhile
+    wait_for(lambda: httpx.post(gw.admin + "/admin/overrides", headers=AUTH, timeout=10, json={
+        "action": "deny", "country": "SE", "reason": "after the failover", "id": "after"}).status_code == 201,
+        30, "writes to reach the new master")
+    assert status_of(gw, SE) == 403 and status_of(gw, GB) == 403
+    assert replica.command("HLEN", f"{pfx}{{overrides}}:data") == "2"
+
+
+def test_sentinel_failover_keeps_rate_limits_working(
+    gateway: GatewayFactory, stub: Stub, tmp_path: Path, failover: tuple[RedisServer, RedisServer, RedisServer]
+) -> None:
+    """The limiter's own connection follows the failover too: the next check asks Sentinel for the new master."""
+    master, replica, sentinel = failover
+    pfx = prefix()
+    url = f"redis+sentinel://127.0.0.1:{sentinel.port}/svc"
+    gw = limited_gateway(gateway, stub, tmp_path, url, pfx, limited_policy(2, on_error="closed"))
+    assert [status_of(gw, GB) for _ in range(3)] == [200, 200, 429]
+    wait_for(lambda: replica.command("EXISTS", f"{pfx}rl:{{limited:ip:{GB}}}") == "1", 15, "the replica to copy it")
+    master.kill()
+    promoted(sentinel, replica)
+    wait_for(lambda: status_of(gw, SE) != 503, 30, "the limiter to reach the new master")  # 503: closed meanwhile
+    assert status_of(gw, SE) == 200 and status_of(gw, SE) == 429  # its budget of 2, counted by the new master
+    assert status_of(gw, GB) == 429  # and what the old master had counted came along

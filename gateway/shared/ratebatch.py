@@ -129,6 +129,8 @@ class Batcher:
         from redis.exceptions import ResponseError
 
         packed = conn.pack_commands([("EVALSHA", self.sha, len(k), *k, *a) for k, a in chunks])
+        if not conn.is_connected:
+            await conn.connect()  # as the pool would: a Sentinel's connection asks for the master here
         await conn.send_packed_command(packed, check_health=False)
         replies: list[Any] = []
         for _ in chunks:
