@@ -85,6 +85,17 @@ async def test_a_flushed_script_is_loaded_again(batcher: Batcher, server: RedisS
     assert batcher.breaker.failures == 0
 
 
+async def test_a_connection_closed_while_idle_is_made_again(batcher: Batcher, server: RedisServer) -> None:
+    got: list[Outcome | None] = []
+    batcher.submit("t5:rl:{r:ip:one}", *script_args(LIMIT), got.append)
+    await answers(got, 1)
+    server.command("CLIENT", "KILL", "TYPE", "normal")  # as a Redis `timeout` or a proxy would
+    await asyncio.sleep(0.05)  # the loop reads the end of the stream (already there) before the next check
+    batcher.submit("t5:rl:{r:ip:one}", *script_args(LIMIT), got.append)
+    await answers(got, 2)
+    assert got[1] is not None and got[1].remaining == 298 and batcher.breaker.failures == 0
+
+
 async def test_a_batch_redis_does_not_answer_in_time_is_answered_none(server: RedisServer) -> None:
     client = connect(parse_url(server.url), None, 0.05)
     breaker = Breaker(0.05)

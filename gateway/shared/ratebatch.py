@@ -83,7 +83,9 @@ class Batcher:
                 self._keys, self._args, self._thens = [], [], []
                 left = self._since + self.timeout - time.monotonic()
                 outcomes: list[Outcome] | None = None
-                if left > 0:  # else these waited their whole timeout behind a slow batch
+                if left <= 0:  # these waited their whole timeout behind a slow batch: a failure too
+                    self.breaker.observer.error("ratelimit")
+                else:
                     try:
                         outcomes = await self.breaker.call("ratelimit", partial(self._round_trip, keys, args), left)
                     except RedisUnavailable:
@@ -122,6 +124,8 @@ class Batcher:
             if isinstance(reply, Exception):
                 raise reply
             outcomes += outcomes_from_script(reply)
+        if len(outcomes) != len(keys):  # every caller must be answered: not one by another's reply
+            raise ValueError(f"{len(outcomes)} outcomes for {len(keys)} checks")
         return outcomes
 
     async def _send(self, conn: Any, chunks: list[tuple[list[str], list[bytes]]]) -> list[Any]:
@@ -129,8 +133,12 @@ class Batcher:
         from redis.exceptions import ResponseError
 
         packed = conn.pack_commands([("EVALSHA", self.sha, len(k), *k, *a) for k, a in chunks])
+        # What the pool does before lending a connection: one closed while idle (a Redis or proxy
+        # timeout, CLIENT KILL) is made again rather than failing a batch.
+        if conn.is_connected and await (getattr(conn, "can_read", None) or conn.can_read_destructive)():
+            await conn.disconnect()
         if not conn.is_connected:
-            await conn.connect()  # as the pool would: a Sentinel's connection asks for the master here
+            await conn.connect()  # as the pool does: a Sentinel's connection asks for the master here
         await conn.send_packed_command(packed, check_health=False)
         replies: list[Any] = []
         for _ in chunks:

@@ -81,12 +81,14 @@ def gcra(tat: float | None, now: float, interval: float, tolerance: float) -> tu
     return Outcome(True, remaining, 0.0, new_tat - now), new_tat
 
 
-# KEYS[i]: one subject's key; ARGV[2i-1], ARGV[2i]: its interval and tolerance (ms). Returns, for each key
-# in turn, allowed, remaining, retry_after, reset (ms). The keys are judged in order, so one subject twice
-# in a batch is two checks, as two EVALSHAs would be.
+# KEYS[i]: one subject's key; ARGV[2i-1], ARGV[2i]: its interval and tolerance. Returns, for each key in
+# turn, allowed, remaining, retry_after, reset. The keys are judged in order, so one subject twice in a batch
+# is two checks, as two EVALSHAs would be. Times are whole microseconds (TIME's resolution): integers that
+# a Lua number holds exactly, so a batch judged within one TIME counts its burst to the request, where
+# milliseconds in floating point (and TATs stored through tostring's 14 digits) drift by a request.
 GCRA_LUA = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
 for i = 1, #KEYS do
   local interval = tonumber(ARGV[2 * i - 1])
@@ -95,12 +97,12 @@ for i = 1, #KEYS do
   if tat == nil or tat < now then tat = now end
   local new_tat = tat + interval
   local n = #out
-  if new_tat - now > tolerance + 0.000001 then
-    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 0, 0, tostring(new_tat - tolerance - now), tostring(tat - now)
+  if new_tat - now > tolerance then
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 0, 0, new_tat - tolerance - now, tat - now
   else
-    redis.call('SET', KEYS[i], tostring(new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
-    local remaining = math.floor((tolerance - (new_tat - now)) / interval + 0.000000001)
-    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, remaining, '0', tostring(new_tat - now)
+    redis.call('SET', KEYS[i], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+    local remaining = math.floor((tolerance - (new_tat - now)) / interval)
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, remaining, 0, new_tat - now
   end
 end
 return out
@@ -111,14 +113,16 @@ def outcomes_from_script(reply: list[Any]) -> list[Outcome]:
     """The script's flat reply, one :class:`Outcome` per key."""
     it = iter(reply)
     return [
-        Outcome(allowed == 1, int(remaining), float(retry_after) / 1000, float(reset) / 1000)
+        Outcome(allowed == 1, remaining, retry_after / 1e6, reset / 1e6)
         for allowed, remaining, retry_after, reset in zip(it, it, it, it, strict=True)
     ]
 
 
 def script_args(limit: RateLimit) -> tuple[bytes, bytes]:
-    """The script's ARGV for one check under ``limit``: its interval and tolerance in ms."""
-    return f"{limit.interval * 1000:.3f}".encode(), f"{limit.tolerance * 1000:.3f}".encode()
+    """The script's ARGV for one check under ``limit``: its interval and tolerance in whole microseconds
+    (an interval of at least one: a limit above a million requests a second per subject is a million)."""
+    interval = max(1, round(limit.interval * 1e6))
+    return str(interval).encode(), str(interval * limit.burst).encode()
 
 
 def subject(limit: RateLimit, client: ClientAddress, facts: GeoFacts, key_hash: str | None) -> str:
