@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from gateway.shared.ratebatch import MAX_KEYS, Batcher
+from gateway.shared.ratebatch import MAX_KEYS, Batcher, pack_evalsha
 from gateway.shared.ratelimit import GCRA_LUA, Outcome, RateLimit, script_args
 from gateway.shared.redisconn import Breaker, connect, parse_url
 from redis_support import RedisServer
@@ -129,3 +129,13 @@ async def test_closing_answers_every_waiting_check(batcher: Batcher) -> None:
     await batcher.close()  # before the batch went out
     assert got == [None]
 
+
+
+def test_the_batch_is_packed_as_redis_py_packs_it() -> None:
+    from redis.asyncio.connection import Connection
+
+    keys = ["p:rl:{r:ip:2.125.160.216}", "p:rl:{r:country:GB}", "p:rl:{r:api_key:é}"]
+    args = [b"12000000", b"3600000000"] * 3
+    sha = "e" * 40
+    expected = b"".join(Connection().pack_command("EVALSHA", sha, len(keys), *keys, *args))
+    assert pack_evalsha(sha, keys, args) == expected

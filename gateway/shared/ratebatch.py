@@ -7,7 +7,7 @@ per-command packing, reply reading and pool bookkeeping first. Here a batch is
 one ``EVALSHA`` of the GCRA script with one key per check (Redis runs a script
 whole, so each check stays atomic, and two checks of one subject in one batch
 are judged one after the other), packed by redis-py once per batch and read as
-one reply by its hiredis parser; a check is a callback, resolved when its
+one reply by its hiredis parser (packed here: :func:`pack_evalsha`); a check is a callback, resolved when its
 batch's reply is read, so waiting costs no task.
 
 One connection, of the client's own class (so TLS, unix sockets, AUTH and a
@@ -132,7 +132,7 @@ class Batcher:
         """One write for all chunks, then every reply read (an error reply is returned, not raised)."""
         from redis.exceptions import ResponseError
 
-        packed = conn.pack_commands([("EVALSHA", self.sha, len(k), *k, *a) for k, a in chunks])
+        packed = b"".join(pack_evalsha(self.sha, k, a) for k, a in chunks)
         # What the pool does before lending a connection: one closed while idle (a Redis or proxy
         # timeout, CLIENT KILL) is made again rather than failing a batch.
         if conn.is_connected and await (getattr(conn, "can_read", None) or conn.can_read_destructive)():
@@ -147,6 +147,20 @@ class Batcher:
             except ResponseError as e:
                 replies.append(e)
         return replies
+
+
+def pack_evalsha(sha: str, keys: list[str], args: list[bytes]) -> bytes:
+    """``EVALSHA sha len(keys) *keys *args`` as redis-py's ``pack_command`` writes it (a test holds the two
+    equal) for a fifth of its cost: every argument here is a string or bytes, so this is RESP's array of
+    bulk strings and nothing more, where redis-py's packer checks each argument's type on the way."""
+    parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)), _bulk(sha.encode()), _bulk(b"%d" % len(keys))]
+    parts += [_bulk(k.encode()) for k in keys]
+    parts += [_bulk(a) for a in args]
+    return b"".join(parts)
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
 def _answer(thens: list[Then], outcomes: list[Outcome] | None) -> None:
