@@ -27,7 +27,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
 @pytest.fixture
 async def batcher(server: RedisServer) -> AsyncIterator[Batcher]:
     client = connect(parse_url(server.url), None, 1.0)
-    b = Batcher(client, Breaker(1.0), 1.0, GCRA_LUA, client.register_script(GCRA_LUA).sha)
+    b = Batcher(client, Breaker(1.0), GCRA_LUA, client.register_script(GCRA_LUA).sha)
     try:
         yield b
     finally:
@@ -99,7 +99,7 @@ async def test_a_connection_closed_while_idle_is_made_again(batcher: Batcher, se
 async def test_a_batch_redis_does_not_answer_in_time_is_answered_none(server: RedisServer) -> None:
     client = connect(parse_url(server.url), None, 0.05)
     breaker = Breaker(0.05)
-    b = Batcher(client, breaker, 0.05, GCRA_LUA, client.register_script(GCRA_LUA).sha)
+    b = Batcher(client, breaker, GCRA_LUA, client.register_script(GCRA_LUA).sha)
     try:
         got: list[Outcome | None] = []
         b.submit("t3:rl:{r:ip:one}", *script_args(LIMIT), got.append)

@@ -13,10 +13,9 @@ batch's reply is read, so waiting costs no task.
 One connection, of the client's own class (so TLS, unix sockets, AUTH and a
 Sentinel's master lookup are redis-py's), is held here instead of taken from
 the pool for every batch. A batch goes through the circuit breaker as one call
-(one latency sample, one error when it fails) within what is left of the
-timeout of its oldest check, so a check waits no longer than ``timeout`` even
-behind a slow batch; a check whose batch fails is answered ``None`` (the
-caller follows ``on_error``). ``NOSCRIPT`` (a restart, a failover, ``SCRIPT
+(one latency sample, one error when it fails) under the per-call timeout, so a
+check waits at most for the batch out before it and its own; a check whose
+batch fails is answered ``None`` (the caller follows ``on_error``). ``NOSCRIPT`` (a restart, a failover, ``SCRIPT
 FLUSH``) loads the script on the same connection and sends that batch again.
 """
 
@@ -25,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -40,25 +38,21 @@ MAX_KEYS = 200  # checks per EVALSHA: Redis serves nothing else while a script r
 
 
 class Batcher:
-    def __init__(self, client: Any, breaker: Breaker, timeout: float, script: str, sha: str) -> None:
+    def __init__(self, client: Any, breaker: Breaker, script: str, sha: str) -> None:
         self.client = client
         self.breaker = breaker
-        self.timeout = timeout
         self.script = script
         self.sha = sha
         self._keys: list[str] = []
         self._args: list[bytes] = []  # interval and tolerance (ms) of each check, in key order
         self._thens: list[Then] = []
-        self._since = 0.0  # when the oldest waiting check was asked for
         self._runner: asyncio.Task[None] | None = None
         self._conn: Any = None
 
     def submit(self, key: str, interval: bytes, tolerance: bytes, then: Then) -> None:
         """Ask for one check; ``then`` is called with its outcome, or None when Redis could not answer."""
-        if not self._thens:
-            self._since = time.monotonic()
-            if self._runner is None:  # else the running batch's runner takes this one next
-                self._runner = asyncio.get_running_loop().create_task(self._run())
+        if self._runner is None:  # else the runner takes this check with the next batch
+            self._runner = asyncio.get_running_loop().create_task(self._run())
         self._keys.append(key)
         self._args += (interval, tolerance)
         self._thens.append(then)
@@ -81,17 +75,13 @@ class Batcher:
             while self._thens:
                 keys, args, thens = self._keys, self._args, self._thens
                 self._keys, self._args, self._thens = [], [], []
-                left = self._since + self.timeout - time.monotonic()
                 outcomes: list[Outcome] | None = None
-                if left <= 0:  # these waited their whole timeout behind a slow batch: a failure too
-                    self.breaker.observer.error("ratelimit")
-                else:
-                    try:
-                        outcomes = await self.breaker.call("ratelimit", partial(self._round_trip, keys, args), left)
-                    except RedisUnavailable:
-                        pass
-                    except Exception:
-                        log.exception("rate-limit batch failed")
+                try:
+                    outcomes = await self.breaker.call("ratelimit", partial(self._round_trip, keys, args))
+                except RedisUnavailable:
+                    pass
+                except Exception:
+                    log.exception("rate-limit batch failed")
                 _answer(thens, outcomes)
                 thens = []
         except asyncio.CancelledError:  # closed while a batch was out

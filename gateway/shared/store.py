@@ -165,7 +165,7 @@ class RedisStore(OverrideStore):
         self.client = connect(self.target, self._password, self.timeout)
         self._gcra = self.client.register_script(GCRA_LUA)  # EVALSHA; loaded again on NOSCRIPT
         if self.target.mode != "cluster":
-            self._batcher = Batcher(self.client, self.breaker, self.timeout, GCRA_LUA, self._gcra.sha)
+            self._batcher = Batcher(self.client, self.breaker, GCRA_LUA, self._gcra.sha)
         self._wake = asyncio.Event()
         self.observer.overrides(self.compiled.counts())
         loop = asyncio.get_running_loop()
