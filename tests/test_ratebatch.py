@@ -10,18 +10,15 @@ import pytest
 from gateway.shared.ratebatch import MAX_KEYS, Batcher, pack_evalsha
 from gateway.shared.ratelimit import GCRA_LUA, Outcome, RateLimit, script_args
 from gateway.shared.redisconn import Breaker, connect, parse_url
-from redis_support import RedisServer
+from redis_support import RedisServer, running
 
 LIMIT = RateLimit("r", "ip", 300, 3600.0, 300)  # a burst of 300, then one each 12 s
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    s = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
+    with running(tmp_path_factory.mktemp("redis")) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from overrides_support import (
     status_of,
     wait_for,
 )
-from redis_support import RedisServer
+from redis_support import RedisServer, running
 
 SE = "89.160.20.112"
 _prefixes = itertools.count()
@@ -41,20 +41,14 @@ _prefixes = itertools.count()
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
+    with running(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
+    with running(tmp_path / "redis") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def prefix() -> str:
