@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from . import errors
@@ -145,18 +146,30 @@ class Gateway:
     ) -> None:
         """Forward unless the deciding rule's rate limit says no (a 429; Redis trouble follows ``on_error``)."""
         assert decision.limit is not None
-
-        def then(refused: GatewayError | None) -> None:
-            try:
-                if refused is not None:
-                    self.fail(request, refused, rid, outcome, record)
-                else:
-                    self.forward(request, path, client, decision, rid, outcome, record)
-            except Exception:
-                self.crashed(request, rid, outcome, record)
-
         on_error = outcome.active.policy.spec.redis.on_error
+        # A partial, not a closure: fewer objects per waiting request for the garbage collector to count.
+        then = partial(self.checked, request, path, client, decision, rid, outcome, record)
         check_rate(self.runtime.overrides, decision.limit, client, facts, request.headers, on_error, then)
+
+    def checked(
+        self,
+        request: Request,
+        path: str,
+        client: ClientAddress,
+        decision: Decision,
+        rid: bytes,
+        outcome: Outcome,
+        record: Callable[[], None],
+        refused: GatewayError | None,
+    ) -> None:
+        """The rate limit's answer: forward, or the 429 (or 503)."""
+        try:
+            if refused is not None:
+                self.fail(request, refused, rid, outcome, record)
+            else:
+                self.forward(request, path, client, decision, rid, outcome, record)
+        except Exception:
+            self.crashed(request, rid, outcome, record)
 
     def forward(
         self,

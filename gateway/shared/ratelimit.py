@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from ..clientip import ClientAddress
@@ -196,14 +197,18 @@ def check(
         token = bearer_token(headers)
         if token is not None and store.key is not None:
             key_hash = hash_key(store.key, token)
+    # A partial, not a closure: one object fewer per waiting request for the garbage collector to count.
+    store.rate(limit, subject(limit, client, facts, key_hash), partial(_judged, store, limit, on_error, then))
 
-    def judged(outcome: Outcome | None) -> None:
-        if outcome is None:  # RedisUnavailable (counted by the breaker), or a bug: the policy says what then
-            then(None if on_error == "open" else UNAVAILABLE)
-        elif outcome.allowed:
-            then(None)
-        else:
-            store.observer.rate_limited(limit.rule, limit.by)
-            then(exceeded(limit, outcome))
 
-    store.rate(limit, subject(limit, client, facts, key_hash), judged)
+def _judged(
+    store: Any, limit: RateLimit, on_error: OnError, then: Callable[[GatewayError | None], None],
+    outcome: Outcome | None,
+) -> None:
+    if outcome is None:  # RedisUnavailable (counted by the breaker), or a bug: the policy says what then
+        then(None if on_error == "open" else UNAVAILABLE)
+    elif outcome.allowed:
+        then(None)
+    else:
+        store.observer.rate_limited(limit.rule, limit.by)
+        then(exceeded(limit, outcome))
