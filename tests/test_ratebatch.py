@@ -120,6 +120,27 @@ async def test_a_batch_redis_does_not_answer_in_time_is_answered_none(server: Re
         await client.aclose()
 
 
+async def test_through_a_unix_socket(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The limiter's connection is of the client's own class: here redis-py's unix-socket one."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rg") as short:  # a socket path must stay under ~100 bytes
+        sock = f"{short}/redis.sock"
+        server = RedisServer(tmp_path_factory.mktemp("unix"), "--unixsocket", sock).start()
+        client = connect(parse_url(f"unix://{sock}"), None, 1.0)
+        b = Batcher(client, Breaker(1.0), GCRA_LUA, client.register_script(GCRA_LUA).sha)
+        try:
+            got: list[Outcome | None] = []
+            for _ in range(2):
+                b.submit("t6:rl:{r:ip:one}", *script_args(LIMIT), got.append)
+            await answers(got, 2)
+            assert [o is not None and o.remaining for o in got] == [299, 298]
+        finally:
+            await b.close()
+            await client.aclose()
+            server.stop()
+
+
 async def test_closing_answers_every_waiting_check(batcher: Batcher) -> None:
     got: list[Outcome | None] = []
     batcher.submit("t4:rl:{r:ip:one}", *script_args(LIMIT), got.append)
