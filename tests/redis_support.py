@@ -6,11 +6,13 @@ restarts one asks for a ``SAVE`` first, so that what it held comes back.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,13 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@contextlib.contextmanager
+def running(directory: Path) -> Iterator[RedisServer]:
+    """A redis-server for the length of a ``with`` (a fixture's life)."""
+    server = RedisServer(directory).start()
+    try:
+        yield server
+    finally:
+        server.stop()

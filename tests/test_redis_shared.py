@@ -6,6 +6,7 @@ own when it kills or restarts it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -32,7 +33,7 @@ from overrides_support import (
     status_of,
     wait_for,
 )
-from redis_support import RedisServer
+from redis_support import RedisServer, running
 
 SE = "89.160.20.112"
 _prefixes = itertools.count()
@@ -40,20 +41,14 @@ _prefixes = itertools.count()
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    try:
+    with running(tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    try:
+    with running(tmp_path / "redis") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def prefix() -> str:
@@ -351,6 +346,26 @@ def test_two_gateways_enforce_one_shared_rate_limit(
     assert status_of(b, GB) == 429
 
 
+def test_requests_arriving_together_share_one_budget(
+    gateway: GatewayFactory, stub: Stub, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Checks asked for at once go to Redis in batches; the shared budget still holds to the request."""
+    pfx = prefix()
+    policy = limited_policy(10, by="country")
+    gateways = [limited_gateway(gateway, stub, tmp_path, redis_server.url, pfx, policy) for _ in range(2)]
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            replies = await asyncio.gather(*(
+                client.get(gw.url + "/v1/models", headers={"X-Forwarded-For": ip})
+                for _ in range(15) for gw in gateways for ip in (GB, "81.2.69.160")
+            ))  # fmt: skip
+        return [r.status_code for r in replies]
+
+    codes = asyncio.run(burst())
+    assert codes.count(200) == 10 and codes.count(429) == len(codes) - 10
+
+
 @pytest.mark.parametrize(("on_error", "expected"), [("open", 200), ("closed", 503)])
 def test_rate_limit_with_redis_down_follows_on_error(
     gateway: GatewayFactory, stub: Stub, tmp_path: Path, on_error: str, expected: int
@@ -519,8 +534,9 @@ def test_redis_out_of_memory_follows_on_error(
     assert 'regiongate_redis_errors_total{op="ratelimit"}' in gw.metrics()
 
 
-def test_sentinel_failover_keeps_overrides_working(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
-    """The master dies, Sentinel promotes its replica; the gateway follows without a restart."""
+@pytest.fixture
+def failover(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, RedisServer]]:
+    """A master, its replica and a Sentinel (service ``svc``) promoting the replica a second after the master dies."""
     master = RedisServer(tmp_path / "master").start()
     replica = RedisServer(tmp_path / "replica").start()
     sentinel_proc = None
@@ -540,25 +556,54 @@ def test_sentinel_failover_keeps_overrides_working(gateway: GatewayFactory, stub
         sentinel.proc = sentinel_proc
         wait_for(lambda: "svc" in sentinel.command("SENTINEL", "MASTERS"), 15, "the sentinel")
         wait_for(lambda: sentinel.command("SENTINEL", "REPLICAS", "svc") != "", 15, "the sentinel to see the replica")
-        pfx = prefix()
-        gw = shared(gateway, stub, f"redis+sentinel://127.0.0.1:{sentinel.port}/svc", pfx)
-        add(gw, {"action": "deny", "country": "GB", "reason": "before the failover"})
-        wait_for(lambda: replica.command("HLEN", f"{pfx}{{overrides}}:data") == "1", 15, "the replica to copy it")
-        master.kill()
-        wait_for(lambda: str(replica.port) in sentinel.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "svc"),
-                 60, "Sentinel to promote the replica")
-        assert status_of(gw, GB) == 403  # the last copy meanwhile
-        wait_for(lambda: httpx.post(gw.admin + "/admin/overrides", headers=AUTH, timeout=10, json={
-            "action": "deny", "country": "SE", "reason": "after the failover", "id": "after"}).status_code == 201,
-            30, "writes to reach the new master")
-        assert status_of(gw, SE) == 403 and status_of(gw, GB) == 403
-        assert replica.command("HLEN", f"{pfx}{{overrides}}:data") == "2"
+        yield master, replica, sentinel
     finally:
         for server in (master, replica):
             server.stop()
         if sentinel_proc is not None:
             sentinel_proc.terminate()
             sentinel_proc.wait(10)
+
+
+def promoted(sentinel: RedisServer, replica: RedisServer) -> None:
+    wait_for(lambda: str(replica.port) in sentinel.command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", "svc"),
+             60, "Sentinel to promote the replica")
+
+
+def test_sentinel_failover_keeps_overrides_working(
+    gateway: GatewayFactory, stub: Stub, failover: tuple[RedisServer, RedisServer, RedisServer]
+) -> None:
+    """The master dies, Sentinel promotes its replica; the gateway follows without a restart."""
+    master, replica, sentinel = failover
+    pfx = prefix()
+    gw = shared(gateway, stub, f"redis+sentinel://127.0.0.1:{sentinel.port}/svc", pfx)
+    add(gw, {"action": "deny", "country": "GB", "reason": "before the failover"})
+    wait_for(lambda: replica.command("HLEN", f"{pfx}{{overrides}}:data") == "1", 15, "the replica to copy it")
+    master.kill()
+    promoted(sentinel, replica)
+    assert status_of(gw, GB) == 403  # the last copy meanwhile
+    wait_for(lambda: httpx.post(gw.admin + "/admin/overrides", headers=AUTH, timeout=10, json={
+        "action": "deny", "country": "SE", "reason": "after the failover", "id": "after"}).status_code == 201,
+        30, "writes to reach the new master")
+    assert status_of(gw, SE) == 403 and status_of(gw, GB) == 403
+    assert replica.command("HLEN", f"{pfx}{{overrides}}:data") == "2"
+
+
+def test_sentinel_failover_keeps_rate_limits_working(
+    gateway: GatewayFactory, stub: Stub, tmp_path: Path, failover: tuple[RedisServer, RedisServer, RedisServer]
+) -> None:
+    """The limiter's own connection follows the failover too: the next check asks Sentinel for the new master."""
+    master, replica, sentinel = failover
+    pfx = prefix()
+    url = f"redis+sentinel://127.0.0.1:{sentinel.port}/svc"
+    gw = limited_gateway(gateway, stub, tmp_path, url, pfx, limited_policy(2, on_error="closed"))
+    assert [status_of(gw, GB) for _ in range(3)] == [200, 200, 429]
+    wait_for(lambda: replica.command("EXISTS", f"{pfx}rl:{{limited:ip:{GB}}}") == "1", 15, "the replica to copy it")
+    master.kill()
+    promoted(sentinel, replica)
+    wait_for(lambda: status_of(gw, SE) != 503, 30, "the limiter to reach the new master")  # 503: closed meanwhile
+    assert status_of(gw, SE) == 200 and status_of(gw, SE) == 429  # its budget of 2, counted by the new master
+    assert status_of(gw, GB) == 429  # and what the old master had counted came along
 
 
 def test_serve_reads_the_redis_url_from_the_variable_every_command_names(

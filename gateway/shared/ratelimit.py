@@ -2,23 +2,24 @@
 
 GCRA (the generic cell rate algorithm) keeps one number per subject, the
 theoretical arrival time (TAT) of its next request, so a check is one
-atomic read-modify-write: in Redis a single ``EVALSHA`` (redis-py's script
-object loads the script again on ``NOSCRIPT``, e.g. after a restart or a
-failover). The script reads Redis's own clock, so replicas whose clocks
-disagree still share one limit.
+atomic read-modify-write: in Redis one ``EVALSHA`` of one Lua script, which
+judges a batch of checks in turn (:mod:`.ratebatch`; the script is loaded
+again on ``NOSCRIPT``, e.g. after a restart or a failover). The script reads
+Redis's own clock, so replicas whose clocks disagree still share one limit.
 
 ``requests`` per ``per`` is the steady rate; ``burst`` (default: ``requests``)
 is how many may arrive at once. Keys are ``<prefix>rl:{<rule>:<by>:<subject>}``:
-the braces are a hash tag, so each key has its own slot in a Redis Cluster
-and the script touches one key only.
+the braces are a hash tag, so each key has its own slot in a Redis Cluster,
+where the script is sent one key at a time.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 from ..clientip import ClientAddress
@@ -81,27 +82,48 @@ def gcra(tat: float | None, now: float, interval: float, tolerance: float) -> tu
     return Outcome(True, remaining, 0.0, new_tat - now), new_tat
 
 
-# KEYS[1]: the subject's key. ARGV: interval, tolerance (ms). Returns {allowed, remaining, retry_after, reset} (ms).
+# KEYS[i]: one subject's key; ARGV[2i-1], ARGV[2i]: its interval and tolerance. Returns, for each key in
+# turn, allowed, remaining, retry_after, reset. The keys are judged in order, so one subject twice in a batch
+# is two checks, as two EVALSHAs would be. Times are whole microseconds (TIME's resolution): integers that
+# a Lua number holds exactly, so a batch judged within one TIME counts its burst to the request, where
+# milliseconds in floating point (and TATs stored through tostring's 14 digits) drift by a request.
 GCRA_LUA = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if tat == nil or tat < now then tat = now end
-local new_tat = tat + interval
-if new_tat - now > tolerance + 0.000001 then
-  return {0, 0, tostring(new_tat - tolerance - now), tostring(tat - now)}
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for i = 1, #KEYS do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tolerance = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]))
+  if tat == nil or tat < now then tat = now end
+  local new_tat = tat + interval
+  local n = #out
+  if new_tat - now > tolerance then
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 0, 0, new_tat - tolerance - now, tat - now
+  else
+    redis.call('SET', KEYS[i], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+    local remaining = math.floor((tolerance - (new_tat - now)) / interval)
+    out[n + 1], out[n + 2], out[n + 3], out[n + 4] = 1, remaining, 0, new_tat - now
+  end
 end
-redis.call('SET', KEYS[1], tostring(new_tat), 'PX', math.max(1, math.ceil(new_tat - now)))
-local remaining = math.floor((tolerance - (new_tat - now)) / interval + 0.000000001)
-return {1, remaining, '0', tostring(new_tat - now)}
+return out
 """
 
 
-def outcome_from_script(reply: list[Any]) -> Outcome:
-    allowed, remaining, retry_after, reset = reply
-    return Outcome(bool(int(allowed)), int(remaining), float(retry_after) / 1000, float(reset) / 1000)
+def outcomes_from_script(reply: list[Any]) -> list[Outcome]:
+    """The script's flat reply, one :class:`Outcome` per key."""
+    it = iter(reply)
+    return [
+        Outcome(allowed == 1, remaining, retry_after / 1e6, reset / 1e6)
+        for allowed, remaining, retry_after, reset in zip(it, it, it, it, strict=True)
+    ]
+
+
+def script_args(limit: RateLimit) -> tuple[bytes, bytes]:
+    """The script's ARGV for one check under ``limit``: its interval and tolerance in whole microseconds
+    (an interval of at least one: a limit above a million requests a second per subject is a million)."""
+    interval = max(1, round(limit.interval * 1e6))
+    return str(interval).encode(), str(interval * limit.burst).encode()
 
 
 def subject(limit: RateLimit, client: ClientAddress, facts: GeoFacts, key_hash: str | None) -> str:
@@ -118,9 +140,14 @@ def subject(limit: RateLimit, client: ClientAddress, facts: GeoFacts, key_hash: 
     return str(facts.asn) if facts.asn is not None else "unknown"
 
 
-def redis_key(prefix: str, limit: RateLimit, who: str) -> str:
+def key_start(prefix: str, limit: RateLimit) -> str:
+    """A key under ``limit`` up to its subject: the same for every request under it, so worked out once."""
     rule = limit.rule.replace("{", "_").replace("}", "_")
-    return f"{prefix}rl:{{{rule}:{limit.by}:{who}}}"
+    return f"{prefix}rl:{{{rule}:{limit.by}:"
+
+
+def redis_key(start: str, who: str) -> str:
+    return f"{start}{who}}}"
 
 
 def _seconds(value: float) -> bytes:
@@ -157,23 +184,31 @@ UNAVAILABLE = GatewayError(
 )
 
 
-async def check(
+def check(
     store: Any, limit: RateLimit, client: ClientAddress, facts: GeoFacts,
-    headers: Iterable[tuple[bytes, bytes]], on_error: OnError,
-) -> GatewayError | None:
-    """None to go on, or the error to answer with. Never raises: a failure follows ``on_error``."""
-    from .overrides import bearer_token, hash_key
-
+    headers: Iterable[tuple[bytes, bytes]], on_error: OnError, then: Callable[[GatewayError | None], None],
+) -> None:
+    """Call ``then`` with None to go on, or with the error to answer with: at once in memory, when the
+    batch's reply is read with Redis. Redis unavailable (or a bug in asking it) follows ``on_error``."""
     key_hash = None
     if limit.by == "api_key":
+        from .overrides import bearer_token, hash_key  # overrides -> policy -> this module
+
         token = bearer_token(headers)
         if token is not None and store.key is not None:
             key_hash = hash_key(store.key, token)
-    try:
-        outcome: Outcome = await store.rate(limit, subject(limit, client, facts, key_hash))
-    except Exception:  # RedisUnavailable (counted by the breaker), or a bug: the policy says what then
-        return None if on_error == "open" else UNAVAILABLE
-    if outcome.allowed:
-        return None
-    store.observer.rate_limited(limit.rule, limit.by)
-    return exceeded(limit, outcome)
+    # A partial, not a closure: one object fewer per waiting request for the garbage collector to count.
+    store.rate(limit, subject(limit, client, facts, key_hash), partial(_judged, store, limit, on_error, then))
+
+
+def _judged(
+    store: Any, limit: RateLimit, on_error: OnError, then: Callable[[GatewayError | None], None],
+    outcome: Outcome | None,
+) -> None:
+    if outcome is None:  # RedisUnavailable (counted by the breaker), or a bug: the policy says what then
+        then(None if on_error == "open" else UNAVAILABLE)
+    elif outcome.allowed:
+        then(None)
+    else:
+        store.observer.rate_limited(limit.rule, limit.by)
+        then(exceeded(limit, outcome))

@@ -30,7 +30,8 @@ from typing import Any, Protocol
 import orjson
 
 from .overrides import EMPTY, Compiled, Override, OverrideError, compile_overrides
-from .ratelimit import GCRA_LUA, Outcome, RateLimit, gcra, outcome_from_script, redis_key
+from .ratebatch import Batcher, Then
+from .ratelimit import GCRA_LUA, RateLimit, gcra, key_start, outcomes_from_script, redis_key, script_args
 from .redisconn import Breaker, NullObserver, Observer, RedisTarget, RedisUnavailable, connect, describe_error
 
 log = logging.getLogger("regiongate")
@@ -113,12 +114,12 @@ class OverrideStore:
         self._swap(self._items.values())
         return found
 
-    async def rate(self, limit: RateLimit, who: str) -> Outcome:
-        """One rate-limit check for ``who``; in memory it is exact for this process only."""
+    def rate(self, limit: RateLimit, who: str, then: Then) -> None:
+        """One rate-limit check for ``who``, answered at once; in memory it is exact for this process only."""
         key = f"{limit.rule}\0{limit.by}\0{who}"
         outcome, tat = gcra(self._tats.get(key), time.monotonic(), limit.interval, limit.tolerance)
         self._tats[key] = tat
-        return outcome
+        then(outcome)
 
     async def ensure_key(self) -> bytes | None:
         """The HMAC key for API-key overrides (None while Redis, which holds it, cannot be asked)."""
@@ -150,8 +151,9 @@ class RedisStore(OverrideStore):
         self.version: bytes | None = None
         self.synced_at: float | None = None
         self._wake: asyncio.Event | None = None
-        self._batch: list[tuple[list[str], list[str], asyncio.Future[list[Any]]]] = []
-        self._batch_tasks: set[asyncio.Task[None]] = set()
+        self._batcher: Batcher | None = None
+        self._limits: dict[RateLimit, tuple[str, bytes, bytes]] = {}  # key prefix and script args, per limit
+        self._checks: set[asyncio.Task[None]] = set()  # Cluster: one task per check
 
     def __repr__(self) -> str:  # never the password
         return f"RedisStore({self.target.url!r}, prefix={self.prefix!r})"
@@ -162,6 +164,8 @@ class RedisStore(OverrideStore):
             self.breaker.observer = observer
         self.client = connect(self.target, self._password, self.timeout)
         self._gcra = self.client.register_script(GCRA_LUA)  # EVALSHA; loaded again on NOSCRIPT
+        if self.target.mode != "cluster":
+            self._batcher = Batcher(self.client, self.breaker, GCRA_LUA, self._gcra.sha)
         self._wake = asyncio.Event()
         self.observer.overrides(self.compiled.counts())
         loop = asyncio.get_running_loop()
@@ -172,6 +176,8 @@ class RedisStore(OverrideStore):
 
     async def close(self) -> None:
         await super().close()
+        if self._batcher is not None:
+            await self._batcher.close()
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.client.aclose(), 2)
@@ -262,63 +268,31 @@ class RedisStore(OverrideStore):
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(pubsub.aclose(), 1)
 
-    async def rate(self, limit: RateLimit, who: str) -> Outcome:
-        """One GCRA check in Redis, sent with every other check asked for in the same loop turn.
-
-        Under load many requests ask at once; one pipelined round trip for all
-        of them (each still its own EVALSHA, so each stays atomic) costs far
-        less per check than a command each, in the client more than in Redis.
-        """
-        keys = [redis_key(self.prefix, limit, who)]
-        args = [f"{limit.interval * 1000:.3f}", f"{limit.tolerance * 1000:.3f}"]
-        if self.target.mode == "cluster":
-            # A Cluster pipeline splits by slot and node anyway: one call each, routed by key.
-            reply = await self.breaker.call("ratelimit", lambda: self._gcra(keys=keys, args=args))
-            return outcome_from_script(reply)
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[list[Any]] = loop.create_future()
-        self._batch.append((keys, args, done))
-        if len(self._batch) == 1:
-            loop.call_soon(self._send_batch)
-        return outcome_from_script(await done)
-
-    def _send_batch(self) -> None:
-        batch, self._batch = self._batch, []
-        task = asyncio.get_running_loop().create_task(self._run_batch(batch))
-        self._batch_tasks.add(task)
-        task.add_done_callback(self._batch_tasks.discard)
-
-    async def _run_batch(self, batch: list[tuple[list[str], list[str], asyncio.Future[list[Any]]]]) -> None:
-        async def send() -> list[Any]:
-            # EVALSHA by hand: redis-py's Script in a pipeline asks SCRIPT EXISTS on every
-            # execute, a second round trip. A Redis that lost the script (restart, SCRIPT
-            # FLUSH) answers NOSCRIPT: load it once and send the batch again.
-            from redis.exceptions import NoScriptError
-
-            for attempt in (1, 2):
-                pipe = self.client.pipeline(transaction=False)
-                for keys, args, _ in batch:
-                    pipe.evalsha(self._gcra.sha, len(keys), *keys, *args)
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-                if attempt == 1 and any(isinstance(r, NoScriptError) for r in replies):
-                    await self.client.script_load(GCRA_LUA)
-                    continue
-                for r in replies:
-                    if isinstance(r, Exception):
-                        raise r
-                return replies
-            raise AssertionError("unreachable")
-
-        try:
-            replies = await self.breaker.call("ratelimit", send)
-        except Exception as e:  # RedisUnavailable (counted by the breaker): each caller follows on_error
-            for _, _, done in batch:
-                if not done.done():
-                    done.set_exception(e)
+    def rate(self, limit: RateLimit, who: str, then: Then) -> None:
+        """One GCRA check in Redis, batched with every other check asked for meanwhile (:mod:`.ratebatch`)."""
+        known = self._limits.get(limit)
+        if known is None:
+            known = self._limits[limit] = (key_start(self.prefix, limit), *script_args(limit))
+        start, interval, tolerance = known
+        key = redis_key(start, who)
+        if self._batcher is not None:
+            self._batcher.submit(key, interval, tolerance, then)
             return
-        for (_, _, done), reply in zip(batch, replies, strict=True):
-            if not done.done():
-                done.set_result(reply)
+        # A Cluster routes by key: one call each, as a Cluster pipeline would split the batch by node anyway.
+        task = asyncio.get_running_loop().create_task(self._rate_one(key, interval, tolerance, then))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _rate_one(self, key: str, interval: bytes, tolerance: bytes, then: Then) -> None:
+        try:
+            reply = await self.breaker.call("ratelimit", lambda: self._gcra(keys=[key], args=[interval, tolerance]))
+            outcome = outcomes_from_script(reply)[0]
+        except Exception as e:  # RedisUnavailable (counted by the breaker): the caller follows on_error
+            if not isinstance(e, RedisUnavailable):
+                log.exception("rate-limit check failed")
+            then(None)
+            return
+        then(outcome)
 
     async def _announce(self) -> None:
         await self._call("write", self.client.incr, self.k_version)
