@@ -235,3 +235,19 @@ def test_a_client_that_leaves_while_its_body_is_read_is_recorded_and_nothing_goe
     assert (entry["decision"], entry["rule"]) == ("deny", "no-reasoning-here")
     assert all(got(up) == [] for up in ups.values())
     assert 'decision="needs_model"' not in gw.metrics()
+
+
+def test_a_rate_limited_route_sends_the_renamed_body_after_the_check(
+    gateway: GatewayFactory, tmp_path: Path, ups: dict[str, RawUpstream]
+) -> None:
+    """The held body survives the rate limiter's wait (in memory here; Redis batches the same callback)."""
+    text = POLICY.format(default=ups["default"].url, eu=ups["eu"].url, qwen=ups["qwen"].url, unknown="").replace(
+        'allow_models: [gpt-4o, gpt-4o-mini, "qwen-*"]}',
+        'allow_models: [gpt-4o, gpt-4o-mini, "qwen-*"], rate_limit: {requests: 1, per: 1h}}',
+    )
+    assert "rate_limit" in text
+    gw = gateway("--policy", write(tmp_path, "limited.yaml", text), "--geoip", CITY, *TRUST)
+    assert post(gw, CN, b'{"model": "gpt-4o"}').status_code == 200
+    r = post(gw, CN, b'{"model": "gpt-4o"}')
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert [b for _, _, b in got(ups["qwen"])] == [b'{"model": "qwen-plus"}']
