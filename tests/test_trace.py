@@ -75,6 +75,16 @@ facts_strategy = st.builds(
 )
 
 
+# One request to judge: a policy, an address (or none: unreadable), its facts, a path and a model (or unknown).
+REQUESTS = {
+    "name": st.sampled_from(sorted(POLICIES_COMPILED)),
+    "ip": st.one_of(st.none(), addresses),
+    "facts": facts_strategy,
+    "path": st.sampled_from(PATHS),
+    "model": model_names,
+}
+
+
 def client_for(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> ClientAddress:
     if ip is None:
         return ClientAddress(None, INVALID, "argument", "x", "not an address")
@@ -83,13 +93,7 @@ def client_for(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> Clie
 
 
 @settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(
-    name=st.sampled_from(sorted(POLICIES_COMPILED)),
-    ip=st.one_of(st.none(), addresses),
-    facts=facts_strategy,
-    path=st.sampled_from(PATHS),
-    model=model_names,
-)
+@given(**REQUESTS)
 def test_trace_decides_as_decide_does(
     name: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, facts: GeoFacts, path: str, model: str | None
 ) -> None:
@@ -113,13 +117,7 @@ def test_trace_decides_as_decide_does(
 
 
 @settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(
-    name=st.sampled_from(sorted(POLICIES_COMPILED)),
-    ip=st.one_of(st.none(), addresses),
-    facts=facts_strategy,
-    path=st.sampled_from(PATHS),
-    model=model_names,
-)
+@given(**REQUESTS)
 def test_a_decision_made_before_the_body_is_read_is_the_one_the_model_would_give(
     name: str, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None, facts: GeoFacts, path: str, model: str | None
 ) -> None:
