@@ -314,6 +314,41 @@ def run_nginx(tmp_path: Path, server_block: str) -> Iterator[int]:
         stop(proc)
 
 
+@dataclass
+class Sent:
+    """One request as it arrived upstream, decoded by llhttp (header names lower-cased)."""
+
+    url: bytes = b""
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    body: bytes = b""
+
+
+def parse_requests(stream: bytes) -> list[Sent]:
+    """Every complete request in the bytes one connection received."""
+    import httptools
+
+    done: list[Sent] = []
+    current = Sent()
+
+    class Callbacks:
+        def on_url(self, url: bytes) -> None:
+            current.url += url
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            current.headers[name.lower()] = value
+
+        def on_body(self, body: bytes) -> None:
+            current.body += body
+
+        def on_message_complete(self) -> None:
+            nonlocal current
+            done.append(current)
+            current = Sent()
+
+    httptools.HttpRequestParser(Callbacks()).feed_data(stream)
+    return done
+
+
 class RawUpstream:
     """A socket upstream that records every byte it receives, per connection.
 
@@ -387,6 +422,10 @@ class RawUpstream:
         finally:
             self.closed[index] = True
             conn.close()
+
+    def requests(self) -> list[Sent]:
+        """Every complete request received so far, connection by connection."""
+        return [sent for stream in self.received for sent in parse_requests(stream)]
 
     def close(self) -> None:
         self._stop = True

@@ -22,7 +22,7 @@ import httptools
 import pytest
 import uvloop
 
-from conftest import RawUpstream
+from conftest import RawUpstream, parse_requests
 from gateway.dataplane.bodyhold import _Hold, hold
 from gateway.dataplane.limits import Limits
 from gateway.dataplane.pool import Pool
@@ -201,19 +201,7 @@ async def send(
 
 def upstream_bodies(raw: bytes) -> list[bytes]:
     """Every complete request body the upstream received on one connection, as llhttp decodes it."""
-    bodies: list[bytes] = []
-    current: list[bytes] = []
-
-    class Collect:
-        def on_body(self, body: bytes) -> None:
-            current.append(body)
-
-        def on_message_complete(self) -> None:
-            bodies.append(b"".join(current))
-            current.clear()
-
-    httptools.HttpRequestParser(Collect()).feed_data(raw)
-    return bodies
+    return [sent.body for sent in parse_requests(raw)]
 
 
 def live(kind: type) -> int:

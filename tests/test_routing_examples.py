@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httptools
 import httpx
 import jsonschema
 import openai
@@ -40,27 +39,7 @@ def test_each_example_passes_regiongate_check(path: Path, geoip: list[str]) -> N
 
 
 def requests_of(up: RawUpstream) -> list[tuple[dict[bytes, bytes], bytes]]:
-    out: list[tuple[dict[bytes, bytes], bytes]] = []
-    for stream in up.received:
-
-        class Callbacks:
-            headers: dict[bytes, bytes] = {}
-            body = b""
-
-            def on_header(self, name: bytes, value: bytes) -> None:
-                self.headers[name.lower()] = value
-
-            def on_body(self, body: bytes) -> None:
-                self.body += body
-
-            def on_message_complete(self) -> None:
-                out.append((self.headers, self.body))
-                self.headers, self.body = {}, b""
-
-        cb = Callbacks()
-        cb.headers = {}
-        httptools.HttpRequestParser(cb).feed_data(stream)
-    return out
+    return [(sent.headers, sent.body) for sent in up.requests()]
 
 
 def local_copy(tmp_path: Path, name: str, urls: dict[str, str]) -> str:

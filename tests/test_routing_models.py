@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httptools
 import httpx
 import openai
 import pytest
@@ -32,37 +31,6 @@ rules:
 """
 
 
-class Received:
-    """The requests one recording upstream got, parsed back from the bytes on the wire."""
-
-    def __init__(self, raw: RawUpstream) -> None:
-        self.requests: list[tuple[bytes, dict[bytes, bytes], bytes]] = []
-        for stream in raw.received:
-            self._parse(stream)
-
-    def _parse(self, stream: bytes) -> None:
-        requests = self.requests
-
-        class Callbacks:
-            def __init__(self) -> None:
-                self.url, self.headers, self.body = b"", {}, b""
-
-            def on_url(self, url: bytes) -> None:
-                self.url += url
-
-            def on_header(self, name: bytes, value: bytes) -> None:
-                self.headers[name.lower()] = value
-
-            def on_body(self, body: bytes) -> None:
-                self.body += body
-
-            def on_message_complete(self) -> None:
-                requests.append((self.url, self.headers, self.body))
-                self.url, self.headers, self.body = b"", {}, b""
-
-        httptools.HttpRequestParser(Callbacks()).feed_data(stream)
-
-
 @pytest.fixture
 def ups() -> dict[str, RawUpstream]:
     made = {name: RawUpstream() for name in ("default", "eu", "qwen")}
@@ -82,7 +50,7 @@ def post(gw: Gateway, who: str, body: bytes, content_type: str = "application/js
 
 
 def got(up: RawUpstream) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
-    return Received(up).requests
+    return [(sent.url, sent.headers, sent.body) for sent in up.requests()]
 
 
 def test_each_region_reaches_its_own_upstream(
