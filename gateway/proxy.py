@@ -37,7 +37,7 @@ from .dataplane.failover import REGION_REFUSAL, Failover, Notices, Route, prepar
 from .dataplane.limits import Limits
 from .dataplane.pool import Pool
 from .dataplane.relay import Relay, error_headers, send_error
-from .dataplane.server import Request
+from .dataplane.server import Request, header
 from .errors import GatewayError
 from .geo import NO_FACTS, GeoFacts
 from .live.active import Active
@@ -50,7 +50,7 @@ from .shared.audit import entry as audit_entry
 from .shared.overrides import judge as judge_override
 from .shared.overrides import request_key_hash
 from .shared.ratelimit import check as check_rate
-from .upstream import BadTarget, Upstream, UpstreamGroup
+from .upstream import BadTarget, BodyFor, Upstream, UpstreamGroup
 
 log = logging.getLogger("regiongate")
 
@@ -198,7 +198,7 @@ class Gateway:
         the upstream that gets it; it can then be sent again on failover.
         """
         spec = outcome.active.policy.spec.body
-        if not request.has_body or not is_json(_content_type(request.headers)):
+        if not request.has_body or not is_json(header(request.headers, b"content-type")):
             self.with_model(request, path, client, facts, rid, outcome, record, None)
             return
 
@@ -299,7 +299,7 @@ class Gateway:
         rid: bytes,
         outcome: Outcome,
         record: Callable[[], None],
-        body_for: Callable[[UpstreamGroup], bytes] | None = None,
+        body_for: BodyFor | None = None,
     ) -> None:
         """Send the request to ``decision.upstream``'s first URL that is not ejected (see :mod:`.dataplane.failover`).
 
@@ -467,9 +467,6 @@ _BAD_REQUEST_CODES = frozenset({"invalid_path", "method_not_allowed"})
 REJECTED = Decision("rejected", "rejected", "invalid_request", "refused before the policy: bad method or path", None)
 
 
-BodyFor = Callable[[UpstreamGroup], bytes]
-
-
 def _renamer(body: bytes, field: ModelField | None) -> BodyFor:
     """The bytes each upstream gets: the body with only its model renamed, if that upstream maps it."""
     model = field.model if field is not None else None
@@ -481,13 +478,6 @@ def _renamer(body: bytes, field: ModelField | None) -> BodyFor:
         return rename(body, field, new)
 
     return body_for
-
-
-def _content_type(headers: list[tuple[bytes, bytes]]) -> bytes | None:
-    for name, value in headers:
-        if name == b"content-type":
-            return value
-    return None
 
 
 def _request_target(method: str, raw_path: bytes, allowed: frozenset[str]) -> tuple[str | None, GatewayError | None]:

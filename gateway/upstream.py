@@ -11,7 +11,7 @@ back to the client) is :mod:`gateway.dataplane`'s.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -145,6 +145,10 @@ class UpstreamGroup:
     models: Mapping[str, str]
     fallback: tuple[str, ...]
     chain: tuple[Upstream, ...] = ()
+
+
+# The bytes a held request body becomes for one upstream (its model renamed by that upstream's map).
+BodyFor = Callable[[UpstreamGroup], bytes]
 
 
 def build_upstreams(specs: Mapping[str, UpstreamSpec], env: Mapping[str, str] = os.environ) -> dict[str, UpstreamGroup]:

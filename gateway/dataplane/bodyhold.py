@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from .server import Request
+from .server import Request, header
 
 Done = Callable[[bytes | None], None]
 
@@ -49,15 +49,13 @@ def hold(request: Request, limit: int, done: Done) -> None:
 
 def declared_length(request: Request) -> int | None:
     """The ``content-length`` (already checked by the parser), None for a chunked body."""
-    if request.chunked:
+    value = None if request.chunked else header(request.headers, b"content-length")
+    if value is None:
         return None
-    for name, value in request.headers:
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 class _Hold:

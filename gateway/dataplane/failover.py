@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from ..upstream import BadTarget, Upstream, UpstreamGroup, forward_headers
+from ..upstream import BadTarget, BodyFor, Upstream, UpstreamGroup, forward_headers
 from .pool import Pool
 from .server import Header
 
@@ -81,7 +81,7 @@ class Route:
         decided: str | None,
         path: str,
         query: bytes,
-        body_for: Callable[[UpstreamGroup], bytes] | None,
+        body_for: BodyFor | None,
     ) -> None:
         self.chain = chain
         self.groups = groups

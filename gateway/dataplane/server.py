@@ -34,6 +34,14 @@ log = logging.getLogger("regiongate")
 
 Header = tuple[bytes, bytes]
 
+
+def header(headers: list[Header], name: bytes) -> bytes | None:
+    """The first value of a request header (names arrive lower-cased)."""
+    for n, value in headers:
+        if n == name:
+            return value
+    return None
+
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUSY = errors.GatewayError(503, "server_error", "gateway_busy", "The gateway has too many open connections.", True)
