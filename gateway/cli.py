@@ -607,6 +607,8 @@ def _explain(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
         return 0
+    from .shared.overrides import printable
+
     path = report["path"]
     if report["rule_line"]:
         where = f" (line {report['rule_line']})"
@@ -619,7 +621,7 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"  address:   {args.ip} is {report['normalized']}")
     print(f"  client:    {report['kind']}" + (f" ({report['problem']})" if report["problem"] else ""))
     print(f"  rule:      {report['rule']}{where}")
-    print(f"  reason:    {report['reason']}")
+    print(f"  reason:    {printable(report['reason'])}")  # an override's reason and author are in it
     if report["upstream"] is not None and report["decision"] != "deny":
         print(f"  upstream:  {report['upstream']}")
     if report["model"] is not None or "allow_models" in report or _uses_models(policy):
@@ -627,7 +629,7 @@ def _explain(args: argparse.Namespace) -> int:
               + (f"; allowed here: {', '.join(report['allow_models'])}" if "allow_models" in report else ""))
     if "override" in report:
         o = report["override"]
-        print(f"  override:  {o['id']} by {o['by'] or 'unknown'}: {o['action']} {o['kind']} {o['value']} "
+        print(f"  override:  {o['id']} by {printable(o['by']) or 'unknown'}: {o['action']} {o['kind']} {o['value']} "
               "(runtime override from Redis, evaluated before the policy's rules)")
     if "rate_limit" in report:
         lim = report["rate_limit"]
