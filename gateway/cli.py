@@ -127,6 +127,13 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         {"action": "store_false"},
     ),
     (
+        "--pid-file",
+        "pid_file",
+        "write the supervising process's pid here (the one SIGHUP reloads), removed at exit",
+        "none",
+        {"metavar": "FILE"},
+    ),
+    (
         "--geoip-max-age",
         "geoip_max_age",
         "a GeoIP database built longer ago than this (45d, 12h, 30m, 90s) is reported stale in /readyz",
@@ -413,9 +420,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.buffer.write(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2) + b"\n")
             return 0
         if args.command == "stub":
+            from .runtime import ConfigError
             from .stub import run
 
-            run(args.host, args.port, args.certfile, args.keyfile, status=args.status, refuse_region=args.refuse_region)
+            try:
+                stub = {"status": args.status, "refuse_region": args.refuse_region}
+                run(args.host, args.port, args.certfile, args.keyfile, **stub)
+            except ConfigError as e:  # the port is taken, say: one line, as serve says it
+                print(f"regiongate: cannot start: {e}", file=sys.stderr)
+                return 2
             return 0
     except KeyboardInterrupt:
         return 130

@@ -79,6 +79,7 @@ class Settings(BaseModel):
     allow_methods: tuple[str, ...] = DEFAULT_METHODS
     shadow_policy: str | None = None
     watch: bool = True
+    pid_file: str | None = None
     geoip_max_age: float | None = Field(None, gt=0, description="seconds")
     stale_geoip_not_ready: bool = False
     redis: str | None = None

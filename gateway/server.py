@@ -27,7 +27,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from .dataplane.limits import Limits, connection_cap, raise_nofile
@@ -225,14 +225,39 @@ def serve(settings: Settings) -> int:
         proxy_sock = bind(settings.host, settings.port, "proxy (--host/--port)")
         admin_sock = bind(settings.admin_host, settings.admin_port, "control plane (--admin-host/--admin-port)")
         redis_problem = asyncio.run(probe(runtime.overrides))
-        _announce(runtime, proxy_sock, admin_sock, redis_problem)
-        if settings.workers == 1:
-            run_worker(runtime, proxy_sock, admin_sock)
-            return 0
-        return _supervise(runtime, proxy_sock, admin_sock)
+        with _pid_file(settings.pid_file):
+            _announce(runtime, proxy_sock, admin_sock, redis_problem)
+            if settings.workers == 1:
+                run_worker(runtime, proxy_sock, admin_sock)
+                return 0
+            return _supervise(runtime, proxy_sock, admin_sock)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _pid_file(path: str | None) -> Iterator[None]:
+    """``--pid-file``: this (the supervising) process's pid while it serves, so that
+    ``kill -HUP "$(cat FILE)"`` reaches this gateway and no other one on the host."""
+    if path is None:
+        yield
+        return
+    pid = os.getpid()
+    try:
+        tmp = f"{path}.{pid}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{pid}\n")
+        os.replace(tmp, path)  # never a half-written file for a reader
+    except OSError as e:
+        raise ConfigError(f"--pid-file {path}: {e.strerror or e}") from None
+    try:
+        yield
+    finally:
+        if os.getpid() == pid:  # a forked worker leaving by an exception never removes its parent's file
+            with contextlib.suppress(OSError), open(path) as f:
+                if f.read().strip() == str(pid):
+                    os.unlink(path)
 
 
 def _clean_metrics_dir(path: str) -> None:
@@ -278,7 +303,9 @@ def _announce(
         f"control plane on http://{s.admin_host}:{_port(admin_sock)} (/healthz /readyz /metrics)",
         admin,
         f"policy {p.source} sha256:{p.sha256[:12]} version {runtime.active.current.version} "
-        f"({len(p.rules)} rules, mode {p.spec.mode}); reloads on change, SIGHUP, POST /admin/reload",
+        f"({len(p.rules)} rules, mode {p.spec.mode}); "
+        + ("reloads on change, SIGHUP, POST /admin/reload" if s.watch else "reloads on SIGHUP, POST /admin/reload")
+        + (f" (pid {os.getpid()} in {s.pid_file})" if s.pid_file else ""),
         *([f"shadow policy {shadow.policy.source} sha256:{shadow.tag} (evaluated, never enforced)"] if shadow else []),
         f"geo: {geo}",
         f"workers: {s.workers}",
