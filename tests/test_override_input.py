@@ -10,14 +10,12 @@ the policy's are, with "did you mean".
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import httpx
 import orjson
 import pytest
+from test_redis_shared import cli
 
 from conftest import Gateway, GatewayFactory, Stub
 from gateway.shared.client import render
@@ -152,17 +150,6 @@ def test_the_admin_api_refuses_them_with_a_422(admin_gw: Gateway) -> None:
     assert "did you mean 'GB'?" in r.text
     listed = httpx.get(admin_gw.admin + "/admin/overrides", headers=AUTH, timeout=10).json()["overrides"]
     assert listed == []
-
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("REGIONGATE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "override", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**base, **(env or {})},
-    )
 
 
 def test_the_cli_refuses_them_through_the_admin_api(admin_gw: Gateway) -> None:
