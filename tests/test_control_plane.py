@@ -296,3 +296,21 @@ def _slow_admin_call(port: int) -> bytes:
     with connect(port) as s:
         s.sendall(f"GET /admin/slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
         return read_until_closed(s)
+
+
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        b"version: 1\nmetadata: " + b"[" * 20000 + b"]" * 20000 + b"\n",  # RecursionError in the parser
+        b"version: 1\nmetadata: " + b"{a: " * 20000 + b"1" + b"}" * 20000 + b"\n",
+    ],
+    ids=["nested-lists", "nested-maps"],
+)
+def test_a_candidate_the_parser_cannot_hold_is_a_400_and_the_proxy_serves(admin_gw: Gateway, candidate: bytes) -> None:
+    r = httpx.post(admin_gw.admin + "/admin/diff", content=candidate, headers=AUTH, timeout=SAFETY)
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"] == "candidate policy is invalid"
+    assert all(p.startswith("candidate.yaml") for p in r.json()["problems"]), r.json()
+    assert status_of(admin_gw, GB) == 200
+    assert httpx.get(admin_gw.admin + "/healthz", timeout=SAFETY).status_code == 200
+    assert "Traceback" not in admin_gw.stderr()
