@@ -4,8 +4,8 @@ The proxy's event loop serves model traffic and nothing else. uvicorn and
 FastAPI run on a second event loop, in a thread of the same process, so that
 reading, parsing and answering an admin request (a 1 MiB candidate policy,
 the OpenAPI document, a metrics exposition, a diff over a large probe space)
-can delay a proxied request by at most the interpreter's thread switch
-interval (5 ms), never by the length of the admin call. What an admin route
+holds the proxy back only for the interpreter's thread switch interval (5 ms)
+at a time, when both want the CPU, never for the length of the admin call. What an admin route
 reads or changes on the proxy's side (the override store and its Redis
 connection, the live reloader, the geo lookup cache) runs there through
 :class:`ProxyLoop`, as calls as short as the proxy's own work.
@@ -317,6 +317,7 @@ class Acceptor:
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self.sock.setblocking(False)  # asyncio's sock_accept needs it (uvloop copes either way)
         self.task = asyncio.get_running_loop().create_task(self._accept())
 
     def close(self) -> None:

@@ -4,7 +4,8 @@ The parent binds both listening sockets and loads everything (so a bad
 policy or database stops the process before anything listens), then runs
 the servers itself (``--workers 1``) or forks workers that inherit the
 sockets and the loaded, checked state. Every worker serves both the proxy
-and the control-plane port, so any worker can answer ``/readyz``; with more
+and the control-plane port (the control plane on a thread and event loop of
+its own, :mod:`gateway.controlplane`), so any worker can answer ``/readyz``; with more
 than one worker, counters go to prometheus-client's multiprocess files and
 ``/metrics`` adds them up.
 
