@@ -34,11 +34,11 @@ import asyncio
 import contextlib
 import errno
 import hmac
+import itertools
 import logging
 import signal
 import socket
 import threading
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -223,6 +223,10 @@ class ControlConfig(uvicorn.Config):
         self.max_connections = max_connections
 
 
+# When each connection last became idle, as a sequence rather than a clock: no two are ever equal.
+_IDLE_ORDER = itertools.count()
+
+
 class ControlProtocol(H11Protocol):
     """One control-plane connection: its request head must come whole within the header timeout.
 
@@ -241,7 +245,7 @@ class ControlProtocol(H11Protocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.head_deadline: asyncio.TimerHandle | None = None
-        self.idle_since = time.monotonic()
+        self.idle_since = next(_IDLE_ORDER)
 
     def busy(self) -> bool:
         """A request is in flight (its head is in, its response not yet all written)."""
@@ -259,7 +263,7 @@ class ControlProtocol(H11Protocol):
             self._arm()  # the first bytes of a request after a keep-alive pause
 
     def on_response_complete(self) -> None:
-        self.idle_since = time.monotonic()
+        self.idle_since = next(_IDLE_ORDER)
         self._disarm()  # from here uvicorn's keep-alive timeout governs
         super().on_response_complete()
         if self.busy():

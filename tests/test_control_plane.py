@@ -314,3 +314,39 @@ def test_a_candidate_the_parser_cannot_hold_is_a_400_and_the_proxy_serves(admin_
     assert status_of(admin_gw, GB) == 200
     assert httpx.get(admin_gw.admin + "/healthz", timeout=SAFETY).status_code == 200
     assert "Traceback" not in admin_gw.stderr()
+
+
+def test_at_the_cap_the_longest_idle_connection_makes_room_and_with_none_idle_the_newcomer_gets_a_503() -> None:
+    from gateway.controlplane import MAX_CONNECTIONS
+
+    release = threading.Event()
+    busy = threading.Semaphore(0)
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["path"] == "/admin/busy":
+            busy.release()
+            await asyncio.to_thread(release.wait, SAFETY)  # in flight, without blocking the loop
+        headers = [(b"content-length", b"2"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    request = f"GET /admin/busy HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode()
+    with _serving(app) as port:
+        idle = [connect(port) for _ in range(MAX_CONNECTIONS)]
+        # One more, and the first (idle longest) is closed to make room, then the second, ...
+        busy_ones = []
+        for i in range(MAX_CONNECTIONS):
+            s = connect(port)
+            s.sendall(request)
+            busy.acquire(timeout=SAFETY)  # its request is in flight
+            assert read_until_closed(idle[i]) == b"", i
+            busy_ones.append(s)
+        # Every connection has a request in flight: a newcomer is refused, and none of them is cut.
+        with connect(port) as late:
+            assert status_line(read_until_closed(late)) == b"HTTP/1.1 503 Service Unavailable"
+        release.set()
+        for s in busy_ones:
+            assert read_until_closed(s).endswith(b"ok")
+            s.close()
+        for s in idle:
+            s.close()
