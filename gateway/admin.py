@@ -13,6 +13,14 @@ admin API is itself under ``/admin`` and needs the token too; it describes
 only ``/admin/*`` (``/docs`` is off).
 ``POST /admin/reload`` and ``GET /admin/policy`` belong to the live policy
 (:mod:`gateway.live`); the other routes only read.
+
+This app runs on the control plane's own thread and event loop
+(:mod:`gateway.controlplane`, whose gate checks the token before any body is
+read). What it reads or changes on the proxy's side (the override store, the
+live reloader, the geo lookup cache, the state ``/readyz`` describes) it
+reaches through ``app.state.proxy``, a :class:`~gateway.controlplane.ProxyLoop`;
+parsing and diffing a candidate run in worker threads, at most
+:data:`HEAVY_AT_ONCE` at a time.
 """
 
 from __future__ import annotations
@@ -24,27 +32,36 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import __version__
+from .controlplane import MAX_BODY, ProxyLoop
 from .metrics import Metrics, exposition
 from .policy import PolicySpec
 from .runtime import Runtime
-from .shared.overrides import KINDS, MAX_TEXT, Override, OverrideError, new_override
+from .shared.overrides import KINDS, MAX_TEXT, Override, OverrideError, check_text, new_override
 from .shared.redisconn import RedisUnavailable
 
 if TYPE_CHECKING:
     from .live.reload import Live
 
 ADMIN_TOKEN_ENV = "REGIONGATE_ADMIN_TOKEN"
-MAX_CANDIDATE_BYTES = 1 << 20
+MAX_CANDIDATE_BYTES = MAX_BODY
+# Candidate parses and diffs in worker threads at once; more wait their turn
+# (the control plane's connection cap bounds how many can wait).
+HEAVY_AT_ONCE = 2
+# /healthz asks the proxy's loop to run a no-op: a loop that cannot do that in
+# this long is stuck, and the process is not alive in any useful sense.
+LIVENESS_TIMEOUT = 5.0
 
 
 def admin_token() -> str | None:
     return os.environ.get(ADMIN_TOKEN_ENV) or None
+
 
 _bearer = HTTPBearer(auto_error=False, description=f"The token in {ADMIN_TOKEN_ENV}.")
 
@@ -228,11 +245,12 @@ class OverrideIn(BaseModel):
         if len(given) != 1:
             raise ValueError("give exactly one of cidr, api_key, country, subdivision")
         kind = given[0]
-        if kind != "api_key":
-            try:
+        try:
+            check_text(self.reason, self.by)
+            if kind != "api_key":  # the key is hashed with the store's key, which only the store knows
                 new_override(self.action, kind, getattr(self, kind), self.reason, self.by)
-            except OverrideError as e:
-                raise ValueError(str(e)) from None
+        except OverrideError as e:
+            raise ValueError(str(e)) from None
         return self
 
     @property
@@ -312,9 +330,27 @@ def _runtime(request: Request) -> Runtime:
     return runtime
 
 
+def _proxy(request: Request) -> ProxyLoop:
+    proxy: ProxyLoop = request.app.state.proxy
+    return proxy
+
+
+async def _heavy(request: Request, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a worker thread, at most HEAVY_AT_ONCE at a time."""
+    async with request.app.state.heavy:
+        return await asyncio.to_thread(fn, *args)
+
+
 @router.get("/openapi.json", include_in_schema=False)
 def admin_openapi(request: Request) -> dict[str, Any]:
     app: FastAPI = request.app
+    cached: dict[str, Any] | None = getattr(app.state, "openapi", None)
+    if cached is None:
+        cached = app.state.openapi = _admin_openapi(app)
+    return cached
+
+
+def _admin_openapi(app: FastAPI) -> dict[str, Any]:
     doc = get_openapi(
         title="Regiongate admin API",
         version=__version__,
@@ -351,16 +387,19 @@ async def admin_explain(
     ] = None,
 ) -> Any:
     """What the running policy does with this address on this path, and why: every rule in order."""
-    # On the event loop, not in a thread: the geo lookup cache is shared with the proxy,
-    # which runs on this loop and is not written to from other threads.
+    # On the proxy's loop: the geo lookup cache is shared with the proxy, and no other thread writes to it.
     from .explain import explain
     from .requestpath import BadPath
 
     runtime = _runtime(request)
-    try:
+
+    def report() -> dict[str, Any]:
         return explain(
             runtime.policy, runtime.geo, ip, path, with_trace=True, overrides=runtime.overrides.compiled, model=model
         ).report
+
+    try:
+        return await _proxy(request).call(report)
     except BadPath as e:
         return JSONResponse({"detail": f"path: {e}; the proxy answers it with a 400, no policy is asked"}, 400)
 
@@ -379,25 +418,29 @@ async def add_override(request: Request, body: OverrideIn) -> Any:
     """Allow or deny a CIDR, API key, country or subdivision now, before the policy; on every replica with Redis."""
     store = _runtime(request).overrides
     kind = body.kind
-    key = await store.ensure_key() if kind == "api_key" else None
-    try:
+
+    async def add() -> Override:  # on the proxy's loop, where the store and its Redis connection live
+        key = await store.ensure_key() if kind == "api_key" else None
         o = new_override(
             body.action, kind, getattr(body, kind), body.reason, body.by, id=body.id, ttl=body.ttl, key=key
         )
-    except OverrideError as e:
-        return JSONResponse({"detail": str(e)}, status_code=503)
-    try:
         await store.add(o)
+        return o
+
+    try:
+        return _override_out(await _proxy(request).run(add))
+    except OverrideError as e:  # checked already but for the key: not known while Redis is unreachable
+        return JSONResponse({"detail": str(e)}, status_code=503)
     except RedisUnavailable as e:
         return _unavailable(e)
-    return _override_out(o)
 
 
 @router.get("/overrides", response_model=OverrideList)
 async def list_overrides(request: Request) -> OverrideList:
     """The overrides in force (expired ones are gone); with Redis down, this replica's last synced copy."""
     store = _runtime(request).overrides
-    return OverrideList(backend=store.backend, overrides=[_override_out(o) for o in await store.list()])
+    listed = await _proxy(request).run(store.list)
+    return OverrideList(backend=store.backend, overrides=[_override_out(o) for o in listed])
 
 
 @router.delete(
@@ -405,12 +448,11 @@ async def list_overrides(request: Request) -> OverrideList:
     response_model=OverrideRemoved,
     responses={404: {"model": ErrorBody, "description": "No override with this id."}, **_STORE_DOWN},
 )
-async def remove_override(
-    request: Request, override_id: Annotated[str, Path(pattern="^[A-Za-z0-9_.-]{1,64}$")]
-) -> Any:
+async def remove_override(request: Request, override_id: Annotated[str, Path(pattern="^[A-Za-z0-9_.-]{1,64}$")]) -> Any:
     """Lift an override now, on every replica with Redis."""
+    store = _runtime(request).overrides
     try:
-        found = await _runtime(request).overrides.remove(override_id)
+        found = await _proxy(request).run(lambda: store.remove(override_id))
     except RedisUnavailable as e:
         return _unavailable(e)
     if not found:
@@ -441,7 +483,7 @@ async def admin_diff(request: Request) -> Any:
     from .yamlfile import FileError
 
     runtime = _runtime(request)
-    body = await request.body()
+    body = await request.body()  # read by the gate already, and bounded there
     if len(body) > MAX_CANDIDATE_BYTES:
         return JSONResponse({"detail": f"candidate larger than {MAX_CANDIDATE_BYTES} bytes"}, status_code=413)
     name = "candidate.yaml"
@@ -452,17 +494,20 @@ async def admin_diff(request: Request) -> Any:
             {"error": "candidate policy is invalid", "problems": [f"{name}: not UTF-8 text: {e.reason}"]},
             status_code=400,
         )
+    # Parsing (a YAML bomb takes seconds) and diffing (a large probe space) in worker threads:
+    # neither this loop nor the proxy's waits for them.
     try:
-        candidate = parse_policy(text, name, runtime.geo.capabilities)
+        candidate = await _heavy(request, parse_policy, text, name, runtime.geo.capabilities)
     except FileError as e:
         problems = e.render().splitlines()
         return JSONResponse({"error": "candidate policy is invalid", "problems": problems}, status_code=400)
+    except Exception as e:  # MemoryError, RecursionError: the candidate is refused, nothing else changes
+        problem = f"{name}: cannot load this candidate: {type(e).__name__}"
+        return JSONResponse({"error": "candidate policy is invalid", "problems": [problem]}, status_code=400)
     running = runtime.policy
-    # diff() is pure and can take a while for a large probe space: off the event loop,
-    # so the proxy on the same loop keeps serving. The policy tests look addresses up in
-    # the shared geo cache, so they stay on the loop.
-    out = (await asyncio.to_thread(diff, running, candidate)).as_dict()
-    results = run_tests(candidate, runtime.geo)
+    out = (await _heavy(request, diff, running, candidate)).as_dict()
+    # The policy tests look addresses up in the geo cache the proxy shares: on its loop.
+    results = await _proxy(request).call(lambda: run_tests(candidate, runtime.geo))
     out["candidate_tests"] = {
         "passed": sum(r.passed for r in results),
         "failed": [f"{name}:{r.line}: test {r.test.ip} {r.test.path}: {r.problem}" for r in results if not r.passed],
@@ -489,9 +534,9 @@ def _document(runtime: Runtime, role: str) -> PolicyDocument | None:
 async def active_policy(request: Request) -> ActivePolicies:
     """The policy in force as it was read: text, hash, version, when loaded, from which file."""
     runtime = _runtime(request)
-    current = _document(runtime, "policy")
+    current, shadow = await _proxy(request).call(lambda: (_document(runtime, "policy"), _document(runtime, "shadow")))
     assert current is not None
-    return ActivePolicies(**current.model_dump(), shadow=_document(runtime, "shadow"))
+    return ActivePolicies(**current.model_dump(), shadow=shadow)
 
 
 @router.post(
@@ -511,24 +556,40 @@ async def reload(request: Request) -> JSONResponse:
     live: Live | None = request.app.state.live
     if live is None:
         raise HTTPException(status_code=503, detail="reloading is not available in this process")
-    results = {r.role: r.as_dict() for r in await live.admin_reload()}
+    results = {r.role: r.as_dict() for r in await _proxy(request).run(live.admin_reload)}
     body = ReloadResponse(**results["policy"], pid=os.getpid(), shadow=results.get("shadow"))
     ok = body.ok and (body.shadow is None or body.shadow.ok)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 422)
 
 
 def create_admin_app(
-    runtime: Runtime, metrics: Metrics, live: Live | None = None, admin_token: str | None = None
+    runtime: Runtime,
+    metrics: Metrics,
+    live: Live | None = None,
+    admin_token: str | None = None,
+    proxy: ProxyLoop | None = None,
 ) -> FastAPI:
     app = FastAPI(title="Regiongate control plane", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.runtime = runtime
     app.state.live = live
     app.state.admin_token = admin_token or None
+    app.state.proxy = proxy = proxy or ProxyLoop()
+    app.state.heavy = asyncio.Semaphore(HEAVY_AT_ONCE)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's 422 without the submitted values: one of them may be an API key."""
+        problems = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        return JSONResponse({"detail": problems}, status_code=422)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:
-        """Alive: the process answers. Says nothing about policy or upstreams."""
-        return {"status": "ok"}
+    async def healthz() -> JSONResponse:
+        """Alive: the process answers and the proxy's event loop turns. Says nothing about policy or upstreams."""
+        try:
+            await asyncio.wait_for(proxy.call(lambda: None), LIVENESS_TIMEOUT)
+        except TimeoutError:
+            return JSONResponse({"status": f"the proxy's event loop did not turn in {LIVENESS_TIMEOUT:g} s"}, 503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
@@ -538,7 +599,7 @@ def create_admin_app(
         good policy is still serving. Stale GeoIP data is a warning too,
         unless ``--stale-geoip-not-ready``.
         """
-        detail = runtime.describe()
+        detail = await proxy.call(runtime.describe)
         return JSONResponse(detail, status_code=200 if detail["ready"] else 503)
 
     @app.get("/metrics")

@@ -127,6 +127,13 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         {"action": "store_false"},
     ),
     (
+        "--pid-file",
+        "pid_file",
+        "write the supervising process's pid here (the one SIGHUP reloads), removed at exit",
+        "none",
+        {"metavar": "FILE"},
+    ),
+    (
         "--geoip-max-age",
         "geoip_max_age",
         "a GeoIP database built longer ago than this (45d, 12h, 30m, 90s) is reported stale in /readyz",
@@ -413,9 +420,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.buffer.write(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2) + b"\n")
             return 0
         if args.command == "stub":
+            from .runtime import ConfigError
             from .stub import run
 
-            run(args.host, args.port, args.certfile, args.keyfile, status=args.status, refuse_region=args.refuse_region)
+            try:
+                stub = {"status": args.status, "refuse_region": args.refuse_region}
+                run(args.host, args.port, args.certfile, args.keyfile, **stub)
+            except ConfigError as e:  # the port is taken, say: one line, as serve says it
+                print(f"regiongate: cannot start: {e}", file=sys.stderr)
+                return 2
             return 0
     except KeyboardInterrupt:
         return 130
@@ -607,6 +620,8 @@ def _explain(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
         return 0
+    from .shared.overrides import printable
+
     path = report["path"]
     if report["rule_line"]:
         where = f" (line {report['rule_line']})"
@@ -619,7 +634,7 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"  address:   {args.ip} is {report['normalized']}")
     print(f"  client:    {report['kind']}" + (f" ({report['problem']})" if report["problem"] else ""))
     print(f"  rule:      {report['rule']}{where}")
-    print(f"  reason:    {report['reason']}")
+    print(f"  reason:    {printable(report['reason'])}")  # an override's reason and author are in it
     if report["upstream"] is not None and report["decision"] != "deny":
         print(f"  upstream:  {report['upstream']}")
     if report["model"] is not None or "allow_models" in report or _uses_models(policy):
@@ -627,7 +642,7 @@ def _explain(args: argparse.Namespace) -> int:
               + (f"; allowed here: {', '.join(report['allow_models'])}" if "allow_models" in report else ""))
     if "override" in report:
         o = report["override"]
-        print(f"  override:  {o['id']} by {o['by'] or 'unknown'}: {o['action']} {o['kind']} {o['value']} "
+        print(f"  override:  {o['id']} by {printable(o['by']) or 'unknown'}: {o['action']} {o['kind']} {o['value']} "
               "(runtime override from Redis, evaluated before the policy's rules)")
     if "rate_limit" in report:
         lim = report["rate_limit"]

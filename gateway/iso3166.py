@@ -69,6 +69,13 @@ def country_hint(code: str) -> str | None:
     return None
 
 
+def country_problem(code: str) -> str:
+    """Why ``code`` is not an alpha-2 code, with the likely meant one (to follow the quoted code)."""
+    hint = country_hint(code)
+    meant = f"; did you mean {hint!r}?" if hint else ""
+    return f"is not an ISO 3166-1 alpha-2 code{meant}"
+
+
 def subdivision_problem(code: str) -> str:
     """Why ``code`` is not an ISO 3166-2 code, in the words most likely to help
     (to follow the quoted code: ``'GB-XXX' is no subdivision: ...``)."""

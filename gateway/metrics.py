@@ -135,6 +135,11 @@ class Metrics:
             ["result", "role"],
             registry=r,
         )
+        self.watcher_restarts = Counter(
+            "regiongate_file_watcher_restarts",
+            "Times the policy and GeoIP file watcher died and was started again (each one is logged).",
+            registry=r,
+        )
         self.policy_last_reload = Gauge(
             "regiongate_policy_last_reload_timestamp_seconds",
             "When the policy in force was loaded (Unix time).",
@@ -244,6 +249,9 @@ class Metrics:
 
     def policy_reload(self, role: str, result: str) -> None:
         self.policy_reloads.labels(result, role).inc()
+
+    def watcher_restart(self) -> None:
+        self.watcher_restarts.inc()
 
     def shadow_disagreement(self, active: str, shadow: str, rule: str) -> None:
         self.shadow_disagreements.labels(active, shadow, rule).inc()

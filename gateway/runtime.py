@@ -79,6 +79,7 @@ class Settings(BaseModel):
     allow_methods: tuple[str, ...] = DEFAULT_METHODS
     shadow_policy: str | None = None
     watch: bool = True
+    pid_file: str | None = None
     geoip_max_age: float | None = Field(None, gt=0, description="seconds")
     stale_geoip_not_ready: bool = False
     redis: str | None = None
@@ -177,6 +178,35 @@ class ReloadStatus:
 
 
 @dataclass
+class WatcherStatus:
+    """The file watcher's health, as ``/readyz`` reports it: a watcher that died is restarted, and said so."""
+
+    enabled: bool = True
+    running: bool = False
+    restarts: int = 0
+    last_error: str | None = None
+    failed_at: float | None = None
+    restart_at: float | None = None  # while down: when it is started again
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "running": self.running,
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "failed_at": self.failed_at,
+        }
+
+    def warning(self) -> str | None:
+        if not self.enabled or self.running or self.last_error is None:
+            return None
+        return (
+            f"the file watcher failed ({self.last_error}) and is being restarted: edits to the policy and GeoIP "
+            "files are not noticed until it is back (SIGHUP or POST /admin/reload load them now)"
+        )
+
+
+@dataclass
 class Runtime:
     settings: Settings
     geo: Geo
@@ -189,6 +219,7 @@ class Runtime:
     policy_status: ReloadStatus = field(default_factory=ReloadStatus)
     shadow_status: ReloadStatus = field(default_factory=ReloadStatus)
     geo_errors: dict[str, str] = field(default_factory=dict)  # path -> why its replacement was refused
+    watcher: WatcherStatus = field(default_factory=WatcherStatus)
     allow_methods: frozenset[str] = frozenset(DEFAULT_METHODS)
     env: dict[str, str] = field(default_factory=dict, repr=False)  # holds upstream keys: never shown
     overrides: OverrideStore = field(default_factory=lambda: OverrideStore({}), repr=False)
@@ -239,6 +270,9 @@ class Runtime:
         if self.shadow_status.error:
             warnings.append(f"shadow policy reload refused: {self.shadow_status.error}")
         warnings += [f"GeoIP reload refused, old data still serving: {e}" for e in self.geo_errors.values()]
+        down = self.watcher.warning()
+        if down:
+            warnings.append(down)
         stale = self.stale_geo(now)
         warnings += stale
         return {
@@ -266,6 +300,7 @@ class Runtime:
                 s.as_dict() | ({"age_seconds": round(now - s.build_epoch)} if s.path else {}) for s in self.geo.sources
             ],
             "geo_stale": bool(stale),
+            "watcher": self.watcher.as_dict(),
             "embedded_geo": self.geo.embedded,
             "upstreams": self.upstream_urls(),
             "trusted_proxies": [str(n) for n in self.clientip.trusted.networks],
@@ -347,6 +382,7 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         clientip=ClientIPConfig(trusted, header),
         access_log=access_log,
         env=env,
+        watcher=WatcherStatus(enabled=settings.watch),
     )
     if geo.embedded:
         runtime.warnings.append(EMBEDDED_WARNING)

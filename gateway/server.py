@@ -4,7 +4,8 @@ The parent binds both listening sockets and loads everything (so a bad
 policy or database stops the process before anything listens), then runs
 the servers itself (``--workers 1``) or forks workers that inherit the
 sockets and the loaded, checked state. Every worker serves both the proxy
-and the control-plane port, so any worker can answer ``/readyz``; with more
+and the control-plane port (the control plane on a thread and event loop of
+its own, :mod:`gateway.controlplane`), so any worker can answer ``/readyz``; with more
 than one worker, counters go to prometheus-client's multiprocess files and
 ``/metrics`` adds them up.
 
@@ -30,8 +31,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import uvicorn
-
 from .dataplane.limits import Limits, connection_cap, raise_nofile
 from .runtime import ConfigError, Runtime, Settings, load_runtime
 from .shared.store import OverrideStore, probe
@@ -40,14 +39,6 @@ log = logging.getLogger("regiongate")
 
 # Below this many open files, a busy replica runs out of descriptors before CPU.
 LOW_NOFILE = 4096
-
-
-class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to us: two share one process."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 _BIND_ADVICE = {
@@ -76,22 +67,6 @@ def bind(host: str, port: int, what: str = "proxy (--host/--port)") -> socket.so
         raise ConfigError(f"cannot listen on {where} for the {what}: {problem}") from None
     sock.set_inheritable(True)
     return sock
-
-
-def _uvicorn_config(app: Any, settings: Settings, lifespan: str = "off") -> uvicorn.Config:
-    return uvicorn.Config(
-        app,
-        loop="none",
-        http="httptools",
-        lifespan=lifespan,  # type: ignore[arg-type]
-        access_log=False,
-        log_level=settings.log_level,
-        # The gateway does its own, stricter reading of forwarding headers.
-        proxy_headers=False,
-        server_header=False,
-        timeout_keep_alive=30,
-        timeout_graceful_shutdown=10,
-    )
 
 
 def run_worker(
@@ -132,48 +107,61 @@ async def _control_plane(
     admin_sock: socket.socket,
     slot: int,
     supervisor: int | None,
-    also_stop: list[_Server],
 ) -> AsyncIterator[asyncio.Event]:
     """The control plane and the live policy around a data plane; yields the event SIGTERM sets.
 
-    Whichever data plane serves the proxy port, the admin port is uvicorn +
-    FastAPI, and policy and GeoIP changes reach this worker through its own
-    file watcher, SIGHUP (passed on by the supervisor) or ``POST /admin/reload``.
+    The admin port is uvicorn + FastAPI on a thread and event loop of its own
+    (:mod:`gateway.controlplane`): a slow admin call cannot delay a proxied
+    request. Policy and GeoIP changes reach this worker through its own
+    supervised file watcher, SIGHUP (passed on by the supervisor) or
+    ``POST /admin/reload``, and are judged on this (the proxy's) loop, with
+    every parse and compile in a worker thread.
     """
     from .admin import admin_token, create_admin_app
+    from .controlplane import ControlPlane, Gate, ProxyLoop
     from .live import watch
     from .live.reload import Live
 
     loop = asyncio.get_running_loop()
     live = Live(runtime, metrics, gateway, report=slot == 0, supervisor=supervisor)
-    admin = create_admin_app(runtime, metrics, live, admin_token())
-    admin_server = _Server(_uvicorn_config(admin, runtime.settings, "off"))
-    servers = [admin_server, *also_stop]
+    token = admin_token()
+    s = runtime.settings
+    admin = create_admin_app(runtime, metrics, live, token, ProxyLoop(loop))
+    plane = ControlPlane(
+        Gate(admin, token, timeout=s.header_timeout),
+        admin_sock,
+        header_timeout=s.header_timeout,
+        idle_timeout=s.idle_timeout,
+        log_level=s.log_level,
+    )
     stopping = asyncio.Event()
 
     def stop() -> None:
         stopping.set()
-        for s in servers:
-            s.should_exit = True
+        plane.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     loop.add_signal_handler(signal.SIGHUP, live.on_sighup)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one that came meanwhile arrives now
-    watcher = loop.create_task(watch.run(live, stopping)) if runtime.settings.watch else None
+    watcher = loop.create_task(watch.supervise(live, stopping)) if s.watch else None
     if watcher is None:
         # The state inherited from the parent is as of startup; a worker started
         # later (or replacing one that died) reads the files as they are now.
         live.spawn(live.reload(explicit=False))
     await runtime.overrides.start(metrics)  # Redis (if any) is synced in the background from here on
     runtime.audit.start(runtime.overrides)  # on only with --redis
-    admin_task = loop.create_task(admin_server.serve([admin_sock]))
-    admin_task.add_done_callback(lambda _t: stopping.set())
+
+    def ended() -> None:  # on the control plane's thread
+        with contextlib.suppress(RuntimeError):  # the proxy's loop already closed
+            loop.call_soon_threadsafe(stopping.set)
+
+    plane.start(ended)
     try:
         yield stopping
     finally:
         stop()
-        await admin_task
+        await plane.wait()
         await live.close()
         await runtime.audit.close()
         await runtime.overrides.close()
@@ -201,7 +189,7 @@ async def _native_main(
     runtime.access_log.on_drop = metrics.access_log_dropped.inc
     listener = Listener(gateway.handle, limits, cap, metrics.bad_request)
     await listener.start(proxy_sock)
-    async with _control_plane(runtime, metrics, gateway, admin_sock, slot, supervisor, []) as stopping:
+    async with _control_plane(runtime, metrics, gateway, admin_sock, slot, supervisor) as stopping:
         runtime.ready = True
         await stopping.wait()
         runtime.ready = False
@@ -238,14 +226,39 @@ def serve(settings: Settings) -> int:
         proxy_sock = bind(settings.host, settings.port, "proxy (--host/--port)")
         admin_sock = bind(settings.admin_host, settings.admin_port, "control plane (--admin-host/--admin-port)")
         redis_problem = asyncio.run(probe(runtime.overrides))
-        _announce(runtime, proxy_sock, admin_sock, redis_problem)
-        if settings.workers == 1:
-            run_worker(runtime, proxy_sock, admin_sock)
-            return 0
-        return _supervise(runtime, proxy_sock, admin_sock)
+        with _pid_file(settings.pid_file):
+            _announce(runtime, proxy_sock, admin_sock, redis_problem)
+            if settings.workers == 1:
+                run_worker(runtime, proxy_sock, admin_sock)
+                return 0
+            return _supervise(runtime, proxy_sock, admin_sock)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _pid_file(path: str | None) -> Iterator[None]:
+    """``--pid-file``: this (the supervising) process's pid while it serves, so that
+    ``kill -HUP "$(cat FILE)"`` reaches this gateway and no other one on the host."""
+    if path is None:
+        yield
+        return
+    pid = os.getpid()
+    try:
+        tmp = f"{path}.{pid}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{pid}\n")
+        os.replace(tmp, path)  # never a half-written file for a reader
+    except OSError as e:
+        raise ConfigError(f"--pid-file {path}: {e.strerror or e}") from None
+    try:
+        yield
+    finally:
+        if os.getpid() == pid:  # a forked worker leaving by an exception never removes its parent's file
+            with contextlib.suppress(OSError), open(path) as f:
+                if f.read().strip() == str(pid):
+                    os.unlink(path)
 
 
 def _clean_metrics_dir(path: str) -> None:
@@ -291,7 +304,9 @@ def _announce(
         f"control plane on http://{s.admin_host}:{_port(admin_sock)} (/healthz /readyz /metrics)",
         admin,
         f"policy {p.source} sha256:{p.sha256[:12]} version {runtime.active.current.version} "
-        f"({len(p.rules)} rules, mode {p.spec.mode}); reloads on change, SIGHUP, POST /admin/reload",
+        f"({len(p.rules)} rules, mode {p.spec.mode}); "
+        + ("reloads on change, SIGHUP, POST /admin/reload" if s.watch else "reloads on SIGHUP, POST /admin/reload")
+        + (f" (pid {os.getpid()} in {s.pid_file})" if s.pid_file else ""),
         *([f"shadow policy {shadow.policy.source} sha256:{shadow.tag} (evaluated, never enforced)"] if shadow else []),
         f"geo: {geo}",
         f"workers: {s.workers}",

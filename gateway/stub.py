@@ -214,10 +214,12 @@ def run(
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(certfile, keyfile)
     scheme = "https" if context else "http"
+    from .server import bind
+
+    sock = bind(host, port, "stub upstream (--host/--port)")  # ConfigError in one line, as serve gives it
     web.run_app(
         Stub(status, refuse_region).app(),
-        host=host,
-        port=port,
+        sock=sock,
         ssl_context=context,
         print=lambda *_: print(f"stub upstream on {scheme}://{host}:{port}"),
         handler_cancellation=True,

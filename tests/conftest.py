@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,8 @@ ENTERPRISE = str(GEOIP / "GeoIP2-Enterprise-Test.mmdb")
 ISP = str(GEOIP / "GeoIP2-ISP-Test.mmdb")
 BAD_DATA = GEOIP / "bad-data"
 POLICIES = ROOT / "policies"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,7 +171,13 @@ class GatewayFactory:
         self.tmp_path = tmp_path
         self.running: list[Gateway] = []
 
-    def __call__(self, *args: str, env: dict[str, str] | None = None, wait: bool = True) -> Gateway:
+    def __call__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> Gateway:
         port, admin_port = free_port(), free_port()
         n = len(self.running)
         access_log = self.tmp_path / f"access-{n}.log"
@@ -190,7 +198,7 @@ class GatewayFactory:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("REGIONGATE_")}
         full_env.update(env or {})
         with open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=full_env)
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=full_env, preexec_fn=preexec_fn)
         gw = Gateway(port, admin_port, proc, access_log, stderr_path, argv)
         self.running.append(gw)
         if wait:

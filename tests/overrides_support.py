@@ -16,7 +16,13 @@ GB, CN = "2.125.160.216", "175.16.199.1"
 COUNTRY_ONLY = str(POLICIES / "openai-supported-country-only.yaml")
 
 
-def overrides_gateway(gateway: GatewayFactory, stub: Stub, *args: str, env: dict[str, str] | None = None) -> Gateway:
+def overrides_gateway(
+    gateway: GatewayFactory,
+    stub: Stub,
+    *args: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Gateway:
     return gateway(
         "--upstream",
         stub.url,
@@ -28,6 +34,7 @@ def overrides_gateway(gateway: GatewayFactory, stub: Stub, *args: str, env: dict
         "127.0.0.1/32",
         *args,
         env={"REGIONGATE_ADMIN_TOKEN": TOKEN, **(env or {})},
+        preexec_fn=preexec_fn,
     )
 
 

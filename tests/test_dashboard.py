@@ -379,6 +379,9 @@ def test_every_panel_query_returns_data(
     gw = gateway(
         *("--policy", str(policy), "--geoip", CITY, *upstream, "--trusted-proxy", "127.0.0.1/32"),
         *("--redis", redis_server.url),
+        # The traffic's reloads are POST /admin/reload, each asserted: a file watcher would race them
+        # and load the edit first, so that the POST answers changed:false.
+        "--no-watch",
         env={"REGIONGATE_ADMIN_TOKEN": TOKEN},
     )
     instance = f"127.0.0.1:{gw.admin_port}"

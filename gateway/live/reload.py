@@ -69,6 +69,15 @@ class ReloadResult:
         }
 
 
+def _read(path: str) -> tuple[str, str]:
+    text = read_policy_text(path)
+    return text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
 class Live:
     """One worker's reloader. Every worker has its own; they converge because they read the same files."""
 
@@ -151,20 +160,21 @@ class Live:
             assert now is not None
             return ReloadResult(role, path, ok, changed, now.sha256, now.version, error, candidate)
 
+        sha: str | None = None
         try:
-            text = read_policy_text(path)
-        except ConfigError as e:
-            return self._refuse(role, status, None, str(e), result)
-        sha = hashlib.sha256(text.encode()).hexdigest()
-        if sha == running.sha256:
-            status.error = status.refused_sha256 = None  # back to what is serving
-            return result(True, False)
-        if sha == status.refused_sha256 and not explicit:
-            return result(False, False, status.error, sha)
-        try:
+            # Read and hashed off the loop too: a candidate may be large.
+            text, sha = await asyncio.to_thread(_read, path)
+            if sha == running.sha256:
+                status.error = status.refused_sha256 = None  # back to what is serving
+                return result(True, False)
+            if sha == status.refused_sha256 and not explicit:
+                return result(False, False, status.error, sha)
             candidate, upstreams = await self._judge(role, text, path)
         except ConfigError as e:
             return self._refuse(role, status, sha, str(e), result)
+        except Exception as e:  # MemoryError, RecursionError, a bug: this candidate is refused, the next one judged
+            log.error("%s %s: judging the candidate failed", role, path, exc_info=e)
+            return self._refuse(role, status, sha, f"{path}: cannot load this candidate: {_describe(e)}", result)
         self._swap(role, candidate, upstreams)
         status.attempted_at = time.time()
         status.error = status.refused_sha256 = None
@@ -238,7 +248,10 @@ class Live:
             return
         try:
             new = await asyncio.to_thread(geo.open_replacement, path)
-        except GeoDataError as e:
+        except Exception as e:  # GeoDataError, or anything unexpected: refused all the same
+            if not isinstance(e, GeoDataError):
+                log.error("GeoIP %s: opening the candidate failed", path, exc_info=e)
+                e = GeoDataError(f"{path}: cannot load this candidate: {_describe(e)}")
             again = self._refused_geo.get(path) == identity
             self._refused_geo[path] = identity
             self.runtime.geo_errors[path] = str(e)

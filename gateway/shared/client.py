@@ -16,7 +16,7 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from .overrides import Compiled, Override, OverrideError, compile_overrides, new_override
+from .overrides import Compiled, Override, OverrideError, compile_overrides, new_override, printable
 from .redisconn import RedisConfigError, RedisUnavailable
 from .store import OverrideStore, open_store
 
@@ -97,8 +97,14 @@ class RedisClient:
             key = await self.store.ensure_key() if kind == "api_key" else None
             try:
                 o = new_override(
-                    body["action"], kind, body[kind], body["reason"], body["by"], id=body.get("id"),
-                    ttl=body.get("ttl"), key=key,
+                    body["action"],
+                    kind,
+                    body[kind],
+                    body["reason"],
+                    body["by"],
+                    id=body.get("id"),
+                    ttl=body.get("ttl"),
+                    key=key,
                 )
             except OverrideError as e:
                 raise ClientError(str(e)) from None
@@ -144,10 +150,12 @@ def client_for(admin_url: str | None, redis_url: str | None, prefix: str) -> Adm
 
 
 def render(overrides: list[dict[str, Any]]) -> list[str]:
+    """``override list``'s table; every cell escaped, so no stored text can draw a row or colour the terminal."""
     rows = [["ID", "ACTION", "KIND", "VALUE", "EXPIRES", "BY", "REASON"]]
     for o in overrides:
         expires = o.get("expires_at")
         when = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds") if expires else "never"
-        rows.append([o["id"], o["action"], o["kind"], o["value"], when, o.get("by") or "-", o.get("reason") or ""])
+        cells = [o["id"], o["action"], o["kind"], o["value"], when, o.get("by") or "-", o.get("reason") or ""]
+        rows.append([printable(str(c)) for c in cells])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]

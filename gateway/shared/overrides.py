@@ -13,6 +13,15 @@ was opened for everyone.
 API keys are never kept: an override holds the HMAC-SHA256 of the bearer
 token under the override key (see :mod:`.store`), and the request path
 hashes the caller's token with the same key.
+
+An override's ``reason`` and ``by`` are shown in terminals, logs and
+dashboards, so they may hold no control character (C0, C1, DEL) and no
+character that reorders or breaks a line (bidi embeddings, overrides,
+isolates and marks; line and paragraph separators): such text could forge a
+row of ``override list`` or colour a terminal. Text stored before this rule
+(or written to Redis by hand) is shown escaped (:func:`printable`). Country
+and subdivision codes are checked against ISO 3166 as the policy's are, so
+``UK`` is refused with "did you mean 'GB'?" instead of matching nobody.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .. import iso3166
 from ..cidrs import CidrSet, parse_network
 from ..clientip import ClientAddress, IPNetwork
 from ..geo import GeoFacts
@@ -39,6 +49,10 @@ _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _SUBDIVISION = re.compile(r"^[A-Z]{2}-[A-Z0-9]{1,3}$")
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_TEXT = 500
+# C0 controls, DEL and C1 controls; the bidirectional formatting characters
+# (LRM, RLM, ALM, embeddings and overrides U+202A-202E, isolates U+2066-2069);
+# the line and paragraph separators.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 class OverrideError(ValueError):
@@ -91,6 +105,31 @@ class Override:
         )
 
 
+def check_text(reason: str, by: str) -> None:
+    """Refuse a ``reason`` or ``by`` that could forge or colour what a terminal shows (naming the character only)."""
+    for name, text in (("reason", reason), ("by", by)):
+        bad = _UNSAFE.search(text)
+        if bad is not None:
+            raise OverrideError(
+                f"{name}: character U+{ord(bad.group()):04X} at position {bad.start()} is not allowed "
+                "(no control or bidirectional formatting characters)"
+            )
+
+
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text: str) -> str:
+    """``text`` with every character :func:`check_text` refuses shown as an escape (``\\x1b``, ``\\u202e``)."""
+    return _UNSAFE.sub(_escape, text)
+
+
 def hash_key(key: bytes, token: str) -> str:
     """The keyed hash an API-key override is stored and matched under."""
     return hmac.new(key, token.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
@@ -117,6 +156,8 @@ def new_override(
         raise OverrideError(f"kind must be one of {', '.join(KINDS)}")
     if len(reason) > MAX_TEXT or len(by) > MAX_TEXT:
         raise OverrideError(f"reason and by are limited to {MAX_TEXT} characters")
+    if not hashed:  # a new override; one read back from the store is shown escaped instead
+        check_text(reason, by)
     value = value.strip()
     if kind == "cidr":
         try:
@@ -126,11 +167,15 @@ def new_override(
     elif kind == "country":
         value = value.upper()
         if not _COUNTRY.match(value):
-            raise OverrideError(f"country: {value[:20]!r} is not a two-letter ISO 3166-1 code")
+            raise OverrideError(f"country: {printable(value[:20])!r} is not a two-letter ISO 3166-1 code")
+        if not hashed and not iso3166.is_country(value):
+            raise OverrideError(f"country: {value!r} {iso3166.country_problem(value)}")
     elif kind == "subdivision":
         value = value.upper()
         if not _SUBDIVISION.match(value):
-            raise OverrideError(f"subdivision: {value[:20]!r} is not an ISO 3166-2 code like GB-ENG")
+            raise OverrideError(f"subdivision: {printable(value[:20])!r} is not an ISO 3166-2 code like GB-ENG")
+        if not hashed and not iso3166.is_subdivision(value):
+            raise OverrideError(f"subdivision: {value!r} {iso3166.subdivision_problem(value)}")
     elif hashed:
         if not re.fullmatch(r"[0-9a-f]{64}", value):
             raise OverrideError("api_key: the stored hash is not 64 hex digits")
