@@ -3,14 +3,19 @@
 The generator writes JSON text itself (random whitespace, key order, \\u and
 short escapes in keys and strings, surrogate pairs, nested "model" keys,
 numbers in every form) so the scanner meets what clients really send, not
-what one encoder happens to produce. orjson is the oracle: what the gateway
-reads as the model must be what a parser reads, and a rename must change
-the parsed document in exactly one place and the bytes in exactly one span.
+what one encoder happens to produce. Three decoders are the oracles: orjson,
+Python's json, and a decoder that reads keys the way Go's encoding/json
+fills a struct (case-insensitively, by the rules of its fold.go). For every
+body the gateway accepts, all three read the model the gateway read; a
+rename must change the parsed document in exactly one place and the bytes
+in exactly one span.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 from typing import Any
 
 import orjson
@@ -85,10 +90,94 @@ class Pairs:
         self.items = items
 
 
+# --- a Go-style decoder: encoding/json filling struct{ Model string `json:"model"` } -----
+#
+# decode.go matches an object key to a field by its exact name, else by foldName
+# (fold.go, Go 1.21 and later): ASCII a-z upper-cased, any other rune replaced by
+# the smallest rune of its unicode.SimpleFold orbit. The only non-ASCII runes whose
+# orbit holds an ASCII letter are the Kelvin sign (K, k, U+212A) and the long s
+# (S, s, U+017F); U+0130 and U+0131, the dotted and dotless I, fold to themselves
+# (Go's own simpleFoldTests).
+# Other non-ASCII runes stay non-ASCII, so they can never equal an ASCII field
+# name, which is all this decoder compares against. Go before 1.21 (equalFold,
+# simpleLetterEqualFold for a name of letters without k or s) matches the same keys.
+# Each matching key assigns the field in turn (the last one wins), a null leaves it
+# as it was, and a value of another type is an UnmarshalTypeError (no model).
+
+_GO_FOLDS_TO_ASCII = {0x212A: "K", 0x017F: "S"}
+
+
+def go_fold_name(name: str) -> str:
+    out = []
+    for ch in name:
+        if ch.isascii():
+            out.append(ch.upper() if "a" <= ch <= "z" else ch)
+        else:
+            out.append(_GO_FOLDS_TO_ASCII.get(ord(ch), ch))
+    return "".join(out)
+
+
+def go_v2_fold_name(name: str) -> str:
+    """json/v2's case-insensitive matching (``case:ignore``): as v1, also ignoring ``_`` and ``-``."""
+    return go_fold_name(name.replace("_", "").replace("-", ""))
+
+
+class _Object(list[tuple[str, Any]]):
+    """An object as its pairs, in order, repeats kept (what a streaming decoder sees)."""
+
+
+def go_model(body: bytes, fold: Any = go_fold_name) -> str | None:
+    top = json.loads(body, object_pairs_hook=_Object)
+    model: str | None = None
+    for key, value in top:
+        if key == "model" or fold(key) == fold("model"):
+            if isinstance(value, str):
+                model = value
+            elif value is not None:
+                return None  # UnmarshalTypeError: the request fails, no model is used
+    return model
+
+
+def python_model(body: bytes) -> str | None:
+    value = json.loads(body).get("model")
+    return value if isinstance(value, str) else None
+
+
+def is_variant(key: str) -> bool:
+    """A key some decoder reads as ``model`` that is not ``model`` itself."""
+    return key != "model" and "MODEL" in (go_fold_name(key), go_v2_fold_name(key))
+
+
+def variants_at_top(body: bytes) -> list[str]:
+    return [key for key, _ in json.loads(body, object_pairs_hook=_Object) if is_variant(key)]
+
+
+variant_keys = st.one_of(
+    st.sampled_from(["MODEL", "Model", "mOdEl", "modeL", "mo_del", "MO-DEL", "_model", "model-", "m_o_d_e_l"]),
+    st.lists(st.sampled_from("mM"), min_size=1, max_size=1).flatmap(
+        lambda m: st.tuples(*(st.sampled_from((c, c.upper())) for c in "odel")).map(lambda t: m[0] + "".join(t))
+    ),
+).filter(is_variant)
 keys = st.one_of(
-    st.sampled_from(["model", "messages", "Model", "model ", "modell", '"model', 'x\\"model', "\\", "model\\"]),
+    st.sampled_from(
+        [
+            "model",
+            "messages",
+            "model ",
+            "modell",
+            '"model',
+            'x\\"model',
+            "\\",
+            "model\\",
+            "modeI",  # a capital i: no decoder folds it to l
+            "m\u043edel",  # a Cyrillic o
+            "\uff4d\uff4f\uff44\uff45\uff4c",  # fullwidth letters
+            "mode\u212a",  # the Kelvin sign folds to k, not l
+            "\u017fodel",  # the long s folds to s, not m
+        ]
+    ),
     st.text(max_size=8),
-)
+).filter(lambda k: not is_variant(k))
 scalars = st.one_of(
     st.none(),
     st.booleans(),
@@ -108,13 +197,16 @@ models = st.one_of(st.text(max_size=16), st.sampled_from(["gpt-4o", "o1-mini", "
 
 
 @st.composite
-def bodies(draw: st.DrawFn, model_copies: int = -1) -> bytes:
-    """A top-level object: other keys (never "model" itself) and ``model_copies`` model keys (-1: 0 or 1)."""
+def bodies(draw: st.DrawFn, model_copies: int = -1, variants: int = 0) -> bytes:
+    """A top-level object: other keys (never "model" itself nor a variant of it), ``model_copies``
+    model keys (-1: 0 or 1) and ``variants`` keys that are "model" in another case (-1: 0 to 2)."""
     others = draw(st.lists(st.tuples(keys.filter(lambda k: k != "model"), values), max_size=5))
     copies = draw(st.integers(0, 1)) if model_copies < 0 else model_copies
     items = list(others)
     for _ in range(copies):
         items.insert(draw(st.integers(0, len(items))), ("model", draw(models)))
+    for _ in range(draw(st.integers(0, 2)) if variants < 0 else variants):
+        items.insert(draw(st.integers(0, len(items))), (draw(variant_keys), draw(models)))
     r = draw(st.randoms(use_true_random=False))
     return (ws(r) + write(Pairs(items), r) + ws(r)).encode()
 
@@ -132,20 +224,27 @@ FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
 
 
 @FAST
-@given(bodies())
+@given(bodies(variants=-1))
 @example(b'{"model":"gpt-4o"}')
 @example(b' {"a":{"model":"x"},"model":"y"} ')
 @example(b'{"mod\\u0065l":"y"}')
 @example(b'{"model":"\\ud83d\\ude00"}')
-def test_read_model_agrees_with_the_parser(body: bytes) -> None:
+@example(b'{"model":"cheap-model","MODEL":"gpt-4o"}')
+@example(b'{"a":{"MODEL":"x"},"model":"y","b":[{"Model":1}]}')
+def test_read_model_agrees_with_every_decoder(body: bytes) -> None:
+    """Accepted: orjson, Python's json and Go (v1 and v2 folding) read the gateway's model. Refused: a variant."""
     try:
         expected = oracle_model(body)
     except orjson.JSONDecodeError:  # numbers a double cannot hold: refused by both
         with pytest.raises(BadBody):
             read_model(body)
         return
+    if variants_at_top(body):
+        with pytest.raises(BadBody, match="another case"):
+            read_model(body)
+        return
     field = read_model(body)
-    assert field.model == expected
+    assert field.model == expected == python_model(body) == go_model(body) == go_model(body, go_v2_fold_name)
     if expected is None:
         assert (field.start, field.end) == (-1, -1)
     else:
@@ -207,8 +306,8 @@ def test_damaged_bodies_are_refused_or_read_as_the_parser_reads_them(body: bytes
         return
     try:
         assert read_model(body).model == expected
-    except BadBody as e:
-        assert "more than one" in e.message  # a damaged key can become a second "model"
+    except BadBody as e:  # a damaged key can become a second "model", or "model" in another case
+        assert "more than one" in e.message or ("another case" in e.message and variants_at_top(body))
 
 
 @FAST
@@ -254,6 +353,62 @@ def test_duplicated_model_key_is_refused(body: bytes) -> None:
     assert orjson.loads(body)  # a parser accepts it: only the gateway's own check stands between
     with pytest.raises(BadBody, match='more than one "model"'):
         read_model(body)
+
+
+CASE_VARIANTS = [
+    b'{"model":"cheap-model","MODEL":"gpt-4o"}',  # the report: judged as cheap-model, served as gpt-4o
+    b'{"MODEL":"gpt-4o","model":"cheap-model"}',
+    b'{"MODEL":"gpt-4o"}',  # alone: no model here, gpt-4o in Go
+    b'{"Model":"gpt-4o","messages":[]}',
+    b'{"messages":[],"mOdEl":"gpt-4o"}',
+    b'{"model":"cheap-model","MOD\\u0045L":"gpt-4o"}',
+    b'{"model":"cheap-model","Mod\\u0065l":"gpt-4o"}',
+    b'{"model":"cheap-model","\\u004d\\u004F\\u0044\\u0045\\u004c":"gpt-4o"}',
+    b'{"mod\\u0065l":"cheap-model","\\u004dodel":"gpt-4o"}',
+    b'{"model":"cheap-model","mo_del":"gpt-4o"}',  # json/v2 case:ignore also drops _ and -
+    b'{"model":"cheap-model","MO-DEL":"gpt-4o"}',
+    b'{"model":"cheap-model","mo\\u005fdel":"gpt-4o","x":1}',
+    b'{"model":"cheap-model" , "MODEL"\n:\t"gpt-4o"}',
+    b'{"model":"cheap-model","MODEL":null}',
+    b'{"model":"cheap-model","MODEL":{"name":"gpt-4o"}}',
+    b'{"a":{"model":"x"},"MODEL":"gpt-4o","b":["MODEL"],"model":"cheap-model"}',
+]
+
+
+@pytest.mark.parametrize("body", CASE_VARIANTS)
+def test_model_in_another_case_is_refused(body: bytes) -> None:
+    assert isinstance(orjson.loads(body), dict)  # a parser accepts it: only the gateway's own check stands between
+    with pytest.raises(BadBody, match="another case") as e:
+        read_model(body)
+    assert e.value.message.isprintable() and len(e.value.message) < 200
+    assert "gpt-4o" not in e.value.message and "cheap" not in e.value.message  # nothing of the body is echoed
+
+
+def test_the_go_style_decoder_sees_the_reported_bypass() -> None:
+    """The third oracle is worth having: on the report's body it disagrees with orjson and Python's json."""
+    body = CASE_VARIANTS[0]
+    assert oracle_model(body) == python_model(body) == "cheap-model"
+    assert go_model(body) == go_model(body, go_v2_fold_name) == "gpt-4o"
+    assert go_model(b'{"MODEL":"gpt-4o"}') == "gpt-4o"
+    assert go_model(b'{"model":"a","MODEL":null}') == "a"  # a null leaves the field as it was
+    assert go_model(b'{"mo_del":"gpt-4o"}') is None and go_model(b'{"mo_del":"gpt-4o"}', go_v2_fold_name) == "gpt-4o"
+    assert go_fold_name("\u212aelvin") == "KELVIN" and go_fold_name("\u017fun") == "SUN"
+
+
+def test_only_the_kelvin_sign_and_the_long_s_fold_into_ascii() -> None:
+    """The Go-style decoder's one table, against this Python's Unicode database.
+
+    The non-ASCII characters whose lower, upper or case-folded form is one
+    ASCII letter: the Kelvin sign, the long s, and the dotless i, which Go's
+    SimpleFold leaves alone (it has an upper case but no case folding).
+    """
+    reach = {
+        c
+        for c in range(0x80, sys.maxunicode + 1)
+        if any(len(x) == 1 and x.isascii() for x in (chr(c).lower(), chr(c).upper(), chr(c).casefold()))
+    }
+    assert reach == {0x0131, *_GO_FOLDS_TO_ASCII}
+    assert not set("MODEL") & set(_GO_FOLDS_TO_ASCII.values())  # so "model" folds only from ASCII spellings
 
 
 @pytest.mark.parametrize(
@@ -308,7 +463,9 @@ def test_a_model_that_is_not_a_string_is_unknown(body: bytes) -> None:
         b" \r\n\t{ \n } \n",
         b'{"messages":[{"model":"gpt-4o"}]}',
         b'{"a":{"model":"gpt-4o"},"b":[{"model":"o1"}]}',
-        b'{"Model":"gpt-4o","model ":"o1","\\"model\\"":"x"}',
+        b'{"model ":"o1","\\"model\\"":"x"," model":1,"modeI":2,"mod\\u0435l":3,"\\u212aodel":4}',
+        b'{"messages":[{"MODEL":"gpt-4o","Model":"o1"}],"x":{"mo_del":1}}',
+        b'{"x":"MODEL","y":["Model","model"],"z":"\\"MODEL\\": 1"}',
         b'{"x":"\\"model\\":\\"gpt-4o\\""}',
         b'{"x\\"model":"gpt-4o"}',
         b'{"\\\\":"x","model\\\\":"gpt-4o"}',
@@ -316,6 +473,7 @@ def test_a_model_that_is_not_a_string_is_unknown(body: bytes) -> None:
 )
 def test_no_top_level_model(body: bytes) -> None:
     assert read_model(body) == ModelField(None, -1, -1)
+    assert go_model(body) is None
 
 
 @pytest.mark.parametrize(
