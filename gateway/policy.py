@@ -34,6 +34,7 @@ from .requestpath import canonical
 from .shared.ratelimit import RateLimit, parse_period
 from .yamlfile import Document, FileError, Problem
 from .yamlfile import load as load_yaml
+from .yamlfile import read as read_yaml
 
 Action = Literal["allow", "deny", "monitor"]
 RuleAction = Literal["allow", "deny", "monitor", "route"]
@@ -678,12 +679,7 @@ def _validation_problems(doc: Document, err: ValidationError) -> list[Problem]:
 
 def load_policy(path: str, capabilities: frozenset[str] | None = None) -> Policy:
     """Read, validate and compile a policy file. Raises :class:`FileError`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FileError(path, [Problem(None, f"cannot read policy: {e}")]) from None
-    return parse_policy(text, path, capabilities)
+    return parse_policy(read_yaml(path), path, capabilities)
 
 
 def parse_policy(text: str, filename: str, capabilities: frozenset[str] | None = None) -> Policy:
