@@ -740,6 +740,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         problems.append(Problem(doc.line_of(path), message))
 
     problems += _upstream_problems(spec.upstreams, doc)
+    problems += _rate_limit_problems(spec, doc)
 
     rules: list[Rule] = []
     names: dict[str, int] = {}
@@ -876,6 +877,51 @@ def _rule_problems(i: int, r: RuleSpec, doc: Document, capabilities: frozenset[s
                 f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; none is configured (--geoip)",
             )
     return problems
+
+
+def _rate_limit_problems(spec: PolicySpec, doc: Document) -> list[Problem]:
+    """``rate_limit: {by: api_key}`` on a rule whose requests may reach an upstream that injects its own key.
+
+    The budget is the caller's bearer token, and such an upstream never sees
+    that token (``api_key_env`` replaces it), so a token made up per request
+    is served with the operator's key on a fresh budget every time: the limit
+    would limit nothing. The rule's upstream and every fallback after it
+    count, since a failed-over request is served with the fallback's key.
+    It can be allowed once the gateway issues its callers' keys itself.
+    """
+    problems = []
+    for i, r in enumerate(spec.rules):
+        if r.rate_limit is None or r.rate_limit.by != "api_key" or r.action == DENY:
+            continue
+        injecting = [u for u in _reachable(r.upstream or DEFAULT_UPSTREAM, spec.upstreams) if u.api_key_env]
+        if not injecting:
+            continue
+        name = r.name or f"rule-{i + 1}"
+        problems.append(
+            Problem(
+                doc.line_of(("rules", i, "rate_limit", "by")),
+                f"rules[{i}] ({name}): rate_limit by: api_key cannot limit these callers: their upstream sends "
+                f"its own key ({injecting[0].api_key_env}) in place of theirs, so a made-up key per request would "
+                "get a fresh budget. Limit by ip, country, subdivision or asn (by: api_key needs keys the gateway "
+                "issues to its callers, which it does not yet)",
+            )
+        )
+    return problems
+
+
+def _reachable(name: str, upstreams: dict[str, UpstreamSpec]) -> list[UpstreamSpec]:
+    """The upstream ``name`` and every fallback a request to it can reach, each once, in order."""
+    out: list[UpstreamSpec] = []
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop(0)
+        if current in seen or current not in upstreams:  # --upstream's default carries no key
+            continue
+        seen.add(current)
+        out.append(upstreams[current])
+        todo.extend(upstreams[current].fallback)
+    return out
 
 
 def _upstream_problems(upstreams: dict[str, UpstreamSpec], doc: Document) -> list[Problem]:
