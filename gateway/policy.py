@@ -30,7 +30,7 @@ from . import iso3166
 from .cidrs import CidrSet, parse_network
 from .clientip import INVALID, MISSING, PRIVATE, AddressError, ClientAddress, IPAddress, classify, parse_address
 from .geo import GeoFacts
-from .requestpath import canonical
+from .requestpath import BadPath, canonical
 from .shared.ratelimit import RateLimit, parse_period
 from .yamlfile import Document, FileError, Problem
 from .yamlfile import load as load_yaml
@@ -331,6 +331,11 @@ class PolicySpec(_Spec):
     tests: list[PolicyTest] = []
     redis: RedisPolicy = RedisPolicy()
     body: BodySpec = BodySpec()
+    paths_case: Literal["sensitive", "insensitive"] = Field(
+        "sensitive",
+        description="How rules' paths match: 'insensitive' also matches /V1/Files to /v1/files (as an "
+        "upstream with case-insensitive routing, such as ASP.NET, serves it); use it with deny-lists of paths.",
+    )
 
 
 def json_schema() -> dict[str, Any]:
@@ -394,7 +399,31 @@ class Patterns:
         return sorted(self.exact) + [p + "*" for p in self.prefixes]
 
 
-PathSet = Patterns
+class PathSet(Patterns):
+    """Request paths (canonical, :mod:`.requestpath`): an exact path matches with or without one
+    trailing '/', since upstream routers (Express, Spring, many others) serve ``/v1/files/`` as
+    ``/v1/files``; with ``ignore_case`` (``paths_case: insensitive``) paths match in any case, as
+    ASP.NET's routing does, so ``/V1/files`` cannot pass a ``/v1/files`` rule."""
+
+    __slots__ = ("ignore_case",)
+
+    def __init__(self, patterns: Sequence[str], ignore_case: bool = False) -> None:
+        self.ignore_case = ignore_case
+        folded = [p.lower() for p in patterns] if ignore_case else list(patterns)
+        super().__init__([_without_trailing_slash(p) for p in folded])
+
+    def __contains__(self, path: str) -> bool:
+        if self.ignore_case:
+            path = path.lower()
+        return (
+            path in self.exact
+            or path.startswith(self.prefixes)
+            or (path.endswith("/") and len(path) > 1 and path[:-1] in self.exact)
+        )
+
+
+def _without_trailing_slash(pattern: str) -> str:
+    return pattern[:-1] if pattern.endswith("/") and len(pattern) > 1 else pattern
 
 
 class _Unread:
@@ -775,7 +804,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
                 asns=frozenset(r.asns) if r.asns is not None else None,
                 anonymizer=frozenset(r.anonymizer) if r.anonymizer is not None else None,
                 cidrs=CidrSet(nets) if r.cidrs is not None else None,
-                paths=PathSet(r.paths) if r.paths is not None else None,
+                paths=PathSet(r.paths, spec.paths_case == "insensitive") if r.paths is not None else None,
                 decision=_with_limit(decision, r.rate_limit),
                 models=Patterns(r.models) if r.models is not None else None,
                 # Unknown model, 'deny': a rule that refuses takes it, one that lets through does not.
@@ -1002,6 +1031,13 @@ def _path_pattern_problem(p: str) -> str | None:
         )
     if "?" in p or "#" in p:
         return "has a '?' or '#': paths are matched without the query string, so it could never match"
+    base = p[:-1] if p.endswith("*") else p
+    try:
+        canon = canonical(base.encode())
+    except BadPath as e:
+        return f"could never match: a request with this path is refused ({e})"
+    if canon != base:
+        return f"could never match: requests are matched in canonical form, where this path is {canon!r}"
     return None
 
 

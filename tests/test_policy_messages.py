@@ -91,6 +91,12 @@ def test_subdivision_messages_say_what_is_actually_wrong(code: str, words: str, 
         ("/v1/*x", "'*' is allowed only as the last character", "must start with '/'"),
         ("v1/models", "must start with '/'", "'*'"),
         ("/v1/models?x=1", "without the query string", "must start with '/'"),
+        # requests are judged in canonical form, so a pattern in any other could never match
+        ("/v1//files", "canonical form, where this path is '/v1/files'", "'*'"),
+        ("/v1/%66iles", "canonical form, where this path is '/v1/files'", "'*'"),
+        ("/v1/%2fx/*", "a request with this path is refused", "'*' is allowed"),
+        ("/v1/../admin", "a request with this path is refused", "'*'"),
+        ("/v1/caf\u00e9", "a request with this path is refused", "'*'"),
     ],
 )
 def test_path_pattern_messages_say_what_is_allowed(pattern: str, words: str, not_words: str) -> None:
@@ -100,6 +106,7 @@ def test_path_pattern_messages_say_what_is_allowed(pattern: str, words: str, not
 
 def test_good_path_patterns_pass() -> None:
     parse_policy("version: 1\nrules:\n  - {paths: ['/v1/*', '/v1/models', '/*'], action: deny}\n", "p.yaml", None)
+    parse_policy("version: 1\nrules:\n  - {paths: ['/v1/files/', '/v1/caf%C3%A9', '/V1/X'], action: deny}\n", "p", None)
 
 
 @pytest.mark.parametrize("asn", ["AS4837", "4294967296", "-1", "4837.5"])
