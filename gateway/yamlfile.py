@@ -167,12 +167,19 @@ class _Builder:
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         try:
-            return self._scalars.construct_object(node, deep=True)
+            value = self._scalars.construct_object(node, deep=True)
         except ValueError as e:  # a value PyYAML resolved but Python refuses: an integer of over 4,300 digits
             if isinstance(e, yaml.YAMLError):
                 raise
             self.problems.append(Problem(node.start_mark.line + 1, f"cannot read this value: {e}"))
             return None
+        if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
+            # "\ud800" in a double-quoted scalar: not text, and it would break every log line and label it reached
+            self.problems.append(
+                Problem(node.start_mark.line + 1, "a lone surrogate escape (\\uD800-\\uDFFF) is not text")
+            )
+            return None
+        return value
 
 
 def read(path: str) -> str:
@@ -185,7 +192,7 @@ def read(path: str) -> str:
 
 
 def _too_large(text: str) -> Problem | None:
-    head = text[: MAX_BYTES + 1].encode()
+    head = text[: MAX_BYTES + 1].encode("utf-8", "surrogatepass")  # a lone surrogate is YAML's to refuse
     if len(head) <= MAX_BYTES:
         return None
     return Problem(
@@ -205,6 +212,19 @@ def load(text: str, filename: str) -> Document:
         raise FileError(filename, [Problem(e.line, e.message)]) from None
     except yaml.MarkedYAMLError as e:
         raise FileError(filename, [syntax_problem(text, e)]) from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, anywhere in the file
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise FileError(
+            filename,
+            [
+                Problem(
+                    line,
+                    f"U+{e.character:04X} at column {column} is a control character or a non-character, "
+                    "which YAML does not allow",
+                )
+            ],
+        ) from None
     except yaml.YAMLError as e:
         raise FileError(filename, [Problem(None, f"YAML error: {e}")]) from None
     if root is None:
@@ -220,6 +240,7 @@ def load(text: str, filename: str) -> Document:
     return Document(filename, data, builder.lines)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _OPENERS = {"while parsing a flow sequence": "[", "while parsing a flow mapping": "{"}
 
 

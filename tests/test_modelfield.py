@@ -13,7 +13,6 @@ in exactly one span.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from typing import Any
@@ -24,6 +23,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.modelfield import BadBody, ModelField, is_json, read_model, rename
+from json_oracles import (
+    GO_FOLDS_TO_ASCII,
+    go_fold_name,
+    go_model,
+    go_v2_fold_name,
+    is_variant,
+    oracle_model,
+    python_model,
+    variants_at_top,
+)
 
 # --- writing JSON text every way the grammar allows ------------------------------------
 
@@ -90,68 +99,6 @@ class Pairs:
         self.items = items
 
 
-# --- a Go-style decoder: encoding/json filling struct{ Model string `json:"model"` } -----
-#
-# decode.go matches an object key to a field by its exact name, else by foldName
-# (fold.go, Go 1.21 and later): ASCII a-z upper-cased, any other rune replaced by
-# the smallest rune of its unicode.SimpleFold orbit. The only non-ASCII runes whose
-# orbit holds an ASCII letter are the Kelvin sign (K, k, U+212A) and the long s
-# (S, s, U+017F); U+0130 and U+0131, the dotted and dotless I, fold to themselves
-# (Go's own simpleFoldTests).
-# Other non-ASCII runes stay non-ASCII, so they can never equal an ASCII field
-# name, which is all this decoder compares against. Go before 1.21 (equalFold,
-# simpleLetterEqualFold for a name of letters without k or s) matches the same keys.
-# Each matching key assigns the field in turn (the last one wins), a null leaves it
-# as it was, and a value of another type is an UnmarshalTypeError (no model).
-
-_GO_FOLDS_TO_ASCII = {0x212A: "K", 0x017F: "S"}
-
-
-def go_fold_name(name: str) -> str:
-    out = []
-    for ch in name:
-        if ch.isascii():
-            out.append(ch.upper() if "a" <= ch <= "z" else ch)
-        else:
-            out.append(_GO_FOLDS_TO_ASCII.get(ord(ch), ch))
-    return "".join(out)
-
-
-def go_v2_fold_name(name: str) -> str:
-    """json/v2's case-insensitive matching (``case:ignore``): as v1, also ignoring ``_`` and ``-``."""
-    return go_fold_name(name.replace("_", "").replace("-", ""))
-
-
-class _Object(list[tuple[str, Any]]):
-    """An object as its pairs, in order, repeats kept (what a streaming decoder sees)."""
-
-
-def go_model(body: bytes, fold: Any = go_fold_name) -> str | None:
-    top = json.loads(body, object_pairs_hook=_Object)
-    model: str | None = None
-    for key, value in top:
-        if key == "model" or fold(key) == fold("model"):
-            if isinstance(value, str):
-                model = value
-            elif value is not None:
-                return None  # UnmarshalTypeError: the request fails, no model is used
-    return model
-
-
-def python_model(body: bytes) -> str | None:
-    value = json.loads(body).get("model")
-    return value if isinstance(value, str) else None
-
-
-def is_variant(key: str) -> bool:
-    """A key some decoder reads as ``model`` that is not ``model`` itself."""
-    return key != "model" and "MODEL" in (go_fold_name(key), go_v2_fold_name(key))
-
-
-def variants_at_top(body: bytes) -> list[str]:
-    return [key for key, _ in json.loads(body, object_pairs_hook=_Object) if is_variant(key)]
-
-
 variant_keys = st.one_of(
     st.sampled_from(["MODEL", "Model", "mOdEl", "modeL", "mo_del", "MO-DEL", "_model", "model-", "m_o_d_e_l"]),
     st.lists(st.sampled_from("mM"), min_size=1, max_size=1).flatmap(
@@ -209,11 +156,6 @@ def bodies(draw: st.DrawFn, model_copies: int = -1, variants: int = 0) -> bytes:
         items.insert(draw(st.integers(0, len(items))), (draw(variant_keys), draw(models)))
     r = draw(st.randoms(use_true_random=False))
     return (ws(r) + write(Pairs(items), r) + ws(r)).encode()
-
-
-def oracle_model(body: bytes) -> str | None:
-    value = orjson.loads(body).get("model")
-    return value if isinstance(value, str) else None
 
 
 # No deadline: the machine is shared and noisy, and how long an example takes is not what is tested.
@@ -407,8 +349,8 @@ def test_only_the_kelvin_sign_and_the_long_s_fold_into_ascii() -> None:
         for c in range(0x80, sys.maxunicode + 1)
         if any(len(x) == 1 and x.isascii() for x in (chr(c).lower(), chr(c).upper(), chr(c).casefold()))
     }
-    assert reach == {0x0131, *_GO_FOLDS_TO_ASCII}
-    assert not set("MODEL") & set(_GO_FOLDS_TO_ASCII.values())  # so "model" folds only from ASCII spellings
+    assert reach == {0x0131, *GO_FOLDS_TO_ASCII}
+    assert not set("MODEL") & set(GO_FOLDS_TO_ASCII.values())  # so "model" folds only from ASCII spellings
 
 
 @pytest.mark.parametrize(

@@ -172,3 +172,22 @@ def test_the_shipped_policies_are_well_inside_the_bounds(path: Path) -> None:
     doc = load(text, str(path))  # it loads, so it uses no anchor or alias and is not too deep
     assert len(text.encode()) < MAX_BYTES // 100
     assert len(doc.lines) < MAX_NODES // 50
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("version: 1\nmetadata: {a: \x03}\n", 2, "U+0003 at column 15 is a control character"),
+        ("\n\x03", 2, "U+0003 at column 1"),
+        ("version: 1\nmetadata: {a: x\ufffe}\n", 2, "U+FFFE at column 16"),
+        ("version: 1\ndescription: '\ud800'\n", 2, "U+D800 at column 15"),  # a lone surrogate posted as text
+        ('version: 1\ndescription: "\\ud800"\n', 2, "a lone surrogate escape"),  # written as a YAML escape
+        ('version: 1\nrules:\n  - {name: "x\\udc00", action: deny}\n', 3, "a lone surrogate escape"),
+    ],
+    ids=["control", "control-alone", "non-character", "surrogate", "surrogate-escape", "surrogate-in-a-name"],
+)
+def test_characters_yaml_or_text_cannot_hold_are_a_problem_with_a_line(text: str, line: int, words: str) -> None:
+    """Found by fuzzing: these gave a two-line message without a line, or a traceback."""
+    with pytest.raises(FileError) as e:
+        parse_policy(text, "p.yaml", None)
+    assert str(e.value).startswith(f"p.yaml:{line}: ") and words in str(e.value) and "\n" not in str(e.value)
