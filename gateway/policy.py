@@ -279,7 +279,9 @@ class RuleSpec(_Spec):
     anonymizer: Annotated[list[AnonymizerFlag], NonEmpty] | None = None
     cidrs: Annotated[list[str], NonEmpty] | None = None
     paths: Annotated[list[str], NonEmpty] | None = Field(
-        None, description="Exact request paths; a trailing '*' makes a prefix ('/v1/*')."
+        None,
+        description="Exact request paths (each also matches with one trailing '/'); a trailing '*' makes a "
+        "prefix ('/v1/*'). Case-sensitive unless paths_case is 'insensitive'.",
     )
     models: Annotated[list[str], NonEmpty] | None = Field(
         None,
