@@ -71,7 +71,8 @@ def is_variant(key: str) -> bool:
 
 
 def variants_at_top(body: bytes) -> list[str]:
-    return [key for key, _ in json.loads(body, object_pairs_hook=_Object) if is_variant(key)]
+    """The top-level keys the gateway refuses: variants of ``model``, and keys a C-string decoder cuts at a NUL."""
+    return [key for key, _ in json.loads(body, object_pairs_hook=_Object) if is_variant(key) or "\x00" in key]
 
 
 def oracle_model(body: bytes) -> str | None:

@@ -101,10 +101,11 @@ class Pairs:
 
 variant_keys = st.one_of(
     st.sampled_from(["MODEL", "Model", "mOdEl", "modeL", "mo_del", "MO-DEL", "_model", "model-", "m_o_d_e_l"]),
+    st.sampled_from(["model\x00", "model\x00x", "\x00"]),  # read up to the NUL by a decoder of C strings
     st.lists(st.sampled_from("mM"), min_size=1, max_size=1).flatmap(
         lambda m: st.tuples(*(st.sampled_from((c, c.upper())) for c in "odel")).map(lambda t: m[0] + "".join(t))
     ),
-).filter(is_variant)
+).filter(lambda k: is_variant(k) or "\x00" in k)
 keys = st.one_of(
     st.sampled_from(
         [
@@ -147,7 +148,8 @@ models = st.one_of(st.text(max_size=16), st.sampled_from(["gpt-4o", "o1-mini", "
 def bodies(draw: st.DrawFn, model_copies: int = -1, variants: int = 0) -> bytes:
     """A top-level object: other keys (never "model" itself nor a variant of it), ``model_copies``
     model keys (-1: 0 or 1) and ``variants`` keys that are "model" in another case (-1: 0 to 2)."""
-    others = draw(st.lists(st.tuples(keys.filter(lambda k: k != "model"), values), max_size=5))
+    top_keys = keys.filter(lambda k: k != "model" and "\x00" not in k)  # a NUL: refused, drawn as a variant
+    others = draw(st.lists(st.tuples(top_keys, values), max_size=5))
     copies = draw(st.integers(0, 1)) if model_copies < 0 else model_copies
     items = list(others)
     for _ in range(copies):
@@ -182,7 +184,7 @@ def test_read_model_agrees_with_every_decoder(body: bytes) -> None:
             read_model(body)
         return
     if variants_at_top(body):
-        with pytest.raises(BadBody, match="another case"):
+        with pytest.raises(BadBody, match=r"another case|NUL"):
             read_model(body)
         return
     field = read_model(body)
@@ -249,7 +251,9 @@ def test_damaged_bodies_are_refused_or_read_as_the_parser_reads_them(body: bytes
     try:
         assert read_model(body).model == expected
     except BadBody as e:  # a damaged key can become a second "model", or "model" in another case
-        assert "more than one" in e.message or ("another case" in e.message and variants_at_top(body))
+        assert "more than one" in e.message or (
+            ("another case" in e.message or "NUL" in e.message) and variants_at_top(body)
+        )
 
 
 @FAST
@@ -324,6 +328,26 @@ def test_model_in_another_case_is_refused(body: bytes) -> None:
         read_model(body)
     assert e.value.message.isprintable() and len(e.value.message) < 200
     assert "gpt-4o" not in e.value.message and "cheap" not in e.value.message  # nothing of the body is echoed
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model\\u0000":"gpt-4o"}',  # "model" to a decoder of C strings, no model to orjson
+        b'{"model":"cheap-model","model\\u0000x":"gpt-4o"}',
+        b'{"\\u0000":1,"model":"cheap-model"}',
+        b'{"mo\\u0000del":"x","model":"cheap-model"}',
+    ],
+)
+def test_a_top_level_key_holding_a_nul_is_refused(body: bytes) -> None:
+    assert isinstance(orjson.loads(body), dict)
+    with pytest.raises(BadBody, match="NUL"):
+        read_model(body)
+
+
+def test_a_nul_in_a_nested_key_or_a_value_is_fine() -> None:
+    body = b'{"messages":[{"model\\u0000":"x","content":"a\\u0000b"}],"model":"gpt-4o"}'
+    assert read_model(body).model == "gpt-4o"
 
 
 def test_the_go_style_decoder_sees_the_reported_bypass() -> None:

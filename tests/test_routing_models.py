@@ -182,6 +182,7 @@ def test_an_unknown_model_is_refused_by_default_and_passed_untouched_when_allowe
         b'{"Model":"o1-preview"}',
         b'{"model":"gpt-4o","MOD\\u0045L":"o1-preview"}',
         b'{"model":"gpt-4o","mo_del":"o1-preview"}',
+        b'{"model\\u0000":"o1-preview"}',  # "model" to a decoder of C strings
     ],
     ids=[
         "truncated",
@@ -193,6 +194,7 @@ def test_an_unknown_model_is_refused_by_default_and_passed_untouched_when_allowe
         "case-variant-alone",
         "case-variant-escaped",
         "case-variant-underscore",
+        "nul-in-key",
     ],
 )
 def test_a_body_that_cannot_be_judged_gets_a_400(
