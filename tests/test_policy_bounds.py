@@ -14,11 +14,13 @@ import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
-from conftest import POLICIES, write
+from conftest import CITY, POLICIES, GatewayFactory, Stub, write
 from gateway.policy import load_policy, parse_policy
 from gateway.yamlfile import MAX_BYTES, MAX_DEPTH, MAX_NODES, FileError, load
+from live_support import get_json, wait_until, write_by_rename
 
 # Far above what refusing any of these inputs needs, far below what accepting a bomb costs.
 PEAK_BOUND = 64 * MAX_BYTES  # 64 MiB; accepting 50,000 values takes about 40 MB
@@ -191,3 +193,27 @@ def test_characters_yaml_or_text_cannot_hold_are_a_problem_with_a_line(text: str
     with pytest.raises(FileError) as e:
         parse_policy(text, "p.yaml", None)
     assert str(e.value).startswith(f"p.yaml:{line}: ") and words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (bomb(), ":3: YAML anchors and aliases"),  # the report: accepted on reload, 1.1 GB
+        ("version: 1\nmetadata: " + "[" * 10_000 + "\n", ":2: too deeply nested"),  # the report: "inotify"
+    ],
+    ids=["alias-bomb", "deep-nesting"],
+)
+def test_a_running_gateway_refuses_the_reload_with_file_and_line(
+    gateway: GatewayFactory, stub: Stub, tmp_path: Path, text: str, problem: str
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("version: 1\nrules:\n  - {name: everyone, action: allow}\n")
+    gw = gateway("--policy", str(path), "--geoip", CITY, "--upstream", stub.url)
+    write_by_rename(path, text)
+    status, ready = wait_until(
+        lambda: (r := get_json(gw.admin + "/readyz"))[1]["policy"]["reload"]["error"] and r, "the refusal reported"
+    )
+    assert status == 200 and ready["policy"]["reload"]["error"].startswith(f"{path}{problem}")
+    assert httpx.get(gw.url + "/v1/models").status_code == 200  # the last good policy still serves
+    err = gw.stderr()
+    assert "inotify" not in err and "Traceback" not in err and "RecursionError" not in err, err
