@@ -922,7 +922,9 @@ def _rate_limit_problems(spec: PolicySpec, doc: Document) -> list[Problem]:
     """
     problems = []
     for i, r in enumerate(spec.rules):
-        if r.rate_limit is None or r.rate_limit.by != "api_key" or r.action == DENY:
+        if r.rate_limit is None or r.rate_limit.by != "api_key":
+            continue
+        if r.action == DENY and spec.mode != "monitor":  # refused, never served: no key is used
             continue
         injecting = [u for u in _reachable(r.upstream or DEFAULT_UPSTREAM, spec.upstreams) if u.api_key_env]
         if not injecting:

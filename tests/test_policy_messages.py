@@ -207,8 +207,11 @@ KEYED = "version: 1\nupstreams:\n  default: {url: 'http://127.0.0.1:1', api_key_
          "  b: {url: 'http://127.0.0.1:2', fallback: [c]}\n"
          "  c: {url: 'http://127.0.0.1:3', api_key_env: C_KEY}\n"
          "rules:\n  - {name: all, action: allow, rate_limit: {requests: 3, per: 1m, by: api_key}}\n", 7, "C_KEY"),
+        # mode: monitor forwards what a deny rule matches
+        (KEYED.replace("version: 1\n", "version: 1\nmode: monitor\n") + "rules:\n  - {name: cn, countries: [CN],"
+         " action: deny,\n     rate_limit: {requests: 3, per: 1m, by: api_key}}\n", 7, "UP_KEY"),
     ],
-    ids=["default-upstream", "block-style-monitor", "route", "fallback"],
+    ids=["default-upstream", "block-style-monitor", "route", "fallback", "deny-in-monitor-mode"],
 )  # fmt: skip
 def test_rate_limit_by_api_key_is_refused_where_the_upstream_injects_its_own_key(
     text: str, line: int, variable: str
@@ -234,9 +237,11 @@ def test_rate_limit_by_api_key_is_refused_where_the_upstream_injects_its_own_key
         "  own: {url: 'http://127.0.0.1:2'}\n"
         "rules:\n  - {countries: [DE], action: route, upstream: own,\n"
         "     rate_limit: {requests: 3, per: 1m, by: api_key}}\n",
+        # a deny rule in enforce mode serves nobody, so no key is used
+        KEYED + "rules:\n  - {countries: [CN], action: deny, rate_limit: {requests: 3, per: 1m, by: api_key}}\n",
     ],
-    ids=["keyless-upstream", "no-upstreams", "by-ip", "keyless-route"],
+    ids=["keyless-upstream", "no-upstreams", "by-ip", "keyless-route", "deny-rule"],
 )
 def test_rate_limit_by_api_key_is_kept_where_the_callers_key_goes_upstream(text: str) -> None:
-    policy = parse_policy(text, "p.yaml", None)
-    assert policy.rules[0].decision.limit is not None
+    rule = parse_policy(text, "p.yaml", None).rules[0]
+    assert rule.decision.limit is not None or rule.action == "deny"  # a refusal is never counted
