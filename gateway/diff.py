@@ -267,6 +267,8 @@ def _settings(old: Policy, new: Policy) -> list[SettingChange]:
             out.append(SettingChange(f"block.{key}", a, b))
     if old.field != new.field:
         out.append(SettingChange("geo.field", old.field, new.field))
+    if old.spec.paths_case != new.spec.paths_case:  # the probes spell paths one way: say it here
+        out.append(SettingChange("paths_case", old.spec.paths_case, new.spec.paths_case))
     ups_a = {k: v.model_dump() for k, v in old.spec.upstreams.items()}
     ups_b = {k: v.model_dump() for k, v in new.spec.upstreams.items()}
     for name in sorted(set(ups_a) | set(ups_b)):

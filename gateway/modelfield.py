@@ -18,6 +18,23 @@ way around every model rule. For the same reason a body orjson cannot read
 (invalid UTF-8, a byte order mark, a lone surrogate escape, a number too
 large for a double, nesting deeper than 1024) is refused rather than
 guessed at: the refusal is an OpenAI-shaped 400, never a different reading.
+
+A top-level key that is ``model`` in another case (``"MODEL"``,
+``"Mod\\u0065l"``) is refused too, alone or beside ``"model"``: Go's
+``encoding/json`` (Ollama, gin) and ASP.NET's web defaults match object keys
+to a struct's fields case-insensitively, so ``{"model":"cheap","MODEL":"gpt-4o"}``
+would be judged as ``cheap`` here and served as ``gpt-4o`` there. Go folds
+with Unicode simple case folding (``fold.go``): the only non-ASCII runes that
+fold to an ASCII letter are the Kelvin sign (to ``k``) and the long s (to
+``s``), and ``model`` has neither letter, so its fold set is exactly the 32
+ASCII case spellings; .NET's and Java's ignore-case comparisons reach no
+further for these letters. Go's ``encoding/json/v2`` also ignores ``_`` and
+``-`` when it matches without case (``case:ignore``), so ``"mo_del"`` and
+``"MO-DEL"`` are refused as well, and so is a top-level key holding a NUL,
+which a decoder of C strings reads only up to it. The check reads the keys
+orjson decoded (escapes undone, top level only), joined into one string and
+searched in C: the extra work per body is one join, one count and one search
+over its top-level keys.
 """
 
 from __future__ import annotations
@@ -34,6 +51,13 @@ _COLON = re.compile(rb"[ \t\n\r]*:[ \t\n\r]*")
 _BACKSLASH = b"\\"
 _BOM = b"\xef\xbb\xbf"
 _MODEL = b'"model"'
+# A top-level key, in the keys joined by NUL, that a case-folding decoder reads as "model".
+# re.ASCII: the fold set of these five letters is ASCII only (see above). A key holding a
+# NUL is refused first (a C-string decoder reads "model\u0000x" as "model"), so the
+# NULs in the joined keys are exactly the separators.
+_FOLDS_TO_MODEL = re.compile(r"(?<![^\x00])[_-]*m[_-]*o[_-]*d[_-]*e[_-]*l[_-]*(?![^\x00])", re.I | re.A)
+_KEY_SEP = "\x00"
+_JUST_MODEL = ["model"]
 
 
 class BadBody(ValueError):
@@ -62,6 +86,15 @@ def read_model(body: bytes) -> ModelField:
         raise BadBody(_unreadable(body, e)) from None
     if not isinstance(doc, dict):
         raise BadBody("The request body must be a JSON object.")
+    keys = _KEY_SEP.join(doc)
+    if doc and keys.count(_KEY_SEP) != len(doc) - 1:
+        raise BadBody("The request body has a top-level key with a NUL character (\\u0000) in it.")
+    folded = _FOLDS_TO_MODEL.findall(keys)
+    if folded and folded != _JUST_MODEL:
+        raise BadBody(
+            'The request body has a key that is "model" in another case or spelling (such as "MODEL"); '
+            'some servers read it as "model": send the model only as "model".'
+        )
     if "model" not in doc:
         return NO_MODEL
     spans = _model_spans(body)

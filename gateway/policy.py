@@ -30,10 +30,11 @@ from . import iso3166
 from .cidrs import CidrSet, parse_network
 from .clientip import INVALID, MISSING, PRIVATE, AddressError, ClientAddress, IPAddress, classify, parse_address
 from .geo import GeoFacts
-from .requestpath import canonical
+from .requestpath import BadPath, canonical
 from .shared.ratelimit import RateLimit, parse_period
 from .yamlfile import Document, FileError, Problem
 from .yamlfile import load as load_yaml
+from .yamlfile import read as read_yaml
 
 Action = Literal["allow", "deny", "monitor"]
 RuleAction = Literal["allow", "deny", "monitor", "route"]
@@ -278,7 +279,9 @@ class RuleSpec(_Spec):
     anonymizer: Annotated[list[AnonymizerFlag], NonEmpty] | None = None
     cidrs: Annotated[list[str], NonEmpty] | None = None
     paths: Annotated[list[str], NonEmpty] | None = Field(
-        None, description="Exact request paths; a trailing '*' makes a prefix ('/v1/*')."
+        None,
+        description="Exact request paths (each also matches with one trailing '/'); a trailing '*' makes a "
+        "prefix ('/v1/*'). Case-sensitive unless paths_case is 'insensitive'.",
     )
     models: Annotated[list[str], NonEmpty] | None = Field(
         None,
@@ -330,6 +333,11 @@ class PolicySpec(_Spec):
     tests: list[PolicyTest] = []
     redis: RedisPolicy = RedisPolicy()
     body: BodySpec = BodySpec()
+    paths_case: Literal["sensitive", "insensitive"] = Field(
+        "sensitive",
+        description="How rules' paths match: 'insensitive' also matches /V1/Files to /v1/files (as an "
+        "upstream with case-insensitive routing, such as ASP.NET, serves it); use it with deny-lists of paths.",
+    )
 
 
 def json_schema() -> dict[str, Any]:
@@ -393,7 +401,31 @@ class Patterns:
         return sorted(self.exact) + [p + "*" for p in self.prefixes]
 
 
-PathSet = Patterns
+class PathSet(Patterns):
+    """Request paths (canonical, :mod:`.requestpath`): an exact path matches with or without one
+    trailing '/', since upstream routers (Express, Spring, many others) serve ``/v1/files/`` as
+    ``/v1/files``; with ``ignore_case`` (``paths_case: insensitive``) paths match in any case, as
+    ASP.NET's routing does, so ``/V1/files`` cannot pass a ``/v1/files`` rule."""
+
+    __slots__ = ("ignore_case",)
+
+    def __init__(self, patterns: Sequence[str], ignore_case: bool = False) -> None:
+        self.ignore_case = ignore_case
+        folded = [p.lower() for p in patterns] if ignore_case else list(patterns)
+        super().__init__([_without_trailing_slash(p) for p in folded])
+
+    def __contains__(self, path: str) -> bool:
+        if self.ignore_case:
+            path = path.lower()
+        return (
+            path in self.exact
+            or path.startswith(self.prefixes)
+            or (path.endswith("/") and len(path) > 1 and path[:-1] in self.exact)
+        )
+
+
+def _without_trailing_slash(pattern: str) -> str:
+    return pattern[:-1] if pattern.endswith("/") and len(pattern) > 1 else pattern
 
 
 class _Unread:
@@ -678,12 +710,7 @@ def _validation_problems(doc: Document, err: ValidationError) -> list[Problem]:
 
 def load_policy(path: str, capabilities: frozenset[str] | None = None) -> Policy:
     """Read, validate and compile a policy file. Raises :class:`FileError`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise FileError(path, [Problem(None, f"cannot read policy: {e}")]) from None
-    return parse_policy(text, path, capabilities)
+    return parse_policy(read_yaml(path), path, capabilities)
 
 
 def parse_policy(text: str, filename: str, capabilities: frozenset[str] | None = None) -> Policy:
@@ -744,6 +771,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         problems.append(Problem(doc.line_of(path), message))
 
     problems += _upstream_problems(spec.upstreams, doc)
+    problems += _rate_limit_problems(spec, doc)
 
     rules: list[Rule] = []
     names: dict[str, int] = {}
@@ -778,7 +806,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
                 asns=frozenset(r.asns) if r.asns is not None else None,
                 anonymizer=frozenset(r.anonymizer) if r.anonymizer is not None else None,
                 cidrs=CidrSet(nets) if r.cidrs is not None else None,
-                paths=PathSet(r.paths) if r.paths is not None else None,
+                paths=PathSet(r.paths, spec.paths_case == "insensitive") if r.paths is not None else None,
                 decision=_with_limit(decision, r.rate_limit),
                 models=Patterns(r.models) if r.models is not None else None,
                 # Unknown model, 'deny': a rule that refuses takes it, one that lets through does not.
@@ -882,6 +910,53 @@ def _rule_problems(i: int, r: RuleSpec, doc: Document, capabilities: frozenset[s
     return problems
 
 
+def _rate_limit_problems(spec: PolicySpec, doc: Document) -> list[Problem]:
+    """``rate_limit: {by: api_key}`` on a rule whose requests may reach an upstream that injects its own key.
+
+    The budget is the caller's bearer token, and such an upstream never sees
+    that token (``api_key_env`` replaces it), so a token made up per request
+    is served with the operator's key on a fresh budget every time: the limit
+    would limit nothing. The rule's upstream and every fallback after it
+    count, since a failed-over request is served with the fallback's key.
+    It can be allowed once the gateway issues its callers' keys itself.
+    """
+    problems = []
+    for i, r in enumerate(spec.rules):
+        if r.rate_limit is None or r.rate_limit.by != "api_key":
+            continue
+        if r.action == DENY and spec.mode != "monitor":  # refused, never served: no key is used
+            continue
+        injecting = [u for u in _reachable(r.upstream or DEFAULT_UPSTREAM, spec.upstreams) if u.api_key_env]
+        if not injecting:
+            continue
+        name = r.name or f"rule-{i + 1}"
+        problems.append(
+            Problem(
+                doc.line_of(("rules", i, "rate_limit", "by")),
+                f"rules[{i}] ({name}): rate_limit by: api_key cannot limit these callers: their upstream sends "
+                f"its own key ({injecting[0].api_key_env}) in place of theirs, so a made-up key per request would "
+                "get a fresh budget. Limit by ip, country, subdivision or asn (by: api_key needs keys the gateway "
+                "issues to its callers, which it does not yet)",
+            )
+        )
+    return problems
+
+
+def _reachable(name: str, upstreams: dict[str, UpstreamSpec]) -> list[UpstreamSpec]:
+    """The upstream ``name`` and every fallback a request to it can reach, each once, in order."""
+    out: list[UpstreamSpec] = []
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop(0)
+        if current in seen or current not in upstreams:  # --upstream's default carries no key
+            continue
+        seen.add(current)
+        out.append(upstreams[current])
+        todo.extend(upstreams[current].fallback)
+    return out
+
+
 def _upstream_problems(upstreams: dict[str, UpstreamSpec], doc: Document) -> list[Problem]:
     """What a schema cannot check in ``upstreams``: one of url/urls, keys for auth, fallback chains.
 
@@ -960,6 +1035,13 @@ def _path_pattern_problem(p: str) -> str | None:
         )
     if "?" in p or "#" in p:
         return "has a '?' or '#': paths are matched without the query string, so it could never match"
+    base = p[:-1] if p.endswith("*") else p
+    try:
+        canon = canonical(base.encode())
+    except BadPath as e:
+        return f"could never match: a request with this path is refused ({e})"
+    if canon != base:
+        return f"could never match: requests are matched in canonical form, where this path is {canon!r}"
     return None
 
 

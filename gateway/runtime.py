@@ -36,7 +36,8 @@ from .shared.redisconn import RedisConfigError
 from .shared.store import OverrideStore, open_store
 from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
 from .upstream import UpstreamConfigError, UpstreamGroup, build_upstreams
-from .yamlfile import FileError, Problem
+from .yamlfile import FileError
+from .yamlfile import read as read_yaml
 
 DEFAULT_POLICY_NAME = "openai-supported-country-only.yaml"
 # What OpenAI-compatible APIs use (GET, POST, DELETE), plus HEAD and OPTIONS
@@ -123,10 +124,9 @@ def load_checked_policy(path: str | None, geo: Geo) -> Policy:
 
 def read_policy_text(path: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(FileError(path, [Problem(None, f"cannot read policy: {e}")]).render()) from None
+        return read_yaml(path)
+    except FileError as e:
+        raise ConfigError(e.render()) from None
 
 
 def compile_policy_text(text: str, path: str, geo: Geo) -> PolicyVersion:

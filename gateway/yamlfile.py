@@ -12,6 +12,16 @@ policy by its own country code.
 
 Duplicate keys are an error: PyYAML would keep the last one silently, and a
 policy with two ``rules:`` keys would lose half its rules.
+
+A policy file is bounded before it is built, since it may come from a volume
+or an admin request and is parsed by a running gateway: anchors and aliases
+are refused (a policy needs none, and nine nested aliases in a 522-byte file
+expand to about a billion values, 1.1 GB), and so are more than
+:data:`MAX_BYTES`, more than :data:`MAX_NODES` values and nesting deeper than
+:data:`MAX_DEPTH`, each with the line where the limit was crossed. The
+composer checks each node before it descends, so nothing is expanded,
+recursed into or held past a limit: a refused file costs at most what
+:data:`MAX_BYTES` of YAML costs to read.
 """
 
 from __future__ import annotations
@@ -25,9 +35,53 @@ import yaml
 
 Path = tuple[str | int, ...]
 
+# The shipped policies are 3 to 4 KB, about 400 values, 4 levels deep. The bounds leave
+# a hand-written policy hundreds of times that room, and keep a refused one cheap: 50,000
+# composed values cost about 40 MB, and 32 levels keep the composer's recursion (three
+# Python frames a level) far from Python's limit of 1,000.
+MAX_BYTES = 1 << 20
+MAX_NODES = 50_000
+MAX_DEPTH = 32
+
+
+class _Limit(Exception):
+    """A bound crossed while composing: the line (1-based) and what to say."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: ``yes``, ``no``, ``on``, ``off`` stay strings."""
+    """SafeLoader with YAML 1.2 booleans (``yes``, ``no``, ``on``, ``off`` stay strings), no
+    anchors or aliases, and at most :data:`MAX_NODES` values nested :data:`MAX_DEPTH` deep."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Limit(
+                line,
+                "YAML anchors and aliases (&name, *name) are not allowed in a policy; write the values out",
+            )
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _Limit(line, f"too many values: a policy may hold at most {MAX_NODES:,}")
+        if not isinstance(event, yaml.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise _Limit(line, f"too deeply nested: a policy may nest lists and mappings at most {MAX_DEPTH} deep")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -112,15 +166,63 @@ class _Builder:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
-        return self._scalars.construct_object(node, deep=True)
+        try:
+            value = self._scalars.construct_object(node, deep=True)
+        except ValueError as e:  # PyYAML resolved it, Python refuses it: 5,000 digits, 2024-02-30
+            self.problems.append(Problem(node.start_mark.line + 1, f"cannot read this value: {e}"))
+            return None
+        if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
+            # "\ud800" in a double-quoted scalar: not text, and it would break every log line and label it reached
+            self.problems.append(
+                Problem(node.start_mark.line + 1, "a lone surrogate escape (\\uD800-\\uDFFF) is not text")
+            )
+            return None
+        return value
+
+
+def read(path: str) -> str:
+    """A policy file's text, read no further than a too-large file needs to be told. Raises :class:`FileError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(MAX_BYTES + 1)  # characters: at least as many bytes, so enough to tell
+    except (OSError, UnicodeDecodeError) as e:
+        raise FileError(path, [Problem(None, f"cannot read policy: {e}")]) from None
+
+
+def _too_large(text: str) -> Problem | None:
+    head = text[: MAX_BYTES + 1].encode("utf-8", "surrogatepass")  # a lone surrogate is YAML's to refuse
+    if len(head) <= MAX_BYTES:
+        return None
+    return Problem(
+        head[:MAX_BYTES].count(b"\n") + 1,
+        f"the file is larger than {MAX_BYTES:,} bytes, the most a policy may be (this line crosses it)",
+    )
 
 
 def load(text: str, filename: str) -> Document:
     """Parse one YAML document. Raises :class:`FileError` with line numbers."""
+    too_large = _too_large(text)
+    if too_large is not None:
+        raise FileError(filename, [too_large])
     try:
         root = yaml.compose(text, Loader=_Loader)
+    except _Limit as e:
+        raise FileError(filename, [Problem(e.line, e.message)]) from None
     except yaml.MarkedYAMLError as e:
         raise FileError(filename, [syntax_problem(text, e)]) from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, anywhere in the file
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise FileError(
+            filename,
+            [
+                Problem(
+                    line,
+                    f"U+{e.character:04X} at column {column} is a control character or a non-character, "
+                    "which YAML does not allow",
+                )
+            ],
+        ) from None
     except yaml.YAMLError as e:
         raise FileError(filename, [Problem(None, f"YAML error: {e}")]) from None
     if root is None:
@@ -136,6 +238,7 @@ def load(text: str, filename: str) -> Document:
     return Document(filename, data, builder.lines)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _OPENERS = {"while parsing a flow sequence": "[", "while parsing a flow mapping": "{"}
 
 

@@ -81,3 +81,17 @@ def test_environment_variables_configure_serve_flags(tmp_path: Path) -> None:
     env = {"REGIONGATE_POLICY": str(tmp_path / "missing.yaml"), "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-m", "gateway", "serve"], capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode == 2 and "missing.yaml" in r.stderr
+
+
+def test_check_refuses_a_per_key_limit_behind_an_injected_key(tmp_path: Path) -> None:
+    """The report's policy: with the upstream's own key injected, 12 made-up keys passed a 3/min limit."""
+    p = write(
+        tmp_path,
+        "p.yaml",
+        "version: 1\nupstreams:\n  default: {url: 'http://127.0.0.1:1', api_key_env: UPSTREAM_KEY}\n"
+        "rules:\n  - {name: eu, countries: [GB], action: allow,\n"
+        "     rate_limit: {requests: 3, per: 1m, by: api_key}}\n",
+    )
+    r = run("check", p, "--geoip", CITY)
+    assert r.returncode == 1
+    assert f"{p}:6: rules[0] (eu): rate_limit by: api_key cannot limit these callers" in r.stderr, r.stderr

@@ -123,6 +123,16 @@ def test_monitor_mode_and_block_settings_are_changes(tmp_path: Path) -> None:
     assert d["changed"] is True
 
 
+def test_paths_case_is_a_setting_change() -> None:
+    """Its effect is on spellings no probe tries, so the diff names the setting itself."""
+    rules = "rules:\n  - {name: no-files, paths: [/v1/files], action: deny}\n"
+    a = parse_policy("version: 1\n" + rules, "a.yaml")
+    b = parse_policy("version: 1\npaths_case: insensitive\n" + rules, "b.yaml")
+    d = diff(a, b).as_dict()
+    assert d["settings"] == [{"key": "paths_case", "from": "sensitive", "to": "insensitive"}]
+    assert d["changed"] is True
+
+
 def test_renaming_a_rule_changes_no_decision(tmp_path: Path) -> None:
     old = write(tmp_path, "a.yaml", "version: 1\nrules:\n  - {name: gb, countries: [GB], action: allow}\n")
     new = write(tmp_path, "b.yaml", "version: 1\nrules:\n  - {name: uk, countries: [GB], action: allow}\n")

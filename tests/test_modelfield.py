@@ -3,14 +3,18 @@
 The generator writes JSON text itself (random whitespace, key order, \\u and
 short escapes in keys and strings, surrogate pairs, nested "model" keys,
 numbers in every form) so the scanner meets what clients really send, not
-what one encoder happens to produce. orjson is the oracle: what the gateway
-reads as the model must be what a parser reads, and a rename must change
-the parsed document in exactly one place and the bytes in exactly one span.
+what one encoder happens to produce. Three decoders are the oracles: orjson,
+Python's json, and a decoder that reads keys the way Go's encoding/json
+fills a struct (case-insensitively, by the rules of its fold.go). For every
+body the gateway accepts, all three read the model the gateway read; a
+rename must change the parsed document in exactly one place and the bytes
+in exactly one span.
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import orjson
@@ -19,6 +23,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.modelfield import BadBody, ModelField, is_json, read_model, rename
+from json_oracles import (
+    GO_FOLDS_TO_ASCII,
+    go_fold_name,
+    go_model,
+    go_v2_fold_name,
+    is_variant,
+    oracle_model,
+    python_model,
+    variants_at_top,
+)
 
 # --- writing JSON text every way the grammar allows ------------------------------------
 
@@ -85,10 +99,33 @@ class Pairs:
         self.items = items
 
 
+variant_keys = st.one_of(
+    st.sampled_from(["MODEL", "Model", "mOdEl", "modeL", "mo_del", "MO-DEL", "_model", "model-", "m_o_d_e_l"]),
+    st.sampled_from(["model\x00", "model\x00x", "\x00"]),  # read up to the NUL by a decoder of C strings
+    st.lists(st.sampled_from("mM"), min_size=1, max_size=1).flatmap(
+        lambda m: st.tuples(*(st.sampled_from((c, c.upper())) for c in "odel")).map(lambda t: m[0] + "".join(t))
+    ),
+).filter(lambda k: is_variant(k) or "\x00" in k)
 keys = st.one_of(
-    st.sampled_from(["model", "messages", "Model", "model ", "modell", '"model', 'x\\"model', "\\", "model\\"]),
+    st.sampled_from(
+        [
+            "model",
+            "messages",
+            "model ",
+            "modell",
+            '"model',
+            'x\\"model',
+            "\\",
+            "model\\",
+            "modeI",  # a capital i: no decoder folds it to l
+            "m\u043edel",  # a Cyrillic o
+            "\uff4d\uff4f\uff44\uff45\uff4c",  # fullwidth letters
+            "mode\u212a",  # the Kelvin sign folds to k, not l
+            "\u017fodel",  # the long s folds to s, not m
+        ]
+    ),
     st.text(max_size=8),
-)
+).filter(lambda k: not is_variant(k))
 scalars = st.one_of(
     st.none(),
     st.booleans(),
@@ -108,20 +145,19 @@ models = st.one_of(st.text(max_size=16), st.sampled_from(["gpt-4o", "o1-mini", "
 
 
 @st.composite
-def bodies(draw: st.DrawFn, model_copies: int = -1) -> bytes:
-    """A top-level object: other keys (never "model" itself) and ``model_copies`` model keys (-1: 0 or 1)."""
-    others = draw(st.lists(st.tuples(keys.filter(lambda k: k != "model"), values), max_size=5))
+def bodies(draw: st.DrawFn, model_copies: int = -1, variants: int = 0) -> bytes:
+    """A top-level object: other keys (never "model" itself nor a variant of it), ``model_copies``
+    model keys (-1: 0 or 1) and ``variants`` keys that are "model" in another case (-1: 0 to 2)."""
+    top_keys = keys.filter(lambda k: k != "model" and "\x00" not in k)  # a NUL: refused, drawn as a variant
+    others = draw(st.lists(st.tuples(top_keys, values), max_size=5))
     copies = draw(st.integers(0, 1)) if model_copies < 0 else model_copies
     items = list(others)
     for _ in range(copies):
         items.insert(draw(st.integers(0, len(items))), ("model", draw(models)))
+    for _ in range(draw(st.integers(0, 2)) if variants < 0 else variants):
+        items.insert(draw(st.integers(0, len(items))), (draw(variant_keys), draw(models)))
     r = draw(st.randoms(use_true_random=False))
     return (ws(r) + write(Pairs(items), r) + ws(r)).encode()
-
-
-def oracle_model(body: bytes) -> str | None:
-    value = orjson.loads(body).get("model")
-    return value if isinstance(value, str) else None
 
 
 # No deadline: the machine is shared and noisy, and how long an example takes is not what is tested.
@@ -132,20 +168,27 @@ FAST = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCh
 
 
 @FAST
-@given(bodies())
+@given(bodies(variants=-1))
 @example(b'{"model":"gpt-4o"}')
 @example(b' {"a":{"model":"x"},"model":"y"} ')
 @example(b'{"mod\\u0065l":"y"}')
 @example(b'{"model":"\\ud83d\\ude00"}')
-def test_read_model_agrees_with_the_parser(body: bytes) -> None:
+@example(b'{"model":"cheap-model","MODEL":"gpt-4o"}')
+@example(b'{"a":{"MODEL":"x"},"model":"y","b":[{"Model":1}]}')
+def test_read_model_agrees_with_every_decoder(body: bytes) -> None:
+    """Accepted: orjson, Python's json and Go (v1 and v2 folding) read the gateway's model. Refused: a variant."""
     try:
         expected = oracle_model(body)
     except orjson.JSONDecodeError:  # numbers a double cannot hold: refused by both
         with pytest.raises(BadBody):
             read_model(body)
         return
+    if variants_at_top(body):
+        with pytest.raises(BadBody, match=r"another case|NUL"):
+            read_model(body)
+        return
     field = read_model(body)
-    assert field.model == expected
+    assert field.model == expected == python_model(body) == go_model(body) == go_model(body, go_v2_fold_name)
     if expected is None:
         assert (field.start, field.end) == (-1, -1)
     else:
@@ -207,8 +250,10 @@ def test_damaged_bodies_are_refused_or_read_as_the_parser_reads_them(body: bytes
         return
     try:
         assert read_model(body).model == expected
-    except BadBody as e:
-        assert "more than one" in e.message  # a damaged key can become a second "model"
+    except BadBody as e:  # a damaged key can become a second "model", or "model" in another case
+        assert "more than one" in e.message or (
+            ("another case" in e.message or "NUL" in e.message) and variants_at_top(body)
+        )
 
 
 @FAST
@@ -254,6 +299,82 @@ def test_duplicated_model_key_is_refused(body: bytes) -> None:
     assert orjson.loads(body)  # a parser accepts it: only the gateway's own check stands between
     with pytest.raises(BadBody, match='more than one "model"'):
         read_model(body)
+
+
+CASE_VARIANTS = [
+    b'{"model":"cheap-model","MODEL":"gpt-4o"}',  # the report: judged as cheap-model, served as gpt-4o
+    b'{"MODEL":"gpt-4o","model":"cheap-model"}',
+    b'{"MODEL":"gpt-4o"}',  # alone: no model here, gpt-4o in Go
+    b'{"Model":"gpt-4o","messages":[]}',
+    b'{"messages":[],"mOdEl":"gpt-4o"}',
+    b'{"model":"cheap-model","MOD\\u0045L":"gpt-4o"}',
+    b'{"model":"cheap-model","Mod\\u0065l":"gpt-4o"}',
+    b'{"model":"cheap-model","\\u004d\\u004F\\u0044\\u0045\\u004c":"gpt-4o"}',
+    b'{"mod\\u0065l":"cheap-model","\\u004dodel":"gpt-4o"}',
+    b'{"model":"cheap-model","mo_del":"gpt-4o"}',  # json/v2 case:ignore also drops _ and -
+    b'{"model":"cheap-model","MO-DEL":"gpt-4o"}',
+    b'{"model":"cheap-model","mo\\u005fdel":"gpt-4o","x":1}',
+    b'{"model":"cheap-model" , "MODEL"\n:\t"gpt-4o"}',
+    b'{"model":"cheap-model","MODEL":null}',
+    b'{"model":"cheap-model","MODEL":{"name":"gpt-4o"}}',
+    b'{"a":{"model":"x"},"MODEL":"gpt-4o","b":["MODEL"],"model":"cheap-model"}',
+]
+
+
+@pytest.mark.parametrize("body", CASE_VARIANTS)
+def test_model_in_another_case_is_refused(body: bytes) -> None:
+    assert isinstance(orjson.loads(body), dict)  # a parser accepts it: only the gateway's own check stands between
+    with pytest.raises(BadBody, match="another case") as e:
+        read_model(body)
+    assert e.value.message.isprintable() and len(e.value.message) < 200
+    assert "gpt-4o" not in e.value.message and "cheap" not in e.value.message  # nothing of the body is echoed
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model\\u0000":"gpt-4o"}',  # "model" to a decoder of C strings, no model to orjson
+        b'{"model":"cheap-model","model\\u0000x":"gpt-4o"}',
+        b'{"\\u0000":1,"model":"cheap-model"}',
+        b'{"mo\\u0000del":"x","model":"cheap-model"}',
+    ],
+)
+def test_a_top_level_key_holding_a_nul_is_refused(body: bytes) -> None:
+    assert isinstance(orjson.loads(body), dict)
+    with pytest.raises(BadBody, match="NUL"):
+        read_model(body)
+
+
+def test_a_nul_in_a_nested_key_or_a_value_is_fine() -> None:
+    body = b'{"messages":[{"model\\u0000":"x","content":"a\\u0000b"}],"model":"gpt-4o"}'
+    assert read_model(body).model == "gpt-4o"
+
+
+def test_the_go_style_decoder_sees_the_reported_bypass() -> None:
+    """The third oracle is worth having: on the report's body it disagrees with orjson and Python's json."""
+    body = CASE_VARIANTS[0]
+    assert oracle_model(body) == python_model(body) == "cheap-model"
+    assert go_model(body) == go_model(body, go_v2_fold_name) == "gpt-4o"
+    assert go_model(b'{"MODEL":"gpt-4o"}') == "gpt-4o"
+    assert go_model(b'{"model":"a","MODEL":null}') == "a"  # a null leaves the field as it was
+    assert go_model(b'{"mo_del":"gpt-4o"}') is None and go_model(b'{"mo_del":"gpt-4o"}', go_v2_fold_name) == "gpt-4o"
+    assert go_fold_name("\u212aelvin") == "KELVIN" and go_fold_name("\u017fun") == "SUN"
+
+
+def test_only_the_kelvin_sign_and_the_long_s_fold_into_ascii() -> None:
+    """The Go-style decoder's one table, against this Python's Unicode database.
+
+    The non-ASCII characters whose lower, upper or case-folded form is one
+    ASCII letter: the Kelvin sign, the long s, and the dotless i, which Go's
+    SimpleFold leaves alone (it has an upper case but no case folding).
+    """
+    reach = {
+        c
+        for c in range(0x80, sys.maxunicode + 1)
+        if any(len(x) == 1 and x.isascii() for x in (chr(c).lower(), chr(c).upper(), chr(c).casefold()))
+    }
+    assert reach == {0x0131, *GO_FOLDS_TO_ASCII}
+    assert not set("MODEL") & set(GO_FOLDS_TO_ASCII.values())  # so "model" folds only from ASCII spellings
 
 
 @pytest.mark.parametrize(
@@ -308,7 +429,9 @@ def test_a_model_that_is_not_a_string_is_unknown(body: bytes) -> None:
         b" \r\n\t{ \n } \n",
         b'{"messages":[{"model":"gpt-4o"}]}',
         b'{"a":{"model":"gpt-4o"},"b":[{"model":"o1"}]}',
-        b'{"Model":"gpt-4o","model ":"o1","\\"model\\"":"x"}',
+        b'{"model ":"o1","\\"model\\"":"x"," model":1,"modeI":2,"mod\\u0435l":3,"\\u212aodel":4}',
+        b'{"messages":[{"MODEL":"gpt-4o","Model":"o1"}],"x":{"mo_del":1}}',
+        b'{"x":"MODEL","y":["Model","model"],"z":"\\"MODEL\\": 1"}',
         b'{"x":"\\"model\\":\\"gpt-4o\\""}',
         b'{"x\\"model":"gpt-4o"}',
         b'{"\\\\":"x","model\\\\":"gpt-4o"}',
@@ -316,6 +439,7 @@ def test_a_model_that_is_not_a_string_is_unknown(body: bytes) -> None:
 )
 def test_no_top_level_model(body: bytes) -> None:
     assert read_model(body) == ModelField(None, -1, -1)
+    assert go_model(body) is None
 
 
 @pytest.mark.parametrize(

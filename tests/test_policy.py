@@ -9,7 +9,8 @@ import pytest
 from conftest import ANON, ASN, CITY, COUNTRY
 from gateway.clientip import INVALID, ClientAddress, classify, parse_address
 from gateway.geo import NO_FACTS, Geo
-from gateway.policy import decide, judge_ip, parse_policy, run_tests
+from gateway.policy import decide, judge_ip, parse_policy, request_path, run_tests
+from gateway.trace import trace
 from gateway.yamlfile import FileError
 
 EXAMPLE = """\
@@ -84,6 +85,44 @@ def test_paths_and_countries_and_together(geo: Geo) -> None:
     assert verdict(p, geo, "81.2.69.142", "/v1/chat/completions").rule == "defaults.action"
     assert verdict(p, geo, "81.2.69.142", "/v1/embeddings/x").rule == "defaults.action"  # exact unless '*'
     assert verdict(p, geo, "175.16.199.1", "/v1/embeddings").rule == "defaults.action"
+
+
+DENY_FILES = """\
+    version: 1
+    {case}rules:
+      - {{name: no-files, paths: ["/v1/files", "/v1/batches/*", "/v1/uploads/"], action: deny}}
+      - {{name: everyone, action: allow}}
+    """
+
+
+@pytest.mark.parametrize(
+    ("path", "sensitive", "insensitive"),
+    [
+        ("/v1/files", "no-files", "no-files"),
+        ("/v1/files/", "no-files", "no-files"),  # a trailing slash: Express, Spring and others serve it the same
+        ("/V1/files", "everyone", "no-files"),  # the report: ASP.NET routes it to /v1/files
+        ("/v1/FILES/", "everyone", "no-files"),
+        ("/V1/Batches/b1", "everyone", "no-files"),
+        ("/v1/batches/b1", "no-files", "no-files"),
+        ("/v1/uploads", "no-files", "no-files"),  # an exact pattern written with its trailing slash
+        ("/v1/uploads/", "no-files", "no-files"),
+        ("/v1/UPLOADS", "everyone", "no-files"),
+        ("/v1/files/f1", "everyone", "everyone"),  # exact unless '*'
+        ("/v1/files//", "no-files", "no-files"),  # as the proxy canonicalises it: /v1/files/
+        ("/v1/batches", "everyone", "everyone"),  # '/v1/batches/*' is under the slash
+        ("/", "everyone", "everyone"),
+    ],
+)
+def test_paths_match_with_a_trailing_slash_and_optionally_in_any_case(
+    geo: Geo, path: str, sensitive: str, insensitive: str
+) -> None:
+    canonical = request_path(path)
+    exact = load(DENY_FILES.format(case=""), geo)
+    folded = load(DENY_FILES.format(case="paths_case: insensitive\n    "), geo)
+    for policy, rule in ((exact, sensitive), (folded, insensitive)):
+        client, facts, decision = judge_ip(policy, geo, "81.2.69.142", canonical)
+        assert decision.rule == rule
+        assert trace(policy, client, facts, canonical).decision == decision  # explain --trace agrees
 
 
 def test_first_match_wins(geo: Geo) -> None:

@@ -91,6 +91,12 @@ def test_subdivision_messages_say_what_is_actually_wrong(code: str, words: str, 
         ("/v1/*x", "'*' is allowed only as the last character", "must start with '/'"),
         ("v1/models", "must start with '/'", "'*'"),
         ("/v1/models?x=1", "without the query string", "must start with '/'"),
+        # requests are judged in canonical form, so a pattern in any other could never match
+        ("/v1//files", "canonical form, where this path is '/v1/files'", "'*'"),
+        ("/v1/%66iles", "canonical form, where this path is '/v1/files'", "'*'"),
+        ("/v1/%2fx/*", "a request with this path is refused", "'*' is allowed"),
+        ("/v1/../admin", "a request with this path is refused", "'*'"),
+        ("/v1/caf\u00e9", "a request with this path is refused", "'*'"),
     ],
 )
 def test_path_pattern_messages_say_what_is_allowed(pattern: str, words: str, not_words: str) -> None:
@@ -100,6 +106,7 @@ def test_path_pattern_messages_say_what_is_allowed(pattern: str, words: str, not
 
 def test_good_path_patterns_pass() -> None:
     parse_policy("version: 1\nrules:\n  - {paths: ['/v1/*', '/v1/models', '/*'], action: deny}\n", "p.yaml", None)
+    parse_policy("version: 1\nrules:\n  - {paths: ['/v1/files/', '/v1/caf%C3%A9', '/V1/X'], action: deny}\n", "p", None)
 
 
 @pytest.mark.parametrize("asn", ["AS4837", "4294967296", "-1", "4837.5"])
@@ -174,3 +181,67 @@ def test_rule_problems_do_not_hide_test_problems() -> None:
     assert msgs[1].startswith("p.yaml:5: tests[0].ip: ")
     assert msgs[2] == "p.yaml:6: tests[1].rule: no rule named 'gbb'"
     assert len(msgs) == 3
+
+
+# --- rate_limit by: api_key where the upstream replaces the caller's key ------------------
+
+KEYED = "version: 1\nupstreams:\n  default: {url: 'http://127.0.0.1:1', api_key_env: UP_KEY}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "variable"),
+    [
+        # the report: the default upstream injects the operator's key
+        (KEYED + "rules:\n  - {name: eu, countries: [DE], action: allow,\n"
+         "     rate_limit: {requests: 3, per: 1m, by: api_key}}\n", 6, "UP_KEY"),
+        # block style, a monitor rule (it lets requests through too)
+        (KEYED + "rules:\n  - name: eu\n    countries: [DE]\n    action: monitor\n    rate_limit:\n"
+         "      requests: 3\n      per: 1m\n      by: api_key\n", 11, "UP_KEY"),
+        # a route to an upstream with its own key
+        ("version: 1\nupstreams:\n  default: {url: 'http://127.0.0.1:1'}\n"
+         "  qwen: {url: 'http://127.0.0.1:2', api_key_env: QWEN_KEY}\n"
+         "rules:\n  - {name: cn, countries: [CN], action: route, upstream: qwen,\n"
+         "     rate_limit: {requests: 3, per: 1m, by: api_key}}\n", 7, "QWEN_KEY"),
+        # keyless upstream, but a fallback (behind another fallback) that injects a key
+        ("version: 1\nupstreams:\n  default: {url: 'http://127.0.0.1:1', fallback: [b]}\n"
+         "  b: {url: 'http://127.0.0.1:2', fallback: [c]}\n"
+         "  c: {url: 'http://127.0.0.1:3', api_key_env: C_KEY}\n"
+         "rules:\n  - {name: all, action: allow, rate_limit: {requests: 3, per: 1m, by: api_key}}\n", 7, "C_KEY"),
+        # mode: monitor forwards what a deny rule matches
+        (KEYED.replace("version: 1\n", "version: 1\nmode: monitor\n") + "rules:\n  - {name: cn, countries: [CN],"
+         " action: deny,\n     rate_limit: {requests: 3, per: 1m, by: api_key}}\n", 7, "UP_KEY"),
+    ],
+    ids=["default-upstream", "block-style-monitor", "route", "fallback", "deny-in-monitor-mode"],
+)  # fmt: skip
+def test_rate_limit_by_api_key_is_refused_where_the_upstream_injects_its_own_key(
+    text: str, line: int, variable: str
+) -> None:
+    msg = error_of(text)
+    assert msg.startswith(f"p.yaml:{line}: rules[0] "), msg
+    assert "rate_limit by: api_key" in msg and variable in msg and "made-up key" in msg, msg
+    assert "by ip, country, subdivision or asn" in msg and "issues to its callers" in msg, msg
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # the caller's own key goes upstream, which checks it: a made-up key gets a 401 there
+        "version: 1\nupstreams:\n  default: {url: 'http://127.0.0.1:1'}\n"
+        "rules:\n  - {countries: [DE], action: allow, rate_limit: {requests: 3, per: 1m, by: api_key}}\n",
+        # no upstreams at all: --upstream's default carries no key
+        "version: 1\nrules:\n  - {countries: [DE], action: allow, rate_limit: {requests: 3, per: 1m, by: api_key}}\n",
+        # another subject is fine with an injected key
+        KEYED + "rules:\n  - {countries: [DE], action: allow, rate_limit: {requests: 3, per: 1m, by: ip}}\n",
+        # a keyless route, while another upstream (not reachable from it) has a key
+        "version: 1\nupstreams:\n  default: {url: 'http://127.0.0.1:1', api_key_env: UP_KEY}\n"
+        "  own: {url: 'http://127.0.0.1:2'}\n"
+        "rules:\n  - {countries: [DE], action: route, upstream: own,\n"
+        "     rate_limit: {requests: 3, per: 1m, by: api_key}}\n",
+        # a deny rule in enforce mode serves nobody, so no key is used
+        KEYED + "rules:\n  - {countries: [CN], action: deny, rate_limit: {requests: 3, per: 1m, by: api_key}}\n",
+    ],
+    ids=["keyless-upstream", "no-upstreams", "by-ip", "keyless-route", "deny-rule"],
+)
+def test_rate_limit_by_api_key_is_kept_where_the_callers_key_goes_upstream(text: str) -> None:
+    rule = parse_policy(text, "p.yaml", None).rules[0]
+    assert rule.decision.limit is not None or rule.action == "deny"  # a refusal is never counted

@@ -135,6 +135,25 @@ def test_path_rule_through_the_proxy(gateway: GatewayFactory, stub: Stub, tmp_pa
     assert gw.wait_log(4)[-1]["path"] == "/v1/embeddings"
 
 
+@pytest.mark.parametrize("case", ["", "paths_case: insensitive\n"], ids=["default", "insensitive"])
+def test_a_deny_list_of_paths_holds_against_case_and_a_trailing_slash(
+    gateway: GatewayFactory, stub: Stub, tmp_path: Path, case: str
+) -> None:
+    """The report: /V1/files passed a /v1/files deny rule. A trailing slash never passes; case, when asked."""
+    text = f"version: 1\n{case}rules:\n  - {{name: no-models, paths: [/v1/models], action: deny}}\n"
+    text += "  - {name: everyone, action: allow}\n"
+    gw = start(gateway, stub, write(tmp_path, "p.yaml", text))
+    statuses = {
+        path: httpx.get(gw.url + path, headers={"X-Forwarded-For": GB}).status_code
+        for path in ("/v1/models", "/v1/models/", "//v1//models//", "/V1/models", "/v1/Models/", "/V1/MODELS")
+    }
+    slashes = {"/v1/models", "/v1/models/", "//v1//models//"}
+    cases = {"/V1/models", "/v1/Models/", "/V1/MODELS"}
+    assert {path for path, status in statuses.items() if status == 403} == (slashes | cases if case else slashes)
+    rules = [line["rule"] for line in gw.wait_log(6)]
+    assert rules == ["no-models"] * 3 + (["no-models"] * 3 if case else ["everyone"] * 3)
+
+
 # --- whose address counts ---------------------------------------------------------------------
 
 

@@ -171,8 +171,31 @@ def test_an_unknown_model_is_refused_by_default_and_passed_untouched_when_allowe
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"model": "gpt-4o",', b'["gpt-4o"]', b'{"model":"gpt-4o","mod\\u0065l":"o1"}', b"\xff\xfe{}"],
-    ids=["truncated", "not-an-object", "model-twice", "not-utf8"],
+    [
+        b'{"model": "gpt-4o",',
+        b'["gpt-4o"]',
+        b'{"model":"gpt-4o","mod\\u0065l":"o1"}',
+        b"\xff\xfe{}",
+        # "model" in another case: a Go or ASP.NET upstream would serve o1, which allow_models refuses.
+        b'{"model":"gpt-4o","MODEL":"o1-preview"}',
+        b'{"MODEL":"o1-preview","model":"gpt-4o"}',
+        b'{"Model":"o1-preview"}',
+        b'{"model":"gpt-4o","MOD\\u0045L":"o1-preview"}',
+        b'{"model":"gpt-4o","mo_del":"o1-preview"}',
+        b'{"model\\u0000":"o1-preview"}',  # "model" to a decoder of C strings
+    ],
+    ids=[
+        "truncated",
+        "not-an-object",
+        "model-twice",
+        "not-utf8",
+        "case-variant-after",
+        "case-variant-before",
+        "case-variant-alone",
+        "case-variant-escaped",
+        "case-variant-underscore",
+        "nul-in-key",
+    ],
 )
 def test_a_body_that_cannot_be_judged_gets_a_400(
     gateway: GatewayFactory, tmp_path: Path, ups: dict[str, RawUpstream], body: bytes

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +150,23 @@ def test_monitor_only_starter_forwards_a_refused_country_through_a_real_gateway(
     assert r.status_code == 200
     (record,) = gw.wait_log(1)
     assert (record["decision"], record["action"], record["rule"]) == ("monitor", "deny", "defaults.action")
+
+
+# A policy test's comment that starts with a country code ("# NO: EEA, not EU", "# CN over IPv6").
+_COMMENTED = re.compile(r'^\s*- \{ip: "?([^",}]+)"?,.*\}\s+# ([A-Z]{2})\b')
+SHIPPED_AND_EXAMPLES = sorted(POLICIES.glob("*.yaml")) + sorted((POLICIES / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_AND_EXAMPLES, ids=lambda p: p.name)
+def test_each_test_address_is_where_its_comment_says_in_every_data_source(path: Path) -> None:
+    """eu-residency's "CH" and "NO" addresses were GB and DK in the embedded data: the tests
+    passed for the wrong country. Each commented address must be in that country everywhere."""
+    rows = [m.groups() for line in path.read_text().splitlines() if (m := _COMMENTED.match(line))]
+    assert rows, "no commented test addresses found: has the file's test format changed?"
+    policy = load_policy(str(path), None)
+    for dbs in ([CITY], [COUNTRY], []):
+        geo = Geo(dbs)
+        if not geo.capabilities >= {"country"}:
+            continue
+        placed = {ip: judge_ip(policy, geo, ip, "/v1/models")[1].country for ip, _ in rows}
+        assert placed == {ip: code for ip, code in rows}, dbs

@@ -51,11 +51,13 @@ MODELS_PERMISSIVE = MODELS.replace("defaults:", "body: {unknown_model: allow}\nd
 SHIPPED = sorted(POLICIES.glob("*.yaml"))
 POLICY_TEXTS = {p.name: p.read_text() for p in SHIPPED} | {
     "every-kind.yaml": EVERY_KIND,
+    "every-kind-any-case.yaml": EVERY_KIND.replace("mode: enforce\n", "mode: enforce\npaths_case: insensitive\n"),
     "models.yaml": MODELS,
     "models-permissive.yaml": MODELS_PERMISSIVE,
 }
 POLICIES_COMPILED = {name: parse_policy(text, name) for name, text in POLICY_TEXTS.items()}
 PATHS = ["/v1/chat/completions", "/v1/embeddings", "/v1/models", "/v1/", "/other", "/v1/embeddings/x"]
+PATHS += ["/V1/Embeddings", "/v1/models/", "/V1/MODELS/", "/V1/"]  # case and a trailing slash
 model_names = st.one_of(st.none(), st.sampled_from(["gpt-4o", "gpt-4o-mini", "o1-preview", "o3", "o", "qwen-plus"]))
 
 addresses = st.one_of(
