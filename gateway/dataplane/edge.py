@@ -1,0 +1,235 @@
+"""What happens on a proxy connection before HTTP: the PROXY protocol header, then TLS.
+
+Off by default, and then none of this runs: the listener hands every
+connection straight to :class:`~.server.ClientConnection`. With
+``--tls-cert`` alone, asyncio's TLS wraps the listening socket (its
+handshake bounded by ``--header-timeout``). With ``--proxy-protocol-from``,
+each connection starts in a :class:`Gate`:
+
+- a peer inside the CIDRs (the load balancer) must open with a PROXY header,
+  v1 or v2 (:mod:`.proxyproto`), whole within ``--header-timeout``; the
+  gate reads exactly the header's bytes and no more, so what follows (the
+  client's TLS handshake, as HAProxy and cloud balancers send it, or its
+  HTTP) reaches the next layer untouched. The header's address replaces
+  the TCP peer as the address the client-address logic starts from, so
+  ``X-Forwarded-For`` counts only if *that* address is a trusted proxy.
+  LOCAL (v2), UNKNOWN (v1) and addresses that are not IP (UNSPEC, UNIX)
+  keep the TCP peer. No header, or a malformed one, closes the connection.
+- any other peer is served as without the option, except that a connection
+  that opens with a PROXY header is closed: nobody else may say where a
+  connection came from. (With TLS on, such bytes fail the TLS handshake.)
+
+Refusals are counted in ``regiongate_bad_requests`` with a ``proxy_protocol_*``
+reason and logged at most once a second, without addresses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+from typing import Any, cast
+
+from ..cidrs import CidrSet
+from ..clientip import normalize
+from .proxyproto import V1_PREFIX, V2_SIGNATURE, Parser, ProxyProtocolError, could_be_header
+from .server import ClientConnection, Listener
+from .tls import Certificates
+
+log = logging.getLogger("regiongate")
+
+_SNIFF = 16  # bytes enough to tell a PROXY header (v2 signature: 12) from HTTP
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """TLS certificates, and the peers that must send a PROXY header (``None``: nobody)."""
+
+    tls: Certificates | None = None
+    proxy_from: CidrSet | None = None
+
+    async def serve(self, listener: Listener, sock: Any) -> asyncio.AbstractServer:
+        loop = listener.loop
+        if self.proxy_from is None:
+            assert self.tls is not None
+            return await loop.create_server(
+                lambda: ClientConnection(listener),
+                sock=sock,
+                backlog=2048,
+                ssl=self.tls.front,
+                ssl_handshake_timeout=listener.limits.header_timeout,
+            )
+        return await loop.create_server(lambda: Gate(listener, self), sock=sock, backlog=2048)
+
+    def tick(self) -> None:
+        """Once a second (the listener's sweep): pick up renewed certificate files."""
+        if self.tls is not None:
+            self.tls.refresh()
+
+    def must_send_header(self, peer: str | None) -> bool:
+        if peer is None or self.proxy_from is None:
+            return False
+        try:
+            ip = normalize(ipaddress.ip_address(peer.partition("%")[0]))
+        except ValueError:
+            return False
+        return ip in self.proxy_from
+
+
+class Gate(asyncio.BufferedProtocol):
+    """A connection until its PROXY header is read (or it is seen not to start with one)."""
+
+    __slots__ = ("_buf", "_header", "_sniffed", "_task", "_timer", "edge", "listener", "peer", "transport")
+
+    def __init__(self, listener: Listener, edge: Edge) -> None:
+        self.listener = listener
+        self.edge = edge
+        self.transport: asyncio.Transport | None = None
+        self.peer: str | None = None
+        self._header: Parser | None = None
+        self._sniffed = b""
+        self._buf = bytearray(_SNIFF)
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else None
+        limits = self.listener.limits
+        if self.edge.must_send_header(self.peer):
+            self._header = Parser()
+            self._timer = self.listener.loop.call_later(limits.header_timeout, self._timed_out)
+        elif self.edge.tls is not None:
+            self._upgrade(self.peer)
+        else:
+            self._timer = self.listener.loop.call_later(limits.idle_timeout, self._timed_out)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        parser = self._header
+        if parser is not None:
+            # Exactly what the header may still hold: never a byte of what follows it.
+            return memoryview(self._buf)[: min(parser.want(), _SNIFF)]
+        return memoryview(self._buf)[: _SNIFF - len(self._sniffed)]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = bytes(self._buf[:nbytes])
+        if self._header is not None:
+            self._read_header(self._header, data)
+        else:
+            self._sniff(data)
+
+    def _read_header(self, parser: Parser, data: bytes) -> None:
+        try:
+            header = parser.feed(data)
+        except ProxyProtocolError:
+            first = data[:1] if not self._sniffed else self._sniffed[:1]
+            missing = first not in (V1_PREFIX[:1], V2_SIGNATURE[:1])
+            self._refuse("proxy_protocol_missing" if missing else "proxy_protocol_malformed")
+            return
+        self._sniffed = self._sniffed or data[:1]
+        if header is None:
+            return
+        self._stop_timer()
+        self._upgrade(header.source or self.peer)
+
+    def _sniff(self, data: bytes) -> None:
+        self._sniffed += data
+        if could_be_header(self._sniffed):
+            if len(self._sniffed) >= len(V2_SIGNATURE) or self._sniffed.startswith(V1_PREFIX):
+                self._refuse("proxy_protocol_unexpected")
+            return
+        self._stop_timer()
+        self._hand_over(cast(asyncio.Transport, self.transport), self.peer, [self._sniffed])
+
+    def _upgrade(self, address: str | None) -> None:
+        """Go on to TLS (if on) or straight to HTTP, with ``address`` as the connection's peer."""
+        transport = self.transport
+        assert transport is not None
+        if self.edge.tls is None:
+            self._hand_over(transport, address, [])
+            return
+        transport.pause_reading()  # nothing more is read until the TLS layer reads it
+        self._task = self.listener.loop.create_task(self._handshake(transport, address))
+
+    async def _handshake(self, transport: asyncio.Transport, address: str | None) -> None:
+        tls = self.edge.tls
+        assert tls is not None
+        early = _Early()
+        try:
+            wrapped = await self.listener.loop.start_tls(
+                transport,
+                early,
+                tls.current,
+                server_side=True,
+                ssl_handshake_timeout=self.listener.limits.header_timeout,
+            )
+        except Exception as e:  # a failed handshake closes its connection (start_tls did)
+            log.debug("TLS handshake failed: %s", type(e).__name__)
+            return
+        if wrapped is None:  # pragma: no cover - only for a transport closed meanwhile
+            return
+        self._hand_over(wrapped, address, early.chunks, early)
+
+    def _hand_over(
+        self, transport: asyncio.Transport, address: str | None, chunks: list[bytes], early: _Early | None = None
+    ) -> None:
+        conn = ClientConnection(self.listener)
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        conn.peer = address
+        for chunk in chunks:
+            if chunk and not conn.closed:
+                conn.data_received(chunk)
+        if early is not None and early.lost:
+            conn.connection_lost(early.error)
+        elif early is not None and early.eof:
+            transport.close()
+        elif not conn.closed:
+            transport.resume_reading()
+
+    def _refuse(self, reason: str) -> None:
+        self._stop_timer()
+        self.listener.bad_request(reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._header is not None:
+            self._refuse("proxy_protocol_timeout")
+        elif self.transport is not None:
+            self.transport.abort()  # opened and said nothing
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def eof_received(self) -> bool | None:
+        return None  # the connection ended before it said anything we could serve
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        self.transport = None
+
+
+class _Early(asyncio.Protocol):
+    """What the client sends between its TLS handshake and the hand-over (asyncio delivers it first)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.eof = False
+        self.lost = False
+        self.error: Exception | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        return True  # keep it open: the hand-over closes it after the data is answered
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost, self.error = True, exc
