@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
+from asyncio import sslproto
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -36,8 +36,6 @@ from ..clientip import normalize
 from .proxyproto import V1_PREFIX, V2_SIGNATURE, Parser, ProxyProtocolError, could_be_header
 from .server import ClientConnection, Listener
 from .tls import Certificates
-
-log = logging.getLogger("regiongate")
 
 _SNIFF = 16  # bytes enough to tell a PROXY header (v2 signature: 12) from HTTP
 
@@ -80,7 +78,7 @@ class Edge:
 class Gate(asyncio.BufferedProtocol):
     """A connection until its PROXY header is read (or it is seen not to start with one)."""
 
-    __slots__ = ("_buf", "_header", "_sniffed", "_task", "_timer", "edge", "listener", "peer", "transport")
+    __slots__ = ("_buf", "_header", "_sniffed", "_timer", "edge", "listener", "peer", "transport")
 
     def __init__(self, listener: Listener, edge: Edge) -> None:
         self.listener = listener
@@ -91,7 +89,6 @@ class Gate(asyncio.BufferedProtocol):
         self._sniffed = b""
         self._buf = bytearray(_SNIFF)
         self._timer: asyncio.TimerHandle | None = None
-        self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -132,7 +129,7 @@ class Gate(asyncio.BufferedProtocol):
         if header is None:
             return
         self._stop_timer()
-        self._upgrade(header.source or self.peer)
+        self._upgrade(header.source or self.peer, parser.rest)
 
     def _sniff(self, data: bytes) -> None:
         self._sniffed += data
@@ -141,53 +138,44 @@ class Gate(asyncio.BufferedProtocol):
                 self._refuse("proxy_protocol_unexpected")
             return
         self._stop_timer()
-        self._hand_over(cast(asyncio.Transport, self.transport), self.peer, [self._sniffed])
+        self._hand_over(cast(asyncio.Transport, self.transport), self.peer, self._sniffed)
 
-    def _upgrade(self, address: str | None) -> None:
-        """Go on to TLS (if on) or straight to HTTP, with ``address`` as the connection's peer."""
+    def _upgrade(self, address: str | None, rest: bytes = b"") -> None:
+        """Go on to TLS (if on) or straight to HTTP, with ``address`` as the connection's peer.
+
+        The TLS layer is put in place synchronously, before this callback returns, so no
+        byte of the handshake can reach anyone else (asyncio's ``start_tls`` would take over
+        a loop turn later, and uvloop starts reading a new connection after ``connection_made``).
+        """
         transport = self.transport
         assert transport is not None
         if self.edge.tls is None:
-            self._hand_over(transport, address, [])
+            self._hand_over(transport, address, rest)
             return
-        transport.pause_reading()  # nothing more is read until the TLS layer reads it
-        self._task = self.listener.loop.create_task(self._handshake(transport, address))
+        loop = self.listener.loop
+        waiter = loop.create_future()
+        # A failed handshake closes its connection; its exception is expected, not an error to report.
+        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+        tls = _ssl_protocol(loop)(
+            loop,
+            _Handover(self, address),
+            self.edge.tls.current,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=self.listener.limits.header_timeout,
+        )
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        if rest:
+            _feed(tls, rest)
 
-    async def _handshake(self, transport: asyncio.Transport, address: str | None) -> None:
-        tls = self.edge.tls
-        assert tls is not None
-        early = _Early()
-        try:
-            wrapped = await self.listener.loop.start_tls(
-                transport,
-                early,
-                tls.current,
-                server_side=True,
-                ssl_handshake_timeout=self.listener.limits.header_timeout,
-            )
-        except Exception as e:  # a failed handshake closes its connection (start_tls did)
-            log.debug("TLS handshake failed: %s", type(e).__name__)
-            return
-        if wrapped is None:  # pragma: no cover - only for a transport closed meanwhile
-            return
-        self._hand_over(wrapped, address, early.chunks, early)
-
-    def _hand_over(
-        self, transport: asyncio.Transport, address: str | None, chunks: list[bytes], early: _Early | None = None
-    ) -> None:
+    def _hand_over(self, transport: asyncio.Transport, address: str | None, data: bytes = b"") -> None:
         conn = ClientConnection(self.listener)
         transport.set_protocol(conn)
         conn.connection_made(transport)
         conn.peer = address
-        for chunk in chunks:
-            if chunk and not conn.closed:
-                conn.data_received(chunk)
-        if early is not None and early.lost:
-            conn.connection_lost(early.error)
-        elif early is not None and early.eof:
-            transport.close()
-        elif not conn.closed:
-            transport.resume_reading()
+        if data and not conn.closed:
+            conn.data_received(data)
 
     def _refuse(self, reason: str) -> None:
         self._stop_timer()
@@ -215,21 +203,37 @@ class Gate(asyncio.BufferedProtocol):
         self.transport = None
 
 
-class _Early(asyncio.Protocol):
-    """What the client sends between its TLS handshake and the hand-over (asyncio delivers it first)."""
+class _Handover(asyncio.Protocol):
+    """The TLS layer's first application protocol: at the end of the handshake, the connection's own."""
 
-    def __init__(self) -> None:
-        self.chunks: list[bytes] = []
-        self.eof = False
-        self.lost = False
-        self.error: Exception | None = None
+    def __init__(self, gate: Gate, address: str | None) -> None:
+        self.gate, self.address = gate, address
 
-    def data_received(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-    def eof_received(self) -> bool | None:
-        self.eof = True
-        return True  # keep it open: the hand-over closes it after the data is answered
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.gate._hand_over(cast(asyncio.Transport, transport), self.address)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost, self.error = True, exc
+        pass  # the handshake failed: nothing was handed over
+
+
+def _ssl_protocol(loop: asyncio.AbstractEventLoop) -> Any:
+    """The TLS protocol class of this loop (asyncio's or uvloop's; both take the same arguments).
+
+    It is what ``create_server(ssl=...)`` and ``start_tls`` use inside; used here directly
+    so that the TLS layer takes the connection over in the same callback as the PROXY header.
+    """
+    if type(loop).__module__.startswith("uvloop"):
+        from uvloop.loop import SSLProtocol  # type: ignore[attr-defined]
+
+        return SSLProtocol
+    return sslproto.SSLProtocol
+
+
+def _feed(protocol: Any, data: bytes) -> None:
+    """Bytes read before ``protocol`` took the connection over, given to it as a read would."""
+    while data:
+        buf = protocol.get_buffer(len(data))
+        n = min(len(buf), len(data))
+        buf[:n] = data[:n]
+        protocol.buffer_updated(n)
+        data = data[n:]
