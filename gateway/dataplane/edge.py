@@ -118,14 +118,13 @@ class Gate(asyncio.BufferedProtocol):
             self._sniff(data)
 
     def _read_header(self, parser: Parser, data: bytes) -> None:
+        self._sniffed = self._sniffed or data[:1]  # the first byte: which refusal it was
         try:
             header = parser.feed(data)
         except ProxyProtocolError:
-            first = data[:1] if not self._sniffed else self._sniffed[:1]
-            missing = first not in (V1_PREFIX[:1], V2_SIGNATURE[:1])
-            self._refuse("proxy_protocol_missing" if missing else "proxy_protocol_malformed")
+            started = self._sniffed in (V1_PREFIX[:1], V2_SIGNATURE[:1])
+            self._refuse("proxy_protocol_malformed" if started else "proxy_protocol_missing")
             return
-        self._sniffed = self._sniffed or data[:1]
         if header is None:
             return
         self._stop_timer()
