@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -257,3 +258,18 @@ def test_env_variables_configure_tls(gateway: GatewayFactory, stub: Stub, ca: Lo
     )
     with tls_connect(gw.port, client_context(ca)) as s:
         assert s.getpeercert(True) == leaf.der()
+
+
+def test_shutdown_does_not_wait_for_a_tls_client_that_never_answers_close_notify(
+    gateway: GatewayFactory, stub: Stub, ca: LocalCA
+) -> None:
+    """Closing a TLS connection waits for the client's close_notify a bounded while (5 s), within the drain's grace."""
+    leaf = ca.leaf("drain", 6001)
+    gw = tls_gateway(gateway, stub, leaf.cert, leaf.key)
+    with tls_connect(gw.port, client_context(ca)) as s:
+        s.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 200 ")
+        gw.wait_log(1)
+        gw.proc.send_signal(signal.SIGTERM)  # the connection is idle: closed at once; the client never reads again
+        assert gw.proc.wait(timeout=30) == 0
+    assert "still busy" not in gw.stderr()

@@ -38,6 +38,10 @@ from .server import ClientConnection, Listener
 from .tls import Certificates
 
 _SNIFF = 16  # bytes enough to tell a PROXY header (v2 signature: 12) from HTTP
+# A TLS connection being closed (idle, drained) waits this long for the client's close_notify
+# before the socket is dropped: asyncio's default is 30 s, a descriptor held for a client that
+# no longer reads.
+_TLS_SHUTDOWN = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,7 @@ class Edge:
                 backlog=2048,
                 ssl=self.tls.front,
                 ssl_handshake_timeout=listener.limits.header_timeout,
+                ssl_shutdown_timeout=_TLS_SHUTDOWN,
             )
         return await loop.create_server(lambda: Gate(listener, self), sock=sock, backlog=2048)
 
@@ -162,6 +167,7 @@ class Gate(asyncio.BufferedProtocol):
             waiter,
             server_side=True,
             ssl_handshake_timeout=self.listener.limits.header_timeout,
+            ssl_shutdown_timeout=_TLS_SHUTDOWN,
         )
         transport.set_protocol(tls)
         tls.connection_made(transport)
