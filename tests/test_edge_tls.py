@@ -273,3 +273,38 @@ def test_shutdown_does_not_wait_for_a_tls_client_that_never_answers_close_notify
         gw.proc.send_signal(signal.SIGTERM)  # the connection is idle: closed at once; the client never reads again
         assert gw.proc.wait(timeout=30) == 0
     assert "still busy" not in gw.stderr()
+
+
+@pytest.mark.parametrize("proxy_protocol", [False, True], ids=["tls", "tls+proxy-protocol"])
+def test_connections_still_in_their_handshake_count_against_the_cap(
+    gateway: GatewayFactory, stub: Stub, ca: LocalCA, proxy_protocol: bool
+) -> None:
+    """A handshake (or a PROXY header) not yet done holds a descriptor: past the cap, a new connection is closed."""
+    leaf = ca.leaf("cap", 7001)
+    extra = ("--proxy-protocol-from", "127.0.0.1/32") if proxy_protocol else ()
+    # The header timeout is far away: a connection closed now is closed by the cap.
+    gw = tls_gateway(gateway, stub, leaf.cert, leaf.key, "--max-connections", "2", "--header-timeout", "120", *extra)
+    silent = [socket.create_connection(("127.0.0.1", gw.port), timeout=15) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=15) as third:
+            try:
+                got = third.recv(1)
+            except ConnectionResetError:  # closed with a reset: nothing was read from it
+                got = b""
+            assert got == b""
+    finally:
+        for s in silent:
+            s.close()
+    deadline = time.monotonic() + 15  # until the gateway has seen the two silent ones go
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", gw.port), timeout=15) as raw:
+                if proxy_protocol:
+                    raw.sendall(b"PROXY TCP4 127.0.0.66 127.0.0.1 1 2\r\n")
+                with client_context(ca).wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                    s.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                    assert s.recv(100).startswith(b"HTTP/1.1 200 ")
+                    break
+        except (ssl.SSLError, ConnectionResetError):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

@@ -2,9 +2,12 @@
 
 Off by default, and then none of this runs: the listener hands every
 connection straight to :class:`~.server.ClientConnection`. With
-``--tls-cert`` alone, asyncio's TLS wraps the listening socket (its
-handshake bounded by ``--header-timeout``). With ``--proxy-protocol-from``,
-each connection starts in a :class:`Gate`:
+``--tls-cert`` or ``--proxy-protocol-from``, each connection starts in a
+:class:`Gate`, counted against the connection cap from its first moment
+(a connection over the cap is closed at once), which reads the PROXY
+header if one is due, then puts asyncio's TLS layer (its handshake bounded
+by ``--header-timeout``, with the newest certificate) in front of the HTTP
+server:
 
 - a peer inside the CIDRs (the load balancer) must open with a PROXY header,
   v1 or v2 (:mod:`.proxyproto`), whole within ``--header-timeout``; the
@@ -28,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from asyncio import sslproto
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from ..cidrs import CidrSet
@@ -50,20 +53,12 @@ class Edge:
 
     tls: Certificates | None = None
     proxy_from: CidrSet | None = None
+    # Connections still in a gate (header, handshake): they hold descriptors, so they count
+    # against the listener's connection cap like the connections it serves.
+    pending: set[Gate] = field(default_factory=set, compare=False)
 
     async def serve(self, listener: Listener, sock: Any) -> asyncio.AbstractServer:
-        loop = listener.loop
-        if self.proxy_from is None:
-            assert self.tls is not None
-            return await loop.create_server(
-                lambda: ClientConnection(listener),
-                sock=sock,
-                backlog=2048,
-                ssl=self.tls.front,
-                ssl_handshake_timeout=listener.limits.header_timeout,
-                ssl_shutdown_timeout=_TLS_SHUTDOWN,
-            )
-        return await loop.create_server(lambda: Gate(listener, self), sock=sock, backlog=2048)
+        return await listener.loop.create_server(lambda: Gate(listener, self), sock=sock, backlog=2048)
 
     def tick(self) -> None:
         """Once a second (the listener's sweep): pick up renewed certificate files."""
@@ -97,9 +92,14 @@ class Gate(asyncio.BufferedProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+        listener, pending = self.listener, self.edge.pending
+        if listener.draining or len(listener.connections) + len(pending) >= listener.cap:
+            transport.abort()  # over the cap before a word could be said (TLS, if on, is not up yet)
+            return
+        pending.add(self)
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else None
-        limits = self.listener.limits
+        limits = listener.limits
         if self.edge.must_send_header(self.peer):
             self._header = Parser()
             self._timer = self.listener.loop.call_later(limits.header_timeout, self._timed_out)
@@ -158,8 +158,7 @@ class Gate(asyncio.BufferedProtocol):
             return
         loop = self.listener.loop
         waiter = loop.create_future()
-        # A failed handshake closes its connection; its exception is expected, not an error to report.
-        waiter.add_done_callback(lambda f: f.cancelled() or f.exception())
+        waiter.add_done_callback(self._handshake_over)
         tls = _ssl_protocol(loop)(
             loop,
             _Handover(self, address),
@@ -174,7 +173,13 @@ class Gate(asyncio.BufferedProtocol):
         if rest:
             _feed(tls, rest)
 
+    def _handshake_over(self, waiter: asyncio.Future[None]) -> None:
+        self.edge.pending.discard(self)
+        if not waiter.cancelled():
+            waiter.exception()  # a failed handshake closed its connection: expected, not an error to report
+
     def _hand_over(self, transport: asyncio.Transport, address: str | None, data: bytes = b"") -> None:
+        self.edge.pending.discard(self)
         conn = ClientConnection(self.listener)
         transport.set_protocol(conn)
         conn.connection_made(transport)
@@ -205,6 +210,7 @@ class Gate(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_timer()
+        self.edge.pending.discard(self)
         self.transport = None
 
 

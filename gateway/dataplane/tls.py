@@ -8,10 +8,9 @@ Certificates reload when their files change, the way cert-manager renews
 a Kubernetes Secret (the kubelet swaps a ``..data`` symlink, so both files
 change at once) or an operator copies new files in. :meth:`Certificates.refresh`
 compares a stat of both files (one a second, from the listener's sweep) and
-builds a new context when they differ. A new handshake uses the newest
-context (a listening socket's context is fixed, so its SNI callback, which
-runs for every handshake, SNI or not, swaps in the current one); a
-connection already open keeps the context it shook hands with. A new pair
+builds a new context when they differ. Each connection's TLS layer is made
+when it arrives (:mod:`.edge`), with the newest context; a connection already
+open keeps the context it shook hands with. A new pair
 that does not load (a key that does not match, a file half written, one
 missing) is refused, logged and counted, and the old pair keeps serving;
 it is tried again when the files change again.
@@ -80,23 +79,13 @@ class Certificates:
     def __init__(self, cert: str, key: str) -> None:
         self.cert, self.key = cert, key
         self._signature = self._stat()
-        self.current = self._context()  # raises TlsError: a bad pair at startup stops the start
-        self.front = self.current  # the listening socket's context; its callback picks ``current``
+        self.current = load_context(cert, key)  # raises TlsError: a bad pair at startup stops the start
         self.generation = 1
         self.error: str | None = None
         self.on_reload: Callable[[str], None] | None = None
 
     def _stat(self) -> Signature:
         return (_stat(self.cert), _stat(self.key))
-
-    def _context(self) -> ssl.SSLContext:
-        ctx = load_context(self.cert, self.key)
-        ctx.sni_callback = self._pick
-        return ctx
-
-    def _pick(self, sslobj: ssl.SSLObject, _server_name: str | None, ctx: ssl.SSLContext) -> None:
-        if ctx is not self.current:
-            sslobj.context = self.current
 
     def refresh(self) -> bool:
         """Load the files again if they changed; True when a new generation is in force."""
@@ -105,7 +94,7 @@ class Certificates:
             return False
         self._signature = signature  # a refused pair is retried when the files change again
         try:
-            ctx = self._context()
+            ctx = load_context(self.cert, self.key)
         except TlsError as e:
             self.error = str(e)
             log.error("TLS certificate reload refused, the previous certificate keeps serving: %s", e)
