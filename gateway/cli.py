@@ -56,6 +56,22 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         {"action": "append", "metavar": "CIDR"},
     ),
     (
+        "--proxy-protocol-from",
+        "proxy_protocol_from",
+        "load balancer that must open every connection with a PROXY protocol v1/v2 header, whose address then "
+        "stands for the TCP peer; repeatable or comma-separated",
+        "nobody",
+        {"action": "append", "metavar": "CIDR"},
+    ),
+    (
+        "--tls-cert",
+        "tls_cert",
+        "PEM certificate chain: the proxy port speaks TLS 1.2+ (ALPN http/1.1); reloaded when the file changes",
+        "none: plain HTTP",
+        {"metavar": "FILE"},
+    ),
+    ("--tls-key", "tls_key", "PEM private key of --tls-cert", "none", {"metavar": "FILE"}),
+    (
         "--client-ip-header",
         "client_ip_header",
         "X-Forwarded-For, Forwarded, or a single-value header like CF-Connecting-IP",
@@ -215,7 +231,7 @@ _SERVE_OPTIONS: tuple[tuple[str, str, str, str, dict[str, Any]], ...] = (
         {"choices": ["debug", "info", "warning", "error"]},
     ),
 )
-_LIST_OPTIONS = frozenset({"geoip", "trusted_proxy", "allow_methods"})
+_LIST_OPTIONS = frozenset({"geoip", "trusted_proxy", "proxy_protocol_from", "allow_methods"})
 
 
 # Where an option's variable is not simply its name: REGIONGATE_REDIS_URL is what every command reads.

@@ -158,6 +158,12 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.tls_reloads = Counter(
+            "regiongate_tls_reloads",
+            "TLS certificate files that changed and were loaded (ok) or refused, keeping the old pair (refused).",
+            ["result"],
+            registry=r,
+        )
         self.access_log_dropped = Counter(
             "regiongate_access_log_dropped",
             "Access-log lines dropped because the log's destination did not keep up.",
@@ -288,6 +294,9 @@ class Metrics:
 
     def bad_request(self, reason: str) -> None:
         self.bad_requests.labels(reason).inc()
+
+    def tls_reload(self, result: str) -> None:
+        self.tls_reloads.labels(result).inc()
 
     def shadow_match(self, rule: str) -> None:
         self.shadow.labels(rule).inc()

@@ -20,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .accesslog import MAX_PENDING, AccessLog, AddressMode, AddressRedactor
 from .cidrs import CidrSet
 from .clientip import ClientIPConfig
+from .dataplane.edge import Edge
+from .dataplane.tls import Certificates, TlsError
 from .geo import Geo, GeoDataError
 from .live.active import Active, PolicyVersion
 from .policy import (
@@ -59,6 +61,9 @@ class Settings(BaseModel):
     policy: str | None = None
     geoip: tuple[str, ...] = ()
     trusted_proxy: tuple[str, ...] = ()
+    proxy_protocol_from: tuple[str, ...] = ()
+    tls_cert: str | None = None
+    tls_key: str | None = None
     allow_trust_all: bool = False
     client_ip_header: str = "x-forwarded-for"
     upstream: str | None = None
@@ -224,6 +229,7 @@ class Runtime:
     env: dict[str, str] = field(default_factory=dict, repr=False)  # holds upstream keys: never shown
     overrides: OverrideStore = field(default_factory=lambda: OverrideStore({}), repr=False)
     audit: Audit = field(default_factory=lambda: Audit("off", 0), repr=False)  # needs Redis
+    edge: Edge | None = None  # TLS and PROXY protocol on the proxy port; None: plain HTTP from the TCP peer
 
     @property
     def policy(self) -> Policy:
@@ -273,6 +279,9 @@ class Runtime:
         down = self.watcher.warning()
         if down:
             warnings.append(down)
+        tls = self.edge.tls if self.edge is not None else None
+        if tls is not None and tls.error:
+            warnings.append(f"TLS certificate reload refused, the previous certificate keeps serving: {tls.error}")
         stale = self.stale_geo(now)
         warnings += stale
         return {
@@ -350,6 +359,7 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
     except ValueError as e:
         raise ConfigError(f"--trusted-proxy: {e}") from None
     trust_warnings = _check_trust(trusted, settings.allow_trust_all)
+    edge, edge_warnings = load_edge(settings)
     header = settings.client_ip_header.strip().lower()
     if not header or not all(c.isalnum() or c == "-" for c in header):
         raise ConfigError(f"--client-ip-header: {settings.client_ip_header!r} is not a header name")
@@ -383,18 +393,52 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         access_log=access_log,
         env=env,
         watcher=WatcherStatus(enabled=settings.watch),
+        edge=edge,
     )
     if geo.embedded:
         runtime.warnings.append(EMBEDDED_WARNING)
     if not trusted:
         runtime.warnings.append("no --trusted-proxy: forwarding headers are ignored, the TCP peer is the client")
-    runtime.warnings += trust_warnings
+    runtime.warnings += trust_warnings + edge_warnings
     if settings.workers > 1 and not settings.redis:
         runtime.warnings.append(
             f"--workers {settings.workers} without --redis: each worker keeps its own runtime overrides, and one "
             "added through the admin API reaches only the worker that answered; use --redis"
         )
     return runtime
+
+
+def load_edge(settings: Settings) -> tuple[Edge | None, list[str]]:
+    """TLS and PROXY protocol for the proxy port, checked now: a bad pair or CIDR stops the start."""
+    cert, key = settings.tls_cert, settings.tls_key
+    if bool(cert) != bool(key):
+        given, missing = ("--tls-cert", "--tls-key") if cert else ("--tls-key", "--tls-cert")
+        raise ConfigError(f"{given} needs {missing} too (REGIONGATE_TLS_CERT and REGIONGATE_TLS_KEY)")
+    try:
+        tls = Certificates(cert, key) if cert and key else None
+    except TlsError as e:
+        raise ConfigError(str(e)) from None
+    warnings: list[str] = []
+    peers = [c for entry in settings.proxy_protocol_from for c in entry.split(",") if c.strip()]
+    try:
+        proxy_from = CidrSet(peers) if peers else None
+    except ValueError as e:
+        raise ConfigError(f"--proxy-protocol-from: {e}") from None
+    if proxy_from is not None:
+        everyone = trusts_everyone(proxy_from)
+        if everyone and not settings.allow_trust_all:
+            raise ConfigError(
+                f"--proxy-protocol-from {', '.join(peers)}: every public address could then say where its "
+                "connection came from; name the load balancers' own networks, or add --allow-trust-all"
+            )
+        warnings += [
+            f"--proxy-protocol-from {net} is a public range wider than /{WIDEST_PUBLIC[net.version]}: "
+            "any caller in it can choose its address"
+            for net in wide_public(proxy_from)
+        ]
+    if tls is None and proxy_from is None:
+        return None, warnings
+    return Edge(tls, proxy_from), warnings
 
 
 def _check_trust(trusted: CidrSet, allow_all: bool) -> list[str]:

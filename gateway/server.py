@@ -188,7 +188,9 @@ async def _native_main(
     gateway.open(min(limits.upstream_connections or cap, cap))
     runtime.access_log.on_drop = metrics.access_log_dropped.inc
     listener = Listener(gateway.handle, limits, cap, metrics.bad_request)
-    await listener.start(proxy_sock)
+    if runtime.edge is not None and runtime.edge.tls is not None:
+        runtime.edge.tls.on_reload = metrics.tls_reload
+    await listener.start(proxy_sock, runtime.edge)
     async with _control_plane(runtime, metrics, gateway, admin_sock, slot, supervisor) as stopping:
         runtime.ready = True
         await stopping.wait()
@@ -298,8 +300,10 @@ def _announce(
         else "admin API disabled: REGIONGATE_ADMIN_TOKEN is not set (every /admin/* route answers 404)"
     )
     shadow = runtime.active.shadow_version
+    edge = runtime.edge
+    scheme = "https" if edge is not None and edge.tls is not None else "http"
     lines = [
-        f"proxy on http://{s.host}:{_port(proxy_sock)} -> "
+        f"proxy on {scheme}://{s.host}:{_port(proxy_sock)} -> "
         + ", ".join(f"{n}={' '.join(u) if isinstance(u, list) else u}" for n, u in runtime.upstream_urls().items()),
         f"control plane on http://{s.admin_host}:{_port(admin_sock)} (/healthz /readyz /metrics)",
         admin,
@@ -311,6 +315,14 @@ def _announce(
         f"geo: {geo}",
         f"workers: {s.workers}",
     ]
+    if edge is not None and edge.tls is not None:
+        lines.append(f"TLS: {s.tls_cert} (reloaded when the files change), TLS 1.2+, ALPN http/1.1")
+    if edge is not None and edge.proxy_from is not None:
+        lines.append(
+            "PROXY protocol v1/v2 required from "
+            + ", ".join(str(n) for n in edge.proxy_from.networks)
+            + " (and refused from everyone else)"
+        )
     lines.append(_describe_overrides(runtime.overrides))
     lines += [f"warning: {w}" for w in runtime.warnings]
     if redis_problem is not None:

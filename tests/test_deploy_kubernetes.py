@@ -29,6 +29,10 @@ from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 
 from conftest import GEOIP, ROOT
 from dockerfile import image_env, image_user
+from edge_support import LocalCA
+from gateway.cidrs import CidrSet
+from gateway.runtime import Settings, load_edge
+from gateway.trust import wide_public
 
 KUBE = ROOT / "deploy" / "kubernetes"
 CRDS = ROOT / "tests" / "fixtures" / "prometheus-operator-crds"
@@ -288,6 +292,13 @@ def test_secrets_are_created_as_the_readme_says(manifests: tuple[str, list[Resou
                 command = re.search(rf"kubectl create secret generic {secret['name']}\b[^\n]*(\n +[^\n]*)*", readme)
                 assert command, f"README does not say how to create Secret {secret['name']}"
                 assert f"--from-literal={secret['key']}=" in command.group(0), (secret, command.group(0))
+    for volume in spec["volumes"]:
+        name = volume.get("secret", {}).get("secretName")
+        if name and ("Secret", name) not in present:
+            assert re.search(rf"kubectl create secret tls {name} --cert=\S+ --key=\S+", readme), (
+                f"README does not say how to create Secret {name}"
+            )
+            assert re.search(rf"secretName: {name}\b", readme), f"README shows no cert-manager Certificate for {name}"
 
 
 def test_production_keeps_client_addresses_and_is_monitored() -> None:
@@ -315,3 +326,32 @@ def test_production_keeps_client_addresses_and_is_monitored() -> None:
     policy = one(resources, "NetworkPolicy")
     open_ports = [p["port"] for rule in policy["spec"]["ingress"] if "from" not in rule for p in rule["ports"]]
     assert open_ports == ["http"], "the control plane is not open to everyone"
+
+
+def test_production_speaks_tls_with_a_renewable_secret_and_proxy_protocol_from_private_ranges(tmp_path: Path) -> None:
+    resources = render("overlays/production")
+    spec = pod_spec(resources)
+    env = configmap_env(resources, spec)
+    service = one(resources, "Service", "regiongate")
+    assert service["spec"]["ports"] == [{"name": "https", "port": 443, "targetPort": "http", "protocol": "TCP"}]
+    # The certificate and key: files of one Secret, mounted as a directory so that renewals arrive.
+    rg = container(spec, "regiongate")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    cert, key = Path(env["REGIONGATE_TLS_CERT"]), Path(env["REGIONGATE_TLS_KEY"])
+    assert cert.parent == key.parent and (cert.name, key.name) == ("tls.crt", "tls.key"), "a kubernetes.io/tls Secret"
+    (mount,) = [m for m in rg["volumeMounts"] if m["mountPath"] == str(cert.parent)]
+    assert mount["readOnly"] is True and "subPath" not in mount, "a subPath mount never sees a renewal"
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == "regiongate-tls"
+    _, gid = image_user()
+    assert secret["defaultMode"] & 0o040 and not secret["defaultMode"] & 0o004, "readable by the group only"
+    assert spec["securityContext"]["fsGroup"] == gid
+    # PROXY protocol only from private ranges (the balancer's subnets), never from public clients.
+    proxy_from = tuple(env["REGIONGATE_PROXY_PROTOCOL_FROM"].split(","))
+    peers = CidrSet(proxy_from)
+    assert peers and not wide_public(peers) and all(n.is_private for n in peers.networks)
+    assert env["REGIONGATE_TRUSTED_PROXY"] == "", "the address comes from the peer or its PROXY header, not a header"
+    # The gateway accepts these settings (a throwaway pair stands in for the Secret's).
+    leaf = LocalCA(tmp_path / "ca").leaf("regiongate", 1)
+    edge, warnings = load_edge(Settings(tls_cert=str(leaf.cert), tls_key=str(leaf.key), proxy_protocol_from=proxy_from))
+    assert edge is not None and edge.tls is not None and edge.proxy_from is not None and warnings == []

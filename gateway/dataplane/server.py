@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
 import httptools
@@ -29,6 +29,9 @@ import httptools
 from .. import errors
 from ..errors import GatewayError
 from .limits import Limits
+
+if TYPE_CHECKING:
+    from .edge import Edge
 
 log = logging.getLogger("regiongate")
 
@@ -609,12 +612,18 @@ class Listener:
         self.server: asyncio.AbstractServer | None = None
         self.loop = asyncio.get_running_loop()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._edge: Edge | None = None
         self._bad_logged_at = 0.0
         self._bad_suppressed = 0
         self._drained = asyncio.Event()
 
-    async def start(self, sock: Any) -> None:
-        self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=2048)
+    async def start(self, sock: Any, edge: Edge | None = None) -> None:
+        """Serve ``sock``; with ``edge`` (TLS, PROXY protocol), connections pass through it first (:mod:`.edge`)."""
+        if edge is None:
+            self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=2048)
+        else:
+            self._edge = edge
+            self.server = await edge.serve(self, sock)
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
     def admit(self, conn: ClientConnection) -> bool:
@@ -632,6 +641,8 @@ class Listener:
         now = self.loop.time()
         for conn in [c for c in self.connections if c.deadline and c.deadline <= now]:
             conn.timed_out()
+        if self._edge is not None:
+            self._edge.tick()
         self._sweeper = self.loop.call_later(1.0, self._sweep)
 
     def bad_request(self, reason: str) -> None:
