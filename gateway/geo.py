@@ -402,7 +402,8 @@ class Geo:
         except (maxminddb.errors.InvalidDatabaseError, ValueError) as e:
             # A record broken past what open_database verified: judge the address
             # as one with no data (the policy's `unknown` default), do not cache it.
-            log.error("geo lookup of %s failed: %s", ip, e)
+            # The address is personal data (--log-address): the log names the problem only.
+            log.error("geo lookup of an IPv%d address failed: %s", ip.version, str(e).replace(str(ip), "<address>"))
             self.lookup_errors += 1
             return NO_FACTS
         if self._cache_size >= _CACHE_MAX:

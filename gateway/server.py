@@ -32,6 +32,7 @@ from typing import Any
 
 import uvicorn
 
+from .accesslog import redact_logs
 from .dataplane.limits import Limits, connection_cap, raise_nofile
 from .runtime import ConfigError, Runtime, Settings, load_runtime
 from .shared.store import OverrideStore, probe
@@ -229,6 +230,7 @@ def serve(settings: Settings) -> int:
     soft, hard = raise_nofile()
     try:
         runtime = load_runtime(settings)
+        redact_logs(runtime.access_log.redact)  # --log-address covers stderr too
         if (settings.host, settings.port) == (settings.admin_host, settings.admin_port) and settings.port:
             raise ConfigError(
                 f"the proxy and the control plane cannot share {settings.host}:{settings.port}: "

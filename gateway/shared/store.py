@@ -53,6 +53,8 @@ class OverrideStore:
     """The in-memory store (one process); :class:`RedisStore` shares it between replicas."""
 
     backend = "memory"
+    # Rate-limit subjects that are addresses kept as keyed hashes (--log-address hashed or truncated).
+    hash_addresses = False
 
     def __init__(self, env: dict[str, str]) -> None:
         given = env.get(OVERRIDE_KEY_ENV)
@@ -352,10 +354,16 @@ async def probe(store: OverrideStore) -> str | None:
             await client.aclose()
 
 
-def open_store(url: str | None, prefix: str, timeout: float, env: dict[str, str]) -> OverrideStore:
+def open_store(
+    url: str | None, prefix: str, timeout: float, env: dict[str, str], *, hash_addresses: bool = False
+) -> OverrideStore:
     """The store ``--redis`` asks for (memory without it). Raises ``RedisConfigError`` on a bad URL."""
+    store: OverrideStore
     if not url:
-        return OverrideStore(env)
-    from .redisconn import PASSWORD_ENV, parse_url
+        store = OverrideStore(env)
+    else:
+        from .redisconn import PASSWORD_ENV, parse_url
 
-    return RedisStore(parse_url(url), env.get(PASSWORD_ENV) or None, prefix, timeout, env)
+        store = RedisStore(parse_url(url), env.get(PASSWORD_ENV) or None, prefix, timeout, env)
+    store.hash_addresses = hash_addresses
+    return store
