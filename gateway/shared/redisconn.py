@@ -18,11 +18,14 @@ so not even the refusal repeats one. A user name in the URL is allowed
 Every call has a short timeout. After a few failures in a row the breaker
 opens and calls fail at once, without touching the network, until a probe
 after a back-off finds Redis again: a dead Redis costs nothing per call.
+The breaker logs each transition once: when it opens (Redis down) and when
+it closes again (Redis back, after how long), never per failed call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +45,7 @@ _SCHEMES: dict[str, Mode] = {
     "rediss+cluster": "cluster",
 }
 T = TypeVar("T")
+log = logging.getLogger("regiongate")
 
 
 class RedisConfigError(ValueError):
@@ -248,7 +252,9 @@ class Breaker:
         threshold: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 5.0,
+        name: str = "Redis",
     ) -> None:
+        self.name = name  # how the log names it: "Redis <redacted URL>"
         self.timeout = timeout
         self.observer: Observer = observer or NullObserver()
         self.threshold = threshold
@@ -259,6 +265,7 @@ class Breaker:
         self.retry_at = 0.0
         self.up: bool | None = None  # unknown until the first call
         self.last_error: str | None = None
+        self.opened_at: float | None = None  # monotonic; None while closed
         self._probing = False
 
     @property
@@ -283,6 +290,12 @@ class Breaker:
                 self._probing = False
         self.observer.latency(time.perf_counter() - started)
         if self.failures or self.up is not True:
+            if self.opened_at is not None:
+                log.warning(
+                    "%s answers again after %.1fs unavailable: shared overrides, rate limits and the audit "
+                    "stream are back", self.name, time.monotonic() - self.opened_at,
+                )  # fmt: skip
+                self.opened_at = None
             self.failures, self.backoff, self.up = 0, self.base_backoff, True
             self.last_error = None
             self.observer.up(True)
@@ -296,6 +309,13 @@ class Breaker:
             self.up = False
             self.observer.up(False)
         if self.open:
+            if self.opened_at is None:  # this failure opened it: said once, not per failed call or probe
+                self.opened_at = time.monotonic()
+                log.warning(
+                    "%s unavailable after %d failed calls (%s): requests are decided by the last copy of the "
+                    "overrides and the policy; rate limits follow redis.on_error; audit entries are dropped; "
+                    "retrying in the background", self.name, self.failures, self.last_error,
+                )  # fmt: skip
             self.retry_at = time.monotonic() + self.backoff
             self.backoff = min(self.backoff * 2, self.max_backoff)
 

@@ -148,7 +148,7 @@ class RedisStore(OverrideStore):
         self.k_data, self.k_version, self.k_key = f"{tag}:data", f"{tag}:version", f"{tag}:key"
         self.channel = f"{prefix}overrides:changed"
         self.k_audit = f"{prefix}audit"
-        self.breaker = Breaker(timeout)
+        self.breaker = Breaker(timeout, name=f"Redis {target.url}")
         self.client: Any = None
         self.version: bytes | None = None
         self.synced_at: float | None = None
