@@ -10,6 +10,11 @@ decision, so facts are cached by the *network* the databases return for an
 address: every address in that network gets the same records from every
 database, so one entry serves all of them, and the cache stays as small as
 the set of networks actually seen rather than the set of callers.
+
+Each file is read into a private, sealed in-memory copy when it is opened
+(:func:`open_database`), so rewriting the file on disk in place can neither
+crash a lookup (SIGBUS on a truncated mapping) nor change its answer; a new
+file is served only once it has been reloaded and checked whole.
 """
 
 from __future__ import annotations

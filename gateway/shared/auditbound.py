@@ -48,7 +48,7 @@ TRIM_SLACK = 100
 # Refusals per source and worker: a burst, then a steady rate.
 SOURCE_BURST = 50
 SOURCE_RATE = 5.0  # per second
-MAX_SOURCES = 10_000  # sources remembered per worker (about 1 MB); past it, idle ones are forgotten
+MAX_SOURCES = 10_000  # sources remembered per worker (about 2 MB); past it, idle ones are forgotten
 
 _MARK = "...[truncated: {} bytes]"
 
