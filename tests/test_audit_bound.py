@@ -234,3 +234,50 @@ def test_budget_is_documented() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert f"{MAX_ENTRY_BYTES:,} bytes" in readme and f"{PATH_BYTES} bytes" in readme
     assert "maxmemory" in readme and "volatile-ttl" in readme
+
+
+# --- the shipped maxmemory policy ------------------------------------------------------------
+
+
+def _fill_with_rate_limit_subjects(server: RedisServer, subjects: int) -> tuple[int, int]:
+    """Overrides and an audit stream, then rate-limit checks for ``subjects`` callers through the real script.
+
+    Returns how many checks Redis refused (OOM) and how many keys it evicted."""
+    import redis
+
+    from gateway.shared.ratelimit import GCRA_LUA, RateLimit, key_start, redis_key, script_args
+
+    client = redis.Redis(port=server.port)
+    client.hset("p:{overrides}:data", mapping={f"o{n}": "x" * 200 for n in range(50)})
+    client.set("p:{overrides}:key", "k" * 64)
+    for n in range(300):
+        client.xadd("p:audit", {"e": orjson.dumps(_refusal(n, "/v1/x"))}, maxlen=1000, approximate=True)
+    limit = RateLimit("limited", "ip", 100, 3600.0, 100)
+    start, (interval, tolerance) = key_start("p:", limit), script_args(limit)
+    gcra = client.register_script(GCRA_LUA)
+    refused = 0
+    for first in range(0, subjects, 1000):
+        pipe = client.pipeline(transaction=False)
+        for n in range(first, first + 1000):
+            gcra(keys=[redis_key(start, f"h:{n:032x}")], args=[interval, tolerance], client=pipe)
+        refused += sum(isinstance(r, redis.exceptions.ResponseError) for r in pipe.execute(raise_on_error=False))
+    evicted = int(client.info("stats")["evicted_keys"])
+    assert client.hlen("p:{overrides}:data") == 50 and client.exists("p:{overrides}:key")
+    assert client.xlen("p:audit") == 300
+    client.close()
+    return refused, evicted
+
+
+@pytest.mark.parametrize(("policy", "writes_refused"), [("volatile-ttl", False), ("noeviction", True)])
+def test_a_full_redis_evicts_only_rate_limit_keys(tmp_path: Path, policy: str, writes_refused: bool) -> None:
+    """With the shipped policy a full Redis drops rate-limit subjects (nearest their expiry), never an override or
+    the stream, and every check still gets an answer; with noeviction the checks are refused (OOM) instead."""
+    server = RedisServer(tmp_path / "redis", "--maxmemory", "4mb", "--maxmemory-policy", policy).start()
+    try:
+        refused, evicted = _fill_with_rate_limit_subjects(server, 60_000)  # about 6 MB of subjects
+    finally:
+        server.stop()
+    if writes_refused:
+        assert refused > 0 and evicted == 0
+    else:
+        assert refused == 0 and evicted > 0
