@@ -10,7 +10,6 @@ until the new file is whole, then reloads it.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,8 +91,11 @@ def test_rewrite_in_place_keeps_serving_the_old_data_then_reloads(
     assert gw.proc.poll() is None
 
     wait_until(lambda: c.fresh() == 403, "the rewritten (FR) file to serve")
-    assert gw.proc.poll() is None and gw.proc.returncode != -signal.SIGBUS
-    assert "GeoIP reload refused" in gw.stderr() or "reloaded" in gw.stderr()
+    assert gw.proc.poll() is None
+    # One reload: the whole file. Whether the truncated or half-written states were seen (and refused) on the
+    # way depends on when the watcher looked, so only that they were never served is asserted (above).
+    ok = 'regiongate_geoip_reloads_total{result="ok",type="GeoIP2-City"} 1.0'
+    assert ok in gw.metrics()
 
 
 _PRIVATE_COPY_CHECK = """
