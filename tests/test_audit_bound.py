@@ -205,7 +205,8 @@ def test_gateway_writes_bounded_refusals_and_counts_the_sampled(
     gateway: GatewayFactory, stub: Stub, redis_server: RedisServer
 ) -> None:
     prefix = f"gw-{time.monotonic_ns()}:"
-    gw = overrides_gateway(gateway, stub, "--redis", redis_server.url, "--redis-prefix", prefix)
+    # Writes may take 2 s: on a busy machine none is dropped as "redis", so every refusal is written or sampled.
+    gw = overrides_gateway(gateway, stub, "--redis", redis_server.url, "--redis-prefix", prefix, "--redis-timeout", "2")
     sent = SOURCE_BURST * 3
     started = time.monotonic()
     with httpx.Client(timeout=10) as c:

@@ -61,7 +61,11 @@ async def test_the_breaker_logs_each_transition_once(caplog: pytest.LogCaptureFi
 def test_gateway_logs_redis_down_and_back_once_each(gateway: GatewayFactory, stub: Stub, tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis").start()
     try:
-        gw = overrides_gateway(gateway, stub, "--redis", server.url, "--redis-prefix", f"tr-{time.monotonic_ns()}:")
+        # Calls may take 2 s: a busy machine's slow answers never open the breaker (an extra line) while Redis is up;
+        # a killed Redis refuses connections at once.
+        gw = overrides_gateway(
+            gateway, stub, "--redis", server.url, "--redis-prefix", f"tr-{time.monotonic_ns()}:", "--redis-timeout", "2"
+        )
         wait_for(lambda: _ready(gw)["overrides"]["up"] is True, 10, "Redis up")
         for cycle in (1, 2):
             errors = _errors(gw)
