@@ -12,7 +12,8 @@ The client address is personal data, so how it is written is a setting:
 ``full``, ``truncated`` (the /24 or /48 it is in), or ``hashed`` (keyed
 BLAKE2b, stable for one key so one caller's requests can still be grouped).
 In the last two modes every other field is scrubbed of address-like text as
-well, since a malformed header can carry an address into an error message.
+well, since a malformed header can carry an address into an error message,
+and so is every line the process logs (:func:`redact_logs`), from any logger.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import asyncio
 import collections
 import hashlib
 import ipaddress
+import logging
 import os
 import re
 import secrets
@@ -79,6 +81,44 @@ class AddressRedactor:
             return self(parse_address(token.strip("[]_-.:")) if token[0] != "[" else parse_address(token)) or ""
         except AddressError:
             return "[redacted]"
+
+
+def redact_logs(redactor: AddressRedactor) -> None:
+    """From now on, every log record (any logger: ours, uvicorn's, asyncio's, redis-py's) has its
+    message, traceback and stack written with addresses as ``redactor`` writes them.
+
+    A record factory rather than a filter: it runs for every record of every
+    logger, whichever handlers they have (uvicorn's own included). The call
+    sites do not log addresses; this is the backstop for a message that
+    carries one (an exception's text, a library's own). In ``full`` mode it
+    does nothing.
+    """
+    global _plain_factory
+    if _plain_factory is None:
+        _plain_factory = logging.getLogRecordFactory()
+    plain = _plain_factory
+    if redactor.mode == "full":
+        logging.setLogRecordFactory(plain)
+        return
+    text = redactor.text
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = plain(*args, **kwargs)
+        try:
+            record.msg, record.args = text(record.getMessage()), ()
+            if record.exc_info:
+                record.exc_text = text(_FORMATTER.formatException(record.exc_info))
+            if record.stack_info:
+                record.stack_info = text(record.stack_info)
+        except Exception:  # a message that cannot be formatted: shown as it is, redacted all the same
+            record.msg, record.args = text(f"{record.msg!s} {record.args!r}"), ()
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
+_plain_factory: Callable[..., logging.LogRecord] | None = None
+_FORMATTER = logging.Formatter()
 
 
 class AccessLog:

@@ -10,10 +10,17 @@ decision, so facts are cached by the *network* the databases return for an
 address: every address in that network gets the same records from every
 database, so one entry serves all of them, and the cache stays as small as
 the set of networks actually seen rather than the set of callers.
+
+Each file is read into a private, sealed in-memory copy when it is opened
+(:func:`open_database`), so rewriting the file on disk in place can neither
+crash a lookup (SIGBUS on a truncated mapping) nor change its answer; a new
+file is served only once it has been reloaded and checked whole.
 """
 
 from __future__ import annotations
 
+import fcntl
+import io
 import ipaddress
 import itertools
 import json
@@ -61,6 +68,11 @@ _TYPE_FACTS: tuple[tuple[str, frozenset[str]], ...] = (
 # broken test files), bounded so that a 70 MB City file still opens fast.
 _VERIFY_NETWORKS = 2000
 _CACHE_MAX = 200_000
+# Reads of a file that changed under them before giving up (until the next change).
+_READ_ATTEMPTS = 3
+# A private copy, once written, can never be written, shrunk or grown again, nor unsealed.
+# (Linux only, like memfd itself: getattr keeps the module importable elsewhere.)
+_SEALS = sum(getattr(fcntl, f"F_SEAL_{name}", 0) for name in ("SHRINK", "GROW", "WRITE", "SEAL"))
 
 log = logging.getLogger("regiongate")
 
@@ -169,20 +181,70 @@ def file_identity(path: str) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _read_whole(path: str) -> tuple[bytes, tuple[int, ...]]:
+    """The file's bytes and identity, read while nothing changed it (or GeoDataError).
+
+    An in-place rewrite (``cp new.mmdb City.mmdb``: truncate, then write)
+    caught half-way changes the identity: read again, a few times, then give
+    up until the next change (the watcher sees the write finish).
+    """
+    for _ in range(_READ_ATTEMPTS):
+        before = file_identity(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise GeoDataError(f"{path}: cannot read: {e.strerror or e}") from None
+        if before and file_identity(path) == before and len(data) == before[2]:
+            return data, before
+    raise GeoDataError(f"{path}: the file kept changing while it was read")
+
+
+def _private_reader(data: bytes, path: str) -> Any:
+    """A reader over a private, sealed in-memory copy of ``data`` (libmaxminddb's C decoding).
+
+    The copy is a memfd sealed against writes and resizing, mapped by
+    libmaxminddb like any file: nothing outside this process can change or
+    truncate what the mapping reads, so an in-place rewrite of the file on
+    disk cannot SIGBUS or mislead a lookup. Workers forked after the load
+    share its pages. Without memfd (not Linux), the pure-Python reader over
+    the bytes (``MODE_FD``: slower decoding, the cache hides most of it).
+    """
+    if not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+        return maxminddb.open_database(io.BytesIO(data), maxminddb.MODE_FD)
+    fd = os.memfd_create("regiongate-geoip", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        copy = f"/proc/self/fd/{fd}"
+        try:
+            return maxminddb.open_database(copy, maxminddb.MODE_AUTO)
+        except (OSError, ValueError, maxminddb.errors.InvalidDatabaseError) as e:
+            raise type(e)(str(e).replace(copy, path)) from None  # the error names the file, not the copy
+    finally:
+        os.close(fd)  # the mapping keeps the copy alive; closing the reader frees it
+
+
 def open_database(path: str) -> _Database:
     """Open one file, check its type and decode its first networks.
 
-    Corruption shows up at open (bad metadata, bad node count) or only when a
-    record is decoded (bad data section), so both are done here, at startup,
-    where a clear error is cheap, and not on the first unlucky request.
+    The file is read whole into a private copy (:func:`_private_reader`), so
+    a later rewrite in place cannot touch what is served. Corruption shows up
+    at open (bad metadata, bad node count) or only when a record is decoded
+    (bad data section), so both are done here, at startup, where a clear
+    error is cheap, and not on the first unlucky request.
     """
     if not os.path.isfile(path):
         raise GeoDataError(f"{path}: no such GeoIP database file")
-    identity = file_identity(path)
+    data, identity = _read_whole(path)
     try:
-        reader = maxminddb.open_database(path, maxminddb.MODE_AUTO)
+        reader = _private_reader(data, path)
     except (OSError, ValueError, maxminddb.errors.InvalidDatabaseError) as e:
         raise GeoDataError(f"{path}: not a readable MaxMind DB file: {e}") from None
+    finally:
+        del data
     meta = reader.metadata()
     facts = facts_for_type(meta.database_type)
     if facts is None:
@@ -345,7 +407,8 @@ class Geo:
         except (maxminddb.errors.InvalidDatabaseError, ValueError) as e:
             # A record broken past what open_database verified: judge the address
             # as one with no data (the policy's `unknown` default), do not cache it.
-            log.error("geo lookup of %s failed: %s", ip, e)
+            # The address is personal data (--log-address): the log names the problem only.
+            log.error("geo lookup of an IPv%d address failed: %s", ip.version, str(e).replace(str(ip), "<address>"))
             self.lookup_errors += 1
             return NO_FACTS
         if self._cache_size >= _CACHE_MAX:

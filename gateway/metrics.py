@@ -202,7 +202,8 @@ class Metrics:
         )
         self.audit_dropped_total = Counter(
             "regiongate_audit_dropped",
-            "Audit entries dropped, by reason: queue_full (the writer fell behind), redis (unavailable), error.",
+            "Audit entries dropped, by reason: sampled (past the per-network refusal budget), queue_full (the "
+            "writer fell behind), redis (unavailable), oversize, error.",
             ["reason"],
             registry=r,
         )

@@ -47,6 +47,7 @@ from .requestid import RequestIds
 from .requestpath import BadPath, canonical
 from .runtime import Runtime
 from .shared.audit import entry as audit_entry
+from .shared.auditbound import source_of
 from .shared.overrides import judge as judge_override
 from .shared.overrides import request_key_hash
 from .shared.ratelimit import check as check_rate
@@ -395,7 +396,8 @@ class Gateway:
                     request_id, verdict, decision.rule,
                     facts.country, facts.subdivisions, facts.asn, path, ex.active.policy.sha256, log_.redact(client.ip),
                     ex.model,
-                )
+                ),
+                source_of(client.ip),
             )  # fmt: skip
         if not log_.enabled:
             return

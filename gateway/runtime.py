@@ -379,7 +379,10 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
     if not methods:
         raise ConfigError("--allow-method: at least one method must be allowed")
     try:
-        overrides = open_store(settings.redis, settings.redis_prefix, settings.redis_timeout, env)
+        overrides = open_store(
+            settings.redis, settings.redis_prefix, settings.redis_timeout, env,
+            hash_addresses=settings.log_address != "full",  # no address kept in Redis that the logs would not show
+        )  # fmt: skip
     except RedisConfigError as e:
         raise ConfigError(str(e)) from None
     runtime = Runtime(

@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from .accesslog import redact_logs
 from .dataplane.limits import Limits, connection_cap, raise_nofile
 from .runtime import ConfigError, Runtime, Settings, load_runtime
 from .shared.store import OverrideStore, probe
@@ -219,6 +220,7 @@ def serve(settings: Settings) -> int:
     soft, hard = raise_nofile()
     try:
         runtime = load_runtime(settings)
+        redact_logs(runtime.access_log.redact)  # --log-address covers stderr too
         if (settings.host, settings.port) == (settings.admin_host, settings.admin_port) and settings.port:
             raise ConfigError(
                 f"the proxy and the control plane cannot share {settings.host}:{settings.port}: "

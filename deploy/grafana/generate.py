@@ -505,8 +505,9 @@ def build() -> dashboard.Dashboard:
             series(
                 "Dropped audit entries by reason",
                 "Entries for the Redis audit stream that were not written: redis (Redis unavailable), "
-                "queue_full (the writer fell behind), error. Should stay 0: each one is a gap in the "
-                "audit trail.",
+                "queue_full (the writer fell behind), oversize, error: should stay 0, each one is a gap "
+                "in the audit trail. sampled: refusals past a client network's budget (a scanner), the "
+                "bound working.",
                 "short",
                 query(f"sum by (reason) (increase(regiongate_audit_dropped_total{{{SEL}}}[{RATE}]))", "{{reason}}"),
             ).span(8)

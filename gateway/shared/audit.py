@@ -4,8 +4,10 @@ The request path only puts a small dict on a bounded in-process queue;
 when the queue is full the entry is dropped and counted, never waited for.
 A background task writes the queue to ``<prefix>audit`` in batches
 (one pipeline of ``XADD ... MAXLEN ~ N``), so the stream stays capped at
-about N entries. Client addresses are written as the access log writes them
-(``--log-address full|truncated|hashed``).
+about N entries, and, with every entry cut to a bounded size and refusals
+sampled per client network (:mod:`.auditbound`), at about
+:func:`.auditbound.stream_budget` bytes. Client addresses are written as the
+access log writes them (``--log-address full|truncated|hashed``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import itertools
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -21,12 +24,35 @@ from typing import Any, Literal
 
 import orjson
 
+from .auditbound import (
+    CLIENT_BYTES,
+    CODE_BYTES,
+    MAX_ENTRY_BYTES,
+    MAX_SUBDIVISIONS,
+    MODEL_BYTES,
+    PATH_BYTES,
+    RULE_BYTES,
+    Source,
+    SourceBuckets,
+    clip,
+)
+
 AuditMode = Literal["off", "refusals", "all"]
 QUEUE_SIZE = 10_000
 _REFUSALS = frozenset({"deny", "rate_limited"})
 BATCH = 200
 FIELDS = (
-    "time", "request_id", "decision", "rule", "country", "subdivisions", "asn", "path", "model", "policy", "client",
+    "time",
+    "request_id",
+    "decision",
+    "rule",
+    "country",
+    "subdivisions",
+    "asn",
+    "path",
+    "model",
+    "policy",
+    "client",
 )
 
 
@@ -42,12 +68,17 @@ class Audit:
         self.written = 0
         self._task: asyncio.Task[None] | None = None
         self._store: Any = None
+        self._sources = SourceBuckets()
 
     def wants(self, verdict: str) -> bool:
         return self.enabled and (self.mode == "all" or verdict in _REFUSALS)
 
-    def put(self, entry: dict[str, Any]) -> None:
+    def put(self, entry: dict[str, Any], source: Source = None) -> None:
+        """Queue ``entry``; a refusal only while its source (:func:`.auditbound.source_of`) has budget."""
         if self.queue is None:
+            return
+        if entry["decision"] in _REFUSALS and not self._sources.take(source, time.monotonic()):
+            self._drop(1, "sampled")
             return
         try:
             self.queue.put_nowait(entry)
@@ -88,37 +119,65 @@ class Audit:
             while len(batch) < BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
 
-            async def write(entries: list[dict[str, Any]] = batch) -> None:
+            encoded = self._encode(batch)
+            if not encoded:
+                continue
+
+            async def write(entries: list[bytes] = encoded) -> None:
                 pipe = store.client.pipeline(transaction=False)
                 for e in entries:
-                    pipe.xadd(store.k_audit, {"e": orjson.dumps(e)}, maxlen=self.maxlen, approximate=True)
+                    pipe.xadd(store.k_audit, {"e": e}, maxlen=self.maxlen, approximate=True)
                 await pipe.execute()
 
             try:
                 await store.breaker.call("audit", write, timeout=max(store.timeout, 0.5))
-                self.written += len(batch)
+                self.written += len(encoded)
             except RedisUnavailable:
                 self._drop(len(batch), "redis")
             except Exception:  # never let the writer die
                 self._drop(len(batch), "error")
 
+    def _encode(self, batch: list[dict[str, Any]]) -> list[bytes]:
+        """The entries as JSON; one past :data:`.auditbound.MAX_ENTRY_BYTES` is dropped, not written."""
+        out = []
+        for e in batch:
+            try:
+                data = orjson.dumps(e)
+            except orjson.JSONEncodeError:
+                self._drop(1, "error")
+                continue
+            if len(data) > MAX_ENTRY_BYTES:  # cannot happen with entry()'s bounds: the budget holds regardless
+                self._drop(1, "oversize")
+                continue
+            out.append(data)
+        return out
+
 
 def entry(
-    request_id: str, verdict: str, rule: str, country: str | None, subdivisions: Iterable[str], asn: int | None,
-    path: str | None, policy: str, client: str | None, model: str | None = None,
+    request_id: str,
+    verdict: str,
+    rule: str,
+    country: str | None,
+    subdivisions: Iterable[str],
+    asn: int | None,
+    path: str | None,
+    policy: str,
+    client: str | None,
+    model: str | None = None,
 ) -> dict[str, Any]:
+    """One entry, every string cut to its bound (:mod:`.auditbound`): the client chose the path and the model."""
     return {
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "request_id": request_id,
         "decision": verdict,
-        "rule": rule,
-        "country": country,
-        "subdivisions": list(subdivisions),
-        "asn": asn,
-        "path": path,
-        "model": model[:256] if model is not None else None,  # known only when the decision read the body
-        "policy": policy,
-        "client": client,
+        "rule": clip(rule, RULE_BYTES),
+        "country": clip(country, CODE_BYTES) if country is not None else None,
+        "subdivisions": [clip(s, CODE_BYTES) for s in itertools.islice(subdivisions, MAX_SUBDIVISIONS)],
+        "asn": asn if isinstance(asn, int) and 0 <= asn < 1 << 32 else None,
+        "path": clip(path, PATH_BYTES) if path is not None else None,
+        "model": clip(model, MODEL_BYTES) if model is not None else None,  # known only when the decision read the body
+        "policy": clip(policy, CLIENT_BYTES),
+        "client": clip(client, CLIENT_BYTES) if client is not None else None,
     }
 
 
@@ -146,8 +205,14 @@ def since_id(seconds: float, now: float | None = None) -> str:
 
 
 async def read(
-    url: str, prefix: str, env: dict[str, str], *, count: int | None = None, since: float | None = None,
-    follow: bool = False, out: Any = None,
+    url: str,
+    prefix: str,
+    env: dict[str, str],
+    *,
+    count: int | None = None,
+    since: float | None = None,
+    follow: bool = False,
+    out: Any = None,
 ) -> int:
     """Print entries as JSON lines (or collect them in ``out``); how many. Raises ``RedisUnavailable``."""
     from .redisconn import PASSWORD_ENV, RedisUnavailable, connect, describe_error, parse_url

@@ -10,7 +10,10 @@ Redis's own clock, so replicas whose clocks disagree still share one limit.
 ``requests`` per ``per`` is the steady rate; ``burst`` (default: ``requests``)
 is how many may arrive at once. Keys are ``<prefix>rl:{<rule>:<by>:<subject>}``:
 the braces are a hash tag, so each key has its own slot in a Redis Cluster,
-where the script is sent one key at a time.
+where the script is sent one key at a time. With ``--log-address hashed`` or
+``truncated`` the subject of a ``by: ip`` limit is the address's keyed hash
+(HMAC-SHA256 under the overrides' key, which every replica sharing the Redis
+shares, so they still count one budget), never the address itself.
 """
 
 from __future__ import annotations
@@ -185,8 +188,13 @@ UNAVAILABLE = GatewayError(
 
 
 def check(
-    store: Any, limit: RateLimit, client: ClientAddress, facts: GeoFacts,
-    headers: Iterable[tuple[bytes, bytes]], on_error: OnError, then: Callable[[GatewayError | None], None],
+    store: Any,
+    limit: RateLimit,
+    client: ClientAddress,
+    facts: GeoFacts,
+    headers: Iterable[tuple[bytes, bytes]],
+    on_error: OnError,
+    then: Callable[[GatewayError | None], None],
 ) -> None:
     """Call ``then`` with None to go on, or with the error to answer with: at once in memory, when the
     batch's reply is read with Redis. Redis unavailable (or a bug in asking it) follows ``on_error``."""
@@ -197,12 +205,23 @@ def check(
         token = bearer_token(headers)
         if token is not None and store.key is not None:
             key_hash = hash_key(store.key, token)
+    who = subject(limit, client, facts, key_hash)
+    if limit.by == "ip" and store.hash_addresses and client.ip is not None:
+        if store.key is None:  # Redis, which holds the key, has not answered yet: as if it were down
+            _judged(store, limit, on_error, then, None)
+            return
+        from .overrides import hash_key
+
+        who = "h:" + hash_key(store.key, who)[:32]  # 128 bits: no two callers share a budget by chance
     # A partial, not a closure: one object fewer per waiting request for the garbage collector to count.
-    store.rate(limit, subject(limit, client, facts, key_hash), partial(_judged, store, limit, on_error, then))
+    store.rate(limit, who, partial(_judged, store, limit, on_error, then))
 
 
 def _judged(
-    store: Any, limit: RateLimit, on_error: OnError, then: Callable[[GatewayError | None], None],
+    store: Any,
+    limit: RateLimit,
+    on_error: OnError,
+    then: Callable[[GatewayError | None], None],
     outcome: Outcome | None,
 ) -> None:
     if outcome is None:  # RedisUnavailable (counted by the breaker), or a bug: the policy says what then

@@ -6,24 +6,32 @@ URL forms (``--redis`` / ``REGIONGATE_REDIS_URL``):
 - ``redis+sentinel://host1:26379,host2:26379/mymaster[/db]``: ask the Sentinels for the master of a service
 - ``redis+cluster://host1:7000,host2:7001``: a Redis Cluster, any reachable nodes as seeds
 
-The password comes only from ``REGIONGATE_REDIS_PASSWORD`` (a URL with one is
-refused: the command line shows in the process list), and every URL shown in
-logs, errors and ``/readyz`` goes through :func:`redact`. A user name in the
-URL is allowed (Redis ACL).
+The password comes only from ``REGIONGATE_REDIS_PASSWORD``: a URL with one is
+refused (the command line shows in the process list), whether as
+``user:password@`` or as a query parameter (``?password=``, ``?auth=``, any
+name with ``pass``, ``auth``, ``secret``, ``token`` or ``key`` in it, in any
+case or escape). Every URL shown in logs, errors and ``/readyz`` goes through
+:func:`redact`, which hides the password and every query value but ``db``,
+so not even the refusal repeats one. A user name in the URL is allowed
+(Redis ACL).
 
 Every call has a short timeout. After a few failures in a row the breaker
 opens and calls fail at once, without touching the network, until a probe
 after a back-off finds Redis again: a dead Redis costs nothing per call.
+The breaker logs each transition once: when it opens (Redis down) and when
+it closes again (Redis back, after how long), never per failed call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 PASSWORD_ENV = "REGIONGATE_REDIS_PASSWORD"
 Mode = Literal["redis", "unix", "sentinel", "cluster"]
@@ -37,6 +45,7 @@ _SCHEMES: dict[str, Mode] = {
     "rediss+cluster": "cluster",
 }
 T = TypeVar("T")
+log = logging.getLogger("regiongate")
 
 
 class RedisConfigError(ValueError):
@@ -47,18 +56,33 @@ class RedisUnavailable(Exception):
     """Redis did not answer (or the breaker is open): serve from what is already known."""
 
 
+_SECRET_PARAM = re.compile(r"pass|auth|secret|token|key|cred", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
+    """The URL with any password, every query value but ``db`` and any fragment replaced by ``***``."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None and "@" not in parts.netloc:
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"{user}@{hosts}"
+    query = "&".join(
+        f"{name}={value if unquote(name).lower() == 'db' else '***'}" if sep else name
+        for name, sep, value in (p.partition("=") for p in parts.query.split("&") if p)
+    )
+    if (netloc, query, parts.fragment) == (parts.netloc, parts.query, ""):
         return url
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    netloc = f"{user}:***@{hosts}" if ":" in userinfo else f"{user}@{hosts}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    shown = f"{parts.scheme}://{netloc}{parts.path}"  # not urlunsplit: it writes unix:///x as unix:/x
+    return shown + (f"?{query}" if query else "") + ("#***" if parts.fragment else "")
+
+
+def _secret_params(query: str) -> list[str]:
+    """The query parameters that would carry a credential (names as given, decoded)."""
+    return [name for name in parse_qs(query, keep_blank_values=True) if _SECRET_PARAM.search(name)]
 
 
 @dataclass(frozen=True)
@@ -86,10 +110,17 @@ def parse_url(url: str) -> RedisTarget:
         raise RedisConfigError(
             f"--redis {shown}: scheme must be one of redis://, rediss://, unix://, redis+sentinel://, redis+cluster://"
         )
-    if password:
+    if password or parts.password is not None:
         raise RedisConfigError(
             f"--redis {shown}: a password in the URL would show in the process list and logs; "
-            f"put it in {PASSWORD_ENV} instead"
+            f"put it in {PASSWORD_ENV} instead (a user name may stay: redis://user@host:6379/0)"
+        )
+    secret = _secret_params(parts.query)
+    if secret:
+        raise RedisConfigError(
+            f"--redis {shown}: query parameter {', '.join(secret)} would put a credential in the process list "
+            f"and logs; put the password in {PASSWORD_ENV} instead (a user name goes before the host: "
+            "redis://user@host:6379/0)"
         )
     username = unquote(parts.username) if parts.username else None
     query = parse_qs(parts.query)
@@ -221,7 +252,9 @@ class Breaker:
         threshold: int = 3,
         backoff: float = 0.5,
         max_backoff: float = 5.0,
+        name: str = "Redis",
     ) -> None:
+        self.name = name  # how the log names it: "Redis <redacted URL>"
         self.timeout = timeout
         self.observer: Observer = observer or NullObserver()
         self.threshold = threshold
@@ -232,6 +265,7 @@ class Breaker:
         self.retry_at = 0.0
         self.up: bool | None = None  # unknown until the first call
         self.last_error: str | None = None
+        self.opened_at: float | None = None  # monotonic; None while closed
         self._probing = False
 
     @property
@@ -256,6 +290,12 @@ class Breaker:
                 self._probing = False
         self.observer.latency(time.perf_counter() - started)
         if self.failures or self.up is not True:
+            if self.opened_at is not None:
+                log.warning(
+                    "%s answers again after %.1fs unavailable: shared overrides, rate limits and the audit "
+                    "stream are back", self.name, time.monotonic() - self.opened_at,
+                )  # fmt: skip
+                self.opened_at = None
             self.failures, self.backoff, self.up = 0, self.base_backoff, True
             self.last_error = None
             self.observer.up(True)
@@ -269,6 +309,13 @@ class Breaker:
             self.up = False
             self.observer.up(False)
         if self.open:
+            if self.opened_at is None:  # this failure opened it: said once, not per failed call or probe
+                self.opened_at = time.monotonic()
+                log.warning(
+                    "%s unavailable after %d failed calls (%s): requests are decided by the last copy of the "
+                    "overrides and the policy; rate limits follow redis.on_error; audit entries are dropped; "
+                    "retrying in the background", self.name, self.failures, self.last_error,
+                )  # fmt: skip
             self.retry_at = time.monotonic() + self.backoff
             self.backoff = min(self.backoff * 2, self.max_backoff)
 

@@ -53,6 +53,8 @@ class OverrideStore:
     """The in-memory store (one process); :class:`RedisStore` shares it between replicas."""
 
     backend = "memory"
+    # Rate-limit subjects that are addresses kept as keyed hashes (--log-address hashed or truncated).
+    hash_addresses = False
 
     def __init__(self, env: dict[str, str]) -> None:
         given = env.get(OVERRIDE_KEY_ENV)
@@ -146,7 +148,7 @@ class RedisStore(OverrideStore):
         self.k_data, self.k_version, self.k_key = f"{tag}:data", f"{tag}:version", f"{tag}:key"
         self.channel = f"{prefix}overrides:changed"
         self.k_audit = f"{prefix}audit"
-        self.breaker = Breaker(timeout)
+        self.breaker = Breaker(timeout, name=f"Redis {target.url}")
         self.client: Any = None
         self.version: bytes | None = None
         self.synced_at: float | None = None
@@ -352,10 +354,16 @@ async def probe(store: OverrideStore) -> str | None:
             await client.aclose()
 
 
-def open_store(url: str | None, prefix: str, timeout: float, env: dict[str, str]) -> OverrideStore:
+def open_store(
+    url: str | None, prefix: str, timeout: float, env: dict[str, str], *, hash_addresses: bool = False
+) -> OverrideStore:
     """The store ``--redis`` asks for (memory without it). Raises ``RedisConfigError`` on a bad URL."""
+    store: OverrideStore
     if not url:
-        return OverrideStore(env)
-    from .redisconn import PASSWORD_ENV, parse_url
+        store = OverrideStore(env)
+    else:
+        from .redisconn import PASSWORD_ENV, parse_url
 
-    return RedisStore(parse_url(url), env.get(PASSWORD_ENV) or None, prefix, timeout, env)
+        store = RedisStore(parse_url(url), env.get(PASSWORD_ENV) or None, prefix, timeout, env)
+    store.hash_addresses = hash_addresses
+    return store
