@@ -25,6 +25,8 @@ from conftest import (
     run_stub,
     write,
 )
+from gateway.policy import UpstreamSpec
+from gateway.upstream import FRAMING, HOP_BY_HOP, build_upstreams, forward_headers, response_headers
 from test_dataplane import (
     OK,
     XFF,
@@ -36,6 +38,7 @@ from test_dataplane import (
     start,
 )
 
+GB_ADDRESS = "2.125.160.216"
 INNER = b"POST /v1/admin/secret HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
 
 
@@ -408,3 +411,33 @@ def test_framing_reaches_the_upstream_once_as_the_parser_counted(
     assert {s.url: s.body for s in parse_requests(stream)} == {
         b"/v1/a": b"abc", b"/v1/b": b"", b"/v1/c": b"abc", b"/v1/models": b"",
     }  # fmt: skip
+
+
+# --- the header rule itself (a pure function) --------------------------------------------------
+
+
+@pytest.mark.parametrize("connection", [b"", b"content-length, transfer-encoding", b"Host, X-Forwarded-For, te"])
+def test_forward_headers_never_passes_framing_or_its_spellings(connection: bytes) -> None:
+    upstream = build_upstreams({"default": UpstreamSpec(url="http://127.0.0.1:1")})["default"].members[0]
+    spellings = [
+        b"content-length", b"transfer-encoding", b"content_length", b"transfer_encoding", b"content.length",
+        b"transfer.encoding", b"host", b"x_forwarded_host", b"x_real_ip", b"x_forwarded_for", b"keep_alive",
+        b"x_regiongate_client_ip", b"connection",
+    ]  # fmt: skip
+    headers = [(b"connection", connection)] if connection else []
+    headers += [(name, b"1") for name in spellings] + [(b"x-kept", b"yes"), (b"x_kept_too", b"yes")]
+    out = forward_headers(headers, "127.0.0.1", GB_ADDRESS, upstream)
+    names = [n for n, _ in out]
+    assert [n for n in names if n.replace(b"_", b"-").replace(b".", b"-") in FRAMING | HOP_BY_HOP] == []
+    assert names.count(b"x-forwarded-for") == 1 and names.count(b"x-regiongate-client-ip") == 1
+    assert dict(out)[b"x-forwarded-for"] == b"127.0.0.1"  # the peer only: no spelling added to the chain
+    assert b"x-kept" in names and b"x_kept_too" in names  # a spelling of nothing dropped is kept
+
+
+def test_response_headers_drop_framing_spellings_and_the_gateways_own() -> None:
+    raw = [
+        (b"Connection", b"content-length, x-a"), (b"Content-Length", b"2"), (b"Transfer_Encoding", b"chunked"),
+        (b"X-Regiongate-Policy", b"forged"), (b"x_regiongate_request_id", b"forged"), (b"X-A", b"1"),
+        (b"Content-Type", b"application/json"),
+    ]  # fmt: skip
+    assert response_headers(raw) == [(b"content-type", b"application/json")]
