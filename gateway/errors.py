@@ -80,3 +80,7 @@ NO_UPSTREAM = GatewayError(
     503, "server_error", "no_upstream", "No upstream is configured for this request.", retry=False
 )
 INTERNAL = GatewayError(500, "server_error", "gateway_error", "The gateway failed to handle this request.", True)
+# A streamed upload that stopped arriving (Limits.body_read_timeout); the connection is closed after it.
+REQUEST_BODY_TIMEOUT = GatewayError(
+    408, "invalid_request_error", "request_body_timeout", "The request body stopped arriving.", retry=False
+)

@@ -60,8 +60,8 @@ class Outcome:
     """What became of one request, for the record."""
 
     __slots__ = (
-        "active", "attempted", "client_gone", "decision", "error", "failovers", "model", "refused", "sent", "shadow",
-        "status", "target", "ttfb",
+        "active", "attempted", "attempts", "client_gone", "decision", "error", "failovers", "model", "refused", "sent",
+        "shadow", "status", "target", "ttfb",
     )  # fmt: skip
 
     def __init__(self, active: Active, decision: Decision) -> None:
@@ -70,6 +70,7 @@ class Outcome:
         self.model: str | None = None
         self.shadow: Decision | None = None
         self.attempted = False
+        self.attempts = 0  # sent to an upstream this many times (failovers and stale-connection retries)
         self.target: Upstream | None = None  # the URL that answered (or was tried last)
         self.failovers: list[Failover] | None = None
         self.refused: str | None = None  # an upstream's region refusal, passed on
@@ -325,7 +326,7 @@ class Gateway:
             upstream = route.first()
         body = None if body_for is None else body_for(groups[upstream.name])
         try:
-            target, headers = prepare(upstream, path, request.query, request.headers, request.peer, decided, body)
+            target, headers = prepare(upstream, path, request.query, request.headers, request.peer, decided)
         except BadTarget as e:
             self.fail(request, errors.bad_request(str(e), "invalid_path"), rid, outcome, record)
             return
@@ -434,6 +435,8 @@ class Gateway:
             entry["shadow"] = decision.shadow
         if shadow is not None and shadow.verdict != decision.verdict:
             entry["shadow_decision"] = {"decision": shadow.verdict, "rule": shadow.rule, "policy": ex.active.shadow_tag}
+        if ex.attempts:
+            entry["attempts"] = ex.attempts
         if ex.ttfb is not None:
             entry["ttfb_ms"] = round(ex.ttfb * 1000, 3)
         if ex.error:

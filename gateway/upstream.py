@@ -63,12 +63,22 @@ ADDRESS_HEADERS = frozenset(
 )
 CLIENT_IP_HEADER = "X-Regiongate-Client-IP"
 _CLIENT_IP_HEADER_BYTES = CLIENT_IP_HEADER.lower().encode()
+# How a message's body is delimited. The relay writes these itself, in both
+# directions, from what the parser counted (dataplane/relay.py): a peer's own
+# copies never pass, so no Connection token can take framing away and no
+# spelling of it can add a second one.
+FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 # The gateway answers "Expect: 100-continue" itself and then holds the body;
 # passing it on would make the upstream wait for a 100 that nobody sends.
-_REQUEST_DROP = HOP_BY_HOP | ADDRESS_HEADERS | {b"expect"}
+_REQUEST_DROP = HOP_BY_HOP | ADDRESS_HEADERS | FRAMING | {b"expect"}
 # The server in front of the client writes its own Date.
-_RESPONSE_DROP = HOP_BY_HOP | {b"date"}
-_LENGTH = frozenset({b"content-length"})
+_RESPONSE_DROP = HOP_BY_HOP | FRAMING | {b"date"}
+# The gateway's own response headers: an upstream's copy would pass for the gateway's word.
+_OWN_PREFIX = b"x-regiongate-"
+# A name with "_" or "." is the same header to a server that maps names to CGI-style
+# variables (Content_Length and Content-Length both become CONTENT_LENGTH): such a
+# spelling of a header the gateway drops or sets is dropped too.
+_SPELLING = bytes.maketrans(b"_.", b"--")
 
 
 _DEFAULT_HEALTH = HealthSpec()
@@ -222,24 +232,25 @@ def forward_headers(
     peer: str | None,
     client_ip: str | None,
     upstream: Upstream,
-    length: int | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """The client's headers as the upstream should see them, byte for byte.
 
     Hop-by-hop headers (and any the client's ``Connection`` names) and every
     address header are dropped, and so is ``Expect``: the gateway answers
-    ``100-continue`` itself and holds the body. The peer is appended to
-    ``X-Forwarded-For`` and the decided client address is set in
-    :data:`CLIENT_IP_HEADER`, unless the upstream is told nothing about the
-    client (``client_address: drop``: then neither goes, nor the client's own
-    ``X-Forwarded-For``). An upstream with its own key gets it in its auth
-    header, and neither the client's ``Authorization`` nor its copy of that
-    header. ``length``: the body is the gateway's (a held, maybe rewritten
-    one), so the client's ``Content-Length`` is replaced. Names arrive
+    ``100-continue`` itself and holds the body. So are the framing headers
+    (:data:`FRAMING`): the relay writes its own, after these, so nothing
+    here can remove or add one. A name that a CGI-style server would read as
+    one of the dropped ones (``Content_Length``, ``X_Forwarded_For``) is
+    dropped as well. The peer is appended to ``X-Forwarded-For`` and the
+    decided client address is set in :data:`CLIENT_IP_HEADER`, unless the
+    upstream is told nothing about the client (``client_address: drop``:
+    then neither goes, nor the client's own ``X-Forwarded-For``). An
+    upstream with its own key gets it in its auth header, and neither the
+    client's ``Authorization`` nor its copy of that header. Names arrive
     lower-cased; values are never re-encoded.
     """
     out: list[tuple[bytes, bytes]] = []
-    drop = upstream.drop if length is None else upstream.drop | _LENGTH
+    drop = upstream.drop
     xff = None
     for name, value in headers:
         if name in drop:
@@ -253,6 +264,8 @@ def forward_headers(
         if name == b"x-forwarded-for":
             xff = value if xff is None else xff + b", " + value
             continue
+        if (b"_" in name or b"." in name) and _spelled_as(name, drop):
+            continue
         out.append((name, value))
     if upstream.forward_client:
         if peer:
@@ -263,12 +276,23 @@ def forward_headers(
             out.append((_CLIENT_IP_HEADER_BYTES, client_ip.encode()))
     if upstream.auth is not None:
         out.append(upstream.auth)
-    if length is not None:
-        out.append((b"content-length", b"%d" % length))
     return out
 
 
+def _spelled_as(name: bytes, drop: frozenset[bytes]) -> bool:
+    """Whether ``name`` (holding ``_`` or ``.``) is another spelling of a dropped or gateway-set header."""
+    spelled = name.translate(_SPELLING)
+    return spelled in drop or spelled == b"x-forwarded-for" or spelled.startswith(_OWN_PREFIX)
+
+
 def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The upstream's response headers as the client should see them: lower-cased names, values untouched.
+
+    Hop-by-hop headers (and any the upstream's ``Connection`` names), framing
+    (the relay writes its own: :data:`FRAMING`), ``Date`` and the gateway's
+    own ``x-regiongate-*`` headers are dropped, with every ``_``/``.`` spelling
+    of them.
+    """
     connection_named: set[bytes] = set()
     out = []
     for name, value in raw:
@@ -276,7 +300,9 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, by
         if lname == b"connection":
             connection_named = {t.strip().lower() for t in value.split(b",")}
             continue
-        if lname in _RESPONSE_DROP:
+        if lname in _RESPONSE_DROP or lname.startswith(_OWN_PREFIX):
+            continue
+        if (b"_" in lname or b"." in lname) and _spelled_as(lname, _RESPONSE_DROP):
             continue
         out.append((lname, value))
     if connection_named:

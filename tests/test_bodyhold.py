@@ -62,14 +62,12 @@ class _Outcome:
     target: object = None
     failovers: object = None
     refused: str | None = None
+    attempts = 0
 
 
 def relay(request: Request, pool: Pool) -> None:
-    """A plain streamed relay (the proxy's forward step without the policy around it)."""
-    headers = [(n, v) for n, v in request.headers if n == b"content-length"]
-    Relay(
-        request, pool, b"/v1/held", headers, b"rid", (b"x-regiongate-policy", b"test"), _Outcome(), lambda: None
-    ).start()
+    """A plain streamed relay (the proxy's forward step without the policy around it; it frames the body)."""
+    Relay(request, pool, b"/v1/held", [], b"rid", (b"x-regiongate-policy", b"test"), _Outcome(), lambda: None).start()
 
 
 Then = Callable[[Request, bytes | None], None]

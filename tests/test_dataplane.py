@@ -621,13 +621,32 @@ def _closes_under_the_second_request(conn: socket.socket, index: int) -> None:
         conn.sendall(OK)
 
 
-def test_request_on_a_stale_pooled_connection_is_retried_once(gateway: GatewayFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("method", "headers"),
+    [("DELETE", {}), ("PUT", {}), ("GET", {}), ("POST", {"Idempotency-Key": "k-1"})],
+)
+def test_request_on_a_stale_pooled_connection_is_retried_once(
+    gateway: GatewayFactory, tmp_path: Path, method: str, headers: dict[str, str]
+) -> None:
+    """A request that may be sent twice (idempotent, or with an Idempotency-Key) is; the log counts both sends."""
+    with scripted(_closes_under_the_second_request) as up:
+        gw = start(gateway, tmp_path, up.url, "--allow-method", "GET", "--allow-method", method)
+        assert httpx.get(gw.url + "/first", headers={"X-Forwarded-For": GB}).status_code == 200
+        r = httpx.request(method, gw.url + "/second", content=b"whole body", headers={"X-Forwarded-For": GB, **headers})
+        assert r.status_code == 200
+        assert up.connections == 2
+        assert [line.get("attempts") for line in gw.wait_log(2)] == [1, 2]
+
+
+def test_a_post_is_never_sent_twice_on_a_stale_connection(gateway: GatewayFactory, tmp_path: Path) -> None:
+    """The upstream may have read (and acted on) a POST before it closed: a 502, and one send in the log."""
     with scripted(_closes_under_the_second_request) as up:
         gw = start(gateway, tmp_path, up.url)
         assert httpx.get(gw.url + "/first", headers={"X-Forwarded-For": GB}).status_code == 200
         r = httpx.post(gw.url + "/second", content=b"whole body", headers={"X-Forwarded-For": GB})
-        assert r.status_code == 200
-        assert up.connections == 2
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_bad_response"
+        assert up.connections == 1
+        assert [line.get("attempts") for line in gw.wait_log(2)] == [1, 1]
 
 
 def test_body_too_large_to_hold_is_not_retried_on_a_stale_connection(gateway: GatewayFactory, tmp_path: Path) -> None:

@@ -54,12 +54,13 @@ def prepare(
     headers: list[Header],
     peer: str | None,
     decided: str | None,
-    body: bytes | None,
 ) -> tuple[bytes, list[Header]]:
-    """The request target and headers for one URL (raises :class:`gateway.upstream.BadTarget`)."""
+    """The request target and headers for one URL (raises :class:`gateway.upstream.BadTarget`).
+
+    No framing header is among them: the relay writes its own (:mod:`.relay`).
+    """
     url = upstream.target_url(path, query)
-    length = None if body is None else len(body)
-    return url.raw_path_qs.encode("latin-1"), forward_headers(headers, peer, decided, upstream, length)
+    return url.raw_path_qs.encode("latin-1"), forward_headers(headers, peer, decided, upstream)
 
 
 class Route:
@@ -116,7 +117,7 @@ class Route:
             upstream = self.chain[i]
             body = self.body(upstream)
             try:
-                target, headers = prepare(upstream, self.path, self.query, self.headers, self.peer, self.decided, body)
+                target, headers = prepare(upstream, self.path, self.query, self.headers, self.peer, self.decided)
             except BadTarget:
                 continue
             return self.pool_for(upstream), target, headers, body

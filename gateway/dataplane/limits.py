@@ -28,6 +28,9 @@ class Limits:
     write_high_water: int = 64 * 1024  # per socket: stop reading the other side above this
     body_buffer: int = 64 * 1024  # request body held while the upstream connects
     body_timeout: float = 60.0  # a body read whole before forwarding (to see its model) must arrive in this
+    # A streamed upload: the longest wait for its next read (nginx's client_body_timeout, 60 s), counted
+    # only while nothing on the gateway's side holds it back; then a 408 and a closed connection.
+    body_read_timeout: float = 60.0
     grace: float = 10.0  # SIGTERM: time for in-flight requests and streams to finish
 
 

@@ -7,6 +7,12 @@ close them under a request (``Limits.upstream_idle``); the number of
 connections per upstream is bounded, and requests beyond the bound wait for
 one to come back (their first-byte timeout runs while they wait).
 
+One request, one response: bytes after the final response to a request
+(a second response in the same read, or anything while the connection is
+idle) close the connection, and are never passed on as an answer to
+anything. A pooled connection cannot be desynchronised by an upstream that
+says more than it was asked.
+
 TLS is ``ssl``'s default context: certificates are verified against the
 system store (or ``SSL_CERT_FILE``) and the host name is checked.
 """
@@ -31,6 +37,10 @@ class ConnectTimeout(Exception):
     """TCP or TLS connect to the upstream did not finish in time."""
 
 
+class _Extra(Exception):
+    """A message began after the final response to the request on this connection."""
+
+
 class Receiver(Protocol):
     """What an upstream connection reports to the relay that is using it."""
 
@@ -46,6 +56,7 @@ class UpstreamConnection(asyncio.Protocol):
     """One socket to an upstream; its response parser reports to the current receiver."""
 
     __slots__ = (
+        "_answered",
         "_headers",
         "_in_head",
         "_reusable",
@@ -77,6 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._in_head = True
         self._status = 0
         self._reusable = False
+        self._answered = False  # the request written last has had its final response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -102,6 +114,12 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
+            if self._answered:  # more after the answer: pass on the answer, never reuse the connection
+                self._reusable = False
+                if self.receiver is receiver:
+                    receiver.upstream_fed()
+                self.abort()
+                return
             if self.receiver is receiver:
                 self.receiver = None
                 self.abort()
@@ -119,6 +137,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # parser callbacks
     def on_message_begin(self) -> None:
+        if self._answered:
+            raise _Extra  # stops the parser: nothing of this message reaches anyone
         self._reusable = False
         self._headers = []
         self._in_head = True
@@ -142,6 +162,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._status < 200:
             return  # 1xx: the real response follows
         self._reusable = self.parser.should_keep_alive()  # llhttp forgets it once the message is over
+        self._answered = True
         if self.receiver is not None:
             self.receiver.upstream_complete()
 
@@ -255,6 +276,7 @@ class Pool:
             conn.abort()
             return
         conn.got_bytes = False
+        conn._answered = False  # nothing may arrive until the next request is written (data_received aborts)
         if self.waiters:
             conn.reused = True
             self.waiters.popleft()(conn, None)

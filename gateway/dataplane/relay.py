@@ -4,19 +4,33 @@ Callbacks, not a task: a response's bytes are framed and written to the
 client in the same loop turn that read them from the upstream, one write per
 upstream read (an SSE event that arrived as one segment leaves as one).
 
+Framing is the relay's, both ways, decided once per message from what a
+parser counted, never from a header it was given (no header that says
+how a body ends is forwarded either way: :data:`gateway.upstream.FRAMING`).
+Up: ``content-length`` from the held body or from llhttp's count of the
+client's, or ``chunked`` written here. Down: the upstream's length, or
+chunked (close-delimited for HTTP/1.0), and none on a 204; a transfer
+coding besides ``chunked`` is taken off (:mod:`.codings`). One response per
+request: bytes after it close that upstream connection (:mod:`.pool`).
+
 The promises kept here: the four timeouts (connect in :mod:`.pool`; first
 byte, idle between reads, total: one timer, moved lazily), a 502/504 before
 the response started and a final error event (event streams) or a cut-off
 body (anything else) after; backpressure both ways (a slow client pauses
 reading from the upstream, a slow upstream pauses reading from the client);
 a client that leaves aborts the upstream request, so a chunked upload cut
-short never reaches the upstream with a terminator; and a request sent on a
-pooled connection that the upstream had just closed is sent once more on a
-new one when nothing of the response arrived and the body was in hand.
+short never reaches the upstream with a terminator; a streamed upload that
+stops arriving for ``Limits.body_read_timeout`` (while nothing on the
+gateway's side holds it back) gets a 408 and a closed connection; and a
+request sent on a pooled connection that the upstream had just closed is
+sent once more on a new one when nothing of the response arrived, the body
+was in hand and a second copy is harmless (an idempotent method, or an
+``Idempotency-Key``: a POST's body may have been read before the close).
 
 Failover (:mod:`.failover`), when the request has more than one URL to try:
-a failed connect, a 502/503/504 or an upstream's region refusal moves the
-request to the next URL, but only while no byte of the response has reached
+a failed connect, a 502/503, a 504 (for a request that may be sent twice:
+a 504 says nothing of whether the upstream acted on it) or an upstream's
+region refusal moves the request to the next URL, but only while no byte of the response has reached
 the client, and only when the body can be sent again: the gateway's own
 (``body``, given per upstream) or a client's that was wholly held (a
 streamed upload, larger than ``Limits.body_buffer``, is never sent twice).
@@ -29,13 +43,16 @@ pays for none of this beyond a ``None`` check and its URL's health counter.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
+import zlib
 from collections.abc import Callable
 from typing import Protocol
 
 from .. import errors
 from ..errors import GatewayError
 from ..upstream import Upstream, response_headers
+from .codings import Decoder, UnsupportedCoding, decoder
 from .failover import CONNECT_ERROR, CONNECT_TIMEOUT, REGION_REFUSAL, SNIFF_LIMIT, STATUS_REASONS, Failover, Route
 from .failover import region_refusal as read_refusal
 from .pool import ConnectTimeout, Pool, UpstreamConnection
@@ -55,6 +72,7 @@ class Outcome(Protocol):
     target: Upstream | None  # the URL of the last attempt (the one that answered)
     failovers: list[Failover] | None
     refused: str | None  # the upstream's message, when its region refusal was passed on
+    attempts: int  # times the request went to an upstream (failovers and stale-connection retries included)
 
 
 def send_error(request: Request, error: GatewayError, request_id: bytes, policy: Header) -> None:
@@ -77,12 +95,16 @@ def error_headers(request_id: bytes, retry: bool, policy: Header) -> list[Header
 
 class Relay:
     __slots__ = (
+        "body",
+        "body_paused",
+        "body_rx",
         "body_sent",
         "cancel_wait",
         "chunked_up",
         "clock",
         "complete",
         "conn",
+        "decoder",
         "done",
         "finished",
         "first_byte_at",
@@ -140,6 +162,7 @@ class Relay:
         self.conn: UpstreamConnection | None = None
         self.cancel_wait: Callable[[], None] | None = None
         self.chunked_up = request.chunked and body is None
+        self.body = body
         self.head = self._head(target, headers)
         request.forget_headers()
         if body is None:
@@ -153,8 +176,11 @@ class Relay:
             self.held_bytes = len(body)
             self.body_sent = True
         self.pending_bytes = 0
+        self.body_rx = self.loop.time()  # the last read of a streamed body (for Limits.body_read_timeout)
+        self.body_paused = False  # the gateway holds the upload back (no connection yet, a slow upstream)
+        self.decoder: Decoder | None = None
         self.sniff: list[bytes] | None = None  # a 403's body, read before anything is passed on
-        self.sniff_head: tuple[int, list[Header], bool, bytes | None] | None = None
+        self.sniff_head: tuple[int, list[Header], int | None, bytes | None] | None = None
         self.sniff_bytes = 0
         self.out: list[bytes] = []
         self.response_started = False
@@ -173,10 +199,16 @@ class Relay:
         self.first_byte_at = 0.0
 
     def _head(self, target: bytes, headers: list[Header]) -> bytes:
-        parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (self.request.method.encode(), target, self.pool.host_header)]
+        """The request head for one upstream, framed here: ``headers`` carry no framing of the client's."""
+        request = self.request
+        parts = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method.encode(), target, self.pool.host_header)]
         parts += [b"%s: %s\r\n" % h for h in headers]
-        if self.chunked_up:
+        if self.body is not None:  # the gateway's own bytes (held, maybe renamed)
+            parts.append(b"content-length: %d\r\n" % len(self.body))
+        elif self.chunked_up:
             parts.append(b"transfer-encoding: chunked\r\n")
+        elif request.length is not None:
+            parts.append(b"content-length: %d\r\n" % request.length)
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -206,8 +238,12 @@ class Relay:
         self.first_byte_at = min(now + timeouts.first_byte, self.total_at)
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = self.loop.call_at(self.first_byte_at, self._on_timer)
+        self.timer = self.loop.call_at(min(self.first_byte_at, self._body_due()), self._on_timer)
         self.clock = time.perf_counter()
+
+    def _body_due(self) -> float:
+        """When a streamed upload that stopped arriving is given up on (never, once it is all in)."""
+        return math.inf if self.body_sent else self.body_rx + self.pool.limits.body_read_timeout
 
     def _connected(self, conn: UpstreamConnection | None, error: Exception | None) -> None:
         self.cancel_wait = None
@@ -233,7 +269,10 @@ class Relay:
         if self.body_sent and self.chunked_up:
             data.append(b"0\r\n\r\n")
         conn.write(b"".join(data))
+        self.outcome.attempts += 1
         if not self.body_sent:
+            self.body_paused = False
+            self.body_rx = self.loop.time()
             self.request.resume_body()
 
     # --- the request body, from the client -----------------------------------------------
@@ -241,6 +280,7 @@ class Relay:
     def _client_chunk(self, data: bytes) -> None:
         if not data:
             return
+        self.body_rx = self.loop.time()
         framed = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked_up else data
         if self.held is not None:
             self.held_bytes += len(framed)
@@ -254,6 +294,7 @@ class Relay:
             self.pending.append(framed)
             self.pending_bytes += len(framed)
             if self.pending_bytes > self.pool.limits.body_buffer:
+                self.body_paused = True
                 self.request.pause_body()
 
     def _client_end(self) -> None:
@@ -264,6 +305,8 @@ class Relay:
             self.conn.write(b"0\r\n\r\n")
 
     def upstream_write_paused(self, paused: bool) -> None:
+        self.body_paused = paused
+        self.body_rx = self.loop.time()
         if paused:
             self.request.pause_body()
         else:
@@ -275,7 +318,12 @@ class Relay:
         health = self.pool.health
         if status in _UNHEALTHY:
             health.failed()
-            if self.route is not None and self.held is not None and self._failover(STATUS_REASONS[status], status):
+            if (
+                self.route is not None
+                and self.held is not None
+                and (status != 504 or self.request.idempotent)  # a 504's upstream may have acted on it
+                and self._failover(STATUS_REASONS[status], status)
+            ):
                 return
         elif health.failures:
             health.ok()
@@ -287,27 +335,38 @@ class Relay:
         self.response_started = True
         self.last_rx = self.loop.time()
         self.no_body = self.no_body or status in _NO_BODY_STATUS
-        length = chunked = False
+        # Framing, from what llhttp checked (one content-length of digits, never with transfer-encoding),
+        # decided before any header is filtered: no Connection token of the upstream's can change it.
+        length: int | None = None
+        chunked = False
         for name, value in raw:
             lname = name.lower()
             if lname == b"content-length":
-                length = True
+                length = int(value)
             elif lname == b"transfer-encoding":
-                chunked = True
+                if value == b"chunked":
+                    chunked = True
+                else:
+                    try:
+                        self.decoder, chunked = decoder(value)
+                    except UnsupportedCoding:
+                        self._fail(errors.UPSTREAM_BAD_RESPONSE)
+                        return
             elif lname == b"content-type":
                 self.sse = value.startswith(b"text/event-stream")
-        length_known = self.no_body or (length and not chunked)
-        self.until_close = not (self.no_body or length or chunked)
+        self.until_close = not (self.no_body or length is not None or chunked)
+        if status == 204 or (self.until_close and not self.no_body):
+            length = None  # none on a 204 (RFC 9110 §8.6); a body to the close is framed here
         headers = response_headers(raw)
         headers.append((b"x-regiongate-request-id", self.request_id))
         headers.append(self.policy)
         if status == 403 and not self.no_body:
             # Maybe the upstream refusing the gateway's region: read it before passing anything on.
             encoding = next((v for n, v in raw if n.lower() == b"content-encoding"), None)
-            self.sniff, self.sniff_head, self.sniff_bytes = [], (status, headers, length_known, encoding), 0
+            self.sniff, self.sniff_head, self.sniff_bytes = [], (status, headers, length, encoding), 0
             return
         self.route = None  # the answer is this one: the client's headers need not be kept
-        self.out.append(self.request.head(status, headers, length_known=length_known, no_body=self.no_body))
+        self.out.append(self.request.head(status, headers, length=length, no_body=self.no_body))
         if self.request.method == "HEAD":
             # The parser would wait for the body a HEAD response announces but never sends.
             self.complete = True
@@ -318,6 +377,14 @@ class Relay:
     def upstream_body(self, data: bytes) -> None:
         if self.no_body:
             return
+        if self.decoder is not None:
+            try:
+                data = self.decoder.feed(data)
+            except zlib.error:
+                self._bad_coding()
+                return
+            if not data:
+                return
         if self.sniff is not None:
             self.sniff.append(data)
             self.sniff_bytes += len(data)
@@ -330,12 +397,31 @@ class Relay:
         self.last_rx = self.loop.time()
 
     def upstream_complete(self) -> None:
+        if self.decoder is not None and not self.no_body:
+            decoder, self.decoder = self.decoder, None
+            try:
+                rest = decoder.end()
+            except zlib.error:
+                self._bad_coding()
+                return
+            if rest:
+                self.upstream_body(rest)
         self.complete = True
         if not self.no_body and self.sniff is None:
             self.out.append(self.request.tail())
 
+    def _bad_coding(self) -> None:
+        """A transfer-coded body that does not decode: nothing more of it can be passed on as whole."""
+        self.decoder = None
+        if self.request.started:
+            self._cut(errors.UPSTREAM_STREAM_CUT)
+        else:
+            self._fail(errors.UPSTREAM_BAD_RESPONSE)
+
     def upstream_fed(self) -> None:
         """The end of one upstream read: what it produced goes to the client in one write."""
+        if self.finished:
+            return  # ended inside the read (a body that would not decode)
         if self.sniff is not None and self.complete and self._judge_403():
             return  # another attempt is under way
         out = self.out
@@ -363,7 +449,9 @@ class Relay:
         if not self.response_started:
             quiet = error is None or isinstance(error, OSError)  # closed or reset, not a bad response
             stale = conn is not None and conn.reused and not conn.got_bytes and quiet
-            if stale and self.body_sent and self.held is not None and not self.retried:
+            # Sent again only if a second copy is harmless: the upstream may have read (and acted
+            # on) all of it before it closed, and nothing tells the two cases apart.
+            if stale and self.body_sent and self.held is not None and not self.retried and self.request.idempotent:
                 self._retry()
                 return
             self._fail(errors.UPSTREAM_BAD_RESPONSE)
@@ -400,12 +488,12 @@ class Relay:
     def _pass_sniffed(self) -> None:
         """The 403 read so far goes to the client as it came (framed for it), and the rest streams on."""
         assert self.sniff is not None and self.sniff_head is not None
-        status, headers, length_known, _ = self.sniff_head
+        status, headers, length, _ = self.sniff_head
         sniffed, self.sniff, self.sniff_head = self.sniff, None, None
         self.held = self.route = None
         request = self.request
         out = self.out
-        out.append(request.head(status, headers, length_known=length_known))
+        out.append(request.head(status, headers, length=length))
         for data in sniffed:
             out.append(request.frame(data))
             self.outcome.sent += len(data)
@@ -435,17 +523,18 @@ class Relay:
             else:
                 conn.abort()
         self.pool = pool
-        self.head = self._head(target, headers)
         if body is not None:
+            self.body = body
             self.pending, self.held, self.held_bytes = [body], [body], len(body)
         elif status:  # the last URL had (some of) the body: all of it again, from what was held
             assert self.held is not None
             self.pending = list(self.held)
+        self.head = self._head(target, headers)
         self.pending_bytes = sum(map(len, self.pending))
         self.response_started = self.complete = self.idle_timer = self.retried = self.sse = False
         self.until_close = False
         self.no_body = self.request.method == "HEAD"
-        self.sniff = self.sniff_head = None
+        self.sniff = self.sniff_head = self.decoder = None
         self.out.clear()
         o.status, o.ttfb, o.target = 0, None, pool.upstream
         self._deadlines()
@@ -472,11 +561,17 @@ class Relay:
         if self.finished:
             return
         now = self.loop.time()
+        if self.body_paused:
+            self.body_rx = now  # the gateway holding the upload back is not the client being slow
+        body_at = self._body_due()
+        if now >= body_at:
+            self._body_timeout()
+            return
         if not self.response_started:
             if now >= self.first_byte_at:
                 self._fail(errors.UPSTREAM_TIMEOUT)
                 return
-            self.timer = self.loop.call_at(self.first_byte_at, self._on_timer)
+            self.timer = self.loop.call_at(min(self.first_byte_at, body_at), self._on_timer)
             return
         if now >= self.total_at:
             self._cut(errors.UPSTREAM_TOTAL_TIMEOUT)
@@ -487,7 +582,15 @@ class Relay:
         if now >= idle_at:
             self._cut(errors.UPSTREAM_IDLE_TIMEOUT)
             return
-        self.timer = self.loop.call_at(min(idle_at, self.total_at), self._on_timer)
+        self.timer = self.loop.call_at(min(idle_at, self.total_at, body_at), self._on_timer)
+
+    def _body_timeout(self) -> None:
+        """A streamed upload stopped arriving: the upstream never gets it whole, the client a 408 and a close."""
+        self.request.keep_alive = False  # the rest of the body will never be read: its framing is lost
+        if self.request.started:
+            self._cut(errors.REQUEST_BODY_TIMEOUT)
+        else:
+            self._fail(errors.REQUEST_BODY_TIMEOUT)
 
     # --- endings ---------------------------------------------------------------------------
 

@@ -9,9 +9,16 @@ and header count (431), how long a head may take to arrive, and how long a
 connection may sit idle (slowloris and silent sockets are closed by one
 sweep a second, so no timer is armed per request).
 
+Framing is the gateway's own in both directions: a request's body length is
+what llhttp counted (``Request.length``) or chunked, and the only transfer
+coding accepted is ``chunked`` (any other is a 501: passing the body on
+without it would change the body). Responses are framed by :meth:`Request.head`
+from a length the relay gives, or chunked, never from a header it was given.
+
 Requests on one connection are answered in order: a pipelined request waits
 (with reading paused) until the one before it is answered. HTTP/1.0 clients
-get close-delimited bodies and a closed connection, never chunked encoding.
+never get chunked encoding: a body of known length keeps a connection the
+client asked to keep (``Connection: keep-alive``), any other closes it.
 """
 
 from __future__ import annotations
@@ -45,9 +52,19 @@ def header(headers: list[Header], name: bytes) -> bytes | None:
             return value
     return None
 
+
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUSY = errors.GatewayError(503, "server_error", "gateway_busy", "The gateway has too many open connections.", True)
+
+
+# Methods a request may be sent twice with (RFC 9110 §9.2.2); any other needs an Idempotency-Key.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def only_chunked(value: bytes) -> bool:
+    """Whether a ``Transfer-Encoding`` value names ``chunked`` and nothing else (empty list elements aside)."""
+    return [c for c in (t.strip().lower() for t in value.split(b",")) if c] == [b"chunked"]
 
 
 def status_line(status: int) -> bytes:
@@ -99,7 +116,9 @@ class Request:
         "has_body",
         "headers",
         "http10",
+        "idempotent",
         "keep_alive",
+        "length",
         "method",
         "on_gone",
         "on_pause",
@@ -110,6 +129,7 @@ class Request:
         "query",
         "raw_path",
         "started",
+        "unsupported_coding",
     )
 
     def __init__(self, conn: ClientConnection, method: str, url: bytes, headers: list[Header]) -> None:
@@ -127,17 +147,30 @@ class Request:
         self.peer = conn.peer
         parser = conn.parser
         self.http10 = parser.get_http_version() == "1.0"
-        self.keep_alive = parser.should_keep_alive() and not self.http10
+        # llhttp's answer, taken now (it forgets once the message is over): HTTP/1.1 unless
+        # "close", HTTP/1.0 only with "Connection: keep-alive".
+        self.keep_alive = parser.should_keep_alive()
         self.expect_continue = False
         self.chunked = False
         self.has_body = False
+        self.length: int | None = None  # the body's length as llhttp checked it (digits only, one value)
+        self.unsupported_coding = False
+        # May be sent twice (RFC 9110 §9.2.2), or the client says a second copy is harmless.
+        self.idempotent = method in IDEMPOTENT
         for name, value in headers:
             if name == b"transfer-encoding":
                 self.chunked = self.has_body = True
+                if value != b"chunked":
+                    self.unsupported_coding = not only_chunked(value)
             elif name == b"content-length":
-                self.has_body = value.strip() not in (b"0", b"")
+                self.length = int(value)
+                self.has_body = self.length > 0
             elif name == b"expect" and value.lower() == b"100-continue":
                 self.expect_continue = not self.http10
+            elif name == b"idempotency-key":
+                self.idempotent = True
+        if self.chunked and self.http10:
+            self.keep_alive = False  # chunked in HTTP/1.0 is not to be trusted (RFC 9112 §6.1)
         self.body: list[bytes] = []
         self.body_bytes = 0
         self.body_done = not self.has_body
@@ -217,24 +250,31 @@ class Request:
 
     # --- the response ----------------------------------------------------------------------
 
-    def head(self, status: int, headers: list[Header], *, length_known: bool, no_body: bool = False) -> bytes:
+    def head(self, status: int, headers: list[Header], *, length: int | None, no_body: bool = False) -> bytes:
         """The response head; the body that follows is framed by :meth:`frame`.
 
-        An unknown length becomes chunked encoding for HTTP/1.1 and a
+        ``headers`` carry no framing: ``length`` becomes the ``content-length``
+        (also for a body-less answer that states one: HEAD, 304), and an
+        unknown length becomes chunked encoding for HTTP/1.1 and a
         close-delimited body for HTTP/1.0.
         """
         self.started = True
         parts = [status_line(status), _clock.date()]
         parts += [b"%s: %s\r\n" % h for h in headers]
-        if not no_body and not length_known:
+        close = self._must_close()
+        if length is not None:
+            parts.append(b"content-length: %d\r\n" % length)
+        elif not no_body:
             if self.http10:
-                self.closing = True
+                close = True
             else:
                 self.out_chunked = True
                 parts.append(b"transfer-encoding: chunked\r\n")
-        if self._must_close():
+        if close:
             self.closing = True
             parts.append(b"connection: close\r\n")
+        elif self.http10:
+            parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
         return b"".join(parts)
 
@@ -253,7 +293,7 @@ class Request:
 
     def respond(self, status: int, headers: list[Header], body: bytes) -> None:
         """A whole response at once (the gateway's own answers)."""
-        head = self.head(status, [*headers, (b"content-length", b"%d" % len(body))], length_known=True)
+        head = self.head(status, headers, length=len(body))
         self._conn.write(head + body if self.method != "HEAD" else head)
         self.finish()
 
@@ -340,10 +380,8 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             body = _BUSY.body()
             transport.write(
-                status_line(503)
-                + b"content-type: application/json\r\ncontent-length: %d\r\nx-should-retry: true\r\n"
-                b"connection: close\r\n\r\n" % len(body)
-                + body
+                status_line(503) + b"content-type: application/json\r\ncontent-length: %d\r\nx-should-retry: true\r\n"
+                b"connection: close\r\n\r\n" % len(body) + body
             )
             transport.close()
             return
@@ -458,6 +496,10 @@ class ClientConnection(asyncio.Protocol):
         method = self.parser.get_method().decode("latin-1")
         request = Request(self, method, self._url, self._headers)
         self._url, self._headers = b"", []
+        if request.unsupported_coding:
+            # "gzip, chunked" (llhttp takes it): the body would go up without its coding.
+            self.broken, self.broken_reason = _UNSUPPORTED_CODING, "unsupported_transfer_coding"
+            raise _Refuse
         self.receiving = self.last = request
         if self.current is None and not self.queue:
             self.current = request
@@ -557,8 +599,7 @@ class ClientConnection(asyncio.Protocol):
             status_line(error.status)
             + _clock.date()
             + b"content-type: application/json\r\ncontent-length: %d\r\nx-should-retry: false\r\n"
-            b"connection: close\r\n\r\n" % len(body)
-            + body
+            b"connection: close\r\n\r\n" % len(body) + body
         )
         self.close()
 
@@ -585,6 +626,9 @@ _HEADERS_TOO_LARGE = GatewayError(
     431, "invalid_request_error", "headers_too_large", "The request headers are too large."
 )
 _TOO_MANY_HEADERS = GatewayError(431, "invalid_request_error", "too_many_headers", "The request has too many headers.")
+_UNSUPPORTED_CODING = GatewayError(
+    501, "invalid_request_error", "unsupported_transfer_coding", "Only the chunked transfer coding is supported."
+)
 _HEADER_TIMEOUT = GatewayError(408, "invalid_request_error", "header_timeout", "The request headers took too long.")
 
 
@@ -670,8 +714,9 @@ class Listener:
             try:
                 await asyncio.wait_for(self._drained.wait(), self.limits.grace)
             except TimeoutError:
-                log.warning("shutdown: closing %d connections still busy after %.0f s", len(self.connections),
-                            self.limits.grace)
+                log.warning(
+                    "shutdown: closing %d connections still busy after %.0f s", len(self.connections), self.limits.grace
+                )
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
