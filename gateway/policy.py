@@ -869,9 +869,7 @@ def _rule_problems(i: int, r: RuleSpec, doc: Document, capabilities: frozenset[s
 
     for j, c in enumerate(r.countries or ()):
         if not iso3166.is_country(c):
-            hint = iso3166.country_hint(c)
-            meant = f"; did you mean {hint!r}?" if hint else ""
-            bad((*here, "countries", j), f"rules[{i}].countries: {c!r} is not an ISO 3166-1 alpha-2 code{meant}")
+            bad((*here, "countries", j), f"rules[{i}].countries: {c!r} {iso3166.country_problem(c)}")
     for j, c in enumerate(r.subdivisions or ()):
         if not iso3166.is_subdivision(c):
             bad((*here, "subdivisions", j), f"rules[{i}].subdivisions: {c!r} {iso3166.subdivision_problem(c)}")
