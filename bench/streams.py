@@ -13,7 +13,7 @@ neither is the bottleneck of what is measured:
 * ``python bench/streams.py pipe --port P --upstream-port U``: a bare byte pipe on the
   same event loop, no HTTP at all: what relaying one event costs the kernel and the
   loop alone, the floor under any proxy written this way.
-* :func:`drive`: the client side, run inside ``bench/run.py``: opens streams
+* :func:`drive`: the client side, run inside ``bench/run.py`` (bench/streamruns.py): opens streams
   through the target, counts events as they arrive and reports how many were
   relayed in a measurement window and how many streams were dropped.
 
@@ -31,16 +31,20 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-EVENT = b"data: " + json.dumps(
-    {
-        "id": "chatcmpl-bench",
-        "object": "chat.completion.chunk",
-        "created": 1700000000,
-        "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "delta": {"content": "token "}, "finish_reason": None}],
-    },
-    separators=(",", ":"),
-).encode() + b"\n\n"
+EVENT = (
+    b"data: "
+    + json.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": {"content": "token "}, "finish_reason": None}],
+        },
+        separators=(",", ":"),
+    ).encode()
+    + b"\n\n"
+)
 DONE = b"data: [DONE]\n\n"
 TICK = 0.01
 
@@ -417,9 +421,7 @@ class HeldMeasure:
     statuses: dict[int, int]
 
 
-async def measure_held(
-    host: str, port: int, path: str, client_ip: str, streams: int, gateway_pid: int
-) -> HeldMeasure:
+async def measure_held(host: str, port: int, path: str, client_ip: str, streams: int, gateway_pid: int) -> HeldMeasure:
     """Target 4: RSS per held stream (one event at open, then idle), none dropped."""
     result = DriveResult(streams)
     warm = DriveResult(50)
