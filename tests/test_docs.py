@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from markdown.extensions.toc import slugify
 from mkdocs.commands.build import build
 from mkdocs.config import load_config
 from mkdocs.exceptions import Abort
@@ -89,6 +90,32 @@ def test_a_mistake_fails_the_build(tmp_path: Path, warnings: Warnings, page: str
     with pytest.raises(Abort):
         build_site(config, tmp_path / "site")
     assert any(warning in m for m in warnings.messages), warnings.messages
+
+
+def headings(page: Path) -> set[str]:
+    """The anchors MkDocs (and GitHub, for these headings) gives a page's headings."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+    return {slugify(m.group(1), "-") for m in re.finditer(r"^#+ (.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("name", ["README.md", "CONTRIBUTING.md", "CHANGELOG.md"])
+def test_the_pages_outside_the_site_link_to_what_exists(name: str) -> None:
+    """The site's own links are MkDocs' to check; these three are read on the repository's page."""
+    text = (ROOT / name).read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    local = [link for link in links if not re.match(r"[a-z]+:", link)]
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = ROOT / path
+        assert target.exists(), (name, link)
+        if anchor:
+            assert anchor in headings(target), (name, link)
+
+
+def test_the_readme_links_every_page() -> None:
+    linked = {link.partition("#")[0] for link in re.findall(r"\]\((docs/[^)\s]+)\)", (ROOT / "README.md").read_text())}
+    pages = {str(p.relative_to(ROOT)) for p in DOCS.rglob("*.md")} - {"docs/index.md"}
+    assert pages - linked == set()
 
 
 def yaml_blocks() -> list[tuple[str, int, str]]:
