@@ -106,7 +106,7 @@ def test_the_pages_outside_the_site_link_to_what_exists(name: str) -> None:
     local = [link for link in links if not re.match(r"[a-z]+:", link)]
     for link in local:
         path, _, anchor = link.partition("#")
-        target = ROOT / path
+        target = ROOT / (path or name)
         assert target.exists(), (name, link)
         if anchor:
             assert anchor in headings(target), (name, link)
