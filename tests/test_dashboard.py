@@ -388,7 +388,7 @@ def test_every_panel_query_returns_data(
     prom = prometheus_for(instance)
     wait_scraped(prom, instance)  # so that the counters' first samples come before the traffic
     png = Path(os.environ.get("REGIONGATE_DASHBOARD_PNG") or tmp_path / "dashboard.png")
-    # A few rounds are enough for the queries; the README's picture gets a couple of minutes.
+    # A few rounds are enough for the queries; the docs' picture gets a couple of minutes.
     drive_traffic(gw.url, gw.admin, policy, redis_server, rounds=60 if "REGIONGATE_DASHBOARD_PNG" in os.environ else 3)
 
     board = dashboard()
@@ -470,7 +470,7 @@ def test_every_panel_query_returns_data(
     assert set(loaded) >= {"RegiongateDown", "RegiongatePolicyReloadFailing", "RegiongateUpstreamErrors"}
     assert loaded["RegiongateDown"] == "inactive"
 
-    # The README's picture: drawn from this Prometheus by the repository's script.
+    # The docs' picture (docs/dashboard.png): drawn from this Prometheus by the repository's script.
     drawn = subprocess.run(
         [
             sys.executable,

@@ -740,7 +740,7 @@ VARIED = [
     ("POST", "/echo/empty", {"Content-Length": "0"}, b""),
 ]
 
-# What the gateway changes on purpose (README: forwarded requests): hop-by-hop headers go,
+# What the gateway changes on purpose (docs/reference/errors.md, "Forwarded requests"): hop-by-hop headers go,
 # Host is the upstream's, the peer is appended to X-Forwarded-For, the decided address is
 # added as X-Regiongate-Client-IP; a chunked body is sent on chunked (llhttp reframes it,
 # so chunk boundaries may differ, which the stub cannot see).

@@ -278,27 +278,29 @@ def test_services_expose_the_proxy_only(manifests: tuple[str, list[Resource]]) -
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
 
 
-def test_secrets_are_created_as_the_readme_says(manifests: tuple[str, list[Resource]]) -> None:
+def test_secrets_are_created_as_the_deploy_page_says(manifests: tuple[str, list[Resource]]) -> None:
     _, resources = manifests
     spec = pod_spec(resources)
     present = {(r["kind"], r["metadata"]["name"]) for r in resources}
-    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "deploy.md").read_text()
     for c in spec["containers"] + spec.get("initContainers", []):
         for ref in c.get("envFrom", []):
             assert ("ConfigMap", ref["configMapRef"]["name"]) in present
         for e in c.get("env", []):
             secret = e.get("valueFrom", {}).get("secretKeyRef")
             if secret and ("Secret", secret["name"]) not in present:
-                command = re.search(rf"kubectl create secret generic {secret['name']}\b[^\n]*(\n +[^\n]*)*", readme)
-                assert command, f"README does not say how to create Secret {secret['name']}"
+                command = re.search(rf"kubectl create secret generic {secret['name']}\b[^\n]*(\n +[^\n]*)*", page)
+                assert command, f"docs/deploy.md does not say how to create Secret {secret['name']}"
                 assert f"--from-literal={secret['key']}=" in command.group(0), (secret, command.group(0))
     for volume in spec["volumes"]:
         name = volume.get("secret", {}).get("secretName")
         if name and ("Secret", name) not in present:
-            assert re.search(rf"kubectl create secret tls {name} --cert=\S+ --key=\S+", readme), (
-                f"README does not say how to create Secret {name}"
+            assert re.search(rf"kubectl create secret tls {name} --cert=\S+ --key=\S+", page), (
+                f"docs/deploy.md does not say how to create Secret {name}"
             )
-            assert re.search(rf"secretName: {name}\b", readme), f"README shows no cert-manager Certificate for {name}"
+            assert re.search(rf"secretName: {name}\b", page), (
+                f"docs/deploy.md shows no cert-manager Certificate for {name}"
+            )
 
 
 def test_production_keeps_client_addresses_and_is_monitored() -> None:

@@ -144,15 +144,15 @@ def test_explain_names_the_embedded_data_and_its_date() -> None:
     assert "embedded-iptocc (iptocc " in geo and ", built 2" in geo
 
 
-def test_readme_upstream_key_examples_are_valid_policies() -> None:
+def test_docs_upstream_key_examples_are_valid_policies() -> None:
     import re
 
     from gateway.policy import parse_policy
 
-    readme = (POLICIES.parent / "README.md").read_text()
-    section = readme.split("### The upstream key", 1)[1].split("\n## ", 1)[0]
+    page = (POLICIES.parent / "docs" / "policy.md").read_text()
+    section = page.split("\n## The upstream key\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
     assert len(blocks) == 2
     for block in blocks:
-        policy = parse_policy("version: 1\n" + block, "README.md", None)
+        policy = parse_policy("version: 1\n" + block, "docs/policy.md", None)
         assert any(r.paths is not None for r in policy.rules)

@@ -609,7 +609,7 @@ def test_sentinel_failover_keeps_rate_limits_working(
 def test_serve_reads_the_redis_url_from_the_variable_every_command_names(
     gateway: GatewayFactory, stub: Stub, redis_server: RedisServer
 ) -> None:
-    """REGIONGATE_REDIS_URL, as in the README, the container image and the Kubernetes overlay."""
+    """REGIONGATE_REDIS_URL, as in the docs, the container image and the Kubernetes overlay."""
     gw = overrides_gateway(gateway, stub, "--redis-prefix", prefix(), env={"REGIONGATE_REDIS_URL": redis_server.url})
     state = readyz(gw)["overrides"]
     assert state["backend"] == "redis" and state["up"] is True

@@ -1,4 +1,4 @@
-"""The shipped routing examples: their own tests pass, and they do what the README says with real processes
+"""The shipped routing examples: their own tests pass, and they do what docs/routing.md says with real processes
 (their public upstream URLs swapped for local recording upstreams, nothing else changed)."""
 
 from __future__ import annotations

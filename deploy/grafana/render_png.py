@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A PNG of the dashboard's main story, drawn without Grafana: where requests and refusals come from, and decisions.
 
-Grafana cannot run everywhere the picture is wanted (the README, a CI
+Grafana cannot run everywhere the picture is wanted (the docs, a CI
 artifact, this repository's test machine), so this draws the three headline
 panels of deploy/grafana/dashboards/regiongate.json (the two world maps and
 "Decisions by decision and rule") offline with pygal, its world map
@@ -12,7 +12,7 @@ dashboard would.
     python deploy/grafana/render_png.py --prometheus http://127.0.0.1:9091 --out docs/dashboard.png
 
 tests/test_dashboard.py draws it from the Prometheus of its end-to-end test;
-``REGIONGATE_DASHBOARD_PNG=docs/dashboard.png`` there rewrites the README's picture.
+``REGIONGATE_DASHBOARD_PNG=docs/dashboard.png`` there rewrites the docs' picture.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ HEADER = """\
 # deploy/prometheus/alerts.yml, indented under spec. Generated: edit alerts.yml, then run
 # python deploy/prometheus/prometheusrule.py (tests/test_alerts.py checks the two agree). Your
 # Prometheus must select this PrometheusRule (its ruleSelector / ruleNamespaceSelector). What
-# each alert means: README.md, "Monitor".
+# each alert means: docs/monitoring.md, "Alerts".
 apiVersion: monitoring.coreos.com/v1
 kind: PrometheusRule
 metadata:
