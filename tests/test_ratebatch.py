@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from gateway.policy.ratelimit import Outcome, RateLimit
 from gateway.shared.ratebatch import MAX_KEYS, Batcher, pack_evalsha
-from gateway.shared.ratelimit import GCRA_LUA, Outcome, RateLimit, script_args
+from gateway.shared.ratelimit import GCRA_LUA, script_args
 from gateway.shared.redisconn import Breaker, connect, parse_url
 from redis_support import RedisServer, running
 

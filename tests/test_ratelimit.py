@@ -10,7 +10,7 @@ import pytest
 
 from conftest import CITY, GatewayFactory, Stub, write
 from gateway.policy import load_policy
-from gateway.shared.ratelimit import gcra, parse_period
+from gateway.policy.ratelimit import gcra, parse_period
 from overrides_support import GB, limited_policy
 
 GB2 = "81.2.69.160"

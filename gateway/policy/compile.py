@@ -22,9 +22,9 @@ from .. import iso3166
 from ..cidrs import CidrSet, parse_network
 from ..clientip import AddressError, parse_address
 from ..requestpath import BadPath, canonical
-from ..shared.ratelimit import RateLimit, parse_period
 from ..yamlfile import Document, FileError, Problem
 from .compiled import Decision, PathSet, Patterns, Policy, Rule, make_decision
+from .ratelimit import RateLimit, parse_period
 from .schema import (
     ALLOW,
     DEFAULT_UPSTREAM,

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..cidrs import CidrSet
 from ..clientip import IPAddress
+from ..cidrs import CidrSet
 from ..geo import GeoFacts
-from ..shared.ratelimit import RateLimit
+from .ratelimit import RateLimit
 from .schema import DEFAULT_UPSTREAM, DENY, MONITOR, PolicySpec, UpstreamSpec
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from ..shared.ratelimit import parse_period
+from .ratelimit import parse_period
 
 Action = Literal["allow", "deny", "monitor"]
 RuleAction = Literal["allow", "deny", "monitor", "route"]

@@ -28,7 +28,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .ratelimit import Outcome, outcomes_from_script
+from ..policy.ratelimit import Outcome
+from .ratelimit import outcomes_from_script
 from .redisconn import Breaker, RedisUnavailable
 
 log = logging.getLogger("regiongate")
