@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..clientip import IPAddress
+from ..addresses import IPAddress
 from ..cidrs import CidrSet
 from ..geo import GeoFacts
 from .ratelimit import RateLimit

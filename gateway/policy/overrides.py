@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import iso3166
+from ..addresses import IPNetwork
 from ..cidrs import CidrSet, parse_network
-from ..clientip import ClientAddress, IPNetwork
+from ..clientip import ClientAddress
 from ..geo import GeoFacts
 from .callerkey import bearer_token, hash_key
 from .compiled import Decision
