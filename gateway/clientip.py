@@ -19,7 +19,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Final, Literal, NamedTuple
 
 from . import forwarded
 from .addresses import EMBEDDINGS as EMBEDDINGS
@@ -28,10 +28,11 @@ from .addresses import IPNetwork as IPNetwork
 from .addresses import normalize as normalize
 from .cidrs import CidrSet
 
-PUBLIC = "public"
-PRIVATE = "private"
-INVALID = "invalid"
-MISSING = "missing"
+AddressKind = Literal["public", "private", "invalid", "missing"]
+PUBLIC: Final = "public"
+PRIVATE: Final = "private"
+INVALID: Final = "invalid"
+MISSING: Final = "missing"
 
 
 class ClientAddress(NamedTuple):
@@ -47,7 +48,7 @@ class ClientAddress(NamedTuple):
     """
 
     ip: IPAddress | None
-    kind: str
+    kind: AddressKind
     via: str
     raw: str
     problem: str | None = None
@@ -78,7 +79,7 @@ def _in(value: int, ranges: tuple[tuple[int, int], ...]) -> bool:
     return False
 
 
-def classify(ip: IPAddress) -> str:
+def classify(ip: IPAddress) -> AddressKind:
     """``private`` or ``public`` for a normalised unicast address."""
     value = int(ip)
     ranges = _PRIVATE_V4 if ip.version == 4 else _PRIVATE_V6
@@ -234,7 +235,7 @@ def resolve(peer: str | None, headers: Iterable[tuple[bytes, bytes]], config: Cl
 
 
 @lru_cache(maxsize=65536)
-def _hop_address(hop: str) -> tuple[IPAddress, str]:
+def _hop_address(hop: str) -> tuple[IPAddress, AddressKind]:
     """Callers repeat, so a hop's parse and class are cached (errors are not)."""
     ip = parse_address(hop)
     return ip, classify(ip)

@@ -23,7 +23,7 @@ Callers import from here (``from gateway.policy import decide``).
 from __future__ import annotations
 
 from .compile import block_body, compile_policy
-from .compiled import NEEDS_MODEL, UNREAD, Decision, PathSet, Patterns, Policy, Rule
+from .compiled import NEEDS_MODEL, UNREAD, Decision, PathSet, Patterns, Policy, Rule, Unread, Verdict
 from .decide import decide, decide_model, model_refusal, request_path
 from .load import load_policy, parse_policy
 from .messages import plain_error
@@ -39,6 +39,7 @@ from .schema import (
     Block,
     BodySpec,
     Defaults,
+    GeoField,
     GeoSpec,
     HealthSpec,
     PolicySpec,
@@ -69,6 +70,7 @@ __all__ = [
     "BodySpec",
     "Decision",
     "Defaults",
+    "GeoField",
     "GeoSpec",
     "HealthSpec",
     "PathSet",
@@ -83,7 +85,9 @@ __all__ = [
     "RuleSpec",
     "TestResult",
     "Timeouts",
+    "Unread",
     "UpstreamSpec",
+    "Verdict",
     "block_body",
     "check_upstream_url",
     "compile_policy",

@@ -41,6 +41,7 @@ from .schema import (
 
 
 def _with_limit(decision: Decision, spec: RateLimitSpec | None) -> Decision:
+    """A rule's decision with its rate limit; only what a rule lets through is counted."""
     if spec is None or decision.action not in (ALLOW, ROUTE):
         return decision
     limit = RateLimit(decision.rule, spec.by, spec.requests, parse_period(spec.per), spec.burst or spec.requests)
@@ -48,12 +49,11 @@ def _with_limit(decision: Decision, spec: RateLimitSpec | None) -> Decision:
 
 
 def block_body(block: Block) -> bytes:
+    """The refusal's JSON body, built once per load (OpenAI's error shape)."""
     import orjson
 
     return orjson.dumps({"error": {"message": block.message, "type": block.type, "param": None, "code": block.code}})
 
-
-# --- loading and compiling -----------------------------------------------------------
 
 _NEEDS = {
     "subdivisions": geofacts.SUBDIVISIONS,

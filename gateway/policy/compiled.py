@@ -9,15 +9,21 @@ allocates nothing unless a shadow rule fires.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal
 
 from ..addresses import IPAddress
 from ..cidrs import CidrSet
 from ..geo import GeoFacts
 from .ratelimit import RateLimit
-from .schema import DEFAULT_UPSTREAM, DENY, MONITOR, PolicySpec, UpstreamSpec
+from .schema import DEFAULT_UPSTREAM, DENY, MONITOR, GeoField, PolicySpec, RuleAction, UpstreamSpec
+
+# What a decision says: a rule's action (or a default's); that the decision cannot
+# be made before the request's model is read (NEEDS_MODEL); or, recorded by the proxy,
+# that the request was refused before the policy was asked (bad method or path).
+Verdict = Literal["allow", "deny", "monitor", "route", "needs_model", "rejected"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +38,11 @@ class Decision:
     and were not enforced. ``allow_models`` is checked once the model is
     known (:func:`model_refusal`); ``model_refused`` marks the refusal that
     check makes, answered with OpenAI's model error rather than the block.
+    Both are ``needs_model`` in :data:`NEEDS_MODEL`.
     """
 
-    verdict: str
-    action: str
+    verdict: Verdict
+    action: Verdict
     rule: str
     reason: str
     upstream: str | None = DEFAULT_UPSTREAM
@@ -97,16 +104,20 @@ def _without_trailing_slash(pattern: str) -> str:
     return pattern[:-1] if pattern.endswith("/") and len(pattern) > 1 else pattern
 
 
-class _Unread:
-    """The model before the body was read: a rule that needs it stops the decision there."""
+class Unread(enum.Enum):
+    """The model before the body was read: a rule that needs it stops the decision there.
 
-    __slots__ = ()
+    A one-member enum rather than ``object()`` so that ``model is UNREAD`` narrows
+    ``str | None | Unread`` to the model a rule can match.
+    """
+
+    UNREAD = "UNREAD"
 
     def __repr__(self) -> str:
         return "UNREAD"
 
 
-UNREAD: Any = _Unread()
+UNREAD: Final = Unread.UNREAD
 # What decide() returns when the first rule that could decide looks at the model and the body
 # has not been read: the proxy reads it (bounded) and asks again with the model.
 NEEDS_MODEL = Decision("needs_model", "needs_model", "needs_model", "the decision needs the request's model", None)
@@ -116,7 +127,7 @@ NEEDS_MODEL = Decision("needs_model", "needs_model", "needs_model", "the decisio
 class Rule:
     name: str
     line: int | None
-    action: str
+    action: RuleAction
     shadow: bool
     countries: frozenset[str] | None
     subdivisions: frozenset[str] | None
@@ -189,7 +200,7 @@ class Policy:
     source: str
     sha256: str
     rules: tuple[Rule, ...]
-    field: str
+    field: GeoField
     on_default: Decision
     on_unknown: Decision
     on_private: Decision
@@ -205,8 +216,11 @@ class Policy:
         return self.spec.upstreams
 
 
-def make_decision(action: str, rule: str, reason: str, monitor_mode: bool, upstream: str | None = None) -> Decision:
-    verdict = action
+def make_decision(
+    action: RuleAction, rule: str, reason: str, monitor_mode: bool, upstream: str | None = None
+) -> Decision:
+    """The decision a rule or default with ``action`` makes (``mode: monitor`` turns a deny into monitor)."""
+    verdict: Verdict = action
     if action == MONITOR or (action == DENY and monitor_mode):
         verdict = MONITOR
     return Decision(verdict, action, rule, reason, None if verdict == DENY else upstream or DEFAULT_UPSTREAM)

@@ -8,16 +8,17 @@ applies the deciding rule's ``allow_models`` once the model is known.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from ..clientip import INVALID, MISSING, PRIVATE, ClientAddress
 from ..geo import GeoFacts
 from ..requestpath import canonical
-from .compiled import NEEDS_MODEL, UNREAD, Decision, Policy, make_decision
+from .compiled import NEEDS_MODEL, UNREAD, Decision, Policy, Unread, make_decision
 from .schema import DENY
 
 
-def decide(policy: Policy, client: ClientAddress, facts: GeoFacts, path: str, model: Any = UNREAD) -> Decision:
+def decide(
+    policy: Policy, client: ClientAddress, facts: GeoFacts, path: str, model: str | Unread | None = UNREAD
+) -> Decision:
     """The decision for one request. Pure: no I/O, no clock, no globals.
 
     ``model`` is the request body's model: :data:`UNREAD` until the body was

@@ -46,6 +46,9 @@ from .schema import ALLOW, DENY
 Action = Literal["allow", "deny"]
 Kind = Literal["api_key", "cidr", "subdivision", "country"]
 KINDS: tuple[Kind, ...] = ("api_key", "cidr", "subdivision", "country")  # narrowest first
+# The text an operator sends, as the typed value it names (checked first: see new_override).
+_ACTION_OF: dict[str, Action] = {ALLOW: ALLOW, DENY: DENY}
+_KIND_OF: dict[str, Kind] = {k: k for k in KINDS}
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _SUBDIVISION = re.compile(r"^[A-Z]{2}-[A-Z0-9]{1,3}$")
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -190,7 +193,7 @@ def new_override(
         if ttl <= 0:
             raise OverrideError("ttl must be more than zero")
         expires_at = now + ttl
-    return Override(id, action, kind, value, reason, by, now, expires_at)  # type: ignore[arg-type]
+    return Override(id, _ACTION_OF[action], _KIND_OF[kind], value, reason, by, now, expires_at)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,16 +10,20 @@ unreachable rules, databases that are not configured) is :mod:`.compile`'s.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from .ratelimit import parse_period
 
-Action = Literal["allow", "deny", "monitor"]
-RuleAction = Literal["allow", "deny", "monitor", "route"]
-ALLOW, DENY, MONITOR, ROUTE = "allow", "deny", "monitor", "route"
+Action = Literal["allow", "deny", "monitor"]  # what a default may say
+RuleAction = Literal["allow", "deny", "monitor", "route"]  # what a rule may say
+ALLOW: Final = "allow"
+DENY: Final = "deny"
+MONITOR: Final = "monitor"
+ROUTE: Final = "route"
 DEFAULT_UPSTREAM = "default"
+GeoField = Literal["country", "registered_country"]
 
 DEFAULT_UPSTREAM_URL = "https://api.openai.com"
 
@@ -171,9 +175,7 @@ _NOT_AUTH_HEADERS = frozenset(
 
 
 class GeoSpec(_Spec):
-    field: Literal["country", "registered_country"] = Field(
-        "country", description="Which country rules and defaults look at."
-    )
+    field: GeoField = Field("country", description="Which country rules and defaults look at.")
 
 
 class Defaults(_Spec):

@@ -45,8 +45,8 @@ def judge_ip(
             client = ClientAddress(ip, MISSING, "argument", ip_text, "a trusted proxy that named no client")
         else:
             client = ClientAddress(ip, classify(ip), "argument", ip_text)
-    public = client.ip is not None and client.kind not in (PRIVATE, MISSING)
-    facts = geo.lookup(client.ip) if public else geofacts.NO_FACTS  # type: ignore[arg-type]
+    judged = client.ip if client.kind not in (PRIVATE, MISSING) else None  # only a public address has facts
+    facts = geo.lookup(judged) if judged is not None else geofacts.NO_FACTS
     return client, facts, decide_model(policy, client, facts, path, model)
 
 
