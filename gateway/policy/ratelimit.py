@@ -10,9 +10,9 @@ Redis. ``requests`` per ``per`` is the steady rate; ``burst`` (default:
 Keys are ``<prefix>rl:{<rule>:<by>:<subject>}``: the braces are a hash tag,
 so each key has its own slot in a Redis Cluster, where the script is sent
 one key at a time. With ``--log-address hashed`` or ``truncated`` the
-subject of a ``by: ip`` limit is the address's keyed hash (HMAC-SHA256
-under the overrides' key, which every replica sharing the Redis shares, so
-they still count one budget), never the address itself.
+subject of a ``by: ip`` limit is the address's keyed hash (:func:`budget_of`:
+HMAC-SHA256 under the overrides' key, which every replica sharing the Redis
+shares, so they still count one budget), never the address itself.
 
 No I/O here: asking Redis or the in-memory store is :mod:`gateway.shared`'s.
 """
@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from ..clientip import ClientAddress
 from ..geo import GeoFacts
+from .callerkey import bearer_token, hash_key
 
 By = Literal["ip", "api_key", "country", "subdivision", "asn"]
 OnError = Literal["open", "closed"]
@@ -66,21 +68,23 @@ class RateLimit:
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class RateCheck:
+    """The answer of one GCRA check, from :func:`gcra` or from Redis's script."""
+
     allowed: bool
     remaining: int
     retry_after: float  # seconds until a request would be let through (0 when allowed)
     reset: float  # seconds until the subject is back to a full burst
 
 
-def gcra(tat: float | None, now: float, interval: float, tolerance: float) -> tuple[Outcome, float]:
+def gcra(tat: float | None, now: float, interval: float, tolerance: float) -> tuple[RateCheck, float]:
     """One check: the outcome, and the TAT to store. Pure; the Lua script is the same in milliseconds."""
     tat = now if tat is None or tat < now else tat
     new_tat = tat + interval
     if new_tat - now > tolerance + 1e-9:
-        return Outcome(False, 0, new_tat - tolerance - now, tat - now), tat
+        return RateCheck(False, 0, new_tat - tolerance - now, tat - now), tat
     remaining = math.floor((tolerance - (new_tat - now)) / interval + 1e-9)
-    return Outcome(True, remaining, 0.0, new_tat - now), new_tat
+    return RateCheck(True, remaining, 0.0, new_tat - now), new_tat
 
 
 def subject(limit: RateLimit, client: ClientAddress, facts: GeoFacts, key_hash: str | None) -> str:
@@ -95,6 +99,30 @@ def subject(limit: RateLimit, client: ClientAddress, facts: GeoFacts, key_hash: 
     if by == "subdivision":
         return facts.subdivisions[0] if facts.subdivisions else "unknown"
     return str(facts.asn) if facts.asn is not None else "unknown"
+
+
+def budget_of(
+    limit: RateLimit,
+    client: ClientAddress,
+    facts: GeoFacts,
+    headers: Iterable[tuple[bytes, bytes]],
+    key: bytes | None,
+    hash_addresses: bool,
+) -> str | None:
+    """The subject whose budget this request spends, as it is stored (:func:`subject`, an API key or,
+    with ``hash_addresses``, an address as its keyed hash), or None when that needs ``key`` (the
+    overrides' key, kept in Redis) and it is not known yet."""
+    key_hash = None
+    if limit.by == "api_key":
+        token = bearer_token(headers)
+        if token is not None and key is not None:
+            key_hash = hash_key(key, token)
+    who = subject(limit, client, facts, key_hash)
+    if limit.by == "ip" and hash_addresses and client.ip is not None:
+        if key is None:
+            return None
+        who = "h:" + hash_key(key, who)[:32]  # 128 bits: no two callers share a budget by chance
+    return who
 
 
 def key_start(prefix: str, limit: RateLimit) -> str:

@@ -5,10 +5,9 @@ pure, in :mod:`gateway.policy.ratelimit`; this module asks. In Redis a check
 is one ``EVALSHA`` of one Lua script, which judges a batch of checks in turn
 (:mod:`.ratebatch`; the script is loaded again on ``NOSCRIPT``, e.g. after a
 restart or a failover). The script reads Redis's own clock, so replicas
-whose clocks disagree still share one limit. With ``--log-address hashed`` or
-``truncated`` the subject of a ``by: ip`` limit is the address's keyed hash
-(HMAC-SHA256 under the overrides' key, which every replica sharing the Redis
-shares, so they still count one budget), never the address itself.
+whose clocks disagree still share one limit. A ``by: ip`` subject that must be
+hashed (``--log-address hashed`` or ``truncated``) waits for the overrides' key,
+which Redis holds: until it is known, the limiter is treated as unavailable.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ from typing import Any
 from ..clientip import ClientAddress
 from ..errors import GatewayError
 from ..geo import GeoFacts
-from ..policy.callerkey import bearer_token, hash_key
-from ..policy.ratelimit import OnError, Outcome, RateLimit, subject
+from ..policy.ratelimit import OnError, RateCheck, RateLimit, budget_of
 
 # KEYS[i]: one subject's key; ARGV[2i-1], ARGV[2i]: its interval and tolerance. Returns, for each key in
 # turn, allowed, remaining, retry_after, reset. The keys are judged in order, so one subject twice in a batch
@@ -52,11 +50,11 @@ return out
 """
 
 
-def outcomes_from_script(reply: list[Any]) -> list[Outcome]:
-    """The script's flat reply, one :class:`Outcome` per key."""
+def outcomes_from_script(reply: list[Any]) -> list[RateCheck]:
+    """The script's flat reply, one :class:`RateCheck` per key."""
     it = iter(reply)
     return [
-        Outcome(allowed == 1, remaining, retry_after / 1e6, reset / 1e6)
+        RateCheck(allowed == 1, remaining, retry_after / 1e6, reset / 1e6)
         for allowed, remaining, retry_after, reset in zip(it, it, it, it, strict=True)
     ]
 
@@ -72,7 +70,7 @@ def _seconds(value: float) -> bytes:
     return f"{value:.3f}".rstrip("0").rstrip(".").encode() + b"s"
 
 
-def exceeded(limit: RateLimit, outcome: Outcome) -> GatewayError:
+def exceeded(limit: RateLimit, outcome: RateCheck) -> GatewayError:
     """OpenAI's own 429: the SDKs read ``retry-after``/``retry-after-ms`` and retry after that long."""
     retry_ms = max(1, math.ceil(outcome.retry_after * 1000))
     return GatewayError(
@@ -113,17 +111,10 @@ def check(
 ) -> None:
     """Call ``then`` with None to go on, or with the error to answer with: at once in memory, when the
     batch's reply is read with Redis. Redis unavailable (or a bug in asking it) follows ``on_error``."""
-    key_hash = None
-    if limit.by == "api_key":
-        token = bearer_token(headers)
-        if token is not None and store.key is not None:
-            key_hash = hash_key(store.key, token)
-    who = subject(limit, client, facts, key_hash)
-    if limit.by == "ip" and store.hash_addresses and client.ip is not None:
-        if store.key is None:  # Redis, which holds the key, has not answered yet: as if it were down
-            _judged(store, limit, on_error, then, None)
-            return
-        who = "h:" + hash_key(store.key, who)[:32]  # 128 bits: no two callers share a budget by chance
+    who = budget_of(limit, client, facts, headers, store.key, store.hash_addresses)
+    if who is None:  # Redis, which holds the key, has not answered yet: as if it were down
+        _judged(store, limit, on_error, then, None)
+        return
     # A partial, not a closure: one object fewer per waiting request for the garbage collector to count.
     store.rate(limit, who, partial(_judged, store, limit, on_error, then))
 
@@ -133,7 +124,7 @@ def _judged(
     limit: RateLimit,
     on_error: OnError,
     then: Callable[[GatewayError | None], None],
-    outcome: Outcome | None,
+    outcome: RateCheck | None,
 ) -> None:
     if outcome is None:  # RedisUnavailable (counted by the breaker), or a bug: the policy says what then
         then(None if on_error == "open" else UNAVAILABLE)
