@@ -42,8 +42,8 @@ from . import __version__
 from .controlplane import MAX_BODY, ProxyLoop
 from .metrics import Metrics, exposition
 from .policy import PolicySpec
+from .policy.overrides import KINDS, MAX_TEXT, Override, OverrideError, check_text, new_override
 from .runtime import Runtime
-from .shared.overrides import KINDS, MAX_TEXT, Override, OverrideError, check_text, new_override
 from .shared.redisconn import RedisUnavailable
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import ipaddress
 from bisect import bisect_right
 from collections.abc import Iterable
 
-from .clientip import EMBEDDINGS, Embedding, IPAddress, IPNetwork, embedding
+from .addresses import EMBEDDINGS, Embedding, IPAddress, IPNetwork, embedding
 
 
 def parse_network(text: str | IPNetwork) -> IPNetwork:

@@ -636,7 +636,7 @@ def _explain(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
         return 0
-    from .shared.overrides import printable
+    from .policy.overrides import printable
 
     path = report["path"]
     if report["rule_line"]:

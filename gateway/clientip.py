@@ -10,7 +10,7 @@ and can say anything.
 Addresses are normalised before anything looks at them, so that an IPv4
 address wearing an IPv6 costume (``::ffff:a.b.c.d``, ``::ffff:0:a.b.c.d``,
 ``::a.b.c.d``, 6to4, NAT64 and local-use NAT64, Teredo) gets exactly the
-decision its IPv4 form gets.
+decision its IPv4 form gets (:mod:`.addresses`).
 """
 
 from __future__ import annotations
@@ -19,20 +19,20 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, NamedTuple
+from typing import Final, Literal, NamedTuple
 
 from . import forwarded
+from .addresses import EMBEDDINGS as EMBEDDINGS
+from .addresses import IPAddress as IPAddress
+from .addresses import IPNetwork as IPNetwork
+from .addresses import normalize as normalize
+from .cidrs import CidrSet
 
-if TYPE_CHECKING:
-    from .cidrs import CidrSet
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-PUBLIC = "public"
-PRIVATE = "private"
-INVALID = "invalid"
-MISSING = "missing"
+AddressKind = Literal["public", "private", "invalid", "missing"]
+PUBLIC: Final = "public"
+PRIVATE: Final = "private"
+INVALID: Final = "invalid"
+MISSING: Final = "missing"
 
 
 class ClientAddress(NamedTuple):
@@ -48,7 +48,7 @@ class ClientAddress(NamedTuple):
     """
 
     ip: IPAddress | None
-    kind: str
+    kind: AddressKind
     via: str
     raw: str
     problem: str | None = None
@@ -56,62 +56,6 @@ class ClientAddress(NamedTuple):
 
 class AddressError(ValueError):
     """Text that does not hold one unicast IP address."""
-
-
-_V4_MAX = 0xFFFFFFFF
-
-
-class Embedding(NamedTuple):
-    """An IPv6 prefix whose addresses carry an IPv4 address, and where it sits.
-
-    ``shift``: the IPv4 address is bits ``shift .. shift+31`` counted from the
-    right; ``invert``: it is stored with every bit flipped (Teredo).
-    """
-
-    name: str
-    network: ipaddress.IPv6Network
-    shift: int = 0
-    invert: bool = False
-
-    def ipv4(self, value: int) -> int:
-        v4 = (value >> self.shift) & _V4_MAX
-        return v4 ^ _V4_MAX if self.invert else v4
-
-
-EMBEDDINGS = (
-    Embedding("IPv4-mapped", ipaddress.IPv6Network("::ffff:0:0/96")),
-    Embedding("IPv4-translated (SIIT)", ipaddress.IPv6Network("::ffff:0:0:0/96")),
-    Embedding("IPv4-compatible", ipaddress.IPv6Network("::/96")),  # but :: and ::1 are themselves
-    Embedding("NAT64", ipaddress.IPv6Network("64:ff9b::/96")),
-    # RFC 8215 local-use NAT64: the IPv4 address is taken as the last 32 bits (a /96 inside the /48).
-    Embedding("local-use NAT64", ipaddress.IPv6Network("64:ff9b:1::/48")),
-    Embedding("6to4", ipaddress.IPv6Network("2002::/16"), shift=80),
-    Embedding("Teredo", ipaddress.IPv6Network("2001::/32"), invert=True),
-)
-_EMBEDDING_SPANS = tuple((int(e.network.network_address), int(e.network.broadcast_address), e) for e in EMBEDDINGS)
-
-
-def embedding(value: int) -> Embedding | None:
-    """The transition prefix an IPv6 address (as an integer) is in, if it carries an IPv4 address."""
-    for lo, hi, e in _EMBEDDING_SPANS:
-        if lo <= value <= hi:
-            return None if value <= 1 else e  # ::/128 and ::1 are not IPv4-compatible addresses
-    return None
-
-
-def normalize(ip: IPAddress) -> IPAddress:
-    """Return the IPv4 address an IPv6 address carries, or the address itself.
-
-    The embedded forms are the ones a client (or a dual-stack socket) can use
-    to present an IPv4 address over IPv6; a GeoIP database or a CIDR rule
-    written for IPv4 must see them as IPv4, or a blocked IPv4 caller could
-    walk in by spelling its address differently.
-    """
-    if ip.version == 4:
-        return ip
-    value = int(ip)
-    e = embedding(value)
-    return ip if e is None else ipaddress.IPv4Address(e.ipv4(value))
 
 
 def _ranges(*cidrs: str) -> tuple[tuple[int, int], ...]:
@@ -135,7 +79,7 @@ def _in(value: int, ranges: tuple[tuple[int, int], ...]) -> bool:
     return False
 
 
-def classify(ip: IPAddress) -> str:
+def classify(ip: IPAddress) -> AddressKind:
     """``private`` or ``public`` for a normalised unicast address."""
     value = int(ip)
     ranges = _PRIVATE_V4 if ip.version == 4 else _PRIVATE_V6
@@ -291,7 +235,7 @@ def resolve(peer: str | None, headers: Iterable[tuple[bytes, bytes]], config: Cl
 
 
 @lru_cache(maxsize=65536)
-def _hop_address(hop: str) -> tuple[IPAddress, str]:
+def _hop_address(hop: str) -> tuple[IPAddress, AddressKind]:
     """Callers repeat, so a hop's parse and class are cached (errors are not)."""
     ip = parse_address(hop)
     return ip, classify(ip)

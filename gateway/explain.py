@@ -15,7 +15,7 @@ from . import georecords
 from .clientip import PUBLIC
 from .geo import Geo
 from .policy import Policy, judge_ip, request_path
-from .shared.overrides import Compiled, judge
+from .policy.overrides import Compiled, judge
 from .trace import Trace, trace
 
 

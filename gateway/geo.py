@@ -35,7 +35,7 @@ from typing import Any
 import maxminddb
 import maxminddb.errors
 
-from .clientip import IPAddress
+from .addresses import IPAddress
 
 # What a rule can ask about; a policy that asks for a fact no configured
 # source provides is rejected at load time rather than silently never matching.

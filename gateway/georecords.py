@@ -19,7 +19,7 @@ import geoip2.database
 import geoip2.errors
 import maxminddb.errors
 
-from .clientip import IPAddress
+from .addresses import IPAddress
 
 
 @dataclass(frozen=True, slots=True)

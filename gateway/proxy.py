@@ -43,13 +43,13 @@ from .geo import NO_FACTS, GeoFacts
 from .live.active import Active
 from .modelfield import BadBody, ModelField, is_json, read_model, rename
 from .policy import DENY, NEEDS_MODEL, Decision, decide, decide_model, model_refusal
+from .policy.overrides import judge as judge_override
+from .policy.overrides import request_key_hash
 from .requestid import RequestIds
 from .requestpath import BadPath, canonical
 from .runtime import Runtime
 from .shared.audit import entry as audit_entry
 from .shared.auditbound import source_of
-from .shared.overrides import judge as judge_override
-from .shared.overrides import request_key_hash
 from .shared.ratelimit import check as check_rate
 from .upstream import BadTarget, BodyFor, Upstream, UpstreamGroup
 

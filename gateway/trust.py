@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import ipaddress
 
+from .addresses import IPNetwork
 from .cidrs import CidrSet
-from .clientip import NOT_UNICAST_RANGES, PRIVATE_RANGES, IPNetwork
+from .clientip import NOT_UNICAST_RANGES, PRIVATE_RANGES
 
 # Widest public blocks that are still plausibly "our proxies" (a cloud region, a CDN's range).
 WIDEST_PUBLIC = {4: 16, 6: 32}

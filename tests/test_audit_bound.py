@@ -254,7 +254,8 @@ def _fill_with_rate_limit_subjects(server: RedisServer, subjects: int) -> tuple[
     Returns how many checks Redis refused (OOM) and how many keys it evicted."""
     import redis
 
-    from gateway.shared.ratelimit import GCRA_LUA, RateLimit, key_start, redis_key, script_args
+    from gateway.policy.ratelimit import RateLimit, key_start, redis_key
+    from gateway.shared.ratelimit import GCRA_LUA, script_args
 
     client = redis.Redis(port=server.port)
     client.hset("p:{overrides}:data", mapping={f"o{n}": "x" * 200 for n in range(50)})

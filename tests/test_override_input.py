@@ -18,8 +18,8 @@ import pytest
 from test_redis_shared import cli
 
 from conftest import Gateway, GatewayFactory, Stub
+from gateway.policy.overrides import OverrideError, check_text, new_override, printable
 from gateway.shared.client import render
-from gateway.shared.overrides import OverrideError, check_text, new_override, printable
 from overrides_support import AUTH, TOKEN, overrides_gateway
 from redis_support import RedisServer, running
 
@@ -107,7 +107,7 @@ def test_real_codes_are_accepted_in_either_case() -> None:
 
 def test_stored_overrides_are_read_back_whatever_they_say() -> None:
     """The store reads what an older version wrote: refusing it there would hide an override in force."""
-    from gateway.shared.overrides import Override
+    from gateway.policy.overrides import Override
 
     o = Override.from_dict(
         {

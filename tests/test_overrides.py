@@ -10,12 +10,11 @@ import pytest
 from conftest import GatewayFactory, Stub
 from gateway.clientip import PRIVATE, PUBLIC, ClientAddress
 from gateway.geo import GeoFacts
-from gateway.shared.overrides import (
+from gateway.policy.callerkey import bearer_token, hash_key
+from gateway.policy.overrides import (
     EMPTY,
     OverrideError,
-    bearer_token,
     compile_overrides,
-    hash_key,
     judge,
     new_override,
     request_key_hash,

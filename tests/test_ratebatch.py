@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from gateway.policy.ratelimit import RateCheck, RateLimit
 from gateway.shared.ratebatch import MAX_KEYS, Batcher, pack_evalsha
-from gateway.shared.ratelimit import GCRA_LUA, Outcome, RateLimit, script_args
+from gateway.shared.ratelimit import GCRA_LUA, script_args
 from gateway.shared.redisconn import Breaker, connect, parse_url
 from redis_support import RedisServer, running
 
@@ -32,7 +33,7 @@ async def batcher(server: RedisServer) -> AsyncIterator[Batcher]:
         await client.aclose()
 
 
-async def answers(got: list[Outcome | None], n: int) -> list[Outcome | None]:
+async def answers(got: list[RateCheck | None], n: int) -> list[RateCheck | None]:
     """Wait for ``n`` answers (a guard against a hang, not a timing requirement)."""
     for _ in range(3000):
         if len(got) >= n:
@@ -50,7 +51,7 @@ def evalsha_calls(server: RedisServer) -> int:
 async def test_checks_asked_together_are_one_round_trip_judged_in_turn(
     batcher: Batcher, server: RedisServer
 ) -> None:
-    got: list[Outcome | None] = []
+    got: list[RateCheck | None] = []
     batcher.submit("t1:rl:{r:ip:warm}", *script_args(LIMIT), got.append)  # the script loaded, the connection made
     await answers(got, 1)
     server.command("CONFIG", "RESETSTAT")
@@ -74,7 +75,7 @@ async def test_checks_asked_together_are_one_round_trip_judged_in_turn(
 
 async def test_a_flushed_script_is_loaded_again(batcher: Batcher, server: RedisServer) -> None:
     server.command("SCRIPT", "FLUSH")
-    got: list[Outcome | None] = []
+    got: list[RateCheck | None] = []
     batcher.submit("t2:rl:{r:ip:one}", *script_args(LIMIT), got.append)
     batcher.submit("t2:rl:{r:ip:one}", *script_args(LIMIT), got.append)
     await answers(got, 2)
@@ -83,7 +84,7 @@ async def test_a_flushed_script_is_loaded_again(batcher: Batcher, server: RedisS
 
 
 async def test_a_connection_closed_while_idle_is_made_again(batcher: Batcher, server: RedisServer) -> None:
-    got: list[Outcome | None] = []
+    got: list[RateCheck | None] = []
     batcher.submit("t5:rl:{r:ip:one}", *script_args(LIMIT), got.append)
     await answers(got, 1)
     server.command("CLIENT", "KILL", "TYPE", "normal")  # as a Redis `timeout` or a proxy would
@@ -98,7 +99,7 @@ async def test_a_batch_redis_does_not_answer_in_time_is_answered_none(server: Re
     breaker = Breaker(0.05)
     b = Batcher(client, breaker, GCRA_LUA, client.register_script(GCRA_LUA).sha)
     try:
-        got: list[Outcome | None] = []
+        got: list[RateCheck | None] = []
         b.submit("t3:rl:{r:ip:one}", *script_args(LIMIT), got.append)
         await answers(got, 1)  # connects first, so the pause below holds up only the next batch
         assert got[0] is not None
@@ -130,7 +131,7 @@ async def test_through_a_unix_socket(tmp_path_factory: pytest.TempPathFactory) -
         client = connect(parse_url(f"unix://{sock}"), None, 1.0)
         b = Batcher(client, Breaker(1.0), GCRA_LUA, client.register_script(GCRA_LUA).sha)
         try:
-            got: list[Outcome | None] = []
+            got: list[RateCheck | None] = []
             for _ in range(2):
                 b.submit("t6:rl:{r:ip:one}", *script_args(LIMIT), got.append)
             await answers(got, 2)
@@ -142,7 +143,7 @@ async def test_through_a_unix_socket(tmp_path_factory: pytest.TempPathFactory) -
 
 
 async def test_closing_answers_every_waiting_check(batcher: Batcher) -> None:
-    got: list[Outcome | None] = []
+    got: list[RateCheck | None] = []
     batcher.submit("t4:rl:{r:ip:one}", *script_args(LIMIT), got.append)
     await batcher.close()  # before the batch went out
     assert got == [None]

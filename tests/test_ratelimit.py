@@ -10,7 +10,7 @@ import pytest
 
 from conftest import CITY, GatewayFactory, Stub, write
 from gateway.policy import load_policy
-from gateway.shared.ratelimit import gcra, parse_period
+from gateway.policy.ratelimit import RateLimit, budget_of, gcra, parse_period
 from overrides_support import GB, limited_policy
 
 GB2 = "81.2.69.160"
@@ -34,6 +34,26 @@ def test_gcra_lets_a_burst_through_then_one_per_interval() -> None:
 @pytest.mark.parametrize(("text", "seconds"), [("1m", 60), ("10s", 10), ("500ms", 0.5), ("1h", 3600), (30, 30)])
 def test_periods(text: str | int, seconds: float) -> None:
     assert parse_period(text) == seconds
+
+
+def test_budget_of_names_the_subject_and_never_keeps_a_token_or_a_hashed_address() -> None:
+    import ipaddress
+
+    from gateway.clientip import PUBLIC, ClientAddress
+    from gateway.geo import GeoFacts
+    from gateway.policy.callerkey import hash_key
+
+    client = ClientAddress(ipaddress.ip_address(GB2), PUBLIC, "peer", GB2)
+    facts = GeoFacts(country="GB")
+    by_ip = RateLimit("r", "ip", 10, 60.0, 10)
+    by_key = RateLimit("r", "api_key", 10, 60.0, 10)
+    auth = [(b"authorization", b"Bearer sk-abc")]
+    assert budget_of(by_ip, client, facts, auth, None, False) == GB2
+    assert budget_of(by_ip, client, facts, auth, None, True) is None  # the key is in Redis: not known yet
+    assert budget_of(by_ip, client, facts, auth, b"k", True) == "h:" + hash_key(b"k", GB2)[:32]
+    assert budget_of(by_key, client, facts, auth, b"k", False) == hash_key(b"k", "sk-abc")
+    assert budget_of(by_key, client, facts, auth, None, False) == "no-key"
+    assert budget_of(RateLimit("r", "country", 10, 60.0, 10), client, facts, [], None, True) == "GB"
 
 
 def test_rate_limit_in_the_policy_is_checked_with_file_and_line(tmp_path: Path) -> None:

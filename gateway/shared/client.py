@@ -16,7 +16,7 @@ import urllib.request
 from datetime import UTC, datetime
 from typing import Any
 
-from .overrides import Compiled, Override, OverrideError, compile_overrides, new_override, printable
+from ..policy.overrides import Compiled, Override, OverrideError, compile_overrides, new_override, printable
 from .redisconn import RedisConfigError, RedisUnavailable
 from .store import OverrideStore, open_store
 

@@ -28,12 +28,13 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from .ratelimit import Outcome, outcomes_from_script
+from ..policy.ratelimit import RateCheck
+from .ratelimit import outcomes_from_script
 from .redisconn import Breaker, RedisUnavailable
 
 log = logging.getLogger("regiongate")
 
-Then = Callable[[Outcome | None], None]
+Then = Callable[[RateCheck | None], None]
 MAX_KEYS = 200  # checks per EVALSHA: Redis serves nothing else while a script runs
 
 
@@ -75,7 +76,7 @@ class Batcher:
             while self._thens:
                 keys, args, thens = self._keys, self._args, self._thens
                 self._keys, self._args, self._thens = [], [], []
-                outcomes: list[Outcome] | None = None
+                outcomes: list[RateCheck] | None = None
                 try:
                     outcomes = await self.breaker.call("ratelimit", partial(self._round_trip, keys, args))
                 except RedisUnavailable:
@@ -97,7 +98,7 @@ class Batcher:
             self._conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         return self._conn
 
-    async def _round_trip(self, keys: list[str], args: list[bytes]) -> list[Outcome]:
+    async def _round_trip(self, keys: list[str], args: list[bytes]) -> list[RateCheck]:
         from redis.exceptions import NoScriptError
 
         conn = self._connection()
@@ -109,7 +110,7 @@ class Batcher:
             await conn.read_response()
             for i, reply in zip(missing, await self._send(conn, [chunks[i] for i in missing]), strict=True):
                 replies[i] = reply
-        outcomes: list[Outcome] = []
+        outcomes: list[RateCheck] = []
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
@@ -153,7 +154,7 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-def _answer(thens: list[Then], outcomes: list[Outcome] | None) -> None:
+def _answer(thens: list[Then], outcomes: list[RateCheck] | None) -> None:
     for i, then in enumerate(thens):
         try:
             then(None if outcomes is None else outcomes[i])

@@ -29,9 +29,10 @@ from typing import Any, Protocol
 
 import orjson
 
-from .overrides import EMPTY, Compiled, Override, OverrideError, compile_overrides
+from ..policy.overrides import EMPTY, Compiled, Override, OverrideError, compile_overrides
+from ..policy.ratelimit import RateLimit, gcra, key_start, redis_key
 from .ratebatch import Batcher, Then
-from .ratelimit import GCRA_LUA, RateLimit, gcra, key_start, outcomes_from_script, redis_key, script_args
+from .ratelimit import GCRA_LUA, outcomes_from_script, script_args
 from .redisconn import Breaker, NullObserver, Observer, RedisTarget, RedisUnavailable, connect, describe_error
 
 log = logging.getLogger("regiongate")

@@ -11,7 +11,7 @@ allow: a block placed on a customer's key holds even inside a country that
 was opened for everyone.
 
 API keys are never kept: an override holds the HMAC-SHA256 of the bearer
-token under the override key (see :mod:`.store`), and the request path
+token under the override key (kept in Redis: :mod:`gateway.shared.store`), and the request path
 hashes the caller's token with the same key.
 
 An override's ``reason`` and ``by`` are shown in terminals, logs and
@@ -26,8 +26,6 @@ and subdivision codes are checked against ISO 3166 as the policy's are, so
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import re
 import secrets
@@ -37,14 +35,20 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import iso3166
+from ..addresses import IPNetwork
 from ..cidrs import CidrSet, parse_network
-from ..clientip import ClientAddress, IPNetwork
+from ..clientip import ClientAddress
 from ..geo import GeoFacts
-from ..policy import ALLOW, DENY, Decision
+from .callerkey import bearer_token, hash_key
+from .compiled import Decision
+from .schema import ALLOW, DENY
 
 Action = Literal["allow", "deny"]
 Kind = Literal["api_key", "cidr", "subdivision", "country"]
 KINDS: tuple[Kind, ...] = ("api_key", "cidr", "subdivision", "country")  # narrowest first
+# The text an operator sends, as the typed value it names (checked first: see new_override).
+_ACTION_OF: dict[str, Action] = {ALLOW: ALLOW, DENY: DENY}
+_KIND_OF: dict[str, Kind] = {k: k for k in KINDS}
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _SUBDIVISION = re.compile(r"^[A-Z]{2}-[A-Z0-9]{1,3}$")
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -130,11 +134,6 @@ def printable(text: str) -> str:
     return _UNSAFE.sub(_escape, text)
 
 
-def hash_key(key: bytes, token: str) -> str:
-    """The keyed hash an API-key override is stored and matched under."""
-    return hmac.new(key, token.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
-
-
 def new_override(
     action: str,
     kind: str,
@@ -194,7 +193,7 @@ def new_override(
         if ttl <= 0:
             raise OverrideError("ttl must be more than zero")
         expires_at = now + ttl
-    return Override(id, action, kind, value, reason, by, now, expires_at)  # type: ignore[arg-type]
+    return Override(id, _ACTION_OF[action], _KIND_OF[kind], value, reason, by, now, expires_at)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,19 +289,6 @@ def judge(compiled: Compiled, client: ClientAddress, facts: GeoFacts, key_hash: 
     if hit is None and facts.country is not None:
         hit = compiled.by_country.get(facts.country)
     return None if hit is None else compiled.decisions[hit.id]
-
-
-_BEARER = b"bearer "
-
-
-def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The caller's bearer token (``Authorization: Bearer ...``), as the upstream would read it."""
-    for name, value in headers:
-        if name.lower() == b"authorization":
-            if value[:7].lower() == _BEARER:
-                return value[7:].strip().decode("latin-1") or None
-            return None
-    return None
 
 
 def request_key_hash(compiled: Compiled, key: bytes | None, headers: Iterable[tuple[bytes, bytes]]) -> str | None:

@@ -1,0 +1,419 @@
+"""Compilation: from the schema to the frozen form, with every check a schema cannot make.
+
+:func:`compile_policy` checks ISO codes, CIDRs, path and model patterns,
+upstream names and fallback chains, rules that can never match
+(:func:`_subsumes`), rate limits that could not limit, and rules that need a
+database that is not configured; it reports every problem it finds at once,
+each with its line, and turns the rules into frozensets, CIDR range tables
+and precomputed :class:`~.compiled.Decision` objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Container
+from typing import Any
+
+from pydantic import ValidationError
+
+from .. import geo as geofacts
+from .. import iso3166
+from ..cidrs import CidrSet, parse_network
+from ..clientip import AddressError, parse_address
+from ..requestpath import BadPath, canonical
+from ..yamlfile import Document, FileError, Problem
+from .compiled import Decision, PathSet, Patterns, Policy, Rule, make_decision
+from .ratelimit import RateLimit, parse_period
+from .schema import (
+    ALLOW,
+    DEFAULT_UPSTREAM,
+    DENY,
+    MONITOR,
+    ROUTE,
+    Block,
+    PolicySpec,
+    PolicyTest,
+    RateLimitSpec,
+    RuleSpec,
+    UpstreamSpec,
+)
+
+
+def _with_limit(decision: Decision, spec: RateLimitSpec | None) -> Decision:
+    """A rule's decision with its rate limit; only what a rule lets through is counted."""
+    if spec is None or decision.action not in (ALLOW, ROUTE):
+        return decision
+    limit = RateLimit(decision.rule, spec.by, spec.requests, parse_period(spec.per), spec.burst or spec.requests)
+    return dataclasses.replace(decision, limit=limit)
+
+
+def block_body(block: Block) -> bytes:
+    """The refusal's JSON body, built once per load (OpenAI's error shape)."""
+    import orjson
+
+    return orjson.dumps({"error": {"message": block.message, "type": block.type, "param": None, "code": block.code}})
+
+
+_NEEDS = {
+    "subdivisions": geofacts.SUBDIVISIONS,
+    "asns": geofacts.ASN,
+    "anonymizer": geofacts.ANONYMIZER,
+}
+
+
+def salvaged_problems(doc: Document, capabilities: frozenset[str] | None) -> list[Problem]:
+    """Semantic problems in the rules and tests of a file whose structure is broken somewhere.
+
+    Each rule is validated on its own, and a rule that fails is retried without
+    its failing keys, so that a misspelt key in one rule does not hide a bad
+    country code in another (or in the same rule) until the next run.
+    """
+    data: dict[str, Any] = doc.data if isinstance(doc.data, dict) else {}
+    raw_rules: list[Any] = data["rules"] if isinstance(data.get("rules"), list) else []
+    raw_tests: list[Any] = data["tests"] if isinstance(data.get("tests"), list) else []
+    problems: list[Problem] = []
+    names = {
+        raw["name"] if isinstance(raw, dict) and isinstance(raw.get("name"), str) else f"rule-{i + 1}"
+        for i, raw in enumerate(raw_rules)
+    }
+    for i, raw in enumerate(raw_tests):
+        with contextlib.suppress(ValidationError):  # its shape is reported already
+            problems.extend(_test_problems(i, PolicyTest.model_validate(raw), names, doc))
+    for i, raw in enumerate(raw_rules):
+        if not isinstance(raw, dict):
+            continue
+        try:
+            rule = RuleSpec.model_validate(raw)
+        except ValidationError as e:
+            failing = {err["loc"][0] for err in e.errors() if err["loc"]}
+            kept = {k: v for k, v in raw.items() if k not in failing}
+            kept.setdefault("action", DENY)
+            try:
+                rule = RuleSpec.model_validate(kept)
+            except ValidationError:
+                continue
+        problems.extend(_rule_problems(i, rule, doc, capabilities))
+    return problems
+
+
+def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str] | None) -> Policy:
+    problems: list[Problem] = []
+    monitor_mode = spec.mode == "monitor"
+
+    def bad(path: tuple[str | int, ...], message: str) -> None:
+        problems.append(Problem(doc.line_of(path), message))
+
+    problems += _upstream_problems(spec.upstreams, doc)
+    problems += _rate_limit_problems(spec, doc)
+
+    rules: list[Rule] = []
+    names: dict[str, int] = {}
+    for i, r in enumerate(spec.rules):
+        here = ("rules", i)
+        name = r.name or f"rule-{i + 1}"
+        if name in names:
+            bad((*here, "name"), f"rules[{i}]: duplicate rule name {name!r} (also rules[{names[name]}])")
+        names[name] = i
+        problems.extend(_rule_problems(i, r, doc, capabilities))
+        nets = []
+        for c in r.cidrs or ():
+            with contextlib.suppress(ValueError):  # reported by _rule_problems
+                nets.append(parse_network(c))
+        desc = "; ".join(_describe(k, v) for k, v in _conditions(r).items()) or "matches everything"
+        reason = f"rule {name!r}: {desc}"
+        if r.upstream is not None and r.upstream != DEFAULT_UPSTREAM and r.upstream not in spec.upstreams:
+            known = ", ".join(sorted({DEFAULT_UPSTREAM, *spec.upstreams}))
+            bad((*here, "upstream"), f"rules[{i}] ({name}): no upstream named {r.upstream!r} (upstreams: {known})")
+        decision = make_decision(r.action, name, reason, monitor_mode, r.upstream)
+        if r.allow_models is not None:
+            decision = dataclasses.replace(decision, allow_models=Patterns(r.allow_models))
+        restrictive = r.action in (DENY, MONITOR)
+        rules.append(
+            Rule(
+                name=name,
+                line=doc.line_of(here),
+                action=r.action,
+                shadow=r.mode == "monitor",
+                countries=frozenset(r.countries) if r.countries is not None else None,
+                subdivisions=frozenset(r.subdivisions) if r.subdivisions is not None else None,
+                asns=frozenset(r.asns) if r.asns is not None else None,
+                anonymizer=frozenset(r.anonymizer) if r.anonymizer is not None else None,
+                cidrs=CidrSet(nets) if r.cidrs is not None else None,
+                paths=PathSet(r.paths, spec.paths_case == "insensitive") if r.paths is not None else None,
+                decision=_with_limit(decision, r.rate_limit),
+                models=Patterns(r.models) if r.models is not None else None,
+                # Unknown model, 'deny': a rule that refuses takes it, one that lets through does not.
+                unknown_matches=restrictive == (spec.body.unknown_model == "deny"),
+            )
+        )
+    # Country data matters only where the policy tells countries apart.
+    uses_country = any(r.countries is not None for r in spec.rules) or spec.defaults.action != spec.defaults.unknown
+    if capabilities is not None and uses_country and spec.geo.field not in capabilities:
+        bad(
+            ("geo", "field") if "geo" in doc.data else (),
+            f"geo.field {spec.geo.field!r} needs {_DB_FOR[spec.geo.field]}; none is configured",
+        )
+
+    for later_i, later in enumerate(rules):
+        for earlier in rules[:later_i]:
+            if not earlier.shadow and _subsumes(earlier, later):
+                bad(
+                    ("rules", later_i),
+                    f"rules[{later_i}] ({later.name}) can never match: rule {earlier.name!r} "
+                    f"(line {earlier.line}) matches everything it does",
+                )
+                break
+
+    for i, t in enumerate(spec.tests):
+        problems.extend(_test_problems(i, t, names, doc))
+
+    if problems:
+        raise FileError(doc.filename, problems)
+
+    d = spec.defaults
+    return Policy(
+        spec=spec,
+        source=doc.filename,
+        sha256="",
+        rules=tuple(rules),
+        field=spec.geo.field,
+        on_default=make_decision(d.action, "defaults.action", "no rule matched", monitor_mode),
+        on_unknown=make_decision(d.unknown, "defaults.unknown", "no country for this address", monitor_mode),
+        on_private=make_decision(
+            d.private, "defaults.private", "private, loopback or link-local address", monitor_mode
+        ),
+        on_invalid=make_decision(d.invalid, "defaults.invalid", "client address could not be read", monitor_mode),
+        on_missing=make_decision(d.missing, "defaults.missing", "a trusted proxy sent no client address", monitor_mode),
+        block_body=block_body(spec.block),
+        test_lines=tuple(doc.line_of(("tests", i)) for i in range(len(spec.tests))),
+        # Only where the file says it: a default left out has no line.
+        default_lines={f"defaults.{k}": doc.lines.get(("defaults", k)) for k in type(d).model_fields},
+        unknown_model_allowed=spec.body.unknown_model == "allow",
+    )
+
+
+def _rule_problems(i: int, r: RuleSpec, doc: Document, capabilities: frozenset[str] | None) -> list[Problem]:
+    """What a schema cannot check in one rule. Run on every rule that has a usable
+    shape even when other parts of the file do not, so that one pass reports it all."""
+    problems: list[Problem] = []
+    here = ("rules", i)
+    name = r.name or f"rule-{i + 1}"
+
+    def bad(path: tuple[str | int, ...], message: str) -> None:
+        problems.append(Problem(doc.line_of(path), message))
+
+    for j, c in enumerate(r.countries or ()):
+        if not iso3166.is_country(c):
+            bad((*here, "countries", j), f"rules[{i}].countries: {c!r} {iso3166.country_problem(c)}")
+    for j, c in enumerate(r.subdivisions or ()):
+        if not iso3166.is_subdivision(c):
+            bad((*here, "subdivisions", j), f"rules[{i}].subdivisions: {c!r} {iso3166.subdivision_problem(c)}")
+    for j, c in enumerate(r.cidrs or ()):
+        try:
+            parse_network(c)
+        except ValueError as e:
+            bad((*here, "cidrs", j), f"rules[{i}].cidrs: {c!r}: {e}")
+    for j, p in enumerate(r.paths or ()):
+        problem = _path_pattern_problem(p)
+        if problem:
+            bad((*here, "paths", j), f"rules[{i}].paths: {p!r} {problem}")
+    for key in ("models", "allow_models"):
+        for j, m in enumerate(getattr(r, key) or ()):
+            if not m or m == "*" or "*" in m[:-1]:
+                bad(
+                    (*here, key, j),
+                    f"rules[{i}].{key}: {m!r}: write a model name ('gpt-4o') or a prefix ending in one '*' ('o1*')",
+                )
+    if r.action == ROUTE and r.upstream is None:
+        bad((*here, "action"), f"rules[{i}] ({name}): action: route needs 'upstream: NAME' (which upstream to use)")
+    if r.upstream is not None and r.action != ROUTE:
+        bad((*here, "upstream"), f"rules[{i}] ({name}): 'upstream' goes with action: route (this rule is {r.action})")
+    if r.allow_models is not None and r.action not in (ALLOW, ROUTE):
+        bad(
+            (*here, "allow_models"),
+            f"rules[{i}] ({name}): allow_models limits what an allow or route rule lets through; "
+            f"a {r.action} rule lets nothing through to limit",
+        )
+    for key, fact in _NEEDS.items():
+        if getattr(r, key) is not None and capabilities is not None and fact not in capabilities:
+            bad(
+                (*here, key),
+                f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; none is configured (--geoip)",
+            )
+    return problems
+
+
+def _rate_limit_problems(spec: PolicySpec, doc: Document) -> list[Problem]:
+    """``rate_limit: {by: api_key}`` on a rule whose requests may reach an upstream that injects its own key.
+
+    The budget is the caller's bearer token, and such an upstream never sees
+    that token (``api_key_env`` replaces it), so a token made up per request
+    is served with the operator's key on a fresh budget every time: the limit
+    would limit nothing. The rule's upstream and every fallback after it
+    count, since a failed-over request is served with the fallback's key.
+    It can be allowed once the gateway issues its callers' keys itself.
+    """
+    problems = []
+    for i, r in enumerate(spec.rules):
+        if r.rate_limit is None or r.rate_limit.by != "api_key":
+            continue
+        if r.action == DENY and spec.mode != "monitor":  # refused, never served: no key is used
+            continue
+        injecting = [u for u in _reachable(r.upstream or DEFAULT_UPSTREAM, spec.upstreams) if u.api_key_env]
+        if not injecting:
+            continue
+        name = r.name or f"rule-{i + 1}"
+        problems.append(
+            Problem(
+                doc.line_of(("rules", i, "rate_limit", "by")),
+                f"rules[{i}] ({name}): rate_limit by: api_key cannot limit these callers: their upstream sends "
+                f"its own key ({injecting[0].api_key_env}) in place of theirs, so a made-up key per request would "
+                "get a fresh budget. Limit by ip, country, subdivision or asn (by: api_key needs keys the gateway "
+                "issues to its callers, which it does not yet)",
+            )
+        )
+    return problems
+
+
+def _reachable(name: str, upstreams: dict[str, UpstreamSpec]) -> list[UpstreamSpec]:
+    """The upstream ``name`` and every fallback a request to it can reach, each once, in order."""
+    out: list[UpstreamSpec] = []
+    seen: set[str] = set()
+    todo = [name]
+    while todo:
+        current = todo.pop(0)
+        if current in seen or current not in upstreams:  # --upstream's default carries no key
+            continue
+        seen.add(current)
+        out.append(upstreams[current])
+        todo.extend(upstreams[current].fallback)
+    return out
+
+
+def _upstream_problems(upstreams: dict[str, UpstreamSpec], doc: Document) -> list[Problem]:
+    """What a schema cannot check in ``upstreams``: one of url/urls, keys for auth, fallback chains.
+
+    ``default`` may be named as a fallback without being defined here: ``--upstream`` provides it.
+    """
+    problems: list[Problem] = []
+
+    def bad(path: tuple[str | int, ...], message: str) -> None:
+        problems.append(Problem(doc.line_of(path), message))
+
+    for name, up in upstreams.items():
+        here = ("upstreams", name)
+        if not name.replace("-", "").replace("_", "").isalnum():
+            bad(here, f"upstream name {name!r}: use letters, digits, '-' and '_'")
+        if (up.url is None) == (up.urls is None):
+            bad(here, f"upstreams.{name}: give either url (one URL) or urls (a list tried in order), not both")
+        if "auth" in up.model_fields_set and not up.api_key_env:
+            bad((*here, "auth"), f"upstreams.{name}.auth: needs api_key_env, the variable holding the key")
+        if up.health.max_backoff_seconds < up.health.backoff_seconds:
+            bad((*here, "health", "max_backoff"), f"upstreams.{name}.health: max_backoff is shorter than backoff")
+        for requested, sent in up.models.items():
+            if not requested or not sent:
+                bad((*here, "models"), f"upstreams.{name}.models: model names cannot be empty")
+        for j, other in enumerate(up.fallback):
+            where = (*here, "fallback", j)
+            if other == name:
+                bad(where, f"upstreams.{name}.fallback: {other!r} is this upstream itself")
+            elif other not in upstreams and other != "default":
+                bad(where, f"upstreams.{name}.fallback: no upstream named {other!r}")
+            elif up.fallback.index(other) != j:
+                bad(where, f"upstreams.{name}.fallback: {other!r} is listed twice")
+    # A cycle through other upstreams (a -> b -> a) would try the same URLs forever.
+    state: dict[str, int] = {}  # 1: being walked, 2: done
+
+    def walk(name: str, trail: list[str]) -> None:
+        state[name] = 1
+        up = upstreams.get(name)
+        for j, other in enumerate(up.fallback if up is not None else ()):
+            if other == name:
+                continue  # reported above
+            if state.get(other) == 1:
+                cycle = " -> ".join([*trail[trail.index(other) :], name, other])
+                bad(("upstreams", name, "fallback", j), f"upstreams.{name}.fallback: a cycle: {cycle}")
+            elif other not in state:
+                walk(other, [*trail, name])
+        state[name] = 2
+
+    for name in upstreams:
+        if name not in state:
+            walk(name, [])
+    return problems
+
+
+def _test_problems(i: int, t: PolicyTest, rule_names: Container[str], doc: Document) -> list[Problem]:
+    problems = []
+    try:
+        parse_address(t.ip)
+    except AddressError as e:
+        problems.append(Problem(doc.line_of(("tests", i, "ip")), f"tests[{i}].ip: {e}"))
+    if t.rule is not None and t.rule not in rule_names and not t.rule.startswith("defaults."):
+        problems.append(Problem(doc.line_of(("tests", i, "rule")), f"tests[{i}].rule: no rule named {t.rule!r}"))
+    if t.expect == DENY and t.upstream is not None:
+        where = doc.line_of(("tests", i, "upstream"))
+        problems.append(Problem(where, f"tests[{i}].upstream: a denied request goes to no upstream"))
+    return problems
+
+
+def _path_pattern_problem(p: str) -> str | None:
+    """Patterns are an exact path or a prefix ending in one '*' (see :class:`PathSet`)."""
+    if not p.startswith("/"):
+        return "must start with '/' (an exact path like '/v1/embeddings', or a prefix like '/v1/*')"
+    if "*" in p[:-1]:
+        return (
+            "has a '*' before its end: '*' is allowed only as the last character, where it makes the "
+            "pattern a prefix ('/v1/*' matches every path under /v1/); there are no wildcards inside a path"
+        )
+    if "?" in p or "#" in p:
+        return "has a '?' or '#': paths are matched without the query string, so it could never match"
+    base = p[:-1] if p.endswith("*") else p
+    try:
+        canon = canonical(base.encode())
+    except BadPath as e:
+        return f"could never match: a request with this path is refused ({e})"
+    if canon != base:
+        return f"could never match: requests are matched in canonical form, where this path is {canon!r}"
+    return None
+
+
+_DB_FOR = {
+    geofacts.COUNTRY: "a Country, City or Enterprise database",
+    geofacts.SUBDIVISIONS: "a City or Enterprise database",
+    geofacts.ASN: "an ASN, ISP or Enterprise database",
+    geofacts.ANONYMIZER: "an Anonymous-IP database",
+    geofacts.REGISTERED_COUNTRY: "a Country, City or Enterprise database",
+}
+
+
+def _conditions(r: RuleSpec) -> dict[str, Any]:
+    keys = ("countries", "subdivisions", "asns", "anonymizer", "cidrs", "paths", "models")
+    return {k: getattr(r, k) for k in keys if getattr(r, k) is not None}
+
+
+def _describe(key: str, values: list[Any]) -> str:
+    if len(values) > 6:
+        return f"{key} ({len(values)} values)"
+    return f"{key} {', '.join(str(v) for v in values)}"
+
+
+def _subsumes(a: Rule, b: Rule) -> bool:
+    """Whether every request ``b`` matches is matched by ``a`` too.
+
+    Conservative: only compares a key with the same key, so it can miss an
+    unreachable rule (``countries: [UA]`` before ``subdivisions: [UA-43]``)
+    but never calls a reachable one unreachable.
+    """
+    for key in ("countries", "subdivisions", "asns", "anonymizer"):
+        av, bv = getattr(a, key), getattr(b, key)
+        if av is not None and (bv is None or not bv <= av):
+            return False
+    if a.cidrs is not None and (b.cidrs is None or not all(a.cidrs.covers(n) for n in b.cidrs.networks)):
+        return False
+    if a.models is not None and (
+        b.models is None or not a.models.covers(b.models) or (b.unknown_matches and not a.unknown_matches)
+    ):
+        return False
+    return a.paths is None or (b.paths is not None and a.paths.covers(b.paths))
