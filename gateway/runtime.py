@@ -33,6 +33,7 @@ from .policy import (
     parse_policy,
     plain_error,
 )
+from .reports import WatcherOut, dump
 from .shared.audit import Audit
 from .shared.redisconn import RedisConfigError
 from .shared.store import OverrideStore, open_store
@@ -193,14 +194,15 @@ class WatcherStatus:
     failed_at: float | None = None
     restart_at: float | None = None  # while down: when it is started again
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "enabled": self.enabled,
-            "running": self.running,
-            "restarts": self.restarts,
-            "last_error": self.last_error,
-            "failed_at": self.failed_at,
-        }
+    def report(self) -> WatcherOut:
+        """What ``/readyz`` says of the watcher."""
+        return WatcherOut(
+            enabled=self.enabled,
+            running=self.running,
+            restarts=self.restarts,
+            last_error=self.last_error,
+            failed_at=self.failed_at,
+        )
 
     def warning(self) -> str | None:
         if not self.enabled or self.running or self.last_error is None:
@@ -309,7 +311,7 @@ class Runtime:
                 s.as_dict() | ({"age_seconds": round(now - s.build_epoch)} if s.path else {}) for s in self.geo.sources
             ],
             "geo_stale": bool(stale),
-            "watcher": self.watcher.as_dict(),
+            "watcher": dump(self.watcher.report()),
             "embedded_geo": self.geo.embedded,
             "upstreams": self.upstream_urls(),
             "trusted_proxies": [str(n) for n in self.clientip.trusted.networks],

@@ -7,6 +7,7 @@ import sys
 
 import orjson
 
+from ..reports import dump
 from .options import add_serve_options, geoip
 
 
@@ -59,11 +60,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
     changed = result.changed or bool(replayed and replayed.flipped)
     if args.json:
-        out = result.as_dict()
+        report = result.report()
         if replayed is not None:
-            out["replay"] = replayed.as_dict()
-            out["changed"] = changed
-        sys.stdout.buffer.write(orjson.dumps(out, option=orjson.OPT_INDENT_2) + b"\n")
+            report = report.model_copy(update={"replay": replayed.report(), "changed": changed})
+        sys.stdout.buffer.write(orjson.dumps(dump(report), option=orjson.OPT_INDENT_2) + b"\n")
         return 1 if changed else 0
     from .render import print_diff, print_replay
 

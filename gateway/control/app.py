@@ -49,6 +49,7 @@ from .proxyloop import ProxyLoop
 from .schemas import (
     ActivePolicies,
     CandidateError,
+    CandidateTests,
     DiffOut,
     ErrorBody,
     ExplainOut,
@@ -101,9 +102,12 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
+# What the gate (gateway.control.gate) answers before any route runs: the token, then the body's size and time.
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or wrong bearer token."},
     404: {"model": ErrorBody, "description": f"The admin API is disabled: {ADMIN_TOKEN_ENV} is not set."},
+    408: {"model": ErrorBody, "description": "The request body did not arrive within the header timeout."},
+    413: {"model": ErrorBody, "description": f"The request body is larger than {MAX_BODY} bytes."},
 }
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], responses=_AUTH_RESPONSES)
@@ -177,10 +181,10 @@ async def admin_explain(
 
     runtime = _runtime(request)
 
-    def report() -> dict[str, Any]:
+    def report() -> ExplainOut:
         return explain(
             runtime.policy, runtime.geo, ip, path, with_trace=True, overrides=runtime.overrides.compiled, model=model
-        ).report
+        ).model
 
     try:
         return await _proxy(request).call(report)
@@ -289,14 +293,14 @@ async def admin_diff(request: Request) -> Any:
         problem = f"{name}: cannot load this candidate: {type(e).__name__}"
         return JSONResponse({"error": "candidate policy is invalid", "problems": [problem]}, status_code=400)
     running = runtime.policy
-    out = (await _heavy(request, diff, running, candidate)).as_dict()
+    report = (await _heavy(request, diff, running, candidate)).report()
     # The policy tests look addresses up in the geo cache the proxy shares: on its loop.
     results = await _proxy(request).call(lambda: run_tests(candidate, runtime.geo))
-    out["candidate_tests"] = {
-        "passed": sum(r.passed for r in results),
-        "failed": [f"{name}:{r.line}: test {r.test.ip} {r.test.path}: {r.problem}" for r in results if not r.passed],
-    }
-    return out
+    tests = CandidateTests(
+        passed=sum(r.passed for r in results),
+        failed=[f"{name}:{r.line}: test {r.test.ip} {r.test.path}: {r.problem}" for r in results if not r.passed],
+    )
+    return report.model_copy(update={"candidate_tests": tests})
 
 
 def _document(runtime: Runtime, role: str) -> PolicyDocument | None:
@@ -340,8 +344,8 @@ async def reload(request: Request) -> JSONResponse:
     live: Live | None = request.app.state.live
     if live is None:
         raise HTTPException(status_code=503, detail="reloading is not available in this process")
-    results = {r.role: r.as_dict() for r in await _proxy(request).run(live.admin_reload)}
-    body = ReloadResponse(**results["policy"], pid=os.getpid(), shadow=results.get("shadow"))
+    results = {r.role: r.report() for r in await _proxy(request).run(live.admin_reload)}
+    body = ReloadResponse(**dict(results["policy"]), pid=os.getpid(), shadow=results.get("shadow"))
     ok = body.ok and (body.shadow is None or body.shadow.ok)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 422)
 

@@ -1,17 +1,76 @@
-"""The admin API's request and response models: one per record, used by the routes and the OpenAPI document.
+"""The admin API's request and response models, used by the routes and the OpenAPI document.
 
-The reports themselves (explain, trace, diff, replay, reload) are built by
-the decision-side modules; the models here describe them as the admin API
-returns them, and ``regiongate ... --json`` prints the same shapes.
+The report models (explain and its trace, override, diff, replay, reload,
+the watcher's health) are :mod:`gateway.reports`', re-exported here: the
+decision side builds them and ``regiongate ... --json`` prints them, so the
+CLI, the admin API and its OpenAPI document share one model per record. The
+models defined here are the admin API's own: what it takes (an override),
+what only it answers (the override list, the policy documents, errors), and
+the reload answer around a report (with its pid and the shadow's result).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..reports import (
+    CandidateTests,
+    ChangeOut,
+    CountryFlips,
+    DecisionOut,
+    DiffOut,
+    ExplainOut,
+    FlipOut,
+    KeyCheckOut,
+    OverrideOut,
+    PolicyFileResult,
+    PolicyRef,
+    RecordOut,
+    ReplayOut,
+    ReplaySkipped,
+    RuleFlips,
+    RuleStepOut,
+    SettingOut,
+    Summary,
+    TraceOut,
+    Verdict,
+    WatcherOut,
+)
 from ..shared.overrides import KINDS, MAX_TEXT, OverrideError, check_text, new_override
+
+__all__ = [
+    "ActivePolicies",
+    "CandidateError",
+    "CandidateTests",
+    "ChangeOut",
+    "CountryFlips",
+    "DecisionOut",
+    "DiffOut",
+    "ErrorBody",
+    "ExplainOut",
+    "FlipOut",
+    "KeyCheckOut",
+    "OverrideIn",
+    "OverrideList",
+    "OverrideOut",
+    "OverrideRemoved",
+    "PolicyDocument",
+    "PolicyFileResult",
+    "PolicyRef",
+    "RecordOut",
+    "ReloadResponse",
+    "ReplayOut",
+    "ReplaySkipped",
+    "RuleFlips",
+    "RuleStepOut",
+    "SettingOut",
+    "Summary",
+    "TraceOut",
+    "Verdict",
+    "WatcherOut",
+]
 
 
 class ErrorBody(BaseModel):
@@ -21,135 +80,6 @@ class ErrorBody(BaseModel):
 class CandidateError(BaseModel):
     error: str
     problems: list[str] = Field(description="One 'file:line: problem' per problem.")
-
-
-class Verdict(BaseModel):
-    decision: str
-    rule: str
-
-
-class ChangeOut(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
-    kind: str = Field(description="country, subdivision, client, asn, anonymizer or cidr")
-    subject: str
-    from_: Verdict = Field(alias="from")
-    to: Verdict
-    countries: list[str] | None = Field(description="Countries it happens with; null: every one probed.")
-    addresses: list[str] | None = Field(description="CIDR addresses it happens at; null: every one probed.")
-    paths: list[str] | None = Field(description="Paths it happens on; null: every one probed.")
-
-
-class SettingOut(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
-    key: str
-    from_: Any = Field(alias="from")
-    to: Any
-
-
-class PolicyRef(BaseModel):
-    path: str
-    sha256: str
-
-
-class Summary(BaseModel):
-    changes: int
-    transitions: dict[str, int]
-
-
-class CandidateTests(BaseModel):
-    passed: int
-    failed: list[str]
-
-
-class DiffOut(BaseModel):
-    old: PolicyRef
-    new: PolicyRef
-    changed: bool
-    probes: int
-    changes: list[ChangeOut]
-    rule_changes: list[ChangeOut]
-    settings: list[SettingOut]
-    summary: Summary
-    candidate_tests: CandidateTests
-
-
-class KeyCheckOut(BaseModel):
-    key: str
-    matched: bool
-    detail: str
-
-
-class RuleStepOut(BaseModel):
-    index: int
-    name: str
-    line: int | None
-    action: str
-    mode: str
-    matched: bool
-    reached: bool
-    checks: list[KeyCheckOut]
-
-
-class DecisionOut(BaseModel):
-    verdict: str
-    action: str
-    rule: str
-    reason: str
-    shadow: list[str]
-
-
-class TraceOut(BaseModel):
-    client_kind: str
-    address: str | None
-    path: str
-    geo_field: str
-    country: str | None
-    rules_consulted: bool
-    rules: list[RuleStepOut]
-    default: str | None
-    decision: DecisionOut
-
-
-class RecordOut(BaseModel):
-    database_type: str
-    path: str
-    found: bool
-    network: str | None
-    fields: dict[str, Any]
-    error: str | None
-
-
-class ExplainOut(BaseModel):
-    """The same report as ``regiongate explain --trace --json``."""
-
-    ip: str
-    normalized: str | None
-    kind: str
-    problem: str | None
-    path: str
-    model: str | None = Field(None, description="The model judged (query 'model'); null: judged as unknown.")
-    decision: str
-    action: str
-    rule: str
-    rule_line: int | None
-    rule_conditions: dict[str, Any] | None
-    reason: str
-    why: list[str]
-    shadow: list[str]
-    upstream: str | None = Field(None, description="Where the request would go (null when refused).")
-    allow_models: list[str] | None = Field(None, description="The deciding rule's allow_models.")
-    status: int | None
-    facts: dict[str, Any]
-    records: list[RecordOut]
-    policy: dict[str, Any]
-    geo: list[dict[str, Any]]
-    trace: TraceOut
-    override: OverrideOut | None = Field(None, description="The runtime override that decides, before any rule.")
-    rate_limit: dict[str, Any] | None = Field(
-        None, description="The deciding rule's rate_limit (per: seconds); a request within it goes on."
-    )
 
 
 class OverrideIn(BaseModel):
@@ -193,18 +123,6 @@ class OverrideIn(BaseModel):
         return next(k for k in KINDS if getattr(self, k) is not None)
 
 
-class OverrideOut(BaseModel):
-    id: str
-    action: str
-    kind: str = Field(description="api_key, cidr, subdivision or country")
-    value: str = Field(description="The block or code; for api_key 'hmac-sha256:' and the hash's first 16 hex digits.")
-    reason: str
-    by: str
-    created_at: float
-    expires_at: float | None
-    rule: str = Field(description="The rule name its decisions carry: override:<id>.")
-
-
 class OverrideList(BaseModel):
     backend: str = Field(description="memory (this process) or redis (every replica)")
     overrides: list[OverrideOut]
@@ -212,16 +130,6 @@ class OverrideList(BaseModel):
 
 class OverrideRemoved(BaseModel):
     removed: str
-
-
-class PolicyFileResult(BaseModel):
-    ok: bool
-    changed: bool
-    path: str
-    sha256: str
-    version: str
-    error: str | None
-    candidate_sha256: str | None
 
 
 class ReloadResponse(PolicyFileResult):
