@@ -1,4 +1,8 @@
-"""``regiongate stub``: run the bundled OpenAI-compatible stub upstream (for trying out and tests)."""
+"""``regiongate stub``: run the bundled OpenAI-compatible stub upstream (for trying out and tests).
+
+The stub (:mod:`gateway.stub`) runs on aiohttp, which only the ``stub`` extra
+installs; without it this command says so in one line and exits 2.
+"""
 
 from __future__ import annotations
 
@@ -23,9 +27,20 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     st.set_defaults(func=run)
 
 
+# aiohttp is in the optional extra "stub": the gateway itself never needs it.
+MISSING_AIOHTTP = "regiongate: the stub needs aiohttp, which is not installed: pip install 'regiongate[stub]'"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..runtime import ConfigError
-    from ..stub import run as serve_stub
+
+    try:
+        from ..stub import run as serve_stub
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.partition(".")[0] != "aiohttp":
+            raise
+        print(MISSING_AIOHTTP, file=sys.stderr)
+        return 2
 
     try:
         stub = {"status": args.status, "refuse_region": args.refuse_region}
