@@ -2,7 +2,7 @@
 
 Each record the operator tools produce (an explain report and its trace, an
 override as shown, a policy diff, a replay, a reload result, the file
-watcher's health) exists once, here, as a frozen pydantic model whose field
+watcher's health, readiness) exists once, here, as a frozen pydantic model whose field
 order is the order of its JSON keys. The code that builds a record
 (:mod:`gateway.explain`, :mod:`gateway.trace`, :mod:`gateway.diff`,
 :mod:`gateway.live.reload`, :mod:`gateway.runtime`) fills the model from its
@@ -243,3 +243,54 @@ class WatcherOut(Report):
     restarts: int
     last_error: str | None
     failed_at: float | None
+
+
+# --- readiness (/readyz) --------------------------------------------------------------------
+
+
+class ReloadStatusOut(Report):
+    attempted_at: float | None = Field(description="When the file was last read, in epoch seconds; null: never.")
+    error: str | None = Field(description="Why the candidate on disk was refused; the previous one serves.")
+
+
+class PolicyInForce(Report):
+    path: str
+    sha256: str
+    version: str
+    loaded_at: float
+    rules: int
+    mode: str
+    reload: ReloadStatusOut
+
+
+class ShadowInForce(Report):
+    path: str
+    sha256: str
+    version: str
+    loaded_at: float
+    reload: ReloadStatusOut
+
+
+class AuditCounts(Report):
+    mode: str
+    dropped: int
+    written: int
+
+
+class ReadyOut(Report):
+    """What ``/readyz`` answers (200 when ``ready``, else 503)."""
+
+    ready: bool
+    pid: int
+    policy: PolicyInForce
+    shadow_policy: ShadowInForce | None
+    geo: list[dict[str, Any]] = Field(description="Each GeoIP source; age_seconds for a file.")
+    geo_stale: bool
+    watcher: WatcherOut
+    embedded_geo: bool
+    upstreams: dict[str, Any]
+    trusted_proxies: list[str]
+    client_ip_header: str
+    overrides: dict[str, Any] = Field(description="The override store: backend, and for Redis its state.")
+    audit: AuditCounts
+    warnings: list[str]
