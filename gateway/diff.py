@@ -38,6 +38,20 @@ from . import iso3166
 from .clientip import INVALID, PRIVATE, PUBLIC, AddressError, ClientAddress, IPAddress, classify, parse_address
 from .geo import ANONYMIZER_FLAGS, NO_FACTS, Geo, GeoFacts
 from .policy import Decision, Policy, decide, request_path
+from .reports import (
+    ChangeOut,
+    CountryFlips,
+    DiffOut,
+    FlipOut,
+    PolicyRef,
+    ReplayOut,
+    ReplaySkipped,
+    RuleFlips,
+    SettingOut,
+    Summary,
+    Verdict,
+    dump,
+)
 from .requestpath import BadPath
 
 GENERIC_PATH = "/v1/chat/completions"
@@ -79,16 +93,16 @@ class Change:
     addresses: tuple[str, ...] | None
     paths: tuple[str, ...] | None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind,
-            "subject": self.subject,
-            "from": {"decision": self.old_verdict, "rule": self.old_rule},
-            "to": {"decision": self.new_verdict, "rule": self.new_rule},
-            "countries": list(self.countries) if self.countries is not None else None,
-            "addresses": list(self.addresses) if self.addresses is not None else None,
-            "paths": list(self.paths) if self.paths is not None else None,
-        }
+    def report(self) -> ChangeOut:
+        return ChangeOut(
+            kind=self.kind,
+            subject=self.subject,
+            from_=Verdict(decision=self.old_verdict, rule=self.old_rule),
+            to=Verdict(decision=self.new_verdict, rule=self.new_rule),
+            countries=list(self.countries) if self.countries is not None else None,
+            addresses=list(self.addresses) if self.addresses is not None else None,
+            paths=list(self.paths) if self.paths is not None else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,18 +128,22 @@ class PolicyDiff:
         """What a CI gate acts on: a caller is treated differently."""
         return bool(self.changes or self.settings)
 
-    def as_dict(self) -> dict[str, Any]:
+    def report(self) -> DiffOut:
+        """The diff as its report model: what ``diff --json`` prints and ``POST /admin/diff`` returns."""
         transitions = Counter(f"{c.old_verdict} -> {c.new_verdict}" for c in self.changes)
-        return {
-            "old": {"path": self.old_source, "sha256": self.old_sha256},
-            "new": {"path": self.new_source, "sha256": self.new_sha256},
-            "changed": self.changed,
-            "probes": self.probes,
-            "changes": [c.as_dict() for c in self.changes],
-            "rule_changes": [c.as_dict() for c in self.rule_changes],
-            "settings": [{"key": s.key, "from": s.old, "to": s.new} for s in self.settings],
-            "summary": {"changes": len(self.changes), "transitions": dict(sorted(transitions.items()))},
-        }
+        return DiffOut(
+            old=PolicyRef(path=self.old_source, sha256=self.old_sha256),
+            new=PolicyRef(path=self.new_source, sha256=self.new_sha256),
+            changed=self.changed,
+            probes=self.probes,
+            changes=[c.report() for c in self.changes],
+            rule_changes=[c.report() for c in self.rule_changes],
+            settings=[SettingOut(key=s.key, from_=s.old, to=s.new) for s in self.settings],
+            summary=Summary(changes=len(self.changes), transitions=dict(sorted(transitions.items()))),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return dump(self.report())
 
 
 # --- the probe space -----------------------------------------------------------------
@@ -347,27 +365,28 @@ class ReplayReport:
     top_rules: tuple[tuple[str, int], ...]
     examples: tuple[Flip, ...]
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "lines": self.lines,
-            "replayed": self.replayed,
-            "skipped": {"redacted": self.skipped_redacted, "unreadable": self.skipped_unreadable},
-            "flipped": self.flipped,
-            "transitions": dict(self.transitions),
-            "top_countries": [{"country": c, "flips": n} for c, n in self.top_countries],
-            "top_rules": [{"rules": r, "flips": n} for r, n in self.top_rules],
-            "examples": [
-                {
-                    "line": f.line,
-                    "client": f.client,
-                    "path": f.path,
-                    "country": f.country,
-                    "from": {"decision": f.old_verdict, "rule": f.old_rule},
-                    "to": {"decision": f.new_verdict, "rule": f.new_rule},
-                }
+    def report(self) -> ReplayOut:
+        """The replay as its report model: what ``diff --replay --json`` prints under ``replay``."""
+        return ReplayOut(
+            lines=self.lines,
+            replayed=self.replayed,
+            skipped=ReplaySkipped(redacted=self.skipped_redacted, unreadable=self.skipped_unreadable),
+            flipped=self.flipped,
+            transitions=dict(self.transitions),
+            top_countries=[CountryFlips(country=c, flips=n) for c, n in self.top_countries],
+            top_rules=[RuleFlips(rules=r, flips=n) for r, n in self.top_rules],
+            examples=[
+                FlipOut(
+                    line=f.line,
+                    client=f.client,
+                    path=f.path,
+                    country=f.country,
+                    from_=Verdict(decision=f.old_verdict, rule=f.old_rule),
+                    to=Verdict(decision=f.new_verdict, rule=f.new_rule),
+                )
                 for f in self.examples
             ],
-        }
+        )
 
 
 _REDACTED, _UNREADABLE = "redacted", "unreadable"

@@ -1,6 +1,6 @@
 """The answer to "what would the gateway do with this address, and why?".
 
-One report for ``regiongate explain`` and ``GET /admin/explain``, so the
+One report (:class:`gateway.reports.ExplainOut`) for ``regiongate explain`` and ``GET /admin/explain``, so the
 command line and the running gateway can never tell an operator two
 different stories. The decision comes from ``decide()`` (via ``judge_ip``),
 the walk from :mod:`gateway.trace`, the words from :mod:`gateway.georecords`.
@@ -16,14 +16,20 @@ from .clientip import PUBLIC
 from .geo import Geo
 from .policy import Policy, judge_ip, request_path
 from .policy.overrides import Compiled, judge
+from .reports import ExplainOut, dump
 from .trace import Trace, trace
 
 
 @dataclass(frozen=True, slots=True)
 class Explanation:
-    report: dict[str, Any]  # what --json prints and /admin/explain returns
+    model: ExplainOut  # what --json prints and /admin/explain returns
     trace: Trace | None
     records: tuple[georecords.Record, ...]
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """The report as JSON: only the keys that apply, in the model's order."""
+        return dump(self.model)
 
 
 def explain(
@@ -90,5 +96,5 @@ def explain(
         out["allow_models"] = decision.allow_models.listed()
     walk = trace(policy, client, facts, path, model) if with_trace else None
     if walk is not None:
-        out["trace"] = walk.as_dict()
-    return Explanation(out, walk, tuple(records))
+        out["trace"] = walk.report()
+    return Explanation(ExplainOut.model_validate(out), walk, tuple(records))

@@ -33,6 +33,7 @@ from .policy import (
     parse_policy,
     plain_error,
 )
+from .reports import ReadyOut, ReloadStatusOut, WatcherOut, dump
 from .shared.audit import Audit
 from .shared.redisconn import RedisConfigError
 from .shared.store import OverrideStore, open_store
@@ -178,8 +179,8 @@ class ReloadStatus:
     error: str | None = None  # the refused candidate's problems, while it is still on disk
     refused_sha256: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"attempted_at": self.attempted_at, "error": self.error}
+    def report(self) -> ReloadStatusOut:
+        return ReloadStatusOut(attempted_at=self.attempted_at, error=self.error)
 
 
 @dataclass
@@ -193,14 +194,15 @@ class WatcherStatus:
     failed_at: float | None = None
     restart_at: float | None = None  # while down: when it is started again
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "enabled": self.enabled,
-            "running": self.running,
-            "restarts": self.restarts,
-            "last_error": self.last_error,
-            "failed_at": self.failed_at,
-        }
+    def report(self) -> WatcherOut:
+        """What ``/readyz`` says of the watcher."""
+        return WatcherOut(
+            enabled=self.enabled,
+            running=self.running,
+            restarts=self.restarts,
+            last_error=self.last_error,
+            failed_at=self.failed_at,
+        )
 
     def warning(self) -> str | None:
         if not self.enabled or self.running or self.last_error is None:
@@ -267,7 +269,7 @@ class Runtime:
         return self.ready and not (self.settings.stale_geoip_not_ready and self.stale_geo())
 
     def describe(self) -> dict[str, Any]:
-        """What ``/readyz`` shows: enough to tell which policy and data are in force."""
+        """What ``/readyz`` shows (:class:`~gateway.reports.ReadyOut`): which policy and data are in force."""
         now = time.time()
         current, shadow = self.active.current, self.active.shadow_version
         warnings = list(self.warnings)
@@ -284,7 +286,7 @@ class Runtime:
             warnings.append(f"TLS certificate reload refused, the previous certificate keeps serving: {tls.error}")
         stale = self.stale_geo(now)
         warnings += stale
-        return {
+        ready = {
             "ready": self.is_ready(),
             "pid": os.getpid(),
             "policy": {
@@ -294,7 +296,7 @@ class Runtime:
                 "loaded_at": current.loaded_at,
                 "rules": len(self.policy.rules),
                 "mode": self.policy.spec.mode,
-                "reload": self.policy_status.as_dict(),
+                "reload": self.policy_status.report(),
             },
             "shadow_policy": None
             if shadow is None
@@ -303,13 +305,13 @@ class Runtime:
                 "sha256": shadow.sha256,
                 "version": shadow.version,
                 "loaded_at": shadow.loaded_at,
-                "reload": self.shadow_status.as_dict(),
+                "reload": self.shadow_status.report(),
             },
             "geo": [
                 s.as_dict() | ({"age_seconds": round(now - s.build_epoch)} if s.path else {}) for s in self.geo.sources
             ],
             "geo_stale": bool(stale),
-            "watcher": self.watcher.as_dict(),
+            "watcher": self.watcher.report(),
             "embedded_geo": self.geo.embedded,
             "upstreams": self.upstream_urls(),
             "trusted_proxies": [str(n) for n in self.clientip.trusted.networks],
@@ -318,6 +320,7 @@ class Runtime:
             "audit": {"mode": self.audit.mode, "dropped": self.audit.dropped, "written": self.audit.written},
             "warnings": warnings,
         }
+        return dump(ReadyOut.model_validate(ready))
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

@@ -5,7 +5,7 @@ policy or database stops the process before anything listens), then runs
 the servers itself (``--workers 1``) or forks workers that inherit the
 sockets and the loaded, checked state. Every worker serves both the proxy
 and the control-plane port (the control plane on a thread and event loop of
-its own, :mod:`gateway.controlplane`), so any worker can answer ``/readyz``; with more
+its own, :mod:`gateway.control`), so any worker can answer ``/readyz``; with more
 than one worker, counters go to prometheus-client's multiprocess files and
 ``/metrics`` adds them up.
 
@@ -28,7 +28,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from .accesslog import redact_logs
@@ -100,77 +100,6 @@ def limits_for(settings: Settings) -> Limits:
     )
 
 
-@contextlib.asynccontextmanager
-async def _control_plane(
-    runtime: Runtime,
-    metrics: Any,
-    gateway: Any,
-    admin_sock: socket.socket,
-    slot: int,
-    supervisor: int | None,
-) -> AsyncIterator[asyncio.Event]:
-    """The control plane and the live policy around a data plane; yields the event SIGTERM sets.
-
-    The admin port is uvicorn + FastAPI on a thread and event loop of its own
-    (:mod:`gateway.controlplane`): a slow admin call cannot delay a proxied
-    request. Policy and GeoIP changes reach this worker through its own
-    supervised file watcher, SIGHUP (passed on by the supervisor) or
-    ``POST /admin/reload``, and are judged on this (the proxy's) loop, with
-    every parse and compile in a worker thread.
-    """
-    from .admin import admin_token, create_admin_app
-    from .controlplane import ControlPlane, Gate, ProxyLoop
-    from .live import watch
-    from .live.reload import Live
-
-    loop = asyncio.get_running_loop()
-    live = Live(runtime, metrics, gateway, report=slot == 0, supervisor=supervisor)
-    token = admin_token()
-    s = runtime.settings
-    admin = create_admin_app(runtime, metrics, live, token, ProxyLoop(loop))
-    plane = ControlPlane(
-        Gate(admin, token, timeout=s.header_timeout),
-        admin_sock,
-        header_timeout=s.header_timeout,
-        idle_timeout=s.idle_timeout,
-        log_level=s.log_level,
-    )
-    stopping = asyncio.Event()
-
-    def stop() -> None:
-        stopping.set()
-        plane.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop)
-    loop.add_signal_handler(signal.SIGHUP, live.on_sighup)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # one that came meanwhile arrives now
-    watcher = loop.create_task(watch.supervise(live, stopping)) if s.watch else None
-    if watcher is None:
-        # The state inherited from the parent is as of startup; a worker started
-        # later (or replacing one that died) reads the files as they are now.
-        live.spawn(live.reload(explicit=False))
-    await runtime.overrides.start(metrics)  # Redis (if any) is synced in the background from here on
-    runtime.audit.start(runtime.overrides)  # on only with --redis
-
-    def ended() -> None:  # on the control plane's thread
-        with contextlib.suppress(RuntimeError):  # the proxy's loop already closed
-            loop.call_soon_threadsafe(stopping.set)
-
-    plane.start(ended)
-    try:
-        yield stopping
-    finally:
-        stop()
-        await plane.wait()
-        await live.close()
-        await runtime.audit.close()
-        await runtime.overrides.close()
-        if watcher is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(watcher, 2)
-
-
 async def _native_main(
     runtime: Runtime,
     metrics: Any,
@@ -179,7 +108,8 @@ async def _native_main(
     slot: int,
     supervisor: int | None,
 ) -> None:
-    """The native data plane on the proxy port."""
+    """The native data plane on the proxy port, with the control plane beside it."""
+    from .control.plane import control_plane
     from .dataplane.server import Listener
     from .proxy import Gateway
 
@@ -192,7 +122,7 @@ async def _native_main(
     if runtime.edge is not None and runtime.edge.tls is not None:
         runtime.edge.tls.on_reload = metrics.tls_reload
     await listener.start(proxy_sock, runtime.edge)
-    async with _control_plane(runtime, metrics, gateway, admin_sock, slot, supervisor) as stopping:
+    async with control_plane(runtime, metrics, gateway, admin_sock, slot, supervisor) as stopping:
         runtime.ready = True
         await stopping.wait()
         runtime.ready = False
@@ -294,7 +224,7 @@ def _announce(
     geo = ", ".join(
         f"{src.type} ({src.path or 'embedded'}, built {src.build_date or 'unknown'})" for src in runtime.geo.sources
     )
-    from .admin import admin_token
+    from .control.app import admin_token
 
     admin = (
         f"admin API on http://{s.admin_host}:{_port(admin_sock)}/admin/ (bearer token from REGIONGATE_ADMIN_TOKEN)"

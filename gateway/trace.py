@@ -17,6 +17,7 @@ from typing import Any
 from .clientip import INVALID, PRIVATE, ClientAddress
 from .geo import GeoFacts
 from .policy import Decision, Policy, Rule, model_refusal
+from .reports import DecisionOut, KeyCheckOut, RuleStepOut, TraceOut
 
 KEYS = ("countries", "subdivisions", "asns", "anonymizer", "cidrs", "paths")  # what Rule.matches looks at
 _SHOWN = 8  # values listed before "…"
@@ -62,37 +63,34 @@ class Trace:
     default: str | None
     decision: Decision
 
-    def as_dict(self) -> dict[str, Any]:
+    def report(self) -> TraceOut:
+        """The walk as its report model: what ``explain --trace --json`` and ``/admin/explain`` show."""
         d = self.decision
-        return {
-            "client_kind": self.client_kind,
-            "address": self.address,
-            "path": self.path,
-            "geo_field": self.geo_field,
-            "country": self.country,
-            "rules_consulted": self.consulted,
-            "rules": [
-                {
-                    "index": s.index,
-                    "name": s.name,
-                    "line": s.line,
-                    "action": s.action,
-                    "mode": "monitor" if s.shadow else "enforce",
-                    "matched": s.matched,
-                    "reached": s.reached,
-                    "checks": [{"key": c.key, "matched": c.matched, "detail": c.detail} for c in s.checks],
-                }
+        return TraceOut(
+            client_kind=self.client_kind,
+            address=self.address,
+            path=self.path,
+            geo_field=self.geo_field,
+            country=self.country,
+            rules_consulted=self.consulted,
+            rules=[
+                RuleStepOut(
+                    index=s.index,
+                    name=s.name,
+                    line=s.line,
+                    action=s.action,
+                    mode="monitor" if s.shadow else "enforce",
+                    matched=s.matched,
+                    reached=s.reached,
+                    checks=[KeyCheckOut(key=c.key, matched=c.matched, detail=c.detail) for c in s.checks],
+                )
                 for s in self.steps
             ],
-            "default": self.default,
-            "decision": {
-                "verdict": d.verdict,
-                "action": d.action,
-                "rule": d.rule,
-                "reason": d.reason,
-                "shadow": list(d.shadow),
-            },
-        }
+            default=self.default,
+            decision=DecisionOut(
+                verdict=d.verdict, action=d.action, rule=d.rule, reason=d.reason, shadow=list(d.shadow)
+            ),
+        )
 
     def lines(self) -> list[str]:
         """The walk in words, one line per rule and one per key."""

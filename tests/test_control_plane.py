@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from conftest import Gateway, GatewayFactory, Stub
-from gateway.controlplane import MAX_BODY, ControlPlane, Gate
+from gateway.control.gate import MAX_BODY, Gate
+from gateway.control.listener import ControlPlane
 from overrides_support import AUTH, CN, GB, TOKEN, overrides_gateway, status_of
 
 HUNDRED_MB = 100 * 1024 * 1024
@@ -317,7 +318,7 @@ def test_a_candidate_the_parser_cannot_hold_is_a_400_and_the_proxy_serves(admin_
 
 
 def test_at_the_cap_the_longest_idle_connection_makes_room_and_with_none_idle_the_newcomer_gets_a_503() -> None:
-    from gateway.controlplane import MAX_CONNECTIONS
+    from gateway.control.listener import MAX_CONNECTIONS
 
     release = threading.Event()
     busy = threading.Semaphore(0)

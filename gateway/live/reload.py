@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from ..geo import GeoDataError, file_identity
 from ..policy import run_tests
+from ..reports import PolicyFileResult
 from ..runtime import (
     ConfigError,
     ReloadStatus,
@@ -57,16 +58,17 @@ class ReloadResult:
     error: str | None = None
     candidate_sha256: str | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "changed": self.changed,
-            "path": self.path,
-            "sha256": self.sha256,
-            "version": self.version,
-            "error": self.error,
-            "candidate_sha256": self.candidate_sha256,
-        }
+    def report(self) -> PolicyFileResult:
+        """What ``POST /admin/reload`` says of this file."""
+        return PolicyFileResult(
+            ok=self.ok,
+            changed=self.changed,
+            path=self.path,
+            sha256=self.sha256,
+            version=self.version,
+            error=self.error,
+            candidate_sha256=self.candidate_sha256,
+        )
 
 
 def _read(path: str) -> tuple[str, str]:

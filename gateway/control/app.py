@@ -15,10 +15,11 @@ only ``/admin/*`` (``/docs`` is off).
 (:mod:`gateway.live`); the other routes only read.
 
 This app runs on the control plane's own thread and event loop
-(:mod:`gateway.controlplane`, whose gate checks the token before any body is
-read). What it reads or changes on the proxy's side (the override store, the
+(:mod:`gateway.control.listener`), behind :mod:`gateway.control.gate`, which
+checks the token before any body is read. Its request and response models are
+in :mod:`gateway.control.schemas`. What it reads or changes on the proxy's side (the override store, the
 live reloader, the geo lookup cache, the state ``/readyz`` describes) it
-reaches through ``app.state.proxy``, a :class:`~gateway.controlplane.ProxyLoop`;
+reaches through ``app.state.proxy``, a :class:`~gateway.control.proxyloop.ProxyLoop`;
 parsing and diffing a candidate run in worker threads, at most
 :data:`HEAVY_AT_ONCE` at a time.
 """
@@ -29,25 +30,39 @@ import asyncio
 import hmac
 import os
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from . import __version__
-from .controlplane import MAX_BODY, ProxyLoop
-from .metrics import Metrics, exposition
-from .policy import PolicySpec
-from .policy.overrides import KINDS, MAX_TEXT, Override, OverrideError, check_text, new_override
-from .runtime import Runtime
-from .shared.redisconn import RedisUnavailable
+from .. import __version__
+from ..metrics import Metrics, exposition
+from ..policy import PolicySpec
+from ..policy.overrides import Override, OverrideError, new_override
+from ..runtime import Runtime
+from ..shared.redisconn import RedisUnavailable
+from .gate import MAX_BODY
+from .proxyloop import ProxyLoop
+from .schemas import (
+    ActivePolicies,
+    CandidateError,
+    CandidateTests,
+    DiffOut,
+    ErrorBody,
+    ExplainOut,
+    OverrideIn,
+    OverrideList,
+    OverrideOut,
+    OverrideRemoved,
+    PolicyDocument,
+    ReloadResponse,
+)
 
 if TYPE_CHECKING:
-    from .live.reload import Live
+    from ..live.reload import Live
 
 ADMIN_TOKEN_ENV = "REGIONGATE_ADMIN_TOKEN"
 MAX_CANDIDATE_BYTES = MAX_BODY
@@ -79,247 +94,20 @@ async def require_admin(
         raise HTTPException(401, "a valid admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
 
-class ErrorBody(BaseModel):
-    detail: str
-
-
-class CandidateError(BaseModel):
-    error: str
-    problems: list[str] = Field(description="One 'file:line: problem' per problem.")
-
-
-class Verdict(BaseModel):
-    decision: str
-    rule: str
-
-
-class ChangeOut(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
-    kind: str = Field(description="country, subdivision, client, asn, anonymizer or cidr")
-    subject: str
-    from_: Verdict = Field(alias="from")
-    to: Verdict
-    countries: list[str] | None = Field(description="Countries it happens with; null: every one probed.")
-    addresses: list[str] | None = Field(description="CIDR addresses it happens at; null: every one probed.")
-    paths: list[str] | None = Field(description="Paths it happens on; null: every one probed.")
-
-
-class SettingOut(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
-    key: str
-    from_: Any = Field(alias="from")
-    to: Any
-
-
-class PolicyRef(BaseModel):
-    path: str
-    sha256: str
-
-
-class Summary(BaseModel):
-    changes: int
-    transitions: dict[str, int]
-
-
-class CandidateTests(BaseModel):
-    passed: int
-    failed: list[str]
-
-
-class DiffOut(BaseModel):
-    old: PolicyRef
-    new: PolicyRef
-    changed: bool
-    probes: int
-    changes: list[ChangeOut]
-    rule_changes: list[ChangeOut]
-    settings: list[SettingOut]
-    summary: Summary
-    candidate_tests: CandidateTests
-
-
-class KeyCheckOut(BaseModel):
-    key: str
-    matched: bool
-    detail: str
-
-
-class RuleStepOut(BaseModel):
-    index: int
-    name: str
-    line: int | None
-    action: str
-    mode: str
-    matched: bool
-    reached: bool
-    checks: list[KeyCheckOut]
-
-
-class DecisionOut(BaseModel):
-    verdict: str
-    action: str
-    rule: str
-    reason: str
-    shadow: list[str]
-
-
-class TraceOut(BaseModel):
-    client_kind: str
-    address: str | None
-    path: str
-    geo_field: str
-    country: str | None
-    rules_consulted: bool
-    rules: list[RuleStepOut]
-    default: str | None
-    decision: DecisionOut
-
-
-class RecordOut(BaseModel):
-    database_type: str
-    path: str
-    found: bool
-    network: str | None
-    fields: dict[str, Any]
-    error: str | None
-
-
-class ExplainOut(BaseModel):
-    """The same report as ``regiongate explain --trace --json``."""
-
-    ip: str
-    normalized: str | None
-    kind: str
-    problem: str | None
-    path: str
-    model: str | None = Field(None, description="The model judged (query 'model'); null: judged as unknown.")
-    decision: str
-    action: str
-    rule: str
-    rule_line: int | None
-    rule_conditions: dict[str, Any] | None
-    reason: str
-    why: list[str]
-    shadow: list[str]
-    upstream: str | None = Field(None, description="Where the request would go (null when refused).")
-    allow_models: list[str] | None = Field(None, description="The deciding rule's allow_models.")
-    status: int | None
-    facts: dict[str, Any]
-    records: list[RecordOut]
-    policy: dict[str, Any]
-    geo: list[dict[str, Any]]
-    trace: TraceOut
-    override: OverrideOut | None = Field(None, description="The runtime override that decides, before any rule.")
-    rate_limit: dict[str, Any] | None = Field(
-        None, description="The deciding rule's rate_limit (per: seconds); a request within it goes on."
-    )
-
-
-class OverrideIn(BaseModel):
-    """Exactly one of cidr, api_key, country, subdivision."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    action: Literal["allow", "deny"]
-    cidr: str | None = Field(None, max_length=64, description="An IPv4 or IPv6 block, e.g. 203.0.113.0/24.")
-    api_key: str | None = Field(
-        None,
-        min_length=1,
-        max_length=4096,
-        description="A caller's bearer token; only its keyed hash (HMAC-SHA256) is kept, never the token.",
-    )
-    country: str | None = Field(None, pattern="^[A-Za-z]{2}$", description="ISO 3166-1 alpha-2, e.g. CN.")
-    subdivision: str | None = Field(
-        None, pattern="^[A-Za-z]{2}-[A-Za-z0-9]{1,3}$", description="ISO 3166-2, e.g. GB-ENG."
-    )
-    reason: str = Field(..., max_length=MAX_TEXT)
-    by: str = Field("", max_length=MAX_TEXT, description="Who set it.")
-    ttl: float | None = Field(None, gt=0, le=10 * 365 * 86400, description="Seconds until it expires; none: never.")
-    id: str | None = Field(None, pattern="^[A-Za-z0-9_.-]{1,64}$", description="Chosen id; none: a random one.")
-
-    @model_validator(mode="after")
-    def _one_subject(self) -> OverrideIn:
-        given = [k for k in KINDS if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of cidr, api_key, country, subdivision")
-        kind = given[0]
-        try:
-            check_text(self.reason, self.by)
-            if kind != "api_key":  # the key is hashed with the store's key, which only the store knows
-                new_override(self.action, kind, getattr(self, kind), self.reason, self.by)
-        except OverrideError as e:
-            raise ValueError(str(e)) from None
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in KINDS if getattr(self, k) is not None)
-
-
-class OverrideOut(BaseModel):
-    id: str
-    action: str
-    kind: str = Field(description="api_key, cidr, subdivision or country")
-    value: str = Field(description="The block or code; for api_key 'hmac-sha256:' and the hash's first 16 hex digits.")
-    reason: str
-    by: str
-    created_at: float
-    expires_at: float | None
-    rule: str = Field(description="The rule name its decisions carry: override:<id>.")
-
-
-class OverrideList(BaseModel):
-    backend: str = Field(description="memory (this process) or redis (every replica)")
-    overrides: list[OverrideOut]
-
-
-class OverrideRemoved(BaseModel):
-    removed: str
-
-
 def _override_out(o: Override) -> OverrideOut:
     return OverrideOut(**o.public())
-
-
-class PolicyFileResult(BaseModel):
-    ok: bool
-    changed: bool
-    path: str
-    sha256: str
-    version: str
-    error: str | None
-    candidate_sha256: str | None
-
-
-class ReloadResponse(PolicyFileResult):
-    """The main policy's result at the top level; the shadow policy's, if one is configured, under ``shadow``."""
-
-    pid: int
-    shadow: PolicyFileResult | None = None
-
-
-class PolicyDocument(BaseModel):
-    path: str
-    source: str
-    sha256: str
-    version: str
-    loaded_at: str
-    text: str
-
-
-class ActivePolicies(PolicyDocument):
-    shadow: PolicyDocument | None = None
 
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
 
 
+# What the gate (gateway.control.gate) answers before any route runs: the token, then the body's size and time.
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "Missing or wrong bearer token."},
     404: {"model": ErrorBody, "description": f"The admin API is disabled: {ADMIN_TOKEN_ENV} is not set."},
+    408: {"model": ErrorBody, "description": "The request body did not arrive within the header timeout."},
+    413: {"model": ErrorBody, "description": f"The request body is larger than {MAX_BODY} bytes."},
 }
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], responses=_AUTH_RESPONSES)
@@ -388,15 +176,15 @@ async def admin_explain(
 ) -> Any:
     """What the running policy does with this address on this path, and why: every rule in order."""
     # On the proxy's loop: the geo lookup cache is shared with the proxy, and no other thread writes to it.
-    from .explain import explain
-    from .requestpath import BadPath
+    from ..explain import explain
+    from ..requestpath import BadPath
 
     runtime = _runtime(request)
 
-    def report() -> dict[str, Any]:
+    def report() -> ExplainOut:
         return explain(
             runtime.policy, runtime.geo, ip, path, with_trace=True, overrides=runtime.overrides.compiled, model=model
-        ).report
+        ).model
 
     try:
         return await _proxy(request).call(report)
@@ -478,9 +266,9 @@ async def remove_override(request: Request, override_id: Annotated[str, Path(pat
 )
 async def admin_diff(request: Request) -> Any:
     """Which callers the candidate policy in the body would treat differently from the running one."""
-    from .diff import diff
-    from .policy import parse_policy, run_tests
-    from .yamlfile import FileError
+    from ..diff import diff
+    from ..policy import parse_policy, run_tests
+    from ..yamlfile import FileError
 
     runtime = _runtime(request)
     body = await request.body()  # read by the gate already, and bounded there
@@ -505,14 +293,14 @@ async def admin_diff(request: Request) -> Any:
         problem = f"{name}: cannot load this candidate: {type(e).__name__}"
         return JSONResponse({"error": "candidate policy is invalid", "problems": [problem]}, status_code=400)
     running = runtime.policy
-    out = (await _heavy(request, diff, running, candidate)).as_dict()
+    report = (await _heavy(request, diff, running, candidate)).report()
     # The policy tests look addresses up in the geo cache the proxy shares: on its loop.
     results = await _proxy(request).call(lambda: run_tests(candidate, runtime.geo))
-    out["candidate_tests"] = {
-        "passed": sum(r.passed for r in results),
-        "failed": [f"{name}:{r.line}: test {r.test.ip} {r.test.path}: {r.problem}" for r in results if not r.passed],
-    }
-    return out
+    tests = CandidateTests(
+        passed=sum(r.passed for r in results),
+        failed=[f"{name}:{r.line}: test {r.test.ip} {r.test.path}: {r.problem}" for r in results if not r.passed],
+    )
+    return report.model_copy(update={"candidate_tests": tests})
 
 
 def _document(runtime: Runtime, role: str) -> PolicyDocument | None:
@@ -556,8 +344,8 @@ async def reload(request: Request) -> JSONResponse:
     live: Live | None = request.app.state.live
     if live is None:
         raise HTTPException(status_code=503, detail="reloading is not available in this process")
-    results = {r.role: r.as_dict() for r in await _proxy(request).run(live.admin_reload)}
-    body = ReloadResponse(**results["policy"], pid=os.getpid(), shadow=results.get("shadow"))
+    results = {r.role: r.report() for r in await _proxy(request).run(live.admin_reload)}
+    body = ReloadResponse(**dict(results["policy"]), pid=os.getpid(), shadow=results.get("shadow"))
     ok = body.ok and (body.shadow is None or body.shadow.ok)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 422)
 

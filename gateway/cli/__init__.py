@@ -1,0 +1,64 @@
+"""``regiongate``: serve, check, explain, diff, override, audit, schema, stub.
+
+- ``serve``: run the gateway (:mod:`~gateway.cli.serve`; its options are data in :mod:`~gateway.cli.options`);
+- ``check``: validate policy files and run their tests (:mod:`~gateway.cli.check`);
+- ``explain``: the decision for one address and path, and why (:mod:`~gateway.cli.explain`);
+- ``diff``: which callers a policy change treats differently, optionally replaying traffic (:mod:`~gateway.cli.diff`);
+- ``override add|list|remove``: runtime overrides, through a gateway's admin API or Redis
+  (:mod:`~gateway.cli.override`);
+- ``audit tail|export``: read the Redis audit stream (:mod:`~gateway.cli.audit`);
+- ``schema``: print the policy file's JSON Schema (:mod:`~gateway.cli.schema`);
+- ``stub``: run the bundled OpenAI-compatible stub upstream (:mod:`~gateway.cli.stub`).
+
+Every ``serve`` flag has a ``REGIONGATE_*`` environment variable (flags win);
+repeatable flags take a comma-separated list there. ``check`` and
+``explain`` accept the same policy and geo flags as ``serve``, so that what
+they say is what a running gateway with those flags would do. Text output is
+worded in :mod:`~gateway.cli.render`; ``docs/reference/cli.md`` is generated
+from these parsers by :mod:`gateway.cli.reference`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from .. import __version__
+from . import audit, check, diff, explain, override, schema, serve, stub
+
+# In the order ``regiongate --help`` lists them.
+SUBCOMMANDS = (serve, check, explain, diff, override, audit, schema, stub)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The whole command line; each subcommand's module adds its parser and sets ``func``."""
+    parser = _Parser(prog="regiongate", description="Region-aware gateway for model APIs.")
+    parser.add_argument("--version", action="version", version=f"regiongate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for command in SUBCOMMANDS:
+        command.add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head` and closed: not an error worth a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1

@@ -1,0 +1,296 @@
+"""The report models: one per record, what ``--json`` prints, the admin API returns and its OpenAPI document describes.
+
+Each record the operator tools produce (an explain report and its trace, an
+override as shown, a policy diff, a replay, a reload result, the file
+watcher's health, readiness) exists once, here, as a frozen pydantic model whose field
+order is the order of its JSON keys. The code that builds a record
+(:mod:`gateway.explain`, :mod:`gateway.trace`, :mod:`gateway.diff`,
+:mod:`gateway.live.reload`, :mod:`gateway.runtime`) fills the model from its
+own frozen dataclasses; ``regiongate ... --json`` prints :func:`dump` of it,
+and the admin API (:mod:`gateway.control.schemas` re-exports these) declares
+it as its response model, so the two can never drift apart.
+
+The models live in this neutral module, not in :mod:`gateway.control`,
+because the decision side builds them and may not import the control plane;
+and not each beside its builder, because the control plane would then import
+every decision module to describe its answers. This module imports nothing
+from ``gateway``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Report(BaseModel):
+    """A record as JSON: frozen, keys in field order, ``from`` spelled ``from_`` in Python."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+
+def dump(report: Report) -> dict[str, Any]:
+    """The record as the JSON object ``--json`` prints and the admin API returns (keys in field order)."""
+    return report.model_dump(by_alias=True, exclude_unset=True)
+
+
+# --- trace (explain --trace) --------------------------------------------------------------
+
+
+class KeyCheckOut(Report):
+    key: str
+    matched: bool
+    detail: str
+
+
+class RuleStepOut(Report):
+    index: int
+    name: str
+    line: int | None
+    action: str
+    mode: str
+    matched: bool
+    reached: bool
+    checks: list[KeyCheckOut]
+
+
+class DecisionOut(Report):
+    verdict: str
+    action: str
+    rule: str
+    reason: str
+    shadow: list[str]
+
+
+class TraceOut(Report):
+    client_kind: str
+    address: str | None
+    path: str
+    geo_field: str
+    country: str | None
+    rules_consulted: bool
+    rules: list[RuleStepOut]
+    default: str | None
+    decision: DecisionOut
+
+
+# --- explain ------------------------------------------------------------------------------
+
+
+class OverrideOut(Report):
+    id: str
+    action: str
+    kind: str = Field(description="api_key, cidr, subdivision or country")
+    value: str = Field(description="The block or code; for api_key 'hmac-sha256:' and the hash's first 16 hex digits.")
+    reason: str
+    by: str
+    created_at: float
+    expires_at: float | None
+    rule: str = Field(description="The rule name its decisions carry: override:<id>.")
+
+
+class RecordOut(Report):
+    database_type: str
+    path: str
+    found: bool
+    network: str | None
+    fields: dict[str, Any]
+    error: str | None
+
+
+class ExplainOut(Report):
+    """What ``regiongate explain --json`` prints and ``GET /admin/explain`` returns (with ``trace``).
+
+    The keys after ``geo`` are there only when they apply: ``override`` when a
+    runtime override decides, ``rate_limit`` and ``allow_models`` when the
+    deciding rule has them, ``trace`` when asked for.
+    """
+
+    ip: str
+    normalized: str | None
+    kind: str
+    problem: str | None
+    path: str
+    model: str | None = Field(None, description="The model judged (query 'model'); null: judged as unknown.")
+    decision: str
+    action: str
+    rule: str
+    rule_line: int | None
+    rule_conditions: dict[str, Any] | None
+    reason: str
+    why: list[str]
+    shadow: list[str]
+    upstream: str | None = Field(None, description="Where the request would go (null when refused).")
+    status: int | None
+    facts: dict[str, Any]
+    records: list[RecordOut]
+    policy: dict[str, Any]
+    geo: list[dict[str, Any]]
+    override: OverrideOut | None = Field(None, description="The runtime override that decides, before any rule.")
+    rate_limit: dict[str, Any] | None = Field(
+        None, description="The deciding rule's rate_limit (per: seconds); a request within it goes on."
+    )
+    allow_models: list[str] | None = Field(None, description="The deciding rule's allow_models.")
+    trace: TraceOut | None = Field(None, description="Every rule in order (explain --trace; always in the admin API).")
+
+
+# --- diff and replay ------------------------------------------------------------------------
+
+
+class Verdict(Report):
+    decision: str
+    rule: str
+
+
+class ChangeOut(Report):
+    kind: str = Field(description="country, subdivision, client, asn, anonymizer or cidr")
+    subject: str
+    from_: Verdict = Field(alias="from")
+    to: Verdict
+    countries: list[str] | None = Field(description="Countries it happens with; null: every one probed.")
+    addresses: list[str] | None = Field(description="CIDR addresses it happens at; null: every one probed.")
+    paths: list[str] | None = Field(description="Paths it happens on; null: every one probed.")
+
+
+class SettingOut(Report):
+    key: str
+    from_: Any = Field(alias="from")
+    to: Any
+
+
+class PolicyRef(Report):
+    path: str
+    sha256: str
+
+
+class Summary(Report):
+    changes: int
+    transitions: dict[str, int]
+
+
+class CandidateTests(Report):
+    passed: int
+    failed: list[str]
+
+
+class DiffOut(Report):
+    old: PolicyRef
+    new: PolicyRef
+    changed: bool
+    probes: int
+    changes: list[ChangeOut]
+    rule_changes: list[ChangeOut]
+    settings: list[SettingOut]
+    summary: Summary
+    candidate_tests: CandidateTests | None = Field(
+        None, description="The candidate's own tests (the admin API only: the CLI's diff does not run them)."
+    )
+    replay: ReplayOut | None = Field(None, description="diff --replay only (the CLI): recorded requests that flip.")
+
+
+class ReplaySkipped(Report):
+    redacted: int
+    unreadable: int
+
+
+class CountryFlips(Report):
+    country: str
+    flips: int
+
+
+class RuleFlips(Report):
+    rules: str
+    flips: int
+
+
+class FlipOut(Report):
+    line: int
+    client: str
+    path: str
+    country: str
+    from_: Verdict = Field(alias="from")
+    to: Verdict
+
+
+class ReplayOut(Report):
+    lines: int
+    replayed: int
+    skipped: ReplaySkipped
+    flipped: int
+    transitions: dict[str, int]
+    top_countries: list[CountryFlips]
+    top_rules: list[RuleFlips]
+    examples: list[FlipOut]
+
+
+# --- reload and the file watcher ------------------------------------------------------------
+
+
+class PolicyFileResult(Report):
+    ok: bool
+    changed: bool
+    path: str
+    sha256: str
+    version: str
+    error: str | None
+    candidate_sha256: str | None
+
+
+class WatcherOut(Report):
+    enabled: bool
+    running: bool
+    restarts: int
+    last_error: str | None
+    failed_at: float | None
+
+
+# --- readiness (/readyz) --------------------------------------------------------------------
+
+
+class ReloadStatusOut(Report):
+    attempted_at: float | None = Field(description="When the file was last read, in epoch seconds; null: never.")
+    error: str | None = Field(description="Why the candidate on disk was refused; the previous one serves.")
+
+
+class PolicyInForce(Report):
+    path: str
+    sha256: str
+    version: str
+    loaded_at: float
+    rules: int
+    mode: str
+    reload: ReloadStatusOut
+
+
+class ShadowInForce(Report):
+    path: str
+    sha256: str
+    version: str
+    loaded_at: float
+    reload: ReloadStatusOut
+
+
+class AuditCounts(Report):
+    mode: str
+    dropped: int
+    written: int
+
+
+class ReadyOut(Report):
+    """What ``/readyz`` answers (200 when ``ready``, else 503)."""
+
+    ready: bool
+    pid: int
+    policy: PolicyInForce
+    shadow_policy: ShadowInForce | None
+    geo: list[dict[str, Any]] = Field(description="Each GeoIP source; age_seconds for a file.")
+    geo_stale: bool
+    watcher: WatcherOut
+    embedded_geo: bool
+    upstreams: dict[str, Any]
+    trusted_proxies: list[str]
+    client_ip_header: str
+    overrides: dict[str, Any] = Field(description="The override store: backend, and for Redis its state.")
+    audit: AuditCounts
+    warnings: list[str]
