@@ -121,6 +121,7 @@ print(" ".join(seen))
 """
 
 
+@pytest.mark.e2e
 def test_a_loaded_database_is_a_private_copy(tmp_path: Path, two_dbs: tuple[bytes, bytes]) -> None:
     """Truncating or rewriting the file changes nothing the reader answers, until it is reloaded.
 

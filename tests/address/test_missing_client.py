@@ -92,6 +92,7 @@ def test_a_cidrs_rule_allows_a_proxys_own_health_checks_and_geo_rules_never_matc
     assert decide(p, other, NO_FACTS, "/v1/models").rule == "defaults.missing"
 
 
+@pytest.mark.e2e
 def test_policy_tests_and_explain_can_judge_a_missing_client(tmp_path: Path) -> None:
     text = HEALTH_POLICY + textwrap.dedent("""\
         tests:

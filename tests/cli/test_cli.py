@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from support.processes import ANON, ASN, CITY, POLICIES, write
 
 
@@ -14,6 +16,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.e2e
 def test_check_passes_shipped_policies() -> None:
     r = run(
         "check",
@@ -26,6 +29,7 @@ def test_check_passes_shipped_policies() -> None:
     assert "openai-supported.yaml: ok: 2 rules, 13/13 tests passed" in r.stdout
 
 
+@pytest.mark.e2e
 def test_check_fails_on_a_failing_test_with_its_line(tmp_path: Path) -> None:
     p = write(
         tmp_path,
@@ -38,6 +42,7 @@ def test_check_fails_on_a_failing_test_with_its_line(tmp_path: Path) -> None:
     assert f"{p}:6: test 175.16.199.1 /v1/chat/completions: expected allow, got deny" in r.stderr
 
 
+@pytest.mark.e2e
 def test_check_fails_on_an_invalid_policy(tmp_path: Path) -> None:
     p = write(tmp_path, "p.yaml", "version: 1\nrules:\n  - {asns: [4837], action: deny}\n")
     r = run("check", p)  # no ASN database given
@@ -45,17 +50,20 @@ def test_check_fails_on_an_invalid_policy(tmp_path: Path) -> None:
     assert run("check", p, "--geoip", ASN).returncode == 0
 
 
+@pytest.mark.e2e
 def test_check_bad_database_is_a_usage_error() -> None:
     r = run("check", str(POLICIES / "openai-supported.yaml"), "--geoip", "/nonexistent.mmdb")
     assert r.returncode == 2 and "/nonexistent.mmdb" in r.stderr
 
 
+@pytest.mark.e2e
 def test_explain_text() -> None:
     r = run("explain", "2002:af10:c701::1")
     assert r.returncode == 0
     assert "DENY" in r.stdout and "is 175.16.199.1" in r.stdout and "country:   CN" in r.stdout
 
 
+@pytest.mark.e2e
 def test_explain_json_names_rule_line_and_facts(tmp_path: Path) -> None:
     p = write(
         tmp_path,
@@ -71,18 +79,21 @@ def test_explain_json_names_rule_line_and_facts(tmp_path: Path) -> None:
     assert [g["type"] for g in out["geo"]] == ["GeoIP2-City", "GeoIP2-Anonymous-IP"]
 
 
+@pytest.mark.e2e
 def test_explain_invalid_address() -> None:
     r = run("explain", "not-an-ip", "--json")
     out = json.loads(r.stdout)
     assert (out["kind"], out["decision"], out["rule"]) == ("invalid", "deny", "defaults.invalid")
 
 
+@pytest.mark.e2e
 def test_environment_variables_configure_serve_flags(tmp_path: Path) -> None:
     env = {"REGIONGATE_POLICY": str(tmp_path / "missing.yaml"), "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-m", "gateway", "serve"], capture_output=True, text=True, timeout=30, env=env)
     assert r.returncode == 2 and "missing.yaml" in r.stderr
 
 
+@pytest.mark.e2e
 def test_check_refuses_a_per_key_limit_behind_an_injected_key(tmp_path: Path) -> None:
     """The report's policy: with the upstream's own key injected, 12 made-up keys passed a 3/min limit."""
     p = write(

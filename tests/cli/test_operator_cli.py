@@ -63,6 +63,7 @@ def test_shown_defaults_are_the_real_ones(dest: str, shown: str) -> None:
     assert str(Settings.model_fields[dest].default) == shown
 
 
+@pytest.mark.e2e
 def test_help_texts_render() -> None:
     serve = run("serve", "--help").stdout
     assert "default: 8080" in serve and "default: https://api.openai.com" in serve
@@ -74,6 +75,7 @@ def test_help_texts_render() -> None:
     assert "default: 8000" in stub and "default: 127.0.0.1" in stub
 
 
+@pytest.mark.e2e
 def test_usage_errors_are_one_line() -> None:
     r = run("explain")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--help" in r.stderr
@@ -82,6 +84,7 @@ def test_usage_errors_are_one_line() -> None:
 # --- check: one pass ---------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_check_reports_structural_and_semantic_problems_in_one_run(tmp_path: Path) -> None:
     p = write(
         tmp_path,
@@ -100,6 +103,7 @@ def test_check_reports_structural_and_semantic_problems_in_one_run(tmp_path: Pat
     ]
 
 
+@pytest.mark.e2e
 def test_check_yaml_error_points_at_the_unclosed_bracket(tmp_path: Path) -> None:
     p = write(tmp_path, "p.yaml", "version: 1\nrules:\n  - countries: [GB\n    action: allow\n")
     r = run("check", p)
@@ -111,6 +115,7 @@ def test_check_yaml_error_points_at_the_unclosed_bracket(tmp_path: Path) -> None
 POLICY = "version: 1\nrules:\n  - {name: gb, countries: [GB], action: allow}\ndefaults:\n  action: deny\n"
 
 
+@pytest.mark.e2e
 def test_explain_default_gives_reason_once_and_the_line_of_the_default(tmp_path: Path) -> None:
     p = write(tmp_path, "p.yaml", POLICY)
     r = run("explain", "175.16.199.1", "--policy", p, "--geoip", CITY)
@@ -121,6 +126,7 @@ def test_explain_default_gives_reason_once_and_the_line_of_the_default(tmp_path:
     assert (out["rule"], out["rule_line"], out["why"]) == ("defaults.action", 5, [])
 
 
+@pytest.mark.e2e
 def test_explain_default_not_written_in_the_file(tmp_path: Path) -> None:
     p = write(tmp_path, "p.yaml", POLICY)
     r = run("explain", "10.1.2.3", "--policy", p, "--geoip", CITY)
@@ -128,6 +134,7 @@ def test_explain_default_not_written_in_the_file(tmp_path: Path) -> None:
     assert json.loads(run("explain", "10.1.2.3", "--policy", p, "--json").stdout)["rule_line"] is None
 
 
+@pytest.mark.e2e
 def test_explain_names_policy_data_and_that_it_decides_locally(tmp_path: Path) -> None:
     p = write(tmp_path, "p.yaml", POLICY)
     r = run("explain", "81.2.69.160", "--policy", p, "--geoip", CITY)
@@ -138,6 +145,7 @@ def test_explain_names_policy_data_and_that_it_decides_locally(tmp_path: Path) -
     assert "because:   country GB is in countries" in r.stdout
 
 
+@pytest.mark.e2e
 def test_explain_names_the_embedded_data_and_its_date() -> None:
     r = run("explain", "81.2.69.160", "--policy", str(POLICIES / "openai-supported-country-only.yaml"))
     (geo,) = [line for line in r.stdout.splitlines() if line.startswith("  geo:")]

@@ -62,6 +62,7 @@ def test_no_watch_announces_only_the_reloads_it_does(gateway: GatewayFactory, st
     assert "on change" not in err
 
 
+@pytest.mark.e2e
 def test_stub_on_a_busy_port_says_so_in_one_line() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -35,6 +35,7 @@ def test_every_seed_keeps_its_invariants(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.e2e
 def test_a_short_coverage_guided_pass_keeps_every_invariant(name: str, tmp_path: Path) -> None:
     runs = TARGETS[name][1]
     args = ["--target", name, "--runs", str(runs), "--seed", "1"]

@@ -44,6 +44,7 @@ def test_the_two_shipped_openai_policies_differ_exactly_on_ukraine() -> None:
     assert d["summary"] == {"changes": 5, "transitions": {"allow -> monitor": 1, "deny -> monitor": 4}}
 
 
+@pytest.mark.e2e
 def test_cli_exit_codes_and_json_shape(tmp_path: Path) -> None:
     same = run("diff", COUNTRY_ONLY, COUNTRY_ONLY)
     assert same.returncode == 0, same.stderr
@@ -69,6 +70,7 @@ def test_cli_exit_codes_and_json_shape(tmp_path: Path) -> None:
     assert r.returncode == 2 and "missing.yaml" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.e2e
 def test_an_edited_copy_shows_exactly_the_edit(tmp_path: Path) -> None:
     text = Path(COUNTRY_ONLY).read_text()
     assert ", SE, " in text
@@ -133,6 +135,7 @@ def test_paths_case_is_a_setting_change() -> None:
     assert d["changed"] is True
 
 
+@pytest.mark.e2e
 def test_renaming_a_rule_changes_no_decision(tmp_path: Path) -> None:
     old = write(tmp_path, "a.yaml", "version: 1\nrules:\n  - {name: gb, countries: [GB], action: allow}\n")
     new = write(tmp_path, "b.yaml", "version: 1\nrules:\n  - {name: uk, countries: [GB], action: allow}\n")
@@ -218,6 +221,7 @@ def test_replay_skips_and_counts_redacted_clients(gateway: GatewayFactory, stub:
     assert (rep["replayed"], rep["flipped"]) == (1, 1)
 
 
+@pytest.mark.e2e
 def test_replay_with_unreadable_file_is_a_usage_error() -> None:
     r = run("diff", COUNTRY_ONLY, COUNTRY_ONLY, "--replay", "/nonexistent/access.log")
     assert r.returncode == 2 and "/nonexistent/access.log" in r.stderr and "Traceback" not in r.stderr

@@ -90,6 +90,7 @@ def test_deep_nesting_is_refused_as_too_deeply_nested_with_its_line(text: str, l
     assert peak < PEAK_BOUND, peak
 
 
+@pytest.mark.e2e
 def test_deep_nesting_in_a_file_names_the_file_and_line_from_the_command_line(tmp_path: Path) -> None:
     """What an operator sees: the file and line and what is wrong, not a traceback or a watcher error."""
     path = write(tmp_path, "deep.yaml", "version: 1\n\nmetadata: " + "[" * 10_000 + "\n")

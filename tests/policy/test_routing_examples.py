@@ -28,6 +28,7 @@ def test_both_examples_are_shipped() -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
 @pytest.mark.parametrize("geoip", [[], ["--geoip", CITY]], ids=["embedded", "city"])
+@pytest.mark.e2e
 def test_each_example_passes_regiongate_check(path: Path, geoip: list[str]) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "gateway", "check", str(path), *geoip], capture_output=True, text=True, timeout=60

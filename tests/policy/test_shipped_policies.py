@@ -23,6 +23,7 @@ def reference() -> set[str]:
     return {c for line in text.splitlines() if not line.startswith("#") for c in line.split()}
 
 
+@pytest.mark.e2e
 def test_generated_files_are_up_to_date() -> None:
     r = subprocess.run([sys.executable, str(POLICIES / "generate.py"), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -106,6 +107,7 @@ def test_the_monitor_only_starter_is_shipped() -> None:
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+@pytest.mark.e2e
 def test_every_shipped_policy_passes_regiongate_check(path: object) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "gateway", "check", str(path), "--geoip", CITY],

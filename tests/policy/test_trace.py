@@ -177,6 +177,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.e2e
 def test_explain_trace_text_on_the_full_shipped_policy() -> None:
     r = run("explain", "175.16.199.1", "--trace", "--policy", str(POLICIES / "openai-supported.yaml"), "--geoip", CITY)
     assert r.returncode == 0, r.stderr
@@ -190,6 +191,7 @@ def test_explain_trace_text_on_the_full_shipped_policy() -> None:
     assert "country: China (CN)" in out and "subdivisions: Jilin Sheng (CN-22)" in out and "city: Changchun" in out
 
 
+@pytest.mark.e2e
 def test_explain_trace_json_on_the_country_only_policy() -> None:
     r = run("explain", "2a02:d300::1", "--trace", "--json")
     assert r.returncode == 0, r.stderr
@@ -205,12 +207,14 @@ def test_explain_trace_json_on_the_country_only_policy() -> None:
     assert out["records"] == []  # embedded data: no MaxMind record to show
 
 
+@pytest.mark.e2e
 def test_explain_trace_of_an_invalid_address_consults_no_rule() -> None:
     out = json.loads(run("explain", "999.1.1.1", "--trace", "--json").stdout)
     assert out["trace"]["rules_consulted"] is False and out["trace"]["rules"] == []
     assert out["trace"]["default"] == "defaults.invalid" and out["decision"] == "deny"
 
 
+@pytest.mark.e2e
 def test_explain_shows_every_database_record(tmp_path: Path) -> None:
     p = write(tmp_path, "p.yaml", "version: 1\nrules:\n  - {name: gb, countries: [GB], action: allow}\n")
     r = run("explain", "202.196.224.1", "--json", "--policy", p, "--geoip", CITY, "--geoip", ANON)
@@ -228,6 +232,7 @@ def test_explain_shows_every_database_record(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("ip", ["81.2.69.1", "1.124.213.1"])
+@pytest.mark.e2e
 def test_explain_shows_anonymizer_flags_in_words(ip: str, tmp_path: Path) -> None:
     p = write(tmp_path, "p.yaml", "version: 1\nrules:\n  - {name: gb, countries: [GB], action: allow}\n")
     out = json.loads(run("explain", ip, "--json", "--policy", p, "--geoip", CITY, "--geoip", ANON).stdout)

@@ -408,6 +408,7 @@ def test_request_ids_are_random_64_bit_values(gateway: GatewayFactory, stub: Stu
     assert all(abs(a - b) >= 1 << 32 for a, b in itertools.pairwise(values))
 
 
+@pytest.mark.e2e
 def test_request_ids_differ_between_forked_workers() -> None:
     ids = RequestIds()
     next(ids)  # the parent has drawn its block

@@ -63,6 +63,7 @@ def assert_one_line_error(status: int, out: str, err: str, *expected: str) -> st
         (["--log-key", SECRET, "--trusted-proxy", "10.0.0.1/8"], {}, ["--trusted-proxy"]),
     ],
 )
+@pytest.mark.e2e
 def test_flag_and_variable_errors_are_one_line_without_secrets(
     args: list[str], env: dict[str, str], expected: list[str]
 ) -> None:
@@ -71,6 +72,7 @@ def test_flag_and_variable_errors_are_one_line_without_secrets(
     assert SECRET not in out + err
 
 
+@pytest.mark.e2e
 def test_policy_upstream_with_credentials_names_file_and_line_not_the_password(tmp_path: Path) -> None:
     policy = write(
         tmp_path,
@@ -82,6 +84,7 @@ def test_policy_upstream_with_credentials_names_file_and_line_not_the_password(t
     assert SECRET not in out + err and "admin" not in line
 
 
+@pytest.mark.e2e
 def test_upstream_key_from_the_environment_is_never_printed(tmp_path: Path) -> None:
     policy = write(
         tmp_path,
@@ -93,6 +96,7 @@ def test_upstream_key_from_the_environment_is_never_printed(tmp_path: Path) -> N
     assert SECRET not in out + err
 
 
+@pytest.mark.e2e
 def test_help_never_shows_a_variable_value() -> None:
     env = {**os.environ, "REGIONGATE_LOG_KEY": SECRET, "REGIONGATE_UPSTREAM": f"http://u:{SECRET}@h"}
     r = subprocess.run(
@@ -114,6 +118,7 @@ def taken_port() -> Iterator[int]:
         yield int(s.getsockname()[1])
 
 
+@pytest.mark.e2e
 def test_proxy_port_in_use_says_which_address_and_which_listener(taken_port: int) -> None:
     status, out, err = serve("--port", str(taken_port))
     assert_one_line_error(
@@ -121,6 +126,7 @@ def test_proxy_port_in_use_says_which_address_and_which_listener(taken_port: int
     )
 
 
+@pytest.mark.e2e
 def test_admin_port_in_use_says_it_is_the_control_plane(taken_port: int) -> None:
     status, out, err = serve("--admin-port", str(taken_port))
     assert_one_line_error(
@@ -128,17 +134,20 @@ def test_admin_port_in_use_says_it_is_the_control_plane(taken_port: int) -> None
     )
 
 
+@pytest.mark.e2e
 def test_same_port_for_both_listeners() -> None:
     port = str(free_port())
     status, out, err = serve("--port", port, "--admin-port", port)
     assert_one_line_error(status, out, err, f"127.0.0.1:{port}", "--port and --admin-port")
 
 
+@pytest.mark.e2e
 def test_address_not_on_this_machine() -> None:
     status, out, err = serve("--host", "192.0.2.1")  # TEST-NET-1: never a local address
     assert_one_line_error(status, out, err, "192.0.2.1:", "proxy", "no such address on this machine")
 
 
+@pytest.mark.e2e
 def test_ipv6_address_is_written_with_brackets() -> None:
     status, out, err = serve("--admin-host", "2001:db8::1")  # documentation range: never local
     assert_one_line_error(status, out, err, "[2001:db8::1]:", "control plane")

@@ -278,6 +278,7 @@ def _fill_with_rate_limit_subjects(server: RedisServer, subjects: int) -> tuple[
 
 
 @pytest.mark.parametrize(("policy", "writes_refused"), [("volatile-ttl", False), ("noeviction", True)])
+@pytest.mark.e2e
 def test_a_full_redis_evicts_only_rate_limit_keys(tmp_path: Path, policy: str, writes_refused: bool) -> None:
     """With the shipped policy a full Redis drops rate-limit subjects (nearest their expiry), never an override or
     the stream, and every check still gets an answer; with noeviction the checks are refused (OOM) instead."""

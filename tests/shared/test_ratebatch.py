@@ -47,6 +47,7 @@ def evalsha_calls(server: RedisServer) -> int:
     return int(line.split("calls=", 1)[1].split(",", 1)[0])
 
 
+@pytest.mark.e2e
 async def test_checks_asked_together_are_one_round_trip_judged_in_turn(batcher: Batcher, server: RedisServer) -> None:
     got: list[Outcome | None] = []
     batcher.submit("t1:rl:{r:ip:warm}", *script_args(LIMIT), got.append)  # the script loaded, the connection made
@@ -70,6 +71,7 @@ async def test_checks_asked_together_are_one_round_trip_judged_in_turn(batcher: 
     assert [o is not None and o.allowed for o in got] == [False, True]
 
 
+@pytest.mark.e2e
 async def test_a_flushed_script_is_loaded_again(batcher: Batcher, server: RedisServer) -> None:
     server.command("SCRIPT", "FLUSH")
     got: list[Outcome | None] = []
@@ -80,6 +82,7 @@ async def test_a_flushed_script_is_loaded_again(batcher: Batcher, server: RedisS
     assert batcher.breaker.failures == 0
 
 
+@pytest.mark.e2e
 async def test_a_connection_closed_while_idle_is_made_again(batcher: Batcher, server: RedisServer) -> None:
     got: list[Outcome | None] = []
     batcher.submit("t5:rl:{r:ip:one}", *script_args(LIMIT), got.append)
@@ -91,6 +94,7 @@ async def test_a_connection_closed_while_idle_is_made_again(batcher: Batcher, se
     assert got[1] is not None and got[1].remaining == 298 and batcher.breaker.failures == 0
 
 
+@pytest.mark.e2e
 async def test_a_batch_redis_does_not_answer_in_time_is_answered_none(server: RedisServer) -> None:
     client = connect(parse_url(server.url), None, 0.05)
     breaker = Breaker(0.05)
@@ -118,6 +122,7 @@ async def test_a_batch_redis_does_not_answer_in_time_is_answered_none(server: Re
         await client.aclose()
 
 
+@pytest.mark.e2e
 async def test_through_a_unix_socket(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The limiter's connection is of the client's own class: here redis-py's unix-socket one."""
     import tempfile
@@ -139,6 +144,7 @@ async def test_through_a_unix_socket(tmp_path_factory: pytest.TempPathFactory) -
             server.stop()
 
 
+@pytest.mark.e2e
 async def test_closing_answers_every_waiting_check(batcher: Batcher) -> None:
     got: list[Outcome | None] = []
     batcher.submit("t4:rl:{r:ip:one}", *script_args(LIMIT), got.append)

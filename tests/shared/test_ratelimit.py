@@ -85,6 +85,7 @@ def test_memory_limit_refills(gateway: GatewayFactory, stub: Stub, tmp_path: Pat
     wait_for(lambda: status_of(gw, GB) == 200, 10, "the budget to refill")
 
 
+@pytest.mark.e2e
 def test_explain_and_diff_show_rate_limits(tmp_path: Path) -> None:
     import json
     import subprocess

@@ -83,6 +83,7 @@ def _clean_env() -> dict[str, str]:
         ("override", "list", "--redis"),
     ],
 )
+@pytest.mark.e2e
 def test_every_command_refuses_it_in_one_line_and_never_prints_it(command: tuple[str, ...], url: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "gateway", *command, url], capture_output=True, text=True, timeout=60, env=_clean_env()
@@ -92,6 +93,7 @@ def test_every_command_refuses_it_in_one_line_and_never_prints_it(command: tuple
     assert SECRET not in out.stderr + out.stdout
 
 
+@pytest.mark.e2e
 def test_the_url_from_the_environment_is_refused_the_same() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--port", "0", "--admin-port", "0"],

@@ -224,6 +224,7 @@ def test_unreachable_redis_warns_and_serves(gateway: GatewayFactory, stub: Stub)
         ("redis://a:1,b:2/0", "redis+sentinel:// or redis+cluster://"),
     ],
 )
+@pytest.mark.e2e
 def test_bad_redis_urls_stop_startup_with_a_clear_error(url: str, problem: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--port", "0", "--admin-port", "0", "--redis", url],

@@ -8,8 +8,10 @@ and every server is stopped when its test ends.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -34,10 +36,37 @@ BAD_DATA = GEOIP / "bad-data"
 POLICIES = ROOT / "policies"
 
 
+def _port_block() -> range:
+    """This test process's own block of loopback ports, below the kernel's ephemeral range.
+
+    Below it, no outgoing connection's local port can take a port between ``free_port`` and the
+    server's bind; one block per xdist worker (10000-32767 split in ``PYTEST_XDIST_WORKER_COUNT``
+    blocks), so two workers never hand out the same port.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), index + 1)
+    low, high = 10000, 32768  # net.ipv4.ip_local_port_range starts at 32768 by default
+    size = (high - low) // count
+    return range(low + index * size, low + (index + 1) * size)
+
+
+_PORTS = _port_block()
+# A random start, so suites run side by side by other checkouts on this machine rarely meet.
+_next_port = itertools.count(random.randrange(len(_PORTS)))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody listens on, never handed out twice by this process in a row of ~11000."""
+    for _ in range(len(_PORTS)):
+        port = _PORTS[next(_next_port) % len(_PORTS)]
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken (or in TIME_WAIT): the next one
+            return port
+    raise RuntimeError(f"no free loopback port in {_PORTS}")
 
 
 def wait_http(url: str, timeout: float = 15.0, proc: subprocess.Popen[bytes] | None = None) -> None:
