@@ -63,7 +63,11 @@ def test_rate_limit_keys_hold_no_address(
     a = limited(gateway, stub, tmp_path, redis_server.url, prefix, "--log-address", mode)
     b = limited(gateway, stub, tmp_path, redis_server.url, prefix, "--log-address", mode)
     for ip in (GB4, GB6):
-        wait_for(lambda ip=ip: status(a, ip) == 200, 10, "Redis to count")  # the first, once Redis answers (503s)
+
+        def counted(ip: str = ip) -> bool:
+            return status(a, ip) == 200
+
+        wait_for(counted, 10, "Redis to count")  # the first, once Redis answers (503s)
         assert [status(g, ip) for g in (b, a)] == [200, 200]
         assert status(b, ip) == 429  # 3 per hour, counted across both gateways
     assert status(a, SE4) == 200

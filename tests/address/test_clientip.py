@@ -212,7 +212,7 @@ def test_any_header_text_gives_a_result_never_an_exception(text: str) -> None:
     assert c.kind in (PUBLIC, PRIVATE, INVALID, MISSING)
     assert (c.ip is None) == (c.kind == INVALID)
     if c.kind == MISSING:  # only a trusted proxy's own address stands in for a missing client
-        assert c.ip in TRUST_LOOPBACK.trusted
+        assert c.ip is not None and c.ip in TRUST_LOOPBACK.trusted
 
 
 # --- X-Forwarded-For: quotes and stray bytes mean nothing, and never reach past a comma ----------

@@ -28,7 +28,6 @@ NETWORKS = 2048  # one /24 each, so that every request below is a lookup the cac
 
 def city_db(path: Path, country: str) -> bytes:
     """A City database placing 11.0.0.0/24 .. 11.7.255.0/24 in ``country``."""
-    import mmdb_writer
     from mmdb_writer import MMDBWriter
     from netaddr import IPNetwork, IPSet
 
@@ -38,7 +37,7 @@ def city_db(path: Path, country: str) -> bytes:
     record = {"country": {"iso_code": country}, "registered_country": {"iso_code": country}}
     for n in range(NETWORKS):
         writer.insert_network(IPSet([IPNetwork(f"11.{n >> 8}.{n & 255}.0/24")]), record)
-    with mock.patch.object(mmdb_writer.time, "time", return_value=BUILD_EPOCH):
+    with mock.patch("mmdb_writer.time.time", return_value=BUILD_EPOCH):
         writer.to_db_file(str(path))
     return path.read_bytes()
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import urllib.request
+from typing import Any
 
 import pytest
 
 from gateway.cidrs import CidrSet
 from gateway.trust import trusts_everyone, wide_public
-from support.processes import GatewayFactory, Stub
+from support.processes import Gateway, GatewayFactory, Stub
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,7 @@ def test_wide_public(nets: list[str], wide: list[str]) -> None:
     assert [str(n) for n in wide_public(CidrSet(nets))] == wide
 
 
-def readyz(gw) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def readyz(gw: Gateway) -> dict[str, Any]:
     with urllib.request.urlopen(gw.admin + "/readyz", timeout=5) as r:
         return json.loads(r.read())  # type: ignore[no-any-return]
 
@@ -85,7 +86,7 @@ def test_trust_all_when_allowed_starts_and_warns(gateway: GatewayFactory, stub: 
     else:
         gw = gateway("--upstream", stub.url, "--trusted-proxy", "0.0.0.0/0", env={"REGIONGATE_ALLOW_TRUST_ALL": "1"})
     warnings = readyz(gw)["warnings"]
-    assert any("0.0.0.0/0" in w and "every public IPv4" in w for w in warnings)  # type: ignore[union-attr]
+    assert any("0.0.0.0/0" in w and "every public IPv4" in w for w in warnings)
     assert "warning: --trusted-proxy 0.0.0.0/0" in gw.stderr()
 
 
@@ -103,7 +104,7 @@ def test_wide_public_ranges_warn_at_startup_and_in_readyz(gateway: GatewayFactor
         "--trusted-proxy", "1.0.0.0/8", "--trusted-proxy", "2001:db8::/31",
         "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "198.51.100.0/24",
     )  # fmt: skip
-    warnings = [w for w in readyz(gw)["warnings"] if "--trusted-proxy" in w]  # type: ignore[union-attr]
+    warnings = [w for w in readyz(gw)["warnings"] if "--trusted-proxy" in w]
     assert len(warnings) == 2
     assert "1.0.0.0/8" in warnings[0] and "wider than /16" in warnings[0]
     assert "2001:db8::/31" in warnings[1] and "wider than /32" in warnings[1]
@@ -113,4 +114,4 @@ def test_wide_public_ranges_warn_at_startup_and_in_readyz(gateway: GatewayFactor
 
 def test_narrow_or_private_trust_has_no_trust_warning(gateway: GatewayFactory, stub: Stub) -> None:
     gw = gateway("--upstream", stub.url, "--trusted-proxy", "10.0.0.0/8", "--trusted-proxy", "203.0.113.0/24")
-    assert not [w for w in readyz(gw)["warnings"] if "--trusted-proxy" in w]  # type: ignore[union-attr]
+    assert not [w for w in readyz(gw)["warnings"] if "--trusted-proxy" in w]

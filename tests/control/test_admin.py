@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -155,16 +156,18 @@ def test_openapi_document_matches_the_running_admin_api(admin_gw: Gateway) -> No
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import positive_data_acceptance
+    from schemathesis.core.result import Ok
 
     doc = httpx.get(admin_gw.admin + "/admin/openapi.json", headers=AUTH).json()
     schema = schemathesis.openapi.from_dict(doc)
     failures = []
     for result in schema.get_all_operations():
+        assert isinstance(result, Ok), result
         operation = result.ok()
 
         @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         @given(case=operation.as_strategy())
-        def check(case: schemathesis.Case) -> None:
+        def check(case: schemathesis.Case[Any]) -> None:
             refuses_beyond_schema = case.operation.path in ("/admin/diff", "/admin/explain", "/admin/overrides")
             excluded = [positive_data_acceptance] if refuses_beyond_schema else []
             case.call_and_validate(base_url=admin_gw.admin, headers=AUTH, excluded_checks=excluded)

@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -396,12 +397,13 @@ def test_geoip_database_replaced_by_rename(
     }
     for bad, problem in bad_files.items():
         replace_by_rename(bad, live)
+
+        def refused(problem: str = problem) -> Any:
+            r = get_json(gw.admin + "/readyz")
+            return r[1]["warnings"] and any(problem in w for w in r[1]["warnings"]) and r
+
         _, ready = wait_until(
-            lambda problem=problem: (
-                (r := get_json(gw.admin + "/readyz"))[1]["warnings"]
-                and any(problem in w for w in r[1]["warnings"])
-                and r
-            ),
+            refused,
             f"refusal: {problem}",
         )
         assert ready["ready"] is True and ready["geo"][0]["type"] == "GeoIP2-City"

@@ -22,6 +22,7 @@ import itertools
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -89,7 +90,7 @@ def test_no_request_fails_or_is_misjudged_while_policy_and_data_change(
                 except httpx.HTTPError as e:
                     failures.append(repr(e))
 
-    methods = itertools.cycle(
+    methods: Iterator[tuple[str, Callable[[str], object]]] = itertools.cycle(
         [
             ("in place", lambda text: write_in_place(cm.path, text)),
             ("rename", lambda text: write_by_rename(cm.path, text)),

@@ -23,13 +23,14 @@ import pytest
 import uvloop
 
 from gateway.dataplane.bodyhold import _Hold, hold
+from gateway.dataplane.failover import Failover
 from gateway.dataplane.limits import Limits
 from gateway.dataplane.pool import Pool
 from gateway.dataplane.relay import Relay
 from gateway.dataplane.server import Listener, Request
 from gateway.policy import UpstreamSpec
 from gateway.server import bind
-from gateway.upstream import build_upstreams
+from gateway.upstream import Upstream, build_upstreams
 from support.processes import RawUpstream, parse_requests
 
 LIMIT = 200_000  # above one socket read, so a held body arrives in several
@@ -59,8 +60,8 @@ class _Outcome:
     sent = 0
     error: str | None = None
     ttfb: float | None = None
-    target: object = None
-    failovers: object = None
+    target: Upstream | None = None
+    failovers: list[Failover] | None = None
     refused: str | None = None
     attempts = 0
 

@@ -32,6 +32,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -280,7 +281,7 @@ def shipped_policy() -> str:
     return (ROOT / "policies" / "openai-supported.yaml").read_text()
 
 
-def get(url: str) -> tuple[int, dict[str, object]]:
+def get(url: str) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             return r.status, json.loads(r.read())
@@ -371,8 +372,8 @@ def test_image_serves_refuses_and_stops_cleanly(runtime: Engine, stub: Stub) -> 
     assert get(c.admin + "/healthz") == (200, {"status": "ok"})
     status, ready = get(c.admin + "/readyz")
     assert status == 200 and ready["ready"] is True
-    assert ready["policy"]["path"] == runtime.host_path("/etc/regiongate/policy.yaml")  # type: ignore[index]
-    assert [g["type"] for g in ready["geo"]] == ["GeoIP2-City"]  # type: ignore[index, union-attr]
+    assert ready["policy"]["path"] == runtime.host_path("/etc/regiongate/policy.yaml")
+    assert [g["type"] for g in ready["geo"]] == ["GeoIP2-City"]
     assert runtime.healthcheck(c) == 0
 
     reply = client(c, GB).chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])

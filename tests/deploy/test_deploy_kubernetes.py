@@ -118,7 +118,7 @@ def validate(resource: Resource) -> str:
         schema = crd_schemas().get((resource["apiVersion"], resource["kind"]))
         assert schema is not None, f"no schema for {resource['apiVersion']} {resource['kind']}"
         jsonschema.Draft7Validator(schema).validate(resource)
-        return "CRD " + resource["apiVersion"]
+        return "CRD " + str(resource["apiVersion"])
 
 
 def test_every_resource_validates_strictly(manifests: tuple[str, list[Resource]]) -> None:

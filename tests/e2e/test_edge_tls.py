@@ -103,7 +103,7 @@ def test_openai_sdk_completion_over_tls(gateway: GatewayFactory, stub: Stub, ca:
     gw = tls_gateway(gateway, stub, leaf.cert, leaf.key)
     assert f"proxy on https://127.0.0.1:{gw.port}" in gw.stderr()
     with httpx.Client(verify=client_context(ca)) as http:
-        client = openai.OpenAI(base_url=https(gw) + "/v1", api_key="sk-client", http_client=http, max_retries=0)
+        client = openai.OpenAI(base_url=https(gw) + "/v1", api_key="sk-client", http_client=http, max_retries=0)  # type: ignore[arg-type]  # openai 3 types its own httpx fork (httpx2); httpx.Client works
         r = client.chat.completions.create(model="gpt-x", messages=[{"role": "user", "content": "hi"}])
     assert r.model == "gpt-x" and "Regiongate stub" in (r.choices[0].message.content or "")
     log = gw.wait_log(1)[0]
@@ -124,7 +124,9 @@ def test_modern_tls_only_and_alpn_http11(gateway: GatewayFactory, stub: Stub, ca
     tls12.maximum_version = ssl.TLSVersion.TLSv1_2
     with tls_connect(gw.port, tls12) as s:
         assert s.version() == "TLSv1.2"
-        assert s.cipher()[0].startswith("ECDHE-") and ("GCM" in s.cipher()[0] or "CHACHA20" in s.cipher()[0])
+        cipher = s.cipher()
+        assert cipher is not None
+        assert cipher[0].startswith("ECDHE-") and ("GCM" in cipher[0] or "CHACHA20" in cipher[0])
         assert s.compression() is None
     # A client offering h2 and http/1.1 gets http/1.1; one offering only h2 gets no ALPN at all.
     both = client_context(ca)

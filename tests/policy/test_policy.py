@@ -8,7 +8,7 @@ import pytest
 
 from gateway.clientip import INVALID, ClientAddress, classify, parse_address
 from gateway.geo import NO_FACTS, Geo
-from gateway.policy import decide, judge_ip, parse_policy, request_path, run_tests
+from gateway.policy import Decision, Policy, decide, judge_ip, parse_policy, request_path, run_tests
 from gateway.trace import trace
 from gateway.yamlfile import FileError
 from support.processes import ANON, ASN, CITY, COUNTRY
@@ -39,7 +39,7 @@ def geo() -> Geo:
     return Geo([CITY, ASN, ANON])
 
 
-def verdict(policy, geo, ip, path="/v1/chat/completions"):  # type: ignore[no-untyped-def]
+def verdict(policy: Policy, geo: Geo, ip: str, path: str = "/v1/chat/completions") -> Decision:
     return judge_ip(policy, geo, ip, path)[2]
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import jsonschema
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.policy import json_schema
 from gateway.yamlfile import load
@@ -52,7 +54,7 @@ def local_copy(tmp_path: Path, name: str, urls: dict[str, str]) -> str:
 
 
 @pytest.fixture
-def ups() -> dict[str, RawUpstream]:
+def ups() -> Iterator[dict[str, RawUpstream]]:
     made = {name: RawUpstream() for name in ("openai", "eu", "qwen", "qwen-cn")}
     yield made
     for up in made.values():
@@ -78,7 +80,7 @@ def test_migrate_blocked_regions_end_to_end(
         },
     )
     gw = gateway("--policy", policy, "--geoip", CITY, *TRUST, env=KEYS)
-    hello = [{"role": "user", "content": "hi"}]
+    hello: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
     # Mainland China: to Qwen, the model translated, Qwen's key, no caller address.
     sdk(gw, "175.16.199.1").chat.completions.create(model="gpt-4o", messages=hello)
     ((headers, body),) = requests_of(ups["qwen"])

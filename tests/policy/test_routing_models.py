@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -32,7 +33,7 @@ rules:
 
 
 @pytest.fixture
-def ups() -> dict[str, RawUpstream]:
+def ups() -> Iterator[dict[str, RawUpstream]]:
     made = {name: RawUpstream() for name in ("default", "eu", "qwen")}
     yield made
     for up in made.values():
@@ -88,7 +89,7 @@ def test_a_model_rename_changes_only_the_model_bytes(
     assert expected != BODY
     assert post(gw, CN, BODY).status_code == 200
 
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[bytes]:
         yield BODY[:20]
         yield BODY[20:]
 

@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,7 +21,7 @@ GB, CN = "2.125.160.216", "175.16.199.1"
 TRUST = ["--trusted-proxy", "127.0.0.1/32"]
 
 
-def get_json(url: str) -> tuple[int, dict[str, object]]:
+def get_json(url: str) -> tuple[int, dict[str, Any]]:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
             return r.status, json.loads(r.read())
@@ -33,16 +34,16 @@ def test_embedded_defaults_start_and_say_so(gateway: GatewayFactory, stub: Stub)
     assert "embedded iptocc" in gw.stderr()
     status, ready = get_json(gw.admin + "/readyz")
     assert status == 200 and ready["ready"] is True and ready["embedded_geo"] is True
-    assert any("embedded" in w for w in ready["warnings"])  # type: ignore[union-attr]
-    assert str(ready["policy"]["path"]).endswith("openai-supported-country-only.yaml")  # type: ignore[index]
+    assert any("embedded" in w for w in ready["warnings"])
+    assert str(ready["policy"]["path"]).endswith("openai-supported-country-only.yaml")
     assert get_json(gw.admin + "/healthz") == (200, {"status": "ok"})
 
 
 def test_readyz_names_policy_and_databases(gateway: GatewayFactory, stub: Stub) -> None:
     gw = gateway("--geoip", CITY, "--geoip", ASN, "--upstream", stub.url)
     _, ready = get_json(gw.admin + "/readyz")
-    assert [g["type"] for g in ready["geo"]] == ["GeoIP2-City", "GeoLite2-ASN"]  # type: ignore[index, union-attr]
-    assert ready["embedded_geo"] is False and len(str(ready["policy"]["sha256"])) == 64  # type: ignore[index]
+    assert [g["type"] for g in ready["geo"]] == ["GeoIP2-City", "GeoLite2-ASN"]
+    assert ready["embedded_geo"] is False and len(str(ready["policy"]["sha256"])) == 64
 
 
 @pytest.mark.parametrize("bad", sorted(p.name for p in BAD_DATA.glob("*.mmdb")))
@@ -118,7 +119,7 @@ def test_metrics(gateway: GatewayFactory, stub: Stub) -> None:
 
 def test_workers_share_sockets_and_metrics_add_up(gateway: GatewayFactory, stub: Stub) -> None:
     gw = gateway("--geoip", CITY, "--upstream", stub.url, "--workers", "2", *TRUST)
-    pids = set()
+    pids: set[int] = set()
     with httpx.Client() as client:  # keep-alive would pin one worker; use fresh connections
         for i in range(40):
             client.get(gw.url + "/v1/models", headers={"X-Forwarded-For": GB if i % 4 else CN, "Connection": "close"})

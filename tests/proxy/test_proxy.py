@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -330,7 +331,7 @@ def test_large_streamed_request_body(gateway: GatewayFactory, stub: Stub, policy
     gw = start(gateway, stub, policy)
     payload = b"x" * (3 * 1024 * 1024)
 
-    def chunks():  # type: ignore[no-untyped-def]
+    def chunks() -> Iterator[bytes]:
         for i in range(0, len(payload), 65536):
             yield payload[i : i + 65536]
 

@@ -78,7 +78,7 @@ def test_memory_limit_refills(gateway: GatewayFactory, stub: Stub, tmp_path: Pat
     policy = write(tmp_path, "limited.yaml", limited_policy(1, per="1s"))
     gw = gateway("--upstream", stub.url, "--policy", policy, "--geoip", CITY, "--trusted-proxy", "127.0.0.1/32")
     assert status_of(gw, GB) == 200
-    codes = []
+    codes: list[int] = []
     while 429 not in codes and len(codes) < 50:  # back to back, the budget of one per second runs out
         codes.append(status_of(gw, GB))
     assert 429 in codes

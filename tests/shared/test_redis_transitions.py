@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +71,22 @@ def test_gateway_logs_redis_down_and_back_once_each(gateway: GatewayFactory, stu
         for cycle in (1, 2):
             errors = _errors(gw)
             server.kill()
+
             # The override sync asks twice a second, and requests keep coming: many failed calls.
-            wait_for(lambda cycle=cycle: gw.stderr().count(DOWN) == cycle, 20, "the down line")
+            def lines(text: str, cycle: int = cycle) -> Callable[[], bool]:
+                return lambda: gw.stderr().count(text) == cycle
+
+            wait_for(lines(DOWN), 20, "the down line")
             for _ in range(10):
                 assert status_of(gw, GB) == 200
+
             # Three failures open the breaker; its probes fail too: more failed calls than lines.
-            wait_for(lambda errors=errors: _errors(gw) >= errors + 4, 20, "a failed probe")
+            def probed(errors: float = errors) -> bool:
+                return _errors(gw) >= errors + 4
+
+            wait_for(probed, 20, "a failed probe")
             server.start()
-            wait_for(lambda cycle=cycle: gw.stderr().count(BACK) == cycle, 20, "the back line")
+            wait_for(lines(BACK), 20, "the back line")
             assert gw.stderr().count(DOWN) == cycle  # once per transition, whatever the number of failures
         err = gw.stderr()
         assert err.count(DOWN) == 2 and err.count(BACK) == 2

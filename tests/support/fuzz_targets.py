@@ -93,7 +93,7 @@ def fuzz_xff(data: bytes) -> None:
         assert alone.kind in (PUBLIC, PRIVATE, INVALID, MISSING)
         assert (alone.ip is None) == (alone.kind == INVALID)
         if alone.kind in (PUBLIC, PRIVATE):
-            assert alone.ip not in _TRUSTED
+            assert alone.ip is not None and alone.ip not in _TRUSTED
     try:
         ip = parse_address(text)
     except AddressError:

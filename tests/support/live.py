@@ -27,7 +27,6 @@ BUILD_EPOCH = 1_790_000_000
 
 
 def write_city_db(path: Path, country: str, epoch: int = BUILD_EPOCH) -> str:
-    import mmdb_writer
     from mmdb_writer import MMDBWriter
     from netaddr import IPSet
 
@@ -46,7 +45,7 @@ def write_city_db(path: Path, country: str, epoch: int = BUILD_EPOCH) -> str:
         IPSet(["216.160.83.0/24"]),
         {"country": {"iso_code": "US"}, "registered_country": {"iso_code": "US"}},
     )
-    with mock.patch.object(mmdb_writer.time, "time", return_value=epoch):
+    with mock.patch("mmdb_writer.time.time", return_value=epoch):
         writer.to_db_file(str(path))
     return str(path)
 

@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -169,7 +170,7 @@ class Gateway:
     def admin(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def log_lines(self) -> list[dict[str, object]]:
+    def log_lines(self) -> list[dict[str, Any]]:
         """Access-log records so far (the log is flushed once per loop turn)."""
         deadline = time.monotonic() + 2
         while True:
@@ -179,7 +180,7 @@ class Gateway:
                 return lines
             time.sleep(0.02)
 
-    def wait_log(self, count: int, timeout: float = 5.0) -> list[dict[str, object]]:
+    def wait_log(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while True:
             lines = self.log_lines()
@@ -189,7 +190,8 @@ class Gateway:
 
     def metrics(self) -> str:
         with urllib.request.urlopen(self.admin + "/metrics", timeout=5) as r:
-            return r.read().decode()
+            body: bytes = r.read()
+        return body.decode()
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()

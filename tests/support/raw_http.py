@@ -12,6 +12,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httptools
 
@@ -44,7 +45,7 @@ class Response:
                 return v.decode("latin-1")
         return None
 
-    def json(self) -> dict[str, object]:
+    def json(self) -> dict[str, Any]:
         return json.loads(self.body)  # type: ignore[no-any-return]
 
 
@@ -80,7 +81,7 @@ def parse_responses(data: bytes) -> list[Response]:
 def read_until_closed(s: socket.socket, timeout: float = 10.0) -> tuple[bytes, bool]:
     """Everything the server sends; whether it closed the connection (rather than the wait ending)."""
     s.settimeout(timeout)
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         try:
             chunk = s.recv(65536)
