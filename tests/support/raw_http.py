@@ -78,11 +78,17 @@ def parse_responses(data: bytes) -> list[Response]:
     return [r for r in c.responses if r.status >= 200]
 
 
-def read_until_closed(s: socket.socket, timeout: float = 10.0) -> tuple[bytes, bool]:
-    """Everything the server sends; whether it closed the connection (rather than the wait ending)."""
+def read_until_closed(s: socket.socket, timeout: float = 10.0, answers: int | None = None) -> tuple[bytes, bool]:
+    """Everything the server sends; whether it closed the connection (rather than the wait ending).
+
+    With ``answers``, the read also ends (not closed) once that many whole responses are in: a
+    keep-alive connection that stays open is then not waited on for ``timeout`` seconds.
+    """
     s.settimeout(timeout)
     chunks: list[bytes] = []
     while True:
+        if answers is not None and sum(r.complete for r in parse_responses(b"".join(chunks))) >= answers:
+            return b"".join(chunks), False
         try:
             chunk = s.recv(65536)
         except TimeoutError:
@@ -94,10 +100,10 @@ def read_until_closed(s: socket.socket, timeout: float = 10.0) -> tuple[bytes, b
         chunks.append(chunk)
 
 
-def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[list[Response], bool]:
+def exchange(port: int, data: bytes, timeout: float = 10.0, answers: int | None = None) -> tuple[list[Response], bool]:
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(data)
-        raw, closed = read_until_closed(s, timeout)
+        raw, closed = read_until_closed(s, timeout, answers)
     return parse_responses(raw), closed
 
 
