@@ -20,7 +20,7 @@
 # Ports: 8080 is the proxy, the one to publish. 9090 is the control plane (/healthz /readyz
 # /metrics): it listens on 0.0.0.0 so that probes and Prometheus can reach it, and must never be
 # published to the internet.
-# tests/test_deploy_image.py runs this file's ENV, ENTRYPOINT, CMD and HEALTHCHECK against the same
+# tests/deploy/test_deploy_image.py runs this file's ENV, ENTRYPOINT, CMD and HEALTHCHECK against the same
 # wheel, as a non-root user on a read-only root filesystem.
 
 ARG PYTHON_IMAGE=python:3.11.16-slim-trixie

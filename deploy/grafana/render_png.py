@@ -11,7 +11,7 @@ dashboard would.
 
     python deploy/grafana/render_png.py --prometheus http://127.0.0.1:9091 --out docs/dashboard.png
 
-tests/test_dashboard.py draws it from the Prometheus of its end-to-end test;
+tests/deploy/test_dashboard.py draws it from the Prometheus of its end-to-end test;
 ``REGIONGATE_DASHBOARD_PNG=docs/dashboard.png`` there rewrites the docs' picture.
 """
 

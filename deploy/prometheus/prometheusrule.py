@@ -3,7 +3,7 @@
 
 The Prometheus Operator takes alert rules only as a PrometheusRule resource,
 and kustomize cannot wrap a plain rule file in one; copying by hand drifts,
-so this script does it (comments included) and tests/test_alerts.py checks
+so this script does it (comments included) and tests/deploy/test_alerts.py checks
 that the committed file is its output.
 
     python deploy/prometheus/prometheusrule.py          # rewrite the resource
@@ -22,7 +22,7 @@ OUT = HERE.parent / "kubernetes" / "overlays" / "production" / "prometheusrule.y
 HEADER = """\
 # The alert rules for the Prometheus Operator (monitoring.coreos.com/v1): the same groups as
 # deploy/prometheus/alerts.yml, indented under spec. Generated: edit alerts.yml, then run
-# python deploy/prometheus/prometheusrule.py (tests/test_alerts.py checks the two agree). Your
+# python deploy/prometheus/prometheusrule.py (tests/deploy/test_alerts.py checks the two agree). Your
 # Prometheus must select this PrometheusRule (its ruleSelector / ruleNamespaceSelector). What
 # each alert means: docs/monitoring.md, "Alerts".
 apiVersion: monitoring.coreos.com/v1

@@ -35,7 +35,7 @@ CODE_BYTES = 40  # a country or subdivision code from a database (2 to 6 charact
 CLIENT_BYTES = 64  # an address, its /24 or /48, or h:<16 hex>; the policy's sha256 too
 MAX_SUBDIVISIONS = 2  # what City databases give
 
-# The largest entry that the bounds above allow, as JSON (tests/test_audit_bound.py builds the
+# The largest entry that the bounds above allow, as JSON (tests/shared/test_audit_bound.py builds the
 # worst one: about 1,300 bytes), rounded up; an entry past it is dropped and counted, never written.
 MAX_ENTRY_BYTES = 1536
 # What Redis adds to each entry in a stream's listpack (entry id deltas, lengths, flags: about

@@ -1,0 +1,102 @@
+"""The data plane in this process: the real Listener and Gateway on a loopback port, for the fast tier.
+
+The proxy port is the production one (``gateway.dataplane.server.Listener``
+serving ``gateway.proxy.Gateway.handle`` on uvloop), built from the same
+``Settings`` and ``load_runtime`` as ``regiongate serve``; only the process
+is the test's, and the loop runs in a thread so that tests talk to it with
+plain blocking sockets. ``Limits`` can be given whole, for bounds the
+command line does not set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+from prometheus_client import CollectorRegistry
+
+from gateway.dataplane.limits import Limits
+from gateway.dataplane.server import Listener
+from gateway.metrics import Metrics
+from gateway.proxy import Gateway
+from gateway.runtime import Settings, load_runtime
+from gateway.server import bind
+from support.processes import CITY
+
+GB = "2.125.160.216"
+POLICY = "version: 1\nrules:\n  - {name: gb, countries: [GB], action: allow}\n"
+GUARD = 20.0  # seconds before a wait that should have ended is a failure (a hang guard, not a timing claim)
+
+
+@dataclass
+class InProcess:
+    port: int
+    access_log: Path
+
+
+@contextlib.contextmanager
+def inprocess_gateway(
+    tmp_path: Path, upstream: str, limits: Limits | None = None, policy: str = POLICY
+) -> Iterator[InProcess]:
+    """A proxy port forwarding to ``upstream``, trusting 127.0.0.1's X-Forwarded-For; stopped on exit."""
+    policy_path = tmp_path / "wire-policy.yaml"
+    policy_path.write_text(policy)
+    access_log = tmp_path / "wire-access.log"
+    settings = Settings(
+        policy=str(policy_path),
+        geoip=(CITY,),
+        upstream=upstream,
+        trusted_proxy=("127.0.0.1/32",),
+        access_log=str(access_log),
+        watch=False,
+    )
+    runtime = load_runtime(settings)
+    limits = limits or Limits()
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    loop = uvloop.new_event_loop()
+    ready = threading.Event()
+    stop: asyncio.Event | None = None
+    failed: list[BaseException] = []
+
+    async def main() -> None:
+        nonlocal stop
+        stop = asyncio.Event()
+        metrics = Metrics(CollectorRegistry())
+        gateway = Gateway(runtime, metrics, limits)
+        gateway.open(64)
+        listener = Listener(gateway.handle, limits, 256, metrics.bad_request)
+        await listener.start(sock)
+        ready.set()
+        await stop.wait()
+        await listener.shutdown()
+        gateway.close()
+        runtime.access_log.close()
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(main())
+        except BaseException as e:  # reported to the test, not lost in the thread
+            failed.append(e)
+            ready.set()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    if not ready.wait(GUARD) or failed:
+        raise RuntimeError(f"the in-process data plane did not start: {failed}")
+    try:
+        yield InProcess(port, access_log)
+    finally:
+        if stop is not None:
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(GUARD)
+        sock.close()
+    if failed:
+        raise failed[0]
