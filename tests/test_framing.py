@@ -25,8 +25,9 @@ from conftest import (
     run_stub,
     write,
 )
+from gateway.dataplane.upstream import FRAMING, HOP_BY_HOP, forward_headers, response_headers
 from gateway.policy import UpstreamSpec
-from gateway.upstream import FRAMING, HOP_BY_HOP, build_upstreams, forward_headers, response_headers
+from gateway.upstream import build_upstreams
 from test_dataplane import (
     OK,
     XFF,

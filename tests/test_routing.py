@@ -442,8 +442,9 @@ def test_chain_order_is_own_urls_then_each_fallback_depth_first() -> None:
 def test_health_ejects_doubles_caps_and_resets() -> None:
     from gateway.dataplane.health import Health
     from gateway.policy import HealthSpec
+    from gateway.upstream import health
 
-    h = Health(HealthSpec(failures=2, backoff="1s", max_backoff="3s"))
+    h = Health(health(HealthSpec(failures=2, backoff="1s", max_backoff="3s")))
     h.failed(now=100)
     assert not h.ejected(100)  # one failure of two
     h.failed(now=100)

@@ -50,19 +50,21 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .. import errors
-from ..errors import GatewayError
-from ..upstream import Upstream, response_headers
+from ..errors import ErrorReply
 from .codings import Decoder, UnsupportedCoding, decoder
 from .failover import CONNECT_ERROR, CONNECT_TIMEOUT, REGION_REFUSAL, SNIFF_LIMIT, STATUS_REASONS, Failover, Route
 from .failover import region_refusal as read_refusal
 from .pool import ConnectTimeout, Pool, UpstreamConnection
 from .server import Header, Request
+from .upstream import Upstream, response_headers
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _UNHEALTHY = frozenset(STATUS_REASONS)  # 502, 503, 504: the upstream itself says it could not serve
 
 
-class Outcome(Protocol):
+class RelayRecord(Protocol):
+    """What the relay writes down about its request, for the record (:class:`gateway.proxy.Exchange`)."""
+
     attempted: bool
     client_gone: bool
     status: int
@@ -75,7 +77,7 @@ class Outcome(Protocol):
     attempts: int  # times the request went to an upstream (failovers and stale-connection retries included)
 
 
-def send_error(request: Request, error: GatewayError, request_id: bytes, policy: Header) -> None:
+def send_error(request: Request, error: ErrorReply, request_id: bytes, policy: Header) -> None:
     """The gateway's own OpenAI-shaped answer, before any upstream byte went out."""
     headers = error_headers(request_id, error.retry, policy)
     headers += error.headers
@@ -144,7 +146,7 @@ class Relay:
         headers: list[Header],
         request_id: bytes,
         policy: Header,
-        outcome: Outcome,
+        outcome: RelayRecord,
         done: Callable[[], None],
         route: Route | None = None,
         body: bytes | None = None,
@@ -605,7 +607,7 @@ class Relay:
         self.request.finish()
         self.done()
 
-    def _fail(self, error: GatewayError) -> None:
+    def _fail(self, error: ErrorReply) -> None:
         """Before the response started: the gateway's own answer."""
         self._stop()
         self._drop_upstream()
@@ -615,7 +617,7 @@ class Relay:
         send_error(self.request, error, self.request_id, self.policy)
         self.done()
 
-    def _cut(self, error: GatewayError) -> None:
+    def _cut(self, error: ErrorReply) -> None:
         """After the response started: a final error event for a stream, else a body that cannot look whole."""
         if not self.request.started:  # the upstream's answer was still being read (a 403): nothing passed on
             self._fail(error)

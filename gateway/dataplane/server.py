@@ -34,7 +34,7 @@ from urllib.parse import unquote
 import httptools
 
 from .. import errors
-from ..errors import GatewayError
+from ..errors import ErrorReply
 from .limits import Limits
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def header(headers: list[Header], name: bytes) -> bytes | None:
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_BUSY = errors.GatewayError(503, "server_error", "gateway_busy", "The gateway has too many open connections.", True)
+_BUSY = ErrorReply(503, "server_error", "gateway_busy", "The gateway has too many open connections.", True)
 
 
 # Methods a request may be sent twice with (RFC 9110 §9.2.2); any other needs an Idempotency-Key.
@@ -358,7 +358,7 @@ class ClientConnection(asyncio.Protocol):
         self.queue: list[Request] = []  # pipelined, waiting (a list: a deque's block is 600 bytes a connection)
         self.deadline = 0.0  # when the sweep closes this connection (0: never)
         self.draining = False
-        self.broken: GatewayError | None = None
+        self.broken: ErrorReply | None = None
         self.broken_reason = ""
         self.closed = False
         self.write_paused = False
@@ -567,7 +567,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.deadline = self.listener.loop.time() + self.limits.idle_timeout
 
-    def _bad(self, error: GatewayError, reason: str) -> None:
+    def _bad(self, error: ErrorReply, reason: str) -> None:
         """A request that cannot be parsed: answered after the ones before it, then the connection closes."""
         if self.broken is None:
             self.broken = error
@@ -621,15 +621,13 @@ class _Refuse(Exception):
     """Raised inside a parser callback to stop parsing; the reason is in ``broken``."""
 
 
-_URI_TOO_LONG = GatewayError(414, "invalid_request_error", "uri_too_long", "The request target is too long.")
-_HEADERS_TOO_LARGE = GatewayError(
-    431, "invalid_request_error", "headers_too_large", "The request headers are too large."
-)
-_TOO_MANY_HEADERS = GatewayError(431, "invalid_request_error", "too_many_headers", "The request has too many headers.")
-_UNSUPPORTED_CODING = GatewayError(
+_URI_TOO_LONG = ErrorReply(414, "invalid_request_error", "uri_too_long", "The request target is too long.")
+_HEADERS_TOO_LARGE = ErrorReply(431, "invalid_request_error", "headers_too_large", "The request headers are too large.")
+_TOO_MANY_HEADERS = ErrorReply(431, "invalid_request_error", "too_many_headers", "The request has too many headers.")
+_UNSUPPORTED_CODING = ErrorReply(
     501, "invalid_request_error", "unsupported_transfer_coding", "Only the chunked transfer coding is supported."
 )
-_HEADER_TIMEOUT = GatewayError(408, "invalid_request_error", "header_timeout", "The request headers took too long.")
+_HEADER_TIMEOUT = ErrorReply(408, "invalid_request_error", "header_timeout", "The request headers took too long.")
 
 
 def _parser_message(e: Exception) -> str:

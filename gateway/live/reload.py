@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..dataplane.upstream import UpstreamGroup
 from ..geo import GeoDataError, file_identity
 from ..policy import run_tests
 from ..runtime import (
@@ -32,7 +33,6 @@ from ..runtime import (
     read_policy_text,
     resolve_upstreams,
 )
-from ..upstream import UpstreamGroup
 from .active import Active, PolicyVersion
 
 log = logging.getLogger("regiongate")
