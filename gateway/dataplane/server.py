@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
 import httptools
@@ -36,9 +36,6 @@ import httptools
 from .. import errors
 from ..errors import ErrorReply
 from .limits import Limits
-
-if TYPE_CHECKING:
-    from .edge import Edge
 
 log = logging.getLogger("regiongate")
 
@@ -635,6 +632,14 @@ def _parser_message(e: Exception) -> str:
     return text if text.isprintable() and len(text) < 100 else "invalid request"
 
 
+class Front(Protocol):
+    """What stands between the socket and the connections when there is one (:class:`.edge.Edge`:
+    TLS, PROXY protocol). A protocol, so that this module does not import the one that imports it."""
+
+    async def serve(self, listener: Listener, sock: Any) -> asyncio.AbstractServer: ...
+    def tick(self) -> None: ...
+
+
 class Listener:
     """The proxy port: admits connections up to a cap, sweeps slow ones, drains on shutdown."""
 
@@ -654,12 +659,12 @@ class Listener:
         self.server: asyncio.AbstractServer | None = None
         self.loop = asyncio.get_running_loop()
         self._sweeper: asyncio.TimerHandle | None = None
-        self._edge: Edge | None = None
+        self._edge: Front | None = None
         self._bad_logged_at = 0.0
         self._bad_suppressed = 0
         self._drained = asyncio.Event()
 
-    async def start(self, sock: Any, edge: Edge | None = None) -> None:
+    async def start(self, sock: Any, edge: Front | None = None) -> None:
         """Serve ``sock``; with ``edge`` (TLS, PROXY protocol), connections pass through it first (:mod:`.edge`)."""
         if edge is None:
             self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=2048)
