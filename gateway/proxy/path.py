@@ -48,9 +48,9 @@ from ..runtime import Runtime
 from ..shared.overrides import judge as judge_override
 from ..shared.overrides import request_key_hash
 from ..shared.ratelimit import check as check_rate
-from . import replies
 from .exchange import Exchange
 from .record import REJECTED, Metrics, Record
+from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
 
 log = logging.getLogger("regiongate")
 
@@ -86,7 +86,7 @@ class Gateway:
         policy = active.policy
 
         # 0. What is asked, in the one form that is both judged and forwarded.
-        path = replies.request_target(request.method, request.raw_path, rt.allow_methods)
+        path = request_target(request.method, request.raw_path, rt.allow_methods)
         # 1. Who is asking.
         client = resolve(request.peer, request.headers, rt.clientip)
         # 2. Where they are.
@@ -122,7 +122,7 @@ class Gateway:
         if decision.verdict == DENY:
             if decision.model_refused:
                 self.metrics.model_refused(decision.rule)
-                self.fail(ex, replies.model_not_allowed(ex.model))
+                self.fail(ex, model_not_allowed(ex.model))
                 return
             policy = ex.active.policy
             block = policy.spec.block
@@ -215,7 +215,7 @@ class Gateway:
         groups = ex.active.upstreams
         group = groups.get(ex.decision.upstream or "")
         if group is None:
-            self.fail(ex, replies.NO_UPSTREAM)
+            self.fail(ex, NO_UPSTREAM)
             return
         # A missing client's address is its proxy's: no client address to vouch for.
         decided = str(client.ip) if client.ip is not None and client.kind != MISSING else None
@@ -243,10 +243,10 @@ class Gateway:
         """A bug of ours must still give the client an OpenAI-shaped answer (or a cut, once it started)."""
         log.exception("request %s failed", ex.request_id)
         if not ex.request.started:
-            self.fail(ex, replies.INTERNAL)
+            self.fail(ex, INTERNAL)
         else:
             ex.request.abort()
-            ex.error = ex.error or replies.INTERNAL.code
+            ex.error = ex.error or INTERNAL.code
             ex.record()
 
     def fail(self, ex: Exchange, reply: ErrorReply) -> None:
