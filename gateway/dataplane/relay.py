@@ -38,6 +38,11 @@ Each attempt runs on its URL's timeouts from the moment it starts. A 403 is
 read (bounded) before it is passed on, to tell a region refusal apart; every
 other answer streams as before. The plain request (one URL, no fallback)
 pays for none of this beyond a ``None`` check and its URL's health counter.
+
+An attempt's life is its :class:`Phase` (connecting, sending, sniffing a 403,
+streaming, complete, done), changed only by ``Relay._enter``; the flags left
+are facts that hold across phases (the upload's progress, backpressure, the
+response's framing, a retry already spent).
 """
 
 from __future__ import annotations
