@@ -22,7 +22,6 @@ from .cidrs import CidrSet
 from .clientip import ClientIPConfig
 from .dataplane.edge import Edge
 from .dataplane.tls import Certificates, TlsError
-from .dataplane.upstream import UpstreamGroup
 from .geo import Geo, GeoDataError
 from .live.active import Active, PolicyVersion
 from .policy import (
@@ -34,11 +33,11 @@ from .policy import (
     parse_policy,
     plain_error,
 )
+from .proxy.upstreams import UpstreamConfigError, UpstreamGroup, build_upstreams
 from .shared.audit import Audit
 from .shared.redisconn import RedisConfigError
 from .shared.store import OverrideStore, open_store
 from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
-from .upstream import UpstreamConfigError, build_upstreams
 from .yamlfile import FileError
 from .yamlfile import read as read_yaml
 

@@ -29,8 +29,8 @@ from gateway.dataplane.pool import Pool
 from gateway.dataplane.relay import Relay
 from gateway.dataplane.server import Listener, Request
 from gateway.policy import UpstreamSpec
+from gateway.proxy.upstreams import build_upstreams
 from gateway.server import bind
-from gateway.upstream import build_upstreams
 
 LIMIT = 200_000  # above one socket read, so a held body arrives in several
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -27,7 +27,7 @@ from conftest import (
 )
 from gateway.dataplane.upstream import FRAMING, HOP_BY_HOP, forward_headers, response_headers
 from gateway.policy import UpstreamSpec
-from gateway.upstream import build_upstreams
+from gateway.proxy.upstreams import build_upstreams
 from test_dataplane import (
     OK,
     XFF,

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..dataplane.upstream import UpstreamGroup
 from ..policy import Policy
+from ..proxy.upstreams import UpstreamGroup
 
 POLICY_HEADER = b"x-regiongate-policy"
 TAG_LENGTH = 12

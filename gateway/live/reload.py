@@ -22,9 +22,9 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..dataplane.upstream import UpstreamGroup
 from ..geo import GeoDataError, file_identity
 from ..policy import run_tests
+from ..proxy.upstreams import UpstreamGroup
 from ..runtime import (
     ConfigError,
     ReloadStatus,

@@ -10,15 +10,17 @@ else per request beyond what its steps did before.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..clientip import ClientAddress
 from ..dataplane.failover import Failover
 from ..dataplane.server import Request
 from ..dataplane.upstream import BodyFor, Upstream
 from ..geo import GeoFacts
-from ..live.active import Active
 from ..policy import Decision
+
+if TYPE_CHECKING:  # live.active imports proxy.upstreams: at run time this would be a circle
+    from ..live.active import Active
 
 
 class Recorder(Protocol):

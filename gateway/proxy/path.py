@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Mapping
 from functools import partial
+from typing import TYPE_CHECKING
 
 from ..clientip import MISSING, PUBLIC, resolve
 from ..dataplane.bodyhold import hold
@@ -44,13 +45,15 @@ from ..geo import NO_FACTS
 from ..modelfield import BadBody, ModelField, is_json, read_model, rename
 from ..policy import DENY, NEEDS_MODEL, decide, decide_model, model_refusal
 from ..requestid import RequestIds
-from ..runtime import Runtime
 from ..shared.overrides import judge as judge_override
 from ..shared.overrides import request_key_hash
 from ..shared.ratelimit import check as check_rate
 from .exchange import Exchange
 from .record import REJECTED, Metrics, Record
 from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
+
+if TYPE_CHECKING:  # runtime imports proxy.upstreams, which runs this package's __init__
+    from ..runtime import Runtime
 
 log = logging.getLogger("regiongate")
 

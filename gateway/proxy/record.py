@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..clientip import PUBLIC
 from ..dataplane.failover import REGION_REFUSAL, Failover, Notices
 from ..dataplane.upstream import Upstream
 from ..policy import DENY, NEEDS_MODEL, Decision, decide_model
-from ..runtime import Runtime
 from ..shared.audit import entry as audit_entry
 from ..shared.auditbound import source_of
 from .exchange import Exchange
 from .replies import BAD_REQUEST_CODES
+
+if TYPE_CHECKING:  # runtime imports proxy.upstreams, which runs this package's __init__
+    from ..runtime import Runtime
 
 log = logging.getLogger("regiongate")
 

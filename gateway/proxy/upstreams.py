@@ -6,7 +6,8 @@ read from the environment here, once, so a missing one fails at startup (or
 refuses a reload), and the specs' timeouts and health settings become the
 data plane's own frozen dataclasses, so that :mod:`gateway.dataplane`
 imports nothing from the policy. Config time only (startup and reload),
-never per request.
+never per request. Part of the join (:mod:`gateway.proxy`): the one place
+where policy specs become data-plane settings.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from types import MappingProxyType
 
 from yarl import URL
 
-from .dataplane.limits import HealthSettings, UpstreamTimeouts
-from .dataplane.upstream import Upstream, UpstreamGroup
-from .policy import HealthSpec, Timeouts, UpstreamSpec
+from ..dataplane.limits import HealthSettings, UpstreamTimeouts
+from ..dataplane.upstream import Upstream, UpstreamGroup
+from ..policy import HealthSpec, Timeouts, UpstreamSpec
+
+__all__ = ["UpstreamConfigError", "UpstreamGroup", "build_upstreams", "health", "timeouts"]
 
 
 class UpstreamConfigError(Exception):
