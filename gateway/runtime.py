@@ -33,12 +33,12 @@ from .policy import (
     parse_policy,
     plain_error,
 )
+from .proxy.upstreams import UpstreamConfigError, UpstreamGroup, build_upstreams
 from .reports import ReadyOut, ReloadStatusOut, WatcherOut, dump
 from .shared.audit import Audit
 from .shared.redisconn import RedisConfigError
 from .shared.store import OverrideStore, open_store
 from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
-from .upstream import UpstreamConfigError, UpstreamGroup, build_upstreams
 from .yamlfile import FileError
 from .yamlfile import read as read_yaml
 

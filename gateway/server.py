@@ -29,12 +29,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .accesslog import redact_logs
 from .dataplane.limits import Limits, connection_cap, raise_nofile
 from .runtime import ConfigError, Runtime, Settings, load_runtime
 from .shared.store import OverrideStore, probe
+
+if TYPE_CHECKING:  # imported when the worker starts: PROMETHEUS_MULTIPROC_DIR must be set first
+    from .metrics import Metrics
 
 log = logging.getLogger("regiongate")
 
@@ -102,7 +105,7 @@ def limits_for(settings: Settings) -> Limits:
 
 async def _native_main(
     runtime: Runtime,
-    metrics: Any,
+    metrics: Metrics,
     proxy_sock: socket.socket,
     admin_sock: socket.socket,
     slot: int,

@@ -1,7 +1,7 @@
 """Where a request goes when its upstream fails before answering: the next URL of its chain.
 
 A request to an upstream may try every URL of its chain
-(:attr:`gateway.upstream.UpstreamGroup.chain`: the group's URLs, then each
+(:attr:`gateway.dataplane.upstream.UpstreamGroup.chain`: the group's URLs, then each
 fallback's) in order, skipping the ones passive health has ejected. When
 every URL of the chain is ejected they are all tried anyway, in order: an
 ejection is a guess about the future, a refusal without trying is certain.
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import orjson
 
-from ..upstream import BadTarget, BodyFor, Upstream, UpstreamGroup, forward_headers
-from .pool import Pool
+from .pool import Pool, Pools
 from .server import Header
+from .upstream import BadTarget, BodyFor, Upstream, UpstreamGroup, forward_headers
 
 REGION_REFUSAL_CODE = "unsupported_country_region_territory"
 CONNECT_ERROR, CONNECT_TIMEOUT, REGION_REFUSAL = "connect_error", "connect_timeout", "region_refusal"
@@ -55,7 +55,7 @@ def prepare(
     peer: str | None,
     decided: str | None,
 ) -> tuple[bytes, list[Header]]:
-    """The request target and headers for one URL (raises :class:`gateway.upstream.BadTarget`).
+    """The request target and headers for one URL (raises :class:`gateway.dataplane.upstream.BadTarget`).
 
     No framing header is among them: the relay writes its own (:mod:`.relay`).
     """
@@ -67,16 +67,14 @@ class Route:
     """The URLs one request may still try, and how to address each (made only when there are several)."""
 
     __slots__ = (
-        "at", "body_for", "chain", "decided", "everyone", "groups", "headers", "path", "peer", "pool_for", "pools",
-        "query",
+        "at", "body_for", "chain", "decided", "everyone", "groups", "headers", "path", "peer", "pools", "query",
     )  # fmt: skip
 
     def __init__(
         self,
         chain: tuple[Upstream, ...],
         groups: Mapping[str, UpstreamGroup],
-        pools: Mapping[Upstream, Pool],
-        pool_for: Callable[[Upstream], Pool],
+        pools: Pools,
         headers: list[Header],
         peer: str | None,
         decided: str | None,
@@ -86,8 +84,7 @@ class Route:
     ) -> None:
         self.chain = chain
         self.groups = groups
-        self.pools = pools  # a URL without a pool yet has never failed
-        self.pool_for = pool_for
+        self.pools = pools
         self.headers = headers  # the client's, kept (the request forgets its own) until an answer is passed on
         self.peer = peer
         self.decided = decided
@@ -120,14 +117,14 @@ class Route:
                 target, headers = prepare(upstream, self.path, self.query, self.headers, self.peer, self.decided)
             except BadTarget:
                 continue
-            return self.pool_for(upstream), target, headers, body
+            return self.pools.pool(upstream), target, headers, body
 
     def _pick(self, start: int) -> int | None:
         chain = self.chain
         if self.everyone:
             return start if start < len(chain) else None
         now = time.monotonic()
-        pools = self.pools
+        pools = self.pools.made  # a URL without a pool yet has never failed
         for i in range(start, len(chain)):
             pool = pools.get(chain[i])
             if pool is None or not pool.health.ejected(now):

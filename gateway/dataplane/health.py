@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import time
 
-from ..policy import HealthSpec
+from .limits import HealthSettings
 
 
 class Health:
     __slots__ = ("backoff", "failures", "first", "limit", "max_backoff", "until")
 
-    def __init__(self, spec: HealthSpec) -> None:
-        self.limit = spec.failures
-        self.first = spec.backoff_seconds
-        self.max_backoff = spec.max_backoff_seconds
+    def __init__(self, settings: HealthSettings) -> None:
+        self.limit = settings.failures
+        self.first = settings.backoff
+        self.max_backoff = settings.max_backoff
         self.failures = 0  # in a row
         self.backoff = 0.0  # the last ejection's length; 0 after a success
         self.until = 0.0  # time.monotonic() when the current ejection ends

@@ -1,8 +1,11 @@
-"""Bounds on what one peer can make the proxy port hold, and the process's file limit.
+"""Bounds on what one peer can make the proxy port hold, the process's file limit, and
+each upstream URL's timeouts and health settings.
 
 Every limit here is enforced before memory grows with the input: a header
 that never ends, a connection that never speaks and a client that never
-reads all cost a bounded amount and are then closed.
+reads all cost a bounded amount and are then closed. The data plane's settings
+are its own frozen dataclasses: it imports nothing from the policy, whose
+specs :mod:`gateway.proxy.upstreams` translates into these.
 """
 
 from __future__ import annotations
@@ -32,6 +35,29 @@ class Limits:
     # only while nothing on the gateway's side holds it back; then a 408 and a closed connection.
     body_read_timeout: float = 60.0
     grace: float = 10.0  # SIGTERM: time for in-flight requests and streams to finish
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTimeouts:
+    """One upstream URL's timeouts, in seconds (the policy's ``timeouts:``, translated by
+    :mod:`gateway.proxy.upstreams`). ``first_byte`` is generous because a non-streamed completion
+    sends nothing until the model has finished; ``idle`` bounds the silence between reads."""
+
+    connect: float = 5.0
+    first_byte: float = 300.0
+    idle: float = 60.0
+    total: float = 900.0
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Passive health of one upstream URL (the policy's ``health:``, durations resolved to
+    seconds): ``failures`` in a row eject it for ``backoff`` seconds, doubled at each new
+    ejection up to ``max_backoff`` (:mod:`.health`)."""
+
+    failures: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 60.0
 
 
 def raise_nofile() -> tuple[int, int]:

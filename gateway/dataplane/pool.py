@@ -23,14 +23,14 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Protocol, cast
 
 import httptools
 
-from ..upstream import Upstream
 from .health import Health
 from .limits import Limits
+from .upstream import Upstream
 
 
 class ConnectTimeout(Exception):
@@ -336,3 +336,33 @@ def _cancel(task: asyncio.Task[None]) -> None:
 
 def _nothing() -> None:
     return None
+
+
+class Pools:
+    """Every upstream URL's pool, made as requests need them (inside the running loop).
+
+    A URL configured exactly as before a reload keeps its pool and what its health
+    learnt; :meth:`retire` closes the others as their requests end.
+    """
+
+    __slots__ = ("bound", "limits", "made")
+
+    def __init__(self, limits: Limits, bound: int = 1) -> None:
+        self.limits = limits
+        self.bound = bound  # connections per upstream URL, in use and idle together
+        self.made: dict[Upstream, Pool] = {}  # a URL without a pool yet has never failed
+
+    def pool(self, upstream: Upstream) -> Pool:
+        pool = self.made.get(upstream)
+        if pool is None:
+            pool = self.made[upstream] = Pool(upstream, self.limits, self.bound)
+        return pool
+
+    def retire(self, keep: Collection[Upstream]) -> None:
+        """Pools of URLs not in ``keep`` close: idle connections now, busy ones when released."""
+        for upstream in [u for u in self.made if u not in keep]:
+            self.made.pop(upstream).close()
+
+    def close(self) -> None:
+        for pool in self.made.values():
+            pool.close()

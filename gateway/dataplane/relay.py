@@ -6,7 +6,7 @@ upstream read (an SSE event that arrived as one segment leaves as one).
 
 Framing is the relay's, both ways, decided once per message from what a
 parser counted, never from a header it was given (no header that says
-how a body ends is forwarded either way: :data:`gateway.upstream.FRAMING`).
+how a body ends is forwarded either way: :data:`gateway.dataplane.upstream.FRAMING`).
 Up: ``content-length`` from the held body or from llhttp's count of the
 client's, or ``chunked`` written here. Down: the upstream's length, or
 chunked (close-delimited for HTTP/1.0), and none on a 204; a transfer
@@ -38,6 +38,11 @@ Each attempt runs on its URL's timeouts from the moment it starts. A 403 is
 read (bounded) before it is passed on, to tell a region refusal apart; every
 other answer streams as before. The plain request (one URL, no fallback)
 pays for none of this beyond a ``None`` check and its URL's health counter.
+
+An attempt's life is its :class:`Phase` (connecting, sending, sniffing a 403,
+streaming, complete, done), changed only by ``Relay._enter``; the flags left
+are facts that hold across phases (the upload's progress, backpressure, the
+response's framing, a retry already spent).
 """
 
 from __future__ import annotations
@@ -47,22 +52,42 @@ import math
 import time
 import zlib
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Protocol
 
 from .. import errors
-from ..errors import GatewayError
-from ..upstream import Upstream, response_headers
+from ..errors import ErrorReply
 from .codings import Decoder, UnsupportedCoding, decoder
 from .failover import CONNECT_ERROR, CONNECT_TIMEOUT, REGION_REFUSAL, SNIFF_LIMIT, STATUS_REASONS, Failover, Route
 from .failover import region_refusal as read_refusal
 from .pool import ConnectTimeout, Pool, UpstreamConnection
 from .server import Header, Request
+from .upstream import Upstream, response_headers
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _UNHEALTHY = frozenset(STATUS_REASONS)  # 502, 503, 504: the upstream itself says it could not serve
 
 
-class Outcome(Protocol):
+class Phase(IntEnum):
+    """Where one attempt of a relay is; ordered, and changed in one place (:meth:`Relay._enter`).
+
+    A failover or a stale-connection retry goes back to ``CONNECTING``; ``DONE`` is final.
+    """
+
+    CONNECTING = 0  # waiting for a connection from the pool
+    SENDING = 1  # the head went up (the body may still be going): waiting for the response head
+    SNIFFING = 2  # a 403's head is in: its body is read (bounded) before anything is passed on
+    STREAMING = 3  # the response head was passed on (or is being): its body flows to the client
+    COMPLETE = 4  # the upstream's response is whole (a sniffed 403's too): what is left is to pass it on
+    DONE = 5  # answered, failed, cut or the client left: nothing more happens
+
+
+CONNECTING, SENDING, SNIFFING, STREAMING, COMPLETE, DONE = Phase  # global loads on the hot path
+
+
+class RelayRecord(Protocol):
+    """What the relay writes down about its request, for the record (:class:`gateway.proxy.Exchange`)."""
+
     attempted: bool
     client_gone: bool
     status: int
@@ -75,7 +100,7 @@ class Outcome(Protocol):
     attempts: int  # times the request went to an upstream (failovers and stale-connection retries included)
 
 
-def send_error(request: Request, error: GatewayError, request_id: bytes, policy: Header) -> None:
+def send_error(request: Request, error: ErrorReply, request_id: bytes, policy: Header) -> None:
     """The gateway's own OpenAI-shaped answer, before any upstream byte went out."""
     headers = error_headers(request_id, error.retry, policy)
     headers += error.headers
@@ -102,11 +127,9 @@ class Relay:
         "cancel_wait",
         "chunked_up",
         "clock",
-        "complete",
         "conn",
         "decoder",
         "done",
-        "finished",
         "first_byte_at",
         "head",
         "held",
@@ -120,11 +143,11 @@ class Relay:
         "paused",
         "pending",
         "pending_bytes",
+        "phase",
         "policy",
         "pool",
         "request",
         "request_id",
-        "response_started",
         "retried",
         "route",
         "sniff",
@@ -144,7 +167,7 @@ class Relay:
         headers: list[Header],
         request_id: bytes,
         policy: Header,
-        outcome: Outcome,
+        outcome: RelayRecord,
         done: Callable[[], None],
         route: Route | None = None,
         body: bytes | None = None,
@@ -183,10 +206,11 @@ class Relay:
         self.sniff_head: tuple[int, list[Header], int | None, bytes | None] | None = None
         self.sniff_bytes = 0
         self.out: list[bytes] = []
-        self.response_started = False
+        self.phase = CONNECTING
+        # Independent of the phase: the timer moved from the first-byte deadline to the idle and total
+        # ones (a response over in the read that started it never moves it); the client's reading is
+        # paused (backpressure, any phase); this attempt's request was sent again on a new connection.
         self.idle_timer = False
-        self.complete = False
-        self.finished = False
         self.paused = False
         self.retried = False
         self.sse = False
@@ -211,6 +235,29 @@ class Relay:
             parts.append(b"content-length: %d\r\n" % request.length)
         parts.append(b"\r\n")
         return b"".join(parts)
+
+    def _enter(self, phase: Phase) -> None:
+        """The one place the phase changes; ``DONE`` is final (a body that failed to decode while
+        the response completed must not look complete again)."""
+        if self.phase is not DONE:
+            self.phase = phase
+
+    def __repr__(self) -> str:
+        request = self.request
+        facts = [
+            self.phase.name,
+            f"{request.method} {self.pool.upstream.label}",
+            f"attempts={self.outcome.attempts}",
+            f"sent={self.outcome.sent}",
+        ]
+        facts += [
+            name
+            for name in ("body_sent", "paused", "body_paused", "retried", "sse", "until_close")
+            if getattr(self, name)
+        ]
+        if self.route is not None:
+            facts.append("failover")
+        return f"<Relay {' '.join(facts)}>"
 
     # --- start -------------------------------------------------------------------------
 
@@ -247,7 +294,7 @@ class Relay:
 
     def _connected(self, conn: UpstreamConnection | None, error: Exception | None) -> None:
         self.cancel_wait = None
-        if self.finished:
+        if self.phase is DONE:
             if conn is not None:
                 self.pool.release(conn, unused=True)
             return
@@ -261,6 +308,7 @@ class Relay:
             return
         self.conn = conn
         conn.receiver = self
+        self._enter(SENDING)
         data = [self.head, *self.pending]
         if self.retried:
             self.head = b""  # sent for the last time
@@ -332,7 +380,7 @@ class Relay:
         if self.route is None or status != 403:
             self.held = None  # nothing to keep for another attempt
         self.outcome.status = status
-        self.response_started = True
+        self._enter(STREAMING)
         self.last_rx = self.loop.time()
         self.no_body = self.no_body or status in _NO_BODY_STATUS
         # Framing, from what llhttp checked (one content-length of digits, never with transfer-encoding),
@@ -364,12 +412,13 @@ class Relay:
             # Maybe the upstream refusing the gateway's region: read it before passing anything on.
             encoding = next((v for n, v in raw if n.lower() == b"content-encoding"), None)
             self.sniff, self.sniff_head, self.sniff_bytes = [], (status, headers, length, encoding), 0
+            self._enter(SNIFFING)
             return
         self.route = None  # the answer is this one: the client's headers need not be kept
         self.out.append(self.request.head(status, headers, length=length, no_body=self.no_body))
         if self.request.method == "HEAD":
             # The parser would wait for the body a HEAD response announces but never sends.
-            self.complete = True
+            self._enter(COMPLETE)
             if self.conn is not None:
                 self.conn.abort()
                 self.conn = None
@@ -406,7 +455,7 @@ class Relay:
                 return
             if rest:
                 self.upstream_body(rest)
-        self.complete = True
+        self._enter(COMPLETE)
         if not self.no_body and self.sniff is None:
             self.out.append(self.request.tail())
 
@@ -420,17 +469,18 @@ class Relay:
 
     def upstream_fed(self) -> None:
         """The end of one upstream read: what it produced goes to the client in one write."""
-        if self.finished:
+        phase = self.phase
+        if phase is DONE:
             return  # ended inside the read (a body that would not decode)
-        if self.sniff is not None and self.complete and self._judge_403():
+        if self.sniff is not None and phase is COMPLETE and self._judge_403():
             return  # another attempt is under way
         out = self.out
         if out:
             self.request.send(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
-        if self.complete:
+        if self.phase is COMPLETE:
             self._finish(reusable=self.body_sent)
-        elif self.response_started and not self.idle_timer:
+        elif self.phase >= SNIFFING and not self.idle_timer:
             # A body still to come: from the first-byte deadline to the idle and total ones.
             # (Not done for a response that is over in the read that started it: most are.)
             self.idle_timer = True
@@ -441,12 +491,13 @@ class Relay:
 
     def upstream_lost(self, error: Exception | None) -> None:
         conn, self.conn = self.conn, None
-        if self.finished:
+        phase = self.phase
+        if phase is DONE:
             return
-        if self.complete:
+        if phase is COMPLETE:
             self.upstream_fed()
             return
-        if not self.response_started:
+        if phase < SNIFFING:
             quiet = error is None or isinstance(error, OSError)  # closed or reset, not a bad response
             stale = conn is not None and conn.reused and not conn.got_bytes and quiet
             # Sent again only if a second copy is harmless: the upstream may have read (and acted
@@ -467,6 +518,7 @@ class Relay:
     def _retry(self) -> None:
         """A pooled connection closed under the request before any answer: once more, on a new one."""
         self.retried = True
+        self._enter(CONNECTING)
         self.pending = list(self.held or [])
         if self.route is None:
             self.held = None
@@ -497,13 +549,15 @@ class Relay:
         for data in sniffed:
             out.append(request.frame(data))
             self.outcome.sent += len(data)
-        if self.complete:
+        if self.phase is COMPLETE:
             out.append(request.tail())
+        else:
+            self._enter(STREAMING)
 
     def _failover(self, reason: str, status: int, message: str | None = None) -> bool:
         """Start the next attempt, if there is a URL left and nothing reached the client."""
         route = self.route
-        if route is None or self.request.started or self.finished:
+        if route is None or self.request.started or self.phase is DONE:
             return False
         step = route.next()
         if step is None:
@@ -518,7 +572,7 @@ class Relay:
             self.cancel_wait()
             self.cancel_wait = None
         if conn is not None:
-            if self.complete and self.body_sent:
+            if self.phase is COMPLETE and self.body_sent:
                 self.pool.release(conn)  # a whole answer (a refusal) on a sound connection
             else:
                 conn.abort()
@@ -531,7 +585,8 @@ class Relay:
             self.pending = list(self.held)
         self.head = self._head(target, headers)
         self.pending_bytes = sum(map(len, self.pending))
-        self.response_started = self.complete = self.idle_timer = self.retried = self.sse = False
+        self._enter(CONNECTING)
+        self.idle_timer = self.retried = self.sse = False
         self.until_close = False
         self.no_body = self.request.method == "HEAD"
         self.sniff = self.sniff_head = self.decoder = None
@@ -558,7 +613,7 @@ class Relay:
 
     def _on_timer(self) -> None:
         self.timer = None
-        if self.finished:
+        if self.phase is DONE:
             return
         now = self.loop.time()
         if self.body_paused:
@@ -567,7 +622,7 @@ class Relay:
         if now >= body_at:
             self._body_timeout()
             return
-        if not self.response_started:
+        if self.phase < SNIFFING:
             if now >= self.first_byte_at:
                 self._fail(errors.UPSTREAM_TIMEOUT)
                 return
@@ -605,7 +660,7 @@ class Relay:
         self.request.finish()
         self.done()
 
-    def _fail(self, error: GatewayError) -> None:
+    def _fail(self, error: ErrorReply) -> None:
         """Before the response started: the gateway's own answer."""
         self._stop()
         self._drop_upstream()
@@ -615,7 +670,7 @@ class Relay:
         send_error(self.request, error, self.request_id, self.policy)
         self.done()
 
-    def _cut(self, error: GatewayError) -> None:
+    def _cut(self, error: ErrorReply) -> None:
         """After the response started: a final error event for a stream, else a body that cannot look whole."""
         if not self.request.started:  # the upstream's answer was still being read (a 403): nothing passed on
             self._fail(error)
@@ -634,7 +689,7 @@ class Relay:
         self.done()
 
     def _client_gone(self) -> None:
-        if self.finished:
+        if self.phase is DONE:
             return
         self._stop()
         self._drop_upstream()
@@ -643,7 +698,7 @@ class Relay:
         self.done()
 
     def _stop(self) -> None:
-        self.finished = True
+        self._enter(DONE)
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -28,17 +28,14 @@ import logging
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import unquote
 
 import httptools
 
 from .. import errors
-from ..errors import GatewayError
+from ..errors import ErrorReply
 from .limits import Limits
-
-if TYPE_CHECKING:
-    from .edge import Edge
 
 log = logging.getLogger("regiongate")
 
@@ -55,7 +52,7 @@ def header(headers: list[Header], name: bytes) -> bytes | None:
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_BUSY = errors.GatewayError(503, "server_error", "gateway_busy", "The gateway has too many open connections.", True)
+_BUSY = ErrorReply(503, "server_error", "gateway_busy", "The gateway has too many open connections.", True)
 
 
 # Methods a request may be sent twice with (RFC 9110 §9.2.2); any other needs an Idempotency-Key.
@@ -358,7 +355,7 @@ class ClientConnection(asyncio.Protocol):
         self.queue: list[Request] = []  # pipelined, waiting (a list: a deque's block is 600 bytes a connection)
         self.deadline = 0.0  # when the sweep closes this connection (0: never)
         self.draining = False
-        self.broken: GatewayError | None = None
+        self.broken: ErrorReply | None = None
         self.broken_reason = ""
         self.closed = False
         self.write_paused = False
@@ -567,7 +564,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.deadline = self.listener.loop.time() + self.limits.idle_timeout
 
-    def _bad(self, error: GatewayError, reason: str) -> None:
+    def _bad(self, error: ErrorReply, reason: str) -> None:
         """A request that cannot be parsed: answered after the ones before it, then the connection closes."""
         if self.broken is None:
             self.broken = error
@@ -621,20 +618,26 @@ class _Refuse(Exception):
     """Raised inside a parser callback to stop parsing; the reason is in ``broken``."""
 
 
-_URI_TOO_LONG = GatewayError(414, "invalid_request_error", "uri_too_long", "The request target is too long.")
-_HEADERS_TOO_LARGE = GatewayError(
-    431, "invalid_request_error", "headers_too_large", "The request headers are too large."
-)
-_TOO_MANY_HEADERS = GatewayError(431, "invalid_request_error", "too_many_headers", "The request has too many headers.")
-_UNSUPPORTED_CODING = GatewayError(
+_URI_TOO_LONG = ErrorReply(414, "invalid_request_error", "uri_too_long", "The request target is too long.")
+_HEADERS_TOO_LARGE = ErrorReply(431, "invalid_request_error", "headers_too_large", "The request headers are too large.")
+_TOO_MANY_HEADERS = ErrorReply(431, "invalid_request_error", "too_many_headers", "The request has too many headers.")
+_UNSUPPORTED_CODING = ErrorReply(
     501, "invalid_request_error", "unsupported_transfer_coding", "Only the chunked transfer coding is supported."
 )
-_HEADER_TIMEOUT = GatewayError(408, "invalid_request_error", "header_timeout", "The request headers took too long.")
+_HEADER_TIMEOUT = ErrorReply(408, "invalid_request_error", "header_timeout", "The request headers took too long.")
 
 
 def _parser_message(e: Exception) -> str:
     text = str(e) or type(e).__name__
     return text if text.isprintable() and len(text) < 100 else "invalid request"
+
+
+class Front(Protocol):
+    """What stands between the socket and the connections when there is one (:class:`.edge.Edge`:
+    TLS, PROXY protocol). A protocol, so that this module does not import the one that imports it."""
+
+    async def serve(self, listener: Listener, sock: Any) -> asyncio.AbstractServer: ...
+    def tick(self) -> None: ...
 
 
 class Listener:
@@ -656,12 +659,12 @@ class Listener:
         self.server: asyncio.AbstractServer | None = None
         self.loop = asyncio.get_running_loop()
         self._sweeper: asyncio.TimerHandle | None = None
-        self._edge: Edge | None = None
+        self._edge: Front | None = None
         self._bad_logged_at = 0.0
         self._bad_suppressed = 0
         self._drained = asyncio.Event()
 
-    async def start(self, sock: Any, edge: Edge | None = None) -> None:
+    async def start(self, sock: Any, edge: Front | None = None) -> None:
         """Serve ``sock``; with ``edge`` (TLS, PROXY protocol), connections pass through it first (:mod:`.edge`)."""
         if edge is None:
             self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=2048)

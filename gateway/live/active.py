@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..policy import Policy
-from ..upstream import UpstreamGroup
+from ..proxy.upstreams import UpstreamGroup
 
 POLICY_HEADER = b"x-regiongate-policy"
 TAG_LENGTH = 12

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from ..geo import GeoDataError, file_identity
 from ..policy import run_tests
+from ..proxy.upstreams import UpstreamGroup
 from ..reports import PolicyFileResult
 from ..runtime import (
     ConfigError,
@@ -33,7 +34,6 @@ from ..runtime import (
     read_policy_text,
     resolve_upstreams,
 )
-from ..upstream import UpstreamGroup
 from .active import Active, PolicyVersion
 
 log = logging.getLogger("regiongate")

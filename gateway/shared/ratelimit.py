@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any
 
 from ..clientip import ClientAddress
-from ..errors import GatewayError
+from ..errors import ErrorReply
 from ..geo import GeoFacts
 from ..policy.ratelimit import OnError, RateCheck, RateLimit, budget_of
 
@@ -70,10 +70,10 @@ def _seconds(value: float) -> bytes:
     return f"{value:.3f}".rstrip("0").rstrip(".").encode() + b"s"
 
 
-def exceeded(limit: RateLimit, outcome: RateCheck) -> GatewayError:
+def exceeded(limit: RateLimit, outcome: RateCheck) -> ErrorReply:
     """OpenAI's own 429: the SDKs read ``retry-after``/``retry-after-ms`` and retry after that long."""
     retry_ms = max(1, math.ceil(outcome.retry_after * 1000))
-    return GatewayError(
+    return ErrorReply(
         429,
         "requests",
         "rate_limit_exceeded",
@@ -90,7 +90,7 @@ def exceeded(limit: RateLimit, outcome: RateCheck) -> GatewayError:
     )
 
 
-UNAVAILABLE = GatewayError(
+UNAVAILABLE = ErrorReply(
     503,
     "server_error",
     "rate_limiter_unavailable",
@@ -107,7 +107,7 @@ def check(
     facts: GeoFacts,
     headers: Iterable[tuple[bytes, bytes]],
     on_error: OnError,
-    then: Callable[[GatewayError | None], None],
+    then: Callable[[ErrorReply | None], None],
 ) -> None:
     """Call ``then`` with None to go on, or with the error to answer with: at once in memory, when the
     batch's reply is read with Redis. Redis unavailable (or a bug in asking it) follows ``on_error``."""
@@ -123,7 +123,7 @@ def _judged(
     store: Any,
     limit: RateLimit,
     on_error: OnError,
-    then: Callable[[GatewayError | None], None],
+    then: Callable[[ErrorReply | None], None],
     outcome: RateCheck | None,
 ) -> None:
     if outcome is None:  # RedisUnavailable (counted by the breaker), or a bug: the policy says what then

@@ -28,9 +28,10 @@ from gateway.dataplane.limits import Limits
 from gateway.dataplane.pool import Pool
 from gateway.dataplane.relay import Relay
 from gateway.dataplane.server import Listener, Request
+from gateway.dataplane.upstream import Upstream
 from gateway.policy import UpstreamSpec
+from gateway.proxy.upstreams import build_upstreams
 from gateway.server import bind
-from gateway.upstream import Upstream, build_upstreams
 from support.processes import RawUpstream, parse_requests
 
 LIMIT = 200_000  # above one socket read, so a held body arrives in several

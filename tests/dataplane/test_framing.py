@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.dataplane.upstream import FRAMING, HOP_BY_HOP, forward_headers, response_headers
 from gateway.policy import UpstreamSpec
-from gateway.upstream import FRAMING, HOP_BY_HOP, build_upstreams, forward_headers, response_headers
+from gateway.proxy.upstreams import build_upstreams
 from support.processes import (
     CITY,
     GatewayFactory,

@@ -424,7 +424,7 @@ def test_each_upstream_gets_its_own_body_with_its_length(
 
 
 def test_chain_order_is_own_urls_then_each_fallback_depth_first() -> None:
-    from gateway.upstream import build_upstreams
+    from gateway.proxy.upstreams import build_upstreams
 
     text = (
         "version: 1\nupstreams:\n"
@@ -442,8 +442,9 @@ def test_chain_order_is_own_urls_then_each_fallback_depth_first() -> None:
 def test_health_ejects_doubles_caps_and_resets() -> None:
     from gateway.dataplane.health import Health
     from gateway.policy import HealthSpec
+    from gateway.proxy.upstreams import health
 
-    h = Health(HealthSpec(failures=2, backoff="1s", max_backoff="3s"))
+    h = Health(health(HealthSpec(failures=2, backoff="1s", max_backoff="3s")))
     h.failed(now=100)
     assert not h.ejected(100)  # one failure of two
     h.failed(now=100)
@@ -482,7 +483,7 @@ def test_region_refusal_is_read_from_plain_and_compressed_bodies() -> None:
 
 
 def test_a_key_that_cannot_go_in_a_header_is_refused_without_showing_it() -> None:
-    from gateway.upstream import UpstreamConfigError, build_upstreams
+    from gateway.proxy.upstreams import UpstreamConfigError, build_upstreams
 
     specs = parse_policy('version: 1\nupstreams:\n  default: {url: "http://a", api_key_env: K}\n', "p.yaml").upstreams
     with pytest.raises(UpstreamConfigError) as e:

@@ -1,23 +1,22 @@
-"""Where allowed requests go, and which of the client's headers go with them.
+"""Where allowed requests go, and which of the client's headers go with them (and come back).
 
 An upstream is a base URL; a request's path and query are appended to it and
 nothing else about the request (request line, ``Host``, absolute-form URL)
 can change the scheme, host or port. The target is checked again after it is
 built, because that check is cheaper than being wrong once. How the bytes
 travel (keep-alive pools, TLS, no cookies, bodies untouched, redirects passed
-back to the client) is :mod:`gateway.dataplane`'s.
+back to the client) is the rest of :mod:`gateway.dataplane`'s. Built from the
+policy's upstream specs by :mod:`gateway.proxy.upstreams`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 
 from yarl import URL
 
-from .policy import HealthSpec, Timeouts, UpstreamSpec
+from .limits import HealthSettings, UpstreamTimeouts
 
 # Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 # plus the ones the gateway sets itself.
@@ -81,11 +80,7 @@ _OWN_PREFIX = b"x-regiongate-"
 _SPELLING = bytes.maketrans(b"_.", b"--")
 
 
-_DEFAULT_HEALTH = HealthSpec()
-
-
-class UpstreamConfigError(Exception):
-    pass
+_DEFAULT_HEALTH = HealthSettings()
 
 
 class BadTarget(ValueError):
@@ -104,10 +99,10 @@ class Upstream:
     target: str
     url: URL
     base: str
-    timeouts: Timeouts
+    timeouts: UpstreamTimeouts
     auth: tuple[bytes, bytes] | None = field(default=None, repr=False)
     forward_client: bool = True
-    health: HealthSpec = _DEFAULT_HEALTH
+    health: HealthSettings = _DEFAULT_HEALTH
     # Derived once: what forward_headers drops, the log and metrics label, the hash (a pool lookup per request).
     drop: frozenset[bytes] = field(init=False, compare=False, repr=False)
     label: str = field(init=False, compare=False, repr=False)
@@ -159,72 +154,6 @@ class UpstreamGroup:
 
 # The bytes a held request body becomes for one upstream (its model renamed by that upstream's map).
 BodyFor = Callable[[UpstreamGroup], bytes]
-
-
-def build_upstreams(specs: Mapping[str, UpstreamSpec], env: Mapping[str, str] = os.environ) -> dict[str, UpstreamGroup]:
-    """Resolve API keys from the environment now, so a missing one fails at startup.
-
-    Fallback names were checked when the policy was compiled (they exist, no cycles).
-    """
-    members: dict[str, tuple[Upstream, ...]] = {}
-    for name, spec in specs.items():
-        auth = None
-        if spec.api_key_env:
-            key = env.get(spec.api_key_env)
-            if not key:
-                raise UpstreamConfigError(
-                    f"upstream {name!r}: api_key_env {spec.api_key_env!r} is not set in the environment"
-                )
-            auth = _auth_header(name, spec, key)
-        out = []
-        for i, text in enumerate(spec.all_urls):
-            url = URL(text)
-            out.append(
-                Upstream(
-                    name=name,
-                    target=str(i),
-                    url=url,
-                    base=str(url).rstrip("/"),
-                    timeouts=spec.timeouts,
-                    auth=auth,
-                    forward_client=spec.client_address == "forward",
-                    health=spec.health,
-                )
-            )
-        members[name] = tuple(out)
-
-    def chain(name: str, seen: set[str]) -> list[Upstream]:
-        seen.add(name)
-        out = list(members[name])
-        for other in specs[name].fallback:
-            if other not in seen and other in members:
-                out += [m for m in chain(other, seen) if m not in out]
-        return out
-
-    return {
-        name: UpstreamGroup(
-            name=name,
-            members=members[name],
-            models=MappingProxyType(dict(spec.models)),
-            fallback=tuple(spec.fallback),
-            chain=tuple(chain(name, set())),
-        )
-        for name, spec in specs.items()
-    }
-
-
-def _auth_header(name: str, spec: UpstreamSpec, key: str) -> tuple[bytes, bytes]:
-    value = spec.auth.format.replace("{key}", key)
-    try:
-        encoded = value.encode("latin-1")
-    except UnicodeEncodeError:
-        encoded = b""
-    if not encoded or any(c in encoded for c in b"\r\n\0"):
-        # Never the key itself in the message.
-        raise UpstreamConfigError(
-            f"upstream {name!r}: the key in {spec.api_key_env!r} holds characters that cannot go in a header"
-        )
-    return spec.auth.header.lower().encode("ascii"), encoded
 
 
 def forward_headers(

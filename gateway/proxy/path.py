@@ -1,0 +1,273 @@
+"""The proxy port's request path, one straight line per request:
+
+    address  ->  geo facts  ->  decision  ->  refuse or forward  ->  record
+
+Everything that decides is a pure function in another module
+(:func:`clientip.resolve`, :meth:`geo.Geo.lookup`, :func:`policy.decide`);
+how bytes move is :mod:`gateway.dataplane`'s. This file joins them and
+keeps the promises about the gateway's own answers: they are OpenAI-shaped
+JSON (:mod:`.replies`), a method outside ``--allow-method`` gets a 405, the
+path is judged, forwarded and logged in one canonical form
+(:mod:`gateway.requestpath`) and one that has none gets a 400, every answer
+names the policy that judged it, and every request is recorded once, when its
+answer is over (:mod:`.record`).
+
+``handle`` is called by the server for each request, in the loop turn that
+read its head: no task per request. It makes the request's one
+:class:`.exchange.Exchange`, and each step below takes it, reading top to
+bottom: ``handle -> proceed -> (read_model -> with_model ->) (limited ->
+checked ->) forward``, with ``fail`` and ``crashed`` as the two ways out. A
+forwarded request's record is written by the relay's completion callback. Two steps may wait, and only requests
+that need them pay for them: reading a JSON body to learn its model (a rule
+that looks at the model, ``allow_models``, an upstream that renames models;
+callbacks, :mod:`gateway.dataplane.bodyhold`) and asking the rate limiter
+(a task, since it awaits Redis).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from functools import partial
+from typing import TYPE_CHECKING
+
+from ..clientip import MISSING, PUBLIC, resolve
+from ..dataplane.bodyhold import hold
+from ..dataplane.failover import Route, prepare
+from ..dataplane.limits import Limits
+from ..dataplane.pool import Pools
+from ..dataplane.relay import Relay, error_headers, send_error
+from ..dataplane.server import Request, header
+from ..dataplane.upstream import BadTarget, BodyFor, UpstreamGroup
+from ..errors import ErrorReply, bad_request
+from ..geo import NO_FACTS
+from ..modelfield import BadBody, ModelField, is_json, read_model, rename
+from ..policy import DENY, NEEDS_MODEL, decide, decide_model, model_refusal
+from ..policy.overrides import judge as judge_override
+from ..policy.overrides import request_key_hash
+from ..requestid import RequestIds
+from ..shared.ratelimit import check as check_rate
+from .exchange import Exchange
+from .record import REJECTED, Metrics, Record
+from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
+
+if TYPE_CHECKING:  # runtime imports proxy.upstreams, which runs this package's __init__
+    from ..runtime import Runtime
+
+log = logging.getLogger("regiongate")
+
+
+class Gateway:
+    def __init__(self, runtime: Runtime, metrics: Metrics, limits: Limits) -> None:
+        self.runtime = runtime
+        self.metrics = metrics
+        self.limits = limits
+        self.pools = Pools(limits)
+        self.recorder = Record(runtime, metrics)
+        self._ids = RequestIds()
+
+    def open(self, bound: int) -> None:
+        """Keep-alive pools are made per upstream as requests need them (inside the running loop)."""
+        self.pools.bound = bound
+
+    def close(self) -> None:
+        self.pools.close()
+
+    def retire_upstreams(self, old: Mapping[str, UpstreamGroup], new: Mapping[str, UpstreamGroup]) -> None:
+        """After a reload: pools (and passive health) of URLs no longer configured close as their requests end.
+
+        A URL configured exactly as before keeps its pool and what its health learnt. Any other pool
+        goes, including one a request that started before the last reload made when it failed over.
+        """
+        self.pools.retire({m for g in new.values() for m in g.members})
+
+    def handle(self, request: Request) -> None:
+        started = time.perf_counter()
+        rt = self.runtime
+        active = rt.active
+        policy = active.policy
+
+        # 0. What is asked, in the one form that is both judged and forwarded.
+        path = request_target(request.method, request.raw_path, rt.allow_methods)
+        # 1. Who is asking.
+        client = resolve(request.peer, request.headers, rt.clientip)
+        # 2. Where they are.
+        facts = rt.geo.lookup(client.ip) if client.kind == PUBLIC and client.ip is not None else NO_FACTS
+        # 3. What an operator's runtime override says (gateway.shared), else what the policy says
+        #    (and a shadow policy, judged too, never enforced).
+        ov = rt.overrides
+        override = judge_override(ov.compiled, client, facts, request_key_hash(ov.compiled, ov.key, request.headers))
+        if isinstance(path, ErrorReply):
+            ex = Exchange(self.recorder, request, next(self._ids), started, active, "", client, facts, REJECTED)
+            try:
+                self.fail(ex, path)
+            except Exception:
+                self.crashed(ex)
+            return
+        decision = override or decide(policy, client, facts, path)
+        ex = Exchange(self.recorder, request, next(self._ids), started, active, path, client, facts, decision)
+        if active.shadow is not None:
+            ex.shadow = decide(active.shadow, client, facts, path)
+        # 4. Refuse or forward; 5. record, now or when the answer is over.
+        try:
+            if decision is NEEDS_MODEL or decision.allow_models is not None or decision.upstream in active.renaming:
+                # 3a. The decision needs the request's model: read the body (JSON only, bounded), then go on.
+                self.read_model(ex)
+            else:
+                self.proceed(ex)
+        except Exception:
+            self.crashed(ex)
+
+    def proceed(self, ex: Exchange) -> None:
+        """Refuse, or forward (after the rate limit when the deciding rule has one)."""
+        decision = ex.decision
+        if decision.verdict == DENY:
+            if decision.model_refused:
+                self.metrics.model_refused(decision.rule)
+                self.fail(ex, model_not_allowed(ex.model))
+                return
+            policy = ex.active.policy
+            block = policy.spec.block
+            ex.request.respond(block.status, error_headers(ex.rid, False, ex.active.header), policy.block_body)
+            ex.status, ex.sent = block.status, len(policy.block_body)
+            ex.record()
+        elif decision.limit is not None:
+            # 3b. The deciding rule's rate limit: the one step that may wait (on Redis), with a
+            # callback like every other step (answered when the batch of checks is).
+            self.limited(ex)
+        else:
+            self.forward(ex)
+
+    def read_model(self, ex: Exchange) -> None:
+        """Learn the model from a JSON body of at most ``body.max_bytes``, then decide with it.
+
+        Any other body (not JSON, too large, none) is streamed untouched and its model
+        is unknown (``body.unknown_model``). A held body goes up as bytes, renamed for
+        the upstream that gets it; it can then be sent again on failover.
+        """
+        request = ex.request
+        spec = ex.active.policy.spec.body
+        if not request.has_body or not is_json(header(request.headers, b"content-type")):
+            self.with_model(ex, None)
+            return
+
+        def held(body: bytes | None) -> None:
+            request.on_gone = None
+            try:
+                self.with_model(ex, body)
+            except Exception:
+                self.crashed(ex)
+
+        def gone() -> None:  # left before the body was whole: nothing was sent anywhere
+            ex.client_gone, ex.status, ex.error = True, 499, "client_disconnected"
+            if ex.decision is NEEDS_MODEL:  # recorded as for a request whose model is unknown
+                ex.decision = decide_model(ex.active.policy, ex.client, ex.facts, ex.path, None)
+            ex.record()
+
+        request.on_gone = gone
+        hold(request, spec.max_bytes, held)
+
+    def with_model(self, ex: Exchange, body: bytes | None) -> None:
+        """Decide with the model the held body names (``None``: too large, too slow, or not read)."""
+        field: ModelField | None = None
+        if body:  # an empty body has no model; a body too large or too slow was given back (None)
+            try:
+                field = read_model(body)
+            except BadBody as e:
+                self.fail(ex, bad_request(e.message, "invalid_body"))
+                return
+        model = field.model if field is not None else None
+        active = ex.active
+        decision = ex.decision
+        if decision is NEEDS_MODEL:
+            decision = decide(active.policy, ex.client, ex.facts, ex.path, model)
+        ex.decision = model_refusal(active.policy, decision, model) or decision
+        ex.model = model
+        if active.shadow is not None:
+            ex.shadow = decide_model(active.shadow, ex.client, ex.facts, ex.path, model)
+        if body is not None:
+            ex.body_for = _renamer(body, field)
+        self.proceed(ex)
+
+    def limited(self, ex: Exchange) -> None:
+        """Forward unless the deciding rule's rate limit says no (a 429; Redis trouble follows ``on_error``)."""
+        limit = ex.decision.limit
+        assert limit is not None
+        on_error = ex.active.policy.spec.redis.on_error
+        # A partial, not a closure: fewer objects per waiting request for the garbage collector to count.
+        then = partial(self.checked, ex)
+        check_rate(self.runtime.overrides, limit, ex.client, ex.facts, ex.request.headers, on_error, then)
+
+    def checked(self, ex: Exchange, refused: ErrorReply | None) -> None:
+        """The rate limit's answer: forward, or the 429 (or 503)."""
+        try:
+            if refused is not None:
+                self.fail(ex, refused)
+            else:
+                self.forward(ex)
+        except Exception:
+            self.crashed(ex)
+
+    def forward(self, ex: Exchange) -> None:
+        """Send the request to ``decision.upstream``'s first URL that is not ejected (see :mod:`.dataplane.failover`).
+
+        ``ex.body_for``: the whole body was read already; it gives the bytes to send to each upstream.
+        """
+        request, client, path, body_for = ex.request, ex.client, ex.path, ex.body_for
+        groups = ex.active.upstreams
+        group = groups.get(ex.decision.upstream or "")
+        if group is None:
+            self.fail(ex, NO_UPSTREAM)
+            return
+        # A missing client's address is its proxy's: no client address to vouch for.
+        decided = str(client.ip) if client.ip is not None and client.kind != MISSING else None
+        chain = group.chain
+        route = None
+        if len(chain) == 1:
+            upstream = chain[0]
+        else:
+            route = Route(
+                chain, groups, self.pools, request.headers, request.peer, decided, path, request.query, body_for
+            )
+            upstream = route.first()
+        body = None if body_for is None else body_for(groups[upstream.name])
+        try:
+            target, headers = prepare(upstream, path, request.query, request.headers, request.peer, decided)
+        except BadTarget as e:
+            self.fail(ex, bad_request(str(e), "invalid_path"))
+            return
+        pool = self.pools.made.get(upstream)
+        if pool is None:
+            pool = self.pools.pool(upstream)
+        Relay(request, pool, target, headers, ex.rid, ex.active.header, ex, ex.record, route, body).start()
+
+    def crashed(self, ex: Exchange) -> None:
+        """A bug of ours must still give the client an OpenAI-shaped answer (or a cut, once it started)."""
+        log.exception("request %s failed", ex.request_id)
+        if not ex.request.started:
+            self.fail(ex, INTERNAL)
+        else:
+            ex.request.abort()
+            ex.error = ex.error or INTERNAL.code
+            ex.record()
+
+    def fail(self, ex: Exchange, reply: ErrorReply) -> None:
+        """The gateway's own answer, before any upstream byte went out; then the record."""
+        body = reply.body()
+        ex.status, ex.error, ex.sent = reply.status, reply.code, len(body)
+        send_error(ex.request, reply, ex.rid, ex.active.header)
+        ex.record()
+
+
+def _renamer(body: bytes, field: ModelField | None) -> BodyFor:
+    """The bytes each upstream gets: the body with only its model renamed, if that upstream maps it."""
+    model = field.model if field is not None else None
+
+    def body_for(group: UpstreamGroup) -> bytes:
+        new = group.models.get(model) if model is not None else None
+        if new is None or field is None:
+            return body
+        return rename(body, field, new)
+
+    return body_for
