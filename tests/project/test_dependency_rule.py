@@ -11,14 +11,14 @@ The rule:
 
 1. ``gateway.policy`` imports nothing, directly or through other modules, from
    ``gateway.dataplane``, ``gateway.proxy``, ``gateway.shared``, ``gateway.live``, the control
-   plane (``gateway.control``, today's ``gateway.admin`` and ``gateway.controlplane``) or the
+   plane (``gateway.control``) or the
    wiring (``gateway.cli``, ``gateway.server``, ``gateway.runtime``).
 2. ``gateway.dataplane`` imports nothing, directly or through other modules, from
    ``gateway.policy``, ``gateway.proxy``, the control plane or the wiring.
 3. Only the join imports both planes directly: a module that imports from ``gateway.policy``
    and from ``gateway.dataplane`` is ``gateway.proxy`` (or inside it), or is process wiring:
    ``gateway.runtime`` (builds the running objects from the options), ``gateway.server``
-   (starts the planes), ``gateway.cli`` and ``gateway.control`` (with their names of today).
+   (starts the planes), ``gateway.cli`` and ``gateway.control``.
 4. No import circle anywhere in gateway/.
 
 What counts as an import: every ``import`` and ``from ... import`` at module level, including
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from support.processes import ROOT
 
-CONTROL = ("gateway.control", "gateway.admin", "gateway.controlplane")
+CONTROL = ("gateway.control",)
 WIRING = ("gateway.cli", "gateway.server", "gateway.runtime")
 FORBIDDEN: dict[str, tuple[str, ...]] = {
     "gateway.policy": (
