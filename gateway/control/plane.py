@@ -15,10 +15,10 @@ import contextlib
 import signal
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
 
 from ..live import watch
-from ..live.reload import Live
+from ..live.reload import Live, RetiresUpstreams
+from ..metrics import Metrics
 from ..runtime import Runtime
 from .app import admin_token, create_admin_app
 from .gate import Gate
@@ -29,8 +29,8 @@ from .proxyloop import ProxyLoop
 @contextlib.asynccontextmanager
 async def control_plane(
     runtime: Runtime,
-    metrics: Any,
-    gateway: Any,
+    metrics: Metrics,
+    gateway: RetiresUpstreams,
     admin_sock: socket.socket,
     slot: int,
     supervisor: int | None,

@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..geo import GeoDataError, file_identity
 from ..policy import run_tests
@@ -36,7 +36,17 @@ from ..runtime import (
 )
 from .active import Active, PolicyVersion
 
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+
 log = logging.getLogger("regiongate")
+
+
+class RetiresUpstreams(Protocol):
+    """What a reload asks of the proxy's request path (``gateway.proxy.Gateway``): close pools no longer configured."""
+
+    def retire_upstreams(self, old: Mapping[str, UpstreamGroup], new: Mapping[str, UpstreamGroup]) -> None: ...
+
 
 Role = Literal["policy", "shadow"]
 # The old reader may still be referenced by code outside the request path
@@ -86,8 +96,8 @@ class Live:
     def __init__(
         self,
         runtime: Runtime,
-        metrics: Any,
-        gateway: Any = None,
+        metrics: Metrics,
+        gateway: RetiresUpstreams | None = None,
         *,
         report: bool = True,
         supervisor: int | None = None,
