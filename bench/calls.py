@@ -195,6 +195,9 @@ def gateway(tree: Path, policy: Path, base: str) -> Iterator[tuple[int, asyncio.
     """The proxy port of the checkout ``tree`` (its ``gateway`` package), serving in this process.
 
     The policy and databases are this checkout's, so two trees are compared on the same input.
+    The wiring is the one ``gateway.server`` and ``tests/support/wire.py`` do (Gateway, Listener,
+    shutdown), written out here from the classes every checkout since the native data plane has,
+    rather than through a helper: ``--against`` must also run checkouts older than any helper.
     """
     sys.path.insert(0, str(tree))
     import uvloop
