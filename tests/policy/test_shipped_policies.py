@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 import subprocess
@@ -41,7 +42,7 @@ def test_full_policy_allows_exactly_the_reference_countries() -> None:
     supported = next(r for r in p.rules if r.name == "supported")
     assert supported.countries == frozenset(reference())
     assert len(reference()) == 164
-    assert p.spec.metadata is not None and p.spec.metadata["retrieved"]  # dated
+    assert p.spec.captured == datetime.date(2026, 11, 22) and p.spec.source  # dated, with its source
 
 
 def test_country_only_policy_covers_the_same_countries() -> None:
