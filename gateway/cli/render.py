@@ -161,3 +161,19 @@ def print_replay(source: str, r: Any) -> None:
         print("  top countries: " + ", ".join(f"{c} {n}" for c, n in r.top_countries))
     if r.top_rules:
         print("  top rules:     " + ", ".join(f"{rules} {n}" for rules, n in r.top_rules))
+
+
+def print_shipped(directory: Any, policies: Sequence[Any]) -> None:
+    """``regiongate policies``: one line per shipped file, then where each list was read."""
+    rows = [["FILE", "PROVIDER", "CAPTURED", "AGE", "RULES"]]
+    for p in policies:
+        age = f"{p.age_days}d" if p.age_days is not None else "-"
+        rows.append([p.file, p.provider or "-", p.captured or "-", age, str(p.rules)])
+    print(f"shipped policies in {directory}:")
+    for line in _table(rows):
+        print(f"  {line}")
+    for p in policies:
+        if p.source:
+            print(f"\n{p.file}: {p.description or ''}".rstrip())
+            for url in p.source:
+                print(f"  source: {url}")
