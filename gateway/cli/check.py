@@ -12,6 +12,7 @@ import argparse
 import datetime
 import sys
 
+from . import policies
 from .options import LOCAL_HELP, add_serve_options, geoip
 
 
@@ -34,11 +35,6 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 STALE = 3  # the exit code when every policy is valid but a list is older than --max-age
-
-
-def today() -> datetime.date:
-    """The day a list's age is counted to (UTC); tests replace it."""
-    return datetime.datetime.now(datetime.UTC).date()
 
 
 def age_warning(
@@ -76,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
     failed = stale = False
-    day = today()
+    day = policies.today()
     for path in args.policies:
         try:
             policy = load_policy(path, geo.capabilities)

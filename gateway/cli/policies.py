@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,16 +35,8 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def today() -> datetime.date:
-    """The day ages are counted to (UTC); tests replace it."""
+    """The day a list's age is counted to (UTC), here and by ``check --max-age``; tests replace it."""
     return datetime.datetime.now(datetime.UTC).date()
-
-
-def shipped_dir() -> Path:
-    """The shipped policies: inside the wheel, or in the source tree."""
-    packaged = resources.files("gateway") / "policies"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent.parent / "policies"
 
 
 def shipped(directory: Path, day: datetime.date) -> list[ShippedPolicyOut]:
@@ -73,9 +64,10 @@ def shipped(directory: Path, day: datetime.date) -> list[ShippedPolicyOut]:
 
 def run(args: argparse.Namespace) -> int:
     from ..reports import dump
+    from ..runtime import shipped_policies_dir
     from ..yamlfile import FileError
 
-    directory = shipped_dir()
+    directory = shipped_policies_dir()
     try:
         found = shipped(directory, today())
     except FileError as e:  # a damaged installation: say which file

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from gateway.cli import check, main, policies
+from gateway.cli import main, policies
 from support.processes import POLICIES
 
 
@@ -52,7 +52,7 @@ def test_check_max_age_warns_and_exits_3_when_a_list_is_older(
     code: int,
     says: str | None,
 ) -> None:
-    monkeypatch.setattr(check, "today", lambda: today)
+    monkeypatch.setattr(policies, "today", lambda: today)
     path = str(POLICIES / "anthropic-supported-country-only.yaml")
     assert main(["check", "-q", path, *(["--max-age", max_age] if max_age else [])]) == code
     err = capsys.readouterr().err
@@ -67,7 +67,7 @@ def test_a_broken_policy_outranks_a_stale_one_and_an_undated_policy_is_never_sta
 ) -> None:
     from pathlib import Path
 
-    monkeypatch.setattr(check, "today", lambda: datetime.date(2030, 1, 1))
+    monkeypatch.setattr(policies, "today", lambda: datetime.date(2030, 1, 1))
     undated = Path(str(tmp_path)) / "mine.yaml"
     undated.write_text("version: 1\nrules: [{countries: [US], action: allow}]\n")
     assert main(["check", "-q", "--max-age", "1d", str(undated)]) == 0
