@@ -9,7 +9,7 @@ import re
 import pytest
 
 from gateway.cli import main, policies
-from support.processes import POLICIES
+from support.processes import CITY, POLICIES
 
 
 def test_policies_lists_every_shipped_file_with_its_provider_source_and_date(
@@ -77,3 +77,14 @@ def test_a_broken_policy_outranks_a_stale_one_and_an_undated_policy_is_never_sta
     assert main(["check", "-q", "--max-age", "1d", stale, str(broken)]) == 1
     assert "captured: needs source:" in capsys.readouterr().err
     assert main(["check", "--max-age", "soon", stale]) == 2
+
+
+def test_explain_names_the_list_behind_the_deciding_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    policy = str(POLICIES / "sanctions-starter.yaml")
+    assert main(["explain", "2a02:d2c0::1", "--policy", policy, "--geoip", CITY]) == 0
+    card = capsys.readouterr().out.splitlines()
+    (listed,) = [line for line in card if line.startswith("  list:")]
+    assert listed.startswith("  list:      US Treasury (OFAC), EU, UK, captured 2026-12-03: https://ofac.treasury.gov/")
+    assert card.index(listed) == 1 + next(i for i, line in enumerate(card) if line.startswith("  rule:"))
+    assert main(["explain", "81.2.69.142", "--policy", policy, "--geoip", CITY]) == 0
+    assert "  list:" not in capsys.readouterr().out  # a default cites no list
