@@ -377,12 +377,15 @@ rules:
     action: route
     upstream: qwen
     allow_models: [gpt-4o, gpt-4o-mini, text-embedding-3-small, "qwen-*", text-embedding-v3]
+    source: policy
   - name: ukraine-unverified
     countries: [UA]
     action: monitor
+    source: policy
   - name: supported
     countries: [{_wrap(others, "                ")}]
     action: allow
+    source: policy
 tests:
 {_test_rows(rows)}
 """,

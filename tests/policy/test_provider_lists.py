@@ -101,6 +101,8 @@ def test_the_anthropic_list_matches_the_shared_iso_copy_when_present(generate: M
         ("openai-supported-country-only.yaml", "OpenAI", datetime.date(2026, 11, 22)),
         ("sanctions-starter.yaml", "US Treasury (OFAC), EU, UK", datetime.date(2026, 12, 3)),
         ("examples/eu-residency.yaml", "OpenAI", datetime.date(2026, 11, 22)),
+        ("examples/migrate-blocked-regions.yaml", "OpenAI", datetime.date(2026, 11, 22)),
+        ("monitor-only-starter.yaml", "OpenAI", datetime.date(2026, 11, 22)),
     ],
 )
 def test_every_rule_of_a_shipped_list_names_its_source_and_date(name: str, provider: str, captured: object) -> None:
@@ -158,3 +160,13 @@ def test_eu_residency_routes_to_the_endpoints_openais_sdks_name() -> None:
     routes = {r.name: r.decision.upstream for r in policy.rules if r.action == "route"}
     assert routes == {"eu-residency": "eu", "us-residency": "us", "ae-residency": "ae"}
     assert any("openai-python" in u for s in rule_sources(policy).values() for u in s.urls)
+
+
+def test_every_shipped_file_says_which_list_it_follows_and_when_it_was_read() -> None:
+    from gateway.policy import policy_provenance
+
+    files = sorted(POLICIES.glob("*.yaml")) + sorted(POLICIES.glob("examples/*.yaml"))
+    assert len(files) == 8
+    for path in files:
+        provenance = policy_provenance(load_policy(str(path), None).spec)
+        assert provenance is not None and provenance.provider, path.name
