@@ -294,3 +294,19 @@ class ReadyOut(Report):
     overrides: dict[str, Any] = Field(description="The override store: backend, and for Redis its state.")
     audit: AuditCounts
     warnings: list[str]
+
+
+# --- shipped policies (regiongate policies) -----------------------------------------------
+
+
+class ShippedPolicyOut(Report):
+    """One policy shipped with Regiongate, and the published list it follows (``regiongate policies``)."""
+
+    file: str = Field(description="Its path under the shipped policies directory (examples/ for examples).")
+    path: str = Field(description="Where it is on this machine: what --policy takes.")
+    description: str | None
+    provider: str | None = Field(description="Who publishes the list it follows (provider:).")
+    source: list[str] = Field(description="Where the list was read (source:); empty for a policy with no list.")
+    captured: str | None = Field(description="The day it was read, YYYY-MM-DD (captured:).")
+    age_days: int | None = Field(description="Days from captured to today.")
+    rules: int

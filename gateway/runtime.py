@@ -106,12 +106,17 @@ class Settings(BaseModel):
         return parse_duration(v) if isinstance(v, str) else v
 
 
+def shipped_policies_dir() -> Path:
+    """The policies shipped with Regiongate: inside the wheel (``gateway/policies``), or in the source tree."""
+    packaged = resources.files("gateway") / "policies"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "policies"
+
+
 def default_policy_path() -> str:
-    """The shipped country-only OpenAI policy: inside the wheel, or in the source tree."""
-    packaged = resources.files("gateway") / "policies" / DEFAULT_POLICY_NAME
-    if packaged.is_file():
-        return str(packaged)
-    return str(Path(__file__).resolve().parent.parent / "policies" / DEFAULT_POLICY_NAME)
+    """The shipped country-only OpenAI policy."""
+    return str(shipped_policies_dir() / DEFAULT_POLICY_NAME)
 
 
 def load_geo(paths: tuple[str, ...] | list[str]) -> Geo:

@@ -1,4 +1,4 @@
-"""``regiongate``: serve, check, explain, diff, override, audit, schema, stub.
+"""``regiongate``: serve, check, explain, diff, override, audit, policies, schema, stub.
 
 - ``serve``: run the gateway (:mod:`~gateway.cli.serve`; its options are data in :mod:`~gateway.cli.options`);
 - ``check``: validate policy files and run their tests (:mod:`~gateway.cli.check`);
@@ -7,6 +7,7 @@
 - ``override add|list|remove``: runtime overrides, through a gateway's admin API or Redis
   (:mod:`~gateway.cli.override`);
 - ``audit tail|export``: read the Redis audit stream (:mod:`~gateway.cli.audit`);
+- ``policies``: the shipped policies, with the provider, source and date of each list (:mod:`~gateway.cli.policies`);
 - ``schema``: print the policy file's JSON Schema (:mod:`~gateway.cli.schema`);
 - ``stub``: run the bundled OpenAI-compatible stub upstream (:mod:`~gateway.cli.stub`).
 
@@ -27,10 +28,10 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .. import __version__
-from . import audit, check, diff, explain, override, schema, serve, stub
+from . import audit, check, diff, explain, override, policies, schema, serve, stub
 
 # In the order ``regiongate --help`` lists them.
-SUBCOMMANDS = (serve, check, explain, diff, override, audit, schema, stub)
+SUBCOMMANDS = (serve, check, explain, diff, override, audit, policies, schema, stub)
 
 
 class _Parser(argparse.ArgumentParser):

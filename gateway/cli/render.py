@@ -1,4 +1,5 @@
-"""The text cards and tables the subcommands print: explain's card, diff's table, replay's summary.
+"""The text cards and tables the subcommands print: explain's card, diff's table, replay's summary,
+the shipped policies' table.
 
 What ``--json`` prints is the report itself; these are its words for a
 terminal, and nothing here decides anything.
@@ -12,7 +13,7 @@ from typing import Any
 from .. import georecords
 from ..explain import Explanation
 from ..geo import Geo
-from ..policy import Policy
+from ..policy import Policy, rule_sources
 from ..policy.overrides import printable
 
 # explain computes its report from files; only /admin/explain asks a running gateway.
@@ -37,6 +38,9 @@ def print_explain(ip: str, result: Explanation, policy: Policy, geo: Geo) -> Non
         print(f"  address:   {ip} is {report['normalized']}")
     print(f"  client:    {report['kind']}" + (f" ({report['problem']})" if report["problem"] else ""))
     print(f"  rule:      {report['rule']}{where}")
+    cited = rule_sources(policy).get(report["rule"])
+    if cited is not None:  # the published list behind the rule (its source:)
+        print(f"  list:      {printable(cited.label())}")
     print(f"  reason:    {printable(report['reason'])}")  # an override's reason and author are in it
     if report["upstream"] is not None and report["decision"] != "deny":
         print(f"  upstream:  {report['upstream']}")
@@ -161,3 +165,19 @@ def print_replay(source: str, r: Any) -> None:
         print("  top countries: " + ", ".join(f"{c} {n}" for c, n in r.top_countries))
     if r.top_rules:
         print("  top rules:     " + ", ".join(f"{rules} {n}" for rules, n in r.top_rules))
+
+
+def print_shipped(directory: Any, policies: Sequence[Any]) -> None:
+    """``regiongate policies``: one line per shipped file, then where each list was read."""
+    rows = [["FILE", "PROVIDER", "CAPTURED", "AGE", "RULES"]]
+    for p in policies:
+        age = f"{p.age_days}d" if p.age_days is not None else "-"
+        rows.append([p.file, p.provider or "-", p.captured or "-", age, str(p.rules)])
+    print(f"shipped policies in {directory}:")
+    for line in _table(rows):
+        print(f"  {line}")
+    for p in policies:
+        if p.source:
+            print(f"\n{p.file}: {p.description or ''}".rstrip())
+            for url in p.source:
+                print(f"  source: {url}")

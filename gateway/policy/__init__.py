@@ -14,6 +14,8 @@ One idea per module, each plain:
   unless a shadow rule fires.
 * :mod:`.messages`: validation errors in plain words; :mod:`.load`: the only
   file I/O; :mod:`.selftest`: the policy's own ``tests:``.
+* :mod:`.provenance`: the published list behind a policy and each rule
+  (``provider:``, ``source:``, ``captured:``), for the evidence report.
 
 The package imports nothing from the data plane, the proxy, ``shared``,
 ``control``, ``live`` or the CLI: it is the decision, without the bytes.
@@ -27,6 +29,7 @@ from .compiled import NEEDS_MODEL, UNREAD, Decision, PathSet, Patterns, Policy, 
 from .decide import decide, decide_model, model_refusal, request_path
 from .load import load_policy, parse_policy
 from .messages import plain_error
+from .provenance import Provenance, age_days, policy_provenance, rule_sources
 from .schema import (
     ALLOW,
     DEFAULT_UPSTREAM,
@@ -78,6 +81,7 @@ __all__ = [
     "Policy",
     "PolicySpec",
     "PolicyTest",
+    "Provenance",
     "RateLimitSpec",
     "RedisPolicy",
     "Rule",
@@ -88,6 +92,7 @@ __all__ = [
     "Unread",
     "UpstreamSpec",
     "Verdict",
+    "age_days",
     "block_body",
     "check_upstream_url",
     "compile_policy",
@@ -99,6 +104,8 @@ __all__ = [
     "model_refusal",
     "parse_policy",
     "plain_error",
+    "policy_provenance",
     "request_path",
+    "rule_sources",
     "run_tests",
 ]

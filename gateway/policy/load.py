@@ -19,6 +19,7 @@ from ..yamlfile import read as read_yaml
 from .compile import compile_policy, salvaged_problems
 from .compiled import Policy
 from .messages import validation_problems
+from .provenance import source_problems
 from .schema import PolicySpec
 
 
@@ -38,5 +39,11 @@ def parse_policy(text: str, filename: str, capabilities: frozenset[str] | None =
     except ValidationError as e:
         problems = validation_problems(doc, e) + salvaged_problems(doc, capabilities)
         raise FileError(filename, sorted(problems, key=lambda p: p.line or 0)) from None
-    policy = compile_policy(spec, doc, capabilities)
+    sources = source_problems(spec, doc)
+    try:
+        policy = compile_policy(spec, doc, capabilities)
+    except FileError as e:  # every problem at once: the compiler's and the sources'
+        raise FileError(filename, sorted([*e.problems, *sources], key=lambda p: p.line or 0)) from None
+    if sources:
+        raise FileError(filename, sorted(sources, key=lambda p: p.line or 0))
     return dataclasses.replace(policy, sha256=hashlib.sha256(text.encode()).hexdigest())

@@ -9,10 +9,11 @@ unreachable rules, databases that are not configured) is :mod:`.compile`'s.
 
 from __future__ import annotations
 
+import datetime
 import re
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from .ratelimit import parse_period
 
@@ -174,6 +175,94 @@ _NOT_AUTH_HEADERS = frozenset(
 )  # fmt: skip
 
 
+# --- where a published list came from (policy-level provider/source/captured, a rule's source) --------
+
+POLICY_SOURCE: Final = "policy"  # a rule's ``source: policy``: the policy's own source and date
+MAX_SOURCES = 20  # URLs per source: key; a shipped list cites 1 to 7
+
+
+def check_source_url(v: str) -> str:
+    """A page a list was read from: an absolute http(s) URL with a host, or ValueError saying what is wrong."""
+    from yarl import URL
+
+    if not v or any(c.isspace() for c in v) or not v.isprintable():
+        raise ValueError("must be a URL without spaces (https://host/path)")
+    try:
+        u = URL(v)
+        host = u.host
+    except (ValueError, TypeError):
+        raise ValueError("is not a URL (https://host/path)") from None
+    if u.scheme not in ("http", "https") or not host or not u.is_absolute():
+        raise ValueError("must be an https:// (or http://) URL with a host")
+    if u.raw_user is not None or u.raw_password is not None:
+        raise ValueError("must not contain credentials (user:password@)")
+    return v
+
+
+def _one_line(v: str) -> str:
+    if not v.isprintable() or v != v.strip():
+        raise ValueError("must be one line of text, without leading or trailing spaces")
+    return v
+
+
+def _rule_source_item(v: str) -> str:
+    return v if v == POLICY_SOURCE else check_source_url(v)
+
+
+def _one_or_many(v: object) -> object:
+    """``source: URL`` is ``source: [URL]``: a list of one."""
+    return [v] if isinstance(v, str) else v
+
+
+def _only_policy_alone(v: list[str]) -> list[str]:
+    if POLICY_SOURCE in v and len(v) > 1:
+        raise ValueError("'policy' stands alone: write source: policy, or list URLs")
+    return v
+
+
+def _date(v: object) -> object:
+    """``2026-12-03`` (YAML reads it as a date) or ``"2026-12-03"``; nothing vaguer, nothing finer."""
+    if isinstance(v, datetime.datetime):  # a subclass of date: a time of day says more than was measured
+        raise ValueError("must be a date without a time, written YYYY-MM-DD (e.g. 2026-12-03)")
+    if isinstance(v, datetime.date):
+        return v
+    if isinstance(v, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+        try:
+            return datetime.date.fromisoformat(v)
+        except ValueError:
+            raise ValueError(f"{v} is not a day of the calendar") from None
+    raise ValueError("must be a date written YYYY-MM-DD (e.g. 2026-12-03)")
+
+
+_URL_SCHEMA = {"type": "string", "pattern": "^https?://[^\\s]+$"}
+_URLS = Annotated[list[Annotated[str, AfterValidator(check_source_url)]], Field(min_length=1, max_length=MAX_SOURCES)]
+PolicySources = Annotated[
+    _URLS,
+    BeforeValidator(_one_or_many),
+    WithJsonSchema({"anyOf": [_URL_SCHEMA, {"type": "array", "items": _URL_SCHEMA, "minItems": 1}]}),
+]
+RuleSources = Annotated[
+    list[Annotated[str, AfterValidator(_rule_source_item)]],
+    Field(min_length=1, max_length=MAX_SOURCES),
+    AfterValidator(_only_policy_alone),
+    BeforeValidator(_one_or_many),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"const": POLICY_SOURCE},
+                _URL_SCHEMA,
+                {"type": "array", "items": _URL_SCHEMA, "minItems": 1},
+            ]
+        }
+    ),
+]
+Captured = Annotated[
+    datetime.date,
+    BeforeValidator(_date),
+    WithJsonSchema({"type": "string", "format": "date", "pattern": "^\\d{4}-\\d{2}-\\d{2}$"}),
+]
+
+
 class GeoSpec(_Spec):
     field: GeoField = Field("country", description="Which country rules and defaults look at.")
 
@@ -283,6 +372,11 @@ class RuleSpec(_Spec):
     rate_limit: RateLimitSpec | None = Field(
         None, description="Requests this rule lets through are counted; over the limit they get OpenAI's 429."
     )
+    source: RuleSources | None = Field(
+        None,
+        description="The published list behind this rule, for the evidence report: 'policy' (the policy's "
+        "source: and captured:) or one URL or a list of URLs of its own (dated by the policy's captured:).",
+    )
 
 
 class PolicyTest(_Spec):
@@ -305,7 +399,18 @@ class PolicySpec(_Spec):
         "regiongate_policy_info. The content hash stands in when it is absent.",
     )
     description: str | None = None
-    metadata: dict[str, Any] | None = Field(None, description="Free-form: source, date taken, owner.")
+    metadata: dict[str, Any] | None = Field(None, description="Free-form: owner, ticket, anything of your own.")
+    provider: Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_one_line)] | None = Field(
+        None, description="Who publishes the list this policy follows (Anthropic, OpenAI, OFAC); needs source:."
+    )
+    source: PolicySources | None = Field(
+        None, description="Where the list was read: one URL or a list of URLs; needs captured:."
+    )
+    captured: Captured | None = Field(
+        None,
+        description="The day the list at source: was read, written YYYY-MM-DD; regiongate check --max-age "
+        "warns when it is older than that.",
+    )
     upstreams: dict[str, UpstreamSpec] = {}
     geo: GeoSpec = GeoSpec()
     defaults: Defaults = Defaults()

