@@ -1,9 +1,10 @@
-"""``regiongate``: serve, check, explain, diff, override, audit, schema, stub.
+"""``regiongate``: serve, check, explain, diff, map, override, audit, schema, stub.
 
 - ``serve``: run the gateway (:mod:`~gateway.cli.serve`; its options are data in :mod:`~gateway.cli.options`);
 - ``check``: validate policy files and run their tests (:mod:`~gateway.cli.check`);
 - ``explain``: the decision for one address and path, and why (:mod:`~gateway.cli.explain`);
 - ``diff``: which callers a policy change treats differently, optionally replaying traffic (:mod:`~gateway.cli.diff`);
+- ``map``: the world coloured by what a policy (or a policy change) does to each country (:mod:`~gateway.cli.map`);
 - ``override add|list|remove``: runtime overrides, through a gateway's admin API or Redis
   (:mod:`~gateway.cli.override`);
 - ``audit tail|export``: read the Redis audit stream (:mod:`~gateway.cli.audit`);
@@ -27,10 +28,10 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .. import __version__
-from . import audit, check, diff, explain, override, schema, serve, stub
+from . import audit, check, diff, explain, map, override, schema, serve, stub
 
 # In the order ``regiongate --help`` lists them.
-SUBCOMMANDS = (serve, check, explain, diff, override, audit, schema, stub)
+SUBCOMMANDS = (serve, check, explain, diff, map, override, audit, schema, stub)
 
 
 class _Parser(argparse.ArgumentParser):
