@@ -1,4 +1,4 @@
-"""``regiongate``: serve, check, explain, diff, map, override, audit, schema, stub.
+"""``regiongate``: serve, check, explain, diff, map, override, audit, report, schema, stub.
 
 - ``serve``: run the gateway (:mod:`~gateway.cli.serve`; its options are data in :mod:`~gateway.cli.options`);
 - ``check``: validate policy files and run their tests (:mod:`~gateway.cli.check`);
@@ -8,6 +8,7 @@
 - ``override add|list|remove``: runtime overrides, through a gateway's admin API or Redis
   (:mod:`~gateway.cli.override`);
 - ``audit tail|export``: read the Redis audit stream (:mod:`~gateway.cli.audit`);
+- ``report``: a dated evidence pack (JSON, HTML, PDF) from the audit stream or an export (:mod:`~gateway.cli.report`);
 - ``schema``: print the policy file's JSON Schema (:mod:`~gateway.cli.schema`);
 - ``stub``: run the bundled OpenAI-compatible stub upstream (:mod:`~gateway.cli.stub`).
 
@@ -28,10 +29,10 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .. import __version__
-from . import audit, check, diff, explain, map, override, schema, serve, stub
+from . import audit, check, diff, explain, map, override, report, schema, serve, stub
 
 # In the order ``regiongate --help`` lists them.
-SUBCOMMANDS = (serve, check, explain, diff, map, override, audit, schema, stub)
+SUBCOMMANDS = (serve, check, explain, diff, map, override, audit, report, schema, stub)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -74,7 +74,7 @@ class PolicyMap:
 
     def svg(self, title: str | None = None) -> str:
         countries = {
-            code: Country(t.css, f"{code} {_name(code)}: {t.words} ({t.rule})", _data(t))
+            code: Country(t.css, f"{code} {country_name(code)}: {t.words} ({t.rule})", _data(t))
             for code, t in self.countries.items()
         }
         notes = [*self.carve_outs, *self.not_shown]
@@ -90,8 +90,9 @@ def _data(t: Treatment) -> tuple[tuple[str, str], ...]:
     return (("rule", t.rule),) + ((("upstream", t.upstream),) if t.upstream else ())
 
 
-def _name(code: str) -> str:
-    found = pycountry.countries.get(alpha_2=code)
+def country_name(code: str) -> str:
+    """The ISO short name ('Kosovo' for the vendors' XK); other labels (unknown, private) as they are."""
+    found = pycountry.countries.get(alpha_2=code) if len(code) == 2 else None
     return "Kosovo" if code == "XK" else (str(found.name) if found is not None else code)
 
 
@@ -142,7 +143,7 @@ def policy_map(policy: Policy) -> PolicyMap:
         inside, whole = _judge(policy, cc, (sub,)), countries.get(cc)
         if whole is None or inside.words != whole.words or inside.rule != whole.rule:
             carve_outs.append(
-                f"{sub} ({_name(cc)}): {inside.words} ({inside.rule}); the rest of {cc}: "
+                f"{sub} ({country_name(cc)}): {inside.words} ({inside.rule}); the rest of {cc}: "
                 f"{whole.words if whole else '-'} ({whole.rule if whole else '-'})"
             )
     return PolicyMap(policy.source, policy.sha256, countries, tuple(carve_outs), tuple(_not_shown(policy)))
@@ -164,7 +165,7 @@ def diff_svg(old: Policy, new: Policy) -> str:
             css = "rg-now-allowed" if _allowed(after) else "rg-now-refused"
         else:
             css = "rg-changed"
-        title = f"{code} {_name(code)}: {before.words} ({before.rule}) -> {after.words} ({after.rule})"
+        title = f"{code} {country_name(code)}: {before.words} ({before.rule}) -> {after.words} ({after.rule})"
         countries[code] = Country(css, title, (("from", before.words), ("to", after.words)))
     notes = _diff_notes(a.carve_outs, b.carve_outs, "subdivision") + _diff_notes(a.not_shown, b.not_shown, "rule")
     title = f"{old.source} -> {new.source}: what changes for a caller from each country ({PATH})"

@@ -33,11 +33,12 @@ _LINE = 18  # height of a legend or note line, in the box's units
 _NOTE_CHARS = 150  # at 13 px, a line of the 1000-wide box
 _PATH = re.compile(r'<path data-iso="([A-Z]{2})" d="([^"]+)"/>')
 
+# Each rule is scoped to the map's id: an HTML page with two maps (the report's) shares one stylesheet.
 BASE_STYLE = (
-    "svg.rg-map{font:13px/1.3 system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;background:#fff}"
-    ".rg-map path{stroke:#fff;stroke-width:.4;stroke-linejoin:round}"
-    ".rg-map .rg-none{fill:#d9dde3}.rg-map text{fill:#1f2933}.rg-map .rg-title{font-weight:600;font-size:16px}"
-    ".rg-map .rg-note{fill:#52606d}"
+    "#{id}{{font:13px/1.3 system-ui,-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;background:#fff}}"
+    "#{id} path{{stroke:#fff;stroke-width:.4;stroke-linejoin:round}}"
+    "#{id} .rg-none{{fill:#d9dde3}}#{id} text{{fill:#1f2933}}#{id} .rg-title{{font-weight:600;font-size:16px}}"
+    "#{id} .rg-note{{fill:#52606d}}"
 )
 
 
@@ -83,7 +84,8 @@ def render(
     legend_rows = -(-len(legend) // columns)
     top = 30
     height = top + _MAP_HEIGHT + 12 + (legend_rows + len(lines)) * _LINE + 10
-    style = BASE_STYLE + "".join(f".rg-map .{s.css}{{fill:{s.fill}}}" for s in shades)
+    scope = escape(css_id)
+    style = BASE_STYLE.format(id=scope) + "".join(f"#{scope} .{s.css}{{fill:{s.fill}}}" for s in shades)
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="rg-map" id="{escape(css_id)}" '
         f'viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" role="img" '
@@ -122,3 +124,21 @@ def to_png(svg: str, width: int = 1600) -> bytes:
 
     png: bytes = cairosvg.svg2png(bytestring=svg.encode("utf-8"), output_width=width)
     return png
+
+
+def count_shades(
+    counts: Mapping[str, int], colours: Sequence[str], noun: str
+) -> tuple[dict[str, Country], list[Shade]]:
+    """Countries classed by ``counts`` in steps of ten (1-9, 10-99, ...), one colour per step, for a report's map."""
+    steps = len(colours)
+    shades = []
+    for i, fill in enumerate(colours):
+        low, high = 10**i, 10 ** (i + 1) - 1
+        label = f"{low:,}+ {noun}" if i == steps - 1 else f"{low:,}-{high:,} {noun}"
+        shades.append(Shade(f"rg-n{i}", fill, label))
+    countries = {}
+    for code, n in counts.items():
+        if n > 0:
+            step = min(len(str(n)) - 1, steps - 1)
+            countries[code] = Country(f"rg-n{step}", f"{code}: {n:,} {noun}", (("n", str(n)),))
+    return countries, shades
