@@ -280,10 +280,10 @@ class Audit:
         while True:
             if self._gap is not None and self.queue.empty():
                 # Something was lost: say so as soon as Redis answers, even with nothing else to write.
+                batch = []
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(GAP_RETRY):
-                        await self._next_batch()
-                batch = self._take()
+                        batch = await self._next_batch()
             else:
                 batch = await self._next_batch()
             self._busy = True
@@ -427,8 +427,12 @@ async def read(
     since: float | None = None,
     follow: bool = False,
     out: Any = None,
+    all_kinds: bool = False,
 ) -> int:
-    """Print entries as JSON lines (or collect them in ``out``); how many. Raises ``RedisUnavailable``."""
+    """Print request entries as JSON lines (or collect them in ``out``); how many. Raises ``RedisUnavailable``.
+
+    The chain's other entries (start, policy, GeoIP, override, gap, counts, stop) only with ``all_kinds``.
+    """
     from .redisconn import PASSWORD_ENV, RedisUnavailable, connect, describe_error, parse_url
 
     target = parse_url(url)
@@ -436,12 +440,17 @@ async def read(
     key = f"{prefix}audit"
     shown = 0
 
-    def emit(fields: dict[bytes, bytes]) -> None:
-        nonlocal shown
+    def wanted(fields: dict[bytes, bytes]) -> dict[str, Any] | None:
         try:
             row = decode(fields)
         except (KeyError, orjson.JSONDecodeError):
-            return
+            return None
+        if not all_kinds and row.get("kind", REQUEST) != REQUEST:
+            return None
+        return row
+
+    def emit(row: dict[str, Any]) -> None:
+        nonlocal shown
         shown += 1
         if isinstance(out, list):
             out.append(row)
@@ -454,21 +463,32 @@ async def read(
             while True:  # in pages, so a large export does not load the whole stream at once
                 page = await client.xrange(key, min=start, count=1000)
                 for entry_id, fields in page:
-                    emit(fields)
+                    if (row := wanted(fields)) is not None:
+                        emit(row)
                     start = "(" + entry_id.decode()  # exclusive: after the last one read
                 if len(page) < 1000:
                     break
         elif count:
-            recent = await client.xrevrange(key, count=count)
-            for _, fields in reversed(recent):
-                emit(fields)
+            recent: list[dict[str, Any]] = []
+            end = "+"
+            while len(recent) < count:  # backwards in pages until enough of the wanted kinds
+                page = await client.xrevrange(key, max=end, count=max(count, 100))
+                for entry_id, fields in page:
+                    if (row := wanted(fields)) is not None and len(recent) < count:
+                        recent.append(row)
+                    end = "(" + entry_id.decode()
+                if len(page) < max(count, 100):
+                    break
+            for row in reversed(recent):
+                emit(row)
         if follow:
             last = "$"
             while True:
                 got = await client.xread({key: last}, block=5000, count=100)
                 for _, entries in got:
                     for entry_id, fields in entries:
-                        emit(fields)
+                        if (row := wanted(fields)) is not None:
+                            emit(row)
                         last = entry_id.decode()
         return shown
     except Exception as e:
