@@ -42,7 +42,7 @@ MAX_PROBLEMS = 20  # per chain: the first names where to look, the rest how far 
 _KID = re.compile(r"[A-Za-z0-9._-]{1,32}")
 
 
-class KeyError_(ValueError):
+class AuditKeyError(ValueError):
     """A key or key id that cannot be used; the message never holds the secret."""
 
 
@@ -56,11 +56,25 @@ class AuditKey:
 
 def make_key(kid: str, secret: str) -> AuditKey:
     if not _KID.fullmatch(kid):
-        raise KeyError_(f"audit key id {kid[:40]!r}: use 1 to 32 of A-Z a-z 0-9 . _ -")
+        raise AuditKeyError(f"audit key id {kid[:40]!r}: use 1 to 32 of A-Z a-z 0-9 . _ -")
     raw = secret.encode()
     if len(raw) < MIN_KEY_BYTES:
-        raise KeyError_(f"audit key {kid!r} is {len(raw)} bytes; at least {MIN_KEY_BYTES} (e.g. openssl rand -hex 32)")
+        raise AuditKeyError(
+            f"audit key {kid!r} is {len(raw)} bytes; at least {MIN_KEY_BYTES} (e.g. openssl rand -hex 32)"
+        )
     return AuditKey(kid, raw)
+
+
+KEY_ENV, KEY_ID_ENV = "REGIONGATE_AUDIT_KEY", "REGIONGATE_AUDIT_KEY_ID"
+DEFAULT_KID = "default"
+
+
+def key_from_env(env: Mapping[str, str]) -> AuditKey | None:
+    """The signing key: ``REGIONGATE_AUDIT_KEY``, named by ``REGIONGATE_AUDIT_KEY_ID``; None if unset."""
+    secret = env.get(KEY_ENV)
+    if not secret:
+        return None
+    return make_key(env.get(KEY_ID_ENV) or DEFAULT_KID, secret)
 
 
 def parse_key_file(text: str, origin: str = "key file") -> dict[str, bytes]:
@@ -72,11 +86,11 @@ def parse_key_file(text: str, origin: str = "key file") -> dict[str, bytes]:
             continue
         kid, sep, secret = line.partition(":")
         if not sep:
-            raise KeyError_(f"{origin}:{n}: expected kid:secret")
+            raise AuditKeyError(f"{origin}:{n}: expected kid:secret")
         try:
             key = make_key(kid.strip(), secret.strip())
-        except KeyError_ as e:
-            raise KeyError_(f"{origin}:{n}: {e}") from None
+        except AuditKeyError as e:
+            raise AuditKeyError(f"{origin}:{n}: {e}") from None
         keys[key.kid] = key.secret
     return keys
 
@@ -108,6 +122,7 @@ class Sealer:
     def seal_after(self, entry: dict[str, Any], prev: str | None) -> bytes:
         """The same, linked to ``prev`` instead: a gap entry links to the last entry known written."""
         self.seq += 1
+        entry = dict(entry)  # the caller's dict stays as it was (one may be queued more than once)
         entry["chain"] = self.chain
         entry["seq"] = self.seq
         if self.key is None:  # unsigned: numbered, so verify can still say what is missing, but not MACed
