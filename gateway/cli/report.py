@@ -20,7 +20,7 @@ import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .options import add_redis_options
 
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from ..evidence.chain import Verification
     from ..evidence.report import Evidence
 
-KEY_ENV, KEY_ID_ENV = "REGIONGATE_AUDIT_KEY", "REGIONGATE_AUDIT_KEY_ID"
 CHROMIUM_ENV = "REGIONGATE_CHROMIUM"
 # Printing a report of a few hundred rows takes Chromium about 2 s here; a hung browser is cut off after this.
 PDF_TIMEOUT = 120.0
@@ -65,7 +64,13 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     r.add_argument("--out", metavar="DIR", help="the pack's folder (default: evidence-SINCE-UNTIL); made if missing")
     r.add_argument("--from", dest="from_file", metavar="FILE", help="an export file instead of Redis")
-    r.add_argument("--key-file", metavar="FILE", help="older audit keys, one kid:secret a line, for the chain check")
+    r.add_argument(
+        "--key-file",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help="older audit keys, one kid:secret a line, for the chain check (repeatable; as audit verify)",
+    )
     add_redis_options(r)
     r.set_defaults(func=run)
 
@@ -80,8 +85,9 @@ def _when(text: str, what: str) -> datetime:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evidence.chain import KeyError_
-    from ..evidence.report import ExportError
+    from ..evidence.chain import AuditKeyError
+    from ..evidence.exportfile import ExportError
+    from ..shared.redisconn import RedisConfigError, RedisUnavailable
 
     try:
         now = datetime.now(UTC)
@@ -89,14 +95,14 @@ def run(args: argparse.Namespace) -> int:
         until = _when(args.until, "until") if args.until else now
         if until <= since:
             raise ValueError("--until must be after --since")
-        evidence = _load(args, since, until)
+        evidence, source = _load(args, since, until)
         keys = _keys(args.key_file)
-    except (ValueError, KeyError_, ExportError, OSError) as e:
+    except (ValueError, AuditKeyError, ExportError, OSError, RedisConfigError, RedisUnavailable) as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"evidence-{since:%Y%m%d}-{until:%Y%m%d}")
     try:
-        written = write_pack(evidence, since, until, keys, args.format, out, now)
+        written = write_pack(evidence, source, since, until, keys, args.format, out, now)
     except (OSError, PdfError) as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
@@ -104,94 +110,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(args: argparse.Namespace, since: datetime, until: datetime) -> Evidence:
-    from ..evidence.report import read_export
+def _load(args: argparse.Namespace, since: datetime, until: datetime) -> tuple[Evidence, str]:
+    """The evidence and where it came from: an export file, or Redis (the same reader as audit export)."""
+    import asyncio
+
+    from ..evidence.exportfile import load_export
+    from ..shared.auditread import read_evidence
 
     if args.from_file:
         with open(args.from_file, "rb") as f:
-            return read_export(f, args.from_file)
+            return load_export(f, args.from_file), args.from_file
     if not args.redis:
         raise ValueError("give --from FILE, or --redis (or REGIONGATE_REDIS_URL)")
-    import asyncio
-
-    from ..shared.redisconn import RedisConfigError, RedisUnavailable
-
-    try:
-        return asyncio.run(read_redis(args.redis, args.redis_prefix, dict(os.environ), since, until))
-    except (RedisConfigError, RedisUnavailable) as e:
-        raise ValueError(str(e)) from None
-
-
-async def read_redis(url: str, prefix: str, env: dict[str, str], since: datetime, until: datetime) -> Evidence:
-    """The stream's entries of the period, the policy texts they name, and the hourly counts, from Redis."""
-    import orjson
-
-    from ..evidence.report import Evidence
-    from ..shared.redisconn import PASSWORD_ENV, RedisUnavailable, connect, describe_error, parse_url
-
-    client = connect(parse_url(url), env.get(PASSWORD_ENV) or None, 5.0)
-    key = f"{prefix}audit"
-    items: list[tuple[str, Any]] = []
-    try:
-        # Entries are stamped when written; a gap entry written after Redis came back can be late by its outage.
-        start, end = f"{int(since.timestamp() * 1000)}-0", f"{int((until + timedelta(hours=1)).timestamp() * 1000)}-0"
-        while True:  # in pages, so a month's stream is not loaded in one reply
-            page = await client.xrange(key, min=start, max=end, count=1000)
-            for sid, fields in page:
-                raw = fields.get(b"e")
-                try:
-                    items.append((sid.decode(), orjson.loads(raw) if raw is not None else _legacy(fields)))
-                except orjson.JSONDecodeError:
-                    items.append((sid.decode(), None))  # verify counts it as malformed
-                start = "(" + sid.decode()
-            if len(page) < 1000:
-                break
-        shas = sorted({e["sha256"] for _, e in items if isinstance(e, dict) and e.get("kind") == "policy"})
-        texts = {}
-        if shas:
-            got = await client.hmget(f"{prefix}{{evidence}}:policies", shas)
-            texts = {sha: t.decode() for sha, t in zip(shas, got, strict=True) if t is not None}
-        hourly = []
-        hour = since.replace(minute=0, second=0, microsecond=0)
-        while hour < until:
-            label = f"{hour:%Y-%m-%dT%H}"
-            for field, n in (await client.hgetall(f"{prefix}{{evidence}}:counts:{label}")).items():
-                try:
-                    cc, sub, decision, rule = orjson.loads(field)
-                    hourly.append((label, str(cc), str(sub), str(decision), str(rule), int(n)))
-                except (ValueError, TypeError, orjson.JSONDecodeError):
-                    continue
-            hour += timedelta(hours=1)
-    except Exception as e:
-        raise RedisUnavailable(f"reading the audit stream: {describe_error(e)}") from e
-    finally:
-        await client.aclose()
-    return Evidence(items, texts, hourly, f"Redis {parse_url(url).url}, stream {key}")
+    # A gap entry is written when Redis is back, after the minutes it covers: an hour's grace at the end.
+    late = until + timedelta(hours=1)
+    env = dict(os.environ)
+    read = asyncio.run(
+        read_evidence(args.redis, args.redis_prefix, env, since=since.timestamp(), until=late.timestamp())
+    )
+    return read, f"the audit stream {args.redis_prefix}audit in Redis"
 
 
-def _legacy(fields: dict[bytes, bytes]) -> dict[str, Any]:
-    """An entry from before the chain (one stream field per key) as a request entry."""
-    from ..shared.audit import decode
-
-    return decode(fields)
-
-
-def _keys(key_file: str | None) -> dict[str, bytes] | None:
-    """The audit keys by id (env's current one and the file's older ones); None when there is none."""
-    from ..evidence.chain import make_key, parse_key_file
+def _keys(key_files: list[str]) -> dict[str, bytes] | None:
+    """The audit keys by id (older ones from the files, the current one from the environment); None: none."""
+    from ..evidence.chain import key_from_env, parse_key_file
 
     keys: dict[str, bytes] = {}
-    if key_file:
-        keys.update(parse_key_file(Path(key_file).read_text(encoding="utf-8"), key_file))
-    secret = os.environ.get(KEY_ENV)
-    if secret:
-        key = make_key(os.environ.get(KEY_ID_ENV) or "default", secret)
-        keys[key.kid] = key.secret
+    for path in key_files:
+        keys |= parse_key_file(Path(path).read_text(encoding="utf-8"), path)
+    current = key_from_env(os.environ)
+    if current is not None:
+        keys[current.kid] = current.secret
     return keys or None
 
 
 def write_pack(
     evidence: Evidence,
+    source: str,
     since: datetime,
     until: datetime,
     keys: dict[str, bytes] | None,
@@ -208,7 +163,7 @@ def write_pack(
     from ..reports import dump
 
     checked: Verification | None = verify(evidence.items, keys) if keys is not None else None
-    report = build(evidence, since, until, checked, now=now)
+    report = build(evidence, since, until, checked, now=now, source=source)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {"report.json": orjson.dumps(dump(report), option=orjson.OPT_INDENT_2) + b"\n"}
     for name, svg in maps(report).items():

@@ -8,18 +8,16 @@ three formats cannot disagree. Where a figure comes from is part of it:
 country totals from the hourly counts (every decision, no sampling), the
 breakdowns by subdivision, ASN and model from the requests stored one by one
 (refusals; sampled per source, and the sampled-out count is stated).
-:func:`read_export` reads ``regiongate audit export --format chain`` files.
+The evidence comes from :func:`.exportfile.load_export` or, through the CLI, Redis.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
-import orjson
 import yaml
 
 from ..reports import (
@@ -80,58 +78,15 @@ LIMITATIONS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Evidence:
-    """What the report is built from: stream items (id, decoded entry), policy texts by sha256, hourly rows."""
+class Evidence(Protocol):
+    """What the report is built from: an export file read (:class:`.exportfile.Export`) or Redis read."""
 
-    items: list[tuple[str, Any]]
-    policy_texts: dict[str, str] = field(default_factory=dict)
-    hourly: list[tuple[str, str, str, str, str, int]] = field(default_factory=list)  # hour, cc, sub, dec, rule, n
-    source: str = ""
-
-
-class ExportError(ValueError):
-    """An export file that is not one (first line, or a line that is not JSON), with its line number."""
-
-
-def read_export(lines: Iterable[bytes | str], source: str) -> Evidence:
-    """An ``audit export --format chain`` file as :class:`Evidence`."""
-    items: list[tuple[str, Any]] = []
-    texts: dict[str, str] = {}
-    hourly: list[tuple[str, str, str, str, str, int]] = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = orjson.loads(line)
-        except orjson.JSONDecodeError as e:
-            raise ExportError(f"{source}:{number}: not JSON: {e}") from None
-        if not isinstance(row, dict):
-            raise ExportError(f"{source}:{number}: not a JSON object")
-        if number == 1:
-            if row.get("regiongate_export") != 1:
-                raise ExportError(f"{source}:1: not a regiongate audit export (audit export --format chain)")
-        elif "e" in row:
-            items.append((str(row.get("id", number)), row["e"]))
-        elif isinstance(text := row.get("policy_text"), dict):
-            texts[str(text.get("sha256"))] = str(text.get("text", ""))
-        elif isinstance(h := row.get("hourly"), dict):
-            try:
-                hourly.append(
-                    (
-                        str(h["hour"]),
-                        str(h["country"]),
-                        str(h["subdivision"]),
-                        str(h["decision"]),
-                        str(h["rule"]),
-                        int(h["n"]),
-                    )
-                )
-            except (KeyError, TypeError, ValueError):
-                raise ExportError(
-                    f"{source}:{number}: an hourly row needs hour, country, subdivision, decision, rule, n"
-                ) from None
-    return Evidence(items, texts, hourly, source)
+    @property
+    def items(self) -> list[tuple[str, Any]]: ...  # (stream id, decoded entry) in stream order
+    @property
+    def policy_texts(self) -> dict[str, str]: ...  # sha256 -> text
+    @property
+    def hourly(self) -> list[dict[str, Any]]: ...  # {hour, country, subdivision, decision, rule, n}: Redis's hashes
 
 
 def parse_time(text: str) -> datetime:
@@ -183,6 +138,7 @@ def build(
     verification: Verification | None,
     *,
     now: datetime,
+    source: str,
 ) -> EvidenceReportOut:
     """The report over ``[since, until)``; ``verification`` is the chain check (None: no key given)."""
     entries = list(_entries(evidence, since, until))
@@ -272,7 +228,7 @@ def build(
         title=f"Regiongate evidence report, {_iso(since)[:10]} to {_iso(until)[:10]}",
         statement=STATEMENT,
         generated_at=_iso(now),
-        source=evidence.source,
+        source=source,
         period=PeriodOut(since=_iso(since), until=_iso(until)),
         summary=SummaryOut(
             gateways=len(gateways),
@@ -342,7 +298,7 @@ def build(
 
 def _counts(
     chained: list[tuple[str, list[Any]]],
-    hashes: list[tuple[str, str, str, str, str, int]],
+    hashes: list[dict[str, Any]],
     since: datetime,
     until: datetime,
 ) -> tuple[list[tuple[str, str, str, str, int]], str]:
@@ -362,7 +318,14 @@ def _counts(
                 out.append((str(row[0]), str(row[1]), str(row[2]), str(row[3]), row[4]))
         return out, "chain"
     if hashes:
-        return [(cc, sub, d, r, n) for hour, cc, sub, d, r, n in hashes if within(hour)], "hashes"
+        rows = []
+        for h in hashes:
+            n = h.get("n")
+            if within(str(h.get("hour"))) and isinstance(n, int):
+                rows.append(
+                    (str(h.get("country")), str(h.get("subdivision")), str(h.get("decision")), str(h.get("rule")), n)
+                )
+        return rows, "hashes"
     return [], "none"
 
 

@@ -3,10 +3,12 @@ a Redis outage recorded as a gap, a GeoIP database, an override, requests and ho
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import orjson
 
+from gateway.evidence import exportfile
 from gateway.evidence.chain import Sealer, make_key
 
 KEY = make_key("k1", "0123456789abcdef0123456789abcdef")
@@ -17,7 +19,7 @@ V2 = (
     "rules:\n  - {name: supported, countries: [US, GB, DE, FR], action: allow}\n"
     "  - {name: watch-br, countries: [BR], action: monitor}\n"
 )
-SHA1, SHA2 = "1" * 64, "2" * 64
+SHA1, SHA2 = hashlib.sha256(V1.encode()).hexdigest(), hashlib.sha256(V2.encode()).hexdigest()
 # Hourly counts (country, subdivision, decision, rule, n): what the report's per-country figures must say.
 HOUR1 = [
     ["US", "", "allow", "supported", 1200],
@@ -88,9 +90,8 @@ def sealed() -> list[tuple[str, dict[str, Any]]]:
 
 
 def export_lines(items: list[tuple[str, dict[str, Any]]]) -> list[bytes]:
-    head = {"regiongate_export": 1, "exported_at": "2026-12-01T00:00:00+00:00", "prefix": "regiongate:",
-            "since": None, "until": None}  # fmt: skip
-    lines = [orjson.dumps(head)]
-    lines += [orjson.dumps({"id": sid, "e": e}) for sid, e in items]
-    lines += [orjson.dumps({"policy_text": {"sha256": sha, "text": text}}) for sha, text in ((SHA1, V1), (SHA2, V2))]
+    """The file ``audit export --format chain`` writes, with the chain's own line writers."""
+    lines = [exportfile.header_line("2026-12-01T00:00:00+00:00", "regiongate:", None, None)]
+    lines += [exportfile.entry_line(sid, e) for sid, e in items]
+    lines += [exportfile.policy_line(sha, text) for sha, text in ((SHA1, V1), (SHA2, V2))]
     return lines

@@ -11,7 +11,8 @@ import pytest
 
 from gateway.cli import main
 from gateway.evidence.chain import verify
-from gateway.evidence.report import Evidence, ExportError, build, read_export
+from gateway.evidence.exportfile import Export, load_export
+from gateway.evidence.report import build
 from gateway.evidence.report_html import render_html
 from gateway.reports import dump
 
@@ -23,9 +24,9 @@ KEYS = {KEY.kid: KEY.secret}
 
 
 def report_of(items: list[tuple[str, dict[str, Any]]], keys: dict[str, bytes] | None = KEYS) -> dict[str, Any]:
-    evidence = read_export(export_lines(items), "export.jsonl")
+    evidence = load_export(export_lines(items), "export.jsonl")
     checked = verify(evidence.items, keys) if keys is not None else None
-    return dump(build(evidence, SINCE, UNTIL, checked, now=NOW))
+    return dump(build(evidence, SINCE, UNTIL, checked, now=NOW, source="export.jsonl"))
 
 
 def test_figures_versions_gap_and_countries() -> None:
@@ -67,8 +68,8 @@ def test_figures_versions_gap_and_countries() -> None:
 
 
 def test_a_shorter_period_counts_only_its_hours() -> None:
-    evidence = read_export(export_lines(sealed()), "e")
-    r = dump(build(evidence, SINCE, datetime(2026, 11, 10, tzinfo=UTC), None, now=NOW))
+    evidence = load_export(export_lines(sealed()), "e")
+    r = dump(build(evidence, SINCE, datetime(2026, 11, 10, tzinfo=UTC), None, now=NOW, source="e"))
     assert r["summary"]["judged"] == 1248 and [p["version"] for p in r["policies"]] == ["1"]
     assert r["gaps"] == [] and r["verification"] == {
         "checked": False, "ok": False, "chains": [], "unchained": 0, "malformed": 0
@@ -83,15 +84,22 @@ def test_an_altered_entry_fails_the_chain_check_and_says_which() -> None:
     assert not v["ok"]
     (chain,) = v["chains"]
     assert chain["problems"] and chain["problems"][0].startswith("altered at seq 6")
-    html = render_html(build(read_export(export_lines(items), "e"), SINCE, UNTIL, verify(
-        read_export(export_lines(items), "e").items, KEYS), now=NOW))  # fmt: skip
+    evidence = load_export(export_lines(items), "e")
+    html = render_html(build(evidence, SINCE, UNTIL, verify(evidence.items, KEYS), now=NOW, source="e"))
     assert "FAILED" in html
 
 
 def test_hourly_hashes_when_the_chain_has_no_counts() -> None:
     items = [(sid, e) for sid, e in sealed() if e["kind"] != "counts"]
-    evidence = Evidence(items, {}, [("2026-11-03T01", "DE", "", "allow", "supported", 7)], "x")
-    r = dump(build(evidence, SINCE, UNTIL, None, now=NOW))
+    row = {
+        "hour": "2026-11-03T01",
+        "country": "DE",
+        "subdivision": "",
+        "decision": "allow",
+        "rule": "supported",
+        "n": 7,
+    }
+    r = dump(build(Export({}, items, {}, [row]), SINCE, UNTIL, None, now=NOW, source="x"))
     assert r["summary"]["counts_from"] == "hashes" and r["summary"]["judged"] == 7
     assert r["policies"][0]["text"] is None
 
@@ -100,23 +108,10 @@ def test_html_is_escaped_and_self_contained() -> None:
     items = sealed()
     sid, e = items[5]
     items[5] = (sid, {**e, "reason": "<script>alert(1)</script>"})
-    html = render_html(build(read_export(export_lines(items), "e"), SINCE, UNTIL, None, now=NOW))
+    html = render_html(build(load_export(export_lines(items), "e"), SINCE, UNTIL, None, now=NOW, source="e"))
     assert "<script" not in html and "&lt;script&gt;" in html
     assert "src=" not in html and "href=" not in html and "url(" not in html
     assert "not checked: no key was given" in html
-
-
-@pytest.mark.parametrize(
-    ("lines", "problem"),
-    [
-        ([b'{"x": 1}'], "e.jsonl:1: not a regiongate audit export"),
-        ([b'{"regiongate_export": 1}', b"{nope"], "e.jsonl:2: not JSON"),
-        ([b'{"regiongate_export": 1}', b'{"hourly": {"hour": "x"}}'], "e.jsonl:2: an hourly row needs"),
-    ],
-)
-def test_bad_export_names_the_line(lines: list[bytes], problem: str) -> None:
-    with pytest.raises(ExportError, match=problem):
-        read_export(lines, "e.jsonl")
 
 
 def test_cli_json_pack_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -143,3 +138,7 @@ def test_cli_json_pack_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     monkeypatch.setenv("REGIONGATE_AUDIT_KEY", "short")
     assert main([*args, "--format", "json"]) == 2
     assert "at least 16" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"x": 1}\n')
+    assert main(["report", "--since", "2026-11-01", "--from", str(bad)]) == 2
+    assert f"{bad}:1: not a regiongate audit export" in capsys.readouterr().err
