@@ -327,6 +327,13 @@ class PolicyLoadOut(Report):
     path: str
 
 
+class RuleSourceOut(Report):
+    rule: str
+    provider: str | None
+    urls: list[str]
+    captured: str | None = Field(description="The day the published list was read (the policy's captured:)")
+
+
 class PolicyVersionOut(Report):
     sha256: str
     role: str = Field(description="policy or shadow")
@@ -337,6 +344,7 @@ class PolicyVersionOut(Report):
     on_error: str | None = Field(description="The policy's redis.on_error: open or closed; null: text not stored")
     text: str | None = Field(description="The full policy text as loaded; null: not in the evidence")
     refused_by: list[CountOut] = Field(description="Refusals recorded one by one under this version, by rule")
+    sources: list[RuleSourceOut] = Field(description="The published list and date behind each rule that cites one")
 
 
 class CountryOut(Report):

@@ -33,6 +33,7 @@ from ..reports import (
     PeriodOut,
     PolicyLoadOut,
     PolicyVersionOut,
+    RuleSourceOut,
     SummaryOut,
     VerificationOut,
 )
@@ -119,16 +120,49 @@ def _top(counter: Counter[str], n: int = TOP) -> list[CountOut]:
     return [CountOut(key=k, n=v) for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:n]]
 
 
-def _on_error(text: str | None) -> str | None:
+def _document(text: str | None) -> dict[str, Any] | None:
+    """The policy text as YAML data, read for what the report names (the gateway validated it when it loaded it)."""
     if text is None:
         return None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError:
         return None
-    redis = doc.get("redis") if isinstance(doc, dict) else None
-    value = redis.get("on_error", "open") if isinstance(redis, dict) else "open"
-    return str(value)
+    return doc if isinstance(doc, dict) else None
+
+
+def _on_error(doc: dict[str, Any] | None) -> str | None:
+    if doc is None:
+        return None
+    redis = doc.get("redis")
+    return str(redis.get("on_error", "open")) if isinstance(redis, dict) else "open"
+
+
+def _urls(value: Any) -> list[str]:
+    return [value] if isinstance(value, str) else [str(u) for u in value] if isinstance(value, list) else []
+
+
+def _sources(doc: dict[str, Any] | None) -> list[RuleSourceOut]:
+    """Each rule's ``source:`` (its own URLs, or ``policy`` for the policy's ``source:``), dated by ``captured:``."""
+    if doc is None or not isinstance(doc.get("rules"), list):
+        return []
+    provider = doc.get("provider")
+    captured = doc.get("captured")
+    out = []
+    for i, rule in enumerate(doc["rules"], 1):
+        if not isinstance(rule, dict) or rule.get("source") is None:
+            continue
+        cited = rule["source"]
+        urls = _urls(doc.get("source")) if cited == "policy" else _urls(cited)
+        out.append(
+            RuleSourceOut(
+                rule=str(rule.get("name") or f"rule-{i}"),
+                provider=str(provider) if provider is not None else None,
+                urls=urls,
+                captured=str(captured) if captured is not None else None,
+            )
+        )
+    return out
 
 
 def build(
@@ -210,6 +244,7 @@ def build(
         ]
         if later:
             replaced[(role, sha)] = min(later)
+    docs = {sha: _document(texts.get(sha)) for _, sha in policies}
     versions = [
         PolicyVersionOut(
             sha256=sha,
@@ -218,7 +253,8 @@ def build(
             first_loaded=loads[0].time,
             replaced_at=replaced.get((role, sha)),
             loads=[PolicyLoadOut(time=x.time, chain=x.chain or "", trigger=x.trigger, path=x.path) for x in loads],
-            on_error=_on_error(texts.get(sha)),
+            on_error=_on_error(docs[sha]),
+            sources=_sources(docs[sha]),
             text=texts.get(sha),
             refused_by=_top(refused_by_policy.get(sha, Counter())),
         )

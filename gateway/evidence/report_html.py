@@ -132,6 +132,10 @@ def render_html(report: EvidenceReportOut, files: Sequence[tuple[str, str]] = ()
         )
         out.append(f"<p>redis.on_error: {escape(p.on_error or 'unknown (text not in the evidence)')}</p>")
         out.append(_counts("Refusals recorded under this version, by rule", p.refused_by, "rule"))
+        if p.sources:
+            out.append("<h3>Published lists behind its rules</h3>")
+            rows = ((x.rule, x.provider, " ".join(x.urls), x.captured) for x in p.sources)
+            out.append(_table(["rule", "provider", "source", "captured"], rows))
         if p.text is not None:
             out.append(f"<details open><summary>Policy text</summary><pre>{escape(p.text)}</pre></details>")
         else:

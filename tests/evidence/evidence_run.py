@@ -15,8 +15,9 @@ KEY = make_key("k1", "0123456789abcdef0123456789abcdef")
 CHAIN = "gw-a/4242/1793577600000"
 V1 = "version: 1\ndefaults: {action: deny}\nrules:\n  - {name: supported, countries: [US, GB, DE], action: allow}\n"
 V2 = (
-    "version: 2\nredis: {on_error: closed}\ndefaults: {action: deny}\n"
-    "rules:\n  - {name: supported, countries: [US, GB, DE, FR], action: allow}\n"
+    "version: 2\nprovider: Example AI\nsource: https://example.com/supported-countries\ncaptured: 2026-11-14\n"
+    "redis: {on_error: closed}\ndefaults: {action: deny}\n"
+    "rules:\n  - {name: supported, countries: [US, GB, DE, FR], action: allow, source: policy}\n"
     "  - {name: watch-br, countries: [BR], action: monitor}\n"
 )
 SHA1, SHA2 = hashlib.sha256(V1.encode()).hexdigest(), hashlib.sha256(V2.encode()).hexdigest()

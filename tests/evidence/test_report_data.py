@@ -50,6 +50,10 @@ def test_figures_versions_gap_and_countries() -> None:
     assert (v2["sha256"], v2["version"], v2["text"], v2["on_error"]) == (SHA2, "2", V2, "closed")
     assert v1["replaced_at"] == v2["first_loaded"] == "2026-11-15T10:00:00.000+00:00" and v2["replaced_at"] is None
     assert v1["refused_by"] == v2["refused_by"] == [{"key": "defaults.action", "n": 1}]
+    assert v1["sources"] == [] and v2["sources"] == [
+        {"rule": "supported", "provider": "Example AI", "urls": ["https://example.com/supported-countries"],
+         "captured": "2026-11-14"}
+    ]  # fmt: skip
     gap = {"from": "2026-11-20T14:02:00.000+00:00", "to": "2026-11-20T14:07:00.000+00:00", "lost": 42}
     assert r["gaps"] == [{"chain": sealed()[0][1]["chain"], **gap, "reasons": {"redis": 42}}]
     (fail,) = r["fail_modes"]

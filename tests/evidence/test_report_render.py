@@ -78,6 +78,7 @@ def test_pack_opens_prints_and_says_the_figures(tmp_path: Path, monkeypatch: pyt
     assert f"sha256 {SHA1}" in flat and f"sha256 {SHA2}" in flat
     assert "2026-11-20T14:02:00.000+00:00 2026-11-20T14:07:00.000+00:00" in flat and "redis: 42" in flat
     assert "Supporting evidence, not a certification" in flat
+    assert "supported Example AI https://example.com/supported-countries 2026-11-14" in flat
     sums = {name: h for h, name in (line.split("  ", 1) for line in (out / "SHA256SUMS").read_text().splitlines())}
     assert set(sums) >= {"report.html", "report.pdf", "report.json", "map-refusals.svg", "map-allowed.svg"}
     for name in ("report.json", "map-refusals.svg", "map-allowed.svg"):
