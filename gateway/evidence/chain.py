@@ -25,6 +25,7 @@ Pure: the keys and entries come from the caller.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import re
@@ -221,7 +222,7 @@ def verify(items: Iterable[tuple[str, Any]], keys: Mapping[str, bytes]) -> Verif
 def _verify_chain(name: str, got: list[tuple[str, Mapping[str, Any]]], keys: Mapping[str, bytes]) -> ChainReport:
     problems: list[Problem] = []
     gaps: list[DeclaredGap] = []
-    present = {raw["seq"] for _, raw in got}
+    order = sorted({raw["seq"] for _, raw in got})  # to find a missing number elsewhere in O(log n), however large
     macs: dict[int, Any] = {}
     last_seq: int | None = None
     last_time = ""
@@ -237,11 +238,13 @@ def _verify_chain(name: str, got: list[tuple[str, Mapping[str, Any]]], keys: Map
             problem("unsigned", seq, sid, time, "written without REGIONGATE_AUDIT_KEY: cannot be checked")
         elif not isinstance(kid, str) or kid not in keys:
             problem("unknown_key", seq, sid, time, f"key id {str(kid)[:40]!r} not given to verify")
-        elif not hmac.compare_digest(str(raw.get("mac")), mac(keys[kid], raw)):
+        elif not _mac_matches(keys[kid], raw):
             problem("altered", seq, sid, time, f"seq {seq}: its MAC does not match its content")
         if last_seq is None:
             if seq == 1 and raw.get("kind") != START:
                 problem("altered", seq, sid, time, "seq 1 is not a start entry")
+            elif (earlier := _present_between(order, 0, seq)) is not None:
+                problem("reordered", seq, sid, time, f"seq {seq} comes before seq {earlier}")
         elif seq <= last_seq:
             problem("reordered", seq, sid, time, f"seq {seq} comes after seq {last_seq}")
             continue  # keep judging what follows against the furthest entry seen
@@ -252,9 +255,8 @@ def _verify_chain(name: str, got: list[tuple[str, Mapping[str, Any]]], keys: Map
                 problem("removed", seq, sid, time, f"seq {seq} does not follow the seq {last_seq} present")
         else:
             hole = range(last_seq + 1, seq)
-            moved = [s for s in hole if s in present]
-            if moved:
-                problem("reordered", seq, sid, time, f"seq {seq} comes before seq {moved[0]}")
+            if (moved := _present_between(order, last_seq, seq)) is not None:
+                problem("reordered", seq, sid, time, f"seq {seq} comes before seq {moved}")
             else:
                 missing = f"seq {hole.start}..{hole.stop - 1} missing"
                 problem("removed", hole.start, sid, time, f"{missing}, between {last_time} (seq {last_seq}) and {time}")
@@ -272,6 +274,20 @@ def _verify_chain(name: str, got: list[tuple[str, Mapping[str, Any]]], keys: Map
         gaps=tuple(gaps),
         problems=tuple(problems[:MAX_PROBLEMS]),
     )
+
+
+def _present_between(order: list[int], low: int, high: int) -> int | None:
+    """The smallest sequence number present strictly between ``low`` and ``high``, if any."""
+    i = bisect.bisect_right(order, low)
+    return order[i] if i < len(order) and order[i] < high else None
+
+
+def _mac_matches(secret: bytes, raw: Mapping[str, Any]) -> bool:
+    try:
+        expected = mac(secret, raw)
+    except (orjson.JSONEncodeError, TypeError):  # a value no writer could have written (an integer past 64 bits)
+        return False
+    return hmac.compare_digest(str(raw.get("mac")).encode(), expected.encode())
 
 
 def _declared(raw: Mapping[str, Any], macs: Mapping[int, Any]) -> bool:

@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -189,7 +190,7 @@ async def test_many_long_refusals_stay_under_the_byte_budget(redis_server: Redis
     assert len(newest["path"]) <= PATH_BYTES
 
 
-def _rows(redis_server: RedisServer, key: str, reverse: bool = False) -> list[dict[str, object]]:
+def _rows(redis_server: RedisServer, key: str, reverse: bool = False) -> list[dict[str, Any]]:
     """The stream's entries, decoded (redis-cli prints each entry's id, field name and value on lines)."""
     out = redis_server.command("XREVRANGE" if reverse else "XRANGE", key, *(("+", "-") if reverse else ("-", "+")))
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]

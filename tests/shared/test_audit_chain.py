@@ -165,8 +165,8 @@ def test_the_chain_holds_what_was_in_force_and_verify_finds_every_edit(
     assert code == 0 and report["ok"], report
     (chain,) = report["chains"]
     assert chain["stopped"] and chain["first_seq"] == 1 and len(chain["gaps"]) == 1
-    text = audit_cli("verify", *redis_args, env=KEY)
-    assert text.returncode == 0 and text.stdout.startswith("OK ") and "gap (seq" in text.stdout
+    plain = audit_cli("verify", *redis_args, env=KEY)
+    assert plain.returncode == 0 and plain.stdout.startswith("OK ") and "gap (seq" in plain.stdout
     # ... with a wrong key or none.
     wrong = audit_cli("verify", *redis_args, env={**KEY, "REGIONGATE_AUDIT_KEY": "x" * 40})
     assert wrong.returncode == 1 and "ALTERED" in wrong.stdout
