@@ -209,3 +209,19 @@ def test_an_export_reads_back_and_refuses_what_is_not_one() -> None:
     with pytest.raises(ExportError, match=r"x.jsonl:2: not JSON"):
         load_export([lines[0], b"{"], "x.jsonl")
     assert PolicyEntry.KIND == "policy"
+
+
+def test_a_gateway_without_a_key_warns_and_one_with_a_bad_key_does_not_start(tmp_path: Any) -> None:
+    from gateway.runtime import ConfigError, Settings, load_runtime
+
+    settings = Settings(upstream="http://127.0.0.1:9", access_log="off", redis="redis://127.0.0.1:9/0")
+    unsigned = load_runtime(settings, {})
+    assert unsigned.audit.key is None and any("no REGIONGATE_AUDIT_KEY" in w for w in unsigned.warnings)
+    signed = load_runtime(settings, {"REGIONGATE_AUDIT_KEY": "q" * 32, "REGIONGATE_AUDIT_KEY_ID": "k1"})
+    assert signed.audit.key is not None and signed.audit.key.kid == "k1"
+    assert not any("AUDIT_KEY" in w for w in signed.warnings) and "q" * 32 not in repr(signed.audit.key)
+    with pytest.raises(ConfigError, match="at least 16") as e:
+        load_runtime(settings, {"REGIONGATE_AUDIT_KEY": "tiny-secret"})
+    assert "tiny-secret" not in str(e.value)
+    off = load_runtime(Settings(upstream="http://127.0.0.1:9", access_log="off"), {})  # no Redis: no audit
+    assert not any("AUDIT_KEY" in w for w in off.warnings)
