@@ -157,7 +157,8 @@ def verify(args: argparse.Namespace) -> int:
                 items = load_export(f, args.file).items
             where = args.file
         elif args.redis:
-            items = asyncio.run(read_evidence(args.redis, args.redis_prefix, dict(os.environ), since=since)).items
+            read = read_evidence(args.redis, args.redis_prefix, dict(os.environ), since=since, hourly=False)
+            items = asyncio.run(read).items
             where = f"{args.redis_prefix}audit"
         else:
             return _fail("give --file EXPORT, or --redis (or REGIONGATE_REDIS_URL)")

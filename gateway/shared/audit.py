@@ -8,6 +8,13 @@ about N entries, and, with every entry cut to a bounded size and refusals
 sampled per client network (:mod:`.auditbound`), at about
 :func:`.auditbound.stream_budget` bytes. Client addresses are written as the
 access log writes them (``--log-address full|truncated|hashed``).
+
+The writer seals each entry into this worker's HMAC chain
+(:mod:`gateway.evidence.chain`) as it writes it, beside the entries of what
+is in force (``record``: policy, GeoIP, override; :mod:`gateway.live.inforce`),
+the hourly counts (:mod:`.auditcounts`), the worker's start and stop, and a
+``gap`` entry for whatever it could not write; :mod:`.auditread` reads it
+all back for ``audit verify`` and exports.
 """
 
 from __future__ import annotations

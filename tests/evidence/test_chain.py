@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.evidence.chain import (
@@ -29,6 +29,8 @@ from gateway.evidence.chain import (
 from gateway.evidence.entries import EntryError, GapEntry, PolicyEntry, RequestEntry, parse_entry
 from gateway.evidence.exportfile import ExportError, entry_line, header_line, load_export, policy_line
 
+# No deadline: a test's speed on a shared machine is not what it checks (the rule: no timing thresholds).
+EDITS = settings(max_examples=200, deadline=None)
 KEY = make_key("k1", "s" * 32)
 KEYS = {KEY.kid: KEY.secret}
 
@@ -54,12 +56,14 @@ def only_chain(result: Verification) -> Any:
     return result.chains[0]
 
 
+@EDITS
 @given(st.lists(bodies, min_size=0, max_size=8))
 def test_an_untouched_chain_verifies(b: list[dict[str, Any]]) -> None:
     c = only_chain(verify(build(b), KEYS))
     assert c.ok and c.stopped and c.first_seq == 1 and c.last_seq == len(b) + 2 and not c.notices()
 
 
+@EDITS
 @given(st.lists(bodies, min_size=1, max_size=8), st.data())
 def test_any_altered_field_is_named(b: list[dict[str, Any]], data: st.DataObject) -> None:
     items = build(b)
@@ -86,6 +90,7 @@ def test_any_altered_field_is_named(b: list[dict[str, Any]], data: st.DataObject
         assert first.stream_id == sid or (field == "seq" and not isinstance(value, int))
 
 
+@EDITS
 @given(st.lists(bodies, min_size=2, max_size=8), st.data())
 def test_any_deleted_entry_is_named(b: list[dict[str, Any]], data: st.DataObject) -> None:
     items = build(b)
@@ -96,6 +101,7 @@ def test_any_deleted_entry_is_named(b: list[dict[str, Any]], data: st.DataObject
     assert first.what == "removed" and first.seq == seq
 
 
+@EDITS
 @given(st.lists(bodies, min_size=2, max_size=8), st.data())
 def test_any_reorder_is_named(b: list[dict[str, Any]], data: st.DataObject) -> None:
     items = build(b)
@@ -107,6 +113,7 @@ def test_any_reorder_is_named(b: list[dict[str, Any]], data: st.DataObject) -> N
     assert first.seq in (items[i][1]["seq"], items[j][1]["seq"], 1)
 
 
+@EDITS
 @given(st.lists(bodies, min_size=1, max_size=8), st.data())
 def test_any_truncation_is_said_where(b: list[dict[str, Any]], data: st.DataObject) -> None:
     items = build(b)
@@ -209,3 +216,19 @@ def test_an_export_reads_back_and_refuses_what_is_not_one() -> None:
     with pytest.raises(ExportError, match=r"x.jsonl:2: not JSON"):
         load_export([lines[0], b"{"], "x.jsonl")
     assert PolicyEntry.KIND == "policy"
+
+
+def test_a_gateway_without_a_key_warns_and_one_with_a_bad_key_does_not_start(tmp_path: Any) -> None:
+    from gateway.runtime import ConfigError, Settings, load_runtime
+
+    settings = Settings(upstream="http://127.0.0.1:9", access_log="off", redis="redis://127.0.0.1:9/0")
+    unsigned = load_runtime(settings, {})
+    assert unsigned.audit.key is None and any("no REGIONGATE_AUDIT_KEY" in w for w in unsigned.warnings)
+    signed = load_runtime(settings, {"REGIONGATE_AUDIT_KEY": "q" * 32, "REGIONGATE_AUDIT_KEY_ID": "k1"})
+    assert signed.audit.key is not None and signed.audit.key.kid == "k1"
+    assert not any("AUDIT_KEY" in w for w in signed.warnings) and "q" * 32 not in repr(signed.audit.key)
+    with pytest.raises(ConfigError, match="at least 16") as e:
+        load_runtime(settings, {"REGIONGATE_AUDIT_KEY": "tiny-secret"})
+    assert "tiny-secret" not in str(e.value)
+    off = load_runtime(Settings(upstream="http://127.0.0.1:9", access_log="off"), {})  # no Redis: no audit
+    assert not any("AUDIT_KEY" in w for w in off.warnings)

@@ -107,6 +107,8 @@ def test_the_chain_holds_what_was_in_force_and_verify_finds_every_edit(
     o = add(gw, {"action": "deny", "cidr": "81.2.69.0/24", "reason": "ticket 42", "by": "alice"})
     send(OTHER, 1, 403, "override")
     remove(gw, o["id"])
+    add(gw, {"action": "allow", "country": "CN", "reason": "pilot", "by": "bob", "ttl": 1})
+    wait_for(lambda: any(e.get("action") == "expired" for _, e in entries(redis, key)), 10, "the override expired")
     policy.write_text(POLICY.format(revision="r2"))
     assert httpx.post(gw.admin + "/admin/reload", headers=AUTH, timeout=10).status_code == 200
     os.replace(shutil.copy(CITY, tmp_path / "city.new"), city)  # a new file (new inode), same data
@@ -139,7 +141,10 @@ def test_the_chain_holds_what_was_in_force_and_verify_finds_every_edit(
     assert overrides == [
         ("added", "alice", "ticket 42", "81.2.69.0/24"),
         ("removed", "alice", "ticket 42", "81.2.69.0/24"),
+        ("added", "bob", "pilot", "CN"),
+        ("expired", "bob", "pilot", "CN"),
     ]
+    assert [e["ttl"] for _, e in stream if e["kind"] == "override"] == [None, None, 1, 1]
     (gap,) = [e for _, e in stream if e["kind"] == "gap"]
     assert gap["lost"] >= 7 and set(gap["reasons"]) == {"redis"} and gap["from"] <= gap["to"]
     stop = stream[-1][1]
