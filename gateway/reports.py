@@ -310,3 +310,156 @@ class ShippedPolicyOut(Report):
     captured: str | None = Field(description="The day it was read, YYYY-MM-DD (captured:).")
     age_days: int | None = Field(description="Days from captured to today.")
     rules: int
+
+
+# --- evidence report (regiongate report) ----------------------------------------------------
+
+
+class PeriodOut(Report):
+    since: str
+    until: str
+
+
+class GatewayOut(Report):
+    chain: str = Field(description="host/pid/start-ms: one per gateway worker process")
+    host: str | None
+    pid: int | None
+    version: str | None
+    audit: str | None = Field(description="The gateway's --audit mode: refusals or all")
+    first: str
+    last: str
+    stopped: bool = Field(description="Its stop entry is in the period: it shut down cleanly")
+
+
+class CountOut(Report):
+    key: str
+    n: int
+
+
+class PolicyLoadOut(Report):
+    time: str
+    chain: str
+    trigger: str
+    path: str
+
+
+class RuleSourceOut(Report):
+    rule: str
+    provider: str | None
+    urls: list[str]
+    captured: str | None = Field(description="The day the published list was read (the policy's captured:)")
+
+
+class PolicyVersionOut(Report):
+    sha256: str
+    role: str = Field(description="policy or shadow")
+    version: str
+    first_loaded: str
+    replaced_at: str | None = Field(description="When the next version of this role was first loaded; null: none was")
+    loads: list[PolicyLoadOut]
+    on_error: str | None = Field(description="The policy's redis.on_error: open or closed; null: text not stored")
+    text: str | None = Field(description="The full policy text as loaded; null: not in the evidence")
+    refused_by: list[CountOut] = Field(description="Refusals recorded one by one under this version, by rule")
+    sources: list[RuleSourceOut] = Field(description="The published list and date behind each rule that cites one")
+
+
+class CountryOut(Report):
+    country: str = Field(description="ISO code, or unknown, invalid, missing, private")
+    name: str
+    allowed: int
+    refused: int
+    monitored: int = Field(description="Let through only because of monitoring: would have been refused")
+
+
+class GeoipOut(Report):
+    path: str
+    type: str
+    build: str | None
+    sha256: str
+    loaded: str
+    age_days: float | None = Field(description="The database's age at the period's end, from its build date")
+
+
+class OverrideEventOut(Report):
+    time: str
+    action: str
+    id: str
+    override: str
+    match: str
+    value: str
+    by: str
+    reason: str
+    ttl: int | None
+
+
+class GapOut(Report):
+    chain: str
+    from_: str = Field(alias="from")
+    to: str
+    lost: int
+    reasons: dict[str, int]
+
+
+class FailModeOut(Report):
+    from_: str = Field(alias="from")
+    to: str
+    chain: str
+    what: str
+    effect: str
+
+
+class ChainCheckOut(Report):
+    chain: str
+    ok: bool
+    entries: int
+    first_seq: int
+    last_seq: int
+    problems: list[str]
+    notices: list[str]
+
+
+class VerificationOut(Report):
+    checked: bool = Field(description="false: no key was given, the MACs were not checked")
+    ok: bool
+    chains: list[ChainCheckOut]
+    unchained: int
+    malformed: int
+
+
+class SummaryOut(Report):
+    gateways: int
+    judged: int
+    allowed: int
+    refused: int
+    monitored: int
+    refused_by_rule: list[CountOut]
+    counts_from: str = Field(description="chain: the chained hourly counts; hashes: Redis's hourly hashes; none")
+    sampled: int = Field(description="Refusals counted but not stored one by one (per-source sampling)")
+
+
+class EvidenceReportOut(Report):
+    """What ``regiongate report --format json`` writes: the evidence over one period, the HTML and PDF's data."""
+
+    title: str
+    statement: str
+    generated_at: str
+    source: str
+    period: PeriodOut
+    summary: SummaryOut
+    gateways: list[GatewayOut]
+    policies: list[PolicyVersionOut]
+    countries: list[CountryOut]
+    refusals_by_subdivision: list[CountOut]
+    refusals_by_asn: list[CountOut]
+    refusals_by_rule: list[CountOut]
+    refusals_by_model: list[CountOut]
+    would_refuse_by_rule: list[CountOut]
+    clients: dict[str, int] = Field(
+        description="Decisions on callers with no usable location: unknown, invalid, missing"
+    )
+    fail_modes: list[FailModeOut]
+    geoip: list[GeoipOut]
+    overrides: list[OverrideEventOut]
+    gaps: list[GapOut]
+    limitations: list[str]
+    verification: VerificationOut

@@ -22,6 +22,7 @@ from .cidrs import CidrSet
 from .clientip import ClientIPConfig
 from .dataplane.edge import Edge
 from .dataplane.tls import Certificates, TlsError
+from .evidence.chain import KEY_ENV, AuditKeyError, key_from_env
 from .geo import Geo, GeoDataError
 from .live.active import Active, PolicyVersion
 from .policy import (
@@ -393,8 +394,13 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         )  # fmt: skip
     except RedisConfigError as e:
         raise ConfigError(str(e)) from None
+    try:
+        audit_key = key_from_env(env)
+    except AuditKeyError as e:
+        raise ConfigError(str(e)) from None
+    audit_mode = settings.audit if settings.redis else "off"
     runtime = Runtime(
-        audit=Audit(settings.audit if settings.redis else "off", settings.audit_maxlen),
+        audit=Audit(audit_mode, settings.audit_maxlen, audit_key),
         overrides=overrides,
         allow_methods=methods,
         settings=settings,
@@ -411,6 +417,11 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
     if not trusted:
         runtime.warnings.append("no --trusted-proxy: forwarding headers are ignored, the TCP peer is the client")
     runtime.warnings += trust_warnings + edge_warnings
+    if audit_mode != "off" and audit_key is None:
+        runtime.warnings.append(
+            f"no {KEY_ENV}: audit entries are numbered but not signed, so `regiongate audit verify` cannot "
+            "show that they are unaltered"
+        )
     if settings.workers > 1 and not settings.redis:
         runtime.warnings.append(
             f"--workers {settings.workers} without --redis: each worker keeps its own runtime overrides, and one "

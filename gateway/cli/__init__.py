@@ -1,12 +1,14 @@
-"""``regiongate``: serve, check, explain, diff, override, audit, policies, schema, stub.
+"""``regiongate``: serve, check, explain, diff, map, override, audit, report, policies, schema, stub.
 
 - ``serve``: run the gateway (:mod:`~gateway.cli.serve`; its options are data in :mod:`~gateway.cli.options`);
 - ``check``: validate policy files and run their tests (:mod:`~gateway.cli.check`);
 - ``explain``: the decision for one address and path, and why (:mod:`~gateway.cli.explain`);
 - ``diff``: which callers a policy change treats differently, optionally replaying traffic (:mod:`~gateway.cli.diff`);
+- ``map``: the world coloured by what a policy (or a policy change) does to each country (:mod:`~gateway.cli.map`);
 - ``override add|list|remove``: runtime overrides, through a gateway's admin API or Redis
   (:mod:`~gateway.cli.override`);
 - ``audit tail|export``: read the Redis audit stream (:mod:`~gateway.cli.audit`);
+- ``report``: a dated evidence pack (JSON, HTML, PDF) from the audit stream or an export (:mod:`~gateway.cli.report`);
 - ``policies``: the shipped policies, with the provider, source and date of each list (:mod:`~gateway.cli.policies`);
 - ``schema``: print the policy file's JSON Schema (:mod:`~gateway.cli.schema`);
 - ``stub``: run the bundled OpenAI-compatible stub upstream (:mod:`~gateway.cli.stub`).
@@ -28,10 +30,10 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .. import __version__
-from . import audit, check, diff, explain, override, policies, schema, serve, stub
+from . import audit, check, diff, explain, map, override, policies, report, schema, serve, stub
 
 # In the order ``regiongate --help`` lists them.
-SUBCOMMANDS = (serve, check, explain, diff, override, audit, policies, schema, stub)
+SUBCOMMANDS = (serve, check, explain, diff, map, override, audit, report, policies, schema, stub)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -27,6 +27,12 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="also replay addresses (one per line, optionally followed by a path) or the gateway's JSON-lines "
         "access log through both policies, with the geo data from --geoip; '-' reads stdin",
     )
+    d.add_argument(
+        "--map",
+        metavar="FILE",
+        help="also draw what changes for a caller from each country on a world map (.svg or .png; "
+        "as regiongate map NEW --diff OLD)",
+    )
     add_serve_options(d, frozenset({"geoip"}))
     d.set_defaults(func=run)
 
@@ -57,6 +63,15 @@ def run(args: argparse.Namespace) -> int:
             return 2
         except OSError as e:
             print(f"regiongate: --replay {args.replay}: {e.strerror or e}", file=sys.stderr)
+            return 2
+    if args.map is not None:
+        from ..evidence.policymap import diff_svg
+        from .map import write_map
+
+        if args.map == "-":  # stdout carries the diff itself
+            print("regiongate: --map: give a .svg or .png file name", file=sys.stderr)
+            return 2
+        if write_map(diff_svg(old, new), args.map) != 0:
             return 2
     changed = result.changed or bool(replayed and replayed.flipped)
     if args.json:

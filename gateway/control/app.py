@@ -11,6 +11,8 @@ exist: every ``/admin/*`` route answers 404, so a gateway started without one
 never exposes an unauthenticated admin surface. The OpenAPI document of the
 admin API is itself under ``/admin`` and needs the token too; it describes
 only ``/admin/*`` (``/docs`` is off).
+``GET /admin/policy/map.svg`` draws the policy in force on a world map
+(:mod:`gateway.evidence.policymap`).
 ``POST /admin/reload`` and ``GET /admin/policy`` belong to the live policy
 (:mod:`gateway.live`); the other routes only read.
 
@@ -325,6 +327,20 @@ async def active_policy(request: Request) -> ActivePolicies:
     current, shadow = await _proxy(request).call(lambda: (_document(runtime, "policy"), _document(runtime, "shadow")))
     assert current is not None
     return ActivePolicies(**current.model_dump(), shadow=shadow)
+
+
+@router.get(
+    "/policy/map.svg",
+    response_class=Response,
+    responses={200: {"content": {"image/svg+xml": {}}, "description": "A self-contained SVG (no script, no link)."}},
+)
+async def active_policy_map(request: Request) -> Response:
+    """The world coloured by what the policy in force does to a caller from each country (as ``regiongate map``)."""
+    from ..evidence.policymap import policy_map
+
+    policy = _runtime(request).policy  # one reference read: a reload swaps it whole
+    svg = await _heavy(request, lambda: policy_map(policy).svg())  # ~250 decide() calls and 140 kB: off the loop
+    return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "no-store"})
 
 
 @router.post(

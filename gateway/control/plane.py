@@ -16,7 +16,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 
-from ..live import watch
+from ..live import inforce, watch
 from ..live.reload import Live, RetiresUpstreams
 from ..metrics import Metrics
 from ..runtime import Runtime
@@ -70,9 +70,11 @@ async def control_plane(
     if watcher is None:
         # The state inherited from the parent is as of startup; a worker started
         # later (or replacing one that died) reads the files as they are now.
-        live.spawn(live.reload(explicit=False))
+        live.spawn(live.reload(explicit=False, trigger="start"))
     await runtime.overrides.start(metrics)  # Redis (if any) is synced in the background from here on
-    runtime.audit.start(runtime.overrides)  # on only with --redis
+    runtime.audit.start(runtime.overrides, worker=slot)  # on only with --redis: this worker's chain begins
+    runtime.overrides.audit_hook = runtime.audit.override_event
+    live.spawn(inforce.record_start(runtime))
 
     def ended() -> None:  # on the control plane's thread
         with contextlib.suppress(RuntimeError):  # the proxy's loop already closed

@@ -34,6 +34,7 @@ from ..runtime import (
     read_policy_text,
     resolve_upstreams,
 )
+from . import inforce
 from .active import Active, PolicyVersion
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class Live:
         self._lock = asyncio.Lock()
         self._refused_geo: dict[str, tuple[int, ...]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._trigger = "start"
 
     # --- what is watched ----------------------------------------------------------
 
@@ -124,13 +126,14 @@ class Live:
 
     # --- entry points -------------------------------------------------------------
 
-    async def reload(self, *, explicit: bool = True) -> list[ReloadResult]:
+    async def reload(self, *, explicit: bool = True, trigger: str = "watch") -> list[ReloadResult]:
         """Check every watched file and load what changed. Used by the watcher, SIGHUP and the admin API.
 
         ``explicit`` (SIGHUP, admin) re-judges a file even if it was refused
         before; the watcher does not, so one bad file is reported once.
         """
         async with self._lock:
+            self._trigger = trigger  # what the audit chain says put a swapped file in force
             results = [await self._policy(role, path, explicit) for role, path in self.policy_paths().items()]
             for path in self.runtime.geo.paths:
                 await self._geo(path, explicit)
@@ -138,14 +141,14 @@ class Live:
 
     async def admin_reload(self) -> list[ReloadResult]:
         """``POST /admin/reload``: this worker now, the others through the supervisor's SIGHUP."""
-        results = await self.reload(explicit=True)
+        results = await self.reload(explicit=True, trigger="admin")
         if self.supervisor is not None and os.getppid() == self.supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.supervisor, signal.SIGHUP)
         return results
 
     def on_sighup(self) -> None:
-        self.spawn(self.reload(explicit=True))
+        self.spawn(self.reload(explicit=True, trigger="sighup"))
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -188,6 +191,7 @@ class Live:
             log.error("%s %s: judging the candidate failed", role, path, exc_info=e)
             return self._refuse(role, status, sha, f"{path}: cannot load this candidate: {_describe(e)}", result)
         self._swap(role, candidate, upstreams)
+        inforce.record_policy(rt, role, candidate, path, self._trigger)
         status.attempted_at = time.time()
         status.error = status.refused_sha256 = None
         self.metrics.policy_reload(role, "ok")
@@ -276,5 +280,6 @@ class Live:
         self.runtime.geo_errors.pop(path, None)
         self.metrics.geoip_swapped(old.info, new.info)
         self.metrics.geoip_reload(new.info.type, "ok")
+        self.spawn(inforce.record_geoip(self.runtime, new.info, self._trigger))
         asyncio.get_running_loop().call_later(_CLOSE_OLD_READER_AFTER, old.reader.close)
         log.info("GeoIP %s reloaded: %s build_epoch %d", path, new.info.type, new.info.build_epoch)

@@ -88,6 +88,7 @@ class Record:
         # The audit stream (gateway.shared): refusals, or every decision; queued, never waited for.
         audit = self.runtime.audit
         verdict = "rate_limited" if ex.error == "rate_limit_exceeded" else decision.verdict
+        audit.count(country, facts.subdivisions, verdict, decision.rule)  # hourly counts (gateway.shared.auditcounts)
         if audit.enabled and audit.wants(verdict):
             audit.put(
                 audit_entry(

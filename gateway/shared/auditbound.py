@@ -35,9 +35,13 @@ CODE_BYTES = 40  # a country or subdivision code from a database (2 to 6 charact
 CLIENT_BYTES = 64  # an address, its /24 or /48, or h:<16 hex>; the policy's sha256 too
 MAX_SUBDIVISIONS = 2  # what City databases give
 
-# The largest entry that the bounds above allow, as JSON (tests/shared/test_audit_bound.py builds the
-# worst one: about 1,300 bytes), rounded up; an entry past it is dropped and counted, never written.
-MAX_ENTRY_BYTES = 1536
+# The largest request entry that the bounds above allow, as JSON and with the chain's envelope (kind,
+# chain id, seq, key id, prev and mac: about 330 bytes; tests/shared/test_audit_bound.py builds the
+# worst one: about 1,650 bytes), rounded up; an entry past it is dropped and counted, never written.
+MAX_ENTRY_BYTES = 2048
+# The same for the entries of what is in force (policy, GeoIP, override, counts, gap, start, stop):
+# written by the gateway, not chosen by a client, and a few per reload or flush.
+MAX_RECORD_BYTES = 16_384
 # What Redis adds to each entry in a stream's listpack (entry id deltas, lengths, flags: about
 # 10 bytes, measured at about 20 with the radix-tree nodes shared over 100 entries), rounded up,
 # and how far past MAXLEN approximate trimming may leave it (whole nodes of stream-node-max-entries,

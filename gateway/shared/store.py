@@ -25,6 +25,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -67,6 +68,8 @@ class OverrideStore:
         self._tats: dict[str, float] = {}  # rate-limit subject -> theoretical arrival time (monotonic)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        # The audit chain's record of each override this replica added, removed or saw expire (Audit.override_event).
+        self.audit_hook: Callable[[str, Override], None] = lambda action, override: None
 
     async def start(self, observer: StoreObserver | None = None) -> None:
         if observer is not None:
@@ -206,8 +209,9 @@ class RedisStore(OverrideStore):
                 items, expired = self._parse(raw)
                 self.version = version
                 self._swap(items)
-                if expired:
-                    await self._call("expire", self.client.hdel, self.k_data, *expired)
+                for field, gone in expired:  # one call each: the replica whose HDEL removed it records it
+                    if await self._call("expire", self.client.hdel, self.k_data, field):
+                        self.audit_hook("expired", gone)
             self.synced_at = time.time()
             return True
         except RedisUnavailable:
@@ -215,10 +219,10 @@ class RedisStore(OverrideStore):
                 self._swap(self.compiled.overrides)
             return False
 
-    def _parse(self, raw: dict[bytes, bytes]) -> tuple[list[Override], list[bytes]]:
+    def _parse(self, raw: dict[bytes, bytes]) -> tuple[list[Override], list[tuple[bytes, Override]]]:
         now = time.time()
         items: list[Override] = []
-        expired: list[bytes] = []
+        expired: list[tuple[bytes, Override]] = []
         for field, value in raw.items():
             try:
                 o = Override.from_dict(orjson.loads(value))
@@ -226,7 +230,7 @@ class RedisStore(OverrideStore):
                 log.warning("ignoring unreadable override %r in Redis: %s", field[:64], e)
                 continue
             if o.expired(now):
-                expired.append(field)
+                expired.append((field, o))
             else:
                 items.append(o)
         return items, expired
@@ -304,6 +308,7 @@ class RedisStore(OverrideStore):
 
     async def add(self, override: Override) -> Override:
         await self._call("write", self.client.hset, self.k_data, override.id, orjson.dumps(override.as_dict()))
+        self.audit_hook("added", override)
         await self._announce()
         await self.sync(force=True)
         return override
@@ -313,8 +318,11 @@ class RedisStore(OverrideStore):
         return list(self.compiled.overrides)
 
     async def remove(self, id: str) -> bool:
+        known = next((o for o in self.compiled.overrides if o.id == id), None)
         removed = await self._call("write", self.client.hdel, self.k_data, id)
         if removed:
+            if known is not None:  # one this replica has not synced yet is gone all the same, unrecorded
+                self.audit_hook("removed", known)
             await self._announce()
         await self.sync(force=True)
         return bool(removed)

@@ -32,7 +32,12 @@ def admin_gw(gateway: GatewayFactory, stub: Stub) -> Iterator[Gateway]:
     )
 
 
-ROUTES = [("GET", "/admin/explain?ip=175.16.199.1"), ("POST", "/admin/diff"), ("GET", "/admin/openapi.json")]
+ROUTES = [
+    ("GET", "/admin/explain?ip=175.16.199.1"),
+    ("POST", "/admin/diff"),
+    ("GET", "/admin/openapi.json"),
+    ("GET", "/admin/policy/map.svg"),
+]
 
 
 def test_no_token_configured_means_no_admin_api(gateway: GatewayFactory, stub: Stub) -> None:
@@ -126,9 +131,23 @@ def test_bad_candidate_is_400_with_file_and_line(admin_gw: Gateway, body: bytes,
     assert any(p.startswith(problem) for p in out["problems"]), out["problems"]
 
 
+def test_map_of_the_policy_in_force(admin_gw: Gateway) -> None:
+    import xml.etree.ElementTree as ET
+
+    r = httpx.get(admin_gw.admin + "/admin/policy/map.svg", headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/svg+xml"
+    assert r.headers["cache-control"] == "no-store"
+    shapes = {p.get("data-iso"): p for p in ET.fromstring(r.text).iter("{http://www.w3.org/2000/svg}path")}
+    assert shapes["CN"].get("class") == "rg-deny" and shapes["US"].get("class") == "rg-allow"
+    cli = subprocess.run(
+        [sys.executable, "-m", "gateway", "map", COUNTRY_ONLY], capture_output=True, text=True, check=True
+    ).stdout
+    assert r.text == cli  # the same map as regiongate map draws of the same file
+
+
 def test_openapi_document_describes_only_the_admin_api(admin_gw: Gateway) -> None:
     doc = httpx.get(admin_gw.admin + "/admin/openapi.json", headers=AUTH).json()
-    assert set(doc["paths"]) >= {"/admin/explain", "/admin/diff"}
+    assert set(doc["paths"]) >= {"/admin/explain", "/admin/diff", "/admin/policy/map.svg"}
     assert all(p.startswith("/admin/") for p in doc["paths"])
     assert doc["components"]["securitySchemes"]["HTTPBearer"] == {
         "type": "http",

@@ -20,6 +20,12 @@ The rule:
    ``gateway.runtime`` (builds the running objects from the options), ``gateway.server``
    (starts the planes), ``gateway.cli`` and ``gateway.control``.
 4. No import circle anywhere in gateway/.
+5. ``gateway.evidence`` (the audit chain's entries and verification, the report built from them)
+   imports nothing, directly or through other modules, from ``gateway.dataplane``,
+   ``gateway.proxy``, ``gateway.shared``, ``gateway.live``, the control plane or the wiring: an
+   exported file is verified offline, without Redis or a running gateway, so the code that checks
+   the evidence cannot lean on the code that wrote it. Redis is read in ``gateway.shared.audit``
+   and handed over by the CLI.
 
 What counts as an import: every ``import`` and ``from ... import`` at module level, including
 those under ``if TYPE_CHECKING:`` and in ``try`` blocks (a circle that only the type checker
@@ -53,6 +59,14 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         *WIRING,
     ),
     "gateway.dataplane": ("gateway.policy", "gateway.proxy", *CONTROL, *WIRING),
+    "gateway.evidence": (
+        "gateway.dataplane",
+        "gateway.proxy",
+        "gateway.shared",
+        "gateway.live",
+        *CONTROL,
+        *WIRING,
+    ),
 }
 DECISIONS, BYTES = "gateway.policy", "gateway.dataplane"
 JOINERS = ("gateway.proxy", *WIRING, *CONTROL)

@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
@@ -22,6 +23,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gateway.evidence.chain import Sealer, make_key
 from gateway.shared import auditbound
 from gateway.shared.audit import Audit, entry
 from gateway.shared.auditbound import (
@@ -94,6 +96,11 @@ def test_the_worst_entry_fits_the_entry_bound() -> None:
         "\x01" * 9000, "\x01" * 64, "\x01" * 5000, "\x01" * 9000,
     )  # fmt: skip
     assert len(orjson.dumps(worst)) <= MAX_ENTRY_BYTES
+    # As stored: with the chain's envelope, the longest chain id (a 64-byte host name) and key id.
+    sealer = Sealer("h" * 64 + f"/{2**22}/{2**45}", make_key("k" * 32, "s" * 64))
+    sealer.seq = 10**12
+    sealer.seal({"kind": "start", "time": "t"})
+    assert len(sealer.seal(worst)) <= MAX_ENTRY_BYTES
     assert len(worst["subdivisions"]) == 2
     big_asn = entry("rg-1", "deny", "r", "CN", [], 10**30, "/", "p", None)
     assert big_asn["asn"] is None  # a database's number too big for an ASN is not written
@@ -176,10 +183,17 @@ async def test_many_long_refusals_stay_under_the_byte_budget(redis_server: Redis
     used = int(redis_server.command("MEMORY", "USAGE", key, "SAMPLES", "0"))
     assert used <= stream_budget(maxlen), (used, stream_budget(maxlen))
     assert used < length * len(LONG_PATH)  # the long paths are not in it
-    newest = json.loads(redis_server.command("XREVRANGE", key, "+", "-", "COUNT", "1").splitlines()[-1])
+    # The newest request entry (the chain's stop entry comes after it).
+    newest = next(r for r in _rows(redis_server, key, reverse=True) if r["kind"] == "request")
     m = MARK.search(newest["path"])
     assert m is not None and int(m.group(1)) == len(LONG_PATH) and newest["path"].startswith("/v1/aaa")
     assert len(newest["path"]) <= PATH_BYTES
+
+
+def _rows(redis_server: RedisServer, key: str, reverse: bool = False) -> list[dict[str, Any]]:
+    """The stream's entries, decoded (redis-cli prints each entry's id, field name and value on lines)."""
+    out = redis_server.command("XREVRANGE" if reverse else "XRANGE", key, *(("+", "-") if reverse else ("-", "+")))
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 async def test_one_network_gets_a_burst_and_the_rest_is_counted(redis_server: RedisServer) -> None:
@@ -191,7 +205,7 @@ async def test_one_network_gets_a_burst_and_the_rest_is_counted(redis_server: Re
     started = time.monotonic()
     audit = await _write(redis_server.url, prefix, entries, 1000)
     elapsed = time.monotonic() - started
-    written = int(redis_server.command("XLEN", f"{prefix}audit"))
+    written = sum(1 for r in _rows(redis_server, f"{prefix}audit") if r["kind"] == "request")
     # The burst and the allowed ones, plus at most what the bucket refilled meanwhile (5 a second): the bound
     # itself, whatever the machine's speed.
     assert SOURCE_BURST + 10 <= written <= SOURCE_BURST + 10 + SOURCE_RATE * elapsed + 1
@@ -221,17 +235,16 @@ def test_gateway_writes_bounded_refusals_and_counts_the_sampled(
         )
         return float(line.split()[-1]) if line else 0.0
 
-    wait_for(
-        lambda: int(redis_server.command("XLEN", key) or 0) + dropped() == sent, 10, "every refusal written or counted"
-    )
+    def requests() -> int:  # the stream also holds the chain's start, policy and GeoIP entries
+        return sum(1 for r in _rows(redis_server, key) if r["kind"] == "request")
+
+    wait_for(lambda: requests() + dropped() == sent, 10, "every refusal written or counted")
     elapsed = time.monotonic() - started  # every refusal was judged by the bucket before this
-    written = int(redis_server.command("XLEN", key))
+    written = requests()
     # The burst, plus at most what the bucket refilled while they were sent (5 a second); the rest counted.
     assert SOURCE_BURST <= written <= min(sent, SOURCE_BURST + SOURCE_RATE * elapsed + 1)
     assert dropped() == sent - written
-    rows = [
-        json.loads(line) for line in redis_server.command("XRANGE", key, "-", "+").splitlines() if line.startswith("{")
-    ]
+    rows = [r for r in _rows(redis_server, key) if r["kind"] == "request"]
     assert len(rows) == written
     for row in rows:
         m = MARK.search(str(row["path"]))
