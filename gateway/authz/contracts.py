@@ -41,7 +41,7 @@ from ..proxy.replies import INTERNAL
 from ..requestid import RequestIds
 from .config import AuthzConfig
 from .judge import Judge
-from .query import Answer, Contract, Query
+from .query import FACT_HEADERS, Answer, Contract, Query
 
 if TYPE_CHECKING:  # runtime imports proxy.upstreams, which runs the proxy package's __init__
     from ..runtime import Runtime
@@ -158,8 +158,19 @@ def _nothing() -> None:
 
 
 def _plain(request: Request, answer: Answer) -> None:
-    """Forward auth and Envoy: the refusal as the proxy port sends it; an allow with the facts."""
-    request.respond(answer.status, [*answer.headers, *answer.facts], answer.body)
+    """Forward auth and Envoy: a refusal exactly as the proxy port sends it (the proxy passes it to the
+    client); an allow with the facts, for the proxy to copy to the upstream request."""
+    if answer.allowed:
+        request.respond(200, [*answer.headers, *_every_fact(answer.facts)], b"")
+    else:
+        request.respond(answer.status, list(answer.headers), answer.body)
+
+
+def _every_fact(facts: tuple[Header, ...]) -> list[Header]:
+    """Each fact header, empty when unknown: a proxy that copies a header the answer lacks may send the
+    client's own on (or, Caddy 2.6, its placeholder's name), where an empty one replaces it."""
+    known = {n for n, _ in facts}
+    return [*facts, *((n, b"") for n in FACT_HEADERS if n not in known)]
 
 
 def _for_nginx(request: Request, answer: Answer) -> None:

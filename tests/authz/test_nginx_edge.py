@@ -52,9 +52,10 @@ def call(nginx: str, client: str, path: str = "/v1/models", **kw: object) -> htt
 
 def test_callers_by_country_and_subdivision_get_the_proxy_ports_answers(edge: Edge, nginx: str) -> None:
     before = len(edge.received())
-    gb = call(nginx, GB, headers={"x-regiongate-country": "CN", "x-regiongate-decision": "deny"})
+    spoofed = {"x-regiongate-country": "CN", "x-regiongate-decision": "deny", "x-test-marker": "gb"}
+    gb = call(nginx, GB, headers=spoofed)
     assert gb.status_code == 200
-    sent = edge.received()[before]
+    sent = edge.sent("gb")
     # The facts come from the decision service only: the client's spoofed ones were replaced.
     assert sent.headers[b"x-regiongate-country"] == b"GB"
     assert sent.headers[b"x-regiongate-decision"] == b"allow"
@@ -71,7 +72,7 @@ def test_callers_by_country_and_subdivision_get_the_proxy_ports_answers(edge: Ed
         assert error_code(refused) == "unsupported_country_region_territory"
         assert refused.headers["content-type"] == "application/json"
         assert refused.headers["x-regiongate-policy"] == direct.headers["x-regiongate-policy"]
-        assert direct.headers["x-regiongate-rule"] == rule
+        assert edge.rule(client) == rule
     assert len(edge.received()) == before + 1  # refusals never reach the upstream
 
 
@@ -118,7 +119,8 @@ def test_metrics_overrides_reload_and_failing_closed(edge: Edge, nginx: str) -> 
         edge.policy.read_text().replace("rules:\n", "rules:\n  - {name: cn, countries: [CN], action: allow}\n", 1)
     )
     wait_until(lambda: call(nginx, CN).status_code == 200, "the reloaded policy lets CN through nginx")
-    assert edge.received()[-1].headers[b"x-regiongate-rule"] == b"cn"
+    assert call(nginx, CN, headers={"x-test-marker": "cn"}).status_code == 200
+    assert edge.sent("cn").headers[b"x-regiongate-rule"] == b"cn"
 
     # The decision service down: nginx fails closed (500), nothing reaches the upstream.
     before = len(edge.received())

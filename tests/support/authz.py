@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,7 @@ from gateway.authz.query import Answer, Contract, Query
 from gateway.dataplane.limits import Limits
 from gateway.metrics import Metrics
 from gateway.runtime import Runtime, Settings, load_runtime
-from support.processes import CITY, ROOT, Gateway, GatewayFactory, RawUpstream, Sent, free_port
+from support.processes import CITY, ROOT, Gateway, GatewayFactory, RawUpstream, Sent, free_port, stop
 
 GB, CN = "2.125.160.216", "175.16.199.1"
 
@@ -134,10 +137,21 @@ class Edge:
     def received(self) -> list[Sent]:
         return self.upstream.requests()
 
+    def sent(self, marker: str) -> Sent:
+        """The one request the upstream received with ``x-test-marker: marker`` (connections interleave)."""
+        found = [s for s in self.upstream.requests() if s.headers.get(b"x-test-marker") == marker.encode()]
+        assert len(found) == 1, found
+        return found[0]
+
     def direct(self, client: str, path: str = "/v1/models", method: str = "GET") -> httpx.Response:
         """The forward contract asked directly: what the proxy port would answer, to compare with."""
         headers = {"x-forwarded-method": method, "x-forwarded-uri": path, "x-forwarded-for": client}
         return httpx.get(self.authz + "/authz/forward", headers=headers, timeout=10)
+
+    def rule(self, client: str, path: str = "/v1/models") -> str:
+        """The deciding rule, as the nginx contract reports it (its refusals carry the facts)."""
+        headers = {"x-original-method": "GET", "x-original-uri": path, "x-forwarded-for": client}
+        return httpx.get(self.authz + "/authz/nginx", headers=headers, timeout=10).headers["x-regiongate-rule"]
 
     def add_override(self, body: dict[str, Any]) -> str:
         r = httpx.post(self.gateway.admin + "/admin/overrides", json=body, headers=AUTH, timeout=10)
@@ -177,3 +191,23 @@ def running_edge(directory: Path, *args: str) -> Iterator[Edge]:
 
 def error_code(response: httpx.Response) -> str:
     return str(response.json()["error"]["code"])
+
+
+@contextlib.contextmanager
+def running_proxy(argv: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+    """A proxy binary listening on ``port`` (loopback) until the block ends; its output goes to ``log``."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited: {log.read_text()[-2000:]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{argv[0]} did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield
+    finally:
+        stop(proc)
