@@ -44,6 +44,11 @@ def _contract(name: str, what: str) -> Contract:
     raise ValueError(f"{what}: {name[:40]!r} is not a contract (one of {', '.join(CONTRACTS)})")
 
 
+def contracts(names: Iterable[str], flag: str) -> frozenset[Contract]:
+    """Contract names as given on the command line, or ValueError naming ``flag``."""
+    return frozenset(_contract(n, flag) for n in names)
+
+
 def parse_config(client_headers: Iterable[str], bodies: Iterable[str]) -> AuthzConfig:
     """``--authz-client-header CONTRACT=HEADER`` and ``--authz-body CONTRACT``, or ValueError naming the flag."""
     headers = dict(DEFAULT_CLIENT_HEADERS)
@@ -55,7 +60,7 @@ def parse_config(client_headers: Iterable[str], bodies: Iterable[str]) -> AuthzC
         if not value or not all(c.isascii() and (c.isalnum() or c == "-") for c in value):
             raise ValueError(f"--authz-client-header: {header[:60]!r} is not a header name")
         headers[_contract(name, "--authz-client-header")] = value
-    sending = frozenset(_contract(b, "--authz-body") for b in bodies)
+    sending = contracts(bodies, "--authz-body")
     for c in sending & NEVER_BODIES:
         raise ValueError(f"--authz-body: {c} cannot send the body (nginx's auth_request subrequest has none)")
     return AuthzConfig(headers, sending)
@@ -72,7 +77,8 @@ def blind_rules(policy: Policy, contracts: Iterable[Contract]) -> list[str]:
             continue
         where = f"{policy.source}:{rule.line}" if rule.line is not None else policy.source
         out.append(
-            f"{where}: rule {rule.name!r} reads the request's model, but {', '.join(blind)} send no body: "
-            f"their requests are judged with an unknown model (body.unknown_model: {unknown})"
+            f"{where}: rule {rule.name!r} reads the request's model, which the contracts without a request body "
+            f"({', '.join(blind)}) cannot see: their requests are judged with an unknown model "
+            f"(body.unknown_model: {unknown})"
         )
     return out
