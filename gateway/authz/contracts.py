@@ -93,7 +93,7 @@ class Contracts:
         except Exception:
             log.exception("the decision service failed on a request")
             if not request.started:
-                self._refuse(request, INTERNAL)
+                send_error(request, INTERNAL, next(self._ids).encode(), self.runtime.active.header)
 
     def _route(self, request: Request) -> None:
         path = request.raw_path
