@@ -163,25 +163,6 @@ def test_a_rate_limited_caller_gets_429_with_retry_after(traefik: str, caddy: st
         assert int(limited.headers["retry-after"]) > 0
 
 
-def test_metrics_reload_and_failing_closed(edge: Edge, traefik: str, caddy: str) -> None:
-    metrics = edge.gateway.metrics()
-    assert 'country="CN",decision="deny",rule="defaults.action",upstream="",via="forward"}' in metrics
-    edge.policy.write_text(
-        edge.policy.read_text().replace("rules:\n", "rules:\n  - {name: cn, countries: [CN], action: allow}\n", 1)
-    )
-    wait_until(lambda: call(traefik, CN).status_code == 200, "the reloaded policy lets CN through Traefik")
-    assert call(traefik, CN, headers={"x-test-marker": "cn"}).status_code == 200
-    assert edge.sent("cn").headers[b"x-regiongate-rule"] == b"cn"
-    assert call(caddy, CN).status_code == 200
-
-    edge.gateway.proc.terminate()
-    edge.gateway.proc.wait(timeout=15)
-    before = len(edge.received())
-    assert call(traefik, GB).status_code >= 500  # fails closed
-    assert call(caddy, GB).status_code >= 500
-    assert len(edge.received()) == before
-
-
 def test_the_envoy_http_contract_as_envoy_sends_it(edge: Edge) -> None:
     """Envoy's ext_authz HTTP service (no Envoy binary here): the check request Envoy builds with
     ``path_prefix: /authz/envoy``: the original method, the prefix then the original path and query,
@@ -205,3 +186,23 @@ def test_the_envoy_http_contract_as_envoy_sends_it(edge: Edge) -> None:
     log = [line for line in edge.gateway.log_lines() if line.get("via") == "envoy_http"]
     assert [line["rule"] for line in log][-1] == "defaults.missing"
     assert log[0]["path"] == "/v1/models" and log[0]["client"] == GB
+
+
+def test_metrics_reload_and_failing_closed(edge: Edge, traefik: str, caddy: str) -> None:
+    """Last in the module: it stops the decision service."""
+    metrics = edge.gateway.metrics()
+    assert 'country="CN",decision="deny",rule="defaults.action",upstream="",via="forward"}' in metrics
+    edge.policy.write_text(
+        edge.policy.read_text().replace("rules:\n", "rules:\n  - {name: cn, countries: [CN], action: allow}\n", 1)
+    )
+    wait_until(lambda: call(traefik, CN).status_code == 200, "the reloaded policy lets CN through Traefik")
+    assert call(traefik, CN, headers={"x-test-marker": "cn"}).status_code == 200
+    assert edge.sent("cn").headers[b"x-regiongate-rule"] == b"cn"
+    assert call(caddy, CN).status_code == 200
+
+    edge.gateway.proc.terminate()
+    edge.gateway.proc.wait(timeout=15)
+    before = len(edge.received())
+    assert call(traefik, GB).status_code >= 500  # fails closed
+    assert call(caddy, GB).status_code >= 500
+    assert len(edge.received()) == before

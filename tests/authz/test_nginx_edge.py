@@ -102,6 +102,7 @@ def test_a_rate_limited_caller_gets_429_with_retry_after(edge: Edge, nginx: str)
 
 
 def test_metrics_overrides_reload_and_failing_closed(edge: Edge, nginx: str) -> None:
+    """Last in the module: it stops the decision service."""
     metrics = edge.gateway.metrics()
     assert 'country="CN",decision="deny",rule="defaults.action",upstream="",via="nginx"}' in metrics
     assert 'via="proxy"' not in metrics  # --port 0: no proxy port

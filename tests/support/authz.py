@@ -77,10 +77,11 @@ rules:
     paths: ["/v1/chat/*"]
     allow_models: ["gpt-4o-mini"]
     action: allow
-  - name: gb
-    countries: [GB]
+  - name: gb-limited
+    cidrs: ["192.0.2.11/32"]
     action: allow
     rate_limit: {requests: 3, per: 1h, by: ip}
+  - {name: gb, countries: [GB], action: allow}
 defaults: {action: deny}
 """
 
