@@ -16,6 +16,7 @@ from typing import Any
 
 from . import __doc__ as PACKAGE_DOC
 from .common import ALLOWED_ADDRS, DEFAULT_OUTPUT, REFUSED_ADDRS, REPO_DIR, BenchError, check_inputs, log
+from .edges import start_edge_targets
 from .goals import evaluate, recorded_figures
 from .policy import load_bench_policy, preflight_policy
 from .processes import find_tools, plan_pinning
@@ -49,6 +50,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip-nginx-geoip2", action="store_true", help="do not run the nginx+geoip2 comparison")
     p.add_argument("--skip-streams", action="store_true", help="do not run the stream benchmarks")
+    p.add_argument(
+        "--skip-edges",
+        action="store_true",
+        help="do not run the decision-service rows (nginx, Traefik; bench/edges.py)",
+    )
     p.add_argument(
         "--streams",
         type=int,
@@ -110,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="regiongate-bench-")))
         targets = start_targets(stack, tools, pin, workdir, policy, not args.skip_nginx_geoip2)
+        if not args.skip_edges:
+            targets += start_edge_targets(stack, tools, pin, workdir, targets[0])
         for t in targets:
             problems += probe(t, policy.block_body)
         for t in targets:

@@ -13,7 +13,7 @@ import datetime
 import sys
 
 from . import policies
-from .options import LOCAL_HELP, add_serve_options, geoip
+from .options import LOCAL_HELP, add_serve_options, env_list, geoip
 
 
 def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,7 +23,16 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Validate policy files against the given databases and run their tests:. " + LOCAL_HELP,
     )
     c.add_argument("policies", nargs="+", metavar="POLICY", help="policy YAML file(s) to check")
-    add_serve_options(c, frozenset({"geoip"}))
+    add_serve_options(c, frozenset({"geoip", "authz_body"}))
+    c.add_argument(
+        "--authz",
+        action="append",
+        default=None,
+        metavar="CONTRACT",
+        help="a decision-service contract this policy is served through (forward, nginx, envoy_http, envoy_grpc, "
+        "haproxy), repeatable: warns about each rule that reads the model where the contract sends no body "
+        "(--authz-body)",
+    )
     c.add_argument("--quiet", "-q", action="store_true", help="print only failures")
     c.add_argument(
         "--max-age",
@@ -57,6 +66,7 @@ def age_warning(
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..authz.config import blind_rules, contracts, parse_config
     from ..policy import load_policy, run_tests
     from ..runtime import ConfigError, load_geo, parse_duration
     from ..yamlfile import FileError
@@ -68,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         geo = load_geo(geoip(args))
-    except ConfigError as e:
+        bodies = parse_config((), args.authz_body or env_list("AUTHZ_BODY")).bodies
+        served = contracts(args.authz or (), "--authz")
+    except (ConfigError, ValueError) as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
     failed = stale = False
@@ -80,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
             print(e.render(), file=sys.stderr)
             failed = True
             continue
+        for blind in blind_rules(policy, sorted(served - bodies)):
+            print(f"warning: {blind}", file=sys.stderr)
         results = run_tests(policy, geo)
         bad = [r for r in results if not r.passed]
         for r in results:

@@ -36,7 +36,7 @@ class Metrics(Protocol):
     """What the request path counts (:class:`gateway.metrics.Metrics` is the Prometheus one)."""
 
     def bad_request(self, reason: str) -> None: ...
-    def decision(self, verdict: str, rule: str, country: str, upstream: str) -> None: ...
+    def decision(self, verdict: str, rule: str, country: str, upstream: str, via: str) -> None: ...
     def request(self, verdict: str, seconds: float) -> None: ...
     def shadow_match(self, rule: str) -> None: ...
     def shadow_disagreement(self, active: str, shadow: str, rule: str) -> None: ...
@@ -66,7 +66,7 @@ class Record:
         if ex.error is not None and ex.error in BAD_REQUEST_CODES:
             m.bad_request(ex.error)
         if decision is not REJECTED:
-            m.decision(decision.verdict, decision.rule, country, decision.upstream or "")
+            m.decision(decision.verdict, decision.rule, country, decision.upstream or "", ex.via)
         m.request(decision.verdict, seconds)
         for rule in decision.shadow:
             m.shadow_match(rule)
@@ -119,6 +119,8 @@ class Record:
             "bytes": ex.sent,
             "policy": ex.active.tag,
         }
+        if ex.via != "proxy":
+            entry["via"] = ex.via  # a decision service's contract (gateway.authz); proxy lines stay as they were
         if ex.model is not None:
             entry["model"] = ex.model[:256]
         if facts.subdivisions:

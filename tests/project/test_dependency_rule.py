@@ -18,10 +18,12 @@ The rule:
 3. Only the join imports both planes directly: a module that imports from ``gateway.policy``
    and from ``gateway.dataplane`` is ``gateway.proxy`` (or inside it), or is process wiring:
    ``gateway.runtime`` (builds the running objects from the options), ``gateway.server``
-   (starts the planes), ``gateway.cli`` and ``gateway.control``.
+   (starts the planes), ``gateway.cli`` and ``gateway.control``; and ``gateway.authz``, the
+   decision service, which is the request path's judging answered to another proxy (it
+   subclasses ``gateway.proxy``'s Gateway and serves on the data plane's listener).
 4. No import circle anywhere in gateway/.
 5. ``gateway.evidence`` (the audit chain's entries and verification, the report built from them)
-   imports nothing, directly or through other modules, from ``gateway.dataplane``,
+   imports nothing, directly or through other modules, from ``gateway.dataplane``, ``gateway.authz``,
    ``gateway.proxy``, ``gateway.shared``, ``gateway.live``, the control plane or the wiring: an
    exported file is verified offline, without Redis or a running gateway, so the code that checks
    the evidence cannot lean on the code that wrote it. Redis is read in ``gateway.shared.audit``
@@ -55,13 +57,15 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "gateway.proxy",
         "gateway.shared",
         "gateway.live",
+        "gateway.authz",
         *CONTROL,
         *WIRING,
     ),
-    "gateway.dataplane": ("gateway.policy", "gateway.proxy", *CONTROL, *WIRING),
+    "gateway.dataplane": ("gateway.policy", "gateway.proxy", "gateway.authz", *CONTROL, *WIRING),
     "gateway.evidence": (
         "gateway.dataplane",
         "gateway.proxy",
+        "gateway.authz",
         "gateway.shared",
         "gateway.live",
         *CONTROL,
@@ -69,7 +73,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     ),
 }
 DECISIONS, BYTES = "gateway.policy", "gateway.dataplane"
-JOINERS = ("gateway.proxy", *WIRING, *CONTROL)
+JOINERS = ("gateway.proxy", "gateway.authz", *WIRING, *CONTROL)
 
 
 def within(module: str, prefix: str) -> bool:
