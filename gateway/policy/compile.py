@@ -24,6 +24,7 @@ from ..clientip import AddressError, parse_address
 from ..requestpath import BadPath, canonical
 from ..yamlfile import Document, FileError, Problem
 from .compiled import Decision, PathSet, Patterns, Policy, Rule, make_decision
+from .index import RuleIndex
 from .ratelimit import RateLimit, parse_period
 from .schema import (
     ALLOW,
@@ -155,15 +156,16 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
             f"geo.field {spec.geo.field!r} needs {_DB_FOR[spec.geo.field]}; none is configured",
         )
 
+    index = RuleIndex(rules)
     for later_i, later in enumerate(rules):
-        for earlier in rules[:later_i]:
-            if not earlier.shadow and _subsumes(earlier, later):
-                bad(
-                    ("rules", later_i),
-                    f"rules[{later_i}] ({later.name}) can never match: rule {earlier.name!r} "
-                    f"(line {earlier.line}) matches everything it does",
-                )
-                break
+        earlier_i = index.first_cover(rules, later_i, _enforced_cover)
+        if earlier_i is not None:
+            earlier = rules[earlier_i]
+            bad(
+                ("rules", later_i),
+                f"rules[{later_i}] ({later.name}) can never match: rule {earlier.name!r} "
+                f"(line {earlier.line}) matches everything it does",
+            )
 
     for i, t in enumerate(spec.tests):
         problems.extend(_test_problems(i, t, names, doc))
@@ -177,6 +179,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         source=doc.filename,
         sha256="",
         rules=tuple(rules),
+        index=index,
         field=spec.geo.field,
         on_default=make_decision(d.action, "defaults.action", "no rule matched", monitor_mode),
         on_unknown=make_decision(d.unknown, "defaults.unknown", "no country for this address", monitor_mode),
@@ -397,6 +400,11 @@ def _describe(key: str, values: list[Any]) -> str:
     if len(values) > 6:
         return f"{key} ({len(values)} values)"
     return f"{key} {', '.join(str(v) for v in values)}"
+
+
+def _enforced_cover(a: Rule, b: Rule) -> bool:
+    """Whether ``a`` makes ``b`` unreachable: it enforces (a shadow rule lets the walk go on) and subsumes it."""
+    return not a.shadow and _subsumes(a, b)
 
 
 def _subsumes(a: Rule, b: Rule) -> bool:
