@@ -94,8 +94,9 @@ class Intervals:
 
     __slots__ = ("ids", "starts")
 
-    def __init__(self, spans: Sequence[tuple[int, int, int]], tuples: _Tuples) -> None:
+    def __init__(self, spans: Sequence[tuple[int, int, int]], tuples: _Tuples | None = None) -> None:
         """``spans``: (first, last, rule) for each merged range of each rule's CIDRs."""
+        tuples = tuples or _Tuples()
         events: list[tuple[int, int, int]] = []  # (where, +1 or -1, rule)
         for lo, hi, rule in spans:
             events.append((lo, 1, rule))

@@ -6,7 +6,8 @@ policies (overlapping v4 and v6 CIDRs, countries, subdivisions, ASNs, anonymizer
 flags, path and model patterns, every action, ``mode: monitor`` rules, keys
 given as empty lists) and generated requests, the two must return the same
 :class:`Decision`, field for field. The unreachable-rule check is compared with
-the pairwise loop it replaced, kept here as the oracle.
+the pairwise loop it replaced, kept here as the oracle, and the CIDR overrides'
+intervals with the scan in precedence order they replaced.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gateway.policy.compile import _enforced_cover
 from gateway.policy.compiled import make_decision
 from gateway.policy.decide import decide_in_order
 from gateway.policy.index import RuleIndex
+from gateway.policy.overrides import Compiled, Override, compile_overrides, judge, new_override
 
 ACTIONS: list[RuleAction] = ["allow", "deny", "monitor", "route"]
 FIELDS: list[GeoField] = ["country", "registered_country"]
@@ -272,3 +274,28 @@ def test_deciding_tries_no_rule_one_by_one(monkeypatch: pytest.MonkeyPatch) -> N
     assert decide(policy, client("2.125.160.216"), GeoFacts(country="GB"), "/").rule == "gb"
     assert decide(policy, client("198.18.5.1"), GeoFacts(country="GB"), "/").rule == "r1281"
     assert decide(policy, client("198.18.5.1"), GeoFacts(country="GB"), "/").verdict == "deny"
+
+
+def scanned(compiled: Compiled, ip: IPAddress) -> Override | None:
+    """The CIDR override as judge() found it before the index: the first block in precedence order."""
+    return next((n.override for n in compiled.nets if n.network.version == ip.version and ip in n.network), None)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    blocks=st.lists(st.tuples(networks(), st.sampled_from(["allow", "deny"])), max_size=12),
+    probes=st.lists(addresses(), min_size=1, max_size=8),
+)
+def test_cidr_overrides_are_found_by_the_index_as_the_scan_found_them(
+    blocks: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network | None, str]], probes: list[IPAddress]
+) -> None:
+    made = [
+        new_override(action, "cidr", str(net), "", "", id=f"o{i}", created_at=float(i))
+        for i, (net, action) in enumerate(blocks)
+        if net is not None
+    ]
+    compiled = compile_overrides(made, now=0.0)
+    for ip in probes:
+        want = scanned(compiled, ip)
+        got = judge(compiled, ClientAddress(ip, PUBLIC, "peer", str(ip)), GeoFacts(), None)
+        assert (got.rule if got else None) == (f"override:{want.id}" if want else None)
