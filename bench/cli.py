@@ -21,6 +21,7 @@ from .goals import evaluate, recorded_figures
 from .policy import load_bench_policy, preflight_policy
 from .processes import find_tools, plan_pinning
 from .report import display_path, environment, report_text, write_json
+from .rules import measure_load, write_policy
 from .streamruns import run_streams
 from .targets import probe, start_targets, stop_target
 from .wrk import TargetResult, fill_added_latency, measure
@@ -75,6 +76,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="concurrent idle streams for the memory-per-stream benchmark (default 10000)",
     )
     p.add_argument(
+        "--rules",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add a row: the bench policy behind N generated one-CIDR deny rules (none holds a rotation "
+        "address), with its load time (default 0: no such row)",
+    )
+    p.add_argument(
         "--json",
         action="store_true",
         help="print the results as JSON on stdout (the table goes to stderr)",
@@ -91,6 +100,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.streams, args.held_streams = min(args.streams, 100), min(args.held_streams, 200)
     if args.duration < 1 or args.warmup < 1:
         p.error("--duration and --warmup must be at least 1 second")
+    if args.rules < 0:
+        p.error("--rules must be 0 or more")
     return args
 
 
@@ -115,7 +126,13 @@ def run(args: argparse.Namespace) -> int:
     problems: list[str] = []
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="regiongate-bench-")))
-        targets = start_targets(stack, tools, pin, workdir, policy, not args.skip_nginx_geoip2)
+        rules = None
+        if args.rules:
+            rules_policy = write_policy(workdir, args.rules)
+            meta["rules"] = {"generated": args.rules, **measure_load(rules_policy)}
+            log(f"--rules {args.rules}: loaded in {meta['rules']['load_cpu_s']} s of CPU")
+            rules = (args.rules, rules_policy)
+        targets = start_targets(stack, tools, pin, workdir, policy, not args.skip_nginx_geoip2, rules)
         if not args.skip_edges:
             targets += start_edge_targets(stack, tools, pin, workdir, targets[0])
         for t in targets:

@@ -10,6 +10,7 @@ import os
 import platform
 import subprocess
 import sys
+import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ def markdown_table(results: dict[str, TargetResult]) -> str:
     c = THROUGHPUT_CONNECTIONS
     rows = [
         f"| target | req/s @{c} | p50 @{c} | p99 @{c} | p50 @1 | p99 @1 "
-        "| added p50 @1 vs bare upstream | non-2xx @64 / @1 | process CPU µs / request |",
+        "| added p50 @1 vs bare upstream | non-2xx @64 / @1 | CPU µs / request @64 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results.values():
@@ -35,7 +36,7 @@ def markdown_table(results: dict[str, TargetResult]) -> str:
             f"| {r.label} | {r.throughput.rps:,.0f} | {t['p50']:.3f} ms | {t['p99']:.3f} ms "
             f"| {lat['p50']:.3f} ms | {lat['p99']:.3f} ms | {added} "
             f"| {r.throughput.non2xx_share:.1%} / {r.latency.non2xx_share:.1%} "
-            f"| {'-' if r.cpu_us_per_request is None or r.key not in GATEWAYS else r.cpu_us_per_request} |"
+            f"| {'-' if r.cpu_us_per_request is None else r.cpu_us_per_request} |"
         )
     return "\n".join(rows)
 
@@ -77,8 +78,18 @@ def goal_lines(goals: list[Goal]) -> list[str]:
 
 
 def report_text(results: dict[str, TargetResult], goals: list[Goal], problems: list[str], meta: dict[str, Any]) -> str:
+    env = meta.get("environment") or {}
     lines = [
         f"Regiongate benchmark: {meta['duration_s']}s per run, wrk -t1, {meta['pinning']['note']}",
+        f"Interpreter: {interpreter_line(env.get('interpreter') or interpreter())}",
+    ]
+    if meta.get("rules"):
+        r = meta["rules"]
+        lines.append(
+            f"--rules {r['generated']:,}: {r['rules']:,} rules ({r['file_bytes']:,} bytes) loaded in "
+            f"{r['load_cpu_s']} s of CPU"
+        )
+    lines += [
         "",
         markdown_table(results),
         "",
@@ -91,6 +102,27 @@ def report_text(results: dict[str, TargetResult], goals: list[Goal], problems: l
     else:
         lines += ["", f"sanity: refusal share ~{REFUSED_SHARE:.0%} where expected, bodies checked"]
     return "\n".join(lines)
+
+
+def interpreter() -> dict[str, Any]:
+    """The Python running the gateway, and how it was built: a PGO/LTO build (Debian's, the
+    official Docker images) runs the gateway with 0.8-0.9x the CPU of a plain -O3 one."""
+    config_args = str(sysconfig.get_config_var("CONFIG_ARGS") or "")
+    cflags = str(sysconfig.get_config_var("CFLAGS") or "")
+    return {
+        "implementation": platform.python_implementation(),
+        "version": platform.python_version(),
+        "compiler": platform.python_compiler(),
+        "pgo": "--enable-optimizations" in config_args or "-fprofile-use" in cflags,
+        "lto": "--with-lto" in config_args or "-flto" in cflags,
+        "cflags": cflags,
+        "config_args": config_args,
+    }
+
+
+def interpreter_line(i: dict[str, Any]) -> str:
+    built = ", ".join(f for f, on in (("PGO", i["pgo"]), ("LTO", i["lto"])) if on) or "no PGO or LTO"
+    return f"{i['implementation']} {i['version']} ({i['compiler']}; {built}; CFLAGS {i['cflags'] or '-'})"
 
 
 def environment(tools: Tools) -> dict[str, Any]:
@@ -120,6 +152,7 @@ def environment(tools: Tools) -> dict[str, Any]:
         dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     return {
         "python": sys.version.split()[0],
+        "interpreter": interpreter(),
         "executable": sys.executable,
         "gateway_version": first_line([sys.executable, "-m", "gateway", "--version"]),
         "nginx": first_line([tools.nginx, "-v"]),

@@ -151,12 +151,14 @@ def start_gateway(
     upstream_base: str,
     key: str,
     path: str = CHAT_PATH,
+    row: tuple[str, tuple[str, ...]] | None = None,
 ) -> Target:
     """The gateway under test, as `python -m gateway` of the interpreter running us.
 
-    Its access log goes to a file, as a production gateway's would.
+    Its access log goes to a file, as a production gateway's would. ``row``: a label and
+    serve flags for a row that is not in GATEWAYS (``--rules N``'s policy).
     """
-    label, extra = GATEWAYS[key]
+    label, extra = row or GATEWAYS[key]
     if REDIS_MARK in extra:
         extra = tuple(start_redis(stack, pin, workdir) if a == REDIS_MARK else a for a in extra)
     if ROUTE_MARK in extra:
@@ -229,6 +231,7 @@ def start_targets(
     workdir: Path,
     policy: BenchPolicy,
     with_nginx_geoip2: bool,
+    rules: tuple[int, Path] | None = None,
 ) -> list[Target]:
     # Other local users can reach nothing here, but nginx workers started as root drop to
     # `nobody`, which must be able to enter the prefix to create its temp paths.
@@ -236,6 +239,10 @@ def start_targets(
     upstream = start_upstream(stack, tools, pin, workdir)
     base = upstream.url.removesuffix(CHAT_PATH)
     targets = [upstream, *(start_gateway(stack, pin, workdir, base, key) for key in GATEWAYS)]
+    if rules is not None:  # --rules N: the bench policy behind N generated rules
+        count, rules_policy = rules
+        row = (f"gateway + {count:,} generated rules", ("--policy", str(rules_policy)))
+        targets.append(start_gateway(stack, pin, workdir, base, "gateway-rules", row=row))
     if with_nginx_geoip2:
         targets.append(start_nginx_geoip2(stack, tools, pin, workdir, upstream, policy))
     for t in targets:

@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,8 +72,8 @@ class TargetResult:
     throughput: WrkRun
     latency: WrkRun
     added_p50_ms: float | None = None
-    # CPU time of the target's own process per request at 64 connections: less sensitive to
-    # a busy machine than req/s (nginx targets: the master only, so not comparable).
+    # CPU time of the target's processes (nginx: the master and its workers) per request at
+    # 64 connections: less sensitive to a busy machine than req/s.
     cpu_us_per_request: float | None = None
     problems: list[str] = field(default_factory=list)
 
@@ -81,9 +83,9 @@ def measure(target: Target, tools: Tools, pin: Pinning, duration_s: int, warmup_
     log(f"{target.label}: warm-up {warmup_s}s")
     run_wrk(tools, pin, target.url, THROUGHPUT_CONNECTIONS, warmup_s)
     log(f"{target.label}: {THROUGHPUT_CONNECTIONS} connections, {duration_s}s")
-    cpu_before = stream_bench.cpu_seconds(target.pid)
+    cpu_before = tree_cpu_seconds(target.pid)
     throughput = run_wrk(tools, pin, target.url, THROUGHPUT_CONNECTIONS, duration_s)
-    cpu = stream_bench.cpu_seconds(target.pid) - cpu_before
+    cpu = tree_cpu_seconds(target.pid) - cpu_before
     log(f"{target.label}: 1 connection, {duration_s}s")
     latency = run_wrk(tools, pin, target.url, 1, duration_s)
     result = TargetResult(target.key, target.label, target.pid, throughput, latency)
@@ -91,6 +93,25 @@ def measure(target: Target, tools: Tools, pin: Pinning, duration_s: int, warmup_
         result.cpu_us_per_request = round(cpu / throughput.requests * 1e6, 1)
     result.problems = check_run(target, throughput) + check_run(target, latency)
     return result
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its live descendants (nginx's workers), from /proc."""
+    total = stream_bench.cpu_seconds(pid)
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return total
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+        for child in children:
+            with contextlib.suppress(OSError):  # a worker that exited since
+                total += tree_cpu_seconds(child)
+    return total
 
 
 def check_run(target: Target, run: WrkRun) -> list[str]:

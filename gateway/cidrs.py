@@ -83,6 +83,10 @@ class CidrSet:
         i = bisect_right(starts, value) - 1
         return i >= 0 and value <= ends[i]
 
+    def spans(self, version: int) -> tuple[list[int], list[int]]:
+        """The merged ranges of one family, as (first addresses, last addresses): for the rule index."""
+        return self._v4 if version == 4 else self._v6
+
     def covers(self, net: IPNetwork) -> bool:
         """Whether every address of ``net`` is in this set (for unreachable-rule checks)."""
         starts, ends = self._v4 if net.version == 4 else self._v6

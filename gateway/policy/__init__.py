@@ -9,9 +9,12 @@ One idea per module, each plain:
   codes, CIDRs, rules that can never match, rules that need a database that
   is not configured) and builds the compiled form, :mod:`.compiled`:
   frozensets, CIDR range tables and precomputed :class:`Decision` objects.
+* :mod:`.index`: the rules as lookup tables (address intervals, dicts of
+  countries, ASNs and names), which give the first matching rule without
+  trying each one, and the earlier rules that could cover a later one.
 * :mod:`.decide`: :func:`decide` is a pure function of (policy, client,
-  facts, path): a short loop over compiled rules that allocates nothing
-  unless a shadow rule fires.
+  facts, path): lookups in the index, at a cost that does not grow with the
+  number of rules, allocating nothing unless a shadow rule fires.
 * :mod:`.messages`: validation errors in plain words; :mod:`.load`: the only
   file I/O; :mod:`.selftest`: the policy's own ``tests:``.
 * :mod:`.provenance`: the published list behind a policy and each rule

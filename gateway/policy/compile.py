@@ -19,11 +19,13 @@ from pydantic import ValidationError
 
 from .. import geo as geofacts
 from .. import iso3166
+from ..addresses import IPNetwork
 from ..cidrs import CidrSet, parse_network
 from ..clientip import AddressError, parse_address
 from ..requestpath import BadPath, canonical
 from ..yamlfile import Document, FileError, Problem
 from .compiled import Decision, PathSet, Patterns, Policy, Rule, make_decision
+from .index import RuleIndex
 from .ratelimit import RateLimit, parse_period
 from .schema import (
     ALLOW,
@@ -115,11 +117,8 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         if name in names:
             bad((*here, "name"), f"rules[{i}]: duplicate rule name {name!r} (also rules[{names[name]}])")
         names[name] = i
-        problems.extend(_rule_problems(i, r, doc, capabilities))
-        nets = []
-        for c in r.cidrs or ():
-            with contextlib.suppress(ValueError):  # reported by _rule_problems
-                nets.append(parse_network(c))
+        nets: list[IPNetwork] = []  # the valid ones, parsed once (_rule_problems reports the rest)
+        problems.extend(_rule_problems(i, r, doc, capabilities, nets))
         desc = "; ".join(_describe(k, v) for k, v in _conditions(r).items()) or "matches everything"
         reason = f"rule {name!r}: {desc}"
         if r.upstream is not None and r.upstream != DEFAULT_UPSTREAM and r.upstream not in spec.upstreams:
@@ -155,15 +154,16 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
             f"geo.field {spec.geo.field!r} needs {_DB_FOR[spec.geo.field]}; none is configured",
         )
 
+    index = RuleIndex(rules)
     for later_i, later in enumerate(rules):
-        for earlier in rules[:later_i]:
-            if not earlier.shadow and _subsumes(earlier, later):
-                bad(
-                    ("rules", later_i),
-                    f"rules[{later_i}] ({later.name}) can never match: rule {earlier.name!r} "
-                    f"(line {earlier.line}) matches everything it does",
-                )
-                break
+        earlier_i = index.first_cover(rules, later_i, _enforced_cover)
+        if earlier_i is not None:
+            earlier = rules[earlier_i]
+            bad(
+                ("rules", later_i),
+                f"rules[{later_i}] ({later.name}) can never match: rule {earlier.name!r} "
+                f"(line {earlier.line}) matches everything it does",
+            )
 
     for i, t in enumerate(spec.tests):
         problems.extend(_test_problems(i, t, names, doc))
@@ -177,6 +177,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         source=doc.filename,
         sha256="",
         rules=tuple(rules),
+        index=index,
         field=spec.geo.field,
         on_default=make_decision(d.action, "defaults.action", "no rule matched", monitor_mode),
         on_unknown=make_decision(d.unknown, "defaults.unknown", "no country for this address", monitor_mode),
@@ -193,9 +194,13 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
     )
 
 
-def _rule_problems(i: int, r: RuleSpec, doc: Document, capabilities: frozenset[str] | None) -> list[Problem]:
+def _rule_problems(
+    i: int, r: RuleSpec, doc: Document, capabilities: frozenset[str] | None, nets: list[IPNetwork] | None = None
+) -> list[Problem]:
     """What a schema cannot check in one rule. Run on every rule that has a usable
-    shape even when other parts of the file do not, so that one pass reports it all."""
+    shape even when other parts of the file do not, so that one pass reports it all.
+    ``nets`` receives the rule's valid CIDRs, parsed (ipaddress's parsing is most of a
+    large policy's compile time, so it is done once)."""
     problems: list[Problem] = []
     here = ("rules", i)
     name = r.name or f"rule-{i + 1}"
@@ -211,9 +216,12 @@ def _rule_problems(i: int, r: RuleSpec, doc: Document, capabilities: frozenset[s
             bad((*here, "subdivisions", j), f"rules[{i}].subdivisions: {c!r} {iso3166.subdivision_problem(c)}")
     for j, c in enumerate(r.cidrs or ()):
         try:
-            parse_network(c)
+            net = parse_network(c)
         except ValueError as e:
             bad((*here, "cidrs", j), f"rules[{i}].cidrs: {c!r}: {e}")
+        else:
+            if nets is not None:
+                nets.append(net)
     for j, p in enumerate(r.paths or ()):
         problem = _path_pattern_problem(p)
         if problem:
@@ -397,6 +405,11 @@ def _describe(key: str, values: list[Any]) -> str:
     if len(values) > 6:
         return f"{key} ({len(values)} values)"
     return f"{key} {', '.join(str(v) for v in values)}"
+
+
+def _enforced_cover(a: Rule, b: Rule) -> bool:
+    """Whether ``a`` makes ``b`` unreachable: it enforces (a shadow rule lets the walk go on) and subsumes it."""
+    return not a.shadow and _subsumes(a, b)
 
 
 def _subsumes(a: Rule, b: Rule) -> bool:

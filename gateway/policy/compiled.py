@@ -1,18 +1,19 @@
 """The compiled policy: frozen, precomputed, and all that :func:`~.decide.decide` reads.
 
 :func:`~.compile.compile_policy` builds these once per load: rules hold
-frozensets, CIDR range tables and pattern sets, and every outcome a rule or
-default can have is a :class:`Decision` made in advance, so that deciding
-allocates nothing unless a shadow rule fires.
+frozensets, CIDR range tables and pattern sets, the policy holds the rules'
+lookup tables (:mod:`.index`), and every outcome a rule or default can have
+is a :class:`Decision` made in advance, so that deciding allocates nothing
+unless a shadow rule fires.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from ..addresses import IPAddress
 from ..cidrs import CidrSet
@@ -194,12 +195,26 @@ class Rule:
         return out
 
 
+class RuleLookup(Protocol):
+    """What :func:`~.decide.decide` asks of the rules' lookup tables (:class:`~.index.RuleIndex`):
+    the position of the first rule a request matches, and of every one in order."""
+
+    def first(
+        self, ip: IPAddress | None, country: str | None, facts: GeoFacts, path: str, model: str | Unread | None
+    ) -> int | None: ...
+
+    def matching(
+        self, ip: IPAddress | None, country: str | None, facts: GeoFacts, path: str, model: str | Unread | None
+    ) -> Iterator[int]: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     spec: PolicySpec
     source: str
     sha256: str
     rules: tuple[Rule, ...]
+    index: RuleLookup = dataclasses.field(compare=False, repr=False)  # the rules as lookup tables (.index)
     field: GeoField
     on_default: Decision
     on_unknown: Decision

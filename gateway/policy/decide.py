@@ -1,13 +1,18 @@
 """The decision: a pure function of (policy, client, facts, path, model).
 
-:func:`decide` is a short loop over compiled rules: no I/O, no clock, no
-globals, and no allocation unless a shadow rule fires. :func:`model_refusal`
+:func:`decide` asks the policy's rule index (:mod:`.index`) for the rules the
+request matches, in the policy's order, and stops at the first one that
+enforces: no I/O, no clock, no globals, and a cost that does not grow with
+the number of rules. :func:`decide_in_order` is the same decision by trying
+each rule in turn, the definition the index is held to (a property test
+compares them) and the walk ``explain --trace`` shows. :func:`model_refusal`
 applies the deciding rule's ``allow_models`` once the model is known.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 from ..clientip import INVALID, MISSING, PRIVATE, ClientAddress
 from ..geo import GeoFacts
@@ -31,33 +36,70 @@ def decide(
     if kind == INVALID:
         return policy.on_invalid
     country = facts.country if policy.field == "country" else facts.registered_country
-    shadow: list[str] | None = None
+    index = policy.index
     ip = client.ip
-    for rule in policy.rules:
-        if rule.matches(ip, country, facts, path):
-            if rule.models is not None:
-                if model is UNREAD:
-                    return NEEDS_MODEL
-                if not rule.model_matches(model):
-                    continue
-            if not rule.shadow:
-                decision = rule.decision
-                break
-            if shadow is None:
-                shadow = []
-            shadow.append(rule.name)
+    first = index.first(ip, country, facts, path, model)
+    if first is None:
+        return _default(policy, kind, country)
+    rule = policy.rules[first]
+    if model is UNREAD and rule.models is not None:
+        return NEEDS_MODEL
+    if not rule.shadow:
+        return rule.decision
+    # A mode: monitor rule matched first: the rest of the matches, in order, until one enforces.
+    return _decided(policy, index.matching(ip, country, facts, path, model), kind, country, model)
+
+
+def decide_in_order(
+    policy: Policy, client: ClientAddress, facts: GeoFacts, path: str, model: str | Unread | None = UNREAD
+) -> Decision:
+    """:func:`decide` by trying each rule in the policy's order: what the index must agree with."""
+    kind = client.kind
+    if kind == INVALID:
+        return policy.on_invalid
+    country = facts.country if policy.field == "country" else facts.registered_country
+    ip = client.ip
+    matching = (
+        i
+        for i, rule in enumerate(policy.rules)
+        if rule.matches(ip, country, facts, path) and (model is UNREAD or rule.model_matches(model))
+    )
+    return _decided(policy, matching, kind, country, model)
+
+
+def _decided(
+    policy: Policy, matching: Iterable[int], kind: str, country: str | None, model: str | Unread | None
+) -> Decision:
+    """The decision, given the positions of the rules a request matches in order (``models``
+    checked unless the model is unread): shadow rules are recorded until one enforces."""
+    shadow: list[str] | None = None
+    rules = policy.rules
+    for i in matching:
+        rule = rules[i]
+        if model is UNREAD and rule.models is not None:
+            return NEEDS_MODEL
+        if not rule.shadow:
+            decision = rule.decision
+            break
+        if shadow is None:
+            shadow = []
+        shadow.append(rule.name)
     else:
-        if kind == MISSING:
-            decision = policy.on_missing
-        elif kind == PRIVATE:
-            decision = policy.on_private
-        elif country is None:
-            decision = policy.on_unknown
-        else:
-            decision = policy.on_default
+        decision = _default(policy, kind, country)
     if shadow:
         return dataclasses.replace(decision, shadow=tuple(shadow))
     return decision
+
+
+def _default(policy: Policy, kind: str, country: str | None) -> Decision:
+    """The default that applies when no enforcing rule matched."""
+    if kind == MISSING:
+        return policy.on_missing
+    if kind == PRIVATE:
+        return policy.on_private
+    if country is None:
+        return policy.on_unknown
+    return policy.on_default
 
 
 def model_refusal(policy: Policy, decision: Decision, model: str | None) -> Decision | None:

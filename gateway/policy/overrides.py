@@ -30,17 +30,18 @@ import ipaddress
 import re
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .. import iso3166
-from ..addresses import IPNetwork
+from ..addresses import IPAddress, IPNetwork
 from ..cidrs import CidrSet, parse_network
 from ..clientip import ClientAddress
 from ..geo import GeoFacts
 from .callerkey import bearer_token, hash_key
 from .compiled import Decision
+from .index import Intervals
 from .schema import ALLOW, DENY
 
 Action = Literal["allow", "deny"]
@@ -211,7 +212,10 @@ class Compiled:
     by_subdivision: dict[str, Override] = field(default_factory=dict)
     by_country: dict[str, Override] = field(default_factory=dict)
     cidrs: CidrSet = field(default_factory=CidrSet)
-    nets: tuple[_Net, ...] = ()  # deny first: scanned only when ``cidrs`` says some block holds the address
+    nets: tuple[_Net, ...] = ()  # deny first, then the longest prefix: the first that holds an address wins
+    # Per family, address intervals to the positions in ``nets`` that hold them (.index), so that the
+    # winner is one bisect however many CIDR overrides there are.
+    net_index: dict[int, Intervals] = field(default_factory=dict)
     next_expiry: float | None = None
     decisions: dict[str, Decision] = field(default_factory=dict)
 
@@ -254,6 +258,16 @@ def compile_overrides(overrides: Iterable[Override], now: float) -> Compiled:
         by_country=tables["country"],
         cidrs=CidrSet(n.network for n in nets),
         nets=tuple(nets),
+        net_index={
+            version: Intervals(
+                [
+                    (int(n.network.network_address), int(n.network.broadcast_address), i)
+                    for i, n in enumerate(nets)
+                    if n.network.version == version
+                ]
+            )
+            for version in (4, 6)
+        },
         next_expiry=min(expiries) if expiries else None,
         decisions={o.id: _decision(o) for o in live},
     )
@@ -264,11 +278,11 @@ def _decision(o: Override) -> Decision:
     return Decision(o.action, o.action, f"override:{o.id}", reason, "default" if o.action == ALLOW else None)
 
 
-def _in_nets(nets: Sequence[_Net], ip: Any) -> Override | None:
-    for n in nets:
-        if n.network.version == ip.version and ip in n.network:
-            return n.override
-    return None
+def _in_nets(compiled: Compiled, ip: IPAddress) -> Override | None:
+    """The CIDR override that wins for ``ip``: the first in ``nets``' order that holds it."""
+    family = compiled.net_index.get(ip.version)
+    held = family.at(int(ip)) if family is not None else ()
+    return compiled.nets[held[0]].override if held else None
 
 
 def judge(compiled: Compiled, client: ClientAddress, facts: GeoFacts, key_hash: str | None) -> Decision | None:
@@ -279,8 +293,8 @@ def judge(compiled: Compiled, client: ClientAddress, facts: GeoFacts, key_hash: 
     if key_hash is not None and compiled.by_key:
         hit = compiled.by_key.get(key_hash)
     ip = client.ip
-    if hit is None and ip is not None and compiled.nets and ip in compiled.cidrs:
-        hit = _in_nets(compiled.nets, ip)
+    if hit is None and ip is not None and compiled.nets:
+        hit = _in_nets(compiled, ip)
     if hit is None and compiled.by_subdivision:
         for s in facts.subdivisions:
             found = compiled.by_subdivision.get(s)
