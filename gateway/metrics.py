@@ -305,7 +305,10 @@ class Metrics:
         """Tallied; in prometheus-client at the next :meth:`fold`."""
         key = (verdict, rule, country, upstream)
         tally = self._decisions
-        tally[key] = tally.get(key, 0) + 1
+        n = tally.get(key)
+        if n is None and self._fold_every_turn:
+            self._decision_child(key)
+        tally[key] = 1 if n is None else n + 1
 
     def overrides(self, counts: dict[str, int]) -> None:
         for kind, n in counts.items():
@@ -349,11 +352,16 @@ class Metrics:
         """One request to an upstream URL, by status class, and its time to first byte: tallied."""
         key = (name, target, status // 100 if status else 0)
         tally = self._upstreams
-        tally[key] = tally.get(key, 0) + 1
+        n = tally.get(key)
+        if n is None and self._fold_every_turn:
+            self._upstream_child(key)
+        tally[key] = 1 if n is None else n + 1
         if ttfb is not None:
             values = self._ttfbs.get(name)
             if values is None:
                 values = self._ttfbs[name] = []
+                if self._fold_every_turn:
+                    self._ttfb_child(name)
             values.append(ttfb)
         self._tallied_one()
 
@@ -362,6 +370,8 @@ class Metrics:
         values = self._durations.get(verdict)
         if values is None:
             values = self._durations[verdict] = []
+            if self._fold_every_turn:
+                self._duration_child(verdict)
         values.append(seconds)
         self._tallied_one()
 
@@ -388,30 +398,46 @@ class Metrics:
         self._tallied = 0
         decisions, self._decisions = self._decisions, {}
         for key, n in decisions.items():
-            child = self._decision_children.get(key)
-            if child is None:
-                child = self._decision_children[key] = self.decisions.labels(*key)
-            child.inc(n)
+            self._decision_child(key).inc(n)
         durations, self._durations = self._durations, {}
         for verdict, values in durations.items():
-            h = self._duration_children.get(verdict)
-            if h is None:
-                h = self._duration_children[verdict] = self.duration.labels(verdict)
-            _observe_all(h, values)
+            _observe_all(self._duration_child(verdict), values)
         upstreams, self._upstreams = self._upstreams, {}
-        for (name, target, cls), n in upstreams.items():
-            ukey = (name, target, cls)
-            child = self._upstream_children.get(ukey)
-            if child is None:
-                label = f"{cls}xx" if cls else "error"
-                child = self._upstream_children[ukey] = self.upstream_requests.labels(name, target, label)
-            child.inc(n)
+        for ukey, n in upstreams.items():
+            self._upstream_child(ukey).inc(n)
         ttfbs, self._ttfbs = self._ttfbs, {}
         for name, values in ttfbs.items():
-            h = self._ttfb_children.get(name)
-            if h is None:
-                h = self._ttfb_children[name] = self.ttfb.labels(name)
-            _observe_all(h, values)
+            _observe_all(self._ttfb_child(name), values)
+
+    # A label set's child, made on first use. With workers it is made when first tallied, so that
+    # its keys enter this worker's files in the order they always did (the order /metrics lists
+    # them in there), at 0 until the end of the loop turn.
+
+    def _decision_child(self, key: tuple[str, str, str, str]) -> Counter:
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        return child
+
+    def _upstream_child(self, key: tuple[str, str, int]) -> Counter:
+        child = self._upstream_children.get(key)
+        if child is None:
+            name, target, cls = key
+            label = f"{cls}xx" if cls else "error"
+            child = self._upstream_children[key] = self.upstream_requests.labels(name, target, label)
+        return child
+
+    def _duration_child(self, verdict: str) -> Histogram:
+        h = self._duration_children.get(verdict)
+        if h is None:
+            h = self._duration_children[verdict] = self.duration.labels(verdict)
+        return h
+
+    def _ttfb_child(self, name: str) -> Histogram:
+        h = self._ttfb_children.get(name)
+        if h is None:
+            h = self._ttfb_children[name] = self.ttfb.labels(name)
+        return h
 
 
 def _observe_all(h: Histogram, values: list[float]) -> None:
