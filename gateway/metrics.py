@@ -23,7 +23,7 @@ have made. ``/metrics`` folds before it reads, so how fresh the values are:
   has ended in its worker; only a request finished in the same instant, by
   another worker still in that turn, may be counted by the next scrape.
 
-Between scrapes, one process folds every :data:`FOLD_AT` tallied requests,
+Between scrapes, one process folds every :data:`FOLD_AT` tallies,
 which bounds what the tallies hold. Label children are cached in plain dicts:
 ``.labels()`` hashes and locks on every call.
 """
@@ -60,8 +60,9 @@ disable_created_metrics()
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
-# Tallied requests after which one process folds without waiting for a scrape: the tallies
-# hold at most this many floats per histogram (10,000 x 8 bytes), a fold of them takes ~2 ms.
+# Tallies (a request's duration, an upstream answer) after which one process folds without
+# waiting for a scrape: the tallies then hold at most this many floats (10,000 x 8 bytes),
+# folded in about 1.5 ms (0.15 µs each).
 FOLD_AT = 10_000
 # How long a scrape waits for the proxy's loop to fold (the /healthz bound): a loop stalled
 # longer is a failed liveness check, and the scrape then shows the counts folded before.

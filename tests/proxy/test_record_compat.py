@@ -422,3 +422,23 @@ def test_an_in_process_gateway_logs_and_counts_as_the_old_record(
     text = generate_latest(gw.metrics.registry)
     assert b'regiongate_upstream_ttfb_seconds_count{upstream="default"} 4.0' in text
     assert text == generate_latest(oracle.registry)
+
+
+def test_the_writer_thread_leaves_out_a_line_it_cannot_build_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug in one line costs that line, not the log; what waits is back to 0 once all is written."""
+    log = AccessLog(str(tmp_path / "access.log"), AddressRedactor("full"))
+
+    def line(entry: Any, redact: AddressRedactor) -> bytes:
+        if entry == "bad":
+            raise ValueError("boom")
+        return f"{entry}\n".encode()
+
+    log.line = line
+    for entry in ("one", "bad", "two"):
+        log.put(entry)
+    log.close()
+    assert (tmp_path / "access.log").read_bytes() == b"one\ntwo\n"
+    assert "an access-log line could not be built" in caplog.text
+    assert log._added + log._settled - log._written == 0 and log.dropped == 0
