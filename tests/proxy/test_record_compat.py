@@ -32,6 +32,7 @@ from prometheus_client import CollectorRegistry, generate_latest, values
 from prometheus_client.multiprocess import MultiProcessCollector
 from yarl import URL
 
+from gateway import metrics as metrics_module
 from gateway.accesslog import AccessLog, AddressRedactor
 from gateway.clientip import ClientAddress, parse_address
 from gateway.dataplane.failover import REGION_REFUSAL, Failover
@@ -442,3 +443,28 @@ def test_the_writer_thread_leaves_out_a_line_it_cannot_build_and_says_so(
     assert (tmp_path / "access.log").read_bytes() == b"one\ntwo\n"
     assert "an access-log line could not be built" in caplog.text
     assert log._added + log._settled - log._written == 0 and log.dropped == 0
+
+
+def test_one_process_folds_by_itself_every_fold_at_requests(clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a scrape the tallies stay bounded: every FOLD_AT requests they are folded in place."""
+    monkeypatch.setattr(metrics_module, "FOLD_AT", 5)
+    metrics = Metrics(CollectorRegistry())
+    rec = Record(runtime(AccessLog("off", AddressRedactor("full"))), metrics)
+    rng = random.Random("bound")
+
+    def requests_counted() -> float:
+        return sum(
+            s.value
+            for family in metrics.registry.collect()
+            if family.name == "regiongate_request_duration_seconds"
+            for s in family.samples
+            if s.name.endswith("_count")
+        )
+
+    for n in range(12):
+        ex = exchange(rng, n)
+        clock.perf = ex.started + duration(rng)
+        rec.write(ex)
+    assert requests_counted() == 10 and metrics._tallied == 2
+    metrics.fold()
+    assert requests_counted() == 12 and metrics._tallied == 0
