@@ -23,11 +23,11 @@ and so is every line the process logs (:func:`redact_logs`), from any logger.
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import ipaddress
 import logging
 import os
+import queue
 import re
 import secrets
 import select
@@ -155,7 +155,10 @@ class AccessLog:
             self._own_fd = True
         self._pending: list[Any] = []
         self._scheduled = False
-        self._queue: collections.deque[list[Any]] = collections.deque()
+        # The loop's batches, to the writer thread: a C queue, whose put is one call and wakes
+        # the thread (a Condition's notify is ten Python-level calls, once per loop iteration).
+        # None tells the thread to stop.
+        self._queue: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
         # What waits is added - written + settled: entries handed over count ENTRY_ESTIMATE each
         # (added, on the loop), built lines correct that to their length (settled) and written
         # bytes leave (written), both on the writer thread. Each counter has one writing thread,
@@ -163,9 +166,6 @@ class AccessLog:
         self._added = 0
         self._settled = 0
         self._written = 0
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._closing = False
         self._writer: threading.Thread | None = None
         self._writer_pid = 0
 
@@ -194,28 +194,21 @@ class AccessLog:
         if not entries:
             return
         self._ensure_writer()
-        with self._wake:
-            self._queue.append(entries)
-            self._wake.notify()
+        self._queue.put(entries)
 
     def _ensure_writer(self) -> None:
         # Threads do not survive fork: each worker starts its own.
         if self._writer is None or self._writer_pid != os.getpid():
+            if self._writer_pid:  # forked: the parent's queue (and its lock's state) is not this process's
+                self._queue = queue.SimpleQueue()
             self._writer_pid = os.getpid()
-            self._lock = threading.Lock()
-            self._wake = threading.Condition(self._lock)
-            self._closing = False
-            self._writer = threading.Thread(target=self._run, name="regiongate-access-log", daemon=True)
+            self._writer = threading.Thread(
+                target=self._run, args=(self._queue,), name="regiongate-access-log", daemon=True
+            )
             self._writer.start()
 
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._queue and not self._closing:
-                    self._wake.wait()
-                if not self._queue:
-                    return
-                entries = self._queue.popleft()
+    def _run(self, batches: queue.SimpleQueue[list[Any] | None]) -> None:
+        while (entries := batches.get()) is not None:
             for chunk in self._chunks(entries):
                 self._write(chunk)
                 self._written += len(chunk)
@@ -257,9 +250,7 @@ class AccessLog:
         self.flush()
         writer = self._writer
         if writer is not None and self._writer_pid == os.getpid():
-            with self._wake:
-                self._closing = True
-                self._wake.notify()
+            self._queue.put(None)  # after everything queued: the thread writes it all, then stops
             writer.join(timeout)
             self._writer = None
         if self._own_fd and (writer is None or not writer.is_alive()):
