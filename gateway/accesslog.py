@@ -2,7 +2,7 @@
 
 The event loop hands over entries (for a request, the tuple of facts
 :class:`gateway.proxy.record.Record` has at hand), collected and passed to
-the writer thread once per loop iteration (one lock and one wake-up per
+the writer thread once per loop iteration (one queue put and one wake-up per
 iteration, however many requests it finished). The thread builds each line
 (:attr:`AccessLog.line`; for requests :func:`gateway.proxy.logline.request_line`:
 the time, the redacted address, the JSON) and writes them in slices of at
