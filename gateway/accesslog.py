@@ -1,11 +1,15 @@
-"""One JSON line per request, written by a thread so that a slow log never slows a request.
+"""One JSON line per request, built and written by a thread so that a slow log never slows a request.
 
-Lines are collected on the event loop and handed over once per loop
-iteration, in slices of at most ``PIPE_BUF`` bytes cut at line ends, so that
-several workers sharing one stdout pipe never interleave inside a line. The
-writes themselves happen on a thread: a blocked stdout (a full pipe, Docker's
-blocking log driver) then blocks only that thread. What waits for it is
-bounded; past the bound, lines are dropped and counted
+The event loop hands over entries (for a request, the tuple of facts
+:class:`gateway.proxy.record.Record` has at hand), collected and passed to
+the writer thread once per loop iteration (one queue put and one wake-up per
+iteration, however many requests it finished). The thread builds each line
+(:attr:`AccessLog.line`; for requests :func:`gateway.proxy.logline.request_line`:
+the time, the redacted address, the JSON) and writes them in slices of at
+most ``PIPE_BUF`` bytes cut at line ends, so that several workers sharing
+one stdout pipe never interleave inside a line. A blocked stdout (a full
+pipe, Docker's blocking log driver) blocks only that thread. What waits for
+it is bounded; past the bound, lines are dropped and counted
 (``regiongate_access_log_dropped_total``) rather than held or waited for.
 
 The client address is personal data, so how it is written is a setting:
@@ -19,26 +23,31 @@ and so is every line the process logs (:func:`redact_logs`), from any logger.
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import ipaddress
 import logging
 import os
+import queue
 import re
 import secrets
 import select
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import orjson
 
 from .clientip import AddressError, IPAddress, parse_address
 
+log = logging.getLogger("regiongate")
+
 AddressMode = Literal["full", "truncated", "hashed"]
 _PIPE_BUF = 4096
 # Bytes handed to the writer thread and not yet written; past this, lines are dropped.
 MAX_PENDING = 8 * 1024 * 1024
+# What an entry not yet made into a line counts for in that bound: about a request's line
+# (350-500 bytes with a country, a rule and a target). Once built, a line counts its own length.
+ENTRY_ESTIMATE = 512
 # How long shutdown waits for a stalled log before giving up on what is left.
 CLOSE_TIMEOUT = 2.0
 # A run of characters that an address (with port, zone or brackets) is made of,
@@ -121,6 +130,11 @@ _plain_factory: Callable[..., logging.LogRecord] | None = None
 _FORMATTER = logging.Formatter()
 
 
+def json_line(entry: Any, redact: AddressRedactor) -> bytes:
+    """An entry that is already the line's JSON object."""
+    return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+
+
 class AccessLog:
     def __init__(self, target: str, redactor: AddressRedactor, max_pending: int = MAX_PENDING) -> None:
         """``target`` is ``-`` (stdout), ``off``, or a file path (appended to)."""
@@ -130,6 +144,8 @@ class AccessLog:
         self.enabled = target != "off"
         self.dropped = 0
         self.on_drop: Callable[[], None] | None = None
+        # How the writer thread makes an entry's line (with its newline), given this log's redactor.
+        self.line: Callable[[Any, AddressRedactor], bytes] = json_line
         self._fd = -1
         self._own_fd = False
         if target == "-":
@@ -137,30 +153,33 @@ class AccessLog:
         elif self.enabled:
             self._fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             self._own_fd = True
-        self._pending: list[bytes] = []
+        self._pending: list[Any] = []
         self._scheduled = False
-        self._queue: collections.deque[bytes] = collections.deque()
-        # Bytes logged and bytes written: each written by one thread only, so
-        # their difference (what is waiting) needs no lock on the hot path.
+        # The loop's batches, to the writer thread: a C queue, whose put is one call and wakes
+        # the thread (a Condition's notify is ten Python-level calls, once per loop iteration).
+        # None tells the thread to stop.
+        self._queue: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
+        # What waits is added - written + settled: entries handed over count ENTRY_ESTIMATE each
+        # (added, on the loop), built lines correct that to their length (settled) and written
+        # bytes leave (written), both on the writer thread. Each counter has one writing thread,
+        # so the bound needs no lock on the hot path.
         self._added = 0
+        self._settled = 0
         self._written = 0
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
-        self._closing = False
         self._writer: threading.Thread | None = None
         self._writer_pid = 0
 
-    def write(self, record: dict[str, Any]) -> None:
+    def put(self, entry: Any) -> None:
+        """Queue one entry; its line is made and written on the writer thread."""
         if not self.enabled:
             return
-        line = orjson.dumps(record) + b"\n"
-        if self._added - self._written + len(line) > self.max_pending:
+        if self._added + self._settled - self._written + ENTRY_ESTIMATE > self.max_pending:
             self.dropped += 1
             if self.on_drop is not None:
                 self.on_drop()
             return
-        self._added += len(line)
-        self._pending.append(line)
+        self._added += ENTRY_ESTIMATE
+        self._pending.append(entry)
         if not self._scheduled:
             self._scheduled = True
             try:
@@ -171,43 +190,46 @@ class AccessLog:
     def flush(self) -> None:
         """Hand what this loop iteration logged to the writer thread."""
         self._scheduled = False
-        lines, self._pending = self._pending, []
-        if not lines:
+        entries, self._pending = self._pending, []
+        if not entries:
             return
-        chunks = []
-        chunk = b""
-        for line in lines:
-            if chunk and len(chunk) + len(line) > _PIPE_BUF:
-                chunks.append(chunk)
-                chunk = b""
-            chunk += line
-        if chunk:
-            chunks.append(chunk)
         self._ensure_writer()
-        with self._wake:
-            self._queue.extend(chunks)
-            self._wake.notify()
+        self._queue.put(entries)
 
     def _ensure_writer(self) -> None:
         # Threads do not survive fork: each worker starts its own.
         if self._writer is None or self._writer_pid != os.getpid():
+            if self._writer_pid:  # forked: the parent's queue (and its lock's state) is not this process's
+                self._queue = queue.SimpleQueue()
             self._writer_pid = os.getpid()
-            self._lock = threading.Lock()
-            self._wake = threading.Condition(self._lock)
-            self._closing = False
-            self._writer = threading.Thread(target=self._run, name="regiongate-access-log", daemon=True)
+            self._writer = threading.Thread(
+                target=self._run, args=(self._queue,), name="regiongate-access-log", daemon=True
+            )
             self._writer.start()
 
-    def _run(self) -> None:
-        while True:
-            with self._wake:
-                while not self._queue and not self._closing:
-                    self._wake.wait()
-                if not self._queue:
-                    return
-                chunk = self._queue.popleft()
-            self._write(chunk)
-            self._written += len(chunk)
+    def _run(self, batches: queue.SimpleQueue[list[Any] | None]) -> None:
+        while (entries := batches.get()) is not None:
+            for chunk in self._chunks(entries):
+                self._write(chunk)
+                self._written += len(chunk)
+
+    def _chunks(self, entries: list[Any]) -> Iterator[bytes]:
+        """The entries' lines, joined into slices of at most ``PIPE_BUF`` bytes cut at line ends."""
+        line_of, redact = self.line, self.redact
+        chunk = b""
+        for entry in entries:
+            try:
+                line = line_of(entry, redact)
+            except Exception:  # a bug in one line must not stop the log: that line is lost, and said so
+                log.exception("an access-log line could not be built; it is left out")
+                line = b""
+            self._settled += len(line) - ENTRY_ESTIMATE
+            if chunk and len(chunk) + len(line) > _PIPE_BUF:
+                yield chunk
+                chunk = b""
+            chunk += line
+        if chunk:
+            yield chunk
 
     def _write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -228,9 +250,7 @@ class AccessLog:
         self.flush()
         writer = self._writer
         if writer is not None and self._writer_pid == os.getpid():
-            with self._wake:
-                self._closing = True
-                self._wake.notify()
+            self._queue.put(None)  # after everything queued: the thread writes it all, then stops
             writer.join(timeout)
             self._writer = None
         if self._own_fd and (writer is None or not writer.is_alive()):

@@ -29,6 +29,7 @@ parsing and diffing a candidate run in worker threads, at most
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
 from datetime import UTC, datetime
@@ -41,7 +42,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .. import __version__
-from ..metrics import Metrics, exposition
+from ..metrics import FOLD_WAIT, Metrics, exposition
 from ..policy import PolicySpec
 from ..policy.overrides import Override, OverrideError, new_override
 from ..runtime import Runtime
@@ -409,6 +410,8 @@ def create_admin_app(
     @app.get("/metrics")
     async def prometheus() -> Response:
         metrics.geoip_ages(runtime.geo.sources)
+        with contextlib.suppress(TimeoutError):  # a stalled proxy loop: the counts folded before (gateway.metrics)
+            await asyncio.wait_for(proxy.call(metrics.fold), FOLD_WAIT)
         body, content_type = exposition(metrics)
         return Response(body, media_type=content_type)
 

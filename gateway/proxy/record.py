@@ -4,22 +4,28 @@ What is written comes from the :class:`.exchange.Exchange` alone, so the
 request path and the relay only fill it in. The wording and fields of each
 line are a contract with dashboards and log pipelines: byte for byte as
 before.
+
+This runs on the proxy's loop for every request, so it only hands over:
+the metrics are tallied in plain per-loop counters and folded into
+prometheus-client when ``/metrics`` is read (:mod:`gateway.metrics`), and
+the access log gets one tuple of values at hand, from which its writer
+thread builds the line (:mod:`.logline`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from time import perf_counter, time_ns
+from typing import TYPE_CHECKING, Protocol
 
 from ..clientip import PUBLIC
 from ..dataplane.failover import REGION_REFUSAL, Failover, Notices
 from ..dataplane.upstream import Upstream
-from ..policy import DENY, NEEDS_MODEL, Decision, decide_model
+from ..policy import NEEDS_MODEL, Decision, decide_model
 from ..shared.audit import entry as audit_entry
 from ..shared.auditbound import source_of
 from .exchange import Exchange
+from .logline import request_line
 from .replies import BAD_REQUEST_CODES
 
 if TYPE_CHECKING:  # runtime imports proxy.upstreams, which runs this package's __init__
@@ -55,16 +61,18 @@ class Record:
         self.runtime = runtime
         self.metrics = metrics
         self._refusal_notices = Notices()
+        runtime.access_log.line = request_line  # how the writer thread turns what write() hands it into a line
 
     def write(self, ex: Exchange) -> None:
-        seconds = time.perf_counter() - ex.started
-        request, client, facts, request_id = ex.request, ex.client, ex.facts, ex.request_id
+        """Tally the metrics, queue the audit entry, hand the access log its facts: no line built here."""
+        seconds = perf_counter() - ex.started
+        request, client, facts, request_id, error = ex.request, ex.client, ex.facts, ex.request_id, ex.error
         decision = ex.decision
         path = None if decision is REJECTED else ex.path
         country = facts.country or (client.kind if client.kind != PUBLIC else "unknown")
         m = self.metrics
-        if ex.error is not None and ex.error in BAD_REQUEST_CODES:
-            m.bad_request(ex.error)
+        if error is not None and error in BAD_REQUEST_CODES:
+            m.bad_request(error)
         if decision is not REJECTED:
             m.decision(decision.verdict, decision.rule, country, decision.upstream or "", ex.via)
         m.request(decision.verdict, seconds)
@@ -76,6 +84,8 @@ class Record:
             shadow = ex.shadow = decide_model(ex.active.shadow, client, facts, path, None)
         if shadow is not None and shadow.verdict != decision.verdict:
             m.shadow_disagreement(decision.verdict, shadow.verdict, shadow.rule)
+        else:
+            shadow = None  # the log names the shadow's decision only where it disagrees
         target = ex.target
         if ex.failovers:
             self.record_failovers(ex.failovers)
@@ -87,8 +97,9 @@ class Record:
         log_ = self.runtime.access_log
         # The audit stream (gateway.shared): refusals, or every decision; queued, never waited for.
         audit = self.runtime.audit
-        verdict = "rate_limited" if ex.error == "rate_limit_exceeded" else decision.verdict
-        audit.count(country, facts.subdivisions, verdict, decision.rule)  # hourly counts (gateway.shared.auditcounts)
+        verdict = "rate_limited" if error == "rate_limit_exceeded" else decision.verdict
+        if audit.enabled:
+            audit.count(country, facts.subdivisions, verdict, decision.rule)  # hourly counts (shared.auditcounts)
         if audit.enabled and audit.wants(verdict):
             audit.put(
                 audit_entry(
@@ -98,54 +109,16 @@ class Record:
                 ),
                 source_of(client.ip),
             )  # fmt: skip
-        if not log_.enabled:
-            return
-        entry: dict[str, Any] = {
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
-            "request_id": request_id,
-            "method": request.method[:32],
-            # The path as judged and forwarded; a refused one as the client sent it.
-            "path": path if path is not None else request.raw_path[:2048].decode("latin-1"),
-            "client": log_.redact(client.ip),
-            "client_via": client.via,
-            "decision": decision.verdict,
-            "action": decision.action,
-            "rule": decision.rule,
-            "country": facts.country,
-            "upstream": decision.upstream if decision.verdict != DENY else None,
-            "target": target.label if target is not None else None,
-            "status": ex.status,
-            "duration_ms": round(seconds * 1000, 3),
-            "bytes": ex.sent,
-            "policy": ex.active.tag,
-        }
-        if ex.via != "proxy":
-            entry["via"] = ex.via  # a decision service's contract (gateway.authz); proxy lines stay as they were
-        if ex.model is not None:
-            entry["model"] = ex.model[:256]
-        if facts.subdivisions:
-            entry["subdivisions"] = facts.subdivisions
-        if facts.asn is not None:
-            entry["asn"] = facts.asn
-        if facts.anonymizer:
-            entry["anonymizer"] = sorted(facts.anonymizer)
-        if client.problem:
-            entry["client_problem"] = log_.redact_text(client.problem)
-        if decision.shadow:
-            entry["shadow"] = decision.shadow
-        if shadow is not None and shadow.verdict != decision.verdict:
-            entry["shadow_decision"] = {"decision": shadow.verdict, "rule": shadow.rule, "policy": ex.active.shadow_tag}
-        if ex.attempts:
-            entry["attempts"] = ex.attempts
-        if ex.ttfb is not None:
-            entry["ttfb_ms"] = round(ex.ttfb * 1000, 3)
-        if ex.error:
-            entry["error"] = ex.error
-        if ex.failovers:
-            entry["failovers"] = [
-                {"from": f.source.label, "to": f.dest.label, "reason": f.reason} for f in ex.failovers
-            ]
-        log_.write(entry)
+        if log_.enabled:
+            # One tuple of what is at hand (logline.Facts, in its order); the writer thread makes the line.
+            log_.put(
+                (
+                    time_ns(), request_id, request.method, path, request.raw_path,
+                    client, decision, facts, target, ex.status,
+                    seconds, ex.sent, ex.active.tag, ex.model, shadow,
+                    ex.active.shadow_tag, ex.attempts, ex.ttfb, error, ex.failovers, ex.via,
+                )
+            )  # fmt: skip
 
     def record_failovers(self, failovers: list[Failover]) -> None:
         """Each attempt that another followed: counted as a request to its URL, and as a failover."""

@@ -37,6 +37,7 @@ GUARD = 20.0  # seconds before a wait that should have ended is a failure (a han
 class InProcess:
     port: int
     access_log: Path
+    metrics: Metrics  # the proxy's; its tallies are the loop's until the gateway has stopped
 
 
 @contextlib.contextmanager
@@ -63,11 +64,11 @@ def inprocess_gateway(
     ready = threading.Event()
     stop: asyncio.Event | None = None
     failed: list[BaseException] = []
+    metrics = Metrics(CollectorRegistry())
 
     async def main() -> None:
         nonlocal stop
         stop = asyncio.Event()
-        metrics = Metrics(CollectorRegistry())
         gateway = Gateway(runtime, metrics, limits)
         gateway.open(64)
         listener = Listener(gateway.handle, limits, 256, metrics.bad_request)
@@ -92,7 +93,7 @@ def inprocess_gateway(
     if not ready.wait(GUARD) or failed:
         raise RuntimeError(f"the in-process data plane did not start: {failed}")
     try:
-        yield InProcess(port, access_log)
+        yield InProcess(port, access_log, metrics)
     finally:
         if stop is not None:
             loop.call_soon_threadsafe(stop.set)
