@@ -14,7 +14,8 @@ coding besides ``chunked`` is taken off (:mod:`.codings`). One response per
 request: bytes after it close that upstream connection (:mod:`.pool`).
 
 The promises kept here: the four timeouts (connect in :mod:`.pool`; first
-byte, idle between reads, total: one timer, moved lazily), a 502/504 before
+byte, idle between reads, total: one place on the gateway's timer wheel,
+:mod:`.timers`, moved lazily, so a timeout fires at most 50 ms late), a 502/504 before
 the response started and a final error event (event streams) or a cut-off
 body (anything else) after; backpressure both ways (a slow client pauses
 reading from the upstream, a slow upstream pauses reading from the client);
@@ -47,7 +48,6 @@ response's framing, a retry already spent).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import zlib
@@ -62,6 +62,7 @@ from .failover import CONNECT_ERROR, CONNECT_TIMEOUT, REGION_REFUSAL, SNIFF_LIMI
 from .failover import region_refusal as read_refusal
 from .pool import ConnectTimeout, Pool, UpstreamConnection
 from .server import Header, Request
+from .timers import Slot
 from .upstream import Upstream, response_headers
 
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -150,11 +151,9 @@ class Relay:
         "request_id",
         "retried",
         "route",
+        "slot",
         "sniff",
-        "sniff_bytes",
-        "sniff_head",
         "sse",
-        "timer",
         "total_at",
         "until_close",
     )
@@ -202,9 +201,7 @@ class Relay:
         self.body_rx = self.loop.time()  # the last read of a streamed body (for Limits.body_read_timeout)
         self.body_paused = False  # the gateway holds the upload back (no connection yet, a slow upstream)
         self.decoder: Decoder | None = None
-        self.sniff: list[bytes] | None = None  # a 403's body, read before anything is passed on
-        self.sniff_head: tuple[int, list[Header], int | None, bytes | None] | None = None
-        self.sniff_bytes = 0
+        self.sniff: _Sniff | None = None  # a 403 being read before anything is passed on
         self.out: list[bytes] = []
         self.phase = CONNECTING
         # Independent of the phase: the timer moved from the first-byte deadline to the idle and total
@@ -216,7 +213,7 @@ class Relay:
         self.sse = False
         self.until_close = False
         self.no_body = request.method == "HEAD"
-        self.timer: asyncio.TimerHandle | None = None
+        self.slot: Slot | None = None  # where on the timer wheel this relay waits (:mod:`.timers`)
         self.clock = 0.0
         self.last_rx = 0.0
         self.total_at = 0.0
@@ -283,10 +280,16 @@ class Relay:
         now = self.loop.time()
         self.total_at = now + timeouts.total
         self.first_byte_at = min(now + timeouts.first_byte, self.total_at)
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_at(min(self.first_byte_at, self._body_due()), self._on_timer)
+        if self.slot is not None:  # a failover's: the last attempt's deadline no longer holds
+            self.slot.discard(self)
+        self.slot = self.pool.wheel.add(min(self.first_byte_at, self._body_due()), self)
         self.clock = time.perf_counter()
+
+    def _wait(self, at: float) -> None:
+        """Be told (:meth:`expired`) at ``at`` (loop time), and no longer at the earlier deadline."""
+        if self.slot is not None:
+            self.slot.discard(self)
+        self.slot = self.pool.wheel.add(at, self)
 
     def _body_due(self) -> float:
         """When a streamed upload that stopped arriving is given up on (never, once it is all in)."""
@@ -411,7 +414,7 @@ class Relay:
         if status == 403 and not self.no_body:
             # Maybe the upstream refusing the gateway's region: read it before passing anything on.
             encoding = next((v for n, v in raw if n.lower() == b"content-encoding"), None)
-            self.sniff, self.sniff_head, self.sniff_bytes = [], (status, headers, length, encoding), 0
+            self.sniff = _Sniff(status, headers, length, encoding)
             self._enter(SNIFFING)
             return
         self.route = None  # the answer is this one: the client's headers need not be kept
@@ -434,11 +437,12 @@ class Relay:
                 return
             if not data:
                 return
-        if self.sniff is not None:
-            self.sniff.append(data)
-            self.sniff_bytes += len(data)
+        sniff = self.sniff
+        if sniff is not None:
+            sniff.chunks.append(data)
+            sniff.size += len(data)
             self.last_rx = self.loop.time()
-            if self.sniff_bytes > SNIFF_LIMIT:
+            if sniff.size > SNIFF_LIMIT:
                 self._pass_sniffed()  # too long to be a refusal
             return
         self.out.append(self.request.frame(data))
@@ -484,10 +488,7 @@ class Relay:
             # A body still to come: from the first-byte deadline to the idle and total ones.
             # (Not done for a response that is over in the read that started it: most are.)
             self.idle_timer = True
-            if self.timer is not None:
-                self.timer.cancel()
-            idle_at = self.last_rx + self.pool.upstream.timeouts.idle
-            self.timer = self.loop.call_at(min(idle_at, self.total_at), self._on_timer)
+            self._wait(min(self.last_rx + self.pool.upstream.timeouts.idle, self.total_at))
 
     def upstream_lost(self, error: Exception | None) -> None:
         conn, self.conn = self.conn, None
@@ -528,8 +529,8 @@ class Relay:
 
     def _judge_403(self) -> bool:
         """A whole 403 is in: a region refusal goes to the next URL if there is one, else it is passed on."""
-        assert self.sniff is not None and self.sniff_head is not None
-        message = read_refusal(b"".join(self.sniff), self.sniff_head[3])
+        assert self.sniff is not None
+        message = read_refusal(b"".join(self.sniff.chunks), self.sniff.encoding)
         if message is not None:
             if self.route is not None and self.held is not None and self._failover(REGION_REFUSAL, 403, message):
                 return True
@@ -539,14 +540,14 @@ class Relay:
 
     def _pass_sniffed(self) -> None:
         """The 403 read so far goes to the client as it came (framed for it), and the rest streams on."""
-        assert self.sniff is not None and self.sniff_head is not None
-        status, headers, length, _ = self.sniff_head
-        sniffed, self.sniff, self.sniff_head = self.sniff, None, None
+        sniff, self.sniff = self.sniff, None
+        assert sniff is not None
+        status, headers, length = sniff.status, sniff.headers, sniff.length
         self.held = self.route = None
         request = self.request
         out = self.out
         out.append(request.head(status, headers, length=length))
-        for data in sniffed:
+        for data in sniff.chunks:
             out.append(request.frame(data))
             self.outcome.sent += len(data)
         if self.phase is COMPLETE:
@@ -589,7 +590,7 @@ class Relay:
         self.idle_timer = self.retried = self.sse = False
         self.until_close = False
         self.no_body = self.request.method == "HEAD"
-        self.sniff = self.sniff_head = self.decoder = None
+        self.sniff = self.decoder = None
         self.out.clear()
         o.status, o.ttfb, o.target = 0, None, pool.upstream
         self._deadlines()
@@ -611,8 +612,9 @@ class Relay:
 
     # --- time ------------------------------------------------------------------------------
 
-    def _on_timer(self) -> None:
-        self.timer = None
+    def expired(self) -> None:
+        """The timer wheel's call: a deadline may have passed (:mod:`.timers`; never before it)."""
+        self.slot = None
         if self.phase is DONE:
             return
         now = self.loop.time()
@@ -626,7 +628,7 @@ class Relay:
             if now >= self.first_byte_at:
                 self._fail(errors.UPSTREAM_TIMEOUT)
                 return
-            self.timer = self.loop.call_at(min(self.first_byte_at, body_at), self._on_timer)
+            self.slot = self.pool.wheel.add(min(self.first_byte_at, body_at), self)
             return
         if now >= self.total_at:
             self._cut(errors.UPSTREAM_TOTAL_TIMEOUT)
@@ -637,7 +639,7 @@ class Relay:
         if now >= idle_at:
             self._cut(errors.UPSTREAM_IDLE_TIMEOUT)
             return
-        self.timer = self.loop.call_at(min(idle_at, self.total_at, body_at), self._on_timer)
+        self.slot = self.pool.wheel.add(min(idle_at, self.total_at, body_at), self)
 
     def _body_timeout(self) -> None:
         """A streamed upload stopped arriving: the upstream never gets it whole, the client a 408 and a close."""
@@ -699,9 +701,9 @@ class Relay:
 
     def _stop(self) -> None:
         self._enter(DONE)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.slot is not None:
+            self.slot.discard(self)
+            self.slot = None
         self.request.on_gone = self.request.on_pause = self.request.on_resume = None
 
     def _drop_upstream(self) -> None:
@@ -711,3 +713,17 @@ class Relay:
         if self.conn is not None:
             self.conn.abort()
             self.conn = None
+
+
+class _Sniff:
+    """A 403 read before anything of it is passed on (made only for a 403): its head, and its body so far."""
+
+    __slots__ = ("chunks", "encoding", "headers", "length", "size", "status")
+
+    def __init__(self, status: int, headers: list[Header], length: int | None, encoding: bytes | None) -> None:
+        self.status = status
+        self.headers = headers
+        self.length = length
+        self.encoding = encoding
+        self.chunks: list[bytes] = []
+        self.size = 0
