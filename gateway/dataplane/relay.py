@@ -126,7 +126,6 @@ class Relay:
         "body_rx",
         "body_sent",
         "cancel_wait",
-        "chunked_up",
         "clock",
         "conn",
         "decoder",
@@ -137,7 +136,6 @@ class Relay:
         "held_bytes",
         "idle_timer",
         "last_rx",
-        "loop",
         "no_body",
         "out",
         "outcome",
@@ -175,7 +173,6 @@ class Relay:
         which ``headers`` carry); None streams the client's. ``route``: the URLs left to try."""
         self.request = request
         self.pool = pool
-        self.loop = pool.loop
         self.request_id = request_id
         self.policy = policy
         self.outcome = outcome
@@ -183,8 +180,7 @@ class Relay:
         self.route = route
         self.conn: UpstreamConnection | None = None
         self.cancel_wait: Callable[[], None] | None = None
-        self.chunked_up = request.chunked and body is None
-        self.body = body
+        self.body = body  # with it, whether the body goes up chunked: None and request.chunked (not a slot)
         self.head = self._head(target, headers)
         request.forget_headers()
         if body is None:
@@ -198,7 +194,7 @@ class Relay:
             self.held_bytes = len(body)
             self.body_sent = True
         self.pending_bytes = 0
-        self.body_rx = self.loop.time()  # the last read of a streamed body (for Limits.body_read_timeout)
+        self.body_rx = self.pool.loop.time()  # the last read of a streamed body (for Limits.body_read_timeout)
         self.body_paused = False  # the gateway holds the upload back (no connection yet, a slow upstream)
         self.decoder: Decoder | None = None
         self.sniff: _Sniff | None = None  # a 403 being read before anything is passed on
@@ -226,7 +222,7 @@ class Relay:
         parts += [b"%s: %s\r\n" % h for h in headers]
         if self.body is not None:  # the gateway's own bytes (held, maybe renamed)
             parts.append(b"content-length: %d\r\n" % len(self.body))
-        elif self.chunked_up:
+        elif request.chunked:  # the client's body, streamed, came chunked: it goes up chunked
             parts.append(b"transfer-encoding: chunked\r\n")
         elif request.length is not None:
             parts.append(b"content-length: %d\r\n" % request.length)
@@ -277,7 +273,7 @@ class Relay:
     def _deadlines(self) -> None:
         """An attempt's timeouts, from now: its URL's first-byte and total ones."""
         timeouts = self.pool.upstream.timeouts
-        now = self.loop.time()
+        now = self.pool.loop.time()
         self.total_at = now + timeouts.total
         self.first_byte_at = min(now + timeouts.first_byte, self.total_at)
         if self.slot is not None:  # a failover's: the last attempt's deadline no longer holds
@@ -317,13 +313,13 @@ class Relay:
             self.head = b""  # sent for the last time
         self.pending = []
         self.pending_bytes = 0
-        if self.body_sent and self.chunked_up:
+        if self.body_sent and self.body is None and self.request.chunked:
             data.append(b"0\r\n\r\n")
         conn.write(b"".join(data))
         self.outcome.attempts += 1
         if not self.body_sent:
             self.body_paused = False
-            self.body_rx = self.loop.time()
+            self.body_rx = self.pool.loop.time()
             self.request.resume_body()
 
     # --- the request body, from the client -----------------------------------------------
@@ -331,8 +327,8 @@ class Relay:
     def _client_chunk(self, data: bytes) -> None:
         if not data:
             return
-        self.body_rx = self.loop.time()
-        framed = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked_up else data
+        self.body_rx = self.pool.loop.time()
+        framed = b"%x\r\n%b\r\n" % (len(data), data) if self.request.chunked else data  # the client's body, streamed
         if self.held is not None:
             self.held_bytes += len(framed)
             if self.held_bytes <= self.pool.limits.body_buffer:
@@ -352,12 +348,12 @@ class Relay:
         if self.body_sent:
             return
         self.body_sent = True
-        if self.conn is not None and self.chunked_up:
+        if self.conn is not None and self.request.chunked:  # the client's body, streamed (body is None)
             self.conn.write(b"0\r\n\r\n")
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.body_paused = paused
-        self.body_rx = self.loop.time()
+        self.body_rx = self.pool.loop.time()
         if paused:
             self.request.pause_body()
         else:
@@ -384,7 +380,7 @@ class Relay:
             self.held = None  # nothing to keep for another attempt
         self.outcome.status = status
         self._enter(STREAMING)
-        self.last_rx = self.loop.time()
+        self.last_rx = self.pool.loop.time()
         self.no_body = self.no_body or status in _NO_BODY_STATUS
         # Framing, from what llhttp checked (one content-length of digits, never with transfer-encoding),
         # decided before any header is filtered: no Connection token of the upstream's can change it.
@@ -441,13 +437,13 @@ class Relay:
         if sniff is not None:
             sniff.chunks.append(data)
             sniff.size += len(data)
-            self.last_rx = self.loop.time()
+            self.last_rx = self.pool.loop.time()
             if sniff.size > SNIFF_LIMIT:
                 self._pass_sniffed()  # too long to be a refusal
             return
         self.out.append(self.request.frame(data))
         self.outcome.sent += len(data)
-        self.last_rx = self.loop.time()
+        self.last_rx = self.pool.loop.time()
 
     def upstream_complete(self) -> None:
         if self.decoder is not None and not self.no_body:
@@ -606,7 +602,7 @@ class Relay:
 
     def _client_resumed(self) -> None:
         self.paused = False
-        self.last_rx = self.loop.time()
+        self.last_rx = self.pool.loop.time()
         if self.conn is not None:
             self.conn.resume_reading()
 
@@ -617,7 +613,7 @@ class Relay:
         self.slot = None
         if self.phase is DONE:
             return
-        now = self.loop.time()
+        now = self.pool.loop.time()
         if self.body_paused:
             self.body_rx = now  # the gateway holding the upload back is not the client being slow
         body_at = self._body_due()

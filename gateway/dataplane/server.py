@@ -126,7 +126,6 @@ class Request:
         "query",
         "raw_path",
         "started",
-        "unsupported_coding",
     )
 
     def __init__(self, conn: ClientConnection, method: str, url: bytes, headers: list[Header]) -> None:
@@ -152,14 +151,15 @@ class Request:
         self.chunked = False
         self.has_body = False
         self.length: int | None = None  # the body's length as llhttp checked it (digits only, one value)
-        self.unsupported_coding = False
         # May be sent twice (RFC 9110 §9.2.2), or the client says a second copy is harmless.
         self.idempotent = method in IDEMPOTENT
         for name, value in headers:
             if name == b"transfer-encoding":
                 self.chunked = self.has_body = True
-                if value != b"chunked":
-                    self.unsupported_coding = not only_chunked(value)
+                if value != b"chunked" and not only_chunked(value):
+                    # "gzip, chunked" (llhttp takes it): the body would go up without its coding.
+                    # The connection's fact, not a slot of every request: it is never dispatched.
+                    conn.broken, conn.broken_reason = _UNSUPPORTED_CODING, "unsupported_transfer_coding"
             elif name == b"content-length":
                 self.length = int(value)
                 self.has_body = self.length > 0
@@ -186,7 +186,7 @@ class Request:
 
     def forget_headers(self) -> None:
         """Once forwarded, a stream that stays open for minutes need not keep the request's headers."""
-        self.headers = []
+        self.headers = _NO_HEADERS  # shared, never appended to
 
     # --- the request body ----------------------------------------------------------------
 
@@ -504,9 +504,7 @@ class ClientConnection(asyncio.Protocol):
         method = self.parser.get_method().decode("latin-1")
         request = Request(self, method, self._url, self._headers)
         self._url, self._headers = b"", _NO_HEADERS
-        if request.unsupported_coding:
-            # "gzip, chunked" (llhttp takes it): the body would go up without its coding.
-            self.broken, self.broken_reason = _UNSUPPORTED_CODING, "unsupported_transfer_coding"
+        if self.broken is not None:  # a transfer coding besides chunked (Request's check)
             raise _Refuse
         self.receiving = self.last = request
         if self.current is None and not self.queue:

@@ -50,8 +50,9 @@ class Wheel:
     def add(self, at: float, timed: Timed) -> Slot:
         """Tell ``timed`` at or after ``at`` (loop time); the slot returned is where to :meth:`Slot.discard` it."""
         tick = int(at / TICK) + 1  # the first tick strictly after the deadline: never early
-        slot = self._slots.get(tick)
-        if slot is None:
+        try:
+            slot = self._slots[tick]
+        except KeyError:  # the first deadline in this tick (20 a second at most): a new slot
             slot = self._slots[tick] = set()
             heappush(self._ticks, tick)
             if self._handle is None or tick < self._armed:
