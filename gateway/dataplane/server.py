@@ -65,7 +65,12 @@ def only_chunked(value: bytes) -> bool:
 
 
 def status_line(status: int) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
+
+
+# Every known status's line, made once: a response head looks it up instead of formatting it.
+_STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in _REASONS.items()}
 
 
 class _Clock:
@@ -257,9 +262,16 @@ class Request:
         close-delimited body for HTTP/1.0.
         """
         self.started = True
-        parts = [status_line(status), _clock.date()]
+        line = _STATUS_LINES.get(status)
+        parts = [line if line is not None else status_line(status), _clock.date()]
         parts += [b"%s: %s\r\n" % h for h in headers]
-        close = self._must_close()
+        # Closed after this answer: asked, draining, or the client was told to wait and was
+        # never asked for the body (its framing is unknown). Inline: one call less per response.
+        close = (
+            not self.keep_alive
+            or self._conn.draining
+            or (not self.body_done and self.expect_continue and not self.continue_sent)
+        )
         if length is not None:
             parts.append(b"content-length: %d\r\n" % length)
         elif not no_body:
@@ -306,13 +318,6 @@ class Request:
         self.finished = True
         self.closing = True
         self._conn.request_done(self)
-
-    def _must_close(self) -> bool:
-        conn = self._conn
-        if not self.keep_alive or conn.draining:
-            return True
-        # The client was told to wait and was never asked for the body: its framing is unknown.
-        return not self.body_done and self.expect_continue and not self.continue_sent
 
 
 class ClientConnection(asyncio.Protocol):
