@@ -7,7 +7,10 @@ connection before anything is dispatched. What llhttp does not bound, this
 module does, before memory grows: the request line (414), the head's size
 and header count (431), how long a head may take to arrive, and how long a
 connection may sit idle (slowloris and silent sockets are closed by one
-sweep a second, so no timer is armed per request).
+sweep a second, so no timer is armed per request). The same sweep takes the
+parser (0.9 KiB) from a connection with no message under way and still open
+to more; the next byte makes a new one: an idle keep-alive connection costs
+about 1.5 KiB (``bench/memory.py``).
 
 Framing is the gateway's own in both directions: a request's body length is
 what llhttp counted (``Request.length``) or chunked, and the only transfer
@@ -625,6 +628,9 @@ class ClientConnection(asyncio.Protocol):
             and not self._in_head
             and self.receiving is None
             and not self._paused_by  # an upgrade or an error stops reading: that parser is not fresh
+            # After "Connection: close" (or HTTP/1.0 without keep-alive) llhttp refuses whatever
+            # follows; a fresh parser would take it, so that one stays until the connection closes.
+            and (self.last is None or self.last.keep_alive)
             and self.broken is None
             and not self.closed
         )

@@ -420,6 +420,18 @@ async def test_the_sweep_takes_the_parser_only_between_messages(holding: Server)
     assert not t.closed
 
 
+async def test_a_connection_to_close_keeps_its_parser(holding: Server) -> None:
+    """After "Connection: close" llhttp refuses what follows; a fresh parser would not, so none is made."""
+    conn, t = await holding.connect()
+    conn.data_received(get("/v1/last", b"Connection: close\r\n"))
+    await asyncio.sleep(1.5)
+    assert conn.parser is not None
+    conn.data_received(get("/v1/after"))
+    reply(holding.requests[0])
+    assert [r.json()["path"] for r in t.take()] == ["/v1/last"] and t.closed
+    assert len(holding.requests) == 1
+
+
 async def test_a_connection_that_stopped_reading_keeps_its_parser(holding: Server) -> None:
     """After an unparseable request (reading stopped for good) the sweep leaves the parser alone."""
     conn, t = await holding.connect()
