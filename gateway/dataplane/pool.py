@@ -30,6 +30,7 @@ import httptools
 
 from .health import Health
 from .limits import Limits
+from .timers import Wheel
 from .upstream import Upstream
 
 
@@ -194,12 +195,14 @@ Ready = Callable[[UpstreamConnection | None, Exception | None], None]
 class Pool:
     """Connections to one upstream: idle ones reused newest first, new ones up to a bound."""
 
-    def __init__(self, upstream: Upstream, limits: Limits, bound: int) -> None:
+    def __init__(self, upstream: Upstream, limits: Limits, bound: int, wheel: Wheel | None = None) -> None:
+        """``wheel``: where its relays' timeouts wait, shared by every pool of a gateway (:class:`Pools`)."""
         self.upstream = upstream
         self.health = Health(upstream.health)  # kept while the URL stays configured
         self.limits = limits
         self.bound = bound
         self.loop = asyncio.get_running_loop()
+        self.wheel = wheel if wheel is not None else Wheel(self.loop)
         url = upstream.url
         self.host = url.raw_host or ""
         self.port = url.port or (443 if url.scheme == "https" else 80)
@@ -345,17 +348,20 @@ class Pools:
     learnt; :meth:`retire` closes the others as their requests end.
     """
 
-    __slots__ = ("bound", "limits", "made")
+    __slots__ = ("bound", "limits", "made", "wheel")
 
     def __init__(self, limits: Limits, bound: int = 1) -> None:
         self.limits = limits
         self.bound = bound  # connections per upstream URL, in use and idle together
         self.made: dict[Upstream, Pool] = {}  # a URL without a pool yet has never failed
+        self.wheel: Wheel | None = None  # made with the first pool, inside the running loop
 
     def pool(self, upstream: Upstream) -> Pool:
         pool = self.made.get(upstream)
         if pool is None:
-            pool = self.made[upstream] = Pool(upstream, self.limits, self.bound)
+            if self.wheel is None:
+                self.wheel = Wheel(asyncio.get_running_loop())
+            pool = self.made[upstream] = Pool(upstream, self.limits, self.bound, self.wheel)
         return pool
 
     def retire(self, keep: Collection[Upstream]) -> None:
@@ -366,3 +372,5 @@ class Pools:
     def close(self) -> None:
         for pool in self.made.values():
             pool.close()
+        if self.wheel is not None:
+            self.wheel.close()

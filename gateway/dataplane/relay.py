@@ -14,7 +14,8 @@ coding besides ``chunked`` is taken off (:mod:`.codings`). One response per
 request: bytes after it close that upstream connection (:mod:`.pool`).
 
 The promises kept here: the four timeouts (connect in :mod:`.pool`; first
-byte, idle between reads, total: one timer, moved lazily), a 502/504 before
+byte, idle between reads, total: one place on the gateway's timer wheel,
+:mod:`.timers`, moved lazily, so a timeout fires at most 50 ms late), a 502/504 before
 the response started and a final error event (event streams) or a cut-off
 body (anything else) after; backpressure both ways (a slow client pauses
 reading from the upstream, a slow upstream pauses reading from the client);
@@ -47,7 +48,6 @@ response's framing, a retry already spent).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 import zlib
@@ -62,6 +62,7 @@ from .failover import CONNECT_ERROR, CONNECT_TIMEOUT, REGION_REFUSAL, SNIFF_LIMI
 from .failover import region_refusal as read_refusal
 from .pool import ConnectTimeout, Pool, UpstreamConnection
 from .server import Header, Request
+from .timers import Slot
 from .upstream import Upstream, response_headers
 
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -125,7 +126,6 @@ class Relay:
         "body_rx",
         "body_sent",
         "cancel_wait",
-        "chunked_up",
         "clock",
         "conn",
         "decoder",
@@ -136,7 +136,6 @@ class Relay:
         "held_bytes",
         "idle_timer",
         "last_rx",
-        "loop",
         "no_body",
         "out",
         "outcome",
@@ -150,11 +149,9 @@ class Relay:
         "request_id",
         "retried",
         "route",
+        "slot",
         "sniff",
-        "sniff_bytes",
-        "sniff_head",
         "sse",
-        "timer",
         "total_at",
         "until_close",
     )
@@ -176,7 +173,6 @@ class Relay:
         which ``headers`` carry); None streams the client's. ``route``: the URLs left to try."""
         self.request = request
         self.pool = pool
-        self.loop = pool.loop
         self.request_id = request_id
         self.policy = policy
         self.outcome = outcome
@@ -184,8 +180,7 @@ class Relay:
         self.route = route
         self.conn: UpstreamConnection | None = None
         self.cancel_wait: Callable[[], None] | None = None
-        self.chunked_up = request.chunked and body is None
-        self.body = body
+        self.body = body  # with it, whether the body goes up chunked: None and request.chunked (not a slot)
         self.head = self._head(target, headers)
         request.forget_headers()
         if body is None:
@@ -199,12 +194,10 @@ class Relay:
             self.held_bytes = len(body)
             self.body_sent = True
         self.pending_bytes = 0
-        self.body_rx = self.loop.time()  # the last read of a streamed body (for Limits.body_read_timeout)
+        self.body_rx = self.pool.loop.time()  # the last read of a streamed body (for Limits.body_read_timeout)
         self.body_paused = False  # the gateway holds the upload back (no connection yet, a slow upstream)
         self.decoder: Decoder | None = None
-        self.sniff: list[bytes] | None = None  # a 403's body, read before anything is passed on
-        self.sniff_head: tuple[int, list[Header], int | None, bytes | None] | None = None
-        self.sniff_bytes = 0
+        self.sniff: _Sniff | None = None  # a 403 being read before anything is passed on
         self.out: list[bytes] = []
         self.phase = CONNECTING
         # Independent of the phase: the timer moved from the first-byte deadline to the idle and total
@@ -216,7 +209,7 @@ class Relay:
         self.sse = False
         self.until_close = False
         self.no_body = request.method == "HEAD"
-        self.timer: asyncio.TimerHandle | None = None
+        self.slot: Slot | None = None  # where on the timer wheel this relay waits (:mod:`.timers`)
         self.clock = 0.0
         self.last_rx = 0.0
         self.total_at = 0.0
@@ -229,7 +222,7 @@ class Relay:
         parts += [b"%s: %s\r\n" % h for h in headers]
         if self.body is not None:  # the gateway's own bytes (held, maybe renamed)
             parts.append(b"content-length: %d\r\n" % len(self.body))
-        elif self.chunked_up:
+        elif request.chunked:  # the client's body, streamed, came chunked: it goes up chunked
             parts.append(b"transfer-encoding: chunked\r\n")
         elif request.length is not None:
             parts.append(b"content-length: %d\r\n" % request.length)
@@ -280,13 +273,21 @@ class Relay:
     def _deadlines(self) -> None:
         """An attempt's timeouts, from now: its URL's first-byte and total ones."""
         timeouts = self.pool.upstream.timeouts
-        now = self.loop.time()
+        now = self.pool.loop.time()
         self.total_at = now + timeouts.total
         self.first_byte_at = min(now + timeouts.first_byte, self.total_at)
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.loop.call_at(min(self.first_byte_at, self._body_due()), self._on_timer)
+        if self.slot is not None:  # a failover's: the last attempt's deadline no longer holds
+            self.slot.discard(self)
+        # The stalled-upload deadline, as _body_due gives it (inline: one call less per request).
+        body_at = math.inf if self.body_sent else self.body_rx + self.pool.limits.body_read_timeout
+        self.slot = self.pool.wheel.add(min(self.first_byte_at, body_at), self)
         self.clock = time.perf_counter()
+
+    def _wait(self, at: float) -> None:
+        """Be told (:meth:`expired`) at ``at`` (loop time), and no longer at the earlier deadline."""
+        if self.slot is not None:
+            self.slot.discard(self)
+        self.slot = self.pool.wheel.add(at, self)
 
     def _body_due(self) -> float:
         """When a streamed upload that stopped arriving is given up on (never, once it is all in)."""
@@ -314,13 +315,13 @@ class Relay:
             self.head = b""  # sent for the last time
         self.pending = []
         self.pending_bytes = 0
-        if self.body_sent and self.chunked_up:
+        if self.body_sent and self.body is None and self.request.chunked:
             data.append(b"0\r\n\r\n")
         conn.write(b"".join(data))
         self.outcome.attempts += 1
         if not self.body_sent:
             self.body_paused = False
-            self.body_rx = self.loop.time()
+            self.body_rx = self.pool.loop.time()
             self.request.resume_body()
 
     # --- the request body, from the client -----------------------------------------------
@@ -328,8 +329,8 @@ class Relay:
     def _client_chunk(self, data: bytes) -> None:
         if not data:
             return
-        self.body_rx = self.loop.time()
-        framed = b"%x\r\n%b\r\n" % (len(data), data) if self.chunked_up else data
+        self.body_rx = self.pool.loop.time()
+        framed = b"%x\r\n%b\r\n" % (len(data), data) if self.request.chunked else data  # the client's body, streamed
         if self.held is not None:
             self.held_bytes += len(framed)
             if self.held_bytes <= self.pool.limits.body_buffer:
@@ -349,12 +350,12 @@ class Relay:
         if self.body_sent:
             return
         self.body_sent = True
-        if self.conn is not None and self.chunked_up:
+        if self.conn is not None and self.request.chunked:  # the client's body, streamed (body is None)
             self.conn.write(b"0\r\n\r\n")
 
     def upstream_write_paused(self, paused: bool) -> None:
         self.body_paused = paused
-        self.body_rx = self.loop.time()
+        self.body_rx = self.pool.loop.time()
         if paused:
             self.request.pause_body()
         else:
@@ -381,7 +382,7 @@ class Relay:
             self.held = None  # nothing to keep for another attempt
         self.outcome.status = status
         self._enter(STREAMING)
-        self.last_rx = self.loop.time()
+        self.last_rx = self.pool.loop.time()
         self.no_body = self.no_body or status in _NO_BODY_STATUS
         # Framing, from what llhttp checked (one content-length of digits, never with transfer-encoding),
         # decided before any header is filtered: no Connection token of the upstream's can change it.
@@ -411,7 +412,7 @@ class Relay:
         if status == 403 and not self.no_body:
             # Maybe the upstream refusing the gateway's region: read it before passing anything on.
             encoding = next((v for n, v in raw if n.lower() == b"content-encoding"), None)
-            self.sniff, self.sniff_head, self.sniff_bytes = [], (status, headers, length, encoding), 0
+            self.sniff = _Sniff(status, headers, length, encoding)
             self._enter(SNIFFING)
             return
         self.route = None  # the answer is this one: the client's headers need not be kept
@@ -434,16 +435,17 @@ class Relay:
                 return
             if not data:
                 return
-        if self.sniff is not None:
-            self.sniff.append(data)
-            self.sniff_bytes += len(data)
-            self.last_rx = self.loop.time()
-            if self.sniff_bytes > SNIFF_LIMIT:
+        sniff = self.sniff
+        if sniff is not None:
+            sniff.chunks.append(data)
+            sniff.size += len(data)
+            self.last_rx = self.pool.loop.time()
+            if sniff.size > SNIFF_LIMIT:
                 self._pass_sniffed()  # too long to be a refusal
             return
         self.out.append(self.request.frame(data))
         self.outcome.sent += len(data)
-        self.last_rx = self.loop.time()
+        self.last_rx = self.pool.loop.time()
 
     def upstream_complete(self) -> None:
         if self.decoder is not None and not self.no_body:
@@ -484,10 +486,7 @@ class Relay:
             # A body still to come: from the first-byte deadline to the idle and total ones.
             # (Not done for a response that is over in the read that started it: most are.)
             self.idle_timer = True
-            if self.timer is not None:
-                self.timer.cancel()
-            idle_at = self.last_rx + self.pool.upstream.timeouts.idle
-            self.timer = self.loop.call_at(min(idle_at, self.total_at), self._on_timer)
+            self._wait(min(self.last_rx + self.pool.upstream.timeouts.idle, self.total_at))
 
     def upstream_lost(self, error: Exception | None) -> None:
         conn, self.conn = self.conn, None
@@ -528,8 +527,8 @@ class Relay:
 
     def _judge_403(self) -> bool:
         """A whole 403 is in: a region refusal goes to the next URL if there is one, else it is passed on."""
-        assert self.sniff is not None and self.sniff_head is not None
-        message = read_refusal(b"".join(self.sniff), self.sniff_head[3])
+        assert self.sniff is not None
+        message = read_refusal(b"".join(self.sniff.chunks), self.sniff.encoding)
         if message is not None:
             if self.route is not None and self.held is not None and self._failover(REGION_REFUSAL, 403, message):
                 return True
@@ -539,14 +538,14 @@ class Relay:
 
     def _pass_sniffed(self) -> None:
         """The 403 read so far goes to the client as it came (framed for it), and the rest streams on."""
-        assert self.sniff is not None and self.sniff_head is not None
-        status, headers, length, _ = self.sniff_head
-        sniffed, self.sniff, self.sniff_head = self.sniff, None, None
+        sniff, self.sniff = self.sniff, None
+        assert sniff is not None
+        status, headers, length = sniff.status, sniff.headers, sniff.length
         self.held = self.route = None
         request = self.request
         out = self.out
         out.append(request.head(status, headers, length=length))
-        for data in sniffed:
+        for data in sniff.chunks:
             out.append(request.frame(data))
             self.outcome.sent += len(data)
         if self.phase is COMPLETE:
@@ -589,7 +588,7 @@ class Relay:
         self.idle_timer = self.retried = self.sse = False
         self.until_close = False
         self.no_body = self.request.method == "HEAD"
-        self.sniff = self.sniff_head = self.decoder = None
+        self.sniff = self.decoder = None
         self.out.clear()
         o.status, o.ttfb, o.target = 0, None, pool.upstream
         self._deadlines()
@@ -605,17 +604,18 @@ class Relay:
 
     def _client_resumed(self) -> None:
         self.paused = False
-        self.last_rx = self.loop.time()
+        self.last_rx = self.pool.loop.time()
         if self.conn is not None:
             self.conn.resume_reading()
 
     # --- time ------------------------------------------------------------------------------
 
-    def _on_timer(self) -> None:
-        self.timer = None
+    def expired(self) -> None:
+        """The timer wheel's call: a deadline may have passed (:mod:`.timers`; never before it)."""
+        self.slot = None
         if self.phase is DONE:
             return
-        now = self.loop.time()
+        now = self.pool.loop.time()
         if self.body_paused:
             self.body_rx = now  # the gateway holding the upload back is not the client being slow
         body_at = self._body_due()
@@ -626,7 +626,7 @@ class Relay:
             if now >= self.first_byte_at:
                 self._fail(errors.UPSTREAM_TIMEOUT)
                 return
-            self.timer = self.loop.call_at(min(self.first_byte_at, body_at), self._on_timer)
+            self.slot = self.pool.wheel.add(min(self.first_byte_at, body_at), self)
             return
         if now >= self.total_at:
             self._cut(errors.UPSTREAM_TOTAL_TIMEOUT)
@@ -637,7 +637,7 @@ class Relay:
         if now >= idle_at:
             self._cut(errors.UPSTREAM_IDLE_TIMEOUT)
             return
-        self.timer = self.loop.call_at(min(idle_at, self.total_at, body_at), self._on_timer)
+        self.slot = self.pool.wheel.add(min(idle_at, self.total_at, body_at), self)
 
     def _body_timeout(self) -> None:
         """A streamed upload stopped arriving: the upstream never gets it whole, the client a 408 and a close."""
@@ -699,9 +699,9 @@ class Relay:
 
     def _stop(self) -> None:
         self._enter(DONE)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.slot is not None:
+            self.slot.discard(self)
+            self.slot = None
         self.request.on_gone = self.request.on_pause = self.request.on_resume = None
 
     def _drop_upstream(self) -> None:
@@ -711,3 +711,17 @@ class Relay:
         if self.conn is not None:
             self.conn.abort()
             self.conn = None
+
+
+class _Sniff:
+    """A 403 read before anything of it is passed on (made only for a 403): its head, and its body so far."""
+
+    __slots__ = ("chunks", "encoding", "headers", "length", "size", "status")
+
+    def __init__(self, status: int, headers: list[Header], length: int | None, encoding: bytes | None) -> None:
+        self.status = status
+        self.headers = headers
+        self.length = length
+        self.encoding = encoding
+        self.chunks: list[bytes] = []
+        self.size = 0

@@ -7,7 +7,10 @@ connection before anything is dispatched. What llhttp does not bound, this
 module does, before memory grows: the request line (414), the head's size
 and header count (431), how long a head may take to arrive, and how long a
 connection may sit idle (slowloris and silent sockets are closed by one
-sweep a second, so no timer is armed per request).
+sweep a second, so no timer is armed per request). The same sweep takes the
+parser (0.9 KiB) from a connection with no message under way and still open
+to more; the next byte makes a new one: an idle keep-alive connection costs
+about 1.5 KiB (``bench/memory.py``).
 
 Framing is the gateway's own in both directions: a request's body length is
 what llhttp counted (``Request.length``) or chunked, and the only transfer
@@ -65,7 +68,12 @@ def only_chunked(value: bytes) -> bool:
 
 
 def status_line(status: int) -> bytes:
-    return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
+    line = _STATUS_LINES.get(status)
+    return line if line is not None else b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b""))
+
+
+# Every known status's line, made once: a response head looks it up instead of formatting it.
+_STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in _REASONS.items()}
 
 
 class _Clock:
@@ -126,7 +134,6 @@ class Request:
         "query",
         "raw_path",
         "started",
-        "unsupported_coding",
     )
 
     def __init__(self, conn: ClientConnection, method: str, url: bytes, headers: list[Header]) -> None:
@@ -143,6 +150,7 @@ class Request:
         self.headers = headers
         self.peer = conn.peer
         parser = conn.parser
+        assert parser is not None  # made before the bytes that made this request were fed
         self.http10 = parser.get_http_version() == "1.0"
         # llhttp's answer, taken now (it forgets once the message is over): HTTP/1.1 unless
         # "close", HTTP/1.0 only with "Connection: keep-alive".
@@ -151,14 +159,15 @@ class Request:
         self.chunked = False
         self.has_body = False
         self.length: int | None = None  # the body's length as llhttp checked it (digits only, one value)
-        self.unsupported_coding = False
         # May be sent twice (RFC 9110 §9.2.2), or the client says a second copy is harmless.
         self.idempotent = method in IDEMPOTENT
         for name, value in headers:
             if name == b"transfer-encoding":
                 self.chunked = self.has_body = True
-                if value != b"chunked":
-                    self.unsupported_coding = not only_chunked(value)
+                if value != b"chunked" and not only_chunked(value):
+                    # "gzip, chunked" (llhttp takes it): the body would go up without its coding.
+                    # The connection's fact, not a slot of every request: it is never dispatched.
+                    conn.broken, conn.broken_reason = _UNSUPPORTED_CODING, "unsupported_transfer_coding"
             elif name == b"content-length":
                 self.length = int(value)
                 self.has_body = self.length > 0
@@ -185,7 +194,7 @@ class Request:
 
     def forget_headers(self) -> None:
         """Once forwarded, a stream that stays open for minutes need not keep the request's headers."""
-        self.headers = []
+        self.headers = _NO_HEADERS  # shared, never appended to
 
     # --- the request body ----------------------------------------------------------------
 
@@ -256,9 +265,16 @@ class Request:
         close-delimited body for HTTP/1.0.
         """
         self.started = True
-        parts = [status_line(status), _clock.date()]
+        line = _STATUS_LINES.get(status)
+        parts = [line if line is not None else status_line(status), _clock.date()]
         parts += [b"%s: %s\r\n" % h for h in headers]
-        close = self._must_close()
+        # Closed after this answer: asked, draining, or the client was told to wait and was
+        # never asked for the body (its framing is unknown). Inline: one call less per response.
+        close = (
+            not self.keep_alive
+            or self._conn.draining
+            or (not self.body_done and self.expect_continue and not self.continue_sent)
+        )
         if length is not None:
             parts.append(b"content-length: %d\r\n" % length)
         elif not no_body:
@@ -306,13 +322,6 @@ class Request:
         self.closing = True
         self._conn.request_done(self)
 
-    def _must_close(self) -> bool:
-        conn = self._conn
-        if not self.keep_alive or conn.draining:
-            return True
-        # The client was told to wait and was never asked for the body: its framing is unknown.
-        return not self.body_done and self.expect_continue and not self.continue_sent
-
 
 class ClientConnection(asyncio.Protocol):
     """One client socket: parser callbacks in, responses out, in request order."""
@@ -346,22 +355,26 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.limits = listener.limits
-        self.parser = httptools.HttpRequestParser(self)
+        # llhttp's parser is 0.9 KiB: a connection with no message under way gives it back (the
+        # sweep drops it, see Listener._sweep) and makes a new one (0.3 µs) when bytes arrive.
+        self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer: str | None = None
         self.current: Request | None = None  # being answered
         self.receiving: Request | None = None  # being parsed (its body may still arrive)
         self.last: Request | None = None
-        self.queue: list[Request] = []  # pipelined, waiting (a list: a deque's block is 600 bytes a connection)
+        # Pipelined, waiting: a list (a deque's block is 600 bytes a connection), and a shared empty
+        # one until a request waits (56 bytes a connection; see _wait).
+        self.queue: list[Request] = _NONE_WAITING
         self.deadline = 0.0  # when the sweep closes this connection (0: never)
         self.draining = False
         self.broken: ErrorReply | None = None
         self.broken_reason = ""
         self.closed = False
         self.write_paused = False
-        self._paused_by: list[int] = []
+        self._paused_by: list[int] = _NOT_PAUSED  # the same: a list of its own on the first pause
         self._url = b""
-        self._headers: list[Header] = []
+        self._headers: list[Header] = _NO_HEADERS
         self._head_bytes = 0
         self._head_fresh = False
         self._in_head = False
@@ -394,7 +407,7 @@ class ClientConnection(asyncio.Protocol):
             current.finished = True
             if current.on_gone is not None:
                 current.on_gone()
-        self.queue.clear()
+        self.queue = _NONE_WAITING
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -425,11 +438,13 @@ class ClientConnection(asyncio.Protocol):
         if paused:
             if not self._paused_by:
                 self.transport.pause_reading()
+                self._paused_by = []
             if key not in self._paused_by:
                 self._paused_by.append(key)
         elif key in self._paused_by:
             self._paused_by.remove(key)
             if not self._paused_by:
+                self._paused_by = _NOT_PAUSED
                 self.transport.resume_reading()
 
     # --- parsing -----------------------------------------------------------------------
@@ -437,8 +452,11 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.broken is not None:
             return
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = httptools.HttpRequestParser(self)
         try:
-            self.parser.feed_data(data)
+            parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # An upgrade (or CONNECT) is not followed: the request is answered as a plain
             # one, and what the client sends after its head cannot be framed, so the
@@ -490,18 +508,19 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        assert self.parser is not None  # it is feeding us
         method = self.parser.get_method().decode("latin-1")
         request = Request(self, method, self._url, self._headers)
-        self._url, self._headers = b"", []
-        if request.unsupported_coding:
-            # "gzip, chunked" (llhttp takes it): the body would go up without its coding.
-            self.broken, self.broken_reason = _UNSUPPORTED_CODING, "unsupported_transfer_coding"
+        self._url, self._headers = b"", _NO_HEADERS
+        if self.broken is not None:  # a transfer coding besides chunked (Request's check)
             raise _Refuse
         self.receiving = self.last = request
         if self.current is None and not self.queue:
             self.current = request
             self.deadline = 0.0
         else:
+            if self.queue is _NONE_WAITING:
+                self.queue = []
             self.queue.append(request)
             self.flow(_PIPELINE, paused=True)
 
@@ -549,6 +568,8 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self.listener.loop.time() + self.limits.idle_timeout
 
     def _next(self) -> None:
+        if self.last is self.current:
+            self.last = None  # an answered request is not kept by an idle connection (0.5 KiB with its lists)
         self.current = None
         if self.queue:
             self.current = self.queue.pop(0)
@@ -572,7 +593,7 @@ class ClientConnection(asyncio.Protocol):
         self.flow(_STOPPED, paused=True)
         # The unreadable request itself is never dispatched; one being sent on (its body
         # turned out bad) is aborted upstream, so the upstream never sees it completed.
-        self.queue = [r for r in self.queue if r is not self.receiving]
+        self.queue = [r for r in self.queue if r is not self.receiving] or _NONE_WAITING
         current = self.current
         if current is not None and current is self.receiving:
             self.current = None
@@ -600,6 +621,20 @@ class ClientConnection(asyncio.Protocol):
         )
         self.close()
 
+    def idle_parser(self) -> bool:
+        """Whether the parser stands between two messages, holding nothing: it can be dropped and made anew."""
+        return (
+            self.parser is not None
+            and not self._in_head
+            and self.receiving is None
+            and not self._paused_by  # an upgrade or an error stops reading: that parser is not fresh
+            # After "Connection: close" (or HTTP/1.0 without keep-alive) llhttp refuses whatever
+            # follows; a fresh parser would take it, so that one stays until the connection closes.
+            and (self.last is None or self.last.keep_alive)
+            and self.broken is None
+            and not self.closed
+        )
+
     def timed_out(self) -> None:
         """The sweep found this connection past its deadline."""
         if self._in_head and self.current is None:
@@ -612,6 +647,12 @@ class ClientConnection(asyncio.Protocol):
 # Reasons to stop reading a connection, besides a request's own (a full body buffer).
 _PIPELINE = object()  # a request waits behind the one being answered
 _STOPPED = object()  # nothing after this point can be parsed
+
+
+# Shared empty lists, never appended to: most connections never wait, pause or hold a head for long.
+_NONE_WAITING: list[Request] = []
+_NO_HEADERS: list[Header] = []
+_NOT_PAUSED: list[int] = []
 
 
 class _Refuse(Exception):
@@ -686,8 +727,11 @@ class Listener:
 
     def _sweep(self) -> None:
         now = self.loop.time()
-        for conn in [c for c in self.connections if c.deadline and c.deadline <= now]:
-            conn.timed_out()
+        for conn in list(self.connections):
+            if conn.deadline and conn.deadline <= now:
+                conn.timed_out()
+            elif conn.idle_parser():
+                conn.parser = None
         if self._edge is not None:
             self._edge.tick()
         self._sweeper = self.loop.call_later(1.0, self._sweep)

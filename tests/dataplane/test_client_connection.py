@@ -390,3 +390,53 @@ async def test_an_aborted_answer_closes_so_it_cannot_pass_for_a_whole_one(holdin
     assert t.closed
     (r,) = t.take()
     assert not r.complete
+
+
+# --- memory between messages -------------------------------------------------------------------
+
+
+async def test_the_sweep_takes_the_parser_only_between_messages(holding: Server) -> None:
+    """An idle connection (or one whose answer is streaming) gives its llhttp parser back to the
+    once-a-second sweep and makes a new one for the next request; a head cut in two across a
+    sweep keeps its parser, so nothing of a message is ever lost or parsed twice."""
+    conn, t = await holding.connect()
+    conn.data_received(get("/v1/one"))
+    await asyncio.sleep(1.5)  # a sweep: the request is whole, its answer not yet written
+    assert conn.parser is None and conn.last is not None
+    reply(holding.requests[0])
+    assert conn.last is None  # an answered request is not kept by the connection
+    conn.data_received(b"POST /v1/two HTTP/1.1\r\nHost: x\r\nContent-")
+    await asyncio.sleep(1.5)  # a sweep in the middle of the head
+    assert conn.parser is not None
+    conn.data_received(b"Length: 3\r\n\r\nabc" + get("/v1/three"))
+    reply(holding.requests[1])
+    reply(holding.requests[2])
+    responses = t.take()
+    assert [r.json() for r in responses] == [
+        {"path": "/v1/one", "body": ""},
+        {"path": "/v1/two", "body": "abc"},
+        {"path": "/v1/three", "body": ""},
+    ]
+    assert not t.closed
+
+
+async def test_a_connection_to_close_keeps_its_parser(holding: Server) -> None:
+    """After "Connection: close" llhttp refuses what follows; a fresh parser would not, so none is made."""
+    conn, t = await holding.connect()
+    conn.data_received(get("/v1/last", b"Connection: close\r\n"))
+    await asyncio.sleep(1.5)
+    assert conn.parser is not None
+    conn.data_received(get("/v1/after"))
+    reply(holding.requests[0])
+    assert [r.json()["path"] for r in t.take()] == ["/v1/last"] and t.closed
+    assert len(holding.requests) == 1
+
+
+async def test_a_connection_that_stopped_reading_keeps_its_parser(holding: Server) -> None:
+    """After an unparseable request (reading stopped for good) the sweep leaves the parser alone."""
+    conn, t = await holding.connect()
+    conn.data_received(get("/v1/ok") + b"BAD\x00 / HTTP/1.1\r\n\r\n")
+    await asyncio.sleep(1.5)
+    assert conn.parser is not None and conn.broken is not None
+    reply(holding.requests[0])
+    assert [r.status for r in t.take()] == [200, 400] and t.closed
