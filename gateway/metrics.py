@@ -50,8 +50,8 @@ class Metrics:
         self.decisions = Counter(
             "regiongate_decisions",
             "Requests by decision (allow, route, monitor, deny), deciding rule, client country, and the upstream "
-            "they went to (empty when refused).",
-            ["decision", "rule", "country", "upstream"],
+            "they went to (empty when refused), and who asked (via: the proxy port, or a decision service contract).",
+            ["decision", "rule", "country", "upstream", "via"],
             registry=r,
         )
         self.shadow = Counter(
@@ -214,7 +214,7 @@ class Metrics:
             ["rule"],
             registry=r,
         )
-        self._decision_children: dict[tuple[str, str, str, str], Counter] = {}
+        self._decision_children: dict[tuple[str, str, str, str, str], Counter] = {}
         self._upstream_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
         self._ttfb_children: dict[str, Histogram] = {}
@@ -263,8 +263,8 @@ class Metrics:
     def shadow_disagreement(self, active: str, shadow: str, rule: str) -> None:
         self.shadow_disagreements.labels(active, shadow, rule).inc()
 
-    def decision(self, verdict: str, rule: str, country: str, upstream: str) -> None:
-        key = (verdict, rule, country, upstream)
+    def decision(self, verdict: str, rule: str, country: str, upstream: str, via: str) -> None:
+        key = (verdict, rule, country, upstream, via)
         child = self._decision_children.get(key)
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)

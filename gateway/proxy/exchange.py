@@ -10,17 +10,39 @@ else per request beyond what its steps did before.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..clientip import ClientAddress
 from ..dataplane.failover import Failover
-from ..dataplane.server import Request
+from ..dataplane.server import Header
 from ..dataplane.upstream import BodyFor, Upstream
 from ..geo import GeoFacts
 from ..policy import Decision
 
 if TYPE_CHECKING:  # live.active imports proxy.upstreams: at run time this would be a circle
     from ..live.active import Active
+
+
+# Who asked for the decision: the proxy port itself, or a contract of the decision service
+# (:mod:`gateway.authz`); the ``via`` label of ``regiongate_decisions_total``.
+Via = Literal["proxy", "forward", "nginx", "envoy_http", "envoy_grpc", "haproxy"]
+
+
+class Asked(Protocol):
+    """What the request path and the record read of a request: the proxy port's
+    :class:`gateway.dataplane.server.Request`, or a decision service's query (:mod:`gateway.authz.query`)."""
+
+    @property
+    def method(self) -> str: ...
+    @property
+    def raw_path(self) -> bytes: ...
+    @property
+    def query(self) -> bytes: ...
+    @property
+    def headers(self) -> Sequence[Header]: ...
+    @property
+    def peer(self) -> str | None: ...
 
 
 class Recorder(Protocol):
@@ -35,13 +57,13 @@ class Exchange:
     __slots__ = (
         "active", "attempted", "attempts", "body_for", "client", "client_gone", "decision", "error", "facts",
         "failovers", "model", "path", "recorder", "refused", "request", "request_id", "rid", "sent", "shadow",
-        "started", "status", "target", "ttfb",
+        "started", "status", "target", "ttfb", "via",
     )  # fmt: skip
 
     def __init__(
         self,
         recorder: Recorder,
-        request: Request,
+        request: Asked,
         request_id: str,
         started: float,
         active: Active,
@@ -49,6 +71,7 @@ class Exchange:
         client: ClientAddress,
         facts: GeoFacts,
         decision: Decision,
+        via: Via = "proxy",
     ) -> None:
         self.recorder = recorder
         self.request = request
@@ -74,6 +97,7 @@ class Exchange:
         self.sent = 0
         self.error: str | None = None
         self.ttfb: float | None = None
+        self.via = via
 
     def record(self) -> None:
         """The answer is over: metrics, audit and access log, once (the relay's completion callback)."""

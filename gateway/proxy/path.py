@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from functools import partial
 from typing import TYPE_CHECKING
 
-from ..clientip import MISSING, PUBLIC, resolve
+from ..clientip import MISSING, PUBLIC, ClientAddress, resolve
 from ..dataplane.bodyhold import hold
 from ..dataplane.failover import Route, prepare
 from ..dataplane.limits import Limits
@@ -48,7 +48,7 @@ from ..policy.overrides import judge as judge_override
 from ..policy.overrides import request_key_hash
 from ..requestid import RequestIds
 from ..shared.ratelimit import check as check_rate
-from .exchange import Exchange
+from .exchange import Asked, Exchange, Via
 from .record import REJECTED, Metrics, Record
 from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
 
@@ -82,31 +82,40 @@ class Gateway:
         """
         self.pools.retire({m for g in new.values() for m in g.members})
 
+    # Who asks: the proxy port; a decision service's contract names itself (gateway.authz).
+    via: Via = "proxy"
+
     def handle(self, request: Request) -> None:
         started = time.perf_counter()
+        # 1. Who is asking (first, since a decision service finds its client by its own contract's header).
+        self.judge(request, resolve(request.peer, request.headers, self.runtime.clientip), started)
+
+    def judge(self, request: Asked, client: ClientAddress, started: float) -> None:
+        """The judging steps every way in shares (the proxy port, :mod:`gateway.authz`): what is asked,
+        where the client is, what is decided; then refuse (``fail``, ``block``) or ``forward``, which a
+        decision service overrides to answer instead of sending bytes on."""
         rt = self.runtime
         active = rt.active
         policy = active.policy
 
         # 0. What is asked, in the one form that is both judged and forwarded.
         path = request_target(request.method, request.raw_path, rt.allow_methods)
-        # 1. Who is asking.
-        client = resolve(request.peer, request.headers, rt.clientip)
         # 2. Where they are.
         facts = rt.geo.lookup(client.ip) if client.kind == PUBLIC and client.ip is not None else NO_FACTS
         # 3. What an operator's runtime override says (gateway.shared), else what the policy says
         #    (and a shadow policy, judged too, never enforced).
         ov = rt.overrides
         override = judge_override(ov.compiled, client, facts, request_key_hash(ov.compiled, ov.key, request.headers))
+        via = self.via
         if isinstance(path, ErrorReply):
-            ex = Exchange(self.recorder, request, next(self._ids), started, active, "", client, facts, REJECTED)
+            ex = Exchange(self.recorder, request, next(self._ids), started, active, "", client, facts, REJECTED, via)
             try:
                 self.fail(ex, path)
             except Exception:
                 self.crashed(ex)
             return
         decision = override or decide(policy, client, facts, path)
-        ex = Exchange(self.recorder, request, next(self._ids), started, active, path, client, facts, decision)
+        ex = Exchange(self.recorder, request, next(self._ids), started, active, path, client, facts, decision, via)
         if active.shadow is not None:
             ex.shadow = decide(active.shadow, client, facts, path)
         # 4. Refuse or forward; 5. record, now or when the answer is over.
@@ -127,17 +136,22 @@ class Gateway:
                 self.metrics.model_refused(decision.rule)
                 self.fail(ex, model_not_allowed(ex.model))
                 return
-            policy = ex.active.policy
-            block = policy.spec.block
-            ex.request.respond(block.status, error_headers(ex.rid, False, ex.active.header), policy.block_body)
-            ex.status, ex.sent = block.status, len(policy.block_body)
-            ex.record()
+            self.block(ex)
         elif decision.limit is not None:
             # 3b. The deciding rule's rate limit: the one step that may wait (on Redis), with a
             # callback like every other step (answered when the batch of checks is).
             self.limited(ex)
         else:
             self.forward(ex)
+
+    def block(self, ex: Exchange) -> None:
+        """The policy's refusal (``block``: status and body), then the record."""
+        policy = ex.active.policy
+        block = policy.spec.block
+        request: Request = ex.request  # type: ignore[assignment]  # the proxy port's exchanges hold its Request
+        request.respond(block.status, error_headers(ex.rid, False, ex.active.header), policy.block_body)
+        ex.status, ex.sent = block.status, len(policy.block_body)
+        ex.record()
 
     def read_model(self, ex: Exchange) -> None:
         """Learn the model from a JSON body of at most ``body.max_bytes``, then decide with it.
@@ -146,7 +160,7 @@ class Gateway:
         is unknown (``body.unknown_model``). A held body goes up as bytes, renamed for
         the upstream that gets it; it can then be sent again on failover.
         """
-        request = ex.request
+        request: Request = ex.request  # type: ignore[assignment]  # the proxy port's exchanges hold its Request
         spec = ex.active.policy.spec.body
         if not request.has_body or not is_json(header(request.headers, b"content-type")):
             self.with_model(ex, None)
@@ -214,7 +228,8 @@ class Gateway:
 
         ``ex.body_for``: the whole body was read already; it gives the bytes to send to each upstream.
         """
-        request, client, path, body_for = ex.request, ex.client, ex.path, ex.body_for
+        request: Request = ex.request  # type: ignore[assignment]  # the proxy port's exchanges hold its Request
+        client, path, body_for = ex.client, ex.path, ex.body_for
         groups = ex.active.upstreams
         group = groups.get(ex.decision.upstream or "")
         if group is None:
@@ -245,10 +260,11 @@ class Gateway:
     def crashed(self, ex: Exchange) -> None:
         """A bug of ours must still give the client an OpenAI-shaped answer (or a cut, once it started)."""
         log.exception("request %s failed", ex.request_id)
-        if not ex.request.started:
+        request: Request = ex.request  # type: ignore[assignment]  # the proxy port's exchanges hold its Request
+        if not request.started:
             self.fail(ex, INTERNAL)
         else:
-            ex.request.abort()
+            request.abort()
             ex.error = ex.error or INTERNAL.code
             ex.record()
 
@@ -256,7 +272,8 @@ class Gateway:
         """The gateway's own answer, before any upstream byte went out; then the record."""
         body = reply.body()
         ex.status, ex.error, ex.sent = reply.status, reply.code, len(body)
-        send_error(ex.request, reply, ex.rid, ex.active.header)
+        request: Request = ex.request  # type: ignore[assignment]  # the proxy port's exchanges hold its Request
+        send_error(request, reply, ex.rid, ex.active.header)
         ex.record()
 
 

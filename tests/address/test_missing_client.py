@@ -149,11 +149,13 @@ def test_gateway_refuses_a_trusted_peer_without_a_client_and_says_why(
     assert all(line["client_problem"] and line["country"] is None for line in missing)
     metrics = gw.metrics()
     assert (
-        'regiongate_decisions_total{country="missing",decision="deny",rule="defaults.missing",upstream=""} 4.0'
+        'regiongate_decisions_total{country="missing",decision="deny",rule="defaults.missing",'
+        'upstream="",via="proxy"} 4.0'
         in metrics
     )
     assert (
-        'regiongate_decisions_total{country="missing",decision="allow",rule="proxy-health",upstream="default"} 1.0'
+        'regiongate_decisions_total{country="missing",decision="allow",rule="proxy-health",'
+        'upstream="default",via="proxy"} 1.0'
         in metrics
     )
 

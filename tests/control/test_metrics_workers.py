@@ -100,8 +100,18 @@ def test_counters_histograms_and_gauges_across_two_workers(gateway: GatewayFacto
 
     # Counters: summed over both workers, and nothing left from the previous run.
     assert samples(text, "regiongate_decisions_total") == {
-        frozenset({("country", "GB"), ("decision", "allow"), ("rule", "gb-allowed"), ("upstream", "default")}): 30,
-        frozenset({("country", "CN"), ("decision", "deny"), ("rule", "defaults.action"), ("upstream", "")}): 10,
+        frozenset(
+            {
+                ("country", "GB"),
+                ("decision", "allow"),
+                ("rule", "gb-allowed"),
+                ("upstream", "default"),
+                ("via", "proxy"),
+            }
+        ): 30,
+        frozenset(
+            {("country", "CN"), ("decision", "deny"), ("rule", "defaults.action"), ("upstream", ""), ("via", "proxy")}
+        ): 10,
     }
     assert value(text, "regiongate_upstream_requests_total", status_class="2xx", upstream="default") == 30
     assert value(text, "regiongate_access_log_dropped_total") == 0

@@ -407,7 +407,10 @@ def test_image_serves_refuses_and_stops_cleanly(runtime: Engine, stub: Stub) -> 
 
     with urllib.request.urlopen(c.admin + "/metrics", timeout=5) as r:
         metrics = r.read().decode()
-    assert 'regiongate_decisions_total{country="CN",decision="deny",rule="defaults.action",upstream=""} 1.0' in metrics
+    assert (
+        'regiongate_decisions_total{country="CN",decision="deny",rule="defaults.action",upstream="",via="proxy"} 1.0'
+        in metrics
+    )
     # Multiprocess mode in the image's metrics directory: the one path it writes.
     written = sorted(p.name for p in Path(runtime.host_path(METRICS_DIR)).iterdir())
     assert written and all(n.endswith(".db") for n in written), written
@@ -450,7 +453,10 @@ def test_image_with_several_workers_on_a_readonly_root(runtime: Engine, stub: St
             client(c, CN).models.list()
     with urllib.request.urlopen(c.admin + "/metrics", timeout=5) as r:
         metrics = r.read().decode()
-    assert 'regiongate_decisions_total{country="CN",decision="deny",rule="defaults.action",upstream=""} 4.0' in metrics
+    assert (
+        'regiongate_decisions_total{country="CN",decision="deny",rule="defaults.action",upstream="",via="proxy"} 4.0'
+        in metrics
+    )
     c.proc.send_signal(signal.SIGTERM)
     assert c.proc.wait(timeout=30) == 0
     assert "Traceback" not in c.err()

@@ -71,8 +71,14 @@ def test_each_region_reaches_its_own_upstream(
     ]
     assert lines[2]["model"] == "gpt-4o"
     metrics = gw.metrics()
-    assert 'regiongate_decisions_total{country="SE",decision="route",rule="eu-residency",upstream="eu"} 1.0' in metrics
-    assert 'regiongate_decisions_total{country="CN",decision="route",rule="migrate",upstream="qwen"} 1.0' in metrics
+    assert (
+        'regiongate_decisions_total{country="SE",decision="route",rule="eu-residency",upstream="eu",via="proxy"} 1.0'
+        in metrics
+    )
+    assert (
+        'regiongate_decisions_total{country="CN",decision="route",rule="migrate",upstream="qwen",via="proxy"} 1.0'
+        in metrics
+    )
 
 
 BODY = (

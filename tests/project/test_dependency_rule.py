@@ -18,7 +18,9 @@ The rule:
 3. Only the join imports both planes directly: a module that imports from ``gateway.policy``
    and from ``gateway.dataplane`` is ``gateway.proxy`` (or inside it), or is process wiring:
    ``gateway.runtime`` (builds the running objects from the options), ``gateway.server``
-   (starts the planes), ``gateway.cli`` and ``gateway.control``.
+   (starts the planes), ``gateway.cli`` and ``gateway.control``; and ``gateway.authz``, the
+   decision service, which is the request path's judging answered to another proxy (it
+   subclasses ``gateway.proxy``'s Gateway and serves on the data plane's listener).
 4. No import circle anywhere in gateway/.
 
 What counts as an import: every ``import`` and ``from ... import`` at module level, including
@@ -49,13 +51,14 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         "gateway.proxy",
         "gateway.shared",
         "gateway.live",
+        "gateway.authz",
         *CONTROL,
         *WIRING,
     ),
-    "gateway.dataplane": ("gateway.policy", "gateway.proxy", *CONTROL, *WIRING),
+    "gateway.dataplane": ("gateway.policy", "gateway.proxy", "gateway.authz", *CONTROL, *WIRING),
 }
 DECISIONS, BYTES = "gateway.policy", "gateway.dataplane"
-JOINERS = ("gateway.proxy", *WIRING, *CONTROL)
+JOINERS = ("gateway.proxy", "gateway.authz", *WIRING, *CONTROL)
 
 
 def within(module: str, prefix: str) -> bool:

@@ -104,8 +104,14 @@ def test_metrics(gateway: GatewayFactory, stub: Stub) -> None:
     for xff in (GB, GB, CN):
         httpx.get(gw.url + "/v1/models", headers={"X-Forwarded-For": xff})
     text = gw.metrics()
-    assert 'regiongate_decisions_total{country="GB",decision="allow",rule="supported",upstream="default"} 2.0' in text
-    assert 'regiongate_decisions_total{country="CN",decision="deny",rule="defaults.action",upstream=""} 1.0' in text
+    assert (
+        'regiongate_decisions_total{country="GB",decision="allow",rule="supported",upstream="default",via="proxy"} 2.0'
+        in text
+    )
+    assert (
+        'regiongate_decisions_total{country="CN",decision="deny",rule="defaults.action",upstream="",via="proxy"} 1.0'
+        in text
+    )
     assert 'regiongate_upstream_requests_total{status_class="2xx",target="0",upstream="default"} 2.0' in text
     assert 'regiongate_request_duration_seconds_count{decision="allow"} 2.0' in text
     assert 'regiongate_upstream_ttfb_seconds_count{upstream="default"} 2.0' in text
@@ -128,8 +134,14 @@ def test_workers_share_sockets_and_metrics_add_up(gateway: GatewayFactory, stub:
         pids.add(get_json(gw.admin + "/readyz")[1]["pid"])
         time.sleep(0.01)  # the kernel may keep waking one busy worker; give the other a turn
     text = gw.metrics()
-    assert 'regiongate_decisions_total{country="GB",decision="allow",rule="supported",upstream="default"} 30.0' in text
-    assert 'regiongate_decisions_total{country="CN",decision="deny",rule="defaults.action",upstream=""} 10.0' in text
+    assert (
+        'regiongate_decisions_total{country="GB",decision="allow",rule="supported",upstream="default",via="proxy"} 30.0'
+        in text
+    )
+    assert (
+        'regiongate_decisions_total{country="CN",decision="deny",rule="defaults.action",upstream="",via="proxy"} 10.0'
+        in text
+    )
     lines = gw.wait_log(40)
     assert len(lines) == 40
     assert len(pids) == 2 and gw.proc.pid not in pids

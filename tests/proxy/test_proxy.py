@@ -487,6 +487,7 @@ def test_monitor_mode_forwards_and_records(gateway: GatewayFactory, stub: Stub, 
     log = gw.wait_log(1)[0]
     assert (log["decision"], log["action"], log["rule"]) == ("monitor", "deny", "defaults.action")
     assert (
-        'regiongate_decisions_total{country="CN",decision="monitor",rule="defaults.action",upstream="default"} 1.0'
+        'regiongate_decisions_total{country="CN",decision="monitor",rule="defaults.action",'
+        'upstream="default",via="proxy"} 1.0'
         in gw.metrics()
     )
