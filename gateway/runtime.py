@@ -72,6 +72,10 @@ class Settings(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(9090, ge=0, le=65535)
+    # Envoy's ext_authz over gRPC (gateway/authz/envoy_grpc.py; the envoy extra): off at port 0.
+    authz_grpc_host: str = "127.0.0.1"
+    authz_grpc_port: int = Field(0, ge=0, le=65535)
+    authz_grpc_envoy_edge: bool = False
     workers: int = Field(1, ge=1, le=256)
     access_log: str = "-"
     access_log_buffer: int = Field(MAX_PENDING, ge=4096)
