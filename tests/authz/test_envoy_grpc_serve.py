@@ -57,9 +57,11 @@ def test_serve_answers_envoy_over_grpc_with_shared_limits(
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         grpc.channel_ready_future(channel).result(timeout=15)
         health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE)).status == health_pb2.HealthCheckResponse.SERVING
+        serving = health.Check(health_pb2.HealthCheckRequest(service=SERVICE)).status
+        assert serving == health_pb2.HealthCheckResponse.SERVING
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-        kinds = [stub.Check(check_request("POST", "/v1/chat/completions", GB)).WhichOneof("http_response") for _ in range(3)]
+        chat = "/v1/chat/completions"
+        kinds = [stub.Check(check_request("POST", chat, GB)).WhichOneof("http_response") for _ in range(3)]
         assert kinds == ["ok_response"] * 3
         limited = stub.Check(check_request("POST", "/v1/chat/completions", GB)).denied_response
         headers = {h.header.key: h.header.value for h in limited.headers}
@@ -69,7 +71,7 @@ def test_serve_answers_envoy_over_grpc_with_shared_limits(
         assert refused.status.code == 403
     lines = gw.wait_log(5)
     assert sorted(line["status"] for line in lines) == [200, 200, 200, 403, 429]
-    counted = re.findall(r'regiongate_decisions_total\{([^}]*)\} (\S+)', gw.metrics())
+    counted = re.findall(r"regiongate_decisions_total\{([^}]*)\} (\S+)", gw.metrics())
     by_via = {labels: float(n) for labels, n in counted if 'via="envoy_grpc"' in labels}
     assert sum(by_via.values()) == 5 and not [labels for labels, _ in counted if 'via="proxy"' in labels]
 
