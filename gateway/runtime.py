@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .accesslog import MAX_PENDING, AccessLog, AddressMode, AddressRedactor
+from .authz.config import HTTP_CONTRACTS, AuthzConfig, blind_rules, parse_config
 from .cidrs import CidrSet
 from .clientip import ClientIPConfig
 from .dataplane.edge import Edge
@@ -98,6 +99,10 @@ class Settings(BaseModel):
     redis_timeout: float = Field(0.05, gt=0, le=5, description="seconds")
     audit: Literal["off", "refusals", "all"] = "refusals"
     audit_maxlen: int = Field(100_000, ge=100)
+    authz_host: str = "127.0.0.1"
+    authz_port: int | None = Field(None, ge=0, le=65535)
+    authz_client_header: tuple[str, ...] = ()
+    authz_body: tuple[str, ...] = ()
 
     @field_validator("upstream")
     @classmethod
@@ -236,6 +241,7 @@ class Runtime:
     overrides: OverrideStore = field(default_factory=lambda: OverrideStore({}), repr=False)
     audit: Audit = field(default_factory=lambda: Audit("off", 0), repr=False)  # needs Redis
     edge: Edge | None = None  # TLS and PROXY protocol on the proxy port; None: plain HTTP from the TCP peer
+    authz: AuthzConfig | None = None  # the decision service (--authz-port); None: off
 
     @property
     def policy(self) -> Policy:
@@ -392,7 +398,18 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         )  # fmt: skip
     except RedisConfigError as e:
         raise ConfigError(str(e)) from None
+    authz = None
+    if settings.authz_port is not None:
+        try:
+            authz = parse_config(settings.authz_client_header, settings.authz_body)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    elif settings.port == 0 and not settings.authz_grpc_port:
+        raise ConfigError(
+            "--port 0 turns the proxy port off: give --authz-port or --authz-grpc-port, or there is nothing to serve"
+        )
     runtime = Runtime(
+        authz=authz,
         audit=Audit(settings.audit if settings.redis else "off", settings.audit_maxlen),
         overrides=overrides,
         allow_methods=methods,
@@ -410,6 +427,8 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
     if not trusted:
         runtime.warnings.append("no --trusted-proxy: forwarding headers are ignored, the TCP peer is the client")
     runtime.warnings += trust_warnings + edge_warnings
+    if authz is not None:
+        runtime.warnings += blind_rules(current.policy, (c for c in HTTP_CONTRACTS if c not in authz.bodies))
     if settings.workers > 1 and not settings.redis:
         runtime.warnings.append(
             f"--workers {settings.workers} without --redis: each worker keeps its own runtime overrides, and one "

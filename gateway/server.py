@@ -76,16 +76,17 @@ def bind(host: str, port: int, what: str = "proxy (--host/--port)") -> socket.so
 
 def run_worker(
     runtime: Runtime,
-    proxy_sock: socket.socket,
+    proxy_sock: socket.socket | None,
     admin_sock: socket.socket,
     slot: int = 0,
     supervisor: int | None = None,
+    authz_sock: socket.socket | None = None,
 ) -> None:
     from .metrics import Metrics
 
     metrics = Metrics()
     metrics.describe_sources(runtime.geo.sources, runtime.active.current, runtime.active.shadow_version)
-    main = _native_main(runtime, metrics, proxy_sock, admin_sock, slot, supervisor)
+    main = _native_main(runtime, metrics, proxy_sock, admin_sock, slot, supervisor, authz_sock)
     try:
         import uvloop
 
@@ -107,12 +108,13 @@ def limits_for(settings: Settings) -> Limits:
 async def _native_main(
     runtime: Runtime,
     metrics: Metrics,
-    proxy_sock: socket.socket,
+    proxy_sock: socket.socket | None,
     admin_sock: socket.socket,
     slot: int,
     supervisor: int | None,
+    authz_sock: socket.socket | None = None,
 ) -> None:
-    """The native data plane on the proxy port, with the control plane beside it."""
+    """The native data plane on the proxy port and the decision service's, with the control plane beside them."""
     from .control.plane import control_plane
     from .dataplane.server import Listener
     from .proxy import Gateway
@@ -122,17 +124,28 @@ async def _native_main(
     gateway = Gateway(runtime, metrics, limits)
     gateway.open(min(limits.upstream_connections or cap, cap))
     runtime.access_log.on_drop = metrics.access_log_dropped.inc
-    listener = Listener(gateway.handle, limits, cap, metrics.bad_request)
-    if runtime.edge is not None and runtime.edge.tls is not None:
-        runtime.edge.tls.on_reload = metrics.tls_reload
-    await listener.start(proxy_sock, runtime.edge)
+    listeners = []
+    if proxy_sock is not None:
+        listener = Listener(gateway.handle, limits, cap, metrics.bad_request)
+        if runtime.edge is not None and runtime.edge.tls is not None:
+            runtime.edge.tls.on_reload = metrics.tls_reload
+        await listener.start(proxy_sock, runtime.edge)
+        listeners.append(listener)
+    if authz_sock is not None and runtime.authz is not None:
+        from .authz.contracts import Contracts
+
+        contracts = Contracts(runtime, metrics, limits, runtime.authz)
+        authz = Listener(contracts.handle, limits, cap, metrics.bad_request)
+        await authz.start(authz_sock)
+        listeners.append(authz)
     grpc_service = await envoy_serve.start(runtime, metrics, limits)  # --authz-grpc-port; None when off
     async with control_plane(runtime, metrics, gateway, admin_sock, slot, supervisor) as stopping:
         runtime.ready = True
         await stopping.wait()
         runtime.ready = False
         await envoy_serve.stop(grpc_service, runtime.settings.redis_timeout)
-        await listener.shutdown()
+        for each in listeners:
+            await each.shutdown()
         gateway.close()
     runtime.access_log.close()
 
@@ -166,17 +179,20 @@ def serve(settings: Settings) -> int:
         grpc_problem = envoy_serve.check(settings)
         if grpc_problem is not None:
             raise ConfigError(grpc_problem)
-        proxy_sock = bind(settings.host, settings.port, "proxy (--host/--port)")
+        proxy_sock = bind(settings.host, settings.port, "proxy (--host/--port)") if settings.port else None
         admin_sock = bind(settings.admin_host, settings.admin_port, "control plane (--admin-host/--admin-port)")
+        authz_sock = None
+        if settings.authz_port is not None:
+            authz_sock = bind(settings.authz_host, settings.authz_port, "decision service (--authz-host/--authz-port)")
         if settings.authz_grpc_port:  # tried now, so a port in use is said before anything serves
             bind(settings.authz_grpc_host, settings.authz_grpc_port, envoy_serve.WHAT).close()
         redis_problem = asyncio.run(probe(runtime.overrides))
         with _pid_file(settings.pid_file):
-            _announce(runtime, proxy_sock, admin_sock, redis_problem)
+            _announce(runtime, proxy_sock, admin_sock, redis_problem, authz_sock)
             if settings.workers == 1:
-                run_worker(runtime, proxy_sock, admin_sock)
+                run_worker(runtime, proxy_sock, admin_sock, authz_sock=authz_sock)
                 return 0
-            return _supervise(runtime, proxy_sock, admin_sock)
+            return _supervise(runtime, proxy_sock, admin_sock, authz_sock)
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -228,7 +244,11 @@ def _note_file_limit(runtime: Runtime, soft: int, hard: int) -> None:
 
 
 def _announce(
-    runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket, redis_problem: str | None = None
+    runtime: Runtime,
+    proxy_sock: socket.socket | None,
+    admin_sock: socket.socket,
+    redis_problem: str | None = None,
+    authz_sock: socket.socket | None = None,
 ) -> None:
     s = runtime.settings
     p = runtime.policy
@@ -245,9 +265,14 @@ def _announce(
     shadow = runtime.active.shadow_version
     edge = runtime.edge
     scheme = "https" if edge is not None and edge.tls is not None else "http"
+    upstreams = ", ".join(
+        f"{n}={' '.join(u) if isinstance(u, list) else u}" for n, u in runtime.upstream_urls().items()
+    )
+    proxy = f"proxy on {scheme}://{s.host}:{_port(proxy_sock)} -> {upstreams}" if proxy_sock else "proxy port: off"
+    authz = "/authz/forward /authz/nginx /authz/envoy"
     lines = [
-        f"proxy on {scheme}://{s.host}:{_port(proxy_sock)} -> "
-        + ", ".join(f"{n}={' '.join(u) if isinstance(u, list) else u}" for n, u in runtime.upstream_urls().items()),
+        proxy,
+        *([f"decision service on http://{s.authz_host}:{_port(authz_sock)} ({authz})"] if authz_sock else []),
         f"control plane on http://{s.admin_host}:{_port(admin_sock)} (/healthz /readyz /metrics)",
         admin,
         f"policy {p.source} sha256:{p.sha256[:12]} version {runtime.active.current.version} "
@@ -286,7 +311,9 @@ def _describe_overrides(store: OverrideStore) -> str:
     return f"overrides: Redis {d['url']} ({d['mode']}), key prefix {d['prefix']!r}"
 
 
-def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.socket) -> int:
+def _supervise(
+    runtime: Runtime, proxy_sock: socket.socket | None, admin_sock: socket.socket, authz_sock: socket.socket | None
+) -> int:
     from .metrics import mark_process_dead
 
     children: dict[int, int] = {}
@@ -302,7 +329,7 @@ def _supervise(runtime: Runtime, proxy_sock: socket.socket, admin_sock: socket.s
                 signal.signal(sig, signal.SIG_DFL)
             code = 0
             try:
-                run_worker(runtime, proxy_sock, admin_sock, slot, parent)
+                run_worker(runtime, proxy_sock, admin_sock, slot, parent, authz_sock)
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
                 code = 1

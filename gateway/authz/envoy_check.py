@@ -115,7 +115,10 @@ def _first(headers: Sequence[Header], name: bytes) -> bytes:
 def respond(answer: Answer) -> external_auth_pb2.CheckResponse:
     """The core's answer as Envoy's: ``ok_response`` with the facts, or ``denied_response`` with the refusal."""
     if answer.allowed:
-        return allowance(answer.facts)  # the same facts, the same (immutable once made) message
+        # The facts and the policy's hash; not the request ids, which would make every allow a new
+        # message (Envoy keeps its own x-request-id; a refusal carries Regiongate's).
+        policy = [h for h in answer.headers if h[0] == POLICY_HEADER]
+        return allowance((*answer.facts, *policy))  # the same facts, the same (immutable once made) message
     return refusal(answer.status, (*answer.headers, *answer.facts), answer.body)
 
 

@@ -34,7 +34,7 @@ def check(settings: Settings) -> str | None:
             f"--authz-grpc-port needs the envoy extra ({', '.join(missing)} not installed): "
             "pip install 'regiongate[envoy]'"
         )
-    taken = {settings.port: "--port", settings.admin_port: "--admin-port"}
+    taken = {settings.port: "--port", settings.admin_port: "--admin-port", settings.authz_port: "--authz-port"}
     if settings.authz_grpc_port in taken:
         return f"--authz-grpc-port {settings.authz_grpc_port} is the {taken[settings.authz_grpc_port]} too"
     return None

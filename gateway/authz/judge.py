@@ -72,7 +72,7 @@ def _text(value: str) -> bytes:
 
 
 def facts_of(ex: Exchange) -> tuple[Header, ...]:
-    """The decision's facts as ``x-regiongate-*`` headers (those known), then the policy header."""
+    """The decision's facts as ``x-regiongate-*`` headers (those known)."""
     decision, facts, client = ex.decision, ex.facts, ex.client
     country = facts.country or (client.kind if client.kind != PUBLIC else "unknown")
     out: list[Header] = [(DECISION, decision.verdict.encode()), (RULE, _text(decision.rule)), (COUNTRY, _text(country))]
@@ -82,7 +82,6 @@ def facts_of(ex: Exchange) -> tuple[Header, ...]:
         out.append((UPSTREAM, _text(decision.upstream)))
     if facts.asn is not None:
         out.append((ASN, b"%d" % facts.asn))
-    out.append(ex.active.header)
     return tuple(out)
 
 
@@ -129,8 +128,8 @@ class Judge(Gateway):
             self.with_model(ex, body)
 
     def forward(self, ex: Exchange) -> None:
-        facts = facts_of(ex)
-        self._answer(ex, Answer(True, 200, (), b"", facts, ex.rid))
+        headers = ((b"x-request-id", ex.rid), (b"x-regiongate-request-id", ex.rid), ex.active.header)
+        self._answer(ex, Answer(True, 200, headers, b"", facts_of(ex), ex.rid))
 
     def block(self, ex: Exchange) -> None:
         policy = ex.active.policy

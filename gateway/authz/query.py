@@ -73,12 +73,13 @@ class Query:
 class Answer:
     """The verdict on one query.
 
-    ``allowed``: the proxy sends the request on (``status`` 200). Otherwise
-    ``status``, ``headers`` and ``body`` are exactly what the proxy port would
-    have answered the client (the OpenAI-shaped refusal, a 429 with
-    ``retry-after``, a 400 for a path with no canonical form). ``facts`` are the
-    ``x-regiongate-*`` headers (decision, rule, country, subdivision,
-    upstream, asn; only the ones known) plus the policy header, for both.
+    ``allowed``: the proxy sends the request on (``status`` 200, ``headers``
+    the request ids and the policy header). Otherwise ``status``, ``headers``
+    and ``body`` are exactly what the proxy port would have answered the client
+    (the OpenAI-shaped refusal, a 429 with ``retry-after``, a 400 for a path
+    with no canonical form), policy header included. ``facts`` are the
+    ``x-regiongate-*`` headers of the decision (decision, rule, country,
+    subdivision, upstream, asn; only the ones known), for both.
     """
 
     allowed: bool

@@ -139,7 +139,13 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         metavar="URL",
     ),
     Option(flag="--host", dest="host", help="proxy listen address", default="127.0.0.1", metavar="ADDRESS"),
-    Option(flag="--port", dest="port", help="proxy listen port", default="8080", metavar="PORT"),
+    Option(
+        flag="--port",
+        dest="port",
+        help="proxy listen port; 0: no proxy port (--authz-port alone)",
+        default="8080",
+        metavar="PORT",
+    ),
     Option(
         flag="--admin-host",
         dest="admin_host",
@@ -181,6 +187,47 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         ),
         default="off",
         action="store_true",
+    ),
+    Option(
+        flag="--authz-host",
+        dest="authz_host",
+        help="decision service listen address (docs/edges)",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+    ),
+    Option(
+        flag="--authz-port",
+        dest="authz_port",
+        help=(
+            "decision service listen port: /authz/forward (Traefik, Caddy), /authz/nginx (auth_request), "
+            "/authz/envoy (ext_authz HTTP); with --port 0, the decision service alone"
+        ),
+        default="off",
+        metavar="PORT",
+    ),
+    Option(
+        flag="--authz-client-header",
+        dest="authz_client_header",
+        help=(
+            "CONTRACT=HEADER: the header that carries the client for a contract of the decision service "
+            "(forward, nginx, envoy_http), walked from the right past --trusted-proxy and the calling proxy"
+        ),
+        default="forward=x-forwarded-for nginx=x-forwarded-for envoy_http=x-envoy-external-address",
+        listed=True,
+        action="append",
+        metavar="CONTRACT=HEADER",
+    ),
+    Option(
+        flag="--authz-body",
+        dest="authz_body",
+        help=(
+            "a contract whose proxy sends the request body (Traefik forwardBody, Envoy with_request_body), "
+            "repeatable; through any other, model rules see an unknown model, and serve and check warn"
+        ),
+        default="none",
+        listed=True,
+        action="append",
+        metavar="CONTRACT",
     ),
     Option(
         flag="--allow-trust-all",

@@ -118,6 +118,8 @@ class Record:
             "bytes": ex.sent,
             "policy": ex.active.tag,
         }
+        if ex.via != "proxy":
+            entry["via"] = ex.via  # a decision service's contract (gateway.authz); proxy lines stay as they were
         if ex.model is not None:
             entry["model"] = ex.model[:256]
         if facts.subdivisions:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 from prometheus_client import CollectorRegistry
 
 from gateway.authz.judge import Judge
@@ -11,7 +16,7 @@ from gateway.authz.query import Answer, Contract, Query
 from gateway.dataplane.limits import Limits
 from gateway.metrics import Metrics
 from gateway.runtime import Runtime, Settings, load_runtime
-from support.processes import CITY
+from support.processes import CITY, ROOT, Gateway, GatewayFactory, RawUpstream, Sent, free_port
 
 GB, CN = "2.125.160.216", "175.16.199.1"
 
@@ -47,3 +52,128 @@ def ask(judge: Judge, query: Query) -> Answer:
     judge.ask(query, answers.append)
     assert len(answers) == 1
     return answers[0]
+
+
+# --- end to end: the real proxies in front of a real `regiongate serve --authz-port` ----------------
+
+# A City-type database for the edge tests, written with mmdb-writer in GeoIP2-City's record layout:
+# MaxMind's test databases have no Ukrainian subdivisions, and one .mmdb per type is read.
+EDGE_CLIENTS = {"CN": "203.0.113.7", "GB": "192.0.2.10", "UA-43": "198.51.100.43", "GB-2": "192.0.2.11"}
+
+EDGE_POLICY = """\
+version: 1
+rules:
+  - {name: no-files, paths: ["/v1/files*"], action: deny}
+  - name: crimea
+    countries: [UA]
+    subdivisions: [UA-43]
+    action: deny
+  - {name: ua, countries: [UA], action: allow}
+  - name: gb-small-models
+    countries: [GB]
+    paths: ["/v1/chat/*"]
+    allow_models: ["gpt-4o-mini"]
+    action: allow
+  - name: gb
+    countries: [GB]
+    action: allow
+    rate_limit: {requests: 3, per: 1h, by: ip}
+defaults: {action: deny}
+"""
+
+
+def write_edge_db(path: Path) -> str:
+    from mmdb_writer import MMDBWriter
+    from netaddr import IPSet
+
+    writer = MMDBWriter(ip_version=6, database_type="GeoIP2-City", languages=["en"], ipv4_compatible=True,
+                        description={"en": "Regiongate test: decision service edges"})  # fmt: skip
+    records = {
+        "CN": {"iso_code": "CN"},
+        "GB": {"iso_code": "GB"},
+        "GB-2": {"iso_code": "GB"},
+        "UA-43": {"iso_code": "UA"},
+    }
+    for key, country in records.items():
+        record: dict[str, object] = {"country": country, "registered_country": country}
+        if key == "UA-43":
+            record["subdivisions"] = [{"iso_code": "43"}]
+        writer.insert_network(IPSet([f"{EDGE_CLIENTS[key]}/32"]), record)
+    writer.to_db_file(str(path))
+    return str(path)
+
+
+TOKEN = "t0ken-for-authz-tests-only"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def shipped(relative: str, replacements: dict[str, str]) -> str:
+    """A shipped edge configuration (deploy/edges/...), with each named value replaced: each must be there,
+    so the file the tests run is the file users copy."""
+    text = (ROOT / "deploy" / "edges" / relative).read_text()
+    for old, new in replacements.items():
+        assert old in text, (relative, old)
+        text = text.replace(old, new)
+    return text
+
+
+@dataclass
+class Edge:
+    """A decision service (regiongate serve --port 0 --authz-port) with Redis, an upstream that records
+    what it receives, and the policy file it watches."""
+
+    gateway: Gateway
+    authz_port: int
+    upstream: RawUpstream
+    policy: Path
+
+    @property
+    def authz(self) -> str:
+        return f"http://127.0.0.1:{self.authz_port}"
+
+    def received(self) -> list[Sent]:
+        return self.upstream.requests()
+
+    def direct(self, client: str, path: str = "/v1/models", method: str = "GET") -> httpx.Response:
+        """The forward contract asked directly: what the proxy port would answer, to compare with."""
+        headers = {"x-forwarded-method": method, "x-forwarded-uri": path, "x-forwarded-for": client}
+        return httpx.get(self.authz + "/authz/forward", headers=headers, timeout=10)
+
+    def add_override(self, body: dict[str, Any]) -> str:
+        r = httpx.post(self.gateway.admin + "/admin/overrides", json=body, headers=AUTH, timeout=10)
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    def remove_override(self, id: str) -> None:
+        r = httpx.delete(self.gateway.admin + f"/admin/overrides/{id}", headers=AUTH, timeout=10)
+        assert r.status_code == 200, r.text
+
+
+@contextlib.contextmanager
+def running_edge(directory: Path, *args: str) -> Iterator[Edge]:
+    """Redis, a recording upstream and ``regiongate serve --port 0 --authz-port P`` (the service alone)."""
+    from support.redis_server import running
+
+    directory.mkdir(parents=True, exist_ok=True)
+    db = write_edge_db(directory / "edge-city.mmdb")
+    policy = directory / "edge-policy.yaml"
+    policy.write_text(EDGE_POLICY)
+    upstream = RawUpstream()
+    factory = GatewayFactory(directory)
+    try:
+        with running(directory / "redis") as redis:
+            authz_port = free_port()
+            gw = factory(
+                "--port", "0", "--authz-port", str(authz_port), "--policy", str(policy), "--geoip", db,
+                "--redis", redis.url, "--redis-prefix", f"rg-authz-{authz_port}:",
+                "--trusted-proxy", "127.0.0.1/32", *args,
+                env={"REGIONGATE_ADMIN_TOKEN": TOKEN},
+            )  # fmt: skip
+            yield Edge(gw, authz_port, upstream, policy)
+    finally:
+        factory.close()
+        upstream.close()
+
+
+def error_code(response: httpx.Response) -> str:
+    return str(response.json()["error"]["code"])
