@@ -13,7 +13,8 @@
 -- hop: nothing the client wrote is read. Every x-regiongate-* header the client sent is
 -- removed before Regiongate's are set, so the upstream sees only Regiongate's.
 --
--- When Regiongate cannot be asked (down, slow, an answer that is not one), the second argument
+-- When Regiongate cannot be asked (down, slow past the 1 s timeout, an answer that does not name
+-- Regiongate's policy), the second argument
 -- decides: `closed` answers 503 (OpenAI-shaped); `open` lets the request through unjudged, with
 -- x-regiongate-decision: unavailable.
 
@@ -64,7 +65,10 @@ local function decide(txn, service, failure)
   })
   strip_facts(http)
   local status = response and tonumber(response.status) or 0
-  if status < 200 or status >= 600 then
+  -- Every answer of Regiongate's names its policy; one without it is the HTTP client's own
+  -- (a 504 on its timeout, a 503 when it cannot connect), not a decision.
+  local answered = response and response.headers and response.headers["x-regiongate-policy"] ~= nil
+  if not answered or status < 200 or status >= 600 then
     if failure == "open" then
       http:req_set_header("x-regiongate-decision", "unavailable")
       return
