@@ -51,6 +51,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--skip-nginx-geoip2", action="store_true", help="do not run the nginx+geoip2 comparison")
     p.add_argument("--skip-streams", action="store_true", help="do not run the stream benchmarks")
+    p.add_argument("--skip-grpc", action="store_true", help="do not run the gRPC Check rows (bench/grpcrun.py)")
     p.add_argument(
         "--skip-edges",
         action="store_true",
@@ -146,6 +147,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.skip_streams:
             streams, stream_problems = run_streams(args, pin, workdir)
             problems += stream_problems
+        if not args.skip_grpc:  # Envoy's ext_authz gRPC Check, beside grpcio's own cost (bench/grpcrun.py)
+            from .grpcrun import run_grpc_check
+
+            meta["grpc_check"], grpc_problems = run_grpc_check(pin, workdir, args.duration, args.warmup)
+            problems += grpc_problems
     meta["streams"] = streams
     fill_added_latency(results)
     goals = evaluate(results, streams, recorded)

@@ -74,6 +74,10 @@ class Settings(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     admin_host: str = "127.0.0.1"
     admin_port: int = Field(9090, ge=0, le=65535)
+    # Envoy's ext_authz over gRPC (gateway/authz/envoy_grpc.py; the envoy extra): off at port 0.
+    authz_grpc_host: str = "127.0.0.1"
+    authz_grpc_port: int = Field(0, ge=0, le=65535)
+    authz_grpc_envoy_edge: bool = False
     workers: int = Field(1, ge=1, le=256)
     access_log: str = "-"
     access_log_buffer: int = Field(MAX_PENDING, ge=4096)
@@ -411,8 +415,10 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
             authz = parse_config(settings.authz_client_header, settings.authz_body)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    elif settings.port == 0:
-        raise ConfigError("--port 0 turns the proxy port off: give --authz-port, or there is nothing to serve")
+    elif settings.port == 0 and not settings.authz_grpc_port:
+        raise ConfigError(
+            "--port 0 turns the proxy port off: give --authz-port or --authz-grpc-port, or there is nothing to serve"
+        )
     runtime = Runtime(
         authz=authz,
         audit=Audit(audit_mode, settings.audit_maxlen, audit_key),

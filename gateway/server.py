@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .accesslog import redact_logs
+from .authz import envoy_serve
 from .dataplane.limits import Limits, connection_cap, raise_nofile
 from .runtime import ConfigError, Runtime, Settings, load_runtime
 from .shared.store import OverrideStore, probe
@@ -137,10 +138,12 @@ async def _native_main(
         authz = Listener(contracts.handle, limits, cap, metrics.bad_request)
         await authz.start(authz_sock)
         listeners.append(authz)
+    grpc_service = await envoy_serve.start(runtime, metrics, limits)  # --authz-grpc-port; None when off
     async with control_plane(runtime, metrics, gateway, admin_sock, slot, supervisor) as stopping:
         runtime.ready = True
         await stopping.wait()
         runtime.ready = False
+        await envoy_serve.stop(grpc_service, runtime.settings.redis_timeout)
         for each in listeners:
             await each.shutdown()
         gateway.close()
@@ -173,11 +176,16 @@ def serve(settings: Settings) -> int:
                 "give --port and --admin-port different values"
             )
         _note_file_limit(runtime, soft, hard)
+        grpc_problem = envoy_serve.check(settings)
+        if grpc_problem is not None:
+            raise ConfigError(grpc_problem)
         proxy_sock = bind(settings.host, settings.port, "proxy (--host/--port)") if settings.port else None
         admin_sock = bind(settings.admin_host, settings.admin_port, "control plane (--admin-host/--admin-port)")
         authz_sock = None
         if settings.authz_port is not None:
             authz_sock = bind(settings.authz_host, settings.authz_port, "decision service (--authz-host/--authz-port)")
+        if settings.authz_grpc_port:  # tried now, so a port in use is said before anything serves
+            bind(settings.authz_grpc_host, settings.authz_grpc_port, envoy_serve.WHAT).close()
         redis_problem = asyncio.run(probe(runtime.overrides))
         with _pid_file(settings.pid_file):
             _announce(runtime, proxy_sock, admin_sock, redis_problem, authz_sock)
@@ -274,6 +282,7 @@ def _announce(
         *([f"shadow policy {shadow.policy.source} sha256:{shadow.tag} (evaluated, never enforced)"] if shadow else []),
         f"geo: {geo}",
         f"workers: {s.workers}",
+        *envoy_serve.describe(s),
     ]
     if edge is not None and edge.tls is not None:
         lines.append(f"TLS: {s.tls_cert} (reloaded when the files change), TLS 1.2+, ALPN http/1.1")

@@ -19,6 +19,8 @@ and draining are the proxy port's), one path per contract:
   ``path_prefix: /authz/envoy``: the method is the request's own, the target
   follows the prefix, the body is there with ``with_request_body``. A refusal's
   status, headers and body go to the client as they are.
+* ``/authz/haproxy[/...]``, HAProxy's Lua action (``deploy/edges/haproxy/regiongate.lua``): the
+  forward contract, counted as ``via="haproxy"``.
 
 A request that fits no contract (another path, a missing header) is answered
 with an OpenAI-shaped 400 or 404 that names what was expected: the calling
@@ -52,6 +54,7 @@ log = logging.getLogger("regiongate")
 Writer = Callable[[Request, Answer], None]
 
 FORWARD = b"/authz/forward"
+HAPROXY = b"/authz/haproxy"
 NGINX = b"/authz/nginx"
 ENVOY = b"/authz/envoy"
 # What an nginx refusal carries for the error_page location to rebuild the client's answer.
@@ -67,7 +70,8 @@ NOT_FOUND = ErrorReply(
     "invalid_request_error",
     "authz_not_found",
     "This is Regiongate's decision service: ask /authz/forward (Traefik forwardAuth, Caddy forward_auth), "
-    "/authz/nginx (nginx auth_request) or /authz/envoy/... (Envoy ext_authz HTTP, path_prefix /authz/envoy).",
+    "/authz/nginx (nginx auth_request), /authz/envoy/... (Envoy ext_authz HTTP, path_prefix /authz/envoy) or "
+    "/authz/haproxy (HAProxy's Lua action).",
 )
 
 
@@ -84,6 +88,7 @@ class Contracts:
         self.forward = Judge(runtime, metrics, limits, "forward")
         self.nginx = Judge(runtime, metrics, limits, "nginx")
         self.envoy = Judge(runtime, metrics, limits, "envoy_http")
+        self.haproxy = Judge(runtime, metrics, limits, "haproxy")
         self.metrics = metrics
         self._ids = RequestIds()
 
@@ -103,6 +108,8 @@ class Contracts:
             self._forward(request)
         elif path.startswith(ENVOY + b"/"):
             self._envoy(request)
+        elif path == HAPROXY or path.startswith(HAPROXY + b"/"):
+            self._forward(request, self.haproxy, "haproxy")
         else:
             self._refuse(request, NOT_FOUND)
 
@@ -112,13 +119,14 @@ class Contracts:
 
     # --- the contracts -----------------------------------------------------------------
 
-    def _forward(self, request: Request) -> None:
+    def _forward(self, request: Request, judge: Judge | None = None, via: Contract = "forward") -> None:
+        """Forward auth; HAProxy's Lua action (deploy/edges/haproxy) asks the same way, counted as ``haproxy``."""
         headers = request.headers
         method, uri = header(headers, b"x-forwarded-method"), header(headers, b"x-forwarded-uri")
         if not method or not uri:
-            self._refuse(request, _missing("forward", "X-Forwarded-Method and X-Forwarded-Uri"))
+            self._refuse(request, _missing(via, "X-Forwarded-Method and X-Forwarded-Uri"))
             return
-        self._ask(request, self.forward, "forward", method.decode("latin-1"), uri, _plain)
+        self._ask(request, judge or self.forward, via, method.decode("latin-1"), uri, _plain)
 
     def _nginx(self, request: Request) -> None:
         headers = request.headers

@@ -160,6 +160,34 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         default="9090",
         metavar="PORT",
     ),
+    # --- Envoy's ext_authz over gRPC (docs/edges/envoy.md) ---
+    Option(
+        flag="--authz-grpc-port",
+        dest="authz_grpc_port",
+        help=(
+            "serve Envoy's ext_authz gRPC decision service (envoy.service.auth.v3.Authorization/Check, and "
+            "grpc.health.v1) on this port; 0: off. Needs the envoy extra: pip install 'regiongate[envoy]'"
+        ),
+        default="0 (off)",
+        metavar="PORT",
+    ),
+    Option(
+        flag="--authz-grpc-host",
+        dest="authz_grpc_host",
+        help="listen address of --authz-grpc-port; only Envoy may reach it (a caller there can name any client)",
+        default="127.0.0.1",
+        metavar="ADDRESS",
+    ),
+    Option(
+        flag="--authz-grpc-envoy-edge",
+        dest="authz_grpc_envoy_edge",
+        help=(
+            "Envoy is the edge (use_remote_address: true): the client is the x-envoy-external-address Envoy "
+            "writes, not the CheckRequest's source address"
+        ),
+        default="off",
+        action="store_true",
+    ),
     Option(
         flag="--authz-host",
         dest="authz_host",

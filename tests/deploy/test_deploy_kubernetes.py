@@ -30,6 +30,7 @@ from kubernetes_validate.utils import SchemaNotFoundError, latest_version
 from gateway.cidrs import CidrSet
 from gateway.runtime import Settings, load_edge
 from gateway.trust import wide_public
+from support.crdschema import strict
 from support.dockerfile import image_env, image_user
 from support.edge import LocalCA
 from support.processes import GEOIP, ROOT
@@ -80,19 +81,6 @@ def env_of(c: Resource) -> dict[str, Resource]:
 
 
 # --- schemas ---------------------------------------------------------------------------------
-
-
-def strict(schema: Any) -> Any:
-    """An OpenAPI structural schema that rejects unknown fields, as the API server's strict field validation does."""
-    if isinstance(schema, list):
-        return [strict(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: strict(v) for k, v in schema.items()}
-    open_ended = "additionalProperties" in out or out.get("x-kubernetes-preserve-unknown-fields")
-    if "properties" in out and not open_ended:
-        out["additionalProperties"] = False
-    return out
 
 
 def crd_schemas() -> dict[tuple[str, str], Any]:

@@ -32,6 +32,9 @@ YAML_BLOCK = re.compile(r"^```yaml\n(.*?)^```", re.S | re.M)
 NOT_POLICIES = {
     "# .github/workflows/policy.yml": "a GitHub Actions workflow (changing-policy.md)",
     "apiVersion: cert-manager.io/v1": "a cert-manager Certificate (deploy.md)",
+    "# Envoy: the ext_authz filter (envoy-grpc.yaml)": "Envoy configuration (edges/envoy.md)",
+    "# Envoy: routes on x-regiongate-upstream": "Envoy configuration (edges/envoy.md)",
+    "# Envoy: the facts in the access log and a rate limit descriptor": "Envoy configuration (edges/envoy.md)",
 }
 
 

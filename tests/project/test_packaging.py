@@ -5,7 +5,8 @@ the Dockerfile takes it as a build argument with no default. The deploy files na
 run by tag, and YAML cannot import Python, so this test holds them to the same version.
 
 Every third-party module that gateway/ imports is declared: in the runtime dependencies, or, for
-gateway/stub.py alone, in the ``stub`` extra.
+gateway/stub.py alone, in the ``stub`` extra, and for Envoy's gRPC decision service
+(gateway/authz/envoy_*.py) alone, in the ``envoy`` extra.
 """
 
 from __future__ import annotations
@@ -74,21 +75,25 @@ def test_every_import_of_gateway_is_declared() -> None:
     declared: dict[str, set[str]] = {}  # distribution -> the extras it is declared in ("" = always)
     for line in requires("regiongate") or []:
         req = Requirement(line)
-        extras = {m for m in ("stub", "dashboard") if req.marker and req.marker.evaluate({"extra": m})}
+        extras = {m for m in ("stub", "dashboard", "envoy") if req.marker and req.marker.evaluate({"extra": m})}
         if req.marker is None or req.marker.evaluate({"extra": ""}):
             extras.add("")
         declared.setdefault(canonical(req.name), set()).update(extras)
     providers = packages_distributions()
     missing = []
     for path in sorted((ROOT / "gateway").rglob("*.py")):
-        # The optional parts and their extras: the stub upstream; PNG maps (CairoSVG, as the dashboard's PNG).
+        # The optional parts and their extras: the stub upstream; PNG maps (CairoSVG, as the dashboard's PNG);
+        # Envoy's gRPC contract (grpcio and Envoy's protos).
         allowed = {"", "stub"} if path.name == "stub.py" else {"", "dashboard"} if path.name == "worldmap.py" else {""}
+        if path.parent.name == "authz" and path.name.startswith("envoy_"):
+            allowed = {"", "envoy"}
         for name in sorted(third_party_imports(path)):
             dists = {canonical(d) for d in providers.get(name, [name])}
             if not any(declared.get(d, set()) & allowed for d in dists):
                 missing.append(f"{path.relative_to(ROOT)}: {name} ({', '.join(sorted(dists))})")
     assert not missing, "imported but not declared in pyproject.toml:\n" + "\n".join(missing)
     assert declared["aiohttp"] == {"stub"}, "aiohttp is for `regiongate stub` only"
+    assert declared["grpcio"] == {"envoy"}, "grpcio is for Envoy's gRPC decision service only"
 
 
 def canonical(name: str) -> str:
