@@ -62,6 +62,8 @@ def test_rate_limit_keys_hold_no_address(
     # Two gateways and no --log-key: each has its own log key, and they must still share one budget.
     a = limited(gateway, stub, tmp_path, redis_server.url, prefix, "--log-address", mode)
     b = limited(gateway, stub, tmp_path, redis_server.url, prefix, "--log-address", mode)
+    for g in (a, b):  # both: b's first answer below must not be its on_error 503 (seen on a loaded machine)
+        g.wait_redis()
     for ip in (GB4, GB6):
 
         def counted(ip: str = ip) -> bool:

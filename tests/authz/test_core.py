@@ -31,6 +31,7 @@ def test_an_allowed_caller_gets_the_facts(tmp_path: Path) -> None:
     assert answer.header(b"x-regiongate-country") == b"GB"
     assert answer.header(b"x-regiongate-upstream") == b"default"
     assert answer.header(b"x-regiongate-policy") == runtime.active.header[1]
+    metrics.fold()  # the request path tallies; a scrape folds (gateway.metrics)
     text = metrics.registry.get_sample_value(
         "regiongate_decisions_total",
         {"decision": "allow", "rule": "gb", "country": "GB", "upstream": "default", "via": "forward"},

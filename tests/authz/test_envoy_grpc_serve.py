@@ -53,6 +53,7 @@ def test_serve_answers_envoy_over_grpc_with_shared_limits(
         "--policy", policy, "--geoip", str(CITY), "--redis", redis_server.url,
         "--authz-grpc-port", str(grpc_port), "--authz-grpc-envoy-edge", "--port", "0",  # the decision service alone
     )  # fmt: skip
+    gw.wait_redis()
     assert f"Envoy ext_authz gRPC on 127.0.0.1:{grpc_port}" in gw.stderr()
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         grpc.channel_ready_future(channel).result(timeout=15)

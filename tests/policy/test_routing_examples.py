@@ -21,7 +21,13 @@ from support.processes import CITY, POLICIES, GatewayFactory, RawUpstream, write
 
 EXAMPLES = sorted((POLICIES / "examples").glob("*.yaml"))
 TRUST = ["--trusted-proxy", "127.0.0.1/32"]
-KEYS = {"OPENAI_API_KEY": "sk-openai-test", "OPENAI_EU_API_KEY": "sk-eu-test", "QWEN_API_KEY": "sk-qwen-test"}
+KEYS = {
+    "OPENAI_API_KEY": "sk-openai-test",
+    "OPENAI_EU_API_KEY": "sk-eu-test",
+    "OPENAI_US_API_KEY": "sk-us-test",
+    "OPENAI_AE_API_KEY": "sk-ae-test",
+    "QWEN_API_KEY": "sk-qwen-test",
+}
 
 
 def test_both_examples_are_shipped() -> None:
@@ -55,7 +61,7 @@ def local_copy(tmp_path: Path, name: str, urls: dict[str, str]) -> str:
 
 @pytest.fixture
 def ups() -> Iterator[dict[str, RawUpstream]]:
-    made = {name: RawUpstream() for name in ("openai", "eu", "qwen", "qwen-cn")}
+    made = {name: RawUpstream() for name in ("openai", "eu", "us", "ae", "qwen", "qwen-cn")}
     yield made
     for up in made.values():
         up.close()
@@ -106,13 +112,21 @@ def test_eu_residency_end_to_end(gateway: GatewayFactory, tmp_path: Path, ups: d
     policy = local_copy(
         tmp_path,
         "eu-residency.yaml",
-        {"https://api.openai.com": ups["openai"].url, "https://eu.api.openai.com": ups["eu"].url},
+        {
+            "https://api.openai.com": ups["openai"].url,
+            "https://eu.api.openai.com": ups["eu"].url,
+            "https://us.api.openai.com": ups["us"].url,
+            "https://ae.api.openai.com": ups["ae"].url,
+        },
     )
     gw = gateway("--policy", policy, "--geoip", CITY, *TRUST, env=KEYS)
-    for who in ("2a02:d180::1", "89.160.20.112", "81.2.69.142", "2a02:d000::1"):  # DE, SE | GB, CH
+    # DE, SE | GB, CH | US
+    for who in ("2a02:d180::1", "89.160.20.112", "81.2.69.142", "2a02:d000::1", "216.160.83.56"):
         r = httpx.post(gw.url + "/v1/embeddings", json={"model": "m", "input": "x"}, headers={"X-Forwarded-For": who})
         assert r.status_code == 200
     assert [h[b"authorization"] for h, _ in requests_of(ups["eu"])] == [b"Bearer sk-eu-test"] * 2
     assert [h[b"authorization"] for h, _ in requests_of(ups["openai"])] == [b"Bearer sk-openai-test"] * 2
+    assert [h[b"authorization"] for h, _ in requests_of(ups["us"])] == [b"Bearer sk-us-test"]
+    assert requests_of(ups["ae"]) == []
     r = httpx.post(gw.url + "/v1/embeddings", json={"model": "m"}, headers={"X-Forwarded-For": "175.16.199.1"})
     assert r.status_code == 403

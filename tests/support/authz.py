@@ -184,6 +184,7 @@ def running_edge(directory: Path, *args: str) -> Iterator[Edge]:
                 "--trusted-proxy", "127.0.0.1/32", *args,
                 env={"REGIONGATE_ADMIN_TOKEN": TOKEN},
             )  # fmt: skip
+            gw.wait_redis()
             yield Edge(gw, authz_port, upstream, policy)
     finally:
         factory.close()
