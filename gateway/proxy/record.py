@@ -75,6 +75,8 @@ class Record:
             m.bad_request(error)
         if decision is not REJECTED:
             m.decision(decision.verdict, decision.rule, country, decision.upstream or "", ex.via)
+        # Before the access log's put: with workers, the fold this queues runs ahead of the log's hand-over
+        # in the same loop turn, so a request's line in the log means its metrics are in the shared files.
         m.request(decision.verdict, seconds)
         for rule in decision.shadow:
             m.shadow_match(rule)

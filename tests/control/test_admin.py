@@ -105,8 +105,10 @@ def test_diff_against_a_candidate(admin_gw: Gateway, tmp_path: Path) -> None:
     assert [(c["subject"], c["from"]["decision"], c["to"]["decision"]) for c in out["changes"]] == [
         ("SE", "allow", "deny")
     ]
+    # the test's own line in the candidate
+    line = next(n for n, text in enumerate(candidate.splitlines(), 1) if '"89.160.20.112"' in text)
     assert out["candidate_tests"]["failed"] == [
-        "candidate.yaml:42: test 89.160.20.112 /v1/chat/completions: expected allow, got deny (no rule matched)"
+        f"candidate.yaml:{line}: test 89.160.20.112 /v1/chat/completions: expected allow, got deny (no rule matched)"
     ]
     same = httpx.post(admin_gw.admin + "/admin/diff", content=Path(COUNTRY_ONLY).read_bytes(), headers=AUTH).json()
     assert same["changed"] is False and same["changes"] == [] and same["candidate_tests"]["failed"] == []

@@ -87,6 +87,10 @@ def test_counters_histograms_and_gauges_across_two_workers(gateway: GatewayFacto
     # A previous run's files in the same directory, as an emptyDir keeps them over a container restart.
     first = gateway(*args, env=env)
     drive(first.url, 8)
+    # A worker folds its tallies at the end of the loop turn that recorded a request, before it hands
+    # the access log that turn's lines (gateway.proxy.record): a line in the log means its metrics are
+    # in the shared files. Without this wait a busy machine let the scrape in first (5 of 6 seen).
+    first.wait_log(8)
     assert value(first.metrics(), "regiongate_decisions_total", country="GB") == 6
     first.proc.send_signal(signal.SIGTERM)
     assert first.proc.wait(timeout=20) == 0
@@ -143,6 +147,7 @@ def test_counters_histograms_and_gauges_across_two_workers(gateway: GatewayFacto
     os.kill(min(pids), signal.SIGKILL)
     wait_until(lambda: worker_pids(gw.admin) - pids, "a replacement worker answered", attempts=200, pause=0.05)
     drive(gw.url, 4)
+    gw.wait_log(44)
     text = gw.metrics()
     assert value(text, "regiongate_decisions_total", country="GB") == 33
     assert value(text, "regiongate_request_duration_seconds_count", decision="deny") == 11
