@@ -179,8 +179,10 @@ def test_a_huge_file_is_not_read_past_the_bound(tmp_path: Path) -> None:
     [
         ("version: 1\nmetadata:\n  n: " + "1" * 5_000 + "\n", 3, "digits"),
         ("version: 1\nmetadata: {taken: 2024-02-30}\n", 2, "day is out of range"),
+        ("version: 1\nmetadata:\n  taken: !!timestamp GB\n", 3, "'GB' is not a timestamp"),  # a traceback before
+        ("version: 1\nmetadata: {on: !!bool maybe}\n", 2, "'maybe' is not a bool"),
     ],
-    ids=["integer-of-5000-digits", "impossible-date"],
+    ids=["integer-of-5000-digits", "impossible-date", "tagged-timestamp", "tagged-bool"],
 )
 def test_a_value_python_cannot_hold_is_a_problem_with_its_line(text: str, line: int, words: str) -> None:
     with pytest.raises(FileError) as e:
