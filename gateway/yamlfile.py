@@ -1,10 +1,18 @@
 """YAML that remembers where each value was written.
 
 A compliance owner who mistypes a country code needs "policy.yaml:14", not a
-Python traceback. PyYAML's composer already knows the line of every node, so
-the document is built from the node tree here, recording the line of each
-value under its path (``("rules", 3, "countries", 1)``); validation errors,
-which also speak in paths, are then turned back into lines.
+Python traceback. PyYAML's parser knows the line of every value, so the
+document is built here recording the line of each value under its path
+(``("rules", 3, "countries", 1)``); validation errors, which also speak in
+paths, are then turned back into lines.
+
+Two paths build the same document. :func:`load_pure` composes PyYAML's
+pure-Python node tree: the definition, and the words of every error.
+:func:`load` builds from libyaml's parser events (:func:`fast`), about 6x
+faster and without a node tree, and leaves to the pure path every file that
+holds anything but plain data or that libyaml and PyYAML might read
+differently (a fast-tier differential test, tests/policy/test_yaml_fast.py,
+holds the two to the same values, lines and errors).
 
 Booleans follow YAML 1.2 (``true``/``false`` only): under YAML 1.1 rules
 ``countries: [NO]`` would be ``[False]``, and Norway would be dropped from a
@@ -18,29 +26,38 @@ or an admin request and is parsed by a running gateway: anchors and aliases
 are refused (a policy needs none, and nine nested aliases in a 522-byte file
 expand to about a billion values, 1.1 GB), and so are more than
 :data:`MAX_BYTES`, more than :data:`MAX_NODES` values and nesting deeper than
-:data:`MAX_DEPTH`, each with the line where the limit was crossed. The
-composer checks each node before it descends, so nothing is expanded,
+:data:`MAX_DEPTH`, each with the line where the limit was crossed. Both
+paths check each node before they descend, so nothing is expanded,
 recursed into or held past a limit: a refused file costs at most what
-:data:`MAX_BYTES` of YAML costs to read.
+:data:`MAX_NODES` values or :data:`MAX_BYTES` of YAML cost to read (the
+figures are beside the bounds).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 Path = tuple[str | int, ...]
+_T = TypeVar("_T")
 
-# The shipped policies are 3 to 4 KB, about 400 values, 4 levels deep. The bounds leave
-# a hand-written policy hundreds of times that room, and keep a refused one cheap: 50,000
-# composed values cost about 40 MB, and 32 levels keep the composer's recursion (three
+# Sized for policies of 100,000 rules: a one-CIDR rule (``- {name: block-1, cidrs: [...],
+# action: deny}``) is 8 values and about 65 bytes, so 100,000 of them are 800,000 values and
+# 6.5 MB. The fast path costs about 160 bytes and 7 µs of CPU a value (a flat list; measured
+# on a busy 2-core machine), up to about 380 bytes where every value is 31 levels deep (its
+# path, a 32-item tuple, is the line map's key). So the worst file the bounds let through, a
+# million values 31 levels deep (2 MB of ``[[[...1,1,1...]]]``), costs about 400 MB and 8 s
+# to read or to refuse; 16 MiB is the most held as text (48 MiB at peak while counting
+# bytes). A file the fast path leaves to the pure one costs the pure parser's time first
+# (about 10x, with nothing kept: :func:`_walk`), and the node tree (about 800 bytes a value)
+# only when it holds no parse-time refusal. 32 levels keep the composer's recursion (three
 # Python frames a level) far from Python's limit of 1,000.
-MAX_BYTES = 1 << 20
-MAX_NODES = 50_000
+MAX_BYTES = 16 << 20
+MAX_NODES = 1_000_000
 MAX_DEPTH = 32
 
 
@@ -64,24 +81,35 @@ class _Loader(yaml.SafeLoader):
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         event = self.peek_event()  # type: ignore[no-untyped-call]
-        line = event.start_mark.line + 1
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _Limit(
-                line,
-                "YAML anchors and aliases (&name, *name) are not allowed in a policy; write the values out",
-            )
-        self._nodes += 1
-        if self._nodes > MAX_NODES:
-            raise _Limit(line, f"too many values: a policy may hold at most {MAX_NODES:,}")
-        if not isinstance(event, yaml.CollectionStartEvent):
-            return super().compose_node(parent, index)
-        self._depth += 1
-        if self._depth > MAX_DEPTH:
-            raise _Limit(line, f"too deeply nested: a policy may nest lists and mappings at most {MAX_DEPTH} deep")
+        self._nodes, self._depth = _count(event, self._nodes, self._depth)
         try:
             return super().compose_node(parent, index)
         finally:
-            self._depth -= 1
+            if isinstance(event, yaml.CollectionStartEvent):
+                self._depth -= 1
+
+
+def _count(event: Any, nodes: int, depth: int) -> tuple[int, int]:
+    """The bounds' checks for one node's first event, in the composer's order; the new counts."""
+    line = event.start_mark.line + 1
+    if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+        raise _Limit(line, "YAML anchors and aliases (&name, *name) are not allowed in a policy; write the values out")
+    nodes += 1
+    if nodes > MAX_NODES:
+        raise _too_many(line)
+    if isinstance(event, yaml.CollectionStartEvent):
+        depth += 1
+        if depth > MAX_DEPTH:
+            raise _too_deep(line)
+    return nodes, depth
+
+
+def _too_many(line: int) -> _Limit:
+    return _Limit(line, f"too many values: a policy may hold at most {MAX_NODES:,}")
+
+
+def _too_deep(line: int) -> _Limit:
+    return _Limit(line, f"too deeply nested: a policy may nest lists and mappings at most {MAX_DEPTH} deep")
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -171,6 +199,12 @@ class _Builder:
         except ValueError as e:  # PyYAML resolved it, Python refuses it: 5,000 digits, 2024-02-30
             self.problems.append(Problem(node.start_mark.line + 1, f"cannot read this value: {e}"))
             return None
+        except (KeyError, AttributeError):  # an explicit tag PyYAML's constructor cannot apply: !!bool x, !!timestamp x
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            self.problems.append(
+                Problem(node.start_mark.line + 1, f"cannot read this value: {node.value!r} is not a {kind}")
+            )
+            return None
         if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
             # "\ud800" in a double-quoted scalar: not text, and it would break every log line and label it reached
             self.problems.append(
@@ -200,12 +234,47 @@ def _too_large(text: str) -> Problem | None:
 
 
 def load(text: str, filename: str) -> Document:
-    """Parse one YAML document. Raises :class:`FileError` with line numbers."""
+    """Parse one YAML document. Raises :class:`FileError` with line numbers.
+
+    libyaml's events build the document when they can (:func:`fast`). Anything
+    else is :func:`load_pure`'s to answer, the definition, so every message
+    stays its own; a refusal it finds while parsing (a syntax error, an anchor,
+    a bound) is first looked for by its own parser without its node tree
+    (:func:`_walk`), which a large file would make cost about 800 bytes a value.
+    """
     too_large = _too_large(text)
     if too_large is not None:
         raise FileError(filename, [too_large])
+    built = _parsed(text, filename, fast)
+    if built is not None:
+        return Document(filename, built[0], built[1])
+    _parsed(text, filename, _walk)
+    return load_pure(text, filename)
+
+
+def load_pure(text: str, filename: str) -> Document:
+    """:func:`load` by PyYAML's pure-Python composer and a node tree: the definition, and every error's words."""
+    too_large = _too_large(text)
+    if too_large is not None:
+        raise FileError(filename, [too_large])
+    root = _parsed(text, filename, lambda text: yaml.compose(text, Loader=_Loader))
+    if root is None:
+        raise FileError(filename, [Problem(None, "the file is empty")])
+    builder = _Builder(filename)
     try:
-        root = yaml.compose(text, Loader=_Loader)
+        data = builder.build(root, ())
+    except yaml.constructor.ConstructorError as e:
+        mark = e.problem_mark
+        raise FileError(filename, [Problem(mark.line + 1 if mark else None, str(e.problem))]) from None
+    if builder.problems:
+        raise FileError(filename, builder.problems)
+    return Document(filename, data, builder.lines)
+
+
+def _parsed(text: str, filename: str, parse: Callable[[str], _T]) -> _T:
+    """``parse(text)``, its refusals (a bound, PyYAML's errors) as :class:`FileError`."""
+    try:
+        return parse(text)
     except _Limit as e:
         raise FileError(filename, [Problem(e.line, e.message)]) from None
     except yaml.MarkedYAMLError as e:
@@ -225,17 +294,31 @@ def load(text: str, filename: str) -> Document:
         ) from None
     except yaml.YAMLError as e:
         raise FileError(filename, [Problem(None, f"YAML error: {e}")]) from None
-    if root is None:
-        raise FileError(filename, [Problem(None, "the file is empty")])
-    builder = _Builder(filename)
+
+
+def _walk(text: str) -> None:
+    """What composing ``text`` by :class:`_Loader` would refuse first, found from its events alone.
+
+    The composer's checks in the composer's order (:func:`_count` per node, the
+    parser's errors as they come), with nothing kept: a refused file of a
+    million values costs the pure parser's time but not a million nodes. It
+    stops at a second document, whose error :func:`load_pure` words.
+    """
+    loader = _Loader(text)
+    nodes = depth = documents = 0
     try:
-        data = builder.build(root, ())
-    except yaml.constructor.ConstructorError as e:
-        mark = e.problem_mark
-        raise FileError(filename, [Problem(mark.line + 1 if mark else None, str(e.problem))]) from None
-    if builder.problems:
-        raise FileError(filename, builder.problems)
-    return Document(filename, data, builder.lines)
+        while not loader.check_event(yaml.StreamEndEvent):
+            event = loader.get_event()  # type: ignore[no-untyped-call]
+            if isinstance(event, yaml.NodeEvent):
+                nodes, depth = _count(event, nodes, depth)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+            elif isinstance(event, yaml.DocumentStartEvent):
+                documents += 1
+                if documents > 1:
+                    return
+    finally:
+        loader.dispose()
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -310,3 +393,160 @@ def _colon_problem(text: str, line: int, col: int) -> Problem:
         line,
         f"YAML syntax error: a ':' at column {col} where none is allowed (quote a value that contains ': ')",
     )
+
+
+# --- the fast path: libyaml's events, no node tree ---------------------------------------------
+
+
+def _libyaml_parser() -> Any:
+    try:
+        from yaml import cyaml
+    except ImportError:  # PyYAML built without libyaml: the pure path reads every file
+        return None
+    return getattr(cyaml, "CParser", None)
+
+
+_CParser: Any = _libyaml_parser()
+_RESOLVERS = _Loader.yaml_implicit_resolvers
+_STR = "tag:yaml.org,2002:str"
+# The scalar types a policy uses. Any other tag (merge ``<<``, ``=``, binary) goes the pure way.
+_SCALARS = _Loader("")
+_CONSTRUCT = {
+    tag: _SCALARS.yaml_constructors[tag]
+    for tag in (
+        "tag:yaml.org,2002:null",
+        "tag:yaml.org,2002:bool",
+        "tag:yaml.org,2002:int",
+        "tag:yaml.org,2002:float",
+        "tag:yaml.org,2002:timestamp",
+    )
+}
+# Line breaks and a byte-order mark where libyaml's marks could differ from PyYAML's Reader, and
+# tabs, which libyaml takes as blanks where PyYAML refuses them (``[\t]``): rare in a policy, so
+# such a file simply goes the pure way.
+_UNUSUAL_TEXT = re.compile("[\t\x85\u2028\u2029\ufeff]")
+
+
+class _Fallback(Exception):
+    """Something the fast path leaves to :func:`load_pure`: an error, an anchor, a tag, a duplicate key."""
+
+
+def fast(text: str) -> tuple[Any, dict[Path, int]] | None:
+    """The document and its line map from libyaml's parser events, or None where :func:`load_pure` must answer.
+
+    It builds the same values and the same lines as :class:`_Builder` does from
+    the node tree, without the tree: PyYAML's pure-Python composer is about 5x
+    the time of the whole fast path, and a composed node about 800 bytes. It
+    answers only plain data it is sure of; for anything else (any parser error,
+    an anchor, an alias, a tag, a key that is not a scalar or repeats, a value
+    Python cannot hold, a lone surrogate, an empty file or a second document,
+    characters PyYAML's Reader refuses) it returns None. The bounds are its own
+    to enforce, with :func:`load_pure`'s words and line (raising :class:`_Limit`),
+    since reading a file over them again by the pure path would cost what they
+    exist to prevent.
+    """
+    if _CParser is None or yaml.reader.Reader.NON_PRINTABLE.search(text) or _UNUSUAL_TEXT.search(text):
+        return None
+    events = _Events(text)
+    try:
+        data = events.document()
+    except _Fallback:
+        return None
+    except _Limit:
+        raise
+    except Exception:  # any error of libyaml's or a constructor's: the pure path words it
+        return None
+    finally:
+        events.parser.dispose()
+    return data, events.lines
+
+
+class _Events:
+    """One pass over libyaml's events, building values as :class:`_Builder` does from nodes."""
+
+    def __init__(self, text: str) -> None:
+        self.parser = _CParser(text)
+        self.next = self.parser.get_event
+        self.lines: dict[Path, int] = {}
+        self.nodes = 0
+        self.depth = 0
+        self.flow = 0  # how many of the enclosing collections are flow ([...], {...})
+
+    def document(self) -> Any:
+        if type(self.next()) is not yaml.StreamStartEvent or type(self.next()) is not yaml.DocumentStartEvent:
+            raise _Fallback  # an empty file
+        data = self.value(self.next(), ())
+        if type(self.next()) is not yaml.DocumentEndEvent or type(self.next()) is not yaml.StreamEndEvent:
+            raise _Fallback  # a second document
+        return data
+
+    def value(self, event: Any, path: Path) -> Any:
+        # The same order of checks as _Loader.compose_node: anchors, then the count, then the depth.
+        if event.anchor is not None:  # an AliasEvent's anchor is its name
+            raise _Fallback
+        # _count's checks, inlined: a third of this path's time went to its isinstance calls
+        line = self.lines[path] = event.start_mark.line + 1
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise _too_many(line)
+        kind = type(event)
+        if kind is yaml.ScalarEvent:
+            return self.scalar(event)
+        if kind is not yaml.SequenceStartEvent and kind is not yaml.MappingStartEvent:
+            raise _Fallback
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _too_deep(line)
+        if event.tag is not None:
+            raise _Fallback
+        flow = bool(event.flow_style)
+        self.flow += flow
+        out = self.sequence(path) if kind is yaml.SequenceStartEvent else self.mapping(path)
+        self.flow -= flow
+        self.depth -= 1
+        return out
+
+    def sequence(self, path: Path) -> list[Any]:
+        out: list[Any] = []
+        nxt, value, end = self.next, self.value, yaml.SequenceEndEvent
+        while type(event := nxt()) is not end:
+            out.append(value(event, (*path, len(out))))
+        return out
+
+    def mapping(self, path: Path) -> dict[Any, Any]:
+        out: dict[Any, Any] = {}
+        nxt, value, lines, end = self.next, self.value, self.lines, yaml.MappingEndEvent
+        at_key = (*path, "<key>")
+        while type(event := nxt()) is not end:
+            if type(event) is not yaml.ScalarEvent:
+                raise _Fallback  # a key that is a list or mapping: the pure path says so
+            key = value(event, at_key)
+            if (not isinstance(key, str | int | bool | float) and key is not None) or key in out:
+                raise _Fallback  # the pure path words these problems
+            child = (*path, key) if isinstance(key, str | int) else path
+            out[key] = value(nxt(), child)
+            lines[child] = lines[at_key]  # the key's line, as _Builder records it
+        lines.pop(at_key, None)
+        return out
+
+    def scalar(self, event: Any) -> Any:
+        if event.tag is not None:
+            raise _Fallback
+        text: str = event.value
+        if event.implicit[0]:  # plain: resolved as _Loader resolves it
+            if not text or (self.flow and "?" in text):
+                # An empty value (``key:``) is placed by the next token, which libyaml and PyYAML
+                # can mark on different lines ("? " at the end); libyaml reads [a? b] as one
+                # value, PyYAML refuses it.
+                raise _Fallback
+            for tag, regexp in _RESOLVERS.get(text[:1] if text else "", ()):
+                if regexp.match(text):
+                    if tag == _STR:
+                        break
+                    construct = _CONSTRUCT.get(tag)
+                    if construct is None:
+                        raise _Fallback
+                    return construct(_SCALARS, yaml.ScalarNode(tag, text))
+        if not text.isascii() and _SURROGATE.search(text):
+            raise _Fallback
+        return text
