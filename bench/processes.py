@@ -197,6 +197,18 @@ def post_chat(url: str, client_ip: str) -> tuple[int, bytes]:
     return http(url, body=PROBE_BODY, headers=headers)
 
 
+def ask_nginx_contract(url: str, client_ip: str) -> tuple[int, bytes]:
+    """``/authz/nginx`` asked as nginx's auth_request asks it: the status, and a refusal's body
+    (the ``x-regiongate-body`` header, which nginx's ``error_page`` location sends the client)."""
+    headers = {"X-Original-Method": "POST", "X-Original-URI": "/v1/chat/completions", "X-Forwarded-For": client_ip}
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with _OPENER.open(request, timeout=5) as response:
+            return int(response.status), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, (e.headers.get("x-regiongate-body") or "").encode()
+
+
 def connects(port: int) -> bool:
     with socket.create_connection(("127.0.0.1", port), timeout=1):
         return True

@@ -36,7 +36,7 @@ from .common import (
     log,
 )
 from .policy import BenchPolicy
-from .processes import Pinning, Tools, free_port, http, post_chat, spawn, stop, wait_ready
+from .processes import Pinning, Tools, ask_nginx_contract, free_port, http, post_chat, spawn, stop, wait_ready
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class Target:
     url: str
     pid: int
     refuses: bool  # whether it must refuse the CN address
+    also: tuple[int, ...] = ()  # other processes whose CPU a request costs (a decision service behind a proxy)
+    decision_only: bool = False  # the decision service's /authz/nginx itself: 200 empty, or 403 + the body header
 
 
 def render(template: Path, values: dict[str, str]) -> str:
@@ -264,8 +266,12 @@ def probe(target: Target, refusal_body: str) -> list[str]:
     problems: list[str] = []
     expected_refusal = json.loads(refusal_body)
     for ip in ROTATION:
-        status, body = post_chat(target.url, ip)
+        status, body = ask_nginx_contract(target.url, ip) if target.decision_only else post_chat(target.url, ip)
         must_refuse = target.refuses and ip in REFUSED_ADDRS
+        if target.decision_only and not must_refuse:
+            if status != 200 or body:
+                problems.append(f"{target.label}: {ip} should be allowed (200, no body), got {status} {body[:200]!r}")
+            continue
         if must_refuse:
             if status != 403 or parse_json(body) != expected_refusal:
                 problems.append(

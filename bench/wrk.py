@@ -83,9 +83,10 @@ def measure(target: Target, tools: Tools, pin: Pinning, duration_s: int, warmup_
     log(f"{target.label}: warm-up {warmup_s}s")
     run_wrk(tools, pin, target.url, THROUGHPUT_CONNECTIONS, warmup_s)
     log(f"{target.label}: {THROUGHPUT_CONNECTIONS} connections, {duration_s}s")
-    cpu_before = tree_cpu_seconds(target.pid)
+    pids = (target.pid, *target.also)
+    cpu_before = sum(tree_cpu_seconds(p) for p in pids)
     throughput = run_wrk(tools, pin, target.url, THROUGHPUT_CONNECTIONS, duration_s)
-    cpu = tree_cpu_seconds(target.pid) - cpu_before
+    cpu = sum(tree_cpu_seconds(p) for p in pids) - cpu_before
     log(f"{target.label}: 1 connection, {duration_s}s")
     latency = run_wrk(tools, pin, target.url, 1, duration_s)
     result = TargetResult(target.key, target.label, target.pid, throughput, latency)

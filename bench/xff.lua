@@ -28,10 +28,18 @@ function init(args)
   if #args > 0 then
     addrs = args
   end
-  wrk.method = "POST"
-  wrk.body = body
-  wrk.headers["Content-Type"] = "application/json"
   wrk.headers["Authorization"] = "Bearer sk-bench-not-a-real-key"
+  if wrk.path == "/authz/nginx" then
+    -- The decision endpoint asked directly, as nginx's auth_request subrequest asks it: no body,
+    -- the original request in X-Original-Method / X-Original-URI.
+    wrk.method = "GET"
+    wrk.headers["X-Original-Method"] = "POST"
+    wrk.headers["X-Original-URI"] = "/v1/chat/completions"
+  else
+    wrk.method = "POST"
+    wrk.body = body
+    wrk.headers["Content-Type"] = "application/json"
+  end
   for i, addr in ipairs(addrs) do
     wrk.headers["X-Forwarded-For"] = addr
     requests[i] = wrk.format()
