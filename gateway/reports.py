@@ -453,7 +453,9 @@ class EvidenceReportOut(Report):
     refusals_by_asn: list[CountOut]
     refusals_by_rule: list[CountOut]
     refusals_by_model: list[CountOut]
-    would_refuse_by_rule: list[CountOut]
+    would_refuse_by_rule: list[CountOut] = Field(
+        description="Requests let through that a monitor rule, or the shadow policy (as 'shadow: RULE'), would refuse"
+    )
     clients: dict[str, int] = Field(
         description="Decisions on callers with no usable location: unknown, invalid, missing"
     )

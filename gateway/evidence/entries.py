@@ -58,6 +58,9 @@ class RequestEntry(Entry):
     model: str | None
     policy: str
     client: str | None
+    # The shadow policy's verdict and rule where they differed from the enforced decision (absent before).
+    shadow_decision: str | None = None
+    shadow_rule: str | None = None
 
     KIND: ClassVar[str] = REQUEST
 

@@ -218,6 +218,8 @@ def build(
                 by_model[e.model or "(unknown)"] += 1
             elif e.decision == "monitor":
                 would[e.rule] += 1
+            if e.shadow_decision == "deny" and e.decision not in REFUSED:
+                would[f"shadow: {e.shadow_rule}"] += 1  # the shadow policy would have refused it
 
     rows, counts_from = _counts(chain_counts, evidence.hourly, since, until)
     countries: dict[str, dict[str, int]] = {}

@@ -161,7 +161,7 @@ def render_html(report: EvidenceReportOut, files: Sequence[tuple[str, str]] = ()
         _counts("By ASN", report.refusals_by_asn, "ASN"),
         _counts("By rule", report.refusals_by_rule, "rule"),
         _counts("By model", report.refusals_by_model, "model"),
-        "<h3>Would-be refusals (monitor) by rule</h3>",
+        "<h3>Would-be refusals (monitor rules, and the shadow policy's as <i>shadow: rule</i>) by rule</h3>",
         _table(["rule", "let through"], ((c.key, c.n) for c in report.would_refuse_by_rule), (1,)),
         "<h2>Callers with no usable location</h2>",
         _table(["kind", "decisions"], sorted(report.clients.items()), (1,)),

@@ -102,12 +102,12 @@ class Record:
         verdict = "rate_limited" if error == "rate_limit_exceeded" else decision.verdict
         if audit.enabled:
             audit.count(country, facts.subdivisions, verdict, decision.rule)  # hourly counts (shared.auditcounts)
-        if audit.enabled and audit.wants(verdict):
+        if audit.enabled and audit.wants(verdict, shadow.verdict if shadow is not None else None):
             audit.put(
                 audit_entry(
                     request_id, verdict, decision.rule,
                     facts.country, facts.subdivisions, facts.asn, path, ex.active.policy.sha256, log_.redact(client.ip),
-                    ex.model,
+                    ex.model, (shadow.verdict, shadow.rule) if shadow is not None else None,
                 ),
                 source_of(client.ip),
             )  # fmt: skip

@@ -153,8 +153,10 @@ class Audit:
         self._dropped_by: dict[str, int] = {}
         self._busy = False  # a batch is being written
 
-    def wants(self, verdict: str) -> bool:
-        return self.enabled and (self.mode == "all" or verdict in _REFUSALS)
+    def wants(self, verdict: str, shadow: str | None = None) -> bool:
+        """Whether a request judged ``verdict`` (``shadow``: the shadow policy's, where it differs) is written:
+        every refusal, every refusal the shadow policy would have made, or with ``--audit all`` everything."""
+        return self.enabled and (self.mode == "all" or verdict in _REFUSALS or shadow == "deny")
 
     def count(self, country: str, subdivisions: Sequence[str], verdict: str, rule: str) -> None:
         """One decision in this hour's counts (:class:`.auditcounts.HourlyCounts`); O(1)."""
@@ -165,7 +167,8 @@ class Audit:
         """Queue ``entry``; a refusal only while its source (:func:`.auditbound.source_of`) has budget."""
         if self.queue is None:
             return
-        if entry["decision"] in _REFUSALS and not self._sources.take(source, time.monotonic()):
+        refusal = entry["decision"] in _REFUSALS or entry.get("shadow_decision") == "deny"  # one budget for both
+        if refusal and not self._sources.take(source, time.monotonic()):
             self.sampled += 1
             self.counts.sampled += 1
             self._drop(1, "sampled")
@@ -384,9 +387,14 @@ def entry(
     policy: str,
     client: str | None,
     model: str | None = None,
+    shadow: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """One entry, every string cut to its bound (:mod:`.auditbound`): the client chose the path and the model."""
-    return {
+    """One entry, every string cut to its bound (:mod:`.auditbound`): the client chose the path and the model.
+
+    ``shadow``: the shadow policy's verdict and rule where they differ from the enforced one, so that a
+    refusal the shadow policy would have made is evidence too (a would-be refusal); absent otherwise.
+    """
+    e = {
         "kind": REQUEST,
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "request_id": request_id,
@@ -400,6 +408,10 @@ def entry(
         "policy": clip(policy, CLIENT_BYTES),
         "client": clip(client, CLIENT_BYTES) if client is not None else None,
     }
+    if shadow is not None:
+        e["shadow_decision"] = clip(shadow[0], CODE_BYTES)
+        e["shadow_rule"] = clip(shadow[1], RULE_BYTES)
+    return e
 
 
 # --- reading: regiongate audit tail / export ---------------------------------------------

@@ -80,11 +80,12 @@ def entries() -> list[dict[str, Any]]:
     return [start, load1, geo, refusal, counts1, override, load2, gap, counts2, refusal2, stop]
 
 
-def sealed() -> list[tuple[str, dict[str, Any]]]:
-    """(stream id, entry) as stored: sealed in order; the gap links to the entry it follows."""
+def sealed(items: list[dict[str, Any]] | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(stream id, entry) as stored: ``items`` (default :func:`entries`) sealed in order; the gap links to
+    the entry it follows."""
     sealer = Sealer(CHAIN, KEY)
     out = []
-    for i, entry in enumerate(entries(), 1):
+    for i, entry in enumerate(entries() if items is None else items, 1):
         stored = orjson.loads(sealer.seal(dict(entry)))
         out.append((f"{1793577600000 + i}-0", stored))
     return out

@@ -16,7 +16,7 @@ from gateway.evidence.report import build
 from gateway.evidence.report_html import render_html
 from gateway.reports import dump
 
-from .evidence_run import KEY, SHA1, SHA2, V1, V2, export_lines, sealed
+from .evidence_run import KEY, SHA1, SHA2, V1, V2, _envelope, entries, export_lines, sealed
 
 SINCE, UNTIL = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
 NOW = datetime(2026, 12, 2, tzinfo=UTC)
@@ -146,3 +146,28 @@ def test_cli_json_pack_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[
     bad.write_bytes(b'{"x": 1}\n')
     assert main(["report", "--since", "2026-11-01", "--from", str(bad)]) == 2
     assert f"{bad}:1: not a regiongate audit export" in capsys.readouterr().err
+
+
+def test_would_be_refusals_of_monitor_rules_and_of_the_shadow_policy() -> None:
+    """Let through, but refused by a monitor rule or by the shadow policy: both are would-be refusals."""
+    request: dict[str, Any] = {
+        "subdivisions": [],
+        "asn": None,
+        "path": "/v1/models",
+        "model": None,
+        "policy": SHA2,
+        "client": "h:1",
+    }
+    shadowed = _envelope(
+        "request", "2026-11-21T10:00:00.000+00:00", request_id="r3", decision="allow", rule="supported",
+        country="FR", shadow_decision="deny", shadow_rule="tighter", **request,
+    )  # fmt: skip
+    monitored = _envelope(
+        "request", "2026-11-21T10:00:01.000+00:00", request_id="r4", decision="monitor", rule="watch-br",
+        country="BR", **request,
+    )  # fmt: skip
+    both = [*entries()[:-1], shadowed, monitored, entries()[-1]]
+    r = report_of(sealed(both))
+    assert r["verification"]["ok"]
+    assert r["would_refuse_by_rule"] == [{"key": "shadow: tighter", "n": 1}, {"key": "watch-br", "n": 1}]
+    assert r["summary"]["refused"] == 56  # a would-be refusal is not a refusal

@@ -93,7 +93,7 @@ def test_the_worst_entry_fits_the_entry_bound() -> None:
     """Every field at its longest, in the costliest characters: the entry is still under MAX_ENTRY_BYTES."""
     worst = entry(
         "rg-" + "f" * 16, "rate_limited", "\x01" * 5000, "\x01" * 100, ["\x01" * 100] * 50, 2**32 - 1,
-        "\x01" * 9000, "\x01" * 64, "\x01" * 5000, "\x01" * 9000,
+        "\x01" * 9000, "\x01" * 64, "\x01" * 5000, "\x01" * 9000, ("\x01" * 100, "\x01" * 5000),
     )  # fmt: skip
     assert len(orjson.dumps(worst)) <= MAX_ENTRY_BYTES
     # As stored: with the chain's envelope, the longest chain id (a 64-byte host name) and key id.
