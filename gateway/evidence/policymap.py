@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import pycountry
 
@@ -78,7 +79,10 @@ class PolicyMap:
             for code, t in self.countries.items()
         }
         notes = [*self.carve_outs, *self.not_shown]
-        heading = title or f"{self.source}: what the policy does to a caller from each country ({PATH})"
+        # The file's name, not its path: a path of any length ran off the map's 1,600 px title line, and
+        # where the file lay on the machine that drew the map is no part of what the policy does.
+        name = PurePath(self.source).name or self.source
+        heading = title or f"{name}: what the policy does to a caller from each country ({PATH})"
         return render(countries, self.shades(), heading, notes)
 
 
