@@ -6,7 +6,7 @@ import contextlib
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from gateway.authz.judge import Judge
 from gateway.authz.query import Answer, Contract, Query
 from gateway.dataplane.limits import Limits
+from gateway.dataplane.server import Request
 from gateway.metrics import Metrics
 from gateway.runtime import Runtime, Settings, load_runtime
 from support.processes import CITY, ROOT, Gateway, GatewayFactory, RawUpstream, Sent, free_port, stop
@@ -219,52 +220,14 @@ def running_proxy(argv: list[str], port: int, log: Path, env: dict[str, str] | N
 def inprocess_authz(runtime: Runtime) -> Iterator[str]:
     """The ``--authz-port`` listener in this process (the data plane's Listener serving
     :class:`gateway.authz.contracts.Contracts` on uvloop, in a thread); its base URL."""
-    import asyncio
-    import threading
-
-    import uvloop
-
     from gateway.authz.contracts import Contracts
-    from gateway.dataplane.server import Listener
-    from gateway.server import bind
+    from support.wire import serving
 
     assert runtime.authz is not None
-    sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    loop = uvloop.new_event_loop()
-    ready = threading.Event()
-    stopping: list[asyncio.Event] = []
-    failed: list[BaseException] = []
+    authz, metrics, limits = runtime.authz, Metrics(CollectorRegistry()), Limits()
 
-    async def main() -> None:
-        stopping.append(asyncio.Event())
-        metrics = Metrics(CollectorRegistry())
-        limits = Limits()
-        assert runtime.authz is not None
-        listener = Listener(Contracts(runtime, metrics, limits, runtime.authz).handle, limits, 64, metrics.bad_request)
-        await listener.start(sock)
-        ready.set()
-        await stopping[0].wait()
-        await listener.shutdown()
+    def opened() -> Callable[[Request], None]:
+        return Contracts(runtime, metrics, limits, authz).handle
 
-    def run() -> None:
-        try:
-            loop.run_until_complete(main())
-        except BaseException as e:  # reported to the test, not lost in the thread
-            failed.append(e)
-            ready.set()
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    if not ready.wait(20) or failed:
-        raise RuntimeError(f"the in-process decision service did not start: {failed}")
-    try:
+    with serving(opened, limits, 64, metrics, "the in-process decision service") as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        loop.call_soon_threadsafe(stopping[0].set)
-        thread.join(20)
-        sock.close()
-    if failed:
-        raise failed[0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from gateway.dataplane.limits import Limits
-from gateway.dataplane.server import Listener
+from gateway.dataplane.server import Listener, Request
 from gateway.metrics import Metrics
 from gateway.proxy import Gateway
 from gateway.runtime import Settings, load_runtime
@@ -58,26 +58,53 @@ def inprocess_gateway(
     )
     runtime = load_runtime(settings)
     limits = limits or Limits()
+    metrics = Metrics(CollectorRegistry())
+    made: list[Gateway] = []
+
+    def opened() -> Callable[[Request], None]:
+        made.append(Gateway(runtime, metrics, limits))
+        made[0].open(64)
+        return made[0].handle
+
+    def closed() -> None:
+        made[0].close()
+        runtime.access_log.close()
+
+    with serving(opened, limits, 256, metrics, "the in-process data plane", closed) as port:
+        yield InProcess(port, access_log, metrics)
+
+
+@contextlib.contextmanager
+def serving(
+    opened: Callable[[], Callable[[Request], None]],
+    limits: Limits,
+    connections: int,
+    metrics: Metrics,
+    what: str,
+    closed: Callable[[], None] = lambda: None,
+) -> Iterator[int]:
+    """The data plane's Listener on uvloop in a thread, on a free loopback port; that port.
+
+    ``opened`` runs on the loop before it listens and gives the request handler (what the handler
+    holds is made inside the running loop, as in the gateway); ``closed`` runs on the loop after the
+    listener stopped. A failure in the thread is raised here, not lost.
+    """
     sock = bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     loop = uvloop.new_event_loop()
     ready = threading.Event()
     stop: asyncio.Event | None = None
     failed: list[BaseException] = []
-    metrics = Metrics(CollectorRegistry())
 
     async def main() -> None:
         nonlocal stop
         stop = asyncio.Event()
-        gateway = Gateway(runtime, metrics, limits)
-        gateway.open(64)
-        listener = Listener(gateway.handle, limits, 256, metrics.bad_request)
+        listener = Listener(opened(), limits, connections, metrics.bad_request)
         await listener.start(sock)
         ready.set()
         await stop.wait()
         await listener.shutdown()
-        gateway.close()
-        runtime.access_log.close()
+        closed()
 
     def run() -> None:
         try:
@@ -91,9 +118,9 @@ def inprocess_gateway(
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     if not ready.wait(GUARD) or failed:
-        raise RuntimeError(f"the in-process data plane did not start: {failed}")
+        raise RuntimeError(f"{what} did not start: {failed}")
     try:
-        yield InProcess(port, access_log, metrics)
+        yield port
     finally:
         if stop is not None:
             loop.call_soon_threadsafe(stop.set)
