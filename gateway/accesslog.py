@@ -56,14 +56,31 @@ _TOKEN = re.compile(r"[0-9A-Za-z.:%\[\]_-]{3,}")
 _LOOKS_V4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
 
 
+# Addresses whose written form is kept: ``str(ip)`` costs 2 µs (ipaddress's Python), a keyed hash
+# about as much, a dict hit 0.1 µs, and a client sends many requests. Past this many the cache is
+# emptied and fills again (64 KiB or so at most).
+_WRITTEN_CACHE = 1024
+
+
 class AddressRedactor:
     def __init__(self, mode: AddressMode, key: bytes | None = None) -> None:
         self.mode = mode
         self.key = key or secrets.token_bytes(16)
+        # One address, one written form, for as long as this redactor (its mode and key) lives.
+        # Used from the loop and the log's writer thread: a dict's get and set are each atomic.
+        self._written: dict[IPAddress, str] = {}
 
     def __call__(self, ip: IPAddress | None) -> str | None:
         if ip is None:
             return None
+        written = self._written.get(ip)
+        if written is None:
+            if len(self._written) >= _WRITTEN_CACHE:
+                self._written = {}
+            written = self._written[ip] = self._write(ip)
+        return written
+
+    def _write(self, ip: IPAddress) -> str:
         if self.mode == "full":
             return str(ip)
         if self.mode == "truncated":
@@ -135,6 +152,19 @@ def json_line(entry: Any, redact: AddressRedactor) -> bytes:
     return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
 
 
+# How many times this process's line of ancestors forked (counted in the child): a process that
+# forks after starting its writer thread has a different count in the child than the writer's.
+_forks = 0
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class AccessLog:
     def __init__(self, target: str, redactor: AddressRedactor, max_pending: int = MAX_PENDING) -> None:
         """``target`` is ``-`` (stdout), ``off``, or a file path (appended to)."""
@@ -168,6 +198,7 @@ class AccessLog:
         self._written = 0
         self._writer: threading.Thread | None = None
         self._writer_pid = 0
+        self._writer_forks = -1  # the process's fork count when the writer was started (see _forks)
 
     def put(self, entry: Any) -> None:
         """Queue one entry; its line is made and written on the writer thread."""
@@ -197,11 +228,13 @@ class AccessLog:
         self._queue.put(entries)
 
     def _ensure_writer(self) -> None:
-        # Threads do not survive fork: each worker starts its own.
-        if self._writer is None or self._writer_pid != os.getpid():
+        # Threads do not survive fork: each worker starts its own. A fork is told by a count
+        # (_forks), not by os.getpid(): this runs once per loop turn, and that is a system call.
+        if self._writer is None or self._writer_forks != _forks:
             if self._writer_pid:  # forked: the parent's queue (and its lock's state) is not this process's
                 self._queue = queue.SimpleQueue()
             self._writer_pid = os.getpid()
+            self._writer_forks = _forks
             self._writer = threading.Thread(
                 target=self._run, args=(self._queue,), name="regiongate-access-log", daemon=True
             )

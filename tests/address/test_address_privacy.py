@@ -158,3 +158,19 @@ def test_every_log_record_is_redacted_whatever_its_logger() -> None:
     finally:
         logging.getLogger("regiongate").removeHandler(handler)
     assert f"after: {GB4}" in out.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["full", "truncated", "hashed"])
+def test_a_redactor_writes_an_address_the_same_from_its_cache_as_afresh(mode: str) -> None:
+    """Written forms are kept per address (a dict hit instead of ``str(ip)`` or a keyed hash per
+    line); past the cache's bound it empties and fills again, and nothing read from it differs."""
+    key = b"k" * 16
+    cached, fresh = AddressRedactor(mode, key), AddressRedactor(mode, key)  # type: ignore[arg-type]
+    addresses = [ipaddress.ip_address(n) for n in range(3000)]
+    addresses += [ipaddress.ip_address(f"2a02:d3c0::{n:x}") for n in range(3000)]
+    addresses += [ipaddress.ip_address("::ffff:2.125.160.216"), ipaddress.ip_address("fe80::1%eth0")]
+    for _ in range(2):  # the second pass reads what the first one (and the emptied caches) left
+        for ip in addresses:
+            assert cached(ip) == fresh._write(ip)
+    # Equal integers of the two families are different addresses, and are written differently.
+    assert cached(ipaddress.IPv4Address(1)) != cached(ipaddress.IPv6Address(1))
