@@ -3,7 +3,8 @@
 The event loop hands over entries (for a request, the tuple of facts
 :class:`gateway.proxy.record.Record` has at hand), collected and passed to
 the writer thread once per loop iteration (one queue put and one wake-up per
-iteration, however many requests it finished). The thread builds each line
+iteration, however many requests it finished; none while the thread is still
+busy, since it takes what waited when it is done). The thread builds each line
 (:attr:`AccessLog.line`; for requests :func:`gateway.proxy.logline.request_line`:
 the time, the redacted address, the JSON) and writes them in slices of at
 most ``PIPE_BUF`` bytes cut at line ends, so that several workers sharing
@@ -196,6 +197,12 @@ class AccessLog:
         self._added = 0
         self._settled = 0
         self._written = 0
+        # While the writer is busy (_busy), the loop's batches wait in _backlog and the writer takes
+        # them all when it is done, in order: the thread is woken (a queue put, a futex, a switch
+        # and a GIL hand-over) once per idle spell, not once per loop iteration, under load.
+        self._lock = threading.Lock()
+        self._busy = False
+        self._backlog: list[Any] = []
         self._writer: threading.Thread | None = None
         self._writer_pid = 0
         self._writer_forks = -1  # the process's fork count when the writer was started (see _forks)
@@ -225,14 +232,20 @@ class AccessLog:
         if not entries:
             return
         self._ensure_writer()
+        with self._lock:
+            if self._busy:
+                self._backlog += entries
+                return
+            self._busy = True
         self._queue.put(entries)
 
     def _ensure_writer(self) -> None:
         # Threads do not survive fork: each worker starts its own. A fork is told by a count
         # (_forks), not by os.getpid(): this runs once per loop turn, and that is a system call.
         if self._writer is None or self._writer_forks != _forks:
-            if self._writer_pid:  # forked: the parent's queue (and its lock's state) is not this process's
+            if self._writer_pid:  # forked: the parent's queue, lock and backlog are not this process's
                 self._queue = queue.SimpleQueue()
+                self._lock, self._busy, self._backlog = threading.Lock(), False, []
             self._writer_pid = os.getpid()
             self._writer_forks = _forks
             self._writer = threading.Thread(
@@ -242,9 +255,13 @@ class AccessLog:
 
     def _run(self, batches: queue.SimpleQueue[list[Any] | None]) -> None:
         while (entries := batches.get()) is not None:
-            for chunk in self._chunks(entries):
-                self._write(chunk)
-                self._written += len(chunk)
+            while entries:
+                for chunk in self._chunks(entries):
+                    self._write(chunk)
+                    self._written += len(chunk)
+                with self._lock:  # what the loop handed over meanwhile, or idle again
+                    entries, self._backlog = self._backlog, []
+                    self._busy = bool(entries)
 
     def _chunks(self, entries: list[Any]) -> Iterator[bytes]:
         """The entries' lines, joined into slices of at most ``PIPE_BUF`` bytes cut at line ends."""
