@@ -54,6 +54,7 @@ def header(headers: list[Header], name: bytes) -> bytes | None:
 
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_QUESTION, _HASH = ord("?"), ord("#")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BUSY = ErrorReply(503, "server_error", "gateway_busy", "The gateway has too many open connections.", True)
 
@@ -139,23 +140,29 @@ class Request:
     def __init__(self, conn: ClientConnection, method: str, url: bytes, headers: list[Header]) -> None:
         self._conn = conn
         self.method = method
-        try:
-            parsed = httptools.parse_url(url)
-            self.raw_path: bytes = parsed.path or b""
-            self.query: bytes = parsed.query or b""
-        except httptools.HttpParserInvalidURLError:  # authority form (CONNECT) and the like: refused later
+        if url[:1] == b"/" and _QUESTION not in url and _HASH not in url:
+            # Origin form with no query or fragment (nearly every request): llhttp's URL parser
+            # would give the whole of it as the path, or refuse it, which leaves it whole too.
+            # A URL object less per request (0.25 µs; an int's `in` is 15 ns, a bytes' 250).
             self.raw_path, self.query = url, b""
+        else:
+            try:
+                parsed = httptools.parse_url(url)
+                self.raw_path = parsed.path or b""
+                self.query = parsed.query or b""
+            except httptools.HttpParserInvalidURLError:  # authority form (CONNECT) and the like: refused later
+                self.raw_path, self.query = url, b""
         text = self.raw_path.decode("latin-1")
         self.path = unquote(text) if "%" in text else text
         self.headers = headers
         self.peer = conn.peer
         parser = conn.parser
         assert parser is not None  # made before the bytes that made this request were fed
-        self.http10 = parser.get_http_version() == "1.0"
         # llhttp's answer, taken now (it forgets once the message is over): HTTP/1.1 unless
         # "close", HTTP/1.0 only with "Connection: keep-alive".
         self.keep_alive = parser.should_keep_alive()
-        self.expect_continue = False
+        expect = False
+        connection = False  # a Connection (or Proxy-Connection, which llhttp reads alike) header
         self.chunked = False
         self.has_body = False
         self.length: int | None = None  # the body's length as llhttp checked it (digits only, one value)
@@ -172,9 +179,16 @@ class Request:
                 self.length = int(value)
                 self.has_body = self.length > 0
             elif name == b"expect" and value.lower() == b"100-continue":
-                self.expect_continue = not self.http10
+                expect = True
             elif name == b"idempotency-key":
                 self.idempotent = True
+            elif name == b"connection" or name == b"proxy-connection":
+                connection = True
+        # HTTP/1.0 keeps a connection only when a Connection header says keep-alive, so a kept
+        # connection without one is not 1.0, and llhttp's version string (0.3 µs: it is
+        # formatted per call) is asked only when it could be.
+        self.http10 = (connection or not self.keep_alive) and parser.get_http_version() == "1.0"
+        self.expect_continue = expect and not self.http10
         if self.chunked and self.http10:
             self.keep_alive = False  # chunked in HTTP/1.0 is not to be trusted (RFC 9112 §6.1)
         self.body: list[bytes] = []
