@@ -297,6 +297,10 @@ _FILE_PARTS = (
     ("gateway/trust.py", "decision: resolve, geo, canonical, decide"),
     ("gateway/requestpath.py", "decision: resolve, geo, canonical, decide"),
     ("gateway/modelfield.py", "decision: resolve, geo, canonical, decide"),
+    ("gateway/cidrs.py", "decision: resolve, geo, canonical, decide"),
+    ("gateway/requestid.py", "request path glue: path.py, exchange.py, replies.py"),
+    ("gateway/live/", "background: the policy file watcher"),
+    ("gateway/server.py", "event loop (uvloop) and the rest"),
     ("gateway/", "other gateway modules"),
 )
 
