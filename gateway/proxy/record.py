@@ -24,6 +24,7 @@ from ..dataplane.upstream import Upstream
 from ..policy import NEEDS_MODEL, Decision, decide_model
 from ..shared.audit import entry as audit_entry
 from ..shared.auditbound import source_of
+from ..usage import Usage
 from .exchange import Exchange
 from .logline import request_line
 from .replies import BAD_REQUEST_CODES
@@ -50,6 +51,7 @@ class Metrics(Protocol):
     def upstream(self, name: str, target: str, status: int, ttfb: float | None) -> None: ...
     def failover(self, source: str, dest: str, reason: str) -> None: ...
     def region_refusal(self, upstream: str) -> None: ...
+    def tokens(self, country: str, model: str | None, usage: Usage) -> None: ...
 
 
 class Record:
@@ -96,6 +98,9 @@ class Record:
             m.upstream(target.name, target.target, ex.status if ex.ttfb is not None else 0, ex.ttfb)
             if ex.refused is not None:
                 self.region_refused(target, ex.refused)
+        usage = ex.usage
+        if usage is not None:
+            m.tokens(country, ex.model, usage)
         log_ = self.runtime.access_log
         # The audit stream (gateway.shared): refusals, or every decision; queued, never waited for.
         audit = self.runtime.audit
@@ -119,6 +124,7 @@ class Record:
                     client, decision, facts, target, ex.status,
                     seconds, ex.sent, ex.active.tag, ex.model, shadow,
                     ex.active.shadow_tag, ex.attempts, ex.ttfb, error, ex.failovers, ex.via,
+                    ex.caller, usage,
                 )
             )  # fmt: skip
 

@@ -108,10 +108,16 @@ def check(
     headers: Iterable[tuple[bytes, bytes]],
     on_error: OnError,
     then: Callable[[ErrorReply | None], None],
+    caller: str | None = None,
 ) -> None:
     """Call ``then`` with None to go on, or with the error to answer with: at once in memory, when the
-    batch's reply is read with Redis. Redis unavailable (or a bug in asking it) follows ``on_error``."""
-    who = budget_of(limit, client, facts, headers, store.key, store.hash_addresses)
+    batch's reply is read with Redis. Redis unavailable (or a bug in asking it) follows ``on_error``.
+    ``caller``: the client key's name, when client keys are in force: a ``by: api_key`` budget is then
+    the name's (prefixed, so that no name can be a token's hash), whatever token the upstream gets."""
+    if caller is not None and limit.by == "api_key":
+        who: str | None = "name:" + caller
+    else:
+        who = budget_of(limit, client, facts, headers, store.key, store.hash_addresses)
     if who is None:  # Redis, which holds the key, has not answered yet: as if it were down
         _judged(store, limit, on_error, then, None)
         return
