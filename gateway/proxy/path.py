@@ -45,15 +45,16 @@ from ..geo import NO_FACTS
 from ..modelfield import BadBody, ModelField, is_json, read_model, rename
 from ..policy import DENY, NEEDS_MODEL, decide, decide_model, model_refusal
 from ..policy.overrides import judge as judge_override
+from ..policy.callerkey import hash_key
 from ..policy.overrides import request_key_hash
 from ..requestid import RequestIds
 from ..shared.budgets import Held, admit
+from ..shared.clientkeys import authenticate
 from ..shared.ratelimit import check as check_rate
 from ..usage.estimate import input_tokens
 from ..usage.request import BadTokens, read_request, with_usage
 from ..usage.shapes import shape_of
 from ..usage.tap import UsageTap
-from .callers import identify
 from .exchange import Asked, Exchange, Via
 from .record import REJECTED, Metrics, Record
 from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
@@ -131,14 +132,11 @@ class Gateway:
             ex.shadow = decide(active.shadow, client, facts, path)
         # 4. Refuse or forward; 5. record, now or when the answer is over.
         try:
-            if decision is not NEEDS_MODEL and decision.verdict != DENY and not self.identified(ex):
-                return  # 3a. client keys in force and no valid one: a 401 before any body is read
-            if (
-                decision is NEEDS_MODEL
-                or decision.allow_models is not None
-                or decision.upstream in active.renaming
-                or decision.budget is not None
-            ):
+            if decision is not NEEDS_MODEL and decision.verdict != DENY:
+                if not self.identified(ex):
+                    return  # 3a. client keys in force and no valid one: a 401 before any body is read
+                decision = ex.decision  # an override on the key's name may have taken over
+            if decision is NEEDS_MODEL or decision.needs_body or decision.upstream in active.renaming:
                 # 3b. The decision needs the request's model, or a token budget its body: read the body
                 #     (JSON only, bounded), then go on.
                 self.read_model(ex)
@@ -174,11 +172,22 @@ class Gateway:
             decision.client_keys or decision.upstream in ex.active.policy.client_keys_required
         ):
             return True
-        found = identify(self.runtime.client_keys, ex.request.headers)
+        found = authenticate(ex.request.headers, self.runtime.client_keys)
         if isinstance(found, ErrorReply):
             self.fail(ex, found)
             return False
-        ex.caller = found
+        ex.caller = found.name
+        # An API-key override names a caller by the keyed hash of what identifies it: with client keys
+        # in force that is the key's name (`override add --api-key team-a`), so it holds for every
+        # token the name is issued. It beats the policy as every override does.
+        ov = self.runtime.overrides
+        if ov.compiled.by_key and ov.key is not None:
+            named = judge_override(ov.compiled, ex.client, ex.facts, hash_key(ov.key, found.name))
+            if named is not None:
+                ex.decision = named
+                if named.verdict == DENY:
+                    self.block(ex)
+                    return False
         return True
 
     def block(self, ex: Exchange) -> None:

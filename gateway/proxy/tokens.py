@@ -76,10 +76,9 @@ def caller_of(ex: Exchange, store: Any) -> str | None:
 def subjects(
     budget: Budget, client: ClientAddress, facts: GeoFacts, caller: str | None, model: str | None, store: Any
 ) -> list[str]:
-    """One subject per token limit of ``budget``, as it is stored (an address by its keyed hash when
-    addresses are hashed, as a rate limit's ``by: ip`` is)."""
-    client = _hashed(client, store)
-    return [subject(limit.by, client, facts, caller, model, budget.rule) for limit in budget.tokens]
+    """One subject per token limit of ``budget``, as it is stored."""
+    address = _address(client, store)
+    return [subject(limit.by, client, facts, caller, model, budget.rule, address) for limit in budget.tokens]
 
 
 def slot_of(
@@ -89,27 +88,15 @@ def slot_of(
     conc = budget.concurrency
     if conc is None:
         return None
-    return subject(conc.by, _hashed(client, store), facts, caller, model, budget.rule), member
+    return subject(conc.by, client, facts, caller, model, budget.rule, _address(client, store)), member
 
 
-def _hashed(client: ClientAddress, store: Any) -> ClientAddress:
-    """The client as a ``by: ip`` subject names it: with ``--log-address hashed``/``truncated`` its address's
-    keyed hash stands in (128 bits, as :func:`gateway.policy.ratelimit.budget_of` keeps it)."""
+def _address(client: ClientAddress, store: Any) -> str | None:
+    """What stands in for the address in a ``by: ip`` subject when addresses are hashed (``--log-address
+    hashed``/``truncated``): its keyed hash, 128 bits, as a rate limit's (:func:`~gateway.policy.ratelimit.budget_of`)."""
     if not store.hash_addresses or client.ip is None or store.key is None:
-        return client
-    return _Named(client, "h:" + hash_key(store.key, str(client.ip))[:32])
-
-
-class _Named:
-    """A client whose ``ip`` reads as a stored name (its keyed hash): what a subject needs of a ClientAddress."""
-
-    __slots__ = ("ip", "kind", "problem", "via")
-
-    def __init__(self, client: ClientAddress, name: str) -> None:
-        self.ip = name
-        self.kind = client.kind
-        self.via = client.via
-        self.problem = client.problem
+        return None
+    return "h:" + hash_key(store.key, str(client.ip))[:32]
 
 
 def costs(budget: Budget, input: int, output: int) -> list[int]:
