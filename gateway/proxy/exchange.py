@@ -19,6 +19,7 @@ from ..dataplane.server import Header
 from ..dataplane.upstream import BodyFor, Upstream
 from ..geo import GeoFacts
 from ..policy import Decision
+from ..usage import Usage
 
 if TYPE_CHECKING:  # live.active imports proxy.upstreams: at run time this would be a circle
     from ..live.active import Active
@@ -55,9 +56,9 @@ class Exchange:
     """What became of one request: asked (request, path), judged (client, facts, decision), done (the rest)."""
 
     __slots__ = (
-        "active", "attempted", "attempts", "body_for", "client", "client_gone", "decision", "error", "facts",
-        "failovers", "model", "path", "recorder", "refused", "request", "request_id", "rid", "sent", "shadow",
-        "started", "status", "target", "ttfb", "via",
+        "active", "attempted", "attempts", "body_for", "caller", "client", "client_gone", "decision", "error",
+        "facts", "failovers", "model", "path", "recorder", "refused", "request", "request_id", "rid", "sent",
+        "shadow", "started", "status", "target", "ttfb", "usage", "via",
     )  # fmt: skip
 
     def __init__(
@@ -98,6 +99,8 @@ class Exchange:
         self.error: str | None = None
         self.ttfb: float | None = None
         self.via = via
+        self.usage: Usage | None = None  # the tokens the response used (provider's or estimated); None: not read
+        self.caller: str | None = None  # the client key's name, when client keys are in force
 
     def record(self) -> None:
         """The answer is over: metrics, audit and access log, once (the relay's completion callback)."""
