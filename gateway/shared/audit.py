@@ -39,6 +39,7 @@ from ..evidence.entries import COUNTS, GAP, OVERRIDE, REQUEST, START, STOP, usag
 from ..policy.overrides import Override
 from ..usage import Usage
 from .auditbound import (
+    CALLER_BYTES,
     CLIENT_BYTES,
     CODE_BYTES,
     MAX_ENTRY_BYTES,
@@ -417,7 +418,7 @@ def entry(
         e["shadow_decision"] = clip(shadow[0], CODE_BYTES)
         e["shadow_rule"] = clip(shadow[1], RULE_BYTES)
     if caller is not None:
-        e["caller"] = clip(caller, RULE_BYTES)
+        e["caller"] = clip(caller, CALLER_BYTES)
     if usage is not None:
         e["usage"] = usage_fields(usage)
     return e
