@@ -179,27 +179,30 @@ class CountsEntry(Entry):
     KIND: ClassVar[str] = COUNTS
 
 
-# The ``usage`` object of a request entry and of an access-log line, member by member.
+# The ``usage`` object of a request entry and of an access-log line, member by member; ``cached`` and
+# ``reasoning`` only when not 0 (most responses have neither), the others always.
 USAGE_TYPES: dict[str, type] = {"input": int, "output": int, "cached": int, "reasoning": int, "source": str}
+USAGE_OPTIONAL = frozenset({"cached", "reasoning"})
 
 
 def usage_fields(usage: Usage) -> dict[str, Any]:
     """``usage`` as the audit stream and the access log write it (``usage.input``, ``usage.source``, ...)."""
-    return {
-        "input": usage.input,
-        "output": usage.output,
-        "cached": usage.cached,
-        "reasoning": usage.reasoning,
-        "source": usage.source,
-    }
+    out: dict[str, Any] = {"input": usage.input, "output": usage.output}
+    if usage.cached:
+        out["cached"] = usage.cached
+    if usage.reasoning:
+        out["reasoning"] = usage.reasoning
+    out["source"] = usage.source
+    return out
 
 
 def check_usage(raw: Mapping[str, Any]) -> None:
-    """:class:`EntryError` unless ``raw`` has exactly :data:`USAGE_TYPES`' members, counts non-negative."""
-    if set(raw) != set(USAGE_TYPES):
+    """:class:`EntryError` unless ``raw`` has :data:`USAGE_TYPES`' members (the optional ones may be
+    missing) and no others, each of its type, counts not negative."""
+    if not set(USAGE_TYPES) - USAGE_OPTIONAL <= set(raw) <= set(USAGE_TYPES):
         raise EntryError(f"request entry: 'usage' has {sorted(raw)}, expected {sorted(USAGE_TYPES)}")
-    for key, kind in USAGE_TYPES.items():
-        value = raw[key]
+    for key, value in raw.items():
+        kind = USAGE_TYPES[key]
         if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, int) and value < 0):
             raise EntryError(f"request entry: 'usage.{key}' is {value!r}, expected a {kind.__name__}")
     if raw["source"] not in ("usage", "estimate"):

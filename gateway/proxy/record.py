@@ -129,7 +129,7 @@ class Record:
                     client, decision, facts, target, ex.status,
                     seconds, ex.sent, ex.active.tag, ex.model, shadow,
                     ex.active.shadow_tag, ex.attempts, ex.ttfb, error, ex.failovers, ex.via,
-                    usage, ex.caller,
+                    ex.caller, usage,
                 )
             )  # fmt: skip
 

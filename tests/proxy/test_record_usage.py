@@ -177,8 +177,7 @@ def test_usage_and_caller_reach_the_log_the_audit_entry_and_the_metrics(tmp_path
     line, (entry,), metrics = recorded(tmp_path, exchange(usage, CALLER))
     want = {"input": 812, "output": 64, "cached": 512, "reasoning": 16, "source": "usage"}
     assert line["usage"] == want and line["caller"] == CALLER
-    keys = list(line)
-    assert keys.index("caller") < keys.index("model") < keys.index("usage") < keys.index("attempts")
+    assert list(line)[-2:] == ["caller", "usage"]  # last: the keys before them keep their places
     assert entry["usage"] == want and entry["caller"] == CALLER
     assert value(metrics, "regiongate_tokens_total", country="GB", model=OTHER_MODEL, kind="cached", source="usage")
     # The caller is in the log and the audit stream, never in a label; no address either (hashed mode).
@@ -195,7 +194,8 @@ def test_without_usage_or_caller_neither_field_is_written(tmp_path: Path) -> Non
 
 def test_an_estimate_is_flagged_in_the_log_the_audit_entry_and_the_metrics(tmp_path: Path) -> None:
     line, (entry,), metrics = recorded(tmp_path, exchange(Usage(9, 4, source="estimate"), None))
-    assert line["usage"]["source"] == "estimate" and entry["usage"]["source"] == "estimate"
+    # cached and reasoning only when there are some
+    assert line["usage"] == entry["usage"] == {"input": 9, "output": 4, "source": "estimate"}
     labels = {"country": "GB", "model": OTHER_MODEL, "kind": "output"}
     assert value(metrics, "regiongate_tokens_total", source="estimate", **labels) == 4
     assert value(metrics, "regiongate_tokens_total", source="usage", **labels) is None
@@ -213,7 +213,7 @@ def test_a_charged_rule_counts_what_its_decision_budget_says(tmp_path: Path) -> 
 
 
 def test_usage_in_an_audit_entry_is_sealed_parsed_and_checked() -> None:
-    usage = {"input": 812, "output": 64, "cached": 0, "reasoning": 0, "source": "estimate"}
+    usage = {"input": 812, "output": 64, "cached": 3, "reasoning": 1, "source": "estimate"}
     body: dict[str, Any] = {
         "kind": "request", "time": "2026-12-01T00:00:00.000+00:00", "request_id": "rg-1", "decision": "allow",
         "rule": "gb", "country": "GB", "subdivisions": [], "asn": None, "path": "/v1/chat/completions",
@@ -231,11 +231,14 @@ def test_usage_in_an_audit_entry_is_sealed_parsed_and_checked() -> None:
     assert isinstance(parsed, RequestEntry) and parsed.usage == usage and parsed.caller == CALLER
     old = parse_entry({k: v for k, v in written[1].items() if k not in ("usage", "caller")})
     assert isinstance(old, RequestEntry) and old.usage is None and old.caller is None
+    plain = {"input": 1, "output": 2, "source": "usage"}  # no cached or reasoning tokens: not written
+    assert parse_entry(written[1] | {"usage": plain}).usage == plain  # type: ignore[attr-defined]
     for bad, why in (
         (usage | {"output": -1}, "usage.output"),
         (usage | {"input": True}, "usage.input"),
         (usage | {"source": "guess"}, "usage.source"),
-        ({"input": 1}, "'usage' has"),
+        ({"input": 1, "source": "usage"}, "'usage' has"),
+        (usage | {"tokens": 1}, "'usage' has"),
     ):
         with pytest.raises(EntryError, match=why):
             parse_entry(written[1] | {"usage": bad})
