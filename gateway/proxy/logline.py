@@ -26,6 +26,7 @@ import orjson
 from ..clientip import ClientAddress
 from ..dataplane.failover import Failover
 from ..dataplane.upstream import Upstream
+from ..evidence.entries import usage_fields
 from ..geo import GeoFacts
 from ..policy import DENY, Decision
 from ..usage import Usage
@@ -47,6 +48,8 @@ Facts = tuple[
     str | None, int, float | None, str | None, list[Failover] | None,
     str, str | None, Usage | None,
 ]  # fmt: skip
+# A client key's name and a model are the operator's or the client's words: bounded in the line.
+NAME_CHARS = 256
 
 
 @lru_cache(maxsize=4)
@@ -95,7 +98,7 @@ def request_line(facts: Facts, redact: AddressRedactor) -> bytes:
     if via != "proxy":
         entry["via"] = via  # a decision service's contract (gateway.authz); proxy lines stay as they were
     if model is not None:
-        entry["model"] = model[:256]
+        entry["model"] = model[:NAME_CHARS]
     if geo.subdivisions:
         entry["subdivisions"] = geo.subdivisions
     if geo.asn is not None:
@@ -118,7 +121,7 @@ def request_line(facts: Facts, redact: AddressRedactor) -> bytes:
         entry["failovers"] = [{"from": f.source.label, "to": f.dest.label, "reason": f.reason} for f in failovers]
     # Last, and only when present: a line with neither is byte for byte what it was before them.
     if caller is not None:
-        entry["caller"] = caller
+        entry["caller"] = caller[:NAME_CHARS]  # the client key's name, never its token or hash
     if usage is not None:
-        entry["usage"] = {"input": usage.input, "output": usage.output, "source": usage.source}
+        entry["usage"] = usage_fields(usage)  # nested like shadow_decision: usage.input, usage.source, ...
     return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)

@@ -22,6 +22,7 @@ from ..clientip import PUBLIC
 from ..dataplane.failover import REGION_REFUSAL, Failover, Notices
 from ..dataplane.upstream import Upstream
 from ..policy import NEEDS_MODEL, Decision, decide_model
+from ..policy.tokenlimit import Budget
 from ..shared.audit import entry as audit_entry
 from ..shared.auditbound import source_of
 from ..usage import Usage
@@ -52,6 +53,7 @@ class Metrics(Protocol):
     def failover(self, source: str, dest: str, reason: str) -> None: ...
     def region_refusal(self, upstream: str) -> None: ...
     def tokens(self, country: str, model: str | None, usage: Usage) -> None: ...
+    def budget_spent(self, budget: Budget, usage: Usage) -> None: ...
 
 
 class Record:
@@ -101,6 +103,9 @@ class Record:
         usage = ex.usage
         if usage is not None:
             m.tokens(country, ex.model, usage)
+            budget = getattr(decision, "budget", None)  # Decision.budget (issue 19)
+            if budget is not None:
+                m.budget_spent(budget, usage)
         log_ = self.runtime.access_log
         # The audit stream (gateway.shared): refusals, or every decision; queued, never waited for.
         audit = self.runtime.audit
@@ -112,7 +117,7 @@ class Record:
                 audit_entry(
                     request_id, verdict, decision.rule,
                     facts.country, facts.subdivisions, facts.asn, path, ex.active.policy.sha256, log_.redact(client.ip),
-                    ex.model, (shadow.verdict, shadow.rule) if shadow is not None else None,
+                    ex.model, (shadow.verdict, shadow.rule) if shadow is not None else None, usage, ex.caller,
                 ),
                 source_of(client.ip),
             )  # fmt: skip

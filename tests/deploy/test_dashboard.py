@@ -148,7 +148,7 @@ def test_dashboard_has_its_variables_and_every_panel_a_query() -> None:
             assert 'instance=~"$instance"' in t["expr"], (p["title"], t["expr"])
             assert t["datasource"]["uid"] == "${datasource}", p["title"]
     maps = [p for p in panels(board) if p["type"] == "geomap"]
-    assert {p["title"] for p in maps} == {"Requests by country", "Refusals by country"}
+    assert {p["title"] for p in maps} == {"Requests by country", "Refusals by country", "Tokens by country"}
     for p in maps:
         (layer,) = p["options"]["layers"]
         assert layer["location"] == {

@@ -53,8 +53,8 @@ def exchange(decision: Decision, shadow: Decision | None) -> Any:
         error=None,
         ttfb=None,
         via="proxy",
-        caller=None,  # no client key, no usage tap: the line is as it was before them
         usage=None,
+        caller=None,
     )
 
 
