@@ -52,13 +52,13 @@ from ..shared.budgets import Held, admit
 from ..shared.clientkeys import authenticate
 from ..shared.ratelimit import check as check_rate
 from ..usage.estimate import input_tokens
-from ..usage.request import BadTokens, read_request, with_usage
-from ..usage.shapes import shape_of
+from ..usage.request import UNREADABLE, BadTokens, read_request, with_usage
+from ..usage.shapes import INCLUDE_USAGE, shape_of
 from ..usage.tap import UsageTap
 from .exchange import Asked, Exchange, Via
 from .record import REJECTED, Metrics, Record
 from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
-from .tokens import INJECTS, Metered, caller_of, costs, lease, slot_of, subjects
+from .tokens import Metered, caller_of, costs, lease, slot_of, subjects
 
 # Whether a request that no token budget limits gets a usage tap on a path whose answers carry usage,
 # so that regiongate_tokens_total counts it too (measured with bench/calls.py: see tokens.py).
@@ -297,25 +297,25 @@ class Gateway:
         assert budget is not None
         store = self.runtime.overrides
         body, path, model = ex.body, ex.path, ex.model
+        shape = shape_of(path)
         sse_strip = False
         input: int | None = None
         try:
-            asked = read_request(body, path) if body else None
+            asked = read_request(body, path) if body else UNREADABLE
+            if asked.readable and asked.stream and shape in INCLUDE_USAGE and ex.body_for is not None:
+                with_usage(body or b"")  # refused here (a 400), not once per upstream
+                sse_strip = not asked.wants_usage
+                ex.body_for = _with_usage(ex.body_for)
         except BadTokens as e:
-            self.fail(ex, ErrorReply(400, "invalid_request_error", "invalid_value", e.message))
+            self.fail(ex, ErrorReply(400, "invalid_request_error", e.code, e.message, param=e.param))
             return
-        except ValueError:  # not a JSON object after all: charged as unreadable
-            asked = None
-        if asked is None:
-            reserved = [budget.unreadable] * len(budget.tokens)
-        else:
+        if asked.readable:
             input = input_tokens(body or b"", model)
             output = asked.output_cap if asked.output_cap is not None else budget.output_default
             reserved = costs(budget, input, output)
-            if asked.stream and path in INJECTS and ex.body_for is not None:
-                sse_strip = not asked.wants_usage
-                ex.body_for = _with_usage(ex.body_for)
-        ex.meter = Metered(store, UsageTap(shape_of(path), sse_strip, model), budget, input, reserved)
+        else:  # not JSON, too large to hold, or no body: the rule's charge for what cannot be read
+            reserved = [budget.unreadable] * len(budget.tokens)
+        ex.meter = Metered(store, UsageTap(shape, sse_strip, model), budget, input, reserved)
         group = ex.active.upstreams.get(ex.decision.upstream or "")
         if group is None:
             self.fail(ex, NO_UPSTREAM)

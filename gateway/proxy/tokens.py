@@ -51,12 +51,6 @@ if TYPE_CHECKING:
 # slot expires by itself.
 LEASE_MARGIN = 30.0
 
-# Where the gateway asks the upstream for usage on a stream (stream_options.include_usage): the
-# OpenAI-compatible paths that know the option. Anthropic's /v1/messages and the Responses API
-# always send theirs.
-INJECTS = frozenset({"/v1/chat/completions", "/v1/completions"})
-
-
 def lease(group: UpstreamGroup) -> float:
     """Seconds a concurrency slot is held at most: every URL the request may try, each to its total timeout."""
     return sum(u.timeouts.total for u in group.chain or group.members) + LEASE_MARGIN

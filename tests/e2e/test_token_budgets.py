@@ -380,7 +380,8 @@ def test_concurrent_streams_hold_across_gateways_and_a_client_that_leaves_frees_
 def new_key(gw: Gateway, name: str) -> dict[str, Any]:
     r = httpx.post(gw.admin + "/admin/keys", json={"name": name}, headers={"Authorization": f"Bearer {ADMIN}"})
     assert r.status_code == 201, r.text
-    return r.json()  # type: ignore[no-any-return]
+    issued = r.json()
+    return {"id": issued["key"]["id"], "token": issued["token"]}
 
 
 def test_client_keys_unknown_revoked_and_a_budget_by_the_keys_name(single: Pair) -> None:
@@ -408,6 +409,15 @@ def test_client_keys_unknown_revoked_and_a_budget_by_the_keys_name(single: Pair)
         model="keyed", messages=[{"role": "user", "content": "Hi"}], max_tokens=200
     )
     assert ok.usage is not None  # team-b has a budget of its own
+    # A new token for the name is the same caller: team-a's budget is still spent.
+    r = httpx.delete(a.admin + f"/admin/keys/{team_a['id']}", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    team_a = new_key(b, "team-a")
+    with pytest.raises(openai.RateLimitError) as spent_already:
+        single.sdk(a, team_a["token"]).chat.completions.create(
+            model="keyed", messages=[{"role": "user", "content": "Hi"}], max_tokens=200
+        )
+    assert spent_already.value.code == "insufficient_quota"
     echoed = httpx.post(
         b.url + "/echo/v1/chat/completions",
         content=chat("keyed", 5),
@@ -440,4 +450,23 @@ def test_client_keys_unknown_revoked_and_a_budget_by_the_keys_name(single: Pair)
 
         wait_for(refused, 10, "the revoked key to be refused")
     print(f"the revoke held on both gateways {time.monotonic() - revoked:.3f}s after it was made")
+
+    # An API-key override names a key by its name: it holds for team-a whatever token team-a sends.
+    r = httpx.post(
+        a.admin + "/admin/overrides",
+        json={"action": "deny", "api_key": "team-a", "reason": "by name"},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert r.status_code == 201, r.text
+    for gw in (a, b):
+
+        def blocked(gw: Gateway = gw) -> bool:
+            r = httpx.post(
+                gw.url + "/v1/chat/completions",
+                content=chat("keyed", 5),
+                headers={**FROM_GB, "authorization": f"Bearer {team_a['token']}"},
+            )
+            return r.status_code == 403
+
+        wait_for(blocked, 10, "the override on team-a's name")
     assert re.search(r"team-a", "\n".join(json.dumps(line) for line in lines))
