@@ -66,7 +66,7 @@ def script_args(limit: RateLimit) -> tuple[bytes, bytes]:
     return str(interval).encode(), str(interval * limit.burst).encode()
 
 
-def _seconds(value: float) -> bytes:
+def duration(value: float) -> bytes:
     return f"{value:.3f}".rstrip("0").rstrip(".").encode() + b"s"
 
 
@@ -78,14 +78,14 @@ def exceeded(limit: RateLimit, outcome: RateCheck) -> ErrorReply:
         "requests",
         "rate_limit_exceeded",
         f"Rate limit reached for {limit.by} on rule {limit.rule!r}: limit {limit.requests} requests per "
-        f"{_seconds(limit.per).decode()}. Please try again in {retry_ms / 1000:g}s.",
+        f"{duration(limit.per).decode()}. Please try again in {retry_ms / 1000:g}s.",
         retry=True,
         headers=(
             (b"retry-after", str(max(1, math.ceil(outcome.retry_after))).encode()),
             (b"retry-after-ms", str(retry_ms).encode()),
             (b"x-ratelimit-limit-requests", str(limit.requests).encode()),
             (b"x-ratelimit-remaining-requests", b"0"),
-            (b"x-ratelimit-reset-requests", _seconds(outcome.reset)),
+            (b"x-ratelimit-reset-requests", duration(outcome.reset)),
         ),
     )
 

@@ -116,30 +116,43 @@ def running(directory: Path) -> Iterator[RedisServer]:
 
 @contextlib.contextmanager
 def cluster(directory: Path, nodes: int = 3) -> Iterator[list[RedisServer]]:
-    """A Redis Cluster of ``nodes`` masters (no replicas), every slot assigned, for a ``with``."""
+    """A real Redis Cluster of ``nodes`` masters (no replicas), its slots spread over them, stopped at the end."""
     servers = [
         RedisServer(
             directory / f"node{i}",
-            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
         )
         for i in range(nodes)
-    ]  # fmt: skip
+    ]
     try:
-        for s in servers:
-            s.start()
+        for n in servers:
+            n.start()
         out = subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers),
-             "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        if out.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed: {out.stdout}{out.stderr}")
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in servers),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
         deadline = time.monotonic() + 30
-        while not all("cluster_state:ok" in s.command("CLUSTER", "INFO") for s in servers):
+        while not all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in servers):
             if time.monotonic() > deadline:
-                raise TimeoutError("the Redis Cluster did not reach cluster_state:ok")
-            time.sleep(0.05)
+                raise TimeoutError("the cluster did not come up")
+            time.sleep(0.1)
         yield servers
     finally:
-        for s in servers:
-            s.stop()
+        for n in servers:
+            n.stop()
