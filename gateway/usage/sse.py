@@ -79,7 +79,11 @@ class Splitter:
             if end == size and buf[-1] == _CR:  # maybe the first half of a CRLF: wait for the next byte
                 break
             raw = buf[start:end]
-            events.append(Event(raw, _data(raw)))
+            if end - start > self.limit:  # whole in one read, but too large all the same
+                self.skipped += 1
+                events.append(Event(raw, None, overflow=True))
+            else:
+                events.append(Event(raw, _data(raw)))
             start = end
         rest = buf[start:] if start else buf
         if len(rest) > self.limit:
