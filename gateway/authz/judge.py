@@ -4,8 +4,11 @@
 its terminal steps replaced: ``judge`` (method and path, client address,
 geo, override, decision, shadow, model from the body, rate limit) is the very
 same code; ``forward`` answers "allowed" with the decision's facts instead of
-relaying (a token budget reserves nothing here: ``budgeted`` goes straight to it), and ``block`` / ``fail`` / ``crashed`` answer the refusal the proxy
-port would have sent, byte for byte. Metrics, audit and access log are written
+relaying, and ``block`` / ``fail`` / ``crashed`` answer the refusal the proxy
+port would have sent, byte for byte. A rule's ``token_limit`` and
+``max_concurrent`` reserve nothing here (``metered`` goes straight to
+``forward``): the service never sees the response, so it could never settle
+or release what it reserved; it enforces request limits only. Metrics, audit and access log are written
 by the same recorder, with ``via`` naming the contract.
 
 One Judge per contract and worker, made on the worker's event loop; :meth:`Judge.ask`
@@ -127,18 +130,10 @@ class Judge(Gateway):
         else:
             self.with_model(ex, body)
 
-    def budgeted(self, ex: Exchange) -> None:
-        """Token limits are the proxy port's alone: a decision service answers before any response exists,
-        so it could reserve but never settle or release. It reserves nothing (no tap, no slot): the
-        deciding rule's request limits (``rate_limit``) are what it enforces (docs/edges)."""
-        self.forward(ex)
-
     def metered(self, ex: Exchange) -> None:
-        """No response passes a decision service: nothing to meter, nothing reserved."""
-        if ex.decision.budget is not None:
-            self.budgeted(ex)
-        else:
-            self.forward(ex)
+        """Token limits are the proxy port's alone: no response passes a decision service, so it could reserve
+        but never settle or release. It reserves nothing (no tap, no slot) and answers (docs/edges)."""
+        self.forward(ex)
 
     def forward(self, ex: Exchange) -> None:
         headers = ((b"x-request-id", ex.rid), (b"x-regiongate-request-id", ex.rid), ex.active.header)

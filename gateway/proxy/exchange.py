@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..clientip import ClientAddress
 from ..dataplane.failover import Failover
+from ..dataplane.relay import BodyTap
 from ..dataplane.server import Header
 from ..dataplane.upstream import BodyFor, Upstream
 from ..geo import GeoFacts
@@ -50,6 +51,8 @@ class Asked(Protocol):
 class Meter(Protocol):
     """What measures one forwarded response's tokens (:class:`.tokens.Metered`): settled once, when it is over."""
 
+    @property
+    def tap(self) -> BodyTap: ...
     def over(self, ex: Exchange) -> None: ...
 
 

@@ -44,8 +44,8 @@ from ..errors import ErrorReply, bad_request
 from ..geo import NO_FACTS
 from ..modelfield import BadBody, ModelField, is_json, read_model, rename
 from ..policy import DENY, NEEDS_MODEL, decide, decide_model, model_refusal
+from ..policy.callerkey import bearer_token, hash_key
 from ..policy.overrides import judge as judge_override
-from ..policy.callerkey import hash_key
 from ..policy.overrides import request_key_hash
 from ..requestid import RequestIds
 from ..shared.budgets import Held, admit
@@ -58,7 +58,7 @@ from ..usage.tap import UsageTap
 from .exchange import Asked, Exchange, Via
 from .record import REJECTED, Metrics, Record
 from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
-from .tokens import Metered, caller_of, costs, lease, slot_of, subjects
+from .tokens import Metered, caller_of, costs, key_unknown, lease, slot_of, subjects, unavailable
 
 # Whether a request that no token budget limits gets a usage tap on a path whose answers carry usage,
 # so that regiongate_tokens_total counts it too (measured with bench/calls.py: see tokens.py).
@@ -321,9 +321,12 @@ class Gateway:
             self.fail(ex, NO_UPSTREAM)
             return
         caller = caller_of(ex, store)
+        on_error = ex.active.policy.spec.redis.on_error
+        if key_unknown(budget, store, caller, bearer_token(ex.request.headers) is not None):
+            self.admitted(ex, unavailable(store, budget, on_error))
+            return
         who = subjects(budget, ex.client, ex.facts, caller, model, store)
         slot = slot_of(budget, ex.client, ex.facts, caller, model, ex.request_id, store)
-        on_error = ex.active.policy.spec.redis.on_error
         admit(store, budget, who, reserved, slot, lease(group), on_error, partial(self.admitted, ex))
 
     def admitted(self, ex: Exchange, held: Held | ErrorReply) -> None:

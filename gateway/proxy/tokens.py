@@ -36,10 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 from ..clientip import ClientAddress
 from ..dataplane.upstream import UpstreamGroup
+from ..errors import ErrorReply
 from ..geo import GeoFacts
 from ..policy.callerkey import bearer_token, hash_key
+from ..policy.ratelimit import OnError
 from ..policy.tokenlimit import Budget, cost, subject
-from ..shared.budgets import refund, release, settle
+from ..shared.budgets import Held, refund, release, settle
+from ..shared.ratelimit import UNAVAILABLE
 from ..usage import Usage
 from ..usage.tap import UsageTap
 
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
 # chain at its total timeout): time for the relay's own ending to run before a crashed replica's
 # slot expires by itself.
 LEASE_MARGIN = 30.0
+
 
 def lease(group: UpstreamGroup) -> float:
     """Seconds a concurrency slot is held at most: every URL the request may try, each to its total timeout."""
@@ -76,7 +80,13 @@ def subjects(
 
 
 def slot_of(
-    budget: Budget, client: ClientAddress, facts: GeoFacts, caller: str | None, model: str | None, member: str, store: Any
+    budget: Budget,
+    client: ClientAddress,
+    facts: GeoFacts,
+    caller: str | None,
+    model: str | None,
+    member: str,
+    store: Any,
 ) -> tuple[str, str] | None:
     """The concurrency slot to take (its subject and this request's own member id), if the rule limits it."""
     conc = budget.concurrency
@@ -87,10 +97,34 @@ def slot_of(
 
 def _address(client: ClientAddress, store: Any) -> str | None:
     """What stands in for the address in a ``by: ip`` subject when addresses are hashed (``--log-address
-    hashed``/``truncated``): its keyed hash, 128 bits, as a rate limit's (:func:`~gateway.policy.ratelimit.budget_of`)."""
+    hashed``/``truncated``): its keyed hash, 128 bits, as a rate limit's
+    (:func:`~gateway.policy.ratelimit.budget_of`)."""
     if not store.hash_addresses or client.ip is None or store.key is None:
         return None
     return "h:" + hash_key(store.key, str(client.ip))[:32]
+
+
+def key_unknown(budget: Budget, store: Any, caller: str | None, has_token: bool) -> bool:
+    """Whether a subject needs the overrides' key (which Redis holds) and it is not known yet: a token's
+    hash for ``by: api_key`` without client keys, an address's for ``by: ip`` with addresses hashed.
+    Then the budget cannot be asked, as if Redis were down (the rate limiter does the same)."""
+    if store.key is not None:
+        return False
+    by = {b for limit in budget.tokens for b in limit.by}
+    if budget.concurrency is not None:
+        by.update(budget.concurrency.by)
+    return ("api_key" in by and caller is None and has_token) or ("ip" in by and store.hash_addresses)
+
+
+def unavailable(store: Any, budget: Budget, on_error: OnError) -> Held | ErrorReply:
+    """The budget could not be asked: ``on_error`` says what then (nothing reserved, or the 503), counted
+    as :func:`gateway.shared.budgets.admit` counts a Redis failure."""
+    observer = store.observer
+    if budget.tokens:
+        observer.budget_fallback(budget.rule, "tokens")
+    if budget.concurrency is not None:
+        observer.budget_fallback(budget.rule, "concurrency")
+    return Held(budget.rule, fallback=True) if on_error == "open" else UNAVAILABLE
 
 
 def costs(budget: Budget, input: int, output: int) -> list[int]:
@@ -123,7 +157,9 @@ class Metered:
         ex.held = None
         store = self.store
         try:
-            if usage is None:
+            if not held.tokens:
+                pass  # nothing reserved: no token limit, or Redis could not be asked (on_error: open)
+            elif usage is None:
                 refund(store, held)
             elif usage.source == "estimate" and self.input is None:
                 settle(store, held, self.reserved)  # an unreadable body, no usage reported: its charge in full

@@ -38,6 +38,13 @@ rules:
       - {tokens: 100000, per: 1d, by: [rule], count: output, kind: quota}
     max_concurrent: {streams: 5, by: [rule]}
     token_reserve: {output: 50, unreadable: 300}
+  - name: any-body
+    paths: ["/v1/embeddings"]
+    action: allow
+    token_limit:
+      - {tokens: 100000, per: 1h, by: [rule], count: total}
+      - {tokens: 100000, per: 1d, by: [rule], count: output, kind: quota}
+    token_reserve: {unreadable: 300}
 """
 
 
@@ -54,10 +61,23 @@ def sse(events: list[dict[str, Any]], done: bool = True) -> bytes:
 
 
 def chunk(text: str, usage: bool) -> dict[str, Any]:
-    event: dict[str, Any] = {"id": "c", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}}]}
+    event: dict[str, Any] = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "choices": [{"index": 0, "delta": {"content": text}}],
+    }
     if usage:
         event["usage"] = None  # OpenAI adds it to every chunk when include_usage is on
     return event
+
+
+def _asks_usage(body: bytes) -> bool:
+    """Whether the request asks for usage on its stream (the gateway's injection, or the client)."""
+    try:
+        options = json.loads(body).get("stream_options") or {}
+    except ValueError:
+        return False
+    return options.get("include_usage") is True
 
 
 class Scripted:
@@ -108,7 +128,7 @@ class Scripted:
                     return
                 parser.feed_data(data)
             self.bodies.append(bytes(body))
-            asked = json.loads(body).get("stream_options", {}).get("include_usage") is True if body else False
+            asked = _asks_usage(bytes(body))
             self._answer(conn, headers.get(b"x-script", b"usage").decode(), asked)
         except OSError:
             pass
@@ -119,7 +139,8 @@ class Scripted:
         def send(status: str, ctype: str, payload: bytes) -> None:
             conn.sendall(
                 f"HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {len(payload)}\r\n"
-                "connection: close\r\n\r\n".encode() + payload
+                "connection: close\r\n\r\n".encode()
+                + payload
             )
 
         if script == "usage":
@@ -180,7 +201,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
 
     for name in ("settle", "refund", "release"):
         monkeypatch.setattr(tokens, name, through(name, getattr(tokens, name)))
-    real_admit = path.admit
+    real_admit = getattr(path, "admit")  # noqa: B009  # the name the request path calls
 
     def admit(store: Any, budget: Any, subjects: Any, costs: Any, *more: Any) -> None:
         with seen.lock:
@@ -206,11 +227,18 @@ def gw(tmp_path: Path, upstream: Scripted) -> Iterator[InProcess]:
         yield g
 
 
-def ask(gw: InProcess, body: bytes, script: str, read: int | None = None, ctype: bytes = b"application/json") -> bytes:
+def ask(
+    gw: InProcess,
+    body: bytes,
+    script: str,
+    read: int | None = None,
+    ctype: bytes = b"application/json",
+    path: bytes = b"/v1/chat/completions",
+) -> bytes:
     """One request; ``read``: leave after this many bytes of the answer (the client gone mid-stream)."""
     with socket.create_connection(("127.0.0.1", gw.port), timeout=GUARD) as s:
         s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: " + ctype + b"\r\n"
+            b"POST " + path + b" HTTP/1.1\r\nhost: t\r\ncontent-type: " + ctype + b"\r\n"
             b"x-forwarded-for: " + GB.encode() + b"\r\nx-script: " + script.encode()
             + b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body) + body
         )  # fmt: skip
@@ -308,9 +336,8 @@ def test_an_unreachable_upstream_is_refunded(tmp_path: Path, calls: Calls) -> No
 
 def test_failover_charges_the_attempt_that_answered_once(tmp_path: Path, calls: Calls, upstream: Scripted) -> None:
     down = f"http://127.0.0.1:{free_port()}"
-    policy = POLICY.replace(
-        "rules:", f'upstreams:\n  default: {{url: ["{down}", "{upstream.url}"]}}\nrules:'
-    )
+    policy = POLICY.replace("rules:", f'upstreams:\n  pair: {{urls: ["{down}", "{upstream.url}"]}}\nrules:')
+    policy = policy.replace("    action: allow\n", "    action: route\n    upstream: pair\n")
     with inprocess_gateway(tmp_path, upstream.url, policy=policy) as g:
         ask(g, chat(), "usage")
         entry = line(g)
@@ -328,7 +355,7 @@ def test_a_bad_max_tokens_is_an_openai_400_and_nothing_is_held(gw: InProcess, ca
 
 
 def test_a_body_that_is_not_json_is_charged_the_unreadable_reserve(gw: InProcess, calls: Calls) -> None:
-    ask(gw, b"not json at all", "nousage", ctype=b"text/plain")
+    ask(gw, b"not json at all", "nousage", ctype=b"text/plain", path=b"/v1/embeddings")
     entry = line(gw)
     assert entry["usage"]["source"] == "estimate"
     assert calls.names() == ["admit", "settle", "release"]
