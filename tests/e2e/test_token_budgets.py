@@ -181,9 +181,9 @@ def answers(gw: Gateway, status: int, body: bytes, token: str | None = None) -> 
 
 def sse_bytes(url: str, body: bytes) -> bytes:
     with httpx.Client(timeout=30) as client:
-        r = client.post(
-            url + "/v1/chat/completions", content=body, headers={**FROM_GB, "content-type": "application/json"}
-        )
+        # One `created` for both answers (the stub writes the clock's second otherwise).
+        headers = {**FROM_GB, "content-type": "application/json", "x-stub-created": "1764720000"}
+        r = client.post(url + "/v1/chat/completions", content=body, headers=headers)
         assert r.status_code == 200, r.text
         return r.content
 
@@ -234,9 +234,9 @@ def race(p: Pair, model: str) -> None:
     # Contended and still used: some were refused, and the budget let through at least what fits reserved.
     each = max(reserved(body, model, RACE_MAX_TOKENS, limit) for body in bodies)
     assert refused and len(admitted) >= RACE_BUDGET // each, (len(admitted), each)
-    # Only the admitted reached the upstream; both gateways admitted some.
+    # Only the admitted reached the upstream. (Either gateway alone would have admitted as many: the bound
+    # above holds for the two together because they share the one budget.)
     assert p.stub.stats()["requests"] - before == len(admitted)
-    assert {r.request.url.port for r in replies if r.status_code == 200} == {p.a.port, p.b.port}
 
 
 def test_two_gateways_hold_one_token_budget_against_fifty_at_once(single: Pair) -> None:
@@ -358,9 +358,11 @@ def test_concurrent_streams_hold_across_gateways_and_a_client_that_leaves_frees_
     with httpx.Client(timeout=30) as ca, httpx.Client(timeout=30) as cb, contextlib.ExitStack() as streams:
         s1 = streams.enter_context(ca.stream("POST", single.a.url + "/v1/chat/completions", content=body, headers=slow))
         s2 = streams.enter_context(cb.stream("POST", single.b.url + "/v1/chat/completions", content=body, headers=slow))
-        for s in (s1, s2):
+        # Each stream's reader kept: a dropped generator closes its response (the client would leave).
+        readers = [s.iter_raw() for s in (s1, s2)]
+        for s, reader in zip((s1, s2), readers, strict=True):
             assert s.status_code == 200
-            next(s.iter_raw())  # under way upstream
+            next(reader)  # under way upstream
         for gw in (single.a, single.b):
             r = post(gw, chat("streams", 5))
             assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded", r.text
@@ -393,8 +395,9 @@ def revoke(gw: Gateway, key: dict[str, str]) -> None:
 
 
 def keyed(p: Pair, gw: Gateway, token: str) -> openai.types.chat.ChatCompletion:
+    """A request that reserves most of the keyed rule's 1,000-token quota, and uses a few dozen of it."""
     return p.sdk(gw, token).chat.completions.create(
-        model="keyed", messages=[{"role": "user", "content": "Hi"}], max_tokens=200
+        model="keyed", messages=[{"role": "user", "content": "Hi"}], max_tokens=950
     )
 
 
