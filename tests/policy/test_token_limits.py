@@ -4,14 +4,17 @@ its refusals with file and line."""
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 import pytest
 
+from gateway.cli import main
 from gateway.clientip import PUBLIC, ClientAddress
 from gateway.geo import GeoFacts
 from gateway.policy import Decision, Policy, decide, parse_policy
 from gateway.policy.tokenlimit import Budget, Concurrency, TokenLimit
 from gateway.yamlfile import FileError
+from support.authz import runtime_for
 
 PUBLIC_CLIENT = ClientAddress(ipaddress.ip_address("81.2.69.160"), PUBLIC, "peer", "81.2.69.160")
 DE_FACTS = GeoFacts(country="DE")
@@ -256,3 +259,74 @@ def test_by_api_key_is_allowed_when_a_fallback_requires_client_keys() -> None:
         "rules:\n  - {name: r, action: allow, token_limit: [{tokens: 5, per: 1m, by: api_key}]}\n"
     )
     assert rule_decision(policy, "r").client_keys
+
+
+# --- what check warns about ----------------------------------------------------------------------------
+
+WARNED = """version: 1
+rules:
+  - name: shadowed
+    countries: [FR]
+    action: allow
+    mode: monitor
+    max_concurrent: {streams: 3, by: ip}
+  - name: eu
+    countries: [DE]
+    paths: [/v1/chat/completions, /v1/images/generations, /v1/*, /v2/*, /v1/embeddings/]
+    action: allow
+    token_limit:
+      - {tokens: 2000, per: 1m, by: ip}
+      - {tokens: 100000, per: 1m, by: ip, burst: 5000, count: input}
+      - {tokens: 100000, per: 1d, by: ip, kind: quota}
+tests:
+  - {ip: 81.2.69.160, expect: deny}
+"""
+
+
+def test_check_warns_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(WARNED)
+    assert main(["check", str(path)]) == 0  # warnings, not failures
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: {path}:3: rules[0] (shadowed) is mode: monitor, so it never decides and its max_concurrent "
+        "never applies (the rule or default that decides its requests counts them)",
+        f"warning: {path}:10: rules[1] (eu): token_limit on '/v1/images/generations', a path whose answers the "
+        "gateway cannot read usage from (it reads /v1/chat/completions, /v1/completions, /v1/embeddings, "
+        "/v1/responses, /v1/messages): its requests are charged an estimate, flagged as one, never the "
+        "provider's count",
+        f"warning: {path}:10: rules[1] (eu): token_limit on '/v2/*', a path whose answers the gateway cannot read "
+        "usage from (it reads /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, "
+        "/v1/messages): its requests are charged an estimate, flagged as one, never the provider's count",
+        f"warning: {path}:13: rules[1] (eu): token_limit[0] can never hold more than 2000 tokens (tokens), but a "
+        "request that names no max_tokens reserves 4096 output tokens and a body that cannot be read reserves "
+        "8192: such requests are refused as never fitting (429, not retried); set token_reserve lower or the "
+        "limit higher",
+        f"warning: {path}:14: rules[1] (eu): token_limit[1] can never hold more than 5000 tokens (burst), but a "
+        "body that cannot be read reserves 8192: such requests are refused as never fitting (429, not "
+        "retried); set token_reserve lower or the limit higher",
+    ]
+
+
+def test_check_warns_that_the_decision_service_enforces_no_token_limits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(ISSUE_EXAMPLE.replace("api_key_env: UP_KEY, ", ""))
+    assert main(["check", "-q", str(path)]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["check", "-q", str(path), "--authz", "nginx", "--authz", "forward"]) == 0
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning == (
+        f"warning: {path}:5: rule 'eu-api' has token_limit and max_concurrent, which the decision service "
+        "(forward, nginx) does not enforce: it never sees the answer, so it cannot count tokens or requests in "
+        "flight (it enforces rate_limit); serve these callers through the gateway's own proxy port to have "
+        "them counted"
+    )
+
+
+def test_serve_with_a_decision_service_warns_at_start(tmp_path: Path) -> None:
+    runtime = runtime_for(tmp_path, ISSUE_EXAMPLE.replace("api_key_env: UP_KEY, ", ""), authz_port=0)
+    (warning,) = [w for w in runtime.warnings if "does not enforce" in w]
+    assert ":5: rule 'eu-api' has token_limit and max_concurrent" in warning
+    assert "(envoy_http, forward, nginx)" in warning
