@@ -3,8 +3,12 @@ its refusals with file and line."""
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import json
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -13,8 +17,10 @@ from gateway.clientip import PUBLIC, ClientAddress
 from gateway.geo import GeoFacts
 from gateway.policy import Decision, Policy, decide, parse_policy
 from gateway.policy.tokenlimit import Budget, Concurrency, TokenLimit
+from gateway.usage.estimate import input_tokens
 from gateway.yamlfile import FileError
 from support.authz import runtime_for
+from support.processes import POLICIES
 
 PUBLIC_CLIENT = ClientAddress(ipaddress.ip_address("81.2.69.160"), PUBLIC, "peer", "81.2.69.160")
 DE_FACTS = GeoFacts(country="DE")
@@ -330,3 +336,118 @@ def test_serve_with_a_decision_service_warns_at_start(tmp_path: Path) -> None:
     (warning,) = [w for w in runtime.warnings if "does not enforce" in w]
     assert ":5: rule 'eu-api' has token_limit and max_concurrent" in warning
     assert "(envoy_http, forward, nginx)" in warning
+
+
+# --- explain ---------------------------------------------------------------------------------------------
+
+EXAMPLE = str(POLICIES / "examples" / "token-budgets.yaml")
+BODY = (
+    b'{"model":"gpt-4o","max_tokens":500,"messages":[{"role":"user","content":"Summarise the attached contract '
+    b'in three bullet points, in German."}]}'
+)
+
+
+def explained(capsys: pytest.CaptureFixture[str], *args: str, stdin: bytes | None = None) -> dict[str, Any]:
+    if stdin is not None:
+        with mock.patch("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin))):
+            assert main(["explain", "--policy", EXAMPLE, "--json", *args]) == 0
+    else:
+        assert main(["explain", "--policy", EXAMPLE, "--json", *args]) == 0
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return report
+
+
+def test_explain_shows_the_rules_limits_concurrency_reserve_and_client_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    report = explained(capsys, "2a02:d180::1")  # DE
+    assert report["rule"] == "eu-teams" and report["client_keys"] == "required"
+    assert report["token_limit"] == [
+        {"index": 0, "tokens": 200000, "per": 60.0, "by": ["api_key"], "count": "total", "kind": "rate",
+         "burst": 200000},
+        {"index": 1, "tokens": 5000000, "per": 86400.0, "by": ["country", "model"], "count": "output",
+         "kind": "quota"},
+    ]  # fmt: skip
+    assert report["max_concurrent"] == {"streams": 20, "by": ["api_key"]}
+    assert report["token_reserve"] == {"output": 2048, "unreadable": 8192}
+    assert report["redis_on_error"] == "open"
+    assert "reservation" not in report  # nothing asked: nothing reserved
+    budget_keys = ["client_keys", "token_limit", "max_concurrent", "token_reserve", "redis_on_error"]
+    assert [k for k in report if k in budget_keys] == budget_keys  # the model's order
+
+
+def test_explain_shows_what_a_body_reserves(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    body = tmp_path / "body.json"
+    body.write_bytes(BODY)
+    report = explained(capsys, "2a02:d180::1", "--body", str(body))
+    estimate = input_tokens(BODY, "gpt-4o")
+    assert report["model"] == "gpt-4o"  # read from the body, as the gateway reads a held one
+    assert report["reservation"] == {
+        "readable": True, "input": estimate, "output": 500, "output_from": "max_tokens", "estimate_model": "gpt-4o"
+    }  # fmt: skip
+    assert [(t["reserves"], t["fits"]) for t in report["token_limit"]] == [(estimate + 500, True), (500, True)]
+    # --max-tokens stands for the body's own; the output default when there is none.
+    report = explained(capsys, "2a02:d180::1", "--body", "-", "--max-tokens", "7", stdin=BODY)
+    assert [t["reserves"] for t in report["token_limit"]] == [estimate + 7, 7]
+    uncapped = BODY.replace(b'"max_tokens":500,', b"")
+    report = explained(capsys, "2a02:d180::1", "--body", "-", stdin=uncapped)
+    assert report["reservation"]["output_from"] == "token_reserve.output"
+    assert [t["reserves"] for t in report["token_limit"]] == [input_tokens(uncapped, "gpt-4o") + 2048, 2048]
+
+
+def test_explain_shows_an_unreadable_body_and_a_reservation_that_can_never_fit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = explained(capsys, "81.2.69.142", "--body", "-", stdin=b"not json")  # GB
+    assert report["reservation"] == {"readable": False, "input": None, "output": 8192, "output_from": "unreadable"}
+    assert [(t["reserves"], t["fits"]) for t in report["token_limit"]] == [(8192, True)]
+    report = explained(capsys, "216.160.83.56", "--max-tokens", "100001")  # US: 100,000 a minute
+    assert report["reservation"]["input"] is None
+    assert [(t["reserves"], t["fits"]) for t in report["token_limit"]] == [(100001, False)]
+
+
+def test_explain_card_words_the_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    with mock.patch("sys.stdin", io.TextIOWrapper(io.BytesIO(BODY))):
+        assert main(["explain", "--policy", EXAMPLE, "2a02:d180::1", "--body", "-"]) == 0
+    card = capsys.readouterr().out
+    estimate = input_tokens(BODY, "gpt-4o")
+    for line in [
+        "  keys:      client key required (regiongate keys add); a missing or unknown one gets 401",
+        f"  request:   input ~{estimate} (estimate, gpt-4o), output 500 (max_tokens)",
+        f"  tokens:    [0] 200000 total tokens per 1m by api_key (rate): reserves {estimate + 500}",
+        "  tokens:    [1] 5000000 output tokens per 1d by country+model (quota): reserves 500",
+        "  in flight: at most 20 at once by api_key",
+        "  reserve:   2048 output tokens without max_tokens; 8192 for an unreadable body",
+        "  redis:     on_error open: while Redis cannot be asked, let through, counted",
+    ]:
+        assert line in card.splitlines(), card
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "says"),
+    [
+        (["--body", "-"], b'{"model":"gpt-4o","max_tokens":0}', "--body: Invalid 'max_tokens': integer below "
+         "minimum value. Expected a value >= 1, but got 0 instead; the gateway answers it with a 400"),
+        (["--body", "-"], b'{"model":"a","model":"b"}', '--body: The request body has more than one "model" field; '
+         "the gateway answers it with a 400"),
+        (["--body", "/nonexistent/body.json"], None, "--body: No such file or directory: /nonexistent/body.json"),
+        (["--max-tokens", "0"], None, "argument --max-tokens: must be from 1 to 1000000000"),
+        (["--max-tokens", "lots"], None, "argument --max-tokens: 'lots' is not a whole number"),
+    ],
+    ids=["zero-max-tokens", "two-models", "no-file", "zero-flag", "word-flag"],
+)  # fmt: skip
+def test_explain_refuses_bad_requests_with_exit_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], stdin: bytes | None, says: str
+) -> None:
+    with mock.patch("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin or b""))):
+        try:
+            code = main(["explain", "--policy", EXAMPLE, "2a02:d180::1", *args])
+        except SystemExit as e:  # argparse's own refusals
+            code = e.code  # type: ignore[assignment]
+    assert code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+
+
+def test_explain_without_a_budget_adds_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    report = explained(capsys, "10.0.0.1", "--max-tokens", "5")  # defaults.private: no budget
+    assert not {"token_limit", "max_concurrent", "token_reserve", "reservation", "redis_on_error"} & set(report)
+    assert report["client_keys"] == "required"  # its upstream requires client keys all the same
