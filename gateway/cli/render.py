@@ -108,9 +108,11 @@ def budget_lines(report: dict[str, Any]) -> list[str]:
         text += f"{'+'.join(t['by'])} ({t['kind']}"
         text += f", burst {t['burst']})" if t.get("burst") not in (None, t["tokens"]) else ")"
         if "reserves" in t:
-            text += f": reserves {t['reserves']}" + ("" if t["fits"] else ", more than it can ever hold (429)")
+            text += f": reserves {t['reserves']}"
             if asked is not None and asked["input"] is None and t["count"] != "output" and asked["readable"]:
                 text += " + the body's input"
+            if not t["fits"]:
+                text += ", more than it can ever hold (429, not retried)"
         out.append(text)
     if "max_concurrent" in report:
         c = report["max_concurrent"]
