@@ -14,6 +14,7 @@ import pytest
 
 from gateway.cli import main
 from gateway.clientip import PUBLIC, ClientAddress
+from gateway.diff import diff
 from gateway.geo import GeoFacts
 from gateway.policy import Decision, Policy, decide, parse_policy
 from gateway.policy.tokenlimit import Budget, Concurrency, TokenLimit
@@ -451,3 +452,30 @@ def test_explain_without_a_budget_adds_nothing(capsys: pytest.CaptureFixture[str
     report = explained(capsys, "10.0.0.1", "--max-tokens", "5")  # defaults.private: no budget
     assert not {"token_limit", "max_concurrent", "token_reserve", "reservation", "redis_on_error"} & set(report)
     assert report["client_keys"] == "required"  # its upstream requires client keys all the same
+
+
+def test_diff_names_each_budget_setting_that_changes() -> None:
+    old = compiled(
+        "version: 1\nrules:\n  - name: eu\n    countries: [DE]\n    action: allow\n"
+        "    token_limit: [{tokens: 1000, per: 1m, by: api_key}]\n    rate_limit: {requests: 3, per: 1m}\n"
+    )
+    same = diff(old, old)
+    assert not same.settings
+    new = compiled(
+        "version: 1\nrules:\n  - name: eu\n    countries: [DE]\n    action: allow\n"
+        "    token_limit: [{tokens: 2000, per: 1m, by: api_key}]\n    rate_limit: {requests: 3, per: 1m}\n"
+        "    max_concurrent: {streams: 2, by: ip}\n    client_keys: required\n    token_reserve: {output: 10}\n"
+    )
+    changed = {c.key: (c.old, c.new) for c in diff(old, new).settings}
+    assert set(changed) == {
+        "rules.eu.token_limit",
+        "rules.eu.max_concurrent",
+        "rules.eu.token_reserve",
+        "rules.eu.client_keys",
+    }
+    limit = {"tokens": 1000, "per": 60.0, "by": ["api_key"], "count": "total", "kind": "rate", "burst": None}
+    assert changed["rules.eu.token_limit"] == ([limit], [limit | {"tokens": 2000}])
+    assert changed["rules.eu.max_concurrent"] == (None, {"streams": 2, "by": ["ip"]})
+    reserve = {"output": 4096, "unreadable": 8192}
+    assert changed["rules.eu.token_reserve"] == (reserve, reserve | {"output": 10})
+    assert changed["rules.eu.client_keys"] == (None, "required")
