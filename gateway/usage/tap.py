@@ -160,7 +160,7 @@ class UsageTap:
             self._read_copy()
         if self.chars:
             output = output_from_text(self.chars, self.model)
-        else:
+        else:  # a body whose text could not be read (an unknown coding, a stream of unknown events)
             output = output_from_bytes(self.relayed, self._mode == _SSE, self.model)
         return Usage(known if known is not None else input, output, source="estimate")
 
@@ -184,6 +184,9 @@ class UsageTap:
             self._lead.append(data)
             return b"" if self.strip else data
         lead, self._lead = self._lead, []
+        if not 32 <= body[0] < 127:  # neither JSON nor an event stream: another coding (br, zstd), or binary
+            self._mode = _OPAQUE
+            return b"".join([*lead, data]) if self.strip and lead else data
         if body[0] in b"{[":
             self._mode = _JSON
             self._keep(b"".join([*lead, data]))
