@@ -208,6 +208,13 @@ def test_a_budget_with_nothing_to_ask_and_bad_arguments() -> None:
     release(store, held)
     with pytest.raises(ValueError, match="1 token limits"):
         admit(store, Budget("r", (RATE,)), [], [], None, 1.0, "open", print)
+    with pytest.raises(ValueError, match="needs a slot"):
+        admit(store, Budget("r", (), SLOTS), [], [], None, 1.0, "open", print)
+    settle(store, Held("r", fallback=True), [10, 20])  # a fallback reserved nothing: its settle is a no-op
+    refused = ask(store, Budget("r", (RATE,)), [10])
+    assert isinstance(refused, Held)
+    with pytest.raises(ValueError, match="1 reservations, 2 actual"):
+        settle(store, refused, [1, 2])
 
 
 def test_the_sweep_forgets_subjects_with_their_whole_budget(store: OverrideStore, clock: Clock) -> None:

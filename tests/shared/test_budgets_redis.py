@@ -83,9 +83,19 @@ async def drained(store: RedisStore) -> None:
     await store.budgets.idle()
 
 
-def events(store: RedisStore) -> list[tuple[str, str, str]]:
+def recorder(store: RedisStore) -> Recorder:
     assert isinstance(store.observer, Recorder)
-    return store.observer.events
+    return store.observer
+
+
+def events(store: RedisStore) -> list[tuple[str, str, str]]:
+    return recorder(store).events
+
+
+def evalsha_calls(server: RedisServer) -> int:
+    stats = server.command("INFO", "commandstats")
+    line = next((ln for ln in stats.splitlines() if ln.startswith("cmdstat_evalsha:")), "calls=0,")
+    return int(line.split("calls=", 1)[1].split(",", 1)[0])
 
 
 # --- the Lua against the pure reference ---------------------------------------------------------------
@@ -185,7 +195,14 @@ async def test_many_admits_racing_for_one_budget_never_get_more_than_it(server: 
     b.budgets.prefix = a.budgets.prefix  # two replicas, one budget
     try:
         budget = Budget("r", (RATE, QUOTA))
+        for s in (a, b):  # the scripts loaded, the connections made
+            await ask(s, Budget("w", (RATE,)), [1])
+        trips = [recorder(s).round_trips for s in (a, b)]
+        evalshas = evalsha_calls(server)
         got = await asyncio.gather(*(ask(s, budget, [30, 30]) for s in (a, b) * 100))
+        # One EVALSHA per request, and the 100 each replica asked for at once went in one round trip.
+        assert evalsha_calls(server) - evalshas == 200
+        assert [recorder(s).round_trips - t for s, t in zip((a, b), trips, strict=True)] == [1, 1]
         held = [h for h in got if isinstance(h, Held)]
         assert len(held) == 1000 // 30  # 33: one more would go over both
         refusals = {(r.code, r.retry) for r in got if isinstance(r, ErrorReply)}
