@@ -32,7 +32,7 @@ from gateway.shared.budgets import Held, admit, refund, release, settle
 from gateway.shared.ratelimit import UNAVAILABLE
 from gateway.shared.store import RedisStore, open_store
 from support.budgets import Recorder
-from support.redis_server import RedisServer, cluster, running
+from support.redis_server import RedisServer, cluster, running, sentinel_failover
 
 pytestmark = pytest.mark.e2e
 
@@ -287,6 +287,36 @@ async def test_redis_killed_paused_and_restarted_follows_on_error(tmp_path: Path
     finally:
         await s.close()
         own.stop()
+
+
+async def test_a_sentinel_failover_follows_on_error_then_the_new_master(tmp_path: Path) -> None:
+    with sentinel_failover(tmp_path) as (master, replica, sentinel):
+        s = await started(f"redis+sentinel://127.0.0.1:{sentinel.port}/svc", timeout=0.3)
+        try:
+            budget = Budget("r", (QUOTA,), Concurrency("r", 5, ("api_key",)))
+            held = await ask(s, budget, [600], ("k", "a"), subjects=["GB"])
+            assert isinstance(held, Held) and not held.fallback
+            key = token_key(s.budgets.prefix, QUOTA, "GB")
+            for _ in range(300):  # replication is asynchronous: wait for the replica's copy
+                if replica.command("EXISTS", key) == "1":
+                    break
+                await asyncio.sleep(0.05)
+            master.kill()
+            answers: list[Held | ErrorReply] = []
+            for _ in range(600):  # Sentinel promotes the replica after a second; meanwhile on_error: closed
+                answers.append(await ask(s, budget, [600], ("k", "b"), subjects=["GB"]))
+                if answers[-1] != UNAVAILABLE:
+                    break
+                await asyncio.sleep(0.05)
+            assert answers[0] == UNAVAILABLE and ("fallback", "r", "tokens") in events(s)
+            # The new master has the reservation the old one made: 600 + 600 does not fit in 1000.
+            refused = answers[-1]
+            assert isinstance(refused, ErrorReply) and refused.code == "insufficient_quota"
+            settle(s, held, [100])
+            release(s, held)
+            assert isinstance(await ask(s, budget, [600], ("k", "c"), subjects=["GB"]), Held)
+        finally:
+            await s.close()
 
 
 # --- Redis Cluster -----------------------------------------------------------------------------------------
