@@ -173,7 +173,7 @@ def _token_headers(limit: TokenLimit, check: TokenCheck, retry: float | None) ->
             (b"retry-after-ms", str(retry_ms).encode()),
         )
     headers += (
-        (b"x-ratelimit-limit-tokens", str(capacity(limit)).encode()),
+        (b"x-ratelimit-limit-tokens", str(limit.tokens).encode()),
         (b"x-ratelimit-remaining-tokens", str(max(0, check.remaining)).encode()),
         (b"x-ratelimit-reset-tokens", duration(check.reset)),
     )

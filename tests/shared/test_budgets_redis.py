@@ -214,6 +214,17 @@ async def test_many_admits_racing_for_one_budget_never_get_more_than_it(server: 
         again = await asyncio.gather(*(ask(s, budget, [30, 30]) for s in (a, b) * 20))
         assert sum(isinstance(h, Held) for h in again) == 10
         assert events(a).count(("refused", "r", "quota")) + events(b).count(("refused", "r", "quota")) == 200 - 33 + 30
+        # The scripts flushed (as a restart or a failover leaves them): loaded again, nothing lost.
+        server.command("SCRIPT", "FLUSH")
+        assert isinstance(await ask(a, Budget("r", (RATE,)), [10], subjects=["fresh"]), Held)
+        # A command Redis refuses (here a key of the wrong type) is that request's failure alone: on_error.
+        wrong = token_key(a.budgets.prefix, RATE, "wrong")
+        server.command("HSET", wrong, "x", "1")
+        both = await asyncio.gather(
+            ask(a, Budget("r", (RATE,)), [10], subjects=["wrong"], on_error="open"),
+            ask(a, Budget("r", (RATE,)), [10], subjects=["right"], on_error="open"),
+        )
+        assert [isinstance(h, Held) and h.fallback for h in both] == [True, False]
     finally:
         await a.close()
         await b.close()
