@@ -277,6 +277,18 @@ class AuditCounts(Report):
     written: int
 
 
+class ClientKeyOut(Report):
+    """One client key as ``keys list`` and ``GET /admin/keys`` show it: never its token or hash."""
+
+    id: str = Field(description="ck_ and 16 hex digits: what `keys revoke` and DELETE /admin/keys/{id} take.")
+    name: str = Field(description="What budgets, rate limits, overrides, logs and the audit stream call the caller.")
+    state: str = Field(description="active, expired or revoked")
+    created: float = Field(description="Seconds since the epoch.")
+    expires: float | None = Field(description="Seconds since the epoch; null: never.")
+    revoked: float | None = Field(description="When it was revoked; null: it was not.")
+    meta: dict[str, str] = Field(description="Labels given when it was issued.")
+
+
 class ReadyOut(Report):
     """What ``/readyz`` answers (200 when ``ready``, else 503)."""
 
@@ -292,6 +304,9 @@ class ReadyOut(Report):
     trusted_proxies: list[str]
     client_ip_header: str
     overrides: dict[str, Any] = Field(description="The override store: backend, and for Redis its state.")
+    client_keys: dict[str, Any] = Field(
+        description="The client key store: backend (off, file, redis) and keys by state; never a name, token or hash."
+    )
     audit: AuditCounts
     warnings: list[str]
 

@@ -32,6 +32,8 @@ import orjson
 
 from ..policy.overrides import EMPTY, Compiled, Override, OverrideError, compile_overrides
 from ..policy.ratelimit import RateLimit, gcra, key_start, redis_key
+from .budgetmemory import MemoryBudgets
+from .budgetredis import RedisBudgets
 from .ratebatch import Batcher, Then
 from .ratelimit import GCRA_LUA, outcomes_from_script, script_args
 from .redisconn import Breaker, NullObserver, Observer, RedisTarget, RedisUnavailable, connect, describe_error
@@ -51,6 +53,15 @@ class StoreObserver(Observer, Protocol):
     def audit_dropped(self, reason: str, n: int) -> None: ...
 
 
+class BudgetObserver(Protocol):
+    """The store's observer as token budgets use it (:mod:`.budgets`): the metrics implement it; to be folded
+    into :class:`StoreObserver` once they do on every branch."""
+
+    def budget_fallback(self, rule: str, what: str) -> None: ...
+
+    def budget_refused(self, rule: str, kind: str) -> None: ...
+
+
 class OverrideStore:
     """The in-memory store (one process); :class:`RedisStore` shares it between replicas."""
 
@@ -66,6 +77,7 @@ class OverrideStore:
         self.observer: StoreObserver = NullObserver()
         self._items: dict[str, Override] = {}
         self._tats: dict[str, float] = {}  # rate-limit subject -> theoretical arrival time (monotonic)
+        self.budgets: MemoryBudgets | RedisBudgets = MemoryBudgets()  # token budgets and slots (.budgets)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         # The audit chain's record of each override this replica added, removed or saw expire (Audit.override_event).
@@ -104,6 +116,8 @@ class OverrideStore:
             if self._tats:  # a subject whose TAT has passed has its full burst again: forget it
                 now = time.monotonic()
                 self._tats = {k: v for k, v in self._tats.items() if v > now}
+            if isinstance(self.budgets, MemoryBudgets):
+                self.budgets.sweep()
 
     async def add(self, override: Override) -> Override:
         self._items[override.id] = override
@@ -160,6 +174,7 @@ class RedisStore(OverrideStore):
         self._batcher: Batcher | None = None
         self._limits: dict[RateLimit, tuple[str, bytes, bytes]] = {}  # key prefix and script args, per limit
         self._checks: set[asyncio.Task[None]] = set()  # Cluster: one task per check
+        self.budgets = RedisBudgets(self, prefix)
 
     def __repr__(self) -> str:  # never the password
         return f"RedisStore({self.target.url!r}, prefix={self.prefix!r})"
@@ -172,6 +187,8 @@ class RedisStore(OverrideStore):
         self._gcra = self.client.register_script(GCRA_LUA)  # EVALSHA; loaded again on NOSCRIPT
         if self.target.mode != "cluster":
             self._batcher = Batcher(self.client, self.breaker, GCRA_LUA, self._gcra.sha)
+        assert isinstance(self.budgets, RedisBudgets)
+        self.budgets.start(self.client, self.breaker, self.target.mode == "cluster")
         self._wake = asyncio.Event()
         self.observer.overrides(self.compiled.counts())
         loop = asyncio.get_running_loop()
@@ -184,6 +201,8 @@ class RedisStore(OverrideStore):
         await super().close()
         if self._batcher is not None:
             await self._batcher.close()
+        if isinstance(self.budgets, RedisBudgets):
+            await self.budgets.close()
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.client.aclose(), 2)

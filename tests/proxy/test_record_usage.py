@@ -205,7 +205,7 @@ def test_a_charged_rule_counts_what_its_decision_budget_says(tmp_path: Path) -> 
     """With Decision.budget (issue 19), the record charges each token limit of the deciding rule."""
     budget = Budget("gb", (TokenLimit("gb", 0, 1000, 60.0, ("ip",), "output", "quota"),))
     try:
-        decision = Decision("allow", "allow", "gb", "country GB", "default", budget=budget)  # type: ignore[call-arg]
+        decision = Decision("allow", "allow", "gb", "country GB", "default", budget=budget)
     except TypeError:
         pytest.skip("Decision has no budget field yet (the policy side of issue 19)")
     _, _, metrics = recorded(tmp_path, exchange(Usage(100, 40), CALLER, decision))

@@ -1,0 +1,16 @@
+"""A store observer that records the token-budget events (fallbacks and refusals) it is told."""
+
+from __future__ import annotations
+
+from gateway.shared.redisconn import NullObserver
+
+
+class Recorder(NullObserver):
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, str]] = []
+
+    def budget_fallback(self, rule: str, what: str) -> None:
+        self.events.append(("fallback", rule, what))
+
+    def budget_refused(self, rule: str, kind: str) -> None:
+        self.events.append(("refused", rule, kind))
