@@ -60,7 +60,7 @@ from prometheus_client import multiprocess as _mp
 
 from .geo import SourceInfo
 from .policy import Policy
-from .policy.tokenlimit import Budget
+from .policy.tokenlimit import Budget, cost
 from .usage import Usage
 
 if TYPE_CHECKING:
@@ -129,11 +129,6 @@ class ModelLabels:
             if model.startswith(prefix):
                 return pattern
         return OTHER_MODEL
-
-
-def _charged(count: str, usage: Usage) -> int:
-    """What a limit counting ``count`` (input, output, total) is charged for ``usage``."""
-    return usage.input if count == "input" else usage.output if count == "output" else usage.total
 
 
 class Metrics:
@@ -317,8 +312,9 @@ class Metrics:
         )
         self.budget_tokens = Counter(
             "regiongate_budget_tokens",
-            "Tokens charged to a rule's token_limit entries after the response (the provider's usage or the "
-            "estimate), by rule, limit (the entry's place in the rule's list, from 0) and kind (rate, quota).",
+            "Tokens spent under a rule's token_limit entries once the response is over (the provider's usage or "
+            "the estimate; also while Redis could not be asked, see regiongate_budget_fallbacks), by rule, limit "
+            "(the entry's place in the rule's list, from 0) and kind (rate, quota).",
             ["rule", "limit", "kind"],
             registry=r,
         )
@@ -344,13 +340,6 @@ class Metrics:
             "concurrency).",
             ["rule", "what"],
             registry=r,
-        )
-        self.budget_in_flight = Gauge(
-            "regiongate_budget_in_flight",
-            "Requests holding a max_concurrent slot in this process, by rule.",
-            ["rule"],
-            registry=r,
-            multiprocess_mode="livesum",
         )
         self.model_labels = ModelLabels()  # the policy in force's (policy_swapped)
         self._budget_limits: set[tuple[str, str, str]] = set()
@@ -415,7 +404,7 @@ class Metrics:
         self.model_labels = ModelLabels.of(policy)
         limits: dict[tuple[str, str, str], float] = {}
         for rule in policy.rules:
-            budget: Budget | None = getattr(rule.decision, "budget", None)  # Decision.budget (issue 19)
+            budget = rule.decision.budget
             for limit in budget.tokens if budget is not None else ():
                 limits[(rule.name, str(limit.index), limit.kind)] = limit.tokens / limit.per
         for gone in self._budget_limits - limits.keys():
@@ -475,7 +464,7 @@ class Metrics:
         tally = self._budgets
         for limit in budget.tokens:
             key = (budget.rule, str(limit.index), limit.kind)
-            tally[key] = tally.get(key, 0) + _charged(limit.count, usage)
+            tally[key] = tally.get(key, 0) + cost(limit, usage.input, usage.output)
 
     def budget_refused(self, rule: str, kind: str) -> None:
         """A 429 from a token limit (rate, quota) or max_concurrent (concurrency): the store's observer."""
@@ -484,14 +473,6 @@ class Metrics:
     def budget_fallback(self, rule: str, what: str) -> None:
         """A token (``tokens``) or concurrency check Redis could not answer, so on_error decided."""
         self._budget_event("fallback", rule, what).inc()
-
-    def budget_slot(self, rule: str, held: bool) -> None:
-        """A max_concurrent slot taken (``held``) or given back, in this process."""
-        child = self.budget_in_flight.labels(rule)
-        if held:
-            child.inc()
-        else:
-            child.dec()
 
     def _budget_event(self, event: str, rule: str, label: str) -> Counter:
         key = (event, rule, label)

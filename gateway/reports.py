@@ -534,6 +534,10 @@ class EvidenceReportOut(Report):
     clients: dict[str, int] = Field(
         description="Decisions on callers with no usable location: unknown, invalid, missing"
     )
+    tokens_by_country: list[CountOut] = Field(
+        default_factory=list,
+        description="Tokens (input and output) used by the requests stored one by one (--audit all), by country",
+    )
     fail_modes: list[FailModeOut]
     geoip: list[GeoipOut]
     overrides: list[OverrideEventOut]

@@ -103,7 +103,7 @@ class Record:
         usage = ex.usage
         if usage is not None:
             m.tokens(country, ex.model, usage)
-            budget = getattr(decision, "budget", None)  # Decision.budget (issue 19)
+            budget = decision.budget
             if budget is not None:
                 m.budget_spent(budget, usage)
         log_ = self.runtime.access_log
