@@ -15,13 +15,21 @@ answer is over (:mod:`.record`).
 ``handle`` is called by the server for each request, in the loop turn that
 read its head: no task per request. It makes the request's one
 :class:`.exchange.Exchange`, and each step below takes it, reading top to
-bottom: ``handle -> proceed -> (read_model -> with_model ->) (limited ->
-checked ->) forward``, with ``fail`` and ``crashed`` as the two ways out. A
-forwarded request's record is written by the relay's completion callback. Two steps may wait, and only requests
-that need them pay for them: reading a JSON body to learn its model (a rule
-that looks at the model, ``allow_models``, an upstream that renames models;
-callbacks, :mod:`gateway.dataplane.bodyhold`) and asking the rate limiter
-(a task, since it awaits Redis).
+bottom: ``handle -> (identified ->) (read_model -> with_model ->) proceed ->
+(limited -> checked ->) (budgeted -> admitted ->) forward``, with ``fail``
+and ``crashed`` as the two ways out. A forwarded request's record is written
+by the relay's completion callback. Three steps may wait, and only requests
+that need them pay for them: reading a JSON body (a rule that looks at the
+model, ``allow_models``, an upstream that renames models, a token budget;
+callbacks, :mod:`gateway.dataplane.bodyhold`), asking the rate limiter and
+reserving a token budget (answered when Redis's batch is).
+
+Client keys (``client_keys: required`` on the rule or its upstream) are
+checked before any body is read, and the key's name is the caller from then
+on (:meth:`Gateway.identified`). A token budget's request is settled, refunded
+and released exactly once, whichever way it ends, by :mod:`.tokens` when the
+exchange is recorded. Requests no budget limits pass no usage tap: the relay
+stays zero-copy for them (the measurement is in :mod:`.tokens`).
 """
 
 from __future__ import annotations
