@@ -70,6 +70,7 @@ rules:
     action: route
     upstream: operator
     token_limit: [{{tokens: 1000, per: 1d, by: [api_key], kind: quota}}]
+    rate_limit: {{requests: 8, per: 1h, by: api_key}}
 """
 
 
@@ -425,6 +426,18 @@ def test_client_keys_unknown_revoked_and_a_budget_by_the_keys_name(single: Pair)
     with pytest.raises(openai.RateLimitError) as spent_already:
         keyed(single, a, team_a["token"])
     assert spent_already.value.code == "insufficient_quota"
+    # So is its rate limit (8 requests an hour by api_key, counted before the budget): the name's 9th
+    # request, whichever token made it, is the first the rate limit refuses.
+    made = spent + 2
+    assert made <= 8, made
+    while made < 8:
+        with pytest.raises(openai.RateLimitError) as still:
+            keyed(single, (a, b)[made % 2], team_a["token"])
+        assert still.value.code == "insufficient_quota"
+        made += 1
+    with pytest.raises(openai.RateLimitError) as rated:
+        keyed(single, b, team_a["token"])
+    assert rated.value.code == "rate_limit_exceeded" and rated.value.type == "requests"
     echoed = post(b, chat("keyed", 5), team_b["token"], "/echo/v1/chat/completions")
     assert echoed.status_code == 200 and OPERATOR_KEY in echoed.text and team_b["token"] not in echoed.text
     lines = lines_for(a, "keyed", 2)
