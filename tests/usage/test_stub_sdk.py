@@ -7,7 +7,7 @@ import asyncio
 
 import openai
 import pytest
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 from openai.types.responses import Response
 
 from gateway.stub import prompt_tokens
@@ -17,6 +17,14 @@ pytestmark = pytest.mark.e2e
 
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count the tokens in this sentence, please."}]
 PROMPT = prompt_tokens({"messages": MESSAGES})
+
+
+def asking_for_usage(sdk: openai.OpenAI) -> list[ChatCompletionChunk]:
+    """A chat stream's chunks, asked with ``stream_options.include_usage``."""
+    stream = sdk.chat.completions.create(
+        model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    return list(stream)
 
 
 def client(url: str) -> openai.OpenAI:
@@ -31,14 +39,7 @@ def test_the_sdk_reads_the_stubs_usage_in_every_shape() -> None:
         assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (PROMPT, 5)
         assert whole.choices[0].finish_reason == "length"
 
-        chunks = list(
-            sdk.chat.completions.create(
-                model="m",
-                messages=MESSAGES,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        )
+        chunks = asking_for_usage(sdk)
         assert all(c.usage is None for c in chunks[:-1])
         last = chunks[-1]
         assert last.choices == [] and last.usage is not None
@@ -73,14 +74,7 @@ def test_the_sdk_reads_the_stubs_usage_in_every_shape() -> None:
 def test_the_switches(switch: str) -> None:
     with run_stub(switch) as stub:
         sdk = client(stub.url)
-        chunks = list(
-            sdk.chat.completions.create(
-                model="m",
-                messages=MESSAGES,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        )
+        chunks = asking_for_usage(sdk)
         assert chunks and all(c.usage is None and c.choices for c in chunks)
         whole = sdk.chat.completions.create(model="m", messages=MESSAGES)
         assert (whole.usage is None) == (switch == "--no-usage")
