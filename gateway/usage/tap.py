@@ -309,7 +309,7 @@ class UsageTap:
         if self._copied <= BODY_LIMIT:  # (past it, only the tail is left: estimated from the bytes)
             self._run_bytes += len(body)
             self._text_bytes += len(body)
-            for text in self._text.findall(body):
+            for text in _TEXT[None].findall(body):  # a whole answer's text: the fields of every shape
                 self.chars += len(text)
 
     # --- a content-coded body ------------------------------------------------------------

@@ -221,3 +221,17 @@ def test_a_whole_answer_is_read_once_it_is_whole_and_one_cut_short_is_estimated_
     cut.feed(b'{"id":"x","choices":[{"message":{"content":"' + b"word " * 40 + b'"}}],"usage":{"prompt_')
     assert cut.usage() is None
     assert cut.estimate(7) == Usage(7, output_from_text(200, "gpt-4o"), source="estimate")
+
+
+def test_a_whole_answer_without_usage_is_estimated_from_its_text_in_any_shape() -> None:
+    for shape, doc in [
+        ("responses", {**RESPONSES, "usage": None}),
+        ("messages", {k: v for k, v in ANTHROPIC.items() if k != "usage"}),
+        ("chat", {k: v for k, v in OPENAI_CHAT.items() if k != "usage"}),
+    ]:
+        tap = UsageTap(shape, False, "gpt-4o")
+        tap.feed(body(doc))
+        tap.end()
+        text = {"responses": "In a peaceful grove...", "messages": "Hi! My name is Claude.", "chat": "Hi."}[shape]
+        assert tap.usage() is None
+        assert tap.estimate(3) == Usage(3, output_from_text(len(text), "gpt-4o"), source="estimate"), shape
