@@ -30,6 +30,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import uvloop
 
@@ -49,17 +50,10 @@ MODES = ("plain", "tap", "tap+strip")
 GUARD = 60.0  # seconds: a run that should have ended is an error (a hang guard)
 
 
-class _Outcome:
-    attempted = False
-    client_gone = False
-    status = 0
-    sent = 0
-    error: str | None = None
-    ttfb: float | None = None
-    target = None
-    failovers = None
-    refused: str | None = None
-    attempts = 0
+def outcome() -> SimpleNamespace:
+    """What a relay writes down about its request (:class:`gateway.dataplane.relay.RelayRecord`)."""
+    none = dict.fromkeys(("error", "ttfb", "target", "failovers", "refused"))
+    return SimpleNamespace(attempted=False, client_gone=False, status=0, sent=0, attempts=0, **none)
 
 
 def events(count: int, usage_null: bool) -> list[bytes]:
@@ -116,7 +110,7 @@ async def relay_cpu(mode: str, count: int) -> float:
 
     def handle(request: Request) -> None:
         tap: BodyTap | None = None if mode == "plain" else UsageTap("chat", mode == "tap+strip", "gpt-4o")
-        Relay(request, pool, b"/v1/chat/completions", [], b"rid", policy, _Outcome(), lambda: None, tap=tap).start()
+        Relay(request, pool, b"/v1/chat/completions", [], b"rid", policy, outcome(), lambda: None, tap=tap).start()
 
     listener = Listener(handle, Limits(grace=1.0), 64, lambda reason: None)
     sock = bind("127.0.0.1", 0)

@@ -44,7 +44,8 @@ A :class:`BodyTap` (given by the request path, for a request whose usage it read
 sees every decoded byte of a 2xx response body in order, and what it gives back is
 what the client gets; what it held back comes out when the body is whole. A tapped
 body is framed here (chunked), never with the upstream's length: the tap may leave
-bytes out. A request without a tap pays one ``None`` check per upstream read.
+bytes out. A request without a tap pays a ``None`` check per upstream read (and one at its
+head and one at its end).
 
 An attempt's life is its :class:`Phase` (connecting, sending, sniffing a 403,
 streaming, complete, done), changed only by ``Relay._enter``; the flags left

@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
 )
 
-from .ratelimit import parse_period
+from .ratelimit import DURATION_PATTERN, parse_period
 
 Action = Literal["allow", "deny", "monitor"]  # what a default may say
 RuleAction = Literal["allow", "deny", "monitor", "route"]  # what a rule may say
@@ -380,7 +380,17 @@ class TokenLimitSpec(_Spec):
     """One budget of tokens: ``tokens`` per ``per``, counted as ``count``, one per subject (``by``)."""
 
     tokens: Annotated[int, Field(gt=0, le=MAX_TOKENS)] = Field(description="Tokens per period.")
-    per: str | Annotated[float, Field(ge=MIN_TOKEN_PERIOD, le=MAX_TOKEN_PERIOD)] = Field(
+    per: Annotated[
+        str | Annotated[float, Field(ge=MIN_TOKEN_PERIOD, le=MAX_TOKEN_PERIOD)],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "pattern": DURATION_PATTERN},
+                    {"type": "number", "minimum": MIN_TOKEN_PERIOD, "maximum": MAX_TOKEN_PERIOD},
+                ]
+            }
+        ),
+    ] = Field(
         description="The period: 1m, 1h, 1d, 30d, or seconds (1s to 366d). A quota's windows are aligned to "
         "the Unix epoch (1d: from 00:00 UTC)."
     )

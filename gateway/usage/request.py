@@ -97,7 +97,10 @@ def read_request(body: bytes, path: str) -> RequestTokens:
 
 
 def with_usage(body: bytes) -> bytes:
-    """``body`` with ``stream_options.include_usage`` set to ``true`` (the same object if it already is)."""
+    """``body`` with ``stream_options.include_usage`` set to ``true`` (the same object if it already is).
+
+    For a streamed request only (``stream: true``): OpenAI refuses ``stream_options`` on one that
+    is not. Written twice inside ``stream_options``, every ``include_usage`` is set."""
     doc = _object(body)
     if doc is None:
         raise BadTokens("The request body must be a JSON object.", None)

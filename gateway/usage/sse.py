@@ -9,13 +9,14 @@ the next byte says whether an LF belongs to it, so a CRLF split between reads is
 one line end, never a line end and an empty line. Comments (``:``), ``event:``,
 ``id:`` and ``retry:`` lines are kept in the raw bytes and left out of the data.
 
-Bounded: an event that grows past ``limit`` bytes (1 MiB by default: an
-OpenAI-shaped chunk is under 1 KiB, a Responses API ``response.completed``
-repeats the whole answer, and the largest a gateway should hold for it is a
-few hundred KiB) is given up on: its bytes so far are handed back as
-:attr:`Event.data` ``None`` (an "overflow" event), and the rest of it, up to the
-blank line that ends it, comes out the same way as it arrives, never held. Its
-usage, if it had any, is then unknown, and the caller estimates.
+Bounded: an event larger than ``limit`` bytes (1 MiB by default: an
+OpenAI-shaped chunk is under 1 KiB; a Responses API ``response.completed``
+repeats the whole answer, the largest event the bound is sized for) is given
+up on: its bytes so far are handed back with :attr:`Event.data` ``None`` (an
+"overflow" event), and the rest of it, up to the blank line that ends it,
+comes out the same way as it arrives, never held. One that arrived whole in a
+single read is given up on too, so that the events do not depend on the reads.
+Its usage, if it had any, is then unknown, and the caller estimates.
 
 Hand-written rather than ``httpx-sse`` or ``sseclient-py``: both read from a
 client's response object and yield decoded text events, where the tap needs raw

@@ -151,6 +151,8 @@ class UsageTap:
             for event in events:
                 if event.data is not None:
                     self._event(event.data)
+        elif mode == _JSON:
+            self._read_copy()
         elif mode == _CODED:
             self._finish_decoding()
         elif mode == _UNDECIDED:
@@ -159,10 +161,8 @@ class UsageTap:
         return b""
 
     def usage(self) -> Usage | None:
-        """The provider's usage, when the body told it (a JSON body's is read here, once)."""
-        if self._mode == _JSON and self._copy:
-            self._read_copy()
-        elif self._mode == _CODED and self._inner is not None:
+        """The provider's usage, when the body told it (a JSON body's, once it was whole: :meth:`end`)."""
+        if self._mode == _CODED and self._inner is not None:
             return self._inner.usage()
         return self._reader.found
 
@@ -173,7 +173,7 @@ class UsageTap:
             return self._inner.estimate(input)
         known = self._reader.known_input()
         if self._mode == _JSON and self._copy and not self.chars:
-            self._read_copy()
+            self._count_copy()  # a body cut short: its text so far
         if self.chars:
             output = output_from_text(self.chars * self._run_bytes // max(self._text_bytes, 1), self.model)
         else:  # a body whose text could not be read (an unknown coding, a stream of unknown events)
@@ -292,16 +292,24 @@ class UsageTap:
             self._copy = [tail]
 
     def _read_copy(self) -> None:
+        """The whole body's usage; its text counted, for an estimate, when it has none."""
         body = b"".join(self._copy)
-        self._copy = []
+        self._copy = [body]
         anthropic = self.shape == MESSAGES
         usage = from_body(body, anthropic) if self._copied <= BODY_LIMIT else from_tail(body, anthropic)
         if usage is not None:
             self._reader.found = usage
-        elif self._copied <= BODY_LIMIT:
+            self._copy = []
+        else:
+            self._count_copy()
+
+    def _count_copy(self) -> None:
+        body = b"".join(self._copy)
+        self._copy = []
+        if self._copied <= BODY_LIMIT:  # (past it, only the tail is left: estimated from the bytes)
             self._run_bytes += len(body)
             self._text_bytes += len(body)
-            for text in self._text.findall(body):
+            for text in _TEXT[None].findall(body):  # a whole answer's text: the fields of every shape
                 self.chars += len(text)
 
     # --- a content-coded body ------------------------------------------------------------

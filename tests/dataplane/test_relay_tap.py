@@ -13,17 +13,17 @@ import asyncio
 import contextlib
 import gzip
 from collections.abc import AsyncIterator, Callable
+from types import SimpleNamespace
+from typing import Any
 
 import h11
 import pytest
 import uvloop
 
-from gateway.dataplane.failover import Failover
 from gateway.dataplane.limits import Limits
 from gateway.dataplane.pool import Pool
 from gateway.dataplane.relay import BodyTap, Relay
 from gateway.dataplane.server import Listener, Request
-from gateway.dataplane.upstream import Upstream
 from gateway.policy import UpstreamSpec
 from gateway.proxy.upstreams import build_upstreams
 from gateway.server import bind
@@ -32,17 +32,12 @@ from gateway.usage.tap import UsageTap
 GUARD = 20.0  # seconds before a wait that should have ended is a failure (a hang guard)
 
 
-class _Outcome:
-    attempted = False
-    client_gone = False
-    status = 0
-    sent = 0
-    error: str | None = None
-    ttfb: float | None = None
-    target: Upstream | None = None
-    failovers: list[Failover] | None = None
-    refused: str | None = None
-    attempts = 0
+def _outcome() -> Any:
+    """What a relay writes down about its request (:class:`gateway.dataplane.relay.RelayRecord`)."""
+    return SimpleNamespace(
+        attempted=False, client_gone=False, status=0, sent=0, error=None, ttfb=None, target=None,
+        failovers=None, refused=None, attempts=0,
+    )  # fmt: skip
 
 
 class Recorder:
@@ -139,7 +134,7 @@ def relaying(port: int, tap: BodyTap | None) -> Callable[[Request], None]:
     policy = (b"x-regiongate-policy", b"test")
 
     def handle(request: Request) -> None:
-        Relay(request, pool, b"/v1/x", [], b"rid", policy, _Outcome(), lambda: None, tap=tap).start()
+        Relay(request, pool, b"/v1/x", [], b"rid", policy, _outcome(), lambda: None, tap=tap).start()
 
     return handle
 

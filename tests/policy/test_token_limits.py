@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import jsonschema
 import pytest
 
 from gateway.cli import main
 from gateway.clientip import PUBLIC, ClientAddress
 from gateway.diff import diff
 from gateway.geo import GeoFacts
-from gateway.policy import Decision, Policy, decide, parse_policy
+from gateway.policy import Decision, Policy, decide, json_schema, parse_policy
 from gateway.policy.tokenlimit import Budget, Concurrency, TokenLimit
 from gateway.usage.estimate import input_tokens
 from gateway.yamlfile import FileError
@@ -479,3 +480,20 @@ def test_diff_names_each_budget_setting_that_changes() -> None:
     reserve = {"output": 4096, "unreadable": 8192}
     assert changed["rules.eu.token_reserve"] == (reserve, reserve | {"output": 10})
     assert changed["rules.eu.client_keys"] == (None, "required")
+
+
+def test_the_json_schema_checks_what_the_loader_checks() -> None:
+    """Editors flag the same periods, keys and bounds the gateway refuses (the schema is generated)."""
+    schema = json_schema()
+
+    def valid(entry: dict[str, Any]) -> bool:
+        doc = {"version": 1, "rules": [{"action": "allow", "token_limit": [entry]}]}
+        return not list(jsonschema.Draft202012Validator(schema).iter_errors(doc))
+
+    good = {"tokens": 5, "per": "30d", "by": ["country", "model"]}
+    assert valid(good) and valid(good | {"by": "api_key", "per": 60})
+    bad: list[dict[str, Any]] = [
+        {"per": "monthly"}, {"per": 0.5}, {"by": ["ip", "ip"]}, {"by": []}, {"tokens": 0}, {"count": "x"}
+    ]  # fmt: skip
+    for change in bad:
+        assert not valid(good | change), change

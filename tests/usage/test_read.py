@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.usage import Usage
-from gateway.usage.estimate import output_from_bytes
+from gateway.usage.estimate import output_from_bytes, output_from_text
 from gateway.usage.read import from_body, from_tail, from_usage
 from gateway.usage.tap import BODY_LIMIT, UsageTap
 
@@ -207,3 +207,31 @@ def test_an_oversized_event_passes_unchanged_and_leaves_the_usage_to_the_estimat
     assert out == huge  # given up on: passed as it came, usage:null and all
     assert tap.feed(last) == b"" and tap.end() == b""  # the usage-only chunk is still read and stripped
     assert tap.usage() == Usage(1, 2)
+
+
+def test_a_whole_answer_is_read_once_it_is_whole_and_one_cut_short_is_estimated_from_its_text() -> None:
+    data = body(OPENAI_CHAT)
+    tap = UsageTap("chat", False, "gpt-4o")
+    tap.feed(data[:50])
+    assert tap.usage() is None  # not whole yet: nothing read, nothing lost
+    tap.feed(data[50:])
+    tap.end()
+    assert tap.usage() == Usage(2006, 300, 1920, 128)
+    cut = UsageTap("chat", False, "gpt-4o")
+    cut.feed(b'{"id":"x","choices":[{"message":{"content":"' + b"word " * 40 + b'"}}],"usage":{"prompt_')
+    assert cut.usage() is None
+    assert cut.estimate(7) == Usage(7, output_from_text(200, "gpt-4o"), source="estimate")
+
+
+def test_a_whole_answer_without_usage_is_estimated_from_its_text_in_any_shape() -> None:
+    for shape, doc in [
+        ("responses", {**RESPONSES, "usage": None}),
+        ("messages", {k: v for k, v in ANTHROPIC.items() if k != "usage"}),
+        ("chat", {k: v for k, v in OPENAI_CHAT.items() if k != "usage"}),
+    ]:
+        tap = UsageTap(shape, False, "gpt-4o")
+        tap.feed(body(doc))
+        tap.end()
+        text = {"responses": "In a peaceful grove...", "messages": "Hi! My name is Claude.", "chat": "Hi."}[shape]
+        assert tap.usage() is None
+        assert tap.estimate(3) == Usage(3, output_from_text(len(text), "gpt-4o"), source="estimate"), shape
