@@ -74,6 +74,8 @@ def admit(
     if len(subjects) != len(budget.tokens) or len(costs) != len(budget.tokens):
         raise ValueError(f"{len(budget.tokens)} token limits, {len(subjects)} subjects, {len(costs)} costs")
     for limit, cost in zip(budget.tokens, costs, strict=True):
+        if cost < 0:  # a negative reservation would hand tokens out
+            raise ValueError(f"a reservation of {cost} tokens under rule {budget.rule!r}")
         if cost > capacity(limit):  # no wait makes it fit: refused without asking the store
             store.observer.budget_refused(budget.rule, limit.kind)
             then(never_fits(limit, cost))
