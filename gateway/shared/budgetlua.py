@@ -28,6 +28,7 @@ settle to zero).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -205,8 +206,18 @@ def capacity(limit: TokenLimit) -> int:
     return limit.burst or limit.tokens
 
 
+@functools.lru_cache(maxsize=1024)  # a policy has a few limits; a request asks each several times
 def per_us(limit: TokenLimit) -> int:
     return max(1, round(limit.per * 1e6))
+
+
+@functools.lru_cache(maxsize=1024)
+def _fixed(limit: TokenLimit) -> tuple[bytes, bytes]:
+    """What :data:`ADMIT_LUA` is told of a limit whatever the request: a rate's tolerance (µs) or a quota's
+    tokens, and its period (µs)."""
+    if limit.kind == "quota":
+        return b"%d" % limit.tokens, b"%d" % per_us(limit)
+    return b"%d" % span(capacity(limit), limit), b"0"
 
 
 def span(tokens: int, limit: TokenLimit) -> int:
@@ -226,9 +237,9 @@ def admit_args(asks: Sequence[Ask], slot: SlotAsk | None) -> tuple[list[str], li
     for a in asks:
         limit = a.limit
         if limit.kind == "quota":
-            args += (b"q", b"%d" % a.cost, b"%d" % limit.tokens, b"%d" % per_us(limit))
+            args += (b"q", b"%d" % a.cost, *_fixed(limit))
         else:
-            args += (b"r", b"%d" % span(a.cost, limit), b"%d" % span(capacity(limit), limit), b"0")
+            args += (b"r", b"%d" % span(a.cost, limit), *_fixed(limit))
     if slot is not None:
         keys.append(slot.key)
         args += (slot.member.encode(), b"%d" % max(1, round(slot.lease * 1e6)), b"%d" % slot.streams)
@@ -256,13 +267,13 @@ def outcome_of(reply: Sequence[Any], asks: Sequence[Ask], slot: SlotAsk | None) 
         raise ValueError(f"the budget script answered {len(reply)} values, not {expected}")
     checks: list[TokenCheck] = []
     windows: list[int] = []
-    for i, a in enumerate(asks):
-        allowed, value, wait, window = (int(v) for v in reply[1 + 4 * i : 5 + 4 * i])
+    for i, a in enumerate(asks):  # integers: Redis answers a Lua number as one
+        allowed, value, wait, window = reply[1 + 4 * i : 5 + 4 * i]
         checks.append(_check(a.limit, allowed == 1, value, wait))
         windows.append(window)
     if slot is None:
         return Outcome(tuple(checks), tuple(windows))
-    allowed, held, wait, _ = (int(v) for v in reply[-4:])
+    allowed, held, wait, _ = reply[-4:]
     return Outcome(tuple(checks), tuple(windows), allowed == 1, held, wait / 1e6)
 
 

@@ -74,6 +74,8 @@ def admit(
     if len(subjects) != len(budget.tokens) or len(costs) != len(budget.tokens):
         raise ValueError(f"{len(budget.tokens)} token limits, {len(subjects)} subjects, {len(costs)} costs")
     for limit, cost in zip(budget.tokens, costs, strict=True):
+        if cost < 0:  # a negative reservation would hand tokens out
+            raise ValueError(f"a reservation of {cost} tokens under rule {budget.rule!r}")
         if cost > capacity(limit):  # no wait makes it fit: refused without asking the store
             store.observer.budget_refused(budget.rule, limit.kind)
             then(never_fits(limit, cost))
@@ -106,11 +108,7 @@ def _judged(
 ) -> None:
     observer: BudgetObserver = store.observer
     if outcome is None:  # Redis unavailable (counted by the breaker too), or a bug: the policy says what then
-        if asks:
-            observer.budget_fallback(budget.rule, "tokens")
-        if slot is not None:
-            observer.budget_fallback(budget.rule, "concurrency")
-        then(Held(budget.rule, fallback=True) if on_error == "open" else UNAVAILABLE)
+        then(unavailable(store, budget, on_error))
         return
     if outcome.allowed:
         reserved = tuple(Reserved(a.limit, a.key, a.cost, w) for a, w in zip(asks, outcome.windows, strict=True))
@@ -130,6 +128,17 @@ def _judged(
         assert budget.concurrency is not None
         observer.budget_refused(budget.rule, "concurrency")
         then(too_many_at_once(budget.concurrency, outcome.in_flight))
+
+
+def unavailable(store: Any, budget: Budget, on_error: OnError) -> Held | ErrorReply:
+    """The store could not be asked for ``budget``: ``on_error`` says what then (nothing reserved, or the 503),
+    counted once per kind of limit the budget has."""
+    observer: BudgetObserver = store.observer
+    if budget.tokens:
+        observer.budget_fallback(budget.rule, "tokens")
+    if budget.concurrency is not None:
+        observer.budget_fallback(budget.rule, "concurrency")
+    return Held(budget.rule, fallback=True) if on_error == "open" else UNAVAILABLE
 
 
 def settle(store: Any, held: Held, actual: Sequence[int]) -> None:

@@ -165,14 +165,14 @@ def pack_evalsha(sha: str, keys: list[str], args: list[bytes]) -> bytes:
     equal) for a fifth of its cost: every argument here is a string or bytes, so this is RESP's array of
     bulk strings and nothing more, where redis-py's packer checks each argument's type on the way."""
     parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)), _bulk(sha.encode()), _bulk(b"%d" % len(keys))]
-    parts += [_bulk(k.encode()) for k in keys]
-    parts += [_bulk(a) for a in args]
+    parts += [b"$%d\r\n%s\r\n" % (len(k), k) for k in map(str.encode, keys)]  # no call per argument
+    parts += [b"$%d\r\n%s\r\n" % (len(a), a) for a in args]
     return b"".join(parts)
 
 
 def pack_command(*args: bytes) -> bytes:
     """Any command of bytes arguments, as RESP's array of bulk strings (as :func:`pack_evalsha`)."""
-    return b"*%d\r\n" % len(args) + b"".join(_bulk(a) for a in args)
+    return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
 
 
 def _bulk(value: bytes) -> bytes:

@@ -209,6 +209,8 @@ def test_a_budget_with_nothing_to_ask_and_bad_arguments() -> None:
     release(store, held)
     with pytest.raises(ValueError, match="1 token limits"):
         admit(store, Budget("r", (RATE,)), [], [], None, 1.0, "open", print)
+    with pytest.raises(ValueError, match="a reservation of -1 tokens"):
+        admit(store, Budget("r", (RATE,)), ["k"], [-1], None, 1.0, "open", print)
     with pytest.raises(ValueError, match="needs a slot"):
         admit(store, Budget("r", (), SLOTS), [], [], None, 1.0, "open", print)
     settle(store, Held("r", fallback=True), [10, 20])  # a fallback reserved nothing: its settle is a no-op

@@ -26,7 +26,16 @@ from gateway.policy.tokenlimit import (
     quota_window,
     token_key,
 )
-from gateway.shared.budgetlua import ADMIT_LUA, SETTLE_LUA, Ask, Reserved, admit_args, outcome_of, settle_args
+from gateway.shared.budgetlua import (
+    ADMIT_LUA,
+    SETTLE_LUA,
+    Ask,
+    Reserved,
+    SlotAsk,
+    admit_args,
+    outcome_of,
+    settle_args,
+)
 from gateway.shared.budgetredis import RedisBudgets
 from gateway.shared.budgets import Held, admit, refund, release, settle
 from gateway.shared.ratelimit import UNAVAILABLE
@@ -180,11 +189,19 @@ def test_keys_expire_when_their_budget_is_whole_again(sync_client: redis.Redis, 
     rate = TokenLimit("ttl", 0, 1000, 60.0, ("ip",))
     quota = TokenLimit("ttl", 1, 1000, 86400.0, ("ip",), kind="quota")
     asks = [Ask(rate, "ttl:{a}", 500), Ask(quota, "ttl:{b}", 500)]
-    keys, args = admit_args(asks, None)
-    now = sync_client.register_script(ADMIT_LUA)(keys=keys, args=args)[0]
+    script = sync_client.register_script(ADMIT_LUA)
+    keys, args = admit_args(asks, SlotAsk("ttl:{c}", "m1", 2, 2.5))
+    now = script(keys=keys, args=args)[0]
     assert 29_000 < int(server.command("PTTL", "ttl:{a}")) <= 30_000  # 500 tokens refill in 30 s
     window_end_ms = (now // 86_400_000_000 + 1) * 86_400_000
     assert int(server.command("PEXPIRETIME", "ttl:{b}")) == window_end_ms  # 00:00 UTC
+    assert 2_000 < int(server.command("PTTL", "ttl:{c}")) <= 2_501  # the slots' key: the last lease's end
+    # All or none: the quota has 500 left, so a request of 400 + 600 writes neither the rate nor the slot.
+    keys, args = admit_args([Ask(rate, "ttl:{d}", 400), Ask(quota, "ttl:{b}", 600)], SlotAsk("ttl:{c}", "m2", 2, 60))
+    reply = script(keys=keys, args=args)
+    assert reply[1:] == [1, 400 * 60_000, 0, 0, 0, 500, reply[7], reply[8], 1, 2, 0, 0]  # each judged, none written
+    assert server.command("EXISTS", "ttl:{d}") == "0" and server.command("ZCARD", "ttl:{c}") == "1"
+    assert server.command("HGET", "ttl:{b}", "used") == "500"
 
 
 # --- races: never more than the bound -------------------------------------------------------------------
@@ -358,6 +375,8 @@ async def test_a_redis_cluster_reserves_in_turn_and_gives_back_on_refusal(redis_
             release(b, h)
         await drained(a)
         await drained(b)
+        slots = held[0].slot
+        assert slots is not None and await a.client.zcard(slots[0]) == 0  # every slot released, on its node
         # The quota is spent by another rule's use of the same subject... here: by one big request.
         big = await ask(a, Budget("r", (QUOTA,)), [1000], subjects=["GB:gpt-4o"])
         assert isinstance(big, Held)
