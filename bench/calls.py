@@ -202,7 +202,7 @@ def upstream() -> Iterator[str]:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(content_length(head[:-4]))
+                await reader.readexactly(content_length(head[:-4]) or 0)
                 writer.write(answer)
         writer.close()
 
