@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .accesslog import MAX_PENDING, AccessLog, AddressMode, AddressRedactor
-from .authz.config import HTTP_CONTRACTS, AuthzConfig, blind_rules, parse_config
+from .authz.config import HTTP_CONTRACTS, AuthzConfig, blind_rules, parse_config, unenforced_budgets
 from .cidrs import CidrSet
 from .clientip import ClientIPConfig
 from .dataplane.edge import Edge
@@ -455,6 +455,7 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         )
     if authz is not None:
         runtime.warnings += blind_rules(current.policy, (c for c in HTTP_CONTRACTS if c not in authz.bodies))
+        runtime.warnings += unenforced_budgets(current.policy, HTTP_CONTRACTS)
     if settings.workers > 1 and not settings.redis:
         runtime.warnings.append(
             f"--workers {settings.workers} without --redis: each worker keeps its own runtime overrides, and one "

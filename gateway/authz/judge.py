@@ -6,7 +6,7 @@ geo, override, decision, shadow, model from the body, rate limit) is the very
 same code; ``forward`` answers "allowed" with the decision's facts instead of
 relaying, and ``block`` / ``fail`` / ``crashed`` answer the refusal the proxy
 port would have sent, byte for byte. A rule's ``token_limit`` and
-``max_concurrent`` reserve nothing here (``metered`` goes straight to
+``max_concurrent`` reserve nothing here (``budgeted`` goes straight to
 ``forward``): the service never sees the response, so it could never settle
 or release what it reserved; it enforces request limits only. Metrics, audit and access log are written
 by the same recorder, with ``via`` naming the contract.
@@ -130,7 +130,7 @@ class Judge(Gateway):
         else:
             self.with_model(ex, body)
 
-    def metered(self, ex: Exchange) -> None:
+    def budgeted(self, ex: Exchange) -> None:
         """Token limits are the proxy port's alone: no response passes a decision service, so it could reserve
         but never settle or release. It reserves nothing (no tap, no slot) and answers (docs/edges)."""
         self.forward(ex)

@@ -185,6 +185,10 @@ async def admin_explain(
     model: Annotated[
         str | None, Query(description="The request body's model; left out, it is judged as unknown.", max_length=256)
     ] = None,
+    max_tokens: Annotated[
+        int | None,
+        Query(description="The request's max_tokens: what it reserves under the rule's token limits.", ge=1, le=10**9),
+    ] = None,
 ) -> Any:
     """What the running policy does with this address on this path, and why: every rule in order."""
     # On the proxy's loop: the geo lookup cache is shared with the proxy, and no other thread writes to it.
@@ -195,7 +199,14 @@ async def admin_explain(
 
     def report() -> ExplainOut:
         return explain(
-            runtime.policy, runtime.geo, ip, path, with_trace=True, overrides=runtime.overrides.compiled, model=model
+            runtime.policy,
+            runtime.geo,
+            ip,
+            path,
+            with_trace=True,
+            overrides=runtime.overrides.compiled,
+            model=model,
+            max_tokens=max_tokens,
         ).model
 
     try:

@@ -23,6 +23,7 @@ from ..addresses import IPNetwork
 from ..cidrs import CidrSet, parse_network
 from ..clientip import AddressError, parse_address
 from ..requestpath import BadPath, canonical
+from ..usage.shapes import KNOWN as KNOWN_PATHS
 from ..yamlfile import Document, FileError, Problem
 from .compiled import Decision, PathSet, Patterns, Policy, Rule, make_decision
 from .index import RuleIndex
@@ -229,6 +230,7 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         default_lines={f"defaults.{k}": doc.lines.get(("defaults", k)) for k in type(d).model_fields},
         unknown_model_allowed=spec.body.unknown_model == "allow",
         client_keys_required=keyed,
+        warnings=tuple(w for i, r in enumerate(spec.rules) for w in _budget_warnings(i, r, spec, doc)),
     )
 
 
@@ -308,6 +310,60 @@ def _rule_problems(
                 f"rules[{i}] ({name}) uses {key!r}, which needs {_DB_FOR[fact]}; none is configured (--geoip)",
             )
     return problems
+
+
+def _budget_warnings(i: int, r: RuleSpec, spec: PolicySpec, doc: Document) -> list[Problem]:
+    """What ``regiongate check`` warns about a rule's budget: valid, but likely not what was meant."""
+    if r.token_limit is None and r.max_concurrent is None:
+        return []
+    out: list[Problem] = []
+    name = r.name or f"rule-{i + 1}"
+    here = ("rules", i)
+    if r.mode == "monitor":
+        what = " and ".join(k for k in ("token_limit", "max_concurrent") if getattr(r, k) is not None)
+        out.append(
+            Problem(
+                doc.line_of(here),
+                f"rules[{i}] ({name}) is mode: monitor, so it never decides and its {what} never applies "
+                "(the rule or default that decides its requests counts them)",
+            )
+        )
+    fold = spec.paths_case == "insensitive"
+    known = [k.lower() if fold else k for k in KNOWN_PATHS]
+    for j, p in enumerate(r.paths or () if r.token_limit is not None else ()):
+        pattern = p.lower() if fold else p
+        if pattern.endswith("*"):
+            readable = any(k.startswith(pattern[:-1]) for k in known)
+        else:
+            readable = (pattern[:-1] if pattern.endswith("/") and len(pattern) > 1 else pattern) in known
+        if not readable:
+            out.append(
+                Problem(
+                    doc.line_of((*here, "paths", j)),
+                    f"rules[{i}] ({name}): token_limit on {p!r}, a path whose answers the gateway cannot read "
+                    f"usage from (it reads {', '.join(KNOWN_PATHS)}): its requests are charged an estimate, "
+                    "flagged as one, never the provider's count",
+                )
+            )
+    reserve = r.token_reserve or TokenReserveSpec()
+    for j, t in enumerate(r.token_limit or ()):
+        capacity = t.burst if t.burst is not None and t.kind == "rate" else t.tokens
+        reserved = []
+        if t.count != "input" and reserve.output > capacity:
+            reserved.append(f"a request that names no max_tokens reserves {reserve.output} output tokens")
+        if reserve.unreadable > capacity:
+            reserved.append(f"a body that cannot be read reserves {reserve.unreadable}")
+        if reserved:
+            held = "burst" if t.burst is not None and t.kind == "rate" else "tokens"
+            out.append(
+                Problem(
+                    doc.line_of((*here, "token_limit", j)),
+                    f"rules[{i}] ({name}): token_limit[{j}] can never hold more than {capacity} tokens ({held}), "
+                    f"but {' and '.join(reserved)}: such requests are refused as never fitting (429, not retried); "
+                    "set token_reserve lower or the limit higher",
+                )
+            )
+    return out
 
 
 def _api_key_problems(spec: PolicySpec, doc: Document) -> list[Problem]:

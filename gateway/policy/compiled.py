@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, Protocol
 from ..addresses import IPAddress
 from ..cidrs import CidrSet
 from ..geo import GeoFacts
+from ..yamlfile import Problem
 from .ratelimit import RateLimit
 from .schema import DEFAULT_UPSTREAM, DENY, MONITOR, GeoField, PolicySpec, RuleAction, UpstreamSpec
 from .tokenlimit import Budget
@@ -239,6 +240,9 @@ class Policy:
     default_lines: dict[str, int | None] = dataclasses.field(default_factory=dict)
     unknown_model_allowed: bool = False  # body.unknown_model: allow
     client_keys_required: frozenset[str] = frozenset()  # upstreams with client_keys: required
+    # What regiongate check warns about: valid, loaded, but likely not what was meant (token limits
+    # on paths whose usage cannot be read, on rules that never decide, smaller than a reservation).
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def upstreams(self) -> dict[str, UpstreamSpec]:

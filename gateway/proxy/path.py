@@ -15,13 +15,21 @@ answer is over (:mod:`.record`).
 ``handle`` is called by the server for each request, in the loop turn that
 read its head: no task per request. It makes the request's one
 :class:`.exchange.Exchange`, and each step below takes it, reading top to
-bottom: ``handle -> proceed -> (read_model -> with_model ->) (limited ->
-checked ->) forward``, with ``fail`` and ``crashed`` as the two ways out. A
-forwarded request's record is written by the relay's completion callback. Two steps may wait, and only requests
-that need them pay for them: reading a JSON body to learn its model (a rule
-that looks at the model, ``allow_models``, an upstream that renames models;
-callbacks, :mod:`gateway.dataplane.bodyhold`) and asking the rate limiter
-(a task, since it awaits Redis).
+bottom: ``handle -> (identified ->) (read_model -> with_model ->) proceed ->
+(limited -> checked ->) (budgeted -> admitted ->) forward``, with ``fail``
+and ``crashed`` as the two ways out. A forwarded request's record is written
+by the relay's completion callback. Three steps may wait, and only requests
+that need them pay for them: reading a JSON body (a rule that looks at the
+model, ``allow_models``, an upstream that renames models, a token budget;
+callbacks, :mod:`gateway.dataplane.bodyhold`), asking the rate limiter and
+reserving a token budget (answered when Redis's batch is).
+
+Client keys (``client_keys: required`` on the rule or its upstream) are
+checked before any body is read, and the key's name is the caller from then
+on (:meth:`Gateway.identified`). A token budget's request is settled, refunded
+and released exactly once, whichever way it ends, by :mod:`.tokens` when the
+exchange is recorded. Requests no budget limits pass no usage tap: the relay
+stays zero-copy for them (the measurement is in :mod:`.tokens`).
 """
 
 from __future__ import annotations
@@ -59,10 +67,6 @@ from .exchange import Asked, Exchange, Via
 from .record import REJECTED, Metrics, Record
 from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
 from .tokens import Metered, caller_of, costs, key_unknown, lease, slot_of, subjects, unavailable
-
-# Whether a request that no token budget limits gets a usage tap on a path whose answers carry usage,
-# so that regiongate_tokens_total counts it too (measured with bench/calls.py: see tokens.py).
-METER_UNLIMITED = False
 
 if TYPE_CHECKING:  # runtime imports proxy.upstreams, which runs this package's __init__
     from ..runtime import Runtime
@@ -132,11 +136,20 @@ class Gateway:
             ex.shadow = decide(active.shadow, client, facts, path)
         # 4. Refuse or forward; 5. record, now or when the answer is over.
         try:
-            if decision is not NEEDS_MODEL and decision.verdict != DENY:
-                if not self.identified(ex):
-                    return  # 3a. client keys in force and no valid one: a 401 before any body is read
+            if decision is not NEEDS_MODEL and (
+                decision.client_keys or decision.upstream in policy.client_keys_required
+            ):
+                # 3a. Client keys in force (an override's decision names the upstream only): the key is
+                #     checked before any body is read.
+                if decision.verdict != DENY and not self.identified(ex):
+                    return
                 decision = ex.decision  # an override on the key's name may have taken over
-            if decision is NEEDS_MODEL or decision.needs_body or decision.upstream in active.renaming:
+            if (
+                decision is NEEDS_MODEL
+                or decision.allow_models is not None  # needs_body's first half, without a call on the plain path
+                or (decision.budget is not None and decision.needs_body)
+                or decision.upstream in active.renaming
+            ):
                 # 3b. The decision needs the request's model, or a token budget its body: read the body
                 #     (JSON only, bounded), then go on.
                 self.read_model(ex)
@@ -155,23 +168,24 @@ class Gateway:
                 self.fail(ex, model_not_allowed(ex.model))
                 return
             self.block(ex)
-        elif not self.identified(ex):
+        elif (
+            ex.caller is None
+            and (decision.client_keys or decision.upstream in ex.active.policy.client_keys_required)
+            and not self.identified(ex)
+        ):
             return  # the 401 (a decision that needed the model is final only now)
         elif decision.limit is not None:
             # 3c. The deciding rule's rate limit: a step that may wait (on Redis), with a
             # callback like every other step (answered when the batch of checks is).
             self.limited(ex)
+        elif decision.budget is not None:
+            self.budgeted(ex)  # 3d. The deciding rule's token budget: reserved before anything goes up.
         else:
-            self.metered(ex)
+            self.forward(ex)
 
     def identified(self, ex: Exchange) -> bool:
-        """Client keys in force (the rule's ``client_keys: required``, or its upstream's): the bearer
+        """Client keys are in force (the rule's ``client_keys: required``, or its upstream's): the bearer
         token must be a valid key of ours, whose name is then the caller; else OpenAI's 401 and False."""
-        decision = ex.decision
-        if ex.caller is not None or not (
-            decision.client_keys or decision.upstream in ex.active.policy.client_keys_required
-        ):
-            return True
         found = authenticate(ex.request.headers, self.runtime.client_keys)
         if isinstance(found, ErrorReply):
             self.fail(ex, found)
@@ -265,23 +279,12 @@ class Gateway:
         try:
             if refused is not None:
                 self.fail(ex, refused)
+            elif ex.decision.budget is not None:
+                self.budgeted(ex)
             else:
-                self.metered(ex)
+                self.forward(ex)
         except Exception:
             self.crashed(ex)
-
-    def metered(self, ex: Exchange) -> None:
-        """A deciding rule with a token budget reserves before it forwards; on a path whose answers
-        carry usage, the response passes a usage tap (for the metrics) either way."""
-        if ex.decision.budget is not None:
-            self.budgeted(ex)
-            return
-        if METER_UNLIMITED:
-            shape = shape_of(ex.path)
-            if shape is not None:
-                model = ex.model
-                ex.meter = Metered(self.runtime.overrides, UsageTap(shape, False, model), None, None, ())
-        self.forward(ex)
 
     def budgeted(self, ex: Exchange) -> None:
         """Reserve the request's estimate under each of the rule's token limits (and its concurrency slot),

@@ -98,10 +98,13 @@ class RedisBudgets:
             parts.append(((), slot))
         outcomes: list[Outcome] = []
         failed = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.breaker.timeout  # all the keys within --redis-timeout, not each
         for part_asks, part_slot in parts:
             keys, args = admit_args(part_asks, part_slot)
             try:
-                reply = await self.breaker.call("budget", partial(self._admit, keys=keys, args=args))
+                left = max(0.001, deadline - loop.time())
+                reply = await self.breaker.call("budget", partial(self._admit, keys=keys, args=args), left)
                 outcome = outcome_of(reply, part_asks, part_slot)
             except Exception as e:
                 if not isinstance(e, RedisUnavailable):
@@ -112,6 +115,7 @@ class RedisBudgets:
             if not outcome.allowed:
                 break
         whole = _joined(outcomes, asks, slot) if not failed else None
+        _answer([then], None if whole is None else [whole])  # first: giving back is fire and forget, as a refund
         if whole is None or not whole.allowed:  # the slot is asked last: only token reservations to give back
             given = [
                 (Reserved(a.limit, a.key, a.cost, o.windows[0]), 0)
@@ -121,7 +125,6 @@ class RedisBudgets:
             keys, args = settle_args(given)
             for key, four, (r, _) in zip(keys, _fours(args), given, strict=True):
                 await self._quietly(r.limit.rule, partial(self._settle, keys=[key], args=four))
-        then(whole)
 
     # --- settle, refund, release: fire and forget ------------------------------------------------------
 
@@ -165,8 +168,8 @@ class RedisBudgets:
         if not self._failing:
             self._failing = True
             log.warning(
-                "a token budget %s could not be written to Redis (rule %r): counted in regiongate_budget_fallbacks, "
-                "not retried; said once until one is written again",
+                "a token budget %s could not be written to Redis (rule %r): counted in "
+                "regiongate_budget_fallbacks_total, not retried; said once until one is written again",
                 "settle" if what == "tokens" else "release", rule,
             )  # fmt: skip
 

@@ -84,6 +84,8 @@ def admit(
         for limit, who, cost in zip(budget.tokens, subjects, costs, strict=True)
     )
     concurrency = budget.concurrency
+    if concurrency is not None and slot is None:
+        raise ValueError(f"rule {budget.rule!r} has max_concurrent: admit needs a slot (subject, unique id)")
     ask_slot = None
     if concurrency is not None and slot is not None:
         ask_slot = SlotAsk(slot_key(backend.prefix, concurrency, slot[0]), slot[1], concurrency.streams, lease)
@@ -131,7 +133,10 @@ def _judged(
 
 
 def settle(store: Any, held: Held, actual: Sequence[int]) -> None:
-    """Replace each reservation by what the request really cost (one per entry, as reserved). Fire and forget."""
+    """Replace each reservation by what the request really cost (one per entry of the budget, in order; ignored
+    when nothing was reserved). Fire and forget."""
+    if not held.tokens:  # nothing reserved (no token limit, or a fallback): nothing to settle
+        return
     if len(actual) != len(held.tokens):
         raise ValueError(f"{len(held.tokens)} reservations, {len(actual)} actual costs")
     changes = [(r, max(0, a)) for r, a in zip(held.tokens, actual, strict=True) if a != r.cost]
@@ -168,7 +173,7 @@ def _token_headers(limit: TokenLimit, check: TokenCheck, retry: float | None) ->
             (b"retry-after-ms", str(retry_ms).encode()),
         )
     headers += (
-        (b"x-ratelimit-limit-tokens", str(capacity(limit)).encode()),
+        (b"x-ratelimit-limit-tokens", str(limit.tokens).encode()),
         (b"x-ratelimit-remaining-tokens", str(max(0, check.remaining)).encode()),
         (b"x-ratelimit-reset-tokens", duration(check.reset)),
     )

@@ -4,72 +4,106 @@ Used where the provider's count is not at hand: to reserve before the request
 goes up (the input side), and to charge a stream that ended without usage (the
 client left, the upstream cut it, or the upstream sends none).
 
-Bytes per token per model family, with no vocabulary shipped: a tokenizer's
-vocabulary is megabytes and its exact count would still miss the provider's own
-framing. The ratios are set so that an estimate rarely falls short of the real
-count (a reservation that falls short lets a budget overshoot, one that runs
-over only holds room a little longer): tests/usage/test_estimate.py checks them
-against real o200k_base / cl100k_base counts of the example prompts in
-tests/fixtures/prompts.json. The input side counts the whole body, JSON syntax
-included, which adds about one token per message: OpenAI adds three per message
-for its own framing, so the two roughly cancel.
+Bytes per token per model family, with no vocabulary shipped (a vocabulary is
+megabytes, and an exact count of the text would still miss the provider's own
+framing of tools and messages). The whole body is counted, JSON included, so a
+field the estimator does not know (tools, a response schema) is counted too:
+four kinds of byte, each with its own ratio, counted by ``bytes`` methods in C
+(three passes over the body):
 
-A body whose text is written as JSON ``\\u`` escapes (Python's ``json.dumps``
-default for anything not ASCII) has six bytes per character: each escape is
-weighed as the three-byte UTF-8 character it mostly stands for.
+* ASCII letters, punctuation and white space;
+* digits (tokenizers cut numbers into groups of at most three digits: dense);
+* bytes of UTF-8 characters outside ASCII (two to four a character);
+* ``\\u`` escapes (Python's ``json.dumps`` writes every such character as one),
+  each weighed as one character.
+
+The ratios are set so that an estimate is rarely short of the real count (a
+reservation that falls short lets a budget overshoot; one that runs over only
+holds room until the request settles): tests/usage/test_estimate.py checks
+every example request in tests/fixtures/prompts/ against its real o200k_base
+and cl100k_base count (recorded with gpt-tokenizer, see
+tests/fixtures/prompts/count_tokens.cjs): never below 0.95 of it, and at most
+twice it plus 20 tokens (a short request's JSON outweighs its text). Anthropic's
+tokenizer and the open models' are not public here: their ratios are the more
+cautious ones and are not measured.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
 
-# (model name prefix, bytes per token); the first prefix that matches wins, so longer ones come first.
-_FAMILIES: tuple[tuple[str, float], ...] = (
-    ("gpt-4o", 4.0),  # o200k_base
-    ("chatgpt-4o", 4.0),
-    ("gpt-4.1", 4.0),
-    ("gpt-4.5", 4.0),
-    ("gpt-5", 4.0),
-    ("gpt-oss", 4.0),
-    ("o1", 4.0),
-    ("o3", 4.0),
-    ("o4", 4.0),
-    ("gpt-4", 3.6),  # cl100k_base
-    ("gpt-3.5", 3.6),
-    ("text-embedding", 3.6),
-    ("claude", 3.2),  # Anthropic's tokenizer is not public: a more cautious ratio
+
+@dataclass(frozen=True, slots=True)
+class Ratios:
+    """Bytes (or escapes) per token of each kind."""
+
+    ascii: float
+    digits: float
+    utf8: float  # bytes of characters outside ASCII
+    escapes: float  # \\uXXXX escapes
+
+
+O200K = Ratios(ascii=3.4, digits=2.5, utf8=3.0, escapes=2.9)  # fitted to tests/fixtures/prompts (o200k_base)
+CL100K = Ratios(ascii=3.1, digits=2.5, utf8=2.6, escapes=1.5)  # (cl100k_base)
+CAUTIOUS = Ratios(ascii=3.0, digits=2.0, utf8=2.0, escapes=1.0)  # not measured: Claude, Llama, Mistral, ...
+
+# (model name prefix, ratios); the first prefix that matches wins, so longer ones come first.
+_FAMILIES: tuple[tuple[str, Ratios], ...] = (
+    ("gpt-4o", O200K),
+    ("chatgpt-4o", O200K),
+    ("gpt-4.1", O200K),
+    ("gpt-4.5", O200K),
+    ("gpt-5", O200K),
+    ("gpt-oss", O200K),
+    ("o1", O200K),
+    ("o3", O200K),
+    ("o4", O200K),
+    ("gpt-4", CL100K),
+    ("gpt-3.5", CL100K),
+    ("text-embedding", CL100K),
 )
-DEFAULT = 3.2  # any other model (Llama, Mistral, Qwen, ...): their vocabularies are smaller than o200k's
 SSE_BYTES_PER_TOKEN = 120  # a streamed chunk carries about one token in 120-250 bytes of JSON and framing
 _ESCAPE = b"\\u"
+_ESCAPES = re.compile(rb"\\u[0-9a-fA-F]{4}")
+_HIGH = bytes(range(128, 256))
+_DIGITS = b"0123456789"
 
 
-def bytes_per_token(model: str | None) -> float:
-    """The ratio for a model's family (a provider prefix such as ``openai/`` is ignored)."""
+def ratios(model: str | None) -> Ratios:
+    """The ratios of a model's family (a provider prefix such as ``openai/`` is ignored)."""
     if not model:
-        return DEFAULT
+        return CAUTIOUS
     name = model.rpartition("/")[2].lower()
-    for prefix, ratio in _FAMILIES:
+    for prefix, found in _FAMILIES:
         if name.startswith(prefix):
-            return ratio
-    return DEFAULT
+            return found
+    return CAUTIOUS
 
 
 def input_tokens(body: bytes, model: str | None) -> int:
-    """Estimated input tokens of a request body (its bytes, or its text when it is escaped JSON)."""
+    """Estimated input tokens of a request body."""
     size = len(body)
-    if _ESCAPE in body:
-        size -= 3 * body.count(_ESCAPE)  # a 6-byte escape weighs as the 3-byte UTF-8 character it mostly is
-    return math.ceil(size / bytes_per_token(model)) if size else 0
+    if not size:
+        return 0
+    r = ratios(model)
+    utf8 = size - len(body.translate(None, _HIGH))
+    escapes = 0
+    if _ESCAPE in body:  # their hex digits are not digits of the text
+        body, escapes = _ESCAPES.subn(b"", body)
+    digits = len(body) - len(body.translate(None, _DIGITS))
+    ascii_ = len(body) - utf8 - digits
+    return math.ceil(max(ascii_, 0) / r.ascii + digits / r.digits + utf8 / r.utf8 + escapes / r.escapes)
 
 
 def output_from_text(chars: int, model: str | None) -> int:
-    """Estimated output tokens of ``chars`` characters of answer text (UTF-8 bytes count as chars here)."""
-    return math.ceil(chars / bytes_per_token(model)) if chars > 0 else 0
+    """Estimated output tokens of ``chars`` bytes of answer text (as written in JSON strings)."""
+    return math.ceil(chars / ratios(model).ascii) if chars > 0 else 0
 
 
 def output_from_bytes(size: int, sse: bool, model: str | None) -> int:
     """Estimated output tokens of ``size`` bytes relayed whose text could not be told apart."""
     if size <= 0:
         return 0
-    return math.ceil(size / SSE_BYTES_PER_TOKEN) if sse else math.ceil(size / bytes_per_token(model))
+    return math.ceil(size / SSE_BYTES_PER_TOKEN) if sse else math.ceil(size / ratios(model).ascii)

@@ -26,7 +26,7 @@ small enough (the WHATWG spec's "interpreting an event stream" is a dozen lines)
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 LIMIT = 1 << 20
 
@@ -35,15 +35,20 @@ LIMIT = 1 << 20
 _BLANK = re.compile(rb"(?>\r\n|\r|\n)(?>\r\n|\r|\n)")
 _EOL = re.compile(rb"\r\n|\r|\n")
 _DATA = b"data"
+_DATA_SP = b"data: "
 _CR = 13
+_CR_BYTE = b"\r"
+_LF = b"\n"
+_LFLF = b"\n\n"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):
     """One event's raw bytes (from the end of the last one to the end of its blank line) and its data.
 
     ``data`` is None for an event without a ``data:`` line (comments, blank lines) and for the
-    pieces of an event given up on (too large: ``overflow``)."""
+    pieces of an event given up on (too large: ``overflow``). A named tuple rather than a frozen
+    dataclass: one is made per event relayed, and a tuple is built in C, three times faster.
+    """
 
     raw: bytes
     data: bytes | None
@@ -61,6 +66,31 @@ class Splitter:
         self._skipping = False  # inside an event given up on: its bytes pass until its blank line
         self.skipped = 0  # events given up on
 
+    def whole(self, chunk: bytes) -> bytes | None:
+        """The fast path, for a stream framed with LF only: the bytes of the whole events this piece
+        completes, as one run (``b""`` for none yet), the rest held as :meth:`feed` holds it.
+
+        None when the fast path does not apply (a CR in the stream, an event given up on, a held
+        event past the bound): then :meth:`feed` takes the same piece, as if this was not called.
+        A run starts and ends at event boundaries, so a new :class:`Splitter` fed it gives exactly
+        its events. One ``rfind`` per piece, in C: what a relayed event costs when nothing in it
+        needs a closer look.
+        """
+        held = self._held
+        if self._skipping or _CR_BYTE in chunk or (held and _CR_BYTE in held):
+            return None
+        buf = held + chunk if held else chunk
+        end = buf.rfind(_LFLF) + 2
+        if end == 1:  # no blank line yet
+            if len(buf) > self.limit:
+                return None
+            self._held = buf
+            return b""
+        if len(buf) - end > self.limit:
+            return None
+        self._held = buf[end:]
+        return buf if end == len(buf) else buf[:end]
+
     def feed(self, chunk: bytes) -> list[Event]:
         """The events this piece completes (and, for an event given up on, its bytes as they come)."""
         buf = self._held + chunk if self._held else chunk
@@ -71,13 +101,20 @@ class Splitter:
             if self._skipping:
                 return events
         size = len(buf)
+        lf_only = _CR_BYTE not in buf  # most streams: the blank line is "\n\n", found by memchr, not a regex
         while True:
-            m = _BLANK.search(buf, start)
-            if m is None:
-                break
-            end = m.end()
-            if end == size and buf[-1] == _CR:  # maybe the first half of a CRLF: wait for the next byte
-                break
+            if lf_only:
+                found = buf.find(_LFLF, start)
+                if found < 0:
+                    break
+                end = found + 2
+            else:
+                m = _BLANK.search(buf, start)
+                if m is None:
+                    break
+                end = m.end()
+                if end == size and buf[-1] == _CR:  # maybe the first half of a CRLF: wait for the next byte
+                    break
             raw = buf[start:end]
             if end - start > self.limit:  # whole in one read, but too large all the same
                 self.skipped += 1
@@ -131,6 +168,8 @@ def _trailing_line_ends(buf: bytes) -> bytes:
 
 def _data(raw: bytes) -> bytes | None:
     """The data of one event's raw bytes: its ``data`` fields joined by LF (None without one)."""
+    if raw.startswith(_DATA_SP) and raw.find(_LF) == len(raw) - 2 and raw.endswith(_LFLF):
+        return raw[6:-2]  # the usual event: one "data: " line and a blank line
     if _DATA not in raw:
         return None
     data: list[bytes] = []

@@ -37,7 +37,7 @@ from . import Usage
 from .estimate import output_from_bytes, output_from_text
 from .read import StreamUsage, from_body, from_tail
 from .shapes import CHAT, COMPLETIONS, MESSAGES, RESPONSES
-from .sse import Event, Splitter
+from .sse import LIMIT, Event, Splitter
 
 BODY_LIMIT = 8 << 20
 TAIL = 64 << 10
@@ -50,6 +50,11 @@ _GZIP = b"\x1f\x8b"
 _USAGE = b'"usage"'
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _DONE = b"[DONE]"
+_LFLF = b"\n\n"
+_NULLS = (b'"usage":null', b'"usage": null')
+# How OpenAI's (compact) and Python's json.dumps end a chunk that carries "usage": null: cut by slicing.
+_NULL_TAILS = (b',"usage":null}\n\n', b', "usage": null}\n\n')
+_NULL_ENDS = (*_NULL_TAILS, b'"usage":null}\n\n', b'"usage": null}\n\n')
 # The text of an answer, per shape, in the fields its stream carries it in (escapes counted as written).
 _STRING = rb'"\s*:\s*"((?:[^"\\]|\\.)*)"'
 _TEXT = {
@@ -59,9 +64,9 @@ _TEXT = {
     MESSAGES: re.compile(rb'"(?:text|partial_json|thinking)' + _STRING),
     None: re.compile(rb'"(?:content|reasoning_content|text|delta|arguments|partial_json|thinking)' + _STRING),
 }
-# OpenAI's "usage": null on a chunk, as its last member or its first (raw event bytes: the JSON ends the line).
-_NULL_LAST = re.compile(rb'[ \t]*,[ \t]*"usage"[ \t]*:[ \t]*null(?=[ \t]*\}[ \t]*(?:\r\n|\r|\n|$))')
-_NULL_FIRST = re.compile(rb'(data:[ ]?[ \t]*\{)[ \t]*"usage"[ \t]*:[ \t]*null[ \t]*,[ \t]*')
+_NULL = re.compile(rb"[ \t]*:[ \t]*null")
+_BLANKS = b" \t"
+_LINE_ENDS = (b"\n", b"\r", b"")
 
 
 class UsageTap:
@@ -76,8 +81,11 @@ class UsageTap:
         "_lead",
         "_mode",
         "_reader",
+        "_run_bytes",
+        "_runs",
         "_splitter",
         "_text",
+        "_text_bytes",
         "chars",
         "model",
         "relayed",
@@ -90,7 +98,13 @@ class UsageTap:
         self.strip = sse_strip
         self.model = model
         self.relayed = 0  # body bytes passed on
-        self.chars = 0  # answer text seen in a stream (bytes, escapes as written)
+        # Answer text, for an estimate: counted in some of the bytes (all of them in a JSON body; in a
+        # stream, the first runs and one in 8 after: a regex over every event would cost more than
+        # the rest of the tap), and scaled to all of them.
+        self.chars = 0  # text bytes counted (escapes as written)
+        self._runs = 0
+        self._run_bytes = 0  # bytes of whole events read
+        self._text_bytes = 0  # of which counted for text
         self._mode = _UNDECIDED
         self._lead: list[bytes] = []  # white space before the first telling byte
         self._splitter: Splitter | None = None
@@ -109,12 +123,14 @@ class UsageTap:
         self.relayed += len(data)
         mode = self._mode
         if mode == _SSE:
-            if self.strip:
-                return self._strip(data)
             assert self._splitter is not None
-            for event in self._splitter.feed(data):
-                if event.data is not None:
-                    self._event(event.data)
+            run = self._splitter.whole(data)
+            if run is None:  # not the fast path: event by event
+                return self._events(data)
+            if self.strip:
+                return self._strip_run(run) if run else b""
+            if run:
+                self._read_run(run)
             return data
         if mode == _JSON:
             self._keep(data)
@@ -159,8 +175,8 @@ class UsageTap:
         if self._mode == _JSON and self._copy and not self.chars:
             self._read_copy()
         if self.chars:
-            output = output_from_text(self.chars, self.model)
-        else:
+            output = output_from_text(self.chars * self._run_bytes // max(self._text_bytes, 1), self.model)
+        else:  # a body whose text could not be read (an unknown coding, a stream of unknown events)
             output = output_from_bytes(self.relayed, self._mode == _SSE, self.model)
         return Usage(known if known is not None else input, output, source="estimate")
 
@@ -184,6 +200,9 @@ class UsageTap:
             self._lead.append(data)
             return b"" if self.strip else data
         lead, self._lead = self._lead, []
+        if not 32 <= body[0] < 127:  # neither JSON nor an event stream: another coding (br, zstd), or binary
+            self._mode = _OPAQUE
+            return b"".join([*lead, data]) if self.strip and lead else data
         if body[0] in b"{[":
             self._mode = _JSON
             self._keep(b"".join([*lead, data]))
@@ -191,12 +210,8 @@ class UsageTap:
         self._mode = _SSE
         self._splitter = Splitter()
         whole = b"".join([*lead, data]) if lead else data
-        if self.strip:
-            return self._strip(whole)
-        for event in self._splitter.feed(whole):
-            if event.data is not None:
-                self._event(event.data)
-        return data
+        out = self._events(whole)
+        return out if self.strip else data
 
     # --- an event stream -------------------------------------------------------------------
 
@@ -210,19 +225,48 @@ class UsageTap:
             self._reader.event(doc)
             return isinstance(doc, dict) and doc.get("choices") == [] and isinstance(doc.get("usage"), dict)
         if data != _DONE:
+            self._run_bytes += len(data)
+            self._text_bytes += len(data)
             for text in self._text.findall(data):
                 self.chars += len(text)
         return False
 
-    def _strip(self, data: bytes) -> bytes:
+    def _read_run(self, run: bytes) -> None:
+        """Whole events, not to be changed: decoded only if one has a usage that is not null."""
+        if _has_usage(run):
+            for event in Splitter(LIMIT).feed(run):
+                if event.data is not None:
+                    self._event(event.data)
+            return
+        self._runs += 1
+        self._run_bytes += len(run)
+        if self._runs <= 8 or not self._runs % 8:
+            self._text_bytes += len(run)
+            for text in self._text.findall(run):
+                self.chars += len(text)
+
+    def _strip_run(self, run: bytes) -> bytes:
+        """Whole events, for a client that did not ask for usage: the usual one (a single event whose
+        only usage is null) is rewritten at once, anything else event by event."""
+        count = run.count(_USAGE)
+        if not count:
+            self._read_run(run)
+            return run
+        if count == 1 and run.endswith(_NULL_TAILS):  # one event, the usual chunk
+            self._read_run(run)
+            return run[: run.rindex(b",")] + b"}\n\n"
+        return b"".join(self._pass(Splitter(LIMIT).feed(run)))
+
+    def _events(self, data: bytes) -> bytes:
+        """The slow path: every event split out and looked at (CR framing, an event past the bound)."""
         assert self._splitter is not None
         events = self._splitter.feed(data)
-        if len(events) == 1 and events[0].raw is data and _USAGE not in data:
-            event = events[0]
+        if self.strip:
+            return b"".join(self._pass(events))
+        for event in events:
             if event.data is not None:
                 self._event(event.data)
-            return data  # one whole event, nothing to take out: the same object
-        return b"".join(self._pass(events))
+        return data
 
     def _pass(self, events: list[Event]) -> list[bytes]:
         out = []
@@ -234,7 +278,7 @@ class UsageTap:
             if self._event(data):
                 continue  # the usage-only chunk the client did not ask for
             if _USAGE in raw:
-                raw = _NULL_FIRST.sub(rb"\1", _NULL_LAST.sub(b"", raw, count=1), count=1)
+                raw = _without_null_usage(raw)
             out.append(raw)
         return out
 
@@ -255,6 +299,8 @@ class UsageTap:
         if usage is not None:
             self._reader.found = usage
         elif self._copied <= BODY_LIMIT:
+            self._run_bytes += len(body)
+            self._text_bytes += len(body)
             for text in self._text.findall(body):
                 self.chars += len(text)
 
@@ -285,6 +331,36 @@ class UsageTap:
                 self._inner.feed(rest)
         if self._inner is not None:
             self._inner.end()
+
+
+def _has_usage(run: bytes) -> bool:
+    """Some ``"usage"`` in these bytes is not OpenAI's ``null`` (scans in C, no regex)."""
+    count = run.count(_USAGE)
+    if not count or (count == 1 and run.endswith(_NULL_ENDS)):
+        return False
+    return count > run.count(_NULLS[0]) + run.count(_NULLS[1])
+
+
+def _without_null_usage(raw: bytes) -> bytes:
+    """An event's raw bytes without the ``"usage": null`` member OpenAI adds to each chunk when usage is
+    asked for: as the object's last member (OpenAI's place for it) or its first, with the comma and the
+    blanks around it; anywhere else (or not null) the bytes are left as they are.
+
+    A ``"usage"`` inside a JSON string is escaped (``\\"usage\\"``), so the last ``"usage"`` in the bytes
+    is a key; that it is the top-level object's is checked by what surrounds it: the closing brace
+    that ends the ``data:`` line after it, or the ``data:`` line's opening brace before it.
+    """
+    i = raw.rfind(_USAGE)
+    m = _NULL.match(raw, i + 7)
+    if i < 0 or m is None:
+        return raw
+    before, after = raw[:i].rstrip(_BLANKS), raw[m.end() :]
+    rest = after.lstrip(_BLANKS)
+    if before.endswith(b",") and rest[:1] == b"}" and rest[1:].lstrip(_BLANKS)[:1] in _LINE_ENDS:
+        return before[:-1].rstrip(_BLANKS) + after
+    if before.endswith(b"{") and before[:-1].rstrip(_BLANKS).endswith(b"data:") and rest[:1] == b",":
+        return raw[:i] + rest[1:].lstrip(_BLANKS)
+    return raw
 
 
 def _is_zlib(head: bytes) -> bool:

@@ -3,15 +3,25 @@ its refusals with file and line."""
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import json
+from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 
+from gateway.cli import main
 from gateway.clientip import PUBLIC, ClientAddress
+from gateway.diff import diff
 from gateway.geo import GeoFacts
 from gateway.policy import Decision, Policy, decide, parse_policy
 from gateway.policy.tokenlimit import Budget, Concurrency, TokenLimit
+from gateway.usage.estimate import input_tokens
 from gateway.yamlfile import FileError
+from support.authz import runtime_for
+from support.processes import POLICIES
 
 PUBLIC_CLIENT = ClientAddress(ipaddress.ip_address("81.2.69.160"), PUBLIC, "peer", "81.2.69.160")
 DE_FACTS = GeoFacts(country="DE")
@@ -256,3 +266,216 @@ def test_by_api_key_is_allowed_when_a_fallback_requires_client_keys() -> None:
         "rules:\n  - {name: r, action: allow, token_limit: [{tokens: 5, per: 1m, by: api_key}]}\n"
     )
     assert rule_decision(policy, "r").client_keys
+
+
+# --- what check warns about ----------------------------------------------------------------------------
+
+WARNED = """version: 1
+rules:
+  - name: shadowed
+    countries: [FR]
+    action: allow
+    mode: monitor
+    max_concurrent: {streams: 3, by: ip}
+  - name: eu
+    countries: [DE]
+    paths: [/v1/chat/completions, /v1/images/generations, /v1/*, /v2/*, /v1/embeddings/]
+    action: allow
+    token_limit:
+      - {tokens: 2000, per: 1m, by: ip}
+      - {tokens: 100000, per: 1m, by: ip, burst: 5000, count: input}
+      - {tokens: 100000, per: 1d, by: ip, kind: quota}
+tests:
+  - {ip: 81.2.69.160, expect: deny}
+"""
+
+
+def test_check_warns_with_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(WARNED)
+    assert main(["check", str(path)]) == 0  # warnings, not failures
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"warning: {path}:3: rules[0] (shadowed) is mode: monitor, so it never decides and its max_concurrent "
+        "never applies (the rule or default that decides its requests counts them)",
+        f"warning: {path}:10: rules[1] (eu): token_limit on '/v1/images/generations', a path whose answers the "
+        "gateway cannot read usage from (it reads /v1/chat/completions, /v1/completions, /v1/embeddings, "
+        "/v1/responses, /v1/messages): its requests are charged an estimate, flagged as one, never the "
+        "provider's count",
+        f"warning: {path}:10: rules[1] (eu): token_limit on '/v2/*', a path whose answers the gateway cannot read "
+        "usage from (it reads /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, "
+        "/v1/messages): its requests are charged an estimate, flagged as one, never the provider's count",
+        f"warning: {path}:13: rules[1] (eu): token_limit[0] can never hold more than 2000 tokens (tokens), but a "
+        "request that names no max_tokens reserves 4096 output tokens and a body that cannot be read reserves "
+        "8192: such requests are refused as never fitting (429, not retried); set token_reserve lower or the "
+        "limit higher",
+        f"warning: {path}:14: rules[1] (eu): token_limit[1] can never hold more than 5000 tokens (burst), but a "
+        "body that cannot be read reserves 8192: such requests are refused as never fitting (429, not "
+        "retried); set token_reserve lower or the limit higher",
+    ]
+
+
+def test_check_warns_that_the_decision_service_enforces_no_token_limits(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(ISSUE_EXAMPLE.replace("api_key_env: UP_KEY, ", ""))
+    assert main(["check", "-q", str(path)]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["check", "-q", str(path), "--authz", "nginx", "--authz", "forward"]) == 0
+    (warning,) = capsys.readouterr().err.splitlines()
+    assert warning == (
+        f"warning: {path}:5: rule 'eu-api' has token_limit and max_concurrent, which the decision service "
+        "(forward, nginx) does not enforce: it never sees the answer, so it cannot count tokens or requests in "
+        "flight (it enforces rate_limit); serve these callers through the gateway's own proxy port to have "
+        "them counted"
+    )
+
+
+def test_serve_with_a_decision_service_warns_at_start(tmp_path: Path) -> None:
+    runtime = runtime_for(tmp_path, ISSUE_EXAMPLE.replace("api_key_env: UP_KEY, ", ""), authz_port=0)
+    (warning,) = [w for w in runtime.warnings if "does not enforce" in w]
+    assert ":5: rule 'eu-api' has token_limit and max_concurrent" in warning
+    assert "(envoy_http, forward, nginx)" in warning
+
+
+# --- explain ---------------------------------------------------------------------------------------------
+
+EXAMPLE = str(POLICIES / "examples" / "token-budgets.yaml")
+BODY = (
+    b'{"model":"gpt-4o","max_tokens":500,"messages":[{"role":"user","content":"Summarise the attached contract '
+    b'in three bullet points, in German."}]}'
+)
+
+
+def explained(capsys: pytest.CaptureFixture[str], *args: str, stdin: bytes | None = None) -> dict[str, Any]:
+    if stdin is not None:
+        with mock.patch("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin))):
+            assert main(["explain", "--policy", EXAMPLE, "--json", *args]) == 0
+    else:
+        assert main(["explain", "--policy", EXAMPLE, "--json", *args]) == 0
+    report: dict[str, Any] = json.loads(capsys.readouterr().out)
+    return report
+
+
+def test_explain_shows_the_rules_limits_concurrency_reserve_and_client_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    report = explained(capsys, "2a02:d180::1")  # DE
+    assert report["rule"] == "eu-teams" and report["client_keys"] == "required"
+    assert report["token_limit"] == [
+        {"index": 0, "tokens": 200000, "per": 60.0, "by": ["api_key"], "count": "total", "kind": "rate",
+         "burst": 200000},
+        {"index": 1, "tokens": 5000000, "per": 86400.0, "by": ["country", "model"], "count": "output",
+         "kind": "quota"},
+    ]  # fmt: skip
+    assert report["max_concurrent"] == {"streams": 20, "by": ["api_key"]}
+    assert report["token_reserve"] == {"output": 2048, "unreadable": 8192}
+    assert report["redis_on_error"] == "open"
+    assert "reservation" not in report  # nothing asked: nothing reserved
+    budget_keys = ["client_keys", "token_limit", "max_concurrent", "token_reserve", "redis_on_error"]
+    assert [k for k in report if k in budget_keys] == budget_keys  # the model's order
+
+
+def test_explain_shows_what_a_body_reserves(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    body = tmp_path / "body.json"
+    body.write_bytes(BODY)
+    report = explained(capsys, "2a02:d180::1", "--body", str(body))
+    estimate = input_tokens(BODY, "gpt-4o")
+    assert report["model"] == "gpt-4o"  # read from the body, as the gateway reads a held one
+    assert report["reservation"] == {
+        "readable": True, "input": estimate, "output": 500, "output_from": "max_tokens", "estimate_model": "gpt-4o"
+    }  # fmt: skip
+    assert [(t["reserves"], t["fits"]) for t in report["token_limit"]] == [(estimate + 500, True), (500, True)]
+    # --max-tokens stands for the body's own; the output default when there is none.
+    report = explained(capsys, "2a02:d180::1", "--body", "-", "--max-tokens", "7", stdin=BODY)
+    assert [t["reserves"] for t in report["token_limit"]] == [estimate + 7, 7]
+    uncapped = BODY.replace(b'"max_tokens":500,', b"")
+    report = explained(capsys, "2a02:d180::1", "--body", "-", stdin=uncapped)
+    assert report["reservation"]["output_from"] == "token_reserve.output"
+    assert [t["reserves"] for t in report["token_limit"]] == [input_tokens(uncapped, "gpt-4o") + 2048, 2048]
+
+
+def test_explain_shows_an_unreadable_body_and_a_reservation_that_can_never_fit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    report = explained(capsys, "81.2.69.142", "--body", "-", stdin=b"not json")  # GB
+    assert report["reservation"] == {"readable": False, "input": None, "output": 8192, "output_from": "unreadable"}
+    assert [(t["reserves"], t["fits"]) for t in report["token_limit"]] == [(8192, True)]
+    report = explained(capsys, "216.160.83.56", "--max-tokens", "100001")  # US: 100,000 a minute
+    assert report["reservation"]["input"] is None
+    assert [(t["reserves"], t["fits"]) for t in report["token_limit"]] == [(100001, False)]
+
+
+def test_explain_card_words_the_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    with mock.patch("sys.stdin", io.TextIOWrapper(io.BytesIO(BODY))):
+        assert main(["explain", "--policy", EXAMPLE, "2a02:d180::1", "--body", "-"]) == 0
+    card = capsys.readouterr().out
+    estimate = input_tokens(BODY, "gpt-4o")
+    for line in [
+        "  keys:      client key required (regiongate keys add); a missing or unknown one gets 401",
+        f"  request:   input ~{estimate} (estimate, gpt-4o), output 500 (max_tokens)",
+        f"  tokens:    [0] 200000 total tokens per 1m by api_key (rate): reserves {estimate + 500}",
+        "  tokens:    [1] 5000000 output tokens per 1d by country+model (quota): reserves 500",
+        "  in flight: at most 20 at once by api_key",
+        "  reserve:   2048 output tokens without max_tokens; 8192 for an unreadable body",
+        "  redis:     on_error open: while Redis cannot be asked, let through, counted",
+    ]:
+        assert line in card.splitlines(), card
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "says"),
+    [
+        (["--body", "-"], b'{"model":"gpt-4o","max_tokens":0}', "--body: Invalid 'max_tokens': integer below "
+         "minimum value. Expected a value >= 1, but got 0 instead; the gateway answers it with a 400"),
+        (["--body", "-"], b'{"model":"a","model":"b"}', '--body: The request body has more than one "model" field; '
+         "the gateway answers it with a 400"),
+        (["--body", "/nonexistent/body.json"], None, "--body: No such file or directory: /nonexistent/body.json"),
+        (["--max-tokens", "0"], None, "argument --max-tokens: must be from 1 to 1000000000"),
+        (["--max-tokens", "lots"], None, "argument --max-tokens: 'lots' is not a whole number"),
+    ],
+    ids=["zero-max-tokens", "two-models", "no-file", "zero-flag", "word-flag"],
+)  # fmt: skip
+def test_explain_refuses_bad_requests_with_exit_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], stdin: bytes | None, says: str
+) -> None:
+    with mock.patch("sys.stdin", io.TextIOWrapper(io.BytesIO(stdin or b""))):
+        try:
+            code = main(["explain", "--policy", EXAMPLE, "2a02:d180::1", *args])
+        except SystemExit as e:  # argparse's own refusals
+            code = e.code  # type: ignore[assignment]
+    assert code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+
+
+def test_explain_without_a_budget_adds_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    report = explained(capsys, "10.0.0.1", "--max-tokens", "5")  # defaults.private: no budget
+    assert not {"token_limit", "max_concurrent", "token_reserve", "reservation", "redis_on_error"} & set(report)
+    assert report["client_keys"] == "required"  # its upstream requires client keys all the same
+
+
+def test_diff_names_each_budget_setting_that_changes() -> None:
+    old = compiled(
+        "version: 1\nrules:\n  - name: eu\n    countries: [DE]\n    action: allow\n"
+        "    token_limit: [{tokens: 1000, per: 1m, by: api_key}]\n    rate_limit: {requests: 3, per: 1m}\n"
+    )
+    same = diff(old, old)
+    assert not same.settings
+    new = compiled(
+        "version: 1\nrules:\n  - name: eu\n    countries: [DE]\n    action: allow\n"
+        "    token_limit: [{tokens: 2000, per: 1m, by: api_key}]\n    rate_limit: {requests: 3, per: 1m}\n"
+        "    max_concurrent: {streams: 2, by: ip}\n    client_keys: required\n    token_reserve: {output: 10}\n"
+    )
+    changed = {c.key: (c.old, c.new) for c in diff(old, new).settings}
+    assert set(changed) == {
+        "rules.eu.token_limit",
+        "rules.eu.max_concurrent",
+        "rules.eu.token_reserve",
+        "rules.eu.client_keys",
+    }
+    limit = {"tokens": 1000, "per": 60.0, "by": ["api_key"], "count": "total", "kind": "rate", "burst": None}
+    assert changed["rules.eu.token_limit"] == ([limit], [limit | {"tokens": 2000}])
+    assert changed["rules.eu.max_concurrent"] == (None, {"streams": 2, "by": ["ip"]})
+    reserve = {"output": 4096, "unreadable": 8192}
+    assert changed["rules.eu.token_reserve"] == (reserve, reserve | {"output": 10})
+    assert changed["rules.eu.client_keys"] == (None, "required")

@@ -112,7 +112,8 @@ def test_a_request_that_can_never_fit_is_told_so_without_asking_the_store(store:
     burst = TokenLimit("r", 0, 1000, 60.0, ("api_key",), burst=200)
     refused = ask(store, Budget("r", (burst,)), [201])
     assert isinstance(refused, ErrorReply) and refused.status == 429 and not refused.retry
-    assert "can never fit" in refused.message and headers(refused)[b"x-ratelimit-limit-tokens"] == b"200"
+    assert "can never fit" in refused.message and "more than the 200" in refused.message
+    assert headers(refused)[b"x-ratelimit-limit-tokens"] == b"1000"
     assert b"retry-after" not in headers(refused)
     assert never_fits(QUOTA, 5001).code == "insufficient_quota"
     assert isinstance(ask(store, Budget("r", (burst,)), [200]), Held)  # its whole burst fits
@@ -208,6 +209,13 @@ def test_a_budget_with_nothing_to_ask_and_bad_arguments() -> None:
     release(store, held)
     with pytest.raises(ValueError, match="1 token limits"):
         admit(store, Budget("r", (RATE,)), [], [], None, 1.0, "open", print)
+    with pytest.raises(ValueError, match="needs a slot"):
+        admit(store, Budget("r", (), SLOTS), [], [], None, 1.0, "open", print)
+    settle(store, Held("r", fallback=True), [10, 20])  # a fallback reserved nothing: its settle is a no-op
+    refused = ask(store, Budget("r", (RATE,)), [10])
+    assert isinstance(refused, Held)
+    with pytest.raises(ValueError, match="1 reservations, 2 actual"):
+        settle(store, refused, [1, 2])
 
 
 def test_the_sweep_forgets_subjects_with_their_whole_budget(store: OverrideStore, clock: Clock) -> None:

@@ -32,7 +32,7 @@ from gateway.shared.budgets import Held, admit, refund, release, settle
 from gateway.shared.ratelimit import UNAVAILABLE
 from gateway.shared.store import RedisStore, open_store
 from support.budgets import Recorder
-from support.redis_server import RedisServer, cluster, running
+from support.redis_server import RedisServer, cluster, running, sentinel_failover
 
 pytestmark = pytest.mark.e2e
 
@@ -83,9 +83,19 @@ async def drained(store: RedisStore) -> None:
     await store.budgets.idle()
 
 
-def events(store: RedisStore) -> list[tuple[str, str, str]]:
+def recorder(store: RedisStore) -> Recorder:
     assert isinstance(store.observer, Recorder)
-    return store.observer.events
+    return store.observer
+
+
+def events(store: RedisStore) -> list[tuple[str, str, str]]:
+    return recorder(store).events
+
+
+def evalsha_calls(server: RedisServer) -> int:
+    stats = server.command("INFO", "commandstats")
+    line = next((ln for ln in stats.splitlines() if ln.startswith("cmdstat_evalsha:")), "calls=0,")
+    return int(line.split("calls=", 1)[1].split(",", 1)[0])
 
 
 # --- the Lua against the pure reference ---------------------------------------------------------------
@@ -185,7 +195,14 @@ async def test_many_admits_racing_for_one_budget_never_get_more_than_it(server: 
     b.budgets.prefix = a.budgets.prefix  # two replicas, one budget
     try:
         budget = Budget("r", (RATE, QUOTA))
+        for s in (a, b):  # the scripts loaded, the connections made
+            await ask(s, Budget("w", (RATE,)), [1])
+        trips = [recorder(s).round_trips for s in (a, b)]
+        evalshas = evalsha_calls(server)
         got = await asyncio.gather(*(ask(s, budget, [30, 30]) for s in (a, b) * 100))
+        # One EVALSHA per request, and the 100 each replica asked for at once went in one round trip.
+        assert evalsha_calls(server) - evalshas == 200
+        assert [recorder(s).round_trips - t for s, t in zip((a, b), trips, strict=True)] == [1, 1]
         held = [h for h in got if isinstance(h, Held)]
         assert len(held) == 1000 // 30  # 33: one more would go over both
         refusals = {(r.code, r.retry) for r in got if isinstance(r, ErrorReply)}
@@ -197,6 +214,17 @@ async def test_many_admits_racing_for_one_budget_never_get_more_than_it(server: 
         again = await asyncio.gather(*(ask(s, budget, [30, 30]) for s in (a, b) * 20))
         assert sum(isinstance(h, Held) for h in again) == 10
         assert events(a).count(("refused", "r", "quota")) + events(b).count(("refused", "r", "quota")) == 200 - 33 + 30
+        # The scripts flushed (as a restart or a failover leaves them): loaded again, nothing lost.
+        server.command("SCRIPT", "FLUSH")
+        assert isinstance(await ask(a, Budget("r", (RATE,)), [10], subjects=["fresh"]), Held)
+        # A command Redis refuses (here a key of the wrong type) is that request's failure alone: on_error.
+        wrong = token_key(a.budgets.prefix, RATE, "wrong")
+        server.command("HSET", wrong, "x", "1")
+        both = await asyncio.gather(
+            ask(a, Budget("r", (RATE,)), [10], subjects=["wrong"], on_error="open"),
+            ask(a, Budget("r", (RATE,)), [10], subjects=["right"], on_error="open"),
+        )
+        assert [isinstance(h, Held) and h.fallback for h in both] == [True, False]
     finally:
         await a.close()
         await b.close()
@@ -270,6 +298,36 @@ async def test_redis_killed_paused_and_restarted_follows_on_error(tmp_path: Path
     finally:
         await s.close()
         own.stop()
+
+
+async def test_a_sentinel_failover_follows_on_error_then_the_new_master(tmp_path: Path) -> None:
+    with sentinel_failover(tmp_path) as (master, replica, sentinel):
+        s = await started(f"redis+sentinel://127.0.0.1:{sentinel.port}/svc", timeout=0.3)
+        try:
+            budget = Budget("r", (QUOTA,), Concurrency("r", 5, ("api_key",)))
+            held = await ask(s, budget, [600], ("k", "a"), subjects=["GB"])
+            assert isinstance(held, Held) and not held.fallback
+            key = token_key(s.budgets.prefix, QUOTA, "GB")
+            for _ in range(300):  # replication is asynchronous: wait for the replica's copy
+                if replica.command("EXISTS", key) == "1":
+                    break
+                await asyncio.sleep(0.05)
+            master.kill()
+            answers: list[Held | ErrorReply] = []
+            for _ in range(600):  # Sentinel promotes the replica after a second; meanwhile on_error: closed
+                answers.append(await ask(s, budget, [600], ("k", "b"), subjects=["GB"]))
+                if answers[-1] != UNAVAILABLE:
+                    break
+                await asyncio.sleep(0.05)
+            assert answers[0] == UNAVAILABLE and ("fallback", "r", "tokens") in events(s)
+            # The new master has the reservation the old one made: 600 + 600 does not fit in 1000.
+            refused = answers[-1]
+            assert isinstance(refused, ErrorReply) and refused.code == "insufficient_quota"
+            settle(s, held, [100])
+            release(s, held)
+            assert isinstance(await ask(s, budget, [600], ("k", "c"), subjects=["GB"]), Held)
+        finally:
+            await s.close()
 
 
 # --- Redis Cluster -----------------------------------------------------------------------------------------

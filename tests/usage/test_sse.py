@@ -14,6 +14,7 @@ import json
 import re
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -199,3 +200,21 @@ def test_with_the_strip_a_whole_event_with_nothing_to_take_out_is_the_same_objec
     tap = UsageTap("chat", True, None)
     event = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
     assert tap.feed(event) is event
+
+
+@pytest.mark.parametrize(
+    ("raw", "stripped"),
+    [
+        (b'data: {"a":1,"usage":null}\n\n', b'data: {"a":1}\n\n'),
+        (b'data: {"a": 1, "usage": null}\r\n\r\n', b'data: {"a": 1}\r\n\r\n'),
+        (b'data: {"usage":null,"a":1}\n\n', b'data: {"a":1}\n\n'),
+        (b'event: x\ndata: { "usage" : null , "a":1}\n\n', b'event: x\ndata: { "a":1}\n\n'),
+        # left alone: not null, not the top-level object's, in a string
+        (b'data: {"a":1,"usage":{"prompt_tokens":1}}\n\n', None),
+        (b'data: {"a":{"b":1,"usage":null},"c":2}\n\n', None),
+        (b'data: {"a":"\\"usage\\":null"}\n\n', None),
+    ],
+)
+def test_the_null_usage_member_is_taken_out_only_where_openai_puts_it(raw: bytes, stripped: bytes | None) -> None:
+    tap = UsageTap("chat", True, None)
+    assert tap.feed(raw) == (raw if stripped is None else stripped)
