@@ -56,7 +56,7 @@ from ..policy.callerkey import bearer_token, hash_key
 from ..policy.overrides import judge as judge_override
 from ..policy.overrides import request_key_hash
 from ..requestid import RequestIds
-from ..shared.budgets import Held, admit
+from ..shared.budgets import Held, admit, unavailable
 from ..shared.clientkeys import authenticate
 from ..shared.ratelimit import check as check_rate
 from ..usage.estimate import input_tokens
@@ -66,7 +66,7 @@ from ..usage.tap import UsageTap
 from .exchange import Asked, Exchange, Via
 from .record import REJECTED, Metrics, Record
 from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
-from .tokens import Metered, caller_of, costs, key_unknown, lease, slot_of, subjects, unavailable
+from .tokens import Metered, caller_of, costs, key_unknown, lease, slot_of, subjects
 
 if TYPE_CHECKING:  # runtime imports proxy.upstreams, which runs this package's __init__
     from ..runtime import Runtime

@@ -46,13 +46,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..clientip import ClientAddress
 from ..dataplane.upstream import UpstreamGroup
-from ..errors import ErrorReply
 from ..geo import GeoFacts
 from ..policy.callerkey import bearer_token, hash_key
-from ..policy.ratelimit import OnError
 from ..policy.tokenlimit import Budget, cost, subject
-from ..shared.budgets import Held, refund, release, settle
-from ..shared.ratelimit import UNAVAILABLE
+from ..shared.budgets import refund, release, settle
 from ..usage import Usage
 from ..usage.tap import UsageTap
 
@@ -124,17 +121,6 @@ def key_unknown(budget: Budget, store: Any, caller: str | None, has_token: bool)
     if budget.concurrency is not None:
         by.update(budget.concurrency.by)
     return ("api_key" in by and caller is None and has_token) or ("ip" in by and store.hash_addresses)
-
-
-def unavailable(store: Any, budget: Budget, on_error: OnError) -> Held | ErrorReply:
-    """The budget could not be asked: ``on_error`` says what then (nothing reserved, or the 503), counted
-    as :func:`gateway.shared.budgets.admit` counts a Redis failure."""
-    observer = store.observer
-    if budget.tokens:
-        observer.budget_fallback(budget.rule, "tokens")
-    if budget.concurrency is not None:
-        observer.budget_fallback(budget.rule, "concurrency")
-    return Held(budget.rule, fallback=True) if on_error == "open" else UNAVAILABLE
 
 
 def costs(budget: Budget, input: int, output: int) -> list[int]:
