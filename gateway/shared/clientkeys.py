@@ -39,7 +39,7 @@ import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -74,6 +74,10 @@ class KeyConflict(ClientKeyError):
     """A live key already holds the name (or the store is full): 409 on the admin API."""
 
 
+class NoKeyStore(KeyConflict):
+    """Neither ``--redis`` nor ``--keys-file``: no key can be issued (409 on the admin API: a setting, not a fault)."""
+
+
 class KeysUnavailable(Exception):
     """The store cannot be written now (Redis down, the hash secret unknown, the keys file unreadable)."""
 
@@ -87,6 +91,12 @@ class ClientKeys:
         self.table: KeyTable = EMPTY
         self.loaded = True  # a table was read at least once: until then a request cannot be judged (503)
         self.error: str | None = None  # why the last read failed, while the previous table keeps serving
+        # Told of every table swapped in (tests wait on it rather than sleep; a metric could count keys).
+        self.on_swap: Callable[[KeyTable], None] = lambda table: None
+
+    def _swap(self, table: KeyTable) -> None:
+        self.table = table
+        self.on_swap(table)
 
     def secret(self) -> bytes | None:
         """The hash secret (None while it is not known)."""
@@ -107,7 +117,7 @@ class ClientKeys:
         self, name: str, expires: float | None = None, meta: Mapping[str, str] | None = None
     ) -> tuple[ClientKey, str]:
         """Issue a key: the record (as stored) and its token, which nothing keeps and is shown once."""
-        raise KeysUnavailable(NO_STORE)
+        raise NoKeyStore(NO_STORE)
 
     async def list(self) -> list[ClientKey]:
         """Every key (revoked and expired ones too), oldest first."""
@@ -115,7 +125,7 @@ class ClientKeys:
 
     async def revoke(self, ref: str) -> ClientKey | None:
         """Revoke the key with id ``ref``, else the live key named ``ref``; None when there is none."""
-        raise KeysUnavailable(NO_STORE)
+        return None  # no store holds no key
 
     def _issue(
         self, name: str, expires: float | None, meta: Mapping[str, str] | None, secret: bytes | None = None
@@ -161,13 +171,13 @@ redis.call('INCR', KEYS[3])
 return 'OK'
 """
 
-# Revoke by id (ARGV[3] = '1') or by the live key's name; a second revoke keeps the first time.
+# Revoke by id (when ARGV[3] = '1' and there is one) or by the live key's name; a second revoke keeps the first time.
 # KEYS: data, revoked, version. ARGV: ref, now, by id. Returns {id, revoked at} or nil.
 _REVOKE_LUA = """
 local id = nil
 local now = tonumber(ARGV[2])
-if ARGV[3] == '1' then
-  if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then id = ARGV[1] end
+if ARGV[3] == '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  id = ARGV[1]
 else
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
@@ -251,7 +261,7 @@ class RedisKeys(ClientKeys):
                 data = await self._call("keys sync", lambda: self.client.hgetall(self.k_data))
                 revoked = await self._call("keys sync", lambda: self.client.hgetall(self.k_revoked))
                 check = await self._call("keys sync", lambda: self.client.get(self.k_keycheck))
-                self.table = KeyTable.of(self._parse(data, revoked))
+                self._swap(KeyTable.of(self._parse(data, revoked)))
                 self.version = version
                 self._check_secret(check)
             self.synced_at = time.time()
@@ -429,6 +439,7 @@ __all__ = [
     "ClientKeys",
     "KeyConflict",
     "KeysUnavailable",
+    "NoKeyStore",
     "RedisKeys",
     "authenticate",
     "caller",

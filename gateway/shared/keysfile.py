@@ -209,8 +209,8 @@ class FileKeys(ClientKeys):
     def _apply(self, contents: Contents) -> None:
         self._secret = contents.secret
         self._stamp = contents.stamp
-        self.table = KeyTable.of(contents.keys)
         self.error = None
+        self._swap(KeyTable.of(contents.keys))
 
     def secret(self) -> bytes | None:
         return self._secret
