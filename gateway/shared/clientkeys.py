@@ -32,7 +32,6 @@ that, refusing the issue and warning in ``/readyz``.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import hashlib
@@ -59,10 +58,10 @@ from ..policy.clientkeys import (
     new_token,
 )
 from .follow import Follower
-from .redisconn import Breaker, RedisTarget, RedisUnavailable, connect
+from .redisconn import RedisUnavailable
 
 if TYPE_CHECKING:
-    from .store import OverrideStore
+    from .store import OverrideStore, RedisStore
 
 log = logging.getLogger("regiongate")
 
@@ -203,21 +202,19 @@ class RedisKeys(ClientKeys):
 
     backend = "redis"
 
-    def __init__(
-        self, target: RedisTarget, password: str | None, prefix: str, timeout: float, overrides: OverrideStore
-    ) -> None:
+    def __init__(self, overrides: RedisStore) -> None:
         super().__init__()
         self.loaded = False
-        self.target = target
-        self._password = password
-        self.prefix = prefix
-        self.timeout = timeout
-        self.overrides = overrides  # holds the hash secret (see the module's docstring)
+        # The overrides' Redis: its connection pool, its breaker (one log line and one metric per
+        # transition, whoever's call found Redis down) and its key, the hash secret (see the docstring).
+        self.overrides = overrides
+        self.target = overrides.target
+        self.prefix = prefix = overrides.prefix
         tag = f"{prefix}{{clientkeys}}"
         self.k_data, self.k_revoked = f"{tag}:data", f"{tag}:revoked"
         self.k_version, self.k_keycheck = f"{tag}:version", f"{tag}:keycheck"
         self.channel = f"{prefix}clientkeys:changed"
-        self.breaker = Breaker(timeout, name=f"Redis {target.url}")
+        self.breaker = overrides.breaker
         self.client: Any = None
         self.version: bytes | None = None
         self.synced_at: float | None = None
@@ -231,7 +228,8 @@ class RedisKeys(ClientKeys):
         return self.overrides.key
 
     async def start(self) -> None:
-        self.client = connect(self.target, self._password, self.timeout)
+        """After the overrides' store has started: its client is the one used here."""
+        self.client = self.overrides.client
         self._add = self.client.register_script(_ADD_LUA)
         self._revoke = self.client.register_script(_REVOKE_LUA)
         await self.sync()
@@ -242,11 +240,9 @@ class RedisKeys(ClientKeys):
         self._follower.start()
 
     async def close(self) -> None:
+        """Before the overrides' store closes the client."""
         if self._follower is not None:
             await self._follower.close()
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.client.aclose(), 2)
 
     async def _call(self, op: str, fn: Any) -> Any:
         return await self.breaker.call(op, fn)
@@ -352,16 +348,12 @@ _MISMATCH = (
 )
 
 
-def open_keys(
-    redis: str | None,
-    keys_file: str | None,
-    prefix: str,
-    timeout: float,
-    overrides: OverrideStore,
-    env: Mapping[str, str],
-) -> ClientKeys:
-    """The store the options ask for. Raises ``RedisConfigError`` on a bad URL, ``KeysFileError`` on a bad file."""
-    if redis and keys_file:
+def open_keys(keys_file: str | None, overrides: OverrideStore) -> ClientKeys:
+    """The store the options ask for: the keys file, else Redis when the overrides are there, else none.
+    Raises :class:`ClientKeyError` for a file beside Redis, ``KeysFileError`` for a bad file."""
+    from .store import RedisStore
+
+    if keys_file and isinstance(overrides, RedisStore):
         raise ClientKeyError(
             "--keys-file and --redis: with --redis the client keys are kept in Redis, shared by every "
             "replica; drop --keys-file"
@@ -370,10 +362,8 @@ def open_keys(
         from .keysfile import FileKeys
 
         return FileKeys(keys_file)
-    if redis:
-        from .redisconn import PASSWORD_ENV, parse_url
-
-        return RedisKeys(parse_url(redis), env.get(PASSWORD_ENV) or None, prefix, timeout, overrides)
+    if isinstance(overrides, RedisStore):
+        return RedisKeys(overrides)
     return ClientKeys()
 
 

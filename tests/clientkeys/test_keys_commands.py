@@ -219,7 +219,7 @@ def test_keys_in_redis_reach_a_running_gateway(
     prefix = f"kc{time.monotonic_ns()}:"
     redis = ["--redis", redis_server.url, "--redis-prefix", prefix]
     gw = serve(gateway, stub, *redis)
-    assert "client keys: 0 active, in Redis, shared by every replica" in gw.stderr()
+    assert "client keys: in Redis, shared by every replica" in gw.stderr()
 
     password = {"REGIONGATE_REDIS_PASSWORD": ""}  # read as the other commands read it: empty is none
     token = issued(command("add", "--name", "team-a", "--expires", "90d", *redis, env=password))

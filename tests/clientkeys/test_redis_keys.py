@@ -15,10 +15,18 @@ import redis.asyncio as aioredis
 
 from gateway.errors import ErrorReply
 from gateway.policy.clientkeys import ClientKey, KeyTable
-from gateway.shared.clientkeys import KEYS_UNAVAILABLE, ClientKeys, KeysUnavailable, RedisKeys, authenticate, open_keys
+from gateway.shared.clientkeys import (
+    KEYS_UNAVAILABLE,
+    ClientKeys,
+    KeyConflict,
+    KeysUnavailable,
+    RedisKeys,
+    authenticate,
+    open_keys,
+)
 from gateway.shared.store import OVERRIDE_KEY_ENV, open_store
 from support.processes import free_port
-from support.redis_server import RedisServer, running
+from support.redis_server import RedisServer, running, running_cluster
 
 pytestmark = pytest.mark.e2e
 log = logging.getLogger(__name__)
@@ -40,7 +48,7 @@ async def replica(
 ) -> tuple[RedisKeys, Callable[[], Awaitable[None]]]:
     """One gateway's stores (the overrides hold the secret), started; and what closes them."""
     overrides = open_store(url, prefix, 1.0, env or {})
-    keys = open_keys(url, None, prefix, 1.0, overrides, env or {})
+    keys = open_keys(None, overrides)
     assert isinstance(keys, RedisKeys)
     await overrides.start()
     await keys.start()
@@ -197,3 +205,28 @@ async def test_a_gateway_that_never_reached_redis_answers_503_not_401(tmp_path: 
             await keys.add("team-a")
     finally:
         await close()
+
+
+async def test_two_replicas_through_a_redis_cluster(tmp_path: Path) -> None:
+    """Every key in one slot (the scripts touch several); no pub/sub in a Cluster: the poll carries a revoke."""
+    with running_cluster(tmp_path) as nodes:
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes[:2])
+        a, close_a = await replica(url, "kcl:")
+        b, close_b = await replica(url, "kcl:")
+        try:
+            key, token = await a.add("team-a")
+            await Applied(b, valid(key)).wait()
+            assert isinstance(authenticate(bearer(token), b), ClientKey)
+            gone = Applied(b, lambda t: not valid(key)(t))
+            await a.revoke("team-a")
+            took = await gone.wait()
+            log.warning(
+                "client keys: a revoke applied by the other replica through a Cluster after %.0f ms", took * 1000
+            )
+            assert not isinstance(authenticate(bearer(token), b), ClientKey)
+            await b.add("team-b")
+            with pytest.raises(KeyConflict):  # the name check runs in the slot, whichever replica asks
+                await a.add("team-b")
+        finally:
+            await close_a()
+            await close_b()

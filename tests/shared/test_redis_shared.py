@@ -34,7 +34,7 @@ from support.overrides import (
     wait_for,
 )
 from support.processes import GatewayFactory, Stub, free_port
-from support.redis_server import RedisServer, running
+from support.redis_server import RedisServer, running, running_cluster
 
 SE = "89.160.20.112"
 _prefixes = itertools.count()
@@ -292,41 +292,8 @@ def test_override_cli_errors_are_one_line(gateway: GatewayFactory, stub: Stub) -
 
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
-    nodes = [
-        RedisServer(
-            tmp_path / f"node{i}",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "2000",
-        )
-        for i in range(3)
-    ]
-    try:
-        for n in nodes:
-            n.start()
-        out = subprocess.run(
-            [
-                "redis-cli",
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{n.port}" for n in nodes),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
-        wait_for(lambda: all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in nodes), 30, "the cluster")
+    with running_cluster(tmp_path) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 def test_two_gateways_agree_through_a_redis_cluster(
