@@ -51,6 +51,7 @@ from ..policy.clientkeys import (
     ClientKey,
     ClientKeyError,
     KeyTable,
+    TokenHasher,
     from_stored,
     looks_like_id,
     mask,
@@ -92,6 +93,7 @@ class ClientKeys:
         self.error: str | None = None  # why the last read failed, while the previous table keeps serving
         # Told of every table swapped in (tests wait on it rather than sleep; a metric could count keys).
         self.on_swap: Callable[[KeyTable], None] = lambda table: None
+        self._hasher: TokenHasher | None = None
 
     def _swap(self, table: KeyTable) -> None:
         self.table = table
@@ -104,7 +106,12 @@ class ClientKeys:
     def hash(self, token: str) -> str | None:
         """The keyed hash a key with this token is stored under; None while the secret is not known."""
         secret = self.secret()
-        return None if secret is None else hash_key(secret, token)
+        if secret is None:
+            return None
+        hasher = self._hasher
+        if hasher is None or hasher.secret is not secret:  # made once per secret (they change rarely)
+            hasher = self._hasher = TokenHasher(secret)
+        return hasher(token)
 
     async def start(self) -> None:
         pass

@@ -16,6 +16,7 @@ from gateway.policy.clientkeys import (
     ClientKey,
     ClientKeyError,
     KeyTable,
+    TokenHasher,
     check_meta,
     check_name,
     check_new,
@@ -267,3 +268,9 @@ def test_no_store_refuses_to_issue() -> None:
     with pytest.raises(NoKeyStore, match=r"--redis.*--keys-file"):
         asyncio.run(ClientKeys().add("team-a"))
     assert asyncio.run(ClientKeys().revoke("team-a")) is None
+
+
+@given(st.binary(max_size=100), st.text(max_size=100))
+def test_the_token_hasher_is_hmac_sha256(secret: bytes, token: str) -> None:
+    """The padded states computed once give what hmac.new gives, for any secret (longer than a block too)."""
+    assert TokenHasher(secret)(token) == hash_key(secret, token)
