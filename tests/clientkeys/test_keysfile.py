@@ -182,6 +182,12 @@ async def test_a_file_edited_into_nonsense_keeps_the_good_table_and_is_not_writt
         assert path.read_bytes() == broken  # never written over
     path.write_bytes(good)
     assert await store.reload() is True and store.error is None and store.warnings() == []
+    path.unlink()  # gone: not "no keys", and no new file with a new secret either
+    assert await store.reload() is False and store.error is not None and "is gone" in store.error
+    assert isinstance(authenticate(bearer(token), store), ClientKey)
+    with pytest.raises(KeysUnavailable, match="is gone"):
+        await store.add("team-b")
+    assert not path.exists()
 
 
 def test_a_missing_directory_is_a_start_error(tmp_path: Path) -> None:
