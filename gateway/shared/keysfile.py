@@ -188,9 +188,9 @@ def change(path: str, edit: Edit[R]) -> tuple[Contents, R]:
         secret = current.secret or secrets.token_bytes(32)
         table = KeyTable.of(current.keys)
         keys, result = edit(table, secret)
-        changed = keys != table.keys or current.secret is None
-        stamp = write(path, secret, keys) if changed else current.stamp
-        return Contents(secret, keys, stamp), result
+        if keys == table.keys:  # nothing to change: no file is written (nor made, nor its secret kept)
+            return current, result
+        return Contents(secret, keys, write(path, secret, keys)), result
 
 
 class FileKeys(ClientKeys):

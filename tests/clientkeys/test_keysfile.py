@@ -220,3 +220,10 @@ def test_a_keys_file_beside_redis_is_refused_at_start(tmp_path: Path) -> None:
     runtime = load_runtime(Settings(keys_file=str(tmp_path / "new.json")), {})
     assert runtime.client_keys.describe()["backend"] == "file"
     assert load_runtime(Settings(), {}).client_keys.describe()["backend"] == "off"
+
+
+async def test_a_revoke_with_no_file_makes_none(tmp_path: Path) -> None:
+    path = tmp_path / "keys.json"
+    store = FileKeys(str(path))
+    assert await store.revoke("team-a") is None
+    assert not path.exists() and store.secret() is None
