@@ -408,9 +408,7 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
             settings.redis, settings.redis_prefix, settings.redis_timeout, env,
             hash_addresses=settings.log_address != "full",  # no address kept in Redis that the logs would not show
         )  # fmt: skip
-        client_keys = open_keys(
-            settings.redis, settings.keys_file, settings.redis_prefix, settings.redis_timeout, overrides, env
-        )
+        client_keys = open_keys(settings.keys_file, overrides)
     except (RedisConfigError, ClientKeyError) as e:
         raise ConfigError(str(e)) from None
     try:

@@ -317,8 +317,9 @@ def _describe_keys(keys: ClientKeys) -> str:
     d = keys.describe()
     if d["backend"] == "off":
         return "client keys: none (no --redis, no --keys-file): `regiongate keys add` needs one of them"
-    where = f"file {d['path']}" if d["backend"] == "file" else "Redis, shared by every replica"
-    return f"client keys: {d['keys']['active']} active, in {where}"
+    if d["backend"] == "file":  # read already; Redis is read once each worker has started
+        return f"client keys: {d['keys']['active']} active, in file {d['path']} (read again when it changes)"
+    return "client keys: in Redis, shared by every replica (a revoke applies everywhere within a second)"
 
 
 def _supervise(

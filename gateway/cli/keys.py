@@ -105,7 +105,7 @@ class StoreKeys:
         async def go() -> T:
             try:
                 overrides = open_store(self.redis, self.prefix, 2.0, environ) if self.redis else OverrideStore({})
-                keys = open_keys(self.redis, self.keys_file, self.prefix, 2.0, overrides, environ)
+                keys = open_keys(self.keys_file, overrides)
             except (RedisConfigError, ClientKeyError) as e:
                 raise KeysCommandError(str(e)) from None
             await overrides.start()

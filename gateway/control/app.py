@@ -274,8 +274,7 @@ async def remove_override(request: Request, override_id: Annotated[str, Path(pat
 _KEYS_DOWN: dict[int | str, dict[str, Any]] = {
     503: {
         "model": ErrorBody,
-        "description": "No key store (no --redis, no --keys-file), Redis unavailable, or the keys file unreadable; "
-        "the keys read before keep serving.",
+        "description": "Redis unavailable, or the keys file unreadable; the keys read before keep serving.",
     }
 }
 
@@ -288,7 +287,15 @@ def _key_out(key: ClientKey) -> ClientKeyOut:
     "/keys",
     status_code=201,
     response_model=ClientKeyIssued,
-    responses={409: {"model": ErrorBody, "description": "A live key holds this name."}, **_KEYS_DOWN},
+    responses={
+        400: {"model": ErrorBody, "description": "The key cannot be issued as given."},
+        409: {
+            "model": ErrorBody,
+            "description": "A live key holds this name, the store is full, or there is no key store "
+            "(neither --redis nor --keys-file).",
+        },
+        **_KEYS_DOWN,
+    },
 )
 async def add_key(request: Request, body: ClientKeyIn) -> Any:
     """Issue a client key: its token is in this answer only (only its keyed hash is kept); on every replica."""

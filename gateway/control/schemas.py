@@ -11,11 +11,19 @@ the reload answer around a report (with its pid and the shadow's result).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..policy.clientkeys import MAX_META, MAX_NAME, ClientKeyError, check_meta, check_name
+from ..policy.clientkeys import (
+    MAX_META,
+    META_KEY_PATTERN,
+    META_VALUE_PATTERN,
+    NAME_PATTERN,
+    ClientKeyError,
+    check_meta,
+    check_name,
+)
 from ..policy.overrides import KINDS, MAX_TEXT, OverrideError, check_text, new_override
 from ..reports import (
     CandidateTests,
@@ -146,13 +154,20 @@ class ClientKeyIn(BaseModel):
 
     name: str = Field(
         ...,
-        max_length=MAX_NAME,
+        pattern=NAME_PATTERN,
         description="Who holds it: letters, digits, . _ @ - (starting with a letter or digit); unique among live keys.",
     )
     expires_in: float | None = Field(
-        None, gt=0, le=10 * 365 * 86400, description="Seconds until it expires; none: never."
+        None, ge=1, le=10 * 365 * 86400, description="Seconds until it expires; none: never."
     )
-    meta: dict[str, str] = Field(default_factory=dict, max_length=MAX_META, description="Labels kept with the key.")
+    meta: dict[Annotated[str, Field(pattern=META_KEY_PATTERN)], Annotated[str, Field(pattern=META_VALUE_PATTERN)]] = (
+        Field(
+            default_factory=dict,
+            max_length=MAX_META,
+            description="Labels kept with the key (one line each).",
+            json_schema_extra={"additionalProperties": False},  # a key outside the pattern is refused
+        )
+    )
 
     @model_validator(mode="after")
     def _checked(self) -> ClientKeyIn:

@@ -32,14 +32,13 @@ that, refusing the issue and warning in ``/readyz``.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import contextlib
 import hashlib
 import hmac
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -52,6 +51,7 @@ from ..policy.clientkeys import (
     ClientKey,
     ClientKeyError,
     KeyTable,
+    TokenHasher,
     from_stored,
     looks_like_id,
     mask,
@@ -59,10 +59,10 @@ from ..policy.clientkeys import (
     new_token,
 )
 from .follow import Follower
-from .redisconn import Breaker, RedisTarget, RedisUnavailable, connect
+from .redisconn import RedisUnavailable
 
 if TYPE_CHECKING:
-    from .store import OverrideStore
+    from .store import OverrideStore, RedisStore
 
 log = logging.getLogger("regiongate")
 
@@ -72,6 +72,10 @@ NO_STORE = "no key store: client keys are kept in Redis (--redis) or in a keys f
 
 class KeyConflict(ClientKeyError):
     """A live key already holds the name (or the store is full): 409 on the admin API."""
+
+
+class NoKeyStore(KeyConflict):
+    """Neither ``--redis`` nor ``--keys-file``: no key can be issued (409 on the admin API: a setting, not a fault)."""
 
 
 class KeysUnavailable(Exception):
@@ -87,6 +91,13 @@ class ClientKeys:
         self.table: KeyTable = EMPTY
         self.loaded = True  # a table was read at least once: until then a request cannot be judged (503)
         self.error: str | None = None  # why the last read failed, while the previous table keeps serving
+        # Told of every table swapped in (tests wait on it rather than sleep; a metric could count keys).
+        self.on_swap: Callable[[KeyTable], None] = lambda table: None
+        self._hasher: TokenHasher | None = None
+
+    def _swap(self, table: KeyTable) -> None:
+        self.table = table
+        self.on_swap(table)
 
     def secret(self) -> bytes | None:
         """The hash secret (None while it is not known)."""
@@ -95,7 +106,12 @@ class ClientKeys:
     def hash(self, token: str) -> str | None:
         """The keyed hash a key with this token is stored under; None while the secret is not known."""
         secret = self.secret()
-        return None if secret is None else hash_key(secret, token)
+        if secret is None:
+            return None
+        hasher = self._hasher
+        if hasher is None or hasher.secret is not secret:  # made once per secret (they change rarely)
+            hasher = self._hasher = TokenHasher(secret)
+        return hasher(token)
 
     async def start(self) -> None:
         pass
@@ -107,7 +123,7 @@ class ClientKeys:
         self, name: str, expires: float | None = None, meta: Mapping[str, str] | None = None
     ) -> tuple[ClientKey, str]:
         """Issue a key: the record (as stored) and its token, which nothing keeps and is shown once."""
-        raise KeysUnavailable(NO_STORE)
+        raise NoKeyStore(NO_STORE)
 
     async def list(self) -> list[ClientKey]:
         """Every key (revoked and expired ones too), oldest first."""
@@ -115,7 +131,7 @@ class ClientKeys:
 
     async def revoke(self, ref: str) -> ClientKey | None:
         """Revoke the key with id ``ref``, else the live key named ``ref``; None when there is none."""
-        raise KeysUnavailable(NO_STORE)
+        return None  # no store holds no key
 
     def _issue(
         self, name: str, expires: float | None, meta: Mapping[str, str] | None, secret: bytes | None = None
@@ -161,13 +177,13 @@ redis.call('INCR', KEYS[3])
 return 'OK'
 """
 
-# Revoke by id (ARGV[3] = '1') or by the live key's name; a second revoke keeps the first time.
+# Revoke by id (when ARGV[3] = '1' and there is one) or by the live key's name; a second revoke keeps the first time.
 # KEYS: data, revoked, version. ARGV: ref, now, by id. Returns {id, revoked at} or nil.
 _REVOKE_LUA = """
 local id = nil
 local now = tonumber(ARGV[2])
-if ARGV[3] == '1' then
-  if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then id = ARGV[1] end
+if ARGV[3] == '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  id = ARGV[1]
 else
   local all = redis.call('HGETALL', KEYS[1])
   for i = 1, #all, 2 do
@@ -193,21 +209,19 @@ class RedisKeys(ClientKeys):
 
     backend = "redis"
 
-    def __init__(
-        self, target: RedisTarget, password: str | None, prefix: str, timeout: float, overrides: OverrideStore
-    ) -> None:
+    def __init__(self, overrides: RedisStore) -> None:
         super().__init__()
         self.loaded = False
-        self.target = target
-        self._password = password
-        self.prefix = prefix
-        self.timeout = timeout
-        self.overrides = overrides  # holds the hash secret (see the module's docstring)
+        # The overrides' Redis: its connection pool, its breaker (one log line and one metric per
+        # transition, whoever's call found Redis down) and its key, the hash secret (see the docstring).
+        self.overrides = overrides
+        self.target = overrides.target
+        self.prefix = prefix = overrides.prefix
         tag = f"{prefix}{{clientkeys}}"
         self.k_data, self.k_revoked = f"{tag}:data", f"{tag}:revoked"
         self.k_version, self.k_keycheck = f"{tag}:version", f"{tag}:keycheck"
         self.channel = f"{prefix}clientkeys:changed"
-        self.breaker = Breaker(timeout, name=f"Redis {target.url}")
+        self.breaker = overrides.breaker
         self.client: Any = None
         self.version: bytes | None = None
         self.synced_at: float | None = None
@@ -221,7 +235,8 @@ class RedisKeys(ClientKeys):
         return self.overrides.key
 
     async def start(self) -> None:
-        self.client = connect(self.target, self._password, self.timeout)
+        """After the overrides' store has started: its client is the one used here."""
+        self.client = self.overrides.client
         self._add = self.client.register_script(_ADD_LUA)
         self._revoke = self.client.register_script(_REVOKE_LUA)
         await self.sync()
@@ -232,11 +247,9 @@ class RedisKeys(ClientKeys):
         self._follower.start()
 
     async def close(self) -> None:
+        """Before the overrides' store closes the client."""
         if self._follower is not None:
             await self._follower.close()
-        if self.client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.client.aclose(), 2)
 
     async def _call(self, op: str, fn: Any) -> Any:
         return await self.breaker.call(op, fn)
@@ -251,7 +264,7 @@ class RedisKeys(ClientKeys):
                 data = await self._call("keys sync", lambda: self.client.hgetall(self.k_data))
                 revoked = await self._call("keys sync", lambda: self.client.hgetall(self.k_revoked))
                 check = await self._call("keys sync", lambda: self.client.get(self.k_keycheck))
-                self.table = KeyTable.of(self._parse(data, revoked))
+                self._swap(KeyTable.of(self._parse(data, revoked)))
                 self.version = version
                 self._check_secret(check)
             self.synced_at = time.time()
@@ -342,16 +355,12 @@ _MISMATCH = (
 )
 
 
-def open_keys(
-    redis: str | None,
-    keys_file: str | None,
-    prefix: str,
-    timeout: float,
-    overrides: OverrideStore,
-    env: Mapping[str, str],
-) -> ClientKeys:
-    """The store the options ask for. Raises ``RedisConfigError`` on a bad URL, ``KeysFileError`` on a bad file."""
-    if redis and keys_file:
+def open_keys(keys_file: str | None, overrides: OverrideStore) -> ClientKeys:
+    """The store the options ask for: the keys file, else Redis when the overrides are there, else none.
+    Raises :class:`ClientKeyError` for a file beside Redis, ``KeysFileError`` for a bad file."""
+    from .store import RedisStore
+
+    if keys_file and isinstance(overrides, RedisStore):
         raise ClientKeyError(
             "--keys-file and --redis: with --redis the client keys are kept in Redis, shared by every "
             "replica; drop --keys-file"
@@ -360,10 +369,8 @@ def open_keys(
         from .keysfile import FileKeys
 
         return FileKeys(keys_file)
-    if redis:
-        from .redisconn import PASSWORD_ENV, parse_url
-
-        return RedisKeys(parse_url(redis), env.get(PASSWORD_ENV) or None, prefix, timeout, overrides)
+    if isinstance(overrides, RedisStore):
+        return RedisKeys(overrides)
     return ClientKeys()
 
 
@@ -429,6 +436,7 @@ __all__ = [
     "ClientKeys",
     "KeyConflict",
     "KeysUnavailable",
+    "NoKeyStore",
     "RedisKeys",
     "authenticate",
     "caller",

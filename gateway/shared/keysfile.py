@@ -19,7 +19,8 @@ gateway's workers and a ``keys`` command can write at once and no change is
 lost, and a reader never sees half a file. A file that cannot be read (a
 hand edit gone wrong) stops the gateway at start with the reason and where;
 later, it is refused and the keys read before keep serving (``/readyz`` says
-why), and nothing writes over it until it is fixed. The gateway looks at the
+why), and nothing writes over it until it is fixed; a file that was read and
+then disappears is treated the same way. The gateway looks at the
 file's identity (inode, size, modification time) every :data:`POLL` seconds,
 so a revoke in the file applies within a second.
 """
@@ -187,9 +188,9 @@ def change(path: str, edit: Edit[R]) -> tuple[Contents, R]:
         secret = current.secret or secrets.token_bytes(32)
         table = KeyTable.of(current.keys)
         keys, result = edit(table, secret)
-        changed = keys != table.keys or current.secret is None
-        stamp = write(path, secret, keys) if changed else current.stamp
-        return Contents(secret, keys, stamp), result
+        if keys == table.keys:  # nothing to change: no file is written (nor made, nor its secret kept)
+            return current, result
+        return Contents(secret, keys, write(path, secret, keys)), result
 
 
 class FileKeys(ClientKeys):
@@ -209,8 +210,8 @@ class FileKeys(ClientKeys):
     def _apply(self, contents: Contents) -> None:
         self._secret = contents.secret
         self._stamp = contents.stamp
-        self.table = KeyTable.of(contents.keys)
         self.error = None
+        self._swap(KeyTable.of(contents.keys))
 
     def secret(self) -> bytes | None:
         return self._secret
@@ -235,9 +236,11 @@ class FileKeys(ClientKeys):
     async def reload(self) -> bool:
         """Read the file again if it changed; False when it changed and cannot be read (the old table stays)."""
         async with self._io:
-            if stamp_of(self.path) == self._stamp:
+            stamp = stamp_of(self.path)
+            if stamp == self._stamp:
                 return True
             try:
+                self._check_present(stamp)
                 contents = await asyncio.to_thread(read, self.path)
             except KeysFileError as e:
                 if str(e) != self.error:
@@ -247,9 +250,17 @@ class FileKeys(ClientKeys):
             self._apply(contents)
             return True
 
+    def _check_present(self, stamp: Stamp | None) -> None:
+        """A file that was read and is gone is a mistake to report, not a store with no keys (or a new secret)."""
+        if stamp is None and self._stamp is not None:
+            raise KeysFileError(
+                f"keys file {self.path} is gone: restore it (every key was hashed under the secret it held)"
+            )
+
     async def _change(self, edit: Edit[R]) -> R:
         async with self._io:
             try:
+                self._check_present(stamp_of(self.path))
                 contents, result = await asyncio.to_thread(change, self.path, edit)
             except KeysFileError as e:
                 raise KeysUnavailable(f"{e}; fix the file first") from None

@@ -11,7 +11,8 @@ hash of id -> JSON; ``<prefix>{overrides}:version``, bumped on every change;
 (unless ``REGIONGATE_OVERRIDE_KEY`` is set); and the pub/sub channel
 ``<prefix>overrides:changed``. A replica applies a change when the channel
 says so, and in any case within ``SYNC_INTERVAL`` (it reads the version
-counter and fetches the hash only when it moved), so a missed message heals.
+counter and fetches the hash only when it moved), so a missed message heals
+(:mod:`.follow`, which the client keys use too).
 
 Expiry is judged by each replica against its own copy, so an override
 expires on time even while Redis is down; expired entries are deleted
@@ -34,6 +35,7 @@ from ..policy.overrides import EMPTY, Compiled, Override, OverrideError, compile
 from ..policy.ratelimit import RateLimit, gcra, key_start, redis_key
 from .budgetmemory import MemoryBudgets
 from .budgetredis import RedisBudgets
+from .follow import Follower
 from .ratebatch import Batcher, Then
 from .ratelimit import GCRA_LUA, outcomes_from_script, script_args
 from .redisconn import Breaker, NullObserver, Observer, RedisTarget, RedisUnavailable, connect, describe_error
@@ -170,7 +172,7 @@ class RedisStore(OverrideStore):
         self.client: Any = None
         self.version: bytes | None = None
         self.synced_at: float | None = None
-        self._wake: asyncio.Event | None = None
+        self._follower: Follower | None = None
         self._batcher: Batcher | None = None
         self._limits: dict[RateLimit, tuple[str, bytes, bytes]] = {}  # key prefix and script args, per limit
         self._checks: set[asyncio.Task[None]] = set()  # Cluster: one task per check
@@ -189,15 +191,17 @@ class RedisStore(OverrideStore):
             self._batcher = Batcher(self.client, self.breaker, GCRA_LUA, self._gcra.sha)
         assert isinstance(self.budgets, RedisBudgets)
         self.budgets.start(self.client, self.breaker, self.target.mode == "cluster")
-        self._wake = asyncio.Event()
         self.observer.overrides(self.compiled.counts())
-        loop = asyncio.get_running_loop()
         await self.sync()
-        self._tasks.append(loop.create_task(self._sync_loop()))
-        if self.target.mode != "cluster":  # the periodic sync alone serves a Cluster
-            self._tasks.append(loop.create_task(self._listen()))
+        # Woken by the channel, and in any case every SYNC_INTERVAL; the periodic sync alone serves a Cluster.
+        listen = self.target.mode != "cluster"
+        self._follower = Follower("override", self.client, self.breaker, self.channel, self.sync, SYNC_INTERVAL,
+                                  listen=listen)  # fmt: skip
+        self._follower.start()
 
     async def close(self) -> None:
+        if self._follower is not None:
+            await self._follower.close()
         await super().close()
         if self._batcher is not None:
             await self._batcher.close()
@@ -253,46 +257,6 @@ class RedisStore(OverrideStore):
             else:
                 items.append(o)
         return items, expired
-
-    async def _sync_loop(self) -> None:
-        assert self._wake is not None
-        while not self._closing:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SYNC_INTERVAL):
-                    await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.sync()
-            except Exception:  # a bug here must not end syncing
-                log.exception("override sync failed")
-
-    async def _listen(self) -> None:
-        """Wake the sync loop when another replica announces a change."""
-        assert self._wake is not None
-        # Polled with a timeout rather than ``listen()``: a cancel that lands inside redis-py's
-        # read can be lost, and then the task would never end; the flag ends it within a poll.
-        while not self._closing:
-            pubsub = None
-            try:
-                if self.breaker.open:
-                    await asyncio.sleep(SYNC_INTERVAL)
-                    continue
-                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                async with asyncio.timeout(self.timeout * 4):
-                    await pubsub.subscribe(self.channel)
-                while not self._closing:
-                    message = await pubsub.get_message(timeout=SYNC_INTERVAL)
-                    if message is not None and message.get("type") == "message":
-                        self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.debug("override channel: %s", describe_error(e))
-                await asyncio.sleep(SYNC_INTERVAL)
-            finally:
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(pubsub.aclose(), 1)
 
     def rate(self, limit: RateLimit, who: str, then: Then) -> None:
         """One GCRA check in Redis, batched with every other check asked for meanwhile (:mod:`.ratebatch`)."""
