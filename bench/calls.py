@@ -18,6 +18,7 @@ call counts as much as a dear one): it tells what changed, ``bench/run.py`` how 
 
     python bench/calls.py                      # bench/policy.yaml, 2,000 requests
     python bench/calls.py --policy route       # bench/policy-route.yaml: every body read and renamed
+    python bench/calls.py --policy tokens      # bench/policy-tokens.yaml: a token budget (in memory) per request
     python bench/calls.py --against ../old     # this checkout against another, function by function
 """
 
@@ -42,10 +43,15 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 GEOIP_DIR = REPO_DIR / "tests" / "fixtures" / "geoip"
 DATABASES = ("GeoIP2-City-Test.mmdb", "GeoLite2-ASN-Test.mmdb", "GeoIP2-Anonymous-IP-Test.mmdb")
-POLICIES = {"plain": BENCH_DIR / "policy.yaml", "route": BENCH_DIR / "policy-route.yaml"}
+POLICIES = {
+    "plain": BENCH_DIR / "policy.yaml",
+    "route": BENCH_DIR / "policy-route.yaml",
+    "tokens": BENCH_DIR / "policy-tokens.yaml",  # in memory here (no --redis): the request path's own work
+}
 ROTATION = (b"2.125.160.216", b"89.160.20.112", b"216.160.83.56", b"175.16.199.1")  # bench/common.py's
 BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello."}],"max_tokens":16}'
-ANSWER = b'{"id":"x","object":"chat.completion","choices":[]}'
+# With its usage, as a provider sends it: a token-budgeted request is settled on it (a plain one never reads it).
+ANSWER = b'{"id":"x","object":"chat.completion","choices":[],"usage":{"prompt_tokens":9,"completion_tokens":2}}'
 GUARD = 30.0  # seconds before a wait that should have ended is an error (a hang guard)
 WARM_UP = 200  # requests before counting: first-use caches (geo, pools) are not per-request work
 
@@ -86,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`: "))
-    p.add_argument("--policy", choices=sorted(POLICIES), default="plain", help="bench/policy.yaml or policy-route.yaml")
+    p.add_argument(
+        "--policy",
+        choices=sorted(POLICIES),
+        default="plain",
+        help="bench/policy.yaml, policy-route.yaml or policy-tokens.yaml",
+    )
     p.add_argument("--requests", type=int, default=2000, help="requests counted (after a warm-up of 200)")
     p.add_argument("--top", type=int, default=25, help="functions listed")
     p.add_argument("--against", type=Path, help="another checkout to compare with, function by function")
@@ -154,15 +165,26 @@ def exchange(client: socket.socket, i: int) -> None:
             raise RuntimeError("the gateway closed the connection")
         data += chunk
         end = data.find(b"\r\n\r\n")
-        if end >= 0 and len(data) >= end + 4 + content_length(data[:end]):
+        if end < 0:
+            continue
+        length = content_length(data[:end])
+        if length is None:  # chunked (a tapped answer): its last chunk ends it (the bodies here have no trailers)
+            if data.endswith(b"\r\n0\r\n\r\n"):
+                return
+        elif len(data) >= end + 4 + length:
             return
 
 
-def content_length(head: bytes) -> int:
+def content_length(head: bytes) -> int | None:
+    """The answer's content-length; None when it is chunked."""
+    chunked = False
     for line in head.lower().split(b"\r\n"):
         name, _, value = line.partition(b":")
         if name == b"content-length":
             return int(value)
+        chunked = chunked or (name == b"transfer-encoding" and value.strip() == b"chunked")
+    if chunked:
+        return None
     raise RuntimeError(f"an answer without content-length: {head!r}")
 
 
@@ -180,7 +202,7 @@ def upstream() -> Iterator[str]:
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
-                await reader.readexactly(content_length(head[:-4]))
+                await reader.readexactly(content_length(head[:-4]) or 0)
                 writer.write(answer)
         writer.close()
 

@@ -23,7 +23,7 @@ from .processes import find_tools, plan_pinning
 from .report import display_path, environment, report_text, write_json
 from .rules import measure_load, write_policy
 from .streamruns import run_streams
-from .targets import probe, start_targets, stop_target
+from .targets import metered, probe, start_targets, stop_target
 from .wrk import TargetResult, fill_added_latency, measure
 
 
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             problems += probe(t, policy.block_body)
         for t in targets:
             results[t.key] = measure(t, tools, pin, args.duration, args.warmup)
-            problems += results[t.key].problems
+            problems += results[t.key].problems + metered(t)
         for t in targets:
             stop_target(t)
         streams: dict[str, Any] = {}

@@ -57,6 +57,7 @@ UPSTREAM_BODY = json.dumps(
 SHADOW_POLICY = BENCH_DIR / "policy-shadow.yaml"
 RATELIMIT_POLICY = BENCH_DIR / "policy-ratelimit.yaml"
 ROUTE_POLICY = BENCH_DIR / "policy-route.yaml"
+TOKENS_POLICY = BENCH_DIR / "policy-tokens.yaml"
 
 
 class BenchError(Exception):
@@ -74,6 +75,7 @@ def check_inputs() -> None:
         SHADOW_POLICY,
         RATELIMIT_POLICY,
         ROUTE_POLICY,
+        TOKENS_POLICY,
         XFF_LUA,
         UPSTREAM_TEMPLATE,
         GEOIP2_TEMPLATE,

@@ -20,6 +20,7 @@ TARGET_RPS = 10000.0
 TARGET_ADDED_P50_MS = 0.15
 TARGET_STREAM_CPU_RATIO = 1 / 3  # native CPU per relayed event vs the previous data plane's
 TARGET_HELD_KIB = 8.0
+TARGET_TAP_CPU_RATIO = 1.3  # CPU per relayed event through a usage tap (a token budget) vs the plain relay's
 # The dated figures: one table row per recorded figure, `| `key` | value | unit | date | how |`.
 RECORDED = REPO_DIR / "docs" / "internals" / "benchmarks.md"
 PREVIOUS_STREAM_CPU = "previous_stream_cpu_us"  # the figure TARGET_STREAM_CPU_RATIO compares with
@@ -90,6 +91,16 @@ def stream_goals(streams: dict[str, Any], previous_cpu_us: float) -> list[Goal]:
                     ratio <= TARGET_STREAM_CPU_RATIO, TARGET_STREAM_CPU_RATIO - ratio,
                 )
             )  # fmt: skip
+    tapped = streams.get("gateway-tokens")
+    if native and tapped and native["relay"]["cpu_us_per_event"] and tapped["relay"]["cpu_us_per_event"]:
+        ratio = tapped["relay"]["cpu_us_per_event"] / native["relay"]["cpu_us_per_event"]
+        goals.append(
+            Goal(
+                f"stream CPU per event with a token budget (usage tap) <= {TARGET_TAP_CPU_RATIO:g} x the plain relay's",
+                round(ratio, 3), TARGET_TAP_CPU_RATIO, "x",
+                ratio <= TARGET_TAP_CPU_RATIO, TARGET_TAP_CPU_RATIO - ratio,
+            )
+        )  # fmt: skip
     if native and native["held"]["kib_per_stream"] is not None:
         kib = native["held"]["kib_per_stream"]
         goals.append(

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .common import ANONYMOUS_DB, ASN_DB, CITY_DB, POLICY, REFERENCE_POLICY, REPO_DIR, BenchError, log
+from .common import ANONYMOUS_DB, ASN_DB, CITY_DB, POLICY, REFERENCE_POLICY, REPO_DIR, TOKENS_POLICY, BenchError, log
 from .processes import child_env
 
 
@@ -89,14 +89,19 @@ def warn_if_drifted(countries: set[str]) -> None:
 
 
 def preflight_policy() -> None:
-    """Run the policy's own tests with the gateway's checker before starting anything.
+    """Run the policies' own tests with the gateway's checker before starting anything.
 
     They pin the decision for every address in the rotation, so a policy or database
-    change that would make the 25% refusal share wrong fails here, with the reason.
+    change that would make the 25% refusal share wrong fails here, with the reason. The
+    token-budget variant is checked too: a gateway that does not know ``token_limit`` says so
+    here, before any server starts, rather than as a gateway that will not start.
     """
-    cmd = [sys.executable, "-m", "gateway", "check", str(POLICY), "--quiet"]
-    for db in (CITY_DB, ASN_DB, ANONYMOUS_DB):
-        cmd += ["--geoip", str(db)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_DIR, env=child_env(), check=False)
-    if result.returncode != 0:
-        raise BenchError(f"`gateway check {POLICY.name}` failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+    for policy, needs in ((POLICY, ""), (TOKENS_POLICY, " (its rows need token_limit and max_concurrent, issue 19)")):
+        cmd = [sys.executable, "-m", "gateway", "check", str(policy), "--quiet"]
+        for db in (CITY_DB, ASN_DB, ANONYMOUS_DB):
+            cmd += ["--geoip", str(db)]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_DIR, env=child_env(), check=False)
+        if result.returncode != 0:
+            raise BenchError(
+                f"`gateway check {policy.name}` failed ({result.returncode}){needs}:\n{result.stdout}{result.stderr}"
+            )

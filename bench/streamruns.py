@@ -17,7 +17,7 @@ from typing import Any
 from . import streams as stream_bench
 from .common import ALLOWED_ADDRS, BENCH_DIR, CHAT_PATH, log
 from .processes import Pinning, connects, free_port, spawn, stop, wait_ready
-from .targets import STREAM_GATEWAYS, start_gateway
+from .targets import STREAM_GATEWAYS, metered, start_gateway
 
 
 def run_streams(args: argparse.Namespace, pin: Pinning, workdir: Path) -> tuple[dict[str, Any], list[str]]:
@@ -68,10 +68,16 @@ def run_streams(args: argparse.Namespace, pin: Pinning, workdir: Path) -> tuple[
                 held = asyncio.run(
                     stream_bench.measure_held("127.0.0.1", gw_port, CHAT_PATH, ALLOWED_ADDRS[0], held_streams, gw.pid)
                 )
+                problems += metered(gw, stream=True)
             results[key] = {"relay": asdict(relay), "held": asdict(held)}
             where = gw.label
             if relay.dropped or held.dropped:
                 problems.append(f"{where}: streams dropped: {relay.dropped} relayed, {held.dropped} held")
+            if relay.usage_seen or held.usage_seen:
+                problems.append(
+                    f"{where}: {relay.usage_seen + held.usage_seen} streams got usage they did not ask for "
+                    "(the usage chunk or usage:null members the gateway asked the upstream for reached the client)"
+                )
             if relay.events_in_window < 0.9 * relay.expected_events:
                 problems.append(
                     f"{where}: {relay.events_in_window:,} events relayed, {relay.expected_events:,.0f} scheduled: "

@@ -47,6 +47,24 @@ EVENT = (
 )
 DONE = b"data: [DONE]\n\n"
 TICK = 0.01
+# A request asking for usage (stream_options.include_usage, as the gateway asks for a token-budgeted
+# stream) gets OpenAI's shape: "usage":null on every chunk, then a chunk with no choices and the usage.
+EVENT_NULL_USAGE = EVENT.replace(b"}]}\n\n", b'}],"usage":null}\n\n')
+USAGE_EVENT = (
+    b"data: "
+    + json.dumps(
+        {
+            "id": "chatcmpl-bench",
+            "object": "chat.completion.chunk",
+            "created": 1700000000,
+            "model": "gpt-4o-mini",
+            "choices": [],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 1, "total_tokens": 10},
+        },
+        separators=(",", ":"),
+    ).encode()
+    + b"\n\n"
+)
 
 
 def raise_nofile() -> int:
@@ -67,13 +85,14 @@ def _chunk(data: bytes) -> bytes:
 
 
 class _Stream:
-    __slots__ = ("conn", "interval", "left", "next_at")
+    __slots__ = ("conn", "interval", "left", "next_at", "usage")
 
-    def __init__(self, conn: _EmitConnection, events: int, interval: float, first_at: float) -> None:
+    def __init__(self, conn: _EmitConnection, events: int, interval: float, first_at: float, usage: bool) -> None:
         self.conn = conn
         self.left = events
         self.interval = interval
         self.next_at = first_at
+        self.usage = usage  # the request asked for usage (stream_options.include_usage)
 
 
 class Emitter:
@@ -108,10 +127,10 @@ class Emitter:
         if conn.transport is None or conn.transport.is_closing():
             return
         if stream.left <= 0:
-            conn.transport.write(_chunk(DONE) + b"0\r\n\r\n")
+            conn.transport.write((_CHUNKED_USAGE if stream.usage else b"") + _chunk(DONE) + b"0\r\n\r\n")
             conn.busy = False
             return
-        conn.transport.write(_CHUNKED_EVENT)
+        conn.transport.write(_CHUNKED_EVENT_NULL_USAGE if stream.usage else _CHUNKED_EVENT)
         self.events += 1
         stream.left -= 1
         stream.next_at += stream.interval
@@ -119,6 +138,8 @@ class Emitter:
 
 
 _CHUNKED_EVENT = _chunk(EVENT)
+_CHUNKED_EVENT_NULL_USAGE = _chunk(EVENT_NULL_USAGE)
+_CHUNKED_USAGE = _chunk(USAGE_EVENT)
 _HEAD = (
     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
     b"transfer-encoding: chunked\r\n\r\n"
@@ -152,7 +173,7 @@ class _EmitConnection(asyncio.Protocol):
             length = int(headers.get(b"content-length", b"0"))
             if len(rest) < length:
                 return
-            self.buffer = rest[length:]
+            body, self.buffer = rest[:length], rest[length:]
             events = int(headers.get(b"x-events", b"10"))
             interval = float(headers.get(b"x-interval", b"0.25"))
             assert self.transport is not None
@@ -160,7 +181,16 @@ class _EmitConnection(asyncio.Protocol):
             self.busy = True
             now = self.emitter.loop.time()
             # The first event at once (the stream is known to be up), then one per interval.
-            self.emitter.add(_Stream(self, events, interval, now))
+            self.emitter.add(_Stream(self, events, interval, now, asks_usage(body)))
+
+
+def asks_usage(body: bytes) -> bool:
+    """Whether a request body has ``stream_options.include_usage: true`` (read once per stream)."""
+    try:
+        options = json.loads(body).get("stream_options") or {}
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 async def emit(host: str, port: int) -> None:
@@ -240,6 +270,7 @@ class DriveResult:
     events: int = 0
     completed: int = 0
     dropped: int = 0  # closed, or an error status, before [DONE]
+    usage_seen: int = 0  # streams that got a "usage" member: none asked for one
     statuses: dict[int, int] = field(default_factory=dict)
 
 
@@ -254,6 +285,8 @@ class _ClientStream(asyncio.Protocol):
         self.tail = b""
         self.seen = 0
         self.done = False
+        self.usage_seen = False
+        self.usage_tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -272,6 +305,10 @@ class _ClientStream(asyncio.Protocol):
             if status != 200:
                 self._end(dropped=True)
                 return
+        if not self.usage_seen and b'"usage"' in self.usage_tail + data:  # split across reads too
+            self.usage_seen = True
+            self.result.usage_seen += 1
+        self.usage_tail = data[-6:]
         text = self.tail + data
         n = text.count(b"\n\n")
         self.tail = text[-1:]
@@ -372,6 +409,7 @@ class RelayMeasure:
     client_cpu_share: float
     dropped: int
     statuses: dict[int, int]
+    usage_seen: int = 0  # streams whose client got a usage member it did not ask for
 
 
 async def measure_relay(
@@ -406,6 +444,7 @@ async def measure_relay(
         client_cpu_share=round((c1 - c0) / elapsed, 3),
         dropped=result.dropped,
         statuses=result.statuses,
+        usage_seen=result.usage_seen,
     )
 
 
@@ -419,6 +458,7 @@ class HeldMeasure:
     rss_after_kib: int
     kib_per_stream: float | None
     statuses: dict[int, int]
+    usage_seen: int = 0
 
 
 async def measure_held(host: str, port: int, path: str, client_ip: str, streams: int, gateway_pid: int) -> HeldMeasure:
@@ -447,6 +487,7 @@ async def measure_held(host: str, port: int, path: str, client_ip: str, streams:
         rss_after_kib=after,
         kib_per_stream=round((after - before) / held, 2) if held else None,
         statuses=result.statuses,
+        usage_seen=result.usage_seen,
     )
 
 

@@ -30,6 +30,7 @@ from .common import (
     ROTATION,
     ROUTE_POLICY,
     SHADOW_POLICY,
+    TOKENS_POLICY,
     UPSTREAM_BODY,
     UPSTREAM_TEMPLATE,
     BenchError,
@@ -50,6 +51,7 @@ class Target:
     refuses: bool  # whether it must refuse the CN address
     also: tuple[int, ...] = ()  # other processes whose CPU a request costs (a decision service behind a proxy)
     decision_only: bool = False  # the decision service's /authz/nginx itself: 200 empty, or 403 + the body header
+    admin: str | None = None  # a gateway's control plane (its /metrics)
 
 
 def render(template: Path, values: dict[str, str]) -> str:
@@ -116,9 +118,19 @@ GATEWAYS: dict[str, tuple[str, tuple[str, ...]]] = {
     # Every allowed request's JSON body read, its model checked against allow_models and
     # renamed for the upstream it is routed to: the routing step's cost beside the plain forward.
     "gateway-route": ("gateway + model-mapped route", ("--policy", ROUTE_MARK)),
+    # Token budgets (issue 19): every allowed request's body held and read, two token limits and a
+    # concurrency slot reserved in Redis in one step, the response read for its usage as it is relayed,
+    # then settled and the slot released. The audit stream is off, as for the rate limit's row.
+    "gateway-tokens": (
+        "gateway + token budget",
+        ("--policy", str(TOKENS_POLICY), "--redis", REDIS_MARK, "--audit", "off"),
+    ),
 }
-# The shadow policy costs per request, not per event: the stream benchmarks run the plain gateway.
-STREAM_GATEWAYS = ("gateway",)
+# The shadow policy costs per request, not per event: the stream benchmarks run the plain gateway, and
+# beside it the token-budgeted one, whose streams pass a usage tap (include_usage injected, stripped again).
+STREAM_GATEWAYS = ("gateway", "gateway-tokens")
+# Rows that measure a token budget only if the gateway really charged one: checked on its /metrics.
+METERED = frozenset({"gateway-tokens"})
 
 
 def start_redis(stack: contextlib.ExitStack, pin: Pinning, workdir: Path) -> str:
@@ -185,7 +197,7 @@ def start_gateway(
     stack.callback(stop, proc, label)
     readyz = f"http://127.0.0.1:{admin_port}/readyz"
     wait_ready(proc, label, [log_path], lambda: http(readyz)[0] == 200)
-    return Target(key, label, f"http://127.0.0.1:{port}{path}", proc.pid, True)
+    return Target(key, label, f"http://127.0.0.1:{port}{path}", proc.pid, True, admin=f"http://127.0.0.1:{admin_port}")
 
 
 def start_nginx_geoip2(
@@ -282,6 +294,48 @@ def probe(target: Target, refusal_body: str) -> list[str]:
                 f"{target.label}: {ip} should get 200 with the upstream's completion, got {status} {body[:200]!r}"
             )
     return problems
+
+
+def metered(target: Target, stream: bool = False) -> list[str]:
+    """A token-budget row measured a token budget: its gateway charged the budget from the provider's usage.
+
+    Without it the row could silently measure a plain forward (a policy whose budget never applies, a
+    request path that skips the tap). ``stream``: streams that ended came with the usage chunk the
+    gateway asked for (include_usage injected); those the benchmark closes early are estimated.
+    """
+    if target.key not in METERED:
+        return []
+    assert target.admin is not None
+    status, body = http(target.admin + "/metrics")
+    text = body.decode("utf-8", "replace")
+    charged = _sum(text, "regiongate_budget_tokens_total{")
+    from_usage = _sum(text, "regiongate_tokens_total{", 'source="usage"')
+    estimated = _sum(text, "regiongate_tokens_total{", 'source="estimate"')
+    what = "streams" if stream else "requests"
+    if status != 200 or not charged or not from_usage:
+        return [
+            f"{target.label}: its {what} were not metered (budget tokens charged: {charged:,.0f}, tokens from "
+            f"usage: {from_usage:,.0f}; /metrics {status}): the row would measure a plain forward. Token budgets "
+            "need issue 19's request path (token_limit and max_concurrent enforced, usage read as relayed)"
+        ]
+    # Requests cut short are charged estimates, as a client that leaves is: wrk closes its connections with
+    # requests in flight at the end of each run, and the stream benchmarks close their streams before they
+    # end. Those are a few per run; a row where the estimates outweigh the usage lost the usage itself.
+    if estimated >= from_usage and not stream:
+        return [
+            f"{target.label}: {estimated:,.0f} tokens of its {what} were estimated, {from_usage:,.0f} read from "
+            "the upstream's usage: the usage was lost"
+        ]
+    return []
+
+
+def _sum(text: str, prefix: str, *parts: str) -> float:
+    """The sum of the samples of ``/metrics`` lines starting with ``prefix`` and holding every one of ``parts``."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix) and all(p in line for p in parts)
+    )
 
 
 def parse_json(body: bytes) -> Any:

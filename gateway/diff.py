@@ -294,12 +294,33 @@ def _settings(old: Policy, new: Policy) -> list[SettingChange]:
             out.append(SettingChange(f"upstreams.{name}", ups_a.get(name), ups_b.get(name)))
     if old.spec.redis.on_error != new.spec.redis.on_error:
         out.append(SettingChange("redis.on_error", old.spec.redis.on_error, new.spec.redis.on_error))
-    limits_a = {r.name: _limit(r.decision) for r in old.rules}
-    limits_b = {r.name: _limit(r.decision) for r in new.rules}
+    limits_a = {r.name: _limits(r.decision) for r in old.rules}
+    limits_b = {r.name: _limits(r.decision) for r in new.rules}
     for name in sorted(set(limits_a) & set(limits_b)):  # a rule added or removed shows as decision changes
-        if limits_a[name] != limits_b[name]:
-            out.append(SettingChange(f"rules.{name}.rate_limit", limits_a[name], limits_b[name]))
+        for key, a in limits_a[name].items():
+            if a != limits_b[name][key]:
+                out.append(SettingChange(f"rules.{name}.{key}", a, limits_b[name][key]))
     return out
+
+
+def _limits(decision: Decision) -> dict[str, Any]:
+    """A rule's limits as a diff shows them, each key compared on its own (None: the rule has none)."""
+    budget = decision.budget
+    tokens = budget.tokens if budget is not None else ()
+    conc = budget.concurrency if budget is not None else None
+    return {
+        "rate_limit": _limit(decision),
+        "token_limit": [
+            {"tokens": t.tokens, "per": t.per, "by": list(t.by), "count": t.count, "kind": t.kind, "burst": t.burst}
+            for t in tokens
+        ]
+        or None,
+        "max_concurrent": {"streams": conc.streams, "by": list(conc.by)} if conc is not None else None,
+        "token_reserve": (
+            {"output": budget.output_default, "unreadable": budget.unreadable} if budget and tokens else None
+        ),
+        "client_keys": "required" if decision.client_keys else None,
+    }
 
 
 def _limit(decision: Decision) -> dict[str, Any] | None:

@@ -28,9 +28,12 @@ class ErrorReply:
     message: str
     retry: bool = False
     headers: tuple[tuple[bytes, bytes], ...] = ()
+    param: str | None = None  # the request field at fault, as OpenAI names it (``max_tokens``)
 
     def body(self) -> bytes:
-        return orjson.dumps({"error": {"message": self.message, "type": self.type, "param": None, "code": self.code}})
+        return orjson.dumps(
+            {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        )
 
     def sse_event(self) -> bytes:
         """The same error as one server-sent event, for a stream that cannot change its status any more."""

@@ -14,10 +14,14 @@ from typing import Any
 from . import georecords
 from .clientip import PUBLIC
 from .geo import Geo
-from .policy import Policy, judge_ip, request_path
+from .modelfield import read_model
+from .policy import Decision, Policy, judge_ip, request_path
 from .policy.overrides import Compiled, judge
+from .policy.tokenlimit import reservation
 from .reports import ExplainOut, dump
 from .trace import Trace, trace
+from .usage.estimate import input_tokens
+from .usage.request import RequestTokens, read_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +46,20 @@ def explain(
     missing: bool = False,
     overrides: Compiled | None = None,
     model: str | None = None,
+    body: bytes | None = None,
+    max_tokens: int | None = None,
 ) -> Explanation:
+    """The report for one address and path (and model, body, max_tokens when given).
+
+    A ``body`` is read as the gateway reads a held one: its model (when
+    ``model`` is not given; :class:`~gateway.modelfield.BadBody` when it cannot
+    be told) and its token fields (:class:`~gateway.usage.request.BadTokens` for
+    a max_tokens that is not a positive integer), both answered with a 400 there.
+    ``max_tokens`` stands for the body's own.
+    """
     path = request_path(path)
+    if body is not None and model is None and len(body) <= policy.spec.body.max_bytes and _is_object(body):
+        model = read_model(body).model
     client, facts, decision = judge_ip(policy, geo, ip_text, path, missing, model)
     override = judge(overrides, client, facts, None) if overrides else None
     rule = next((r for r in policy.rules if r.name == decision.rule), None)
@@ -94,7 +110,71 @@ def explain(
         out["rate_limit"] = {"requests": lim.requests, "per": lim.per, "by": lim.by, "burst": lim.burst}
     if decision.allow_models is not None and override is None:
         out["allow_models"] = decision.allow_models.listed()
+    if override is None:
+        out |= _budget(decision, policy, path, model, body, max_tokens)
     walk = trace(policy, client, facts, path, model) if with_trace else None
     if walk is not None:
         out["trace"] = walk.report()
     return Explanation(ExplainOut.model_validate(out), walk, tuple(records))
+
+
+def _is_object(body: bytes) -> bool:
+    return body.lstrip()[:1] == b"{"
+
+
+def _budget(
+    decision: Decision, policy: Policy, path: str, model: str | None, body: bytes | None, max_tokens: int | None
+) -> dict[str, Any]:
+    """The deciding rule's client keys, token limits, concurrency and reserve, and, given a body or a
+    max_tokens, what the request would reserve under each limit (as the gateway reserves it)."""
+    out: dict[str, Any] = {}
+    if decision.client_keys:
+        out["client_keys"] = "required"
+    if decision.limit is not None:
+        out["redis_on_error"] = policy.spec.redis.on_error
+    budget = decision.budget
+    if budget is None:
+        return out
+    costs: tuple[int, ...] | None = None
+    if budget.tokens and (body is not None or max_tokens is not None):
+        asked = (
+            read_request(body, path)
+            if body is not None and len(body) <= policy.spec.body.max_bytes
+            else RequestTokens(None, False, False, readable=body is None)
+        )
+        cap = max_tokens if max_tokens is not None else asked.output_cap
+        if not asked.readable:
+            costs = reservation(budget, None, cap)
+            reserved = {"readable": False, "input": None, "output": budget.unreadable, "output_from": "unreadable"}
+        else:
+            given = input_tokens(body, model) if body is not None else None
+            costs = reservation(budget, given or 0, cap)
+            reserved = {
+                "readable": True,
+                "input": given,
+                "output": cap if cap is not None else budget.output_default,
+                "output_from": "max_tokens" if cap is not None else "token_reserve.output",
+            }
+            if body is not None:
+                reserved["estimate_model"] = model
+        out["reservation"] = reserved
+    if budget.tokens:
+        out["token_limit"] = [
+            {
+                "index": t.index,
+                "tokens": t.tokens,
+                "per": t.per,
+                "by": list(t.by),
+                "count": t.count,
+                "kind": t.kind,
+                **({"burst": t.capacity} if t.kind == "rate" else {}),
+                **({"reserves": costs[j], "fits": costs[j] <= t.capacity} if costs is not None else {}),
+            }
+            for j, t in enumerate(budget.tokens)
+        ]
+    if budget.concurrency is not None:
+        out["max_concurrent"] = {"streams": budget.concurrency.streams, "by": list(budget.concurrency.by)}
+    if budget.tokens:
+        out["token_reserve"] = {"output": budget.output_default, "unreadable": budget.unreadable}
+    out["redis_on_error"] = policy.spec.redis.on_error
+    return out

@@ -26,6 +26,15 @@ have made. ``/metrics`` folds before it reads, so how fresh the values are:
 Between scrapes, one process folds every :data:`FOLD_AT` requests,
 which bounds what the tallies hold. Label children are cached in plain dicts:
 ``.labels()`` hashes and locks on every call.
+
+Tokens (issue 19) are tallied the same way: per request, the usage of its
+response by country, model and source, and what it charged each of its
+rule's token limits. Every label is bounded: the country as the decision
+metrics have it (an ISO code, or ``unknown``/``private``/...), the model as
+one the policy names (:class:`ModelLabels`: a rule's ``models`` or
+``allow_models``, an upstream's model map) or ``other``, a rule's name and a
+limit's place in its list. Never a client key, its hash or an address: the
+caller's key name is in the access log and the audit stream, not here.
 """
 
 from __future__ import annotations
@@ -50,6 +59,9 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _mp
 
 from .geo import SourceInfo
+from .policy import Policy
+from .policy.tokenlimit import Budget, cost
+from .usage import Usage
 
 if TYPE_CHECKING:
     from .live.active import PolicyVersion
@@ -71,6 +83,52 @@ FOLD_WAIT = 5.0
 
 def multiprocess() -> bool:
     return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+# The model label of a model the policy does not name (or of a request whose model is not known).
+OTHER_MODEL = "other"
+# regiongate_tokens_total's kinds, in the order a tally holds them.
+TOKEN_KINDS = ("input", "output", "cached", "reasoning")
+
+
+class ModelLabels:
+    """The ``model`` label of a token count: a model the policy names, else :data:`OTHER_MODEL`.
+
+    What the policy names is every rule's ``models`` and ``allow_models``
+    and every upstream's model map (the names asked for and the names sent),
+    so the label's values are bounded by the policy, not by what clients
+    send. A pattern ending in ``*`` is its own label (``gpt-4o*`` for
+    ``gpt-4o-2024-08-06``), the longest one that matches; an exact name
+    wins over a pattern.
+    """
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, patterns: Iterable[str] = ()) -> None:
+        listed = set(patterns)
+        self.exact = frozenset(p for p in listed if not p.endswith("*"))
+        self.prefixes = tuple(sorted(((p[:-1], p) for p in listed if p.endswith("*")), key=lambda x: -len(x[0])))
+
+    @classmethod
+    def of(cls, policy: Policy) -> ModelLabels:
+        names: list[str] = []
+        for rule in policy.rules:
+            for patterns in (rule.models, rule.decision.allow_models):
+                if patterns is not None:
+                    names += patterns.listed()
+        for upstream in policy.upstreams.values():
+            names += [*upstream.models, *upstream.models.values()]
+        return cls(names)
+
+    def __call__(self, model: str | None) -> str:
+        if model is None:
+            return OTHER_MODEL
+        if model in self.exact:
+            return model
+        for prefix, pattern in self.prefixes:
+            if model.startswith(prefix):
+                return pattern
+        return OTHER_MODEL
 
 
 class Metrics:
@@ -244,6 +302,50 @@ class Metrics:
             ["rule"],
             registry=r,
         )
+        self.tokens_total = Counter(
+            "regiongate_tokens",
+            "Tokens used by forwarded requests, by client country, model (one the policy names, else other), "
+            "kind (input, output, and the cached part of input and reasoning part of output) and source (usage: "
+            "the provider's report; estimate: counted from the bytes relayed).",
+            ["country", "model", "kind", "source"],
+            registry=r,
+        )
+        self.budget_tokens = Counter(
+            "regiongate_budget_tokens",
+            "Tokens spent under a rule's token_limit entries once the response is over (the provider's usage or "
+            "the estimate; also while Redis could not be asked, see regiongate_budget_fallbacks), by rule, limit "
+            "(the entry's place in the rule's list, from 0) and kind (rate, quota).",
+            ["rule", "limit", "kind"],
+            registry=r,
+        )
+        self.budget_limit = Gauge(
+            "regiongate_budget_limit_tokens_per_second",
+            "A token_limit entry of the policy in force: one subject's tokens per second (tokens / per), by "
+            "rule, limit and kind.",
+            ["rule", "limit", "kind"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.budget_refusals = Counter(
+            "regiongate_budget_refusals",
+            "Requests refused with 429 by a rule's token_limit (kind rate or quota) or max_concurrent "
+            "(kind concurrency), by rule.",
+            ["rule", "kind"],
+            registry=r,
+        )
+        self.budget_fallbacks = Counter(
+            "regiongate_budget_fallbacks",
+            "Token-limit or concurrency checks that Redis could not answer (down, slow, circuit open) and that "
+            "followed the policy's redis.on_error instead (let through or refused), by rule and what (tokens, "
+            "concurrency).",
+            ["rule", "what"],
+            registry=r,
+        )
+        self.model_labels = ModelLabels()  # the policy in force's (policy_swapped)
+        self._budget_limits: set[tuple[str, str, str]] = set()
+        self._token_children: dict[tuple[str, str, str, str], Counter] = {}
+        self._budget_children: dict[tuple[str, str, str], Counter] = {}
+        self._budget_event_children: dict[tuple[str, str, str], Counter] = {}
         self._decision_children: dict[tuple[str, str, str, str, str], Counter] = {}
         self._upstream_children: dict[tuple[str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
@@ -254,6 +356,9 @@ class Metrics:
         self._upstreams: dict[tuple[str, str, int], int] = {}
         self._durations: dict[str, list[float]] = {}
         self._ttfbs: dict[str, list[float]] = {}
+        # (country, model label, source) -> tokens by TOKEN_KINDS; (rule, limit, kind) -> tokens charged.
+        self._tokens: dict[tuple[str, str, str], list[int]] = {}
+        self._budgets: dict[tuple[str, str, str], int] = {}
         self._tallied = 0
         self._fold_every_turn = multiprocess()  # other workers' scrapes read this one's files
         self._fold_scheduled = False
@@ -286,6 +391,27 @@ class Metrics:
             _retire(self.policy_info, (old.policy.source, old.sha256, old.version))
         self.policy_info.labels(new.policy.source, new.sha256, new.version).set(1)
         self.policy_last_reload.set(new.loaded_at)
+        self.budgets_in_force(new.policy)
+
+    def budgets_in_force(self, policy: Policy) -> None:
+        """The model labels and the token limits of the policy in force, from now on.
+
+        A model the new policy no longer names is counted as ``other`` from now
+        on; its series keep the count they reached (a counter that vanished
+        would read as a reset to sums over models) until the process restarts.
+        A limit that is gone has its gauge retired like a replaced policy's info.
+        """
+        self.model_labels = ModelLabels.of(policy)
+        limits: dict[tuple[str, str, str], float] = {}
+        for rule in policy.rules:
+            budget = rule.decision.budget
+            for limit in budget.tokens if budget is not None else ():
+                limits[(rule.name, str(limit.index), limit.kind)] = limit.tokens / limit.per
+        for gone in self._budget_limits - limits.keys():
+            _retire(self.budget_limit, gone)
+        for key, value in limits.items():
+            self.budget_limit.labels(*key).set(value)
+        self._budget_limits = set(limits)
 
     def shadow_swapped(self, old: PolicyVersion | None, new: PolicyVersion | None) -> None:
         if old is not None:
@@ -320,6 +446,41 @@ class Metrics:
 
     def rate_limited(self, rule: str, by: str) -> None:
         self.rate_limited_total.labels(rule, by).inc()
+
+    def tokens(self, country: str, model: str | None, usage: Usage) -> None:
+        """A forwarded request's usage: tallied (by its model's label), folded with the rest."""
+        key = (country, self.model_labels(model), usage.source)
+        counts = self._tokens.get(key)
+        if counts is None:
+            self._tokens[key] = [usage.input, usage.output, usage.cached, usage.reasoning]
+        else:
+            counts[0] += usage.input
+            counts[1] += usage.output
+            counts[2] += usage.cached
+            counts[3] += usage.reasoning
+
+    def budget_spent(self, budget: Budget, usage: Usage) -> None:
+        """What a request settled (or was charged as an estimate) against each of its rule's token limits."""
+        tally = self._budgets
+        for limit in budget.tokens:
+            key = (budget.rule, str(limit.index), limit.kind)
+            tally[key] = tally.get(key, 0) + cost(limit, usage.input, usage.output)
+
+    def budget_refused(self, rule: str, kind: str) -> None:
+        """A 429 from a token limit (rate, quota) or max_concurrent (concurrency): the store's observer."""
+        self._budget_event("refused", rule, kind).inc()
+
+    def budget_fallback(self, rule: str, what: str) -> None:
+        """A token (``tokens``) or concurrency check Redis could not answer, so on_error decided."""
+        self._budget_event("fallback", rule, what).inc()
+
+    def _budget_event(self, event: str, rule: str, label: str) -> Counter:
+        key = (event, rule, label)
+        child = self._budget_event_children.get(key)
+        if child is None:
+            metric = self.budget_refusals if event == "refused" else self.budget_fallbacks
+            child = self._budget_event_children[key] = metric.labels(rule, label)
+        return child
 
     def audit_dropped(self, reason: str, n: int) -> None:
         self.audit_dropped_total.labels(reason).inc(n)
@@ -409,6 +570,28 @@ class Metrics:
         ttfbs, self._ttfbs = self._ttfbs, {}
         for name, values in ttfbs.items():
             _observe_all(self._ttfb_child(name), values)
+        if self._tokens or self._budgets:
+            self._fold_tokens()
+
+    def _fold_tokens(self) -> None:
+        """The token tallies; a kind's series is made at its first token (no cached series at 0 for
+        providers that never report cached tokens)."""
+        tokens, self._tokens = self._tokens, {}
+        children = self._token_children
+        for (country, model, source), counts in tokens.items():
+            for kind, n in zip(TOKEN_KINDS, counts, strict=True):
+                if n:
+                    key = (country, model, kind, source)
+                    child = children.get(key)
+                    if child is None:
+                        child = children[key] = self.tokens_total.labels(*key)
+                    child.inc(n)
+        budgets, self._budgets = self._budgets, {}
+        for bkey, n in budgets.items():
+            counter = self._budget_children.get(bkey)
+            if counter is None:
+                counter = self._budget_children[bkey] = self.budget_tokens.labels(*bkey)
+            counter.inc(n)
 
     # A label set's child, made on first use. With workers it is made when first tallied, so that
     # its keys enter this worker's files in the order they always did (the order /metrics lists

@@ -99,12 +99,54 @@ class RecordOut(Report):
     error: str | None
 
 
+class TokenLimitOut(Report):
+    index: int = Field(description="Its place in the rule's token_limit list (part of its budget's key).")
+    tokens: int
+    per: float = Field(description="Seconds.")
+    by: list[str] = Field(description="The keys whose values make one subject, in order.")
+    count: str = Field(description="input, output or total.")
+    kind: str = Field(description="rate (refills steadily) or quota (empties; whole again when its window ends).")
+    burst: int | None = Field(None, description="kind: rate: the most tokens spent at once (default: tokens).")
+    reserves: int | None = Field(
+        None, description="What the request given (body, max_tokens) reserves here before it is forwarded."
+    )
+    fits: bool | None = Field(
+        None, description="Whether that reservation can ever fit (false: refused with a 429 that is not retried)."
+    )
+
+
+class ConcurrencyOut(Report):
+    streams: int
+    by: list[str]
+
+
+class TokenReserveOut(Report):
+    output: int = Field(description="Output tokens reserved for a request that names no max_tokens.")
+    unreadable: int = Field(description="Tokens reserved under every limit for a body that cannot be read.")
+
+
+class ReservationOut(Report):
+    """What the request given to explain would reserve: its input estimate plus its output cap."""
+
+    readable: bool = Field(description="false: the body is not a JSON object (or too large): the unreadable reserve.")
+    input: int | None = Field(
+        description="Estimated input tokens of the body (bytes per token for the model's family); null: no body given."
+    )
+    output: int = Field(description="Output tokens reserved: the request's max_tokens, else token_reserve.output.")
+    output_from: str = Field(
+        description="max_tokens (the body's, or the one given to explain), token_reserve.output or unreadable."
+    )
+    estimate_model: str | None = Field(None, description="The model whose bytes-per-token ratio made the estimate.")
+
+
 class ExplainOut(Report):
     """What ``regiongate explain --json`` prints and ``GET /admin/explain`` returns (with ``trace``).
 
     The keys after ``geo`` are there only when they apply: ``override`` when a
-    runtime override decides, ``rate_limit`` and ``allow_models`` when the
-    deciding rule has them, ``trace`` when asked for.
+    runtime override decides, ``rate_limit``, ``allow_models``, ``client_keys``,
+    ``token_limit``, ``max_concurrent`` and ``token_reserve`` when the deciding
+    rule has them (with ``redis_on_error``), ``reservation`` when a body or
+    max_tokens was given to a rule with token limits, ``trace`` when asked for.
     """
 
     ip: str
@@ -132,6 +174,24 @@ class ExplainOut(Report):
         None, description="The deciding rule's rate_limit (per: seconds); a request within it goes on."
     )
     allow_models: list[str] | None = Field(None, description="The deciding rule's allow_models.")
+    client_keys: str | None = Field(
+        None,
+        description="'required': the request must carry a key the gateway issued (the rule or an upstream it may "
+        "reach requires one), else OpenAI's 401 invalid_api_key.",
+    )
+    token_limit: list[TokenLimitOut] | None = Field(None, description="The deciding rule's token limits, in order.")
+    max_concurrent: ConcurrencyOut | None = Field(None, description="The deciding rule's max_concurrent.")
+    token_reserve: TokenReserveOut | None = Field(
+        None, description="What a request reserves where it does not say (the rule's token_reserve or the defaults)."
+    )
+    redis_on_error: str | None = Field(
+        None,
+        description="The policy's redis.on_error, shown with the rule's rate_limit, token_limit or max_concurrent: "
+        "what each of them does while Redis cannot be asked (open: let through; closed: 503), every time counted.",
+    )
+    reservation: ReservationOut | None = Field(
+        None, description="What the request given (query max_tokens; the CLI's --body) reserves before it is forwarded."
+    )
     trace: TraceOut | None = Field(None, description="Every rule in order (explain --trace; always in the admin API).")
 
 
@@ -277,6 +337,18 @@ class AuditCounts(Report):
     written: int
 
 
+class ClientKeyOut(Report):
+    """One client key as ``keys list`` and ``GET /admin/keys`` show it: never its token or hash."""
+
+    id: str = Field(description="ck_ and 16 hex digits: what `keys revoke` and DELETE /admin/keys/{id} take.")
+    name: str = Field(description="What budgets, rate limits, overrides, logs and the audit stream call the caller.")
+    state: str = Field(description="active, expired or revoked")
+    created: float = Field(description="Seconds since the epoch.")
+    expires: float | None = Field(description="Seconds since the epoch; null: never.")
+    revoked: float | None = Field(description="When it was revoked; null: it was not.")
+    meta: dict[str, str] = Field(description="Labels given when it was issued.")
+
+
 class ReadyOut(Report):
     """What ``/readyz`` answers (200 when ``ready``, else 503)."""
 
@@ -292,6 +364,9 @@ class ReadyOut(Report):
     trusted_proxies: list[str]
     client_ip_header: str
     overrides: dict[str, Any] = Field(description="The override store: backend, and for Redis its state.")
+    client_keys: dict[str, Any] = Field(
+        description="The client key store: backend (off, file, redis) and keys by state; never a name, token or hash."
+    )
     audit: AuditCounts
     warnings: list[str]
 
@@ -458,6 +533,10 @@ class EvidenceReportOut(Report):
     )
     clients: dict[str, int] = Field(
         description="Decisions on callers with no usable location: unknown, invalid, missing"
+    )
+    tokens_by_country: list[CountOut] = Field(
+        default_factory=list,
+        description="Tokens (input and output) used by the requests stored one by one (--audit all), by country",
     )
     fail_modes: list[FailModeOut]
     geoip: list[GeoipOut]

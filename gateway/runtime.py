@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .accesslog import MAX_PENDING, AccessLog, AddressMode, AddressRedactor
-from .authz.config import HTTP_CONTRACTS, AuthzConfig, blind_rules, parse_config
+from .authz.config import HTTP_CONTRACTS, AuthzConfig, blind_rules, parse_config, unenforced_budgets
 from .cidrs import CidrSet
 from .clientip import ClientIPConfig
 from .dataplane.edge import Edge
@@ -35,9 +35,11 @@ from .policy import (
     parse_policy,
     plain_error,
 )
+from .policy.clientkeys import ClientKeyError
 from .proxy.upstreams import UpstreamConfigError, UpstreamGroup, build_upstreams
 from .reports import ReadyOut, ReloadStatusOut, WatcherOut, dump
 from .shared.audit import Audit
+from .shared.clientkeys import ClientKeys, open_keys
 from .shared.redisconn import RedisConfigError
 from .shared.store import OverrideStore, open_store
 from .trust import WIDEST_PUBLIC, trusts_everyone, wide_public
@@ -98,6 +100,7 @@ class Settings(BaseModel):
     redis: str | None = None
     redis_prefix: str = Field("regiongate:", min_length=1, max_length=100)
     redis_timeout: float = Field(0.05, gt=0, le=5, description="seconds")
+    keys_file: str | None = None
     audit: Literal["off", "refusals", "all"] = "refusals"
     audit_maxlen: int = Field(100_000, ge=100)
     authz_host: str = "127.0.0.1"
@@ -245,6 +248,7 @@ class Runtime:
     allow_methods: frozenset[str] = frozenset(DEFAULT_METHODS)
     env: dict[str, str] = field(default_factory=dict, repr=False)  # holds upstream keys: never shown
     overrides: OverrideStore = field(default_factory=lambda: OverrideStore({}), repr=False)
+    client_keys: ClientKeys = field(default_factory=ClientKeys, repr=False)  # the gateway's own callers
     audit: Audit = field(default_factory=lambda: Audit("off", 0), repr=False)  # needs Redis
     edge: Edge | None = None  # TLS and PROXY protocol on the proxy port; None: plain HTTP from the TCP peer
     authz: AuthzConfig | None = None  # the decision service (--authz-port); None: off
@@ -297,6 +301,7 @@ class Runtime:
         down = self.watcher.warning()
         if down:
             warnings.append(down)
+        warnings += self.client_keys.warnings()
         tls = self.edge.tls if self.edge is not None else None
         if tls is not None and tls.error:
             warnings.append(f"TLS certificate reload refused, the previous certificate keeps serving: {tls.error}")
@@ -333,6 +338,7 @@ class Runtime:
             "trusted_proxies": [str(n) for n in self.clientip.trusted.networks],
             "client_ip_header": self.clientip.header,
             "overrides": self.overrides.describe(),
+            "client_keys": self.client_keys.describe(),
             "audit": {"mode": self.audit.mode, "dropped": self.audit.dropped, "written": self.audit.written},
             "warnings": warnings,
         }
@@ -402,7 +408,8 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
             settings.redis, settings.redis_prefix, settings.redis_timeout, env,
             hash_addresses=settings.log_address != "full",  # no address kept in Redis that the logs would not show
         )  # fmt: skip
-    except RedisConfigError as e:
+        client_keys = open_keys(settings.keys_file, overrides)
+    except (RedisConfigError, ClientKeyError) as e:
         raise ConfigError(str(e)) from None
     try:
         audit_key = key_from_env(env)
@@ -423,6 +430,7 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         authz=authz,
         audit=Audit(audit_mode, settings.audit_maxlen, audit_key),
         overrides=overrides,
+        client_keys=client_keys,
         allow_methods=methods,
         settings=settings,
         geo=geo,
@@ -445,6 +453,7 @@ def load_runtime(settings: Settings, env: dict[str, str] | None = None) -> Runti
         )
     if authz is not None:
         runtime.warnings += blind_rules(current.policy, (c for c in HTTP_CONTRACTS if c not in authz.bodies))
+        runtime.warnings += unenforced_budgets(current.policy, HTTP_CONTRACTS)
     if settings.workers > 1 and not settings.redis:
         runtime.warnings.append(
             f"--workers {settings.workers} without --redis: each worker keeps its own runtime overrides, and one "

@@ -35,6 +35,7 @@ from .accesslog import redact_logs
 from .authz import envoy_serve
 from .dataplane.limits import Limits, connection_cap, raise_nofile
 from .runtime import ConfigError, Runtime, Settings, load_runtime
+from .shared.clientkeys import ClientKeys
 from .shared.store import OverrideStore, probe
 
 if TYPE_CHECKING:  # imported when the worker starts: PROMETHEUS_MULTIPROC_DIR must be set first
@@ -293,6 +294,7 @@ def _announce(
             + " (and refused from everyone else)"
         )
     lines.append(_describe_overrides(runtime.overrides))
+    lines.append(_describe_keys(runtime.client_keys))
     lines += [f"warning: {w}" for w in runtime.warnings]
     if redis_problem is not None:
         lines.append(
@@ -309,6 +311,15 @@ def _describe_overrides(store: OverrideStore) -> str:
     if d["backend"] == "memory":
         return "overrides: in this process's memory (no --redis): POST /admin/overrides reaches this process only"
     return f"overrides: Redis {d['url']} ({d['mode']}), key prefix {d['prefix']!r}"
+
+
+def _describe_keys(keys: ClientKeys) -> str:
+    d = keys.describe()
+    if d["backend"] == "off":
+        return "client keys: none (no --redis, no --keys-file): `regiongate keys add` needs one of them"
+    if d["backend"] == "file":  # read already; Redis is read once each worker has started
+        return f"client keys: {d['keys']['active']} active, in file {d['path']} (read again when it changes)"
+    return "client keys: in Redis, shared by every replica (a revoke applies everywhere within a second)"
 
 
 def _supervise(

@@ -392,6 +392,74 @@ tests:
     )
 
 
+def token_budgets() -> str:
+    supported = reference_countries()
+    assert "GB" in supported and all(c in supported for c in EU_EEA)
+    others = [c for c in supported if c not in EU_EEA and c not in ("GB", "UA")]
+    rows: list[tuple[str, str, str, str, str, str | None]] = [
+        ("2a02:d180::1", "", "allow", "eu-teams", "default", "DE"),
+        ("89.160.20.112", "", "allow", "eu-teams", "default", "SE"),
+        ("81.2.69.142", "", "allow", "gb-monthly", "default", "GB"),
+        ("216.160.83.56", "", "allow", "supported", "default", "US"),
+        ("175.16.199.1", "", "deny", "defaults.action", "", "CN: not served at all"),
+        ("10.0.0.1", "", "allow", "defaults.private", "default", "private network: no budget"),
+    ]
+    return _example_header(
+        "Token budgets by client key, by country and model, and a country's monthly allotment.",
+        f"""#
+# The callers OpenAI serves, each with budgets (docs/limits.md explains every line):
+# - every request must carry a key the gateway issued (regiongate keys add --name team-a):
+#   the upstream replaces it with the operator's own key, so by: api_key is the key's name;
+# - EU and EEA teams: 200,000 tokens a minute each, at most 20 requests in flight each, and
+#   5 million output tokens a day per country and model, shared by every team there;
+# - GB: 50 million tokens per 30 days for the whole country (an allotment that empties);
+# - everyone else: 100,000 tokens a minute per key.
+# A request reserves its estimated input plus its max_tokens (2,048 when it names none) in
+# each of its rule's limits before it is forwarded, and the provider's count replaces the
+# reservation when the answer ends. With --redis every replica shares the budgets; while Redis
+# cannot be asked, redis.on_error decides (open: let through, counted). Works with the
+# embedded country data.
+version: 1
+description: Token budgets per client key, per country and model, and a country's monthly allotment.
+{OPENAI.keys()}upstreams:
+  default: {{url: "https://api.openai.com", api_key_env: OPENAI_API_KEY, client_keys: required}}
+geo: {{field: country}}
+defaults: {{action: deny, unknown: deny, private: allow, invalid: deny, missing: deny}}
+redis: {{on_error: open}}
+rules:
+  - name: eu-teams
+    countries: [{_wrap(EU_EEA, "                ")}]
+    action: allow
+    token_limit:
+      - {{tokens: 200000, per: 1m, by: api_key}}
+      - {{tokens: 5000000, per: 1d, by: [country, model], count: output, kind: quota}}
+    max_concurrent: {{streams: 20, by: api_key}}
+    token_reserve: {{output: 2048}}
+    source: policy
+  - name: gb-monthly
+    countries: [GB]
+    action: allow
+    token_limit:
+      - {{tokens: 50000000, per: 30d, by: country, kind: quota}}
+    token_reserve: {{output: 2048}}
+    source: policy
+  - name: ukraine-unverified
+    countries: [UA]
+    action: monitor
+    source: policy
+  - name: supported
+    countries: [{_wrap(others, "                ")}]
+    action: allow
+    token_limit:
+      - {{tokens: 100000, per: 1m, by: api_key}}
+    token_reserve: {{output: 2048}}
+    source: policy
+tests:
+{_test_rows(rows)}
+""",
+    )
+
+
 # --- Anthropic: the names as published, mapped to ISO 3166-1 alpha-2 ---------------------------
 
 ANTHROPIC = Listing(
@@ -558,6 +626,7 @@ FILES = {
     HERE / "monitor-only-starter.yaml": monitor_only_starter,
     HERE / "examples" / "eu-residency.yaml": eu_residency,
     HERE / "examples" / "migrate-blocked-regions.yaml": migrate_blocked_regions,
+    HERE / "examples" / "token-budgets.yaml": token_budgets,
 }
 
 

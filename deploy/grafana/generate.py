@@ -115,9 +115,14 @@ def up_stat(title: str, description: str, target: prometheus.Dataquery) -> stat.
 
 
 def country_map(
-    title: str, description: str, selector: str, color: str, scheme: dashboard_models.FieldColorModeId
+    title: str,
+    description: str,
+    selector: str,
+    color: str,
+    scheme: dashboard_models.FieldColorModeId,
+    metric: str = "regiongate_decisions_total",
 ) -> geomap.Panel:
-    """Circles on each country's centroid, sized and coloured by its count over the time range.
+    """Circles on each country's centroid, sized and coloured by its count of ``metric`` over the time range.
 
     The layer's ``config`` (marker style) is an untyped object in the SDK's
     model, so it is given as a dict: the SDK has no builder for it.
@@ -151,7 +156,7 @@ def country_map(
         .title(title)
         .description(description)
         .datasource(DS)
-        .with_target(instant_table(f"sum by (country) (increase(regiongate_decisions_total{{{selector}}}[$__range]))"))
+        .with_target(instant_table(f"sum by (country) (increase({metric}{{{selector}}}[$__range]))"))
         .basemap(common.MapLayerOptions().type("default").name("Basemap"))
         .layers([layer])
         .view(geomap.MapViewConfig().id("coords").lat(20).lon(0).zoom(1))
@@ -511,6 +516,89 @@ def build() -> dashboard.Dashboard:
                 "short",
                 query(f"sum by (reason) (increase(regiongate_audit_dropped_total{{{SEL}}}[{RATE}]))", "{{reason}}"),
             ).span(8)
+        )
+    )
+
+    # --- Tokens and budgets (issue 19) --------------------------------------------------------
+    d = (
+        d.with_row(dashboard.Row("Tokens and budgets"))
+        .with_panel(
+            country_map(
+                "Tokens by country",
+                "Tokens used (input and output) by forwarded requests over the time range, by the client's "
+                "country: which regions consume what. Provider-reported and estimated tokens alike "
+                "(see Tokens by source).",
+                f'{SEL}, kind=~"input|output"',
+                "purple",
+                dashboard_models.FieldColorModeId.CONTINUOUS_PURPLES,
+                metric="regiongate_tokens_total",
+            )
+        )
+        .with_panel(
+            series(
+                "Tokens by model and kind",
+                "Tokens per second by model (one the policy names, else `other`) and kind: input and output, "
+                "and the parts of them the provider reports as cached (input) and reasoning (output).",
+                "short",
+                query(
+                    f"sum by (model, kind) (rate(regiongate_tokens_total{{{SEL}}}[{RATE}]))",
+                    "{{model}} {{kind}}",
+                ),
+            )
+        )
+        .with_panel(
+            series(
+                "Budget use by rule and limit",
+                "Tokens charged per second to each token_limit entry (rule, and its place in the rule's list), "
+                "as a share of one subject's budget (tokens / per). With `by: [rule]` that is the rule's one "
+                "budget; with other keys (api_key, country, ...) every subject has its own, and 2.0 means two "
+                "subjects' worth. Replicas sharing a Redis share the budget, so the charges are summed over them.",
+                "percentunit",
+                query(
+                    f"sum by (rule, limit) (rate(regiongate_budget_tokens_total{{{SEL}}}[{RATE}]))\n"
+                    "/ on (rule, limit) "
+                    f"max by (rule, limit) (regiongate_budget_limit_tokens_per_second{{{SEL}}})",
+                    "{{rule}} #{{limit}}",
+                ),
+            ).span(8)
+        )
+        .with_panel(
+            series(
+                "Budget refusals by rule",
+                "Requests refused with 429 by a token budget, per second, by rule and kind: rate (retried by "
+                "the SDKs), quota (insufficient_quota, not retried), concurrency (max_concurrent).",
+                "reqps",
+                query(
+                    f"sum by (rule, kind) (rate(regiongate_budget_refusals_total{{{SEL}}}[{RATE}]))",
+                    "{{rule}} {{kind}}",
+                ),
+            ).span(8)
+        )
+        .with_panel(
+            series(
+                "Tokens by source",
+                "Tokens per second as the provider reported them (usage) or estimated from the bytes relayed "
+                "(estimate: an upstream that sent no usage, a client that left mid-stream, a stream cut upstream). "
+                "A growing estimate share means budgets are settled on estimates.",
+                "short",
+                query(
+                    f"sum by (source) (rate(regiongate_tokens_total{{{SEL}}}[{RATE}]))",
+                    "{{source}}",
+                ),
+            ).span(8)
+        )
+        .with_panel(
+            series(
+                "Budget fallbacks (Redis unavailable)",
+                "Token-limit and concurrency checks Redis could not answer within --redis-timeout, so the "
+                "policy's redis.on_error decided instead: open lets requests through unlimited, closed refuses "
+                "them. Should stay 0 (RegiongateBudgetFallbacks).",
+                "short",
+                query(
+                    f"sum by (rule, what) (increase(regiongate_budget_fallbacks_total{{{SEL}}}[{RATE}]))",
+                    "{{rule}} {{what}}",
+                ),
+            ).span(12)
         )
     )
 

@@ -82,3 +82,24 @@ def blind_rules(policy: Policy, contracts: Iterable[Contract]) -> list[str]:
             f"(body.unknown_model: {unknown})"
         )
     return out
+
+
+def unenforced_budgets(policy: Policy, contracts: Iterable[Contract]) -> list[str]:
+    """One warning (file:line) per rule with token_limit or max_concurrent, when the policy is served
+    through a decision service: it answers allow or deny before the request is sent and never sees the
+    answer, so it can count requests (rate_limit) but not tokens, and cannot hold a request in flight."""
+    if not (served := sorted(set(contracts))):
+        return []
+    out = []
+    for rule in policy.rules:
+        budget = rule.decision.budget
+        if budget is None:
+            continue
+        what = " and ".join(k for k, v in (("token_limit", budget.tokens), ("max_concurrent", budget.concurrency)) if v)
+        where = f"{policy.source}:{rule.line}" if rule.line is not None else policy.source
+        out.append(
+            f"{where}: rule {rule.name!r} has {what}, which the decision service ({', '.join(served)}) does not "
+            "enforce: it never sees the answer, so it cannot count tokens or requests in flight (it enforces "
+            "rate_limit); serve these callers through the gateway's own proxy port to have them counted"
+        )
+    return out

@@ -5,7 +5,10 @@ its terminal steps replaced: ``judge`` (method and path, client address,
 geo, override, decision, shadow, model from the body, rate limit) is the very
 same code; ``forward`` answers "allowed" with the decision's facts instead of
 relaying, and ``block`` / ``fail`` / ``crashed`` answer the refusal the proxy
-port would have sent, byte for byte. Metrics, audit and access log are written
+port would have sent, byte for byte. A rule's ``token_limit`` and
+``max_concurrent`` reserve nothing here (``budgeted`` goes straight to
+``forward``): the service never sees the response, so it could never settle
+or release what it reserved; it enforces request limits only. Metrics, audit and access log are written
 by the same recorder, with ``via`` naming the contract.
 
 One Judge per contract and worker, made on the worker's event loop; :meth:`Judge.ask`
@@ -126,6 +129,11 @@ class Judge(Gateway):
             self.with_model(ex, None)
         else:
             self.with_model(ex, body)
+
+    def budgeted(self, ex: Exchange) -> None:
+        """Token limits are the proxy port's alone: no response passes a decision service, so it could reserve
+        but never settle or release. It reserves nothing (no tap, no slot) and answers (docs/edges)."""
+        self.forward(ex)
 
     def forward(self, ex: Exchange) -> None:
         headers = ((b"x-request-id", ex.rid), (b"x-regiongate-request-id", ex.rid), ex.active.header)

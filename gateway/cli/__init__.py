@@ -1,4 +1,4 @@
-"""``regiongate``: serve, check, explain, diff, map, override, audit, report, policies, schema, stub.
+"""``regiongate``: serve, check, explain, diff, map, override, keys, audit, report, policies, schema, stub.
 
 - ``serve``: run the gateway (:mod:`~gateway.cli.serve`; its options are data in :mod:`~gateway.cli.options`);
 - ``check``: validate policy files and run their tests (:mod:`~gateway.cli.check`);
@@ -7,6 +7,8 @@
 - ``map``: the world coloured by what a policy (or a policy change) does to each country (:mod:`~gateway.cli.map`);
 - ``override add|list|remove``: runtime overrides, through a gateway's admin API or Redis
   (:mod:`~gateway.cli.override`);
+- ``keys add|list|revoke``: the gateway's own client keys, through its admin API, Redis or a keys file
+  (:mod:`~gateway.cli.keys`);
 - ``audit tail|export``: read the Redis audit stream (:mod:`~gateway.cli.audit`);
 - ``report``: a dated evidence pack (JSON, HTML, PDF) from the audit stream or an export (:mod:`~gateway.cli.report`);
 - ``policies``: the shipped policies, with the provider, source and date of each list (:mod:`~gateway.cli.policies`);
@@ -30,10 +32,10 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .. import __version__
-from . import audit, check, diff, explain, map, override, policies, report, schema, serve, stub
+from . import audit, check, diff, explain, keys, map, override, policies, report, schema, serve, stub
 
 # In the order ``regiongate --help`` lists them.
-SUBCOMMANDS = (serve, check, explain, diff, map, override, audit, report, policies, schema, stub)
+SUBCOMMANDS = (serve, check, explain, diff, map, override, keys, audit, report, policies, schema, stub)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -31,7 +31,8 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="CONTRACT",
         help="a decision-service contract this policy is served through (forward, nginx, envoy_http, envoy_grpc, "
         "haproxy), repeatable: warns about each rule that reads the model where the contract sends no body "
-        "(--authz-body)",
+        "(--authz-body), and each rule with token_limit or max_concurrent (the decision service enforces "
+        "rate_limit only)",
     )
     c.add_argument("--quiet", "-q", action="store_true", help="print only failures")
     c.add_argument(
@@ -66,7 +67,7 @@ def age_warning(
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..authz.config import blind_rules, contracts, parse_config
+    from ..authz.config import blind_rules, contracts, parse_config, unenforced_budgets
     from ..policy import load_policy, run_tests
     from ..runtime import ConfigError, load_geo, parse_duration
     from ..yamlfile import FileError
@@ -92,8 +93,13 @@ def run(args: argparse.Namespace) -> int:
             print(e.render(), file=sys.stderr)
             failed = True
             continue
+        for w in policy.warnings:
+            where = f"{path}:{w.line}" if w.line is not None else path
+            print(f"warning: {where}: {w.message}", file=sys.stderr)
         for blind in blind_rules(policy, sorted(served - bodies)):
             print(f"warning: {blind}", file=sys.stderr)
+        for unenforced in unenforced_budgets(policy, served):
+            print(f"warning: {unenforced}", file=sys.stderr)
         results = run_tests(policy, geo)
         bad = [r for r in results if not r.passed]
         for r in results:

@@ -33,6 +33,18 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the request body's model, for policies with models or allow_models rules "
         "(left out: judged as a request whose model is unknown, see body.unknown_model)",
     )
+    e.add_argument(
+        "--body",
+        metavar="FILE",
+        help="a JSON request body ('-': standard input), read as the gateway reads a held one: its model (unless "
+        "--model), and, under a rule with token_limit, what it would reserve under each limit",
+    )
+    e.add_argument(
+        "--max-tokens",
+        type=_positive,
+        metavar="N",
+        help="the request's max_tokens (in place of the body's): what it would reserve under each token_limit",
+    )
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.add_argument(
         "--missing",
@@ -51,10 +63,29 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.set_defaults(func=run)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r} is not a whole number") from None
+    if not 1 <= value <= 10**9:
+        raise argparse.ArgumentTypeError("must be from 1 to 1000000000")
+    return value
+
+
+def _read_body(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    with open(name, "rb") as f:
+        return f.read()
+
+
 def run(args: argparse.Namespace) -> int:
     from ..explain import explain
+    from ..modelfield import BadBody
     from ..requestpath import BadPath
     from ..runtime import ConfigError, load_checked_policy, load_geo
+    from ..usage.request import BadTokens
 
     try:
         geo = load_geo(geoip(args))
@@ -62,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"regiongate: {e}", file=sys.stderr)
         return 2
+    body = None
+    if args.body is not None:
+        try:
+            body = _read_body(args.body)
+        except OSError as e:
+            print(f"regiongate: --body: {e.strerror or e}: {args.body}", file=sys.stderr)
+            return 2
     overrides = None
     if args.redis:
         from ..shared.client import ClientError, RedisClient
@@ -81,12 +119,17 @@ def run(args: argparse.Namespace) -> int:
             missing=args.missing,
             overrides=overrides,
             model=args.model,
+            body=body,
+            max_tokens=args.max_tokens,
         )
     except BadPath as e:
         print(
             f"regiongate: --path {args.path!r}: {e}; the gateway answers it with a 400, no policy is asked",
             file=sys.stderr,
         )
+        return 2
+    except (BadBody, BadTokens) as e:
+        print(f"regiongate: --body: {e.message.rstrip('.')}; the gateway answers it with a 400", file=sys.stderr)
         return 2
     report = result.report
     if args.json:

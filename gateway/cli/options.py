@@ -373,6 +373,16 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         metavar="SECONDS",
     ),
     Option(
+        flag="--keys-file",
+        dest="keys_file",
+        help=(
+            "the gateway's client keys (regiongate keys) in this file, for a gateway without --redis: "
+            "written with mode 0600, read again when it changes; with --redis they are kept in Redis"
+        ),
+        default="none: client keys in Redis with --redis, else none",
+        metavar="PATH",
+    ),
+    Option(
         flag="--audit",
         dest="audit",
         help="what goes to the Redis audit stream <prefix>audit (needs --redis)",

@@ -58,6 +58,8 @@ def print_explain(ip: str, result: Explanation, policy: Policy, geo: Geo) -> Non
     if "rate_limit" in report:
         lim = report["rate_limit"]
         print(f"  limit:     {lim['requests']} requests per {lim['per']:g}s by {lim['by']} (burst {lim['burst']})")
+    for line in budget_lines(report):
+        print(f"  {line}")
     for line in report["why"]:
         print(f"  because:   {line}")
     if report["shadow"]:
@@ -85,6 +87,56 @@ def print_explain(ip: str, result: Explanation, policy: Policy, geo: Geo) -> Non
         print("trace (rules in order, first enforcing match wins):")
         for line in result.trace.lines():
             print(f"  {line}")
+
+
+def budget_lines(report: dict[str, Any]) -> list[str]:
+    """The explain card's lines for client keys, token limits, concurrency and a request's reservation."""
+    out = []
+    if "client_keys" in report:
+        out.append("keys:      client key required (regiongate keys add); a missing or unknown one gets 401")
+    asked = report.get("reservation")
+    if asked is not None:
+        if not asked["readable"]:
+            out.append(f"request:   unreadable body: {asked['output']} tokens reserved under every limit")
+        else:
+            given = "not given" if asked["input"] is None else f"~{asked['input']} (estimate"
+            if asked["input"] is not None:
+                given += f", {asked.get('estimate_model') or 'unknown model'})"
+            out.append(f"request:   input {given}, output {asked['output']} ({asked['output_from']})")
+    for t in report.get("token_limit", ()):
+        text = f"tokens:    [{t['index']}] {t['tokens']} {t['count']} tokens per {period(t['per'])} by "
+        text += f"{'+'.join(t['by'])} ({t['kind']}"
+        text += f", burst {t['burst']})" if t.get("burst") not in (None, t["tokens"]) else ")"
+        if "reserves" in t:
+            text += f": reserves {t['reserves']}"
+            if asked is not None and asked["input"] is None and t["count"] != "output" and asked["readable"]:
+                text += " + the body's input"
+            if not t["fits"]:
+                text += ", more than it can ever hold (429, not retried)"
+        out.append(text)
+    if "max_concurrent" in report:
+        c = report["max_concurrent"]
+        out.append(f"in flight: at most {c['streams']} at once by {'+'.join(c['by'])}")
+    if "token_reserve" in report:
+        r = report["token_reserve"]
+        out.append(
+            f"reserve:   {r['output']} output tokens without max_tokens; {r['unreadable']} for an unreadable body"
+        )
+    if "redis_on_error" in report:
+        said = report["redis_on_error"]
+        out.append(
+            f"redis:     on_error {said}: while Redis cannot be asked, "
+            + ("let through, counted" if said == "open" else "503, counted")
+        )
+    return out
+
+
+def period(seconds: float) -> str:
+    """60.0 -> '1m', 86400.0 -> '1d', 90.0 -> '90s': a period as a policy would write it."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def uses_models(policy: Any) -> bool:

@@ -24,6 +24,12 @@ def add(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="store_true",
         help="answer every request with OpenAI's 403 refusal of the caller's region",
     )
+    st.add_argument(
+        "--ignore-stream-options",
+        action="store_true",
+        help="never send a chat stream's usage, even when stream_options.include_usage asks for it",
+    )
+    st.add_argument("--no-usage", action="store_true", help="send no token usage in any answer")
     st.set_defaults(func=run)
 
 
@@ -43,7 +49,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     try:
-        stub = {"status": args.status, "refuse_region": args.refuse_region}
+        stub = {
+            "status": args.status,
+            "refuse_region": args.refuse_region,
+            "ignore_stream_options": args.ignore_stream_options,
+            "no_usage": args.no_usage,
+        }
         serve_stub(args.host, args.port, args.certfile, args.keyfile, **stub)
     except ConfigError as e:  # the port is taken, say: one line, as serve says it
         print(f"regiongate: cannot start: {e}", file=sys.stderr)

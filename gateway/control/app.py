@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import hmac
 import os
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -44,8 +45,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from .. import __version__
 from ..metrics import FOLD_WAIT, Metrics, exposition
 from ..policy import PolicySpec
+from ..policy.clientkeys import ClientKey, ClientKeyError
 from ..policy.overrides import Override, OverrideError, new_override
 from ..runtime import Runtime
+from ..shared.clientkeys import KeyConflict, KeysUnavailable
 from ..shared.redisconn import RedisUnavailable
 from .gate import MAX_BODY
 from .proxyloop import ProxyLoop
@@ -53,6 +56,11 @@ from .schemas import (
     ActivePolicies,
     CandidateError,
     CandidateTests,
+    ClientKeyIn,
+    ClientKeyIssued,
+    ClientKeyList,
+    ClientKeyOut,
+    ClientKeyRevoked,
     DiffOut,
     ErrorBody,
     ExplainOut,
@@ -68,6 +76,7 @@ if TYPE_CHECKING:
     from ..live.reload import Live
 
 ADMIN_TOKEN_ENV = "REGIONGATE_ADMIN_TOKEN"
+KEY_SHOWN_ONCE = "This token is shown once and never again (only its keyed hash is kept): store it now."
 MAX_CANDIDATE_BYTES = MAX_BODY
 # Candidate parses and diffs in worker threads at once; more wait their turn
 # (the control plane's connection cap bounds how many can wait).
@@ -176,6 +185,10 @@ async def admin_explain(
     model: Annotated[
         str | None, Query(description="The request body's model; left out, it is judged as unknown.", max_length=256)
     ] = None,
+    max_tokens: Annotated[
+        int | None,
+        Query(description="The request's max_tokens: what it reserves under the rule's token limits.", ge=1, le=10**9),
+    ] = None,
 ) -> Any:
     """What the running policy does with this address on this path, and why: every rule in order."""
     # On the proxy's loop: the geo lookup cache is shared with the proxy, and no other thread writes to it.
@@ -186,7 +199,14 @@ async def admin_explain(
 
     def report() -> ExplainOut:
         return explain(
-            runtime.policy, runtime.geo, ip, path, with_trace=True, overrides=runtime.overrides.compiled, model=model
+            runtime.policy,
+            runtime.geo,
+            ip,
+            path,
+            with_trace=True,
+            overrides=runtime.overrides.compiled,
+            model=model,
+            max_tokens=max_tokens,
         ).model
 
     try:
@@ -249,6 +269,78 @@ async def remove_override(request: Request, override_id: Annotated[str, Path(pat
     if not found:
         return JSONResponse({"detail": f"no override {override_id}"}, status_code=404)
     return OverrideRemoved(removed=override_id)
+
+
+_KEYS_DOWN: dict[int | str, dict[str, Any]] = {
+    503: {
+        "model": ErrorBody,
+        "description": "Redis unavailable, or the keys file unreadable; the keys read before keep serving.",
+    }
+}
+
+
+def _key_out(key: ClientKey) -> ClientKeyOut:
+    return ClientKeyOut(**key.public(time.time()))
+
+
+@router.post(
+    "/keys",
+    status_code=201,
+    response_model=ClientKeyIssued,
+    responses={
+        400: {"model": ErrorBody, "description": "The key cannot be issued as given."},
+        409: {
+            "model": ErrorBody,
+            "description": "A live key holds this name, the store is full, or there is no key store "
+            "(neither --redis nor --keys-file).",
+        },
+        **_KEYS_DOWN,
+    },
+)
+async def add_key(request: Request, body: ClientKeyIn) -> Any:
+    """Issue a client key: its token is in this answer only (only its keyed hash is kept); on every replica."""
+    store = _runtime(request).client_keys
+    expires = time.time() + body.expires_in if body.expires_in is not None else None
+    try:
+        key, token = await _proxy(request).run(lambda: store.add(body.name, expires, body.meta))
+    except KeyConflict as e:
+        return JSONResponse({"detail": str(e)}, status_code=409)
+    except ClientKeyError as e:  # checked by the model already
+        return JSONResponse({"detail": str(e)}, status_code=400)
+    except KeysUnavailable as e:
+        return JSONResponse({"detail": str(e)}, status_code=503)
+    return ClientKeyIssued(key=_key_out(key), token=token, warning=KEY_SHOWN_ONCE)
+
+
+@router.get("/keys", response_model=ClientKeyList)
+async def list_keys(request: Request) -> ClientKeyList:
+    """Every client key, revoked and expired ones too (never a token or hash); with Redis down, the last copy."""
+    store = _runtime(request).client_keys
+    listed = await _proxy(request).run(store.list)
+    return ClientKeyList(backend=store.backend, keys=[_key_out(k) for k in listed])
+
+
+@router.delete(
+    "/keys/{key_id}",
+    response_model=ClientKeyRevoked,
+    responses={404: {"model": ErrorBody, "description": "No key with this id, nor a live key with this name."},
+               **_KEYS_DOWN},
+)  # fmt: skip
+async def revoke_key(
+    request: Request,
+    key_id: Annotated[
+        str, Path(pattern="^[A-Za-z0-9._@-]{1,64}$", description="The key's id (ck_...), or its live key's name.")
+    ],
+) -> Any:
+    """Revoke a client key now: every replica refuses it within a second."""
+    store = _runtime(request).client_keys
+    try:
+        found = await _proxy(request).run(lambda: store.revoke(key_id))
+    except KeysUnavailable as e:
+        return JSONResponse({"detail": str(e)}, status_code=503)
+    if found is None:
+        return JSONResponse({"detail": f"no key {key_id}"}, status_code=404)
+    return ClientKeyRevoked(revoked=_key_out(found))
 
 
 @router.post(

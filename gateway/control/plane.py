@@ -74,6 +74,7 @@ async def control_plane(
     await runtime.overrides.start(metrics)  # Redis (if any) is synced in the background from here on
     runtime.audit.start(runtime.overrides, worker=slot)  # on only with --redis: this worker's chain begins
     runtime.overrides.audit_hook = runtime.audit.override_event
+    await runtime.client_keys.start()  # after the overrides: in Redis it hashes under their key
     live.spawn(inforce.record_start(runtime))
 
     def ended() -> None:  # on the control plane's thread
@@ -88,6 +89,7 @@ async def control_plane(
         await plane.wait()
         await live.close()
         await runtime.audit.close()
+        await runtime.client_keys.close()
         await runtime.overrides.close()
         if watcher is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -11,14 +11,24 @@ the reload answer around a report (with its pid and the shadow's result).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..policy.clientkeys import (
+    MAX_META,
+    META_KEY_PATTERN,
+    META_VALUE_PATTERN,
+    NAME_PATTERN,
+    ClientKeyError,
+    check_meta,
+    check_name,
+)
 from ..policy.overrides import KINDS, MAX_TEXT, OverrideError, check_text, new_override
 from ..reports import (
     CandidateTests,
     ChangeOut,
+    ClientKeyOut,
     CountryFlips,
     DecisionOut,
     DiffOut,
@@ -45,6 +55,11 @@ __all__ = [
     "CandidateError",
     "CandidateTests",
     "ChangeOut",
+    "ClientKeyIn",
+    "ClientKeyIssued",
+    "ClientKeyList",
+    "ClientKeyOut",
+    "ClientKeyRevoked",
     "CountryFlips",
     "DecisionOut",
     "DiffOut",
@@ -130,6 +145,53 @@ class OverrideList(BaseModel):
 
 class OverrideRemoved(BaseModel):
     removed: str
+
+
+class ClientKeyIn(BaseModel):
+    """A key to issue; its token is made by the gateway and returned once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        ...,
+        pattern=NAME_PATTERN,
+        description="Who holds it: letters, digits, . _ @ - (starting with a letter or digit); unique among live keys.",
+    )
+    expires_in: float | None = Field(
+        None, ge=1, le=10 * 365 * 86400, description="Seconds until it expires; none: never."
+    )
+    meta: dict[Annotated[str, Field(pattern=META_KEY_PATTERN)], Annotated[str, Field(pattern=META_VALUE_PATTERN)]] = (
+        Field(
+            default_factory=dict,
+            max_length=MAX_META,
+            description="Labels kept with the key (one line each).",
+            json_schema_extra={"additionalProperties": False},  # a key outside the pattern is refused
+        )
+    )
+
+    @model_validator(mode="after")
+    def _checked(self) -> ClientKeyIn:
+        try:
+            check_name(self.name)
+            check_meta(self.meta)
+        except ClientKeyError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+class ClientKeyIssued(BaseModel):
+    key: ClientKeyOut
+    token: str = Field(description="The key's token (rg-...): shown this once; only its keyed hash is kept.")
+    warning: str
+
+
+class ClientKeyList(BaseModel):
+    backend: str = Field(description="off (no store), file (--keys-file) or redis (every replica)")
+    keys: list[ClientKeyOut] = Field(description="Every key, revoked and expired ones too, oldest first.")
+
+
+class ClientKeyRevoked(BaseModel):
+    revoked: ClientKeyOut
 
 
 class ReloadResponse(PolicyFileResult):

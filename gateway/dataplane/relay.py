@@ -40,6 +40,13 @@ read (bounded) before it is passed on, to tell a region refusal apart; every
 other answer streams as before. The plain request (one URL, no fallback)
 pays for none of this beyond a ``None`` check and its URL's health counter.
 
+A :class:`BodyTap` (given by the request path, for a request whose usage it reads)
+sees every decoded byte of a 2xx response body in order, and what it gives back is
+what the client gets; what it held back comes out when the body is whole. A tapped
+body is framed here (chunked), never with the upstream's length: the tap may leave
+bytes out. A request without a tap pays a ``None`` check per upstream read (and one at its
+head and one at its end).
+
 An attempt's life is its :class:`Phase` (connecting, sending, sniffing a 403,
 streaming, complete, done), changed only by ``Relay._enter``; the flags left
 are facts that hold across phases (the upload's progress, backpressure, the
@@ -84,6 +91,18 @@ class Phase(IntEnum):
 
 
 CONNECTING, SENDING, SNIFFING, STREAMING, COMPLETE, DONE = Phase  # global loads on the hot path
+
+
+class BodyTap(Protocol):
+    """Reads a 2xx response body as it is relayed (:class:`gateway.usage.tap.UsageTap` is one)."""
+
+    def feed(self, data: bytes) -> bytes:
+        """``data`` seen; what to send on in its place (``data`` itself when nothing changed)."""
+        ...
+
+    def end(self) -> bytes:
+        """The body is whole: what the tap held back, to send last."""
+        ...
 
 
 class RelayRecord(Protocol):
@@ -152,6 +171,8 @@ class Relay:
         "slot",
         "sniff",
         "sse",
+        "tap",
+        "tapping",
         "total_at",
         "until_close",
     )
@@ -168,9 +189,11 @@ class Relay:
         done: Callable[[], None],
         route: Route | None = None,
         body: bytes | None = None,
+        tap: BodyTap | None = None,
     ) -> None:
         """``body``: the whole request body, read by the gateway (sent with its own content-length,
-        which ``headers`` carry); None streams the client's. ``route``: the URLs left to try."""
+        which ``headers`` carry); None streams the client's. ``route``: the URLs left to try.
+        ``tap``: reads (and may change) a 2xx response body on its way (:class:`BodyTap`)."""
         self.request = request
         self.pool = pool
         self.request_id = request_id
@@ -178,6 +201,8 @@ class Relay:
         self.outcome = outcome
         self.done = done
         self.route = route
+        self.tap = tap
+        self.tapping: BodyTap | None = None  # the tap, once a 2xx response with a body is being relayed
         self.conn: UpstreamConnection | None = None
         self.cancel_wait: Callable[[], None] | None = None
         self.body = body  # with it, whether the body goes up chunked: None and request.chunked (not a slot)
@@ -406,6 +431,9 @@ class Relay:
         self.until_close = not (self.no_body or length is not None or chunked)
         if status == 204 or (self.until_close and not self.no_body):
             length = None  # none on a 204 (RFC 9110 §8.6); a body to the close is framed here
+        if self.tap is not None and 200 <= status < 300 and not self.no_body:
+            self.tapping = self.tap
+            length = None  # the tap may leave bytes out: framed here
         headers = response_headers(raw)
         headers.append((b"x-regiongate-request-id", self.request_id))
         headers.append(self.policy)
@@ -443,6 +471,12 @@ class Relay:
             if sniff.size > SNIFF_LIMIT:
                 self._pass_sniffed()  # too long to be a refusal
             return
+        tap = self.tapping
+        if tap is not None:
+            data = tap.feed(data)
+            if not data:  # held back by the tap (an event not yet whole)
+                self.last_rx = self.pool.loop.time()
+                return
         self.out.append(self.request.frame(data))
         self.outcome.sent += len(data)
         self.last_rx = self.pool.loop.time()
@@ -459,6 +493,12 @@ class Relay:
                 self.upstream_body(rest)
         self._enter(COMPLETE)
         if not self.no_body and self.sniff is None:
+            tap = self.tapping
+            if tap is not None:
+                rest = tap.end()
+                if rest:
+                    self.out.append(self.request.frame(rest))
+                    self.outcome.sent += len(rest)
             self.out.append(self.request.tail())
 
     def _bad_coding(self) -> None:

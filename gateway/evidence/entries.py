@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
+from ..usage import Usage
+
 REQUEST, START, STOP, POLICY, GEOIP, OVERRIDE, GAP, COUNTS = (
     "request", "start", "stop", "policy", "geoip", "override", "gap", "counts",
 )  # fmt: skip
@@ -61,8 +63,16 @@ class RequestEntry(Entry):
     # The shadow policy's verdict and rule where they differed from the enforced decision (absent before).
     shadow_decision: str | None = None
     shadow_rule: str | None = None
+    # The client key's name, when client keys were in force, and the tokens the response used
+    # (usage_fields' shape), when it was read (both absent before issue 19).
+    caller: str | None = None
+    usage: dict[str, Any] | None = None
 
     KIND: ClassVar[str] = REQUEST
+
+    def __post_init__(self) -> None:
+        if self.usage is not None:
+            check_usage(self.usage)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -169,6 +179,36 @@ class CountsEntry(Entry):
     KIND: ClassVar[str] = COUNTS
 
 
+# The ``usage`` object of a request entry and of an access-log line, member by member; ``cached`` and
+# ``reasoning`` only when not 0 (most responses have neither), the others always.
+USAGE_TYPES: dict[str, type] = {"input": int, "output": int, "cached": int, "reasoning": int, "source": str}
+USAGE_OPTIONAL = frozenset({"cached", "reasoning"})
+
+
+def usage_fields(usage: Usage) -> dict[str, Any]:
+    """``usage`` as the audit stream and the access log write it (``usage.input``, ``usage.source``, ...)."""
+    out: dict[str, Any] = {"input": usage.input, "output": usage.output}
+    if usage.cached:
+        out["cached"] = usage.cached
+    if usage.reasoning:
+        out["reasoning"] = usage.reasoning
+    out["source"] = usage.source
+    return out
+
+
+def check_usage(raw: Mapping[str, Any]) -> None:
+    """:class:`EntryError` unless ``raw`` has :data:`USAGE_TYPES`' members (the optional ones may be
+    missing) and no others, each of its type, counts not negative."""
+    if not set(USAGE_TYPES) - USAGE_OPTIONAL <= set(raw) <= set(USAGE_TYPES):
+        raise EntryError(f"request entry: 'usage' has {sorted(raw)}, expected {sorted(USAGE_TYPES)}")
+    for key, value in raw.items():
+        kind = USAGE_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, kind) or (isinstance(value, int) and value < 0):
+            raise EntryError(f"request entry: 'usage.{key}' is {value!r}, expected a {kind.__name__}")
+    if raw["source"] not in ("usage", "estimate"):
+        raise EntryError(f"request entry: 'usage.source' is {raw['source']!r}, expected usage or estimate")
+
+
 KINDS: dict[str, type[Entry]] = {
     c.KIND: c
     for c in (RequestEntry, StartEntry, StopEntry, PolicyEntry, GeoipEntry, OverrideEntry, GapEntry, CountsEntry)
@@ -183,6 +223,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "list[int] | None": (list, type(None)),
     "list[list[Any]]": (list,),
     "dict[str, int]": (dict,),
+    "dict[str, Any] | None": (dict, type(None)),
 }
 
 

@@ -189,6 +189,7 @@ def build(
     by_rule: Counter[str] = Counter()
     by_model: Counter[str] = Counter()
     would: Counter[str] = Counter()
+    tokens: Counter[str] = Counter()
     for _sid, e in entries:
         chain = e.chain or "(unchained)"
         seen = gateways.setdefault(chain, {"first": e.time, "last": e.time, "stopped": False})
@@ -218,6 +219,8 @@ def build(
                 by_model[e.model or "(unknown)"] += 1
             elif e.decision == "monitor":
                 would[e.rule] += 1
+            if e.usage is not None:  # a forwarded request whose tokens were read (--audit all)
+                tokens[e.country or "(unknown)"] += e.usage["input"] + e.usage["output"]
             if e.shadow_decision == "deny" and e.decision not in REFUSED:
                 would[f"shadow: {e.shadow_rule}"] += 1  # the shadow policy would have refused it
 
@@ -300,6 +303,7 @@ def build(
         refusals_by_asn=_top(by_asn),
         refusals_by_rule=_top(by_rule),
         refusals_by_model=_top(by_model),
+        tokens_by_country=_top(tokens),
         would_refuse_by_rule=_top(would),
         clients={label: sum(n for cc, *_, n in rows if cc == label) for label in NOWHERE},
         fail_modes=_fail_modes(gaps, versions),

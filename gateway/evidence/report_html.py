@@ -61,6 +61,18 @@ def _counts(title: str, rows: list[CountOut], what: str) -> str:
     return f"<h3>{escape(title)}</h3>" + _table([what, "refusals"], ((c.key, c.n) for c in rows), (1,))
 
 
+def _tokens(rows: list[CountOut]) -> str:
+    """Tokens by country, when the stream holds requests with their usage (``--audit all``): else nothing."""
+    if not rows:
+        return ""
+    return (
+        "<h2>Tokens by country</h2>"
+        '<p class="muted">Input and output tokens of the forwarded requests stored one by one, as the '
+        "provider reported them or estimated (the top countries).</p>"
+        + _table(["country", "tokens"], ((c.key, c.n) for c in rows), (1,))
+    )
+
+
 def maps(report: EvidenceReportOut) -> dict[str, str]:
     """The report's two maps as SVG, by file name: refusals, and allowed volume, per country."""
     refused, allowed = hourly_map_counts(report)
@@ -163,6 +175,7 @@ def render_html(report: EvidenceReportOut, files: Sequence[tuple[str, str]] = ()
         _counts("By model", report.refusals_by_model, "model"),
         "<h3>Would-be refusals (monitor rules, and the shadow policy's as <i>shadow: rule</i>) by rule</h3>",
         _table(["rule", "let through"], ((c.key, c.n) for c in report.would_refuse_by_rule), (1,)),
+        _tokens(report.tokens_by_country),
         "<h2>Callers with no usable location</h2>",
         _table(["kind", "decisions"], sorted(report.clients.items()), (1,)),
         '</section><section class="page"><h2>Fail-open and fail-closed moments</h2>',

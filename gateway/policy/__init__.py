@@ -19,6 +19,8 @@ One idea per module, each plain:
   file I/O; :mod:`.selftest`: the policy's own ``tests:``.
 * :mod:`.provenance`: the published list behind a policy and each rule
   (``provider:``, ``source:``, ``captured:``), for the evidence report.
+* :mod:`.ratelimit` and :mod:`.tokenlimit`: the pure halves of request and
+  token budgets (whose budget, what a request costs, GCRA and quota windows).
 
 The package imports nothing from the data plane, the proxy, ``shared``,
 ``control``, ``live`` or the CLI: it is the decision, without the bytes.
@@ -44,6 +46,7 @@ from .schema import (
     AuthSpec,
     Block,
     BodySpec,
+    ConcurrencySpec,
     Defaults,
     GeoField,
     GeoSpec,
@@ -55,6 +58,8 @@ from .schema import (
     RuleAction,
     RuleSpec,
     Timeouts,
+    TokenLimitSpec,
+    TokenReserveSpec,
     UpstreamSpec,
     check_upstream_url,
     json_schema,
@@ -74,6 +79,7 @@ __all__ = [
     "AuthSpec",
     "Block",
     "BodySpec",
+    "ConcurrencySpec",
     "Decision",
     "Defaults",
     "GeoField",
@@ -92,6 +98,8 @@ __all__ = [
     "RuleSpec",
     "TestResult",
     "Timeouts",
+    "TokenLimitSpec",
+    "TokenReserveSpec",
     "Unread",
     "UpstreamSpec",
     "Verdict",

@@ -23,6 +23,7 @@ from ..addresses import IPNetwork
 from ..cidrs import CidrSet, parse_network
 from ..clientip import AddressError, parse_address
 from ..requestpath import BadPath, canonical
+from ..usage.shapes import KNOWN as KNOWN_PATHS
 from ..yamlfile import Document, FileError, Problem
 from .compiled import Decision, PathSet, Patterns, Policy, Rule, make_decision
 from .index import RuleIndex
@@ -33,13 +34,16 @@ from .schema import (
     DENY,
     MONITOR,
     ROUTE,
+    Action,
     Block,
     PolicySpec,
     PolicyTest,
     RateLimitSpec,
     RuleSpec,
+    TokenReserveSpec,
     UpstreamSpec,
 )
+from .tokenlimit import Budget, Concurrency, TokenLimit
 
 
 def _with_limit(decision: Decision, spec: RateLimitSpec | None) -> Decision:
@@ -48,6 +52,32 @@ def _with_limit(decision: Decision, spec: RateLimitSpec | None) -> Decision:
         return decision
     limit = RateLimit(decision.rule, spec.by, spec.requests, parse_period(spec.per), spec.burst or spec.requests)
     return dataclasses.replace(decision, limit=limit)
+
+
+def _with_budget(decision: Decision, r: RuleSpec) -> Decision:
+    """A rule's decision with its token limits and concurrency; only what a rule lets through is counted."""
+    if decision.action not in (ALLOW, ROUTE) or (r.token_limit is None and r.max_concurrent is None):
+        return decision
+    rule = decision.rule
+    tokens = tuple(
+        TokenLimit(rule, j, t.tokens, t.seconds, tuple(t.by), t.count, t.kind, t.burst)
+        for j, t in enumerate(r.token_limit or ())
+    )
+    c = r.max_concurrent
+    concurrency = Concurrency(rule, c.streams, tuple(c.by)) if c is not None else None
+    reserve = r.token_reserve or TokenReserveSpec()
+    return dataclasses.replace(decision, budget=Budget(rule, tokens, concurrency, reserve.output, reserve.unreadable))
+
+
+def _with_keys(decision: Decision, own: bool, required: frozenset[str], upstreams: dict[str, UpstreamSpec]) -> Decision:
+    """A decision that must see a client key: the rule requires one, or an upstream the request may reach
+    (its own or a fallback after it) does. Checked before the request goes anywhere, since which upstream
+    answers is known only after failover."""
+    if decision.verdict == DENY or decision.upstream is None:
+        return decision
+    if own or not required.isdisjoint(_reachable(decision.upstream, upstreams)):
+        return dataclasses.replace(decision, client_keys=True)
+    return decision
 
 
 def block_body(block: Block) -> bytes:
@@ -107,7 +137,8 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         problems.append(Problem(doc.line_of(path), message))
 
     problems += _upstream_problems(spec.upstreams, doc)
-    problems += _rate_limit_problems(spec, doc)
+    problems += _api_key_problems(spec, doc)
+    keyed = frozenset(name for name, up in spec.upstreams.items() if up.client_keys == "required")
 
     rules: list[Rule] = []
     names: dict[str, int] = {}
@@ -140,7 +171,12 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
                 anonymizer=frozenset(r.anonymizer) if r.anonymizer is not None else None,
                 cidrs=CidrSet(nets) if r.cidrs is not None else None,
                 paths=PathSet(r.paths, spec.paths_case == "insensitive") if r.paths is not None else None,
-                decision=_with_limit(decision, r.rate_limit),
+                decision=_with_keys(
+                    _with_budget(_with_limit(decision, r.rate_limit), r),
+                    r.client_keys == "required",
+                    keyed,
+                    spec.upstreams,
+                ),
                 models=Patterns(r.models) if r.models is not None else None,
                 # Unknown model, 'deny': a rule that refuses takes it, one that lets through does not.
                 unknown_matches=restrictive == (spec.body.unknown_model == "deny"),
@@ -172,6 +208,10 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         raise FileError(doc.filename, problems)
 
     d = spec.defaults
+
+    def default(action: Action, name: str, reason: str) -> Decision:
+        return _with_keys(make_decision(action, name, reason, monitor_mode), False, keyed, spec.upstreams)
+
     return Policy(
         spec=spec,
         source=doc.filename,
@@ -179,18 +219,18 @@ def compile_policy(spec: PolicySpec, doc: Document, capabilities: frozenset[str]
         rules=tuple(rules),
         index=index,
         field=spec.geo.field,
-        on_default=make_decision(d.action, "defaults.action", "no rule matched", monitor_mode),
-        on_unknown=make_decision(d.unknown, "defaults.unknown", "no country for this address", monitor_mode),
-        on_private=make_decision(
-            d.private, "defaults.private", "private, loopback or link-local address", monitor_mode
-        ),
-        on_invalid=make_decision(d.invalid, "defaults.invalid", "client address could not be read", monitor_mode),
-        on_missing=make_decision(d.missing, "defaults.missing", "a trusted proxy sent no client address", monitor_mode),
+        on_default=default(d.action, "defaults.action", "no rule matched"),
+        on_unknown=default(d.unknown, "defaults.unknown", "no country for this address"),
+        on_private=default(d.private, "defaults.private", "private, loopback or link-local address"),
+        on_invalid=default(d.invalid, "defaults.invalid", "client address could not be read"),
+        on_missing=default(d.missing, "defaults.missing", "a trusted proxy sent no client address"),
         block_body=block_body(spec.block),
         test_lines=tuple(doc.line_of(("tests", i)) for i in range(len(spec.tests))),
         # Only where the file says it: a default left out has no line.
         default_lines={f"defaults.{k}": doc.lines.get(("defaults", k)) for k in type(d).model_fields},
         unknown_model_allowed=spec.body.unknown_model == "allow",
+        client_keys_required=keyed,
+        warnings=tuple(w for i, r in enumerate(spec.rules) for w in _budget_warnings(i, r, spec, doc)),
     )
 
 
@@ -243,6 +283,26 @@ def _rule_problems(
             f"rules[{i}] ({name}): allow_models limits what an allow or route rule lets through; "
             f"a {r.action} rule lets nothing through to limit",
         )
+    for key in ("token_limit", "max_concurrent"):
+        if getattr(r, key) is not None and r.action not in (ALLOW, ROUTE):
+            bad(
+                (*here, key),
+                f"rules[{i}] ({name}): {key} limits what an allow or route rule lets through; "
+                + (
+                    "a deny rule lets nothing through to limit"
+                    if r.action == DENY
+                    else "a monitor rule only records what it matches (make it allow to limit it)"
+                ),
+            )
+    for j, t in enumerate(r.token_limit or ()):
+        if t.burst is not None and t.kind == "quota":
+            bad(
+                (*here, "token_limit", j, "burst"),
+                f"rules[{i}].token_limit[{j}]: burst goes with kind: rate "
+                "(a quota's whole budget may be spent at once)",
+            )
+    if r.token_reserve is not None and r.token_limit is None:
+        bad((*here, "token_reserve"), f"rules[{i}] ({name}): token_reserve goes with token_limit (what it reserves in)")
     for key, fact in _NEEDS.items():
         if getattr(r, key) is not None and capabilities is not None and fact not in capabilities:
             bad(
@@ -252,41 +312,111 @@ def _rule_problems(
     return problems
 
 
-def _rate_limit_problems(spec: PolicySpec, doc: Document) -> list[Problem]:
-    """``rate_limit: {by: api_key}`` on a rule whose requests may reach an upstream that injects its own key.
+def _budget_warnings(i: int, r: RuleSpec, spec: PolicySpec, doc: Document) -> list[Problem]:
+    """What ``regiongate check`` warns about a rule's budget: valid, but likely not what was meant."""
+    if r.token_limit is None and r.max_concurrent is None:
+        return []
+    out: list[Problem] = []
+    name = r.name or f"rule-{i + 1}"
+    here = ("rules", i)
+    if r.mode == "monitor":
+        what = " and ".join(k for k in ("token_limit", "max_concurrent") if getattr(r, k) is not None)
+        out.append(
+            Problem(
+                doc.line_of(here),
+                f"rules[{i}] ({name}) is mode: monitor, so it never decides and its {what} never applies "
+                "(the rule or default that decides its requests counts them)",
+            )
+        )
+    fold = spec.paths_case == "insensitive"
+    known = [k.lower() if fold else k for k in KNOWN_PATHS]
+    for j, p in enumerate(r.paths or () if r.token_limit is not None else ()):
+        pattern = p.lower() if fold else p
+        if pattern.endswith("*"):
+            readable = any(k.startswith(pattern[:-1]) for k in known)
+        else:
+            readable = (pattern[:-1] if pattern.endswith("/") and len(pattern) > 1 else pattern) in known
+        if not readable:
+            out.append(
+                Problem(
+                    doc.line_of((*here, "paths", j)),
+                    f"rules[{i}] ({name}): token_limit on {p!r}, a path whose answers the gateway cannot read "
+                    f"usage from (it reads {', '.join(KNOWN_PATHS)}): its requests are charged an estimate, "
+                    "flagged as one, never the provider's count",
+                )
+            )
+    reserve = r.token_reserve or TokenReserveSpec()
+    for j, t in enumerate(r.token_limit or ()):
+        capacity = t.burst if t.burst is not None and t.kind == "rate" else t.tokens
+        reserved = []
+        if t.count != "input" and reserve.output > capacity:
+            reserved.append(f"a request that names no max_tokens reserves {reserve.output} output tokens")
+        if reserve.unreadable > capacity:
+            reserved.append(f"a body that cannot be read reserves {reserve.unreadable}")
+        if reserved:
+            held = "burst" if t.burst is not None and t.kind == "rate" else "tokens"
+            out.append(
+                Problem(
+                    doc.line_of((*here, "token_limit", j)),
+                    f"rules[{i}] ({name}): token_limit[{j}] can never hold more than {capacity} tokens ({held}), "
+                    f"but {' and '.join(reserved)}: such requests are refused as never fitting (429, not retried); "
+                    "set token_reserve lower or the limit higher",
+                )
+            )
+    return out
 
-    The budget is the caller's bearer token, and such an upstream never sees
-    that token (``api_key_env`` replaces it), so a token made up per request
-    is served with the operator's key on a fresh budget every time: the limit
-    would limit nothing. The rule's upstream and every fallback after it
-    count, since a failed-over request is served with the fallback's key.
-    It can be allowed once the gateway issues its callers' keys itself.
+
+def _api_key_problems(spec: PolicySpec, doc: Document) -> list[Problem]:
+    """``by: api_key`` (a rate_limit, a token_limit, max_concurrent) on a rule whose requests may reach an
+    upstream that injects its own key, where no client key is required.
+
+    The subject is then the caller's bearer token, and such an upstream never
+    sees that token (``api_key_env`` replaces it), so a token made up per
+    request is served with the operator's key on a fresh budget every time:
+    the limit would limit nothing. The rule's upstream and every fallback after
+    it count, since a failed-over request is served with the fallback's key.
+    ``client_keys: required`` (on the rule, or on an upstream it may reach,
+    which then requires it of every request) makes the subject a key the
+    gateway issued, checked before the request goes anywhere.
     """
     problems = []
     for i, r in enumerate(spec.rules):
-        if r.rate_limit is None or r.rate_limit.by != "api_key":
+        limits: list[tuple[tuple[str | int, ...], str, str]] = []  # (where, what, other subjects)
+        if r.rate_limit is not None and r.rate_limit.by == "api_key":
+            limits.append((("rate_limit", "by"), "rate_limit", "ip, country, subdivision or asn"))
+        for j, t in enumerate(r.token_limit or ()):
+            if "api_key" in t.by:
+                limits.append((("token_limit", j, "by"), f"token_limit[{j}]", _OTHER_SUBJECTS))
+        if r.max_concurrent is not None and "api_key" in r.max_concurrent.by:
+            limits.append((("max_concurrent", "by"), "max_concurrent", _OTHER_SUBJECTS))
+        if not limits or r.client_keys == "required":
             continue
         if r.action == DENY and spec.mode != "monitor":  # refused, never served: no key is used
             continue
-        injecting = [u for u in _reachable(r.upstream or DEFAULT_UPSTREAM, spec.upstreams) if u.api_key_env]
-        if not injecting:
+        reachable = [spec.upstreams[u] for u in _reachable(r.upstream or DEFAULT_UPSTREAM, spec.upstreams)]
+        injecting = [u for u in reachable if u.api_key_env]
+        if not injecting or any(u.client_keys == "required" for u in reachable):
             continue
         name = r.name or f"rule-{i + 1}"
-        problems.append(
-            Problem(
-                doc.line_of(("rules", i, "rate_limit", "by")),
-                f"rules[{i}] ({name}): rate_limit by: api_key cannot limit these callers: their upstream sends "
-                f"its own key ({injecting[0].api_key_env}) in place of theirs, so a made-up key per request would "
-                "get a fresh budget. Limit by ip, country, subdivision or asn (by: api_key needs keys the gateway "
-                "issues to its callers, which it does not yet)",
+        for where, what, others in limits:
+            problems.append(
+                Problem(
+                    doc.line_of(("rules", i, *where)),
+                    f"rules[{i}] ({name}): {what} by: api_key cannot limit these callers: their upstream sends "
+                    f"its own key ({injecting[0].api_key_env}) in place of theirs, so a made-up key per request "
+                    "would get a fresh budget. Require keys the gateway issues to its callers (client_keys: "
+                    f"required, on this rule or its upstream; regiongate keys add), or limit by {others}",
+                )
             )
-        )
     return problems
 
 
-def _reachable(name: str, upstreams: dict[str, UpstreamSpec]) -> list[UpstreamSpec]:
+_OTHER_SUBJECTS = "ip, country, subdivision, asn, model or rule"
+
+
+def _reachable(name: str, upstreams: dict[str, UpstreamSpec]) -> list[str]:
     """The upstream ``name`` and every fallback a request to it can reach, each once, in order."""
-    out: list[UpstreamSpec] = []
+    out: list[str] = []
     seen: set[str] = set()
     todo = [name]
     while todo:
@@ -294,7 +424,7 @@ def _reachable(name: str, upstreams: dict[str, UpstreamSpec]) -> list[UpstreamSp
         if current in seen or current not in upstreams:  # --upstream's default carries no key
             continue
         seen.add(current)
-        out.append(upstreams[current])
+        out.append(current)
         todo.extend(upstreams[current].fallback)
     return out
 

@@ -18,8 +18,10 @@ from typing import Any, Final, Literal, Protocol
 from ..addresses import IPAddress
 from ..cidrs import CidrSet
 from ..geo import GeoFacts
+from ..yamlfile import Problem
 from .ratelimit import RateLimit
 from .schema import DEFAULT_UPSTREAM, DENY, MONITOR, GeoField, PolicySpec, RuleAction, UpstreamSpec
+from .tokenlimit import Budget
 
 # What a decision says: a rule's action (or a default's); that the decision cannot
 # be made before the request's model is read (NEEDS_MODEL); or, recorded by the proxy,
@@ -39,7 +41,10 @@ class Decision:
     and were not enforced. ``allow_models`` is checked once the model is
     known (:func:`model_refusal`); ``model_refused`` marks the refusal that
     check makes, answered with OpenAI's model error rather than the block.
-    Both are ``needs_model`` in :data:`NEEDS_MODEL`.
+    Both are ``needs_model`` in :data:`NEEDS_MODEL`. ``budget`` is the
+    deciding rule's token limits and concurrency (allow and route rules only);
+    ``client_keys`` says the request must carry a key the gateway issued,
+    because the rule or an upstream it may reach requires one.
     """
 
     verdict: Verdict
@@ -51,10 +56,19 @@ class Decision:
     limit: RateLimit | None = None  # the deciding rule's rate limit
     allow_models: Patterns | None = None
     model_refused: bool = False
+    budget: Budget | None = None  # the deciding rule's token_limit and max_concurrent
+    client_keys: bool = False  # a key the gateway issued is required (the rule's or a reachable upstream's)
 
     @property
     def allowed(self) -> bool:
         return self.verdict != DENY
+
+    @property
+    def needs_body(self) -> bool:
+        """Whether the request path holds the JSON body before going on: for ``allow_models``, or for
+        a budget that estimates tokens or counts by model. (:data:`NEEDS_MODEL` is the other case:
+        the decision itself is not made yet.)"""
+        return self.allow_models is not None or (self.budget is not None and self.budget.needs_body)
 
 
 class Patterns:
@@ -225,6 +239,10 @@ class Policy:
     test_lines: tuple[int | None, ...]
     default_lines: dict[str, int | None] = dataclasses.field(default_factory=dict)
     unknown_model_allowed: bool = False  # body.unknown_model: allow
+    client_keys_required: frozenset[str] = frozenset()  # upstreams with client_keys: required
+    # What regiongate check warns about: valid, loaded, but likely not what was meant (token limits
+    # on paths whose usage cannot be read, on rules that never decide, smaller than a reservation).
+    warnings: tuple[Problem, ...] = ()
 
     @property
     def upstreams(self) -> dict[str, UpstreamSpec]:

@@ -34,6 +34,7 @@ OnError = Literal["open", "closed"]
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+DURATION_PATTERN = _DURATION.pattern  # the same, for a JSON Schema (ECMAScript reads it alike)
 
 
 def parse_period(value: str | float) -> float:

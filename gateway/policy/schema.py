@@ -13,9 +13,17 @@ import datetime
 import re
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 
-from .ratelimit import parse_period
+from .ratelimit import DURATION_PATTERN, parse_period
 
 Action = Literal["allow", "deny", "monitor"]  # what a default may say
 RuleAction = Literal["allow", "deny", "monitor", "route"]  # what a rule may say
@@ -126,6 +134,9 @@ class HealthSpec(_Spec):
         return given if "max_backoff" in self.model_fields_set else max(given, self.backoff_seconds)
 
 
+ClientKeys = Literal["required", "off"]
+
+
 class UpstreamSpec(_Spec):
     """An OpenAI-compatible API. Requests keep their path and query and are
     appended to ``url`` (or to each of ``urls``, tried in order); they can
@@ -154,6 +165,11 @@ class UpstreamSpec(_Spec):
     )
     health: HealthSpec = HealthSpec()
     timeouts: Timeouts = Timeouts()
+    client_keys: ClientKeys = Field(
+        "off",
+        description="'required': every request that may reach this upstream (as a fallback too) must carry a "
+        "key the gateway issued (regiongate keys add); a missing or unknown one gets OpenAI's 401 invalid_api_key.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -312,11 +328,132 @@ class RateLimitSpec(_Spec):
         return v
 
 
+# --- token budgets and concurrency (a rule's token_limit, max_concurrent, token_reserve) -------------
+
+TOKEN_BY: Final = ("ip", "api_key", "country", "subdivision", "asn", "model", "rule")
+MAX_TOKENS = 10**12  # per limit: far above any month of any provider's tier, and exact in a double (Lua)
+MAX_TOKEN_PERIOD = 366 * 86400.0  # a year: the longest quota window that makes sense
+MIN_TOKEN_PERIOD = 1.0  # a second: shorter windows than one request takes limit nothing
+MAX_STREAMS = 10**6
+MAX_RESERVE = 10**9
+MAX_TOKEN_LIMITS = 16  # entries per rule: each is one more key a request reserves in
+
+
+def _by_list(v: object) -> object:
+    """``by: api_key`` is ``by: [api_key]``: a list of one."""
+    if v == []:
+        raise ValueError(f"must name at least one of {', '.join(TOKEN_BY)}")
+    return [v] if isinstance(v, str) else v
+
+
+def _no_repeats(v: list[str]) -> list[str]:
+    for i, item in enumerate(v):
+        if item in v[:i]:
+            raise ValueError(f"lists {item!r} twice: each key counts once in the subject")
+    return v
+
+
+_BY_ITEM = {"enum": list(TOKEN_BY)}
+TokenBySpec = Annotated[
+    list[Literal["ip", "api_key", "country", "subdivision", "asn", "model", "rule"]],
+    Field(min_length=1, max_length=len(TOKEN_BY)),
+    AfterValidator(_no_repeats),
+    BeforeValidator(_by_list),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                _BY_ITEM,
+                {"type": "array", "items": _BY_ITEM, "minItems": 1, "maxItems": len(TOKEN_BY), "uniqueItems": True},
+            ]
+        }
+    ),
+]
+_BY_HELP = (
+    "Who shares one budget: one of ip, api_key, country, subdivision, asn, model, rule, or a list of them "
+    "that make one composite subject ([country, model]: a budget per country per model). api_key is the "
+    "client key's name when client keys are required, else the bearer token's keyed hash; rule: one budget "
+    "for everyone the rule lets through."
+)
+
+
+class TokenLimitSpec(_Spec):
+    """One budget of tokens: ``tokens`` per ``per``, counted as ``count``, one per subject (``by``)."""
+
+    tokens: Annotated[int, Field(gt=0, le=MAX_TOKENS)] = Field(description="Tokens per period.")
+    per: Annotated[
+        str | Annotated[float, Field(ge=MIN_TOKEN_PERIOD, le=MAX_TOKEN_PERIOD)],
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "pattern": DURATION_PATTERN},
+                    {"type": "number", "minimum": MIN_TOKEN_PERIOD, "maximum": MAX_TOKEN_PERIOD},
+                ]
+            }
+        ),
+    ] = Field(
+        description="The period: 1m, 1h, 1d, 30d, or seconds (1s to 366d). A quota's windows are aligned to "
+        "the Unix epoch (1d: from 00:00 UTC)."
+    )
+    by: TokenBySpec = Field(description=_BY_HELP)
+    count: Literal["input", "output", "total"] = Field(
+        "total",
+        description="Which tokens are spent: input (prompt, cached included), output (completion, reasoning "
+        "included), or total (both), as the provider reports them.",
+    )
+    kind: Literal["rate", "quota"] = Field(
+        "rate",
+        description="'rate': refills steadily (GCRA); over it, OpenAI's 429 rate_limit_exceeded with retry-after. "
+        "'quota': a budget that empties and is whole again when its window ends; over it, 429 insufficient_quota, "
+        "which SDKs do not retry.",
+    )
+    burst: Annotated[int, Field(gt=0, le=MAX_TOKENS)] | None = Field(
+        None, description="kind: rate only: the most tokens that may be spent at once; default: tokens."
+    )
+
+    @field_validator("per", mode="before")
+    @classmethod
+    def _per(cls, v: object) -> object:
+        # Before the union is tried, so that a bad period gets one message, not one per type.
+        if isinstance(v, bool) or not isinstance(v, str | int | float):
+            raise ValueError("must be a duration (1m, 1h, 1d, 30d) or seconds")
+        seconds = parse_period(v)
+        if not MIN_TOKEN_PERIOD <= seconds <= MAX_TOKEN_PERIOD:
+            raise ValueError("must be from 1s to 366d")
+        return v
+
+    @property
+    def seconds(self) -> float:
+        return parse_period(self.per)
+
+
+class ConcurrencySpec(_Spec):
+    """Requests in flight (streams included), counted across replicas; each is released when its answer
+    ends, fails or its client leaves, and one a crashed replica held expires by itself."""
+
+    streams: Annotated[int, Field(gt=0, le=MAX_STREAMS)] = Field(description="The most requests in flight per subject.")
+    by: TokenBySpec = Field(description=_BY_HELP)
+
+
+class TokenReserveSpec(_Spec):
+    """What a request reserves before it is forwarded, where the request does not say."""
+
+    output: Annotated[int, Field(gt=0, le=MAX_RESERVE)] = Field(
+        4096,
+        description="Output tokens reserved for a request that names no max_tokens (max_completion_tokens, "
+        "max_output_tokens); replaced by the provider's count when the answer ends.",
+    )
+    unreadable: Annotated[int, Field(gt=0, le=MAX_RESERVE)] = Field(
+        8192,
+        description="Tokens reserved, and charged unless the provider reports usage, for a body that cannot be "
+        "read (not JSON, larger than body.max_bytes).",
+    )
+
+
 class RedisPolicy(_Spec):
     on_error: Literal["open", "closed"] = Field(
         "open",
-        description="When the rate limiter cannot be asked (Redis down): 'open' lets the request through, "
-        "'closed' answers 503.",
+        description="When a rate limit, token limit or max_concurrent cannot be asked (Redis down or slow): "
+        "'open' lets the request through, 'closed' answers 503. Every such fallback is counted.",
     )
 
 
@@ -371,6 +508,23 @@ class RuleSpec(_Spec):
     )
     rate_limit: RateLimitSpec | None = Field(
         None, description="Requests this rule lets through are counted; over the limit they get OpenAI's 429."
+    )
+    token_limit: Annotated[list[TokenLimitSpec], Field(min_length=1, max_length=MAX_TOKEN_LIMITS)] | None = Field(
+        None,
+        description="On an allow or route rule: token budgets for what it lets through. Each request reserves its "
+        "estimated input plus its output cap in every one before it is forwarded (all or none), and the "
+        "reservation is replaced by the provider's usage when the answer ends.",
+    )
+    max_concurrent: ConcurrencySpec | None = Field(
+        None, description="On an allow or route rule: the most requests in flight at once per subject."
+    )
+    token_reserve: TokenReserveSpec | None = Field(
+        None, description="With token_limit: what a request reserves where it does not say (defaults 4096, 8192)."
+    )
+    client_keys: ClientKeys = Field(
+        "off",
+        description="'required': the requests this rule lets through must carry a key the gateway issued "
+        "(regiongate keys add); a missing or unknown one gets OpenAI's 401 invalid_api_key.",
     )
     source: RuleSources | None = Field(
         None,

@@ -15,13 +15,16 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from ..clientip import ClientAddress
 from ..dataplane.failover import Failover
+from ..dataplane.relay import BodyTap
 from ..dataplane.server import Header
 from ..dataplane.upstream import BodyFor, Upstream
 from ..geo import GeoFacts
 from ..policy import Decision
+from ..usage import Usage
 
 if TYPE_CHECKING:  # live.active imports proxy.upstreams: at run time this would be a circle
     from ..live.active import Active
+    from ..shared.budgets import Held
 
 
 # Who asked for the decision: the proxy port itself, or a contract of the decision service
@@ -45,6 +48,14 @@ class Asked(Protocol):
     def peer(self) -> str | None: ...
 
 
+class Meter(Protocol):
+    """What measures one forwarded response's tokens (:class:`.tokens.Metered`): settled once, when it is over."""
+
+    @property
+    def tap(self) -> BodyTap: ...
+    def over(self, ex: Exchange) -> None: ...
+
+
 class Recorder(Protocol):
     """Writes one finished exchange out (:class:`.record.Record`)."""
 
@@ -55,9 +66,9 @@ class Exchange:
     """What became of one request: asked (request, path), judged (client, facts, decision), done (the rest)."""
 
     __slots__ = (
-        "active", "attempted", "attempts", "body_for", "client", "client_gone", "decision", "error", "facts",
-        "failovers", "model", "path", "recorder", "refused", "request", "request_id", "rid", "sent", "shadow",
-        "started", "status", "target", "ttfb", "via",
+        "active", "attempted", "attempts", "body", "body_for", "caller", "client", "client_gone", "decision",
+        "error", "facts", "failovers", "held", "meter", "model", "path", "recorder", "refused", "request",
+        "request_id", "rid", "sent", "shadow", "started", "status", "target", "ttfb", "usage", "via",
     )  # fmt: skip
 
     def __init__(
@@ -87,6 +98,13 @@ class Exchange:
         self.shadow: Decision | None = None
         self.model: str | None = None  # the body's model; None: not read, or none found (logged alike)
         self.body_for: BodyFor | None = None  # the held body per upstream; None: the client's streams
+        self.body: bytes | None = None  # the held body as the client sent it (a token budget reads it)
+        # The client key's name when client keys are in force on this request (checked), else None:
+        # the caller of rate limits, token budgets, the access log and the audit (never the token).
+        self.caller: str | None = None
+        self.meter: Meter | None = None  # the response's usage tap and what settling needs (.tokens)
+        self.held: Held | None = None  # what a token budget reserved for this request, until it is settled
+        self.usage: Usage | None = None  # the tokens this request used (reported or estimated), once over
         self.attempted = False
         self.attempts = 0  # sent to an upstream this many times (failovers and stale-connection retries)
         self.target: Upstream | None = None  # the URL that answered (or was tried last)
@@ -100,7 +118,12 @@ class Exchange:
         self.via = via
 
     def record(self) -> None:
-        """The answer is over: metrics, audit and access log, once (the relay's completion callback)."""
+        """The answer is over: usage settled (when metered), then metrics, audit and access log, once
+        (the relay's completion callback, or the gateway's own answer)."""
+        meter = self.meter
+        if meter is not None:
+            self.meter = None  # settled once, whichever way the request ended
+            meter.over(self)
         self.recorder.write(self)
 
     def __repr__(self) -> str:

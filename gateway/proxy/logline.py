@@ -26,8 +26,10 @@ import orjson
 from ..clientip import ClientAddress
 from ..dataplane.failover import Failover
 from ..dataplane.upstream import Upstream
+from ..evidence.entries import usage_fields
 from ..geo import GeoFacts
 from ..policy import DENY, Decision
+from ..usage import Usage
 
 if TYPE_CHECKING:
     from ..accesslog import AddressRedactor
@@ -37,14 +39,17 @@ if TYPE_CHECKING:
 #   client, decision, geo facts, target (the URL that answered or was tried last), status,
 #   seconds (request to last byte), bytes sent, policy tag, model, the shadow decision when it
 #   disagrees, the shadow policy's tag, attempts, ttfb seconds, error, failovers, via (the contract:
-#   "proxy" on the proxy port, else a decision service's, gateway.authz).
+#   "proxy" on the proxy port, else a decision service's, gateway.authz), caller (the client key's
+#   name when client keys were in force), usage (the tokens used, when a usage tap measured them).
 Facts = tuple[
     int, str, str, str | None, bytes,
     ClientAddress, Decision, GeoFacts, Upstream | None, int,
     float, int, str, str | None, Decision | None,
     str | None, int, float | None, str | None, list[Failover] | None,
-    str,
+    str, str | None, Usage | None,
 ]  # fmt: skip
+# A client key's name and a model are the operator's or the client's words: bounded in the line.
+NAME_CHARS = 256
 
 
 @lru_cache(maxsize=4)
@@ -69,7 +74,7 @@ def request_line(facts: Facts, redact: AddressRedactor) -> bytes:
     (
         now_ns, request_id, method, path, raw_path, client, decision, geo, target, status,
         seconds, sent, tag, model, shadow, shadow_tag, attempts, ttfb, error, failovers,
-        via,
+        via, caller, usage,
     ) = facts  # fmt: skip
     entry: dict[str, Any] = {
         "time": iso_time(now_ns),
@@ -93,7 +98,7 @@ def request_line(facts: Facts, redact: AddressRedactor) -> bytes:
     if via != "proxy":
         entry["via"] = via  # a decision service's contract (gateway.authz); proxy lines stay as they were
     if model is not None:
-        entry["model"] = model[:256]
+        entry["model"] = model[:NAME_CHARS]
     if geo.subdivisions:
         entry["subdivisions"] = geo.subdivisions
     if geo.asn is not None:
@@ -114,4 +119,9 @@ def request_line(facts: Facts, redact: AddressRedactor) -> bytes:
         entry["error"] = error
     if failovers:
         entry["failovers"] = [{"from": f.source.label, "to": f.dest.label, "reason": f.reason} for f in failovers]
+    # Last, and only when present: a line with neither is byte for byte what it was before them.
+    if caller is not None:
+        entry["caller"] = caller[:NAME_CHARS]  # the client key's name, never its token or hash
+    if usage is not None:
+        entry["usage"] = usage_fields(usage)  # nested like shadow_decision: usage.input, usage.source, ...
     return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)

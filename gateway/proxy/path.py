@@ -15,13 +15,21 @@ answer is over (:mod:`.record`).
 ``handle`` is called by the server for each request, in the loop turn that
 read its head: no task per request. It makes the request's one
 :class:`.exchange.Exchange`, and each step below takes it, reading top to
-bottom: ``handle -> proceed -> (read_model -> with_model ->) (limited ->
-checked ->) forward``, with ``fail`` and ``crashed`` as the two ways out. A
-forwarded request's record is written by the relay's completion callback. Two steps may wait, and only requests
-that need them pay for them: reading a JSON body to learn its model (a rule
-that looks at the model, ``allow_models``, an upstream that renames models;
-callbacks, :mod:`gateway.dataplane.bodyhold`) and asking the rate limiter
-(a task, since it awaits Redis).
+bottom: ``handle -> (identified ->) (read_model -> with_model ->) proceed ->
+(limited -> checked ->) (budgeted -> admitted ->) forward``, with ``fail``
+and ``crashed`` as the two ways out. A forwarded request's record is written
+by the relay's completion callback. Three steps may wait, and only requests
+that need them pay for them: reading a JSON body (a rule that looks at the
+model, ``allow_models``, an upstream that renames models, a token budget;
+callbacks, :mod:`gateway.dataplane.bodyhold`), asking the rate limiter and
+reserving a token budget (answered when Redis's batch is).
+
+Client keys (``client_keys: required`` on the rule or its upstream) are
+checked before any body is read, and the key's name is the caller from then
+on (:meth:`Gateway.identified`). A token budget's request is settled, refunded
+and released exactly once, whichever way it ends, by :mod:`.tokens` when the
+exchange is recorded. Requests no budget limits pass no usage tap: the relay
+stays zero-copy for them (the measurement is in :mod:`.tokens`).
 """
 
 from __future__ import annotations
@@ -44,13 +52,21 @@ from ..errors import ErrorReply, bad_request
 from ..geo import NO_FACTS
 from ..modelfield import BadBody, ModelField, is_json, read_model, rename
 from ..policy import DENY, NEEDS_MODEL, decide, decide_model, model_refusal
+from ..policy.callerkey import bearer_token, hash_key
 from ..policy.overrides import judge as judge_override
 from ..policy.overrides import request_key_hash
 from ..requestid import RequestIds
+from ..shared.budgets import Held, admit, unavailable
+from ..shared.clientkeys import authenticate
 from ..shared.ratelimit import check as check_rate
+from ..usage.estimate import input_tokens
+from ..usage.request import UNREADABLE, BadTokens, read_request, with_usage
+from ..usage.shapes import INCLUDE_USAGE, shape_of
+from ..usage.tap import UsageTap
 from .exchange import Asked, Exchange, Via
 from .record import REJECTED, Metrics, Record
 from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
+from .tokens import Metered, caller_of, costs, key_unknown, lease, slot_of, subjects
 
 if TYPE_CHECKING:  # runtime imports proxy.upstreams, which runs this package's __init__
     from ..runtime import Runtime
@@ -120,8 +136,22 @@ class Gateway:
             ex.shadow = decide(active.shadow, client, facts, path)
         # 4. Refuse or forward; 5. record, now or when the answer is over.
         try:
-            if decision is NEEDS_MODEL or decision.allow_models is not None or decision.upstream in active.renaming:
-                # 3a. The decision needs the request's model: read the body (JSON only, bounded), then go on.
+            if decision is not NEEDS_MODEL and (
+                decision.client_keys or decision.upstream in policy.client_keys_required
+            ):
+                # 3a. Client keys in force (an override's decision names the upstream only): the key is
+                #     checked before any body is read.
+                if decision.verdict != DENY and not self.identified(ex):
+                    return
+                decision = ex.decision  # an override on the key's name may have taken over
+            if (
+                decision is NEEDS_MODEL
+                or decision.allow_models is not None  # needs_body's first half, without a call on the plain path
+                or (decision.budget is not None and decision.needs_body)
+                or decision.upstream in active.renaming
+            ):
+                # 3b. The decision needs the request's model, or a token budget its body: read the body
+                #     (JSON only, bounded), then go on.
                 self.read_model(ex)
             else:
                 self.proceed(ex)
@@ -129,7 +159,8 @@ class Gateway:
             self.crashed(ex)
 
     def proceed(self, ex: Exchange) -> None:
-        """Refuse, or forward (after the rate limit when the deciding rule has one)."""
+        """Refuse, or forward (after the client key, the rate limit and the token budget, where the
+        deciding rule has them)."""
         decision = ex.decision
         if decision.verdict == DENY:
             if decision.model_refused:
@@ -137,12 +168,41 @@ class Gateway:
                 self.fail(ex, model_not_allowed(ex.model))
                 return
             self.block(ex)
+        elif (
+            ex.caller is None
+            and (decision.client_keys or decision.upstream in ex.active.policy.client_keys_required)
+            and not self.identified(ex)
+        ):
+            return  # the 401 (a decision that needed the model is final only now)
         elif decision.limit is not None:
-            # 3b. The deciding rule's rate limit: the one step that may wait (on Redis), with a
+            # 3c. The deciding rule's rate limit: a step that may wait (on Redis), with a
             # callback like every other step (answered when the batch of checks is).
             self.limited(ex)
+        elif decision.budget is not None:
+            self.budgeted(ex)  # 3d. The deciding rule's token budget: reserved before anything goes up.
         else:
             self.forward(ex)
+
+    def identified(self, ex: Exchange) -> bool:
+        """Client keys are in force (the rule's ``client_keys: required``, or its upstream's): the bearer
+        token must be a valid key of ours, whose name is then the caller; else OpenAI's 401 and False."""
+        found = authenticate(ex.request.headers, self.runtime.client_keys)
+        if isinstance(found, ErrorReply):
+            self.fail(ex, found)
+            return False
+        ex.caller = found.name
+        # An API-key override names a caller by the keyed hash of what identifies it: with client keys
+        # in force that is the key's name (`override add --api-key team-a`), so it holds for every
+        # token the name is issued. It beats the policy as every override does.
+        ov = self.runtime.overrides
+        if ov.compiled.by_key and ov.key is not None:
+            named = judge_override(ov.compiled, ex.client, ex.facts, hash_key(ov.key, found.name))
+            if named is not None:
+                ex.decision = named
+                if named.verdict == DENY:
+                    self.block(ex)
+                    return False
+        return True
 
     def block(self, ex: Exchange) -> None:
         """The policy's refusal (``block``: status and body), then the record."""
@@ -202,6 +262,7 @@ class Gateway:
             ex.shadow = decide_model(active.shadow, ex.client, ex.facts, ex.path, model)
         if body is not None:
             ex.body_for = _renamer(body, field)
+            ex.body = body
         self.proceed(ex)
 
     def limited(self, ex: Exchange) -> None:
@@ -211,14 +272,74 @@ class Gateway:
         on_error = ex.active.policy.spec.redis.on_error
         # A partial, not a closure: fewer objects per waiting request for the garbage collector to count.
         then = partial(self.checked, ex)
-        check_rate(self.runtime.overrides, limit, ex.client, ex.facts, ex.request.headers, on_error, then)
+        check_rate(self.runtime.overrides, limit, ex.client, ex.facts, ex.request.headers, on_error, then, ex.caller)
 
     def checked(self, ex: Exchange, refused: ErrorReply | None) -> None:
-        """The rate limit's answer: forward, or the 429 (or 503)."""
+        """The rate limit's answer: on to the token budget and forward, or the 429 (or 503)."""
         try:
             if refused is not None:
                 self.fail(ex, refused)
+            elif ex.decision.budget is not None:
+                self.budgeted(ex)
             else:
+                self.forward(ex)
+        except Exception:
+            self.crashed(ex)
+
+    def budgeted(self, ex: Exchange) -> None:
+        """Reserve the request's estimate under each of the rule's token limits (and its concurrency slot),
+        all or none, then forward with a usage tap; a refusal is its 429 (Redis trouble: ``on_error``).
+
+        The estimate is the held body's input (:func:`gateway.usage.estimate.input_tokens`) plus its
+        output cap (``max_tokens`` and kin, else the rule's ``token_reserve.output``); a body that could
+        not be held or is not JSON reserves ``token_reserve.unreadable``. A stream on a path that knows
+        ``stream_options`` goes up asking for usage, and the tap strips it again for a client that did
+        not ask for it.
+        """
+        budget = ex.decision.budget
+        assert budget is not None
+        store = self.runtime.overrides
+        body, path, model = ex.body, ex.path, ex.model
+        shape = shape_of(path)
+        sse_strip = False
+        input: int | None = None
+        try:
+            asked = read_request(body, path) if body else UNREADABLE
+            if asked.readable and asked.stream and shape in INCLUDE_USAGE and ex.body_for is not None:
+                with_usage(body or b"")  # refused here (a 400), not once per upstream
+                sse_strip = not asked.wants_usage
+                ex.body_for = _with_usage(ex.body_for)
+        except BadTokens as e:
+            self.fail(ex, ErrorReply(400, "invalid_request_error", e.code, e.message, param=e.param))
+            return
+        if asked.readable:
+            input = input_tokens(body or b"", model)
+            output = asked.output_cap if asked.output_cap is not None else budget.output_default
+            reserved = costs(budget, input, output)
+        else:  # not JSON, too large to hold, or no body: the rule's charge for what cannot be read
+            reserved = [budget.unreadable] * len(budget.tokens)
+        ex.meter = Metered(store, UsageTap(shape, sse_strip, model), budget, input, reserved)
+        group = ex.active.upstreams.get(ex.decision.upstream or "")
+        if group is None:
+            self.fail(ex, NO_UPSTREAM)
+            return
+        caller = caller_of(ex, store)
+        on_error = ex.active.policy.spec.redis.on_error
+        if key_unknown(budget, store, caller, bearer_token(ex.request.headers) is not None):
+            self.admitted(ex, unavailable(store, budget, on_error))
+            return
+        who = subjects(budget, ex.client, ex.facts, caller, model, store)
+        slot = slot_of(budget, ex.client, ex.facts, caller, model, ex.request_id, store)
+        admit(store, budget, who, reserved, slot, lease(group), on_error, partial(self.admitted, ex))
+
+    def admitted(self, ex: Exchange, held: Held | ErrorReply) -> None:
+        """The budget's answer: forward with what was reserved, or its 429 (or 503)."""
+        try:
+            if isinstance(held, ErrorReply):
+                ex.meter = None  # nothing reserved, nothing forwarded: nothing to settle
+                self.fail(ex, held)
+            else:
+                ex.held = held
                 self.forward(ex)
         except Exception:
             self.crashed(ex)
@@ -255,7 +376,9 @@ class Gateway:
         pool = self.pools.made.get(upstream)
         if pool is None:
             pool = self.pools.pool(upstream)
-        Relay(request, pool, target, headers, ex.rid, ex.active.header, ex, ex.record, route, body).start()
+        meter = ex.meter
+        tap = meter.tap if meter is not None else None
+        Relay(request, pool, target, headers, ex.rid, ex.active.header, ex, ex.record, route, body, tap).start()
 
     def crashed(self, ex: Exchange) -> None:
         """A bug of ours must still give the client an OpenAI-shaped answer (or a cut, once it started)."""
@@ -275,6 +398,15 @@ class Gateway:
         request: Request = ex.request  # type: ignore[assignment]  # the proxy port's exchanges hold its Request
         send_error(request, reply, ex.rid, ex.active.header)
         ex.record()
+
+
+def _with_usage(body_for: BodyFor) -> BodyFor:
+    """The bytes each upstream gets, asking for usage on the stream (``stream_options.include_usage``)."""
+
+    def body_with_usage(group: UpstreamGroup) -> bytes:
+        return with_usage(body_for(group))
+
+    return body_with_usage
 
 
 def _renamer(body: bytes, field: ModelField | None) -> BodyFor:

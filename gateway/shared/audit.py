@@ -35,9 +35,11 @@ import orjson
 
 from .. import __version__
 from ..evidence.chain import AuditKey, Sealer
-from ..evidence.entries import COUNTS, GAP, OVERRIDE, REQUEST, START, STOP
+from ..evidence.entries import COUNTS, GAP, OVERRIDE, REQUEST, START, STOP, usage_fields
 from ..policy.overrides import Override
+from ..usage import Usage
 from .auditbound import (
+    CALLER_BYTES,
     CLIENT_BYTES,
     CODE_BYTES,
     MAX_ENTRY_BYTES,
@@ -388,13 +390,17 @@ def entry(
     client: str | None,
     model: str | None = None,
     shadow: tuple[str, str] | None = None,
+    usage: Usage | None = None,
+    caller: str | None = None,
 ) -> dict[str, Any]:
     """One entry, every string cut to its bound (:mod:`.auditbound`): the client chose the path and the model.
 
     ``shadow``: the shadow policy's verdict and rule where they differ from the enforced one, so that a
     refusal the shadow policy would have made is evidence too (a would-be refusal); absent otherwise.
+    ``usage`` (the tokens the response used) and ``caller`` (the client key's name) only when known, so
+    that other entries keep their fields.
     """
-    e = {
+    e: dict[str, Any] = {
         "kind": REQUEST,
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "request_id": request_id,
@@ -411,6 +417,10 @@ def entry(
     if shadow is not None:
         e["shadow_decision"] = clip(shadow[0], CODE_BYTES)
         e["shadow_rule"] = clip(shadow[1], RULE_BYTES)
+    if caller is not None:
+        e["caller"] = clip(caller, CALLER_BYTES)
+    if usage is not None:
+        e["usage"] = usage_fields(usage)
     return e
 
 

@@ -31,14 +31,16 @@ import orjson
 PATH_BYTES = 512
 MODEL_BYTES = 256
 RULE_BYTES = 128  # a policy rule's name, or override:<id>
+CALLER_BYTES = 64  # a client key's name (issue 19)
 CODE_BYTES = 40  # a country or subdivision code from a database (2 to 6 characters); no less: the marker fits
 CLIENT_BYTES = 64  # an address, its /24 or /48, or h:<16 hex>; the policy's sha256 too
 MAX_SUBDIVISIONS = 2  # what City databases give
 
 # The largest request entry that the bounds above allow, as JSON and with the chain's envelope (kind,
 # chain id, seq, key id, prev and mac: about 330 bytes; tests/shared/test_audit_bound.py builds the
-# worst one: about 1,650 bytes), rounded up; an entry past it is dropped and counted, never written.
-MAX_ENTRY_BYTES = 2048
+# worst one: about 2,070 bytes since the caller and the usage object, about 170 more, came with token
+# budgets), rounded up; an entry past it is dropped and counted, never written.
+MAX_ENTRY_BYTES = 2304
 # The same for the entries of what is in force (policy, GeoIP, override, counts, gap, start, stop):
 # written by the gateway, not chosen by a client, and a few per reload or flush.
 MAX_RECORD_BYTES = 16_384

@@ -48,7 +48,7 @@ class Batcher:
         self._args: list[bytes] = []  # interval and tolerance (ms) of each check, in key order
         self._thens: list[Then] = []
         self._runner: asyncio.Task[None] | None = None
-        self._conn: Any = None
+        self._conn = HeldConnection(client)
 
     def submit(self, key: str, interval: bytes, tolerance: bytes, then: Then) -> None:
         """Ask for one check; ``then`` is called with its outcome, or None when Redis could not answer."""
@@ -66,9 +66,7 @@ class Batcher:
                 await asyncio.wait_for(self._runner, 2)
         thens, self._keys, self._args, self._thens = self._thens, [], [], []
         _answer(thens, None)
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._conn.disconnect(), 2)
+        await self._conn.close()
 
     async def _run(self) -> None:
         thens: list[Then] = []
@@ -91,24 +89,18 @@ class Batcher:
         finally:
             self._runner = None
 
-    def _connection(self) -> Any:
-        if self._conn is None:
-            pool = self.client.connection_pool
-            # No per-read timeout: the breaker times the whole batch, and a cut read disconnects.
-            self._conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
-        return self._conn
-
     async def _round_trip(self, keys: list[str], args: list[bytes]) -> list[RateCheck]:
         from redis.exceptions import NoScriptError
 
-        conn = self._connection()
-        chunks = [(keys[i : i + MAX_KEYS], args[2 * i : 2 * (i + MAX_KEYS)]) for i in range(0, len(keys), MAX_KEYS)]
-        replies = await self._send(conn, chunks)
+        chunks = [
+            pack_evalsha(self.sha, keys[i : i + MAX_KEYS], args[2 * i : 2 * (i + MAX_KEYS)])
+            for i in range(0, len(keys), MAX_KEYS)
+        ]
+        replies = await self._conn.send(chunks)
         missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
         if missing:
-            await conn.send_command("SCRIPT", "LOAD", self.script, check_health=False)
-            await conn.read_response()
-            for i, reply in zip(missing, await self._send(conn, [chunks[i] for i in missing]), strict=True):
+            await self._conn.load(self.script)
+            for i, reply in zip(missing, await self._conn.send([chunks[i] for i in missing]), strict=True):
                 replies[i] = reply
         outcomes: list[RateCheck] = []
         for reply in replies:
@@ -119,25 +111,53 @@ class Batcher:
             raise ValueError(f"{len(outcomes)} outcomes for {len(keys)} checks")
         return outcomes
 
-    async def _send(self, conn: Any, chunks: list[tuple[list[str], list[bytes]]]) -> list[Any]:
-        """One write for all chunks, then every reply read (an error reply is returned, not raised)."""
+
+class HeldConnection:
+    """One connection of the client's own class, held for batches (not taken from the pool for each): one
+    write of many packed commands, then every reply read in turn. Shared by the rate-limit batches here
+    and the token-budget ones (:mod:`.budgets`)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self._conn: Any = None
+
+    def _connection(self) -> Any:
+        if self._conn is None:
+            pool = self.client.connection_pool
+            # No per-read timeout: the breaker times the whole batch, and a cut read disconnects.
+            self._conn = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
+        return self._conn
+
+    async def send(self, packed: list[bytes]) -> list[Any]:
+        """One write for all commands, then every reply read (an error reply is returned, not raised)."""
         from redis.exceptions import ResponseError
 
-        packed = b"".join(pack_evalsha(self.sha, k, a) for k, a in chunks)
+        conn = self._connection()
         # What the pool does before lending a connection: one closed while idle (a Redis or proxy
         # timeout, CLIENT KILL) is made again rather than failing a batch.
         if conn.is_connected and await (getattr(conn, "can_read", None) or conn.can_read_destructive)():
             await conn.disconnect()
         if not conn.is_connected:
             await conn.connect()  # as the pool does: a Sentinel's connection asks for the master here
-        await conn.send_packed_command(packed, check_health=False)
+        await conn.send_packed_command(b"".join(packed), check_health=False)
         replies: list[Any] = []
-        for _ in chunks:
+        for _ in packed:
             try:
                 replies.append(await conn.read_response())
             except ResponseError as e:
                 replies.append(e)
         return replies
+
+    async def load(self, script: str) -> None:
+        """``SCRIPT LOAD`` on this connection (after ``NOSCRIPT``: a restart, a failover, ``SCRIPT FLUSH``)."""
+        conn = self._connection()
+        await conn.send_command("SCRIPT", "LOAD", script, check_health=False)
+        await conn.read_response()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._conn.disconnect(), 2)
 
 
 def pack_evalsha(sha: str, keys: list[str], args: list[bytes]) -> bytes:
@@ -145,9 +165,14 @@ def pack_evalsha(sha: str, keys: list[str], args: list[bytes]) -> bytes:
     equal) for a fifth of its cost: every argument here is a string or bytes, so this is RESP's array of
     bulk strings and nothing more, where redis-py's packer checks each argument's type on the way."""
     parts = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)), _bulk(sha.encode()), _bulk(b"%d" % len(keys))]
-    parts += [_bulk(k.encode()) for k in keys]
-    parts += [_bulk(a) for a in args]
+    parts += [b"$%d\r\n%s\r\n" % (len(k), k) for k in map(str.encode, keys)]  # no call per argument
+    parts += [b"$%d\r\n%s\r\n" % (len(a), a) for a in args]
     return b"".join(parts)
+
+
+def pack_command(*args: bytes) -> bytes:
+    """Any command of bytes arguments, as RESP's array of bulk strings (as :func:`pack_evalsha`)."""
+    return b"*%d\r\n" % len(args) + b"".join([b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
 
 
 def _bulk(value: bytes) -> bytes:

@@ -66,7 +66,7 @@ def script_args(limit: RateLimit) -> tuple[bytes, bytes]:
     return str(interval).encode(), str(interval * limit.burst).encode()
 
 
-def _seconds(value: float) -> bytes:
+def duration(value: float) -> bytes:
     return f"{value:.3f}".rstrip("0").rstrip(".").encode() + b"s"
 
 
@@ -78,14 +78,14 @@ def exceeded(limit: RateLimit, outcome: RateCheck) -> ErrorReply:
         "requests",
         "rate_limit_exceeded",
         f"Rate limit reached for {limit.by} on rule {limit.rule!r}: limit {limit.requests} requests per "
-        f"{_seconds(limit.per).decode()}. Please try again in {retry_ms / 1000:g}s.",
+        f"{duration(limit.per).decode()}. Please try again in {retry_ms / 1000:g}s.",
         retry=True,
         headers=(
             (b"retry-after", str(max(1, math.ceil(outcome.retry_after))).encode()),
             (b"retry-after-ms", str(retry_ms).encode()),
             (b"x-ratelimit-limit-requests", str(limit.requests).encode()),
             (b"x-ratelimit-remaining-requests", b"0"),
-            (b"x-ratelimit-reset-requests", _seconds(outcome.reset)),
+            (b"x-ratelimit-reset-requests", duration(outcome.reset)),
         ),
     )
 
@@ -108,10 +108,16 @@ def check(
     headers: Iterable[tuple[bytes, bytes]],
     on_error: OnError,
     then: Callable[[ErrorReply | None], None],
+    caller: str | None = None,
 ) -> None:
     """Call ``then`` with None to go on, or with the error to answer with: at once in memory, when the
-    batch's reply is read with Redis. Redis unavailable (or a bug in asking it) follows ``on_error``."""
-    who = budget_of(limit, client, facts, headers, store.key, store.hash_addresses)
+    batch's reply is read with Redis. Redis unavailable (or a bug in asking it) follows ``on_error``.
+    ``caller``: the client key's name, when client keys are in force: a ``by: api_key`` budget is then
+    the name's (prefixed, so that no name can be a token's hash), whatever token the upstream gets."""
+    if caller is not None and limit.by == "api_key":
+        who: str | None = "name:" + caller
+    else:
+        who = budget_of(limit, client, facts, headers, store.key, store.hash_addresses)
     if who is None:  # Redis, which holds the key, has not answered yet: as if it were down
         _judged(store, limit, on_error, then, None)
         return

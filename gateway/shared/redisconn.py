@@ -240,6 +240,12 @@ class NullObserver:
     def audit_dropped(self, reason: str, n: int) -> None:
         pass
 
+    def budget_fallback(self, rule: str, what: str) -> None:
+        pass
+
+    def budget_refused(self, rule: str, kind: str) -> None:
+        pass
+
 
 class Breaker:
     """Closed: calls go through. Open after ``threshold`` failures in a row: calls fail at once

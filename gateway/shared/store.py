@@ -11,7 +11,8 @@ hash of id -> JSON; ``<prefix>{overrides}:version``, bumped on every change;
 (unless ``REGIONGATE_OVERRIDE_KEY`` is set); and the pub/sub channel
 ``<prefix>overrides:changed``. A replica applies a change when the channel
 says so, and in any case within ``SYNC_INTERVAL`` (it reads the version
-counter and fetches the hash only when it moved), so a missed message heals.
+counter and fetches the hash only when it moved), so a missed message heals
+(:mod:`.follow`, which the client keys use too).
 
 Expiry is judged by each replica against its own copy, so an override
 expires on time even while Redis is down; expired entries are deleted
@@ -32,6 +33,9 @@ import orjson
 
 from ..policy.overrides import EMPTY, Compiled, Override, OverrideError, compile_overrides
 from ..policy.ratelimit import RateLimit, gcra, key_start, redis_key
+from .budgetmemory import MemoryBudgets
+from .budgetredis import RedisBudgets
+from .follow import Follower
 from .ratebatch import Batcher, Then
 from .ratelimit import GCRA_LUA, outcomes_from_script, script_args
 from .redisconn import Breaker, NullObserver, Observer, RedisTarget, RedisUnavailable, connect, describe_error
@@ -51,6 +55,15 @@ class StoreObserver(Observer, Protocol):
     def audit_dropped(self, reason: str, n: int) -> None: ...
 
 
+class BudgetObserver(Protocol):
+    """The store's observer as token budgets use it (:mod:`.budgets`): the metrics implement it; to be folded
+    into :class:`StoreObserver` once they do on every branch."""
+
+    def budget_fallback(self, rule: str, what: str) -> None: ...
+
+    def budget_refused(self, rule: str, kind: str) -> None: ...
+
+
 class OverrideStore:
     """The in-memory store (one process); :class:`RedisStore` shares it between replicas."""
 
@@ -66,6 +79,7 @@ class OverrideStore:
         self.observer: StoreObserver = NullObserver()
         self._items: dict[str, Override] = {}
         self._tats: dict[str, float] = {}  # rate-limit subject -> theoretical arrival time (monotonic)
+        self.budgets: MemoryBudgets | RedisBudgets = MemoryBudgets()  # token budgets and slots (.budgets)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         # The audit chain's record of each override this replica added, removed or saw expire (Audit.override_event).
@@ -104,6 +118,8 @@ class OverrideStore:
             if self._tats:  # a subject whose TAT has passed has its full burst again: forget it
                 now = time.monotonic()
                 self._tats = {k: v for k, v in self._tats.items() if v > now}
+            if isinstance(self.budgets, MemoryBudgets):
+                self.budgets.sweep()
 
     async def add(self, override: Override) -> Override:
         self._items[override.id] = override
@@ -156,10 +172,11 @@ class RedisStore(OverrideStore):
         self.client: Any = None
         self.version: bytes | None = None
         self.synced_at: float | None = None
-        self._wake: asyncio.Event | None = None
+        self._follower: Follower | None = None
         self._batcher: Batcher | None = None
         self._limits: dict[RateLimit, tuple[str, bytes, bytes]] = {}  # key prefix and script args, per limit
         self._checks: set[asyncio.Task[None]] = set()  # Cluster: one task per check
+        self.budgets = RedisBudgets(self, prefix)
 
     def __repr__(self) -> str:  # never the password
         return f"RedisStore({self.target.url!r}, prefix={self.prefix!r})"
@@ -172,18 +189,24 @@ class RedisStore(OverrideStore):
         self._gcra = self.client.register_script(GCRA_LUA)  # EVALSHA; loaded again on NOSCRIPT
         if self.target.mode != "cluster":
             self._batcher = Batcher(self.client, self.breaker, GCRA_LUA, self._gcra.sha)
-        self._wake = asyncio.Event()
+        assert isinstance(self.budgets, RedisBudgets)
+        self.budgets.start(self.client, self.breaker, self.target.mode == "cluster")
         self.observer.overrides(self.compiled.counts())
-        loop = asyncio.get_running_loop()
         await self.sync()
-        self._tasks.append(loop.create_task(self._sync_loop()))
-        if self.target.mode != "cluster":  # the periodic sync alone serves a Cluster
-            self._tasks.append(loop.create_task(self._listen()))
+        # Woken by the channel, and in any case every SYNC_INTERVAL; the periodic sync alone serves a Cluster.
+        listen = self.target.mode != "cluster"
+        self._follower = Follower("override", self.client, self.breaker, self.channel, self.sync, SYNC_INTERVAL,
+                                  listen=listen)  # fmt: skip
+        self._follower.start()
 
     async def close(self) -> None:
+        if self._follower is not None:
+            await self._follower.close()
         await super().close()
         if self._batcher is not None:
             await self._batcher.close()
+        if isinstance(self.budgets, RedisBudgets):
+            await self.budgets.close()
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.client.aclose(), 2)
@@ -234,46 +257,6 @@ class RedisStore(OverrideStore):
             else:
                 items.append(o)
         return items, expired
-
-    async def _sync_loop(self) -> None:
-        assert self._wake is not None
-        while not self._closing:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SYNC_INTERVAL):
-                    await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.sync()
-            except Exception:  # a bug here must not end syncing
-                log.exception("override sync failed")
-
-    async def _listen(self) -> None:
-        """Wake the sync loop when another replica announces a change."""
-        assert self._wake is not None
-        # Polled with a timeout rather than ``listen()``: a cancel that lands inside redis-py's
-        # read can be lost, and then the task would never end; the flag ends it within a poll.
-        while not self._closing:
-            pubsub = None
-            try:
-                if self.breaker.open:
-                    await asyncio.sleep(SYNC_INTERVAL)
-                    continue
-                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
-                async with asyncio.timeout(self.timeout * 4):
-                    await pubsub.subscribe(self.channel)
-                while not self._closing:
-                    message = await pubsub.get_message(timeout=SYNC_INTERVAL)
-                    if message is not None and message.get("type") == "message":
-                        self._wake.set()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.debug("override channel: %s", describe_error(e))
-                await asyncio.sleep(SYNC_INTERVAL)
-            finally:
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(pubsub.aclose(), 1)
 
     def rate(self, limit: RateLimit, who: str, then: Then) -> None:
         """One GCRA check in Redis, batched with every other check asked for meanwhile (:mod:`.ratebatch`)."""

@@ -5,7 +5,13 @@ Pure and bytes-only: no sockets, no policy, no Redis. The request path hands a
 decoded piece of the response body as it passes and sends on what the tap
 gives back; when the response ends the tap says what was used.
 
-Interface fixed for the token-budget work (issue 19); modules to be filled in.
+* :mod:`.shapes`: the API paths whose usage is read, and their shapes;
+* :mod:`.request`: a request's output cap, stream flag and ``include_usage``, and the body
+  asking for usage (bytes spliced, nothing else changed);
+* :mod:`.estimate`: token counts without a tokenizer, per model family;
+* :mod:`.sse`: server-sent events split out of a byte stream as it arrives (bounded);
+* :mod:`.read`: a ``usage`` object in every known shape, whole or from a stream's events;
+* :mod:`.tap`: :class:`~.tap.UsageTap`, which the relay feeds (docs/usage-reading.md).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from gateway.authz.query import Query
 from support.authz import CN, GB, ask, judge_for, runtime_for
 
@@ -98,3 +100,29 @@ def test_the_access_log_names_the_decision(tmp_path: Path) -> None:
     line = json.loads((tmp_path / "authz-access.log").read_text().splitlines()[-1])
     assert line["decision"] == "deny" and line["country"] == "CN" and line["path"] == "/v1/chat/completions"
     assert line["status"] == 403
+
+
+def test_a_token_limited_rule_reserves_nothing_in_the_decision_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service never sees a response, so it could reserve but never settle: it reserves nothing."""
+    from gateway.proxy import path
+
+    asked: list[object] = []
+    monkeypatch.setattr(path, "admit", lambda *args: asked.append(args))
+    policy = """\
+version: 1
+rules:
+  - name: gb
+    countries: [GB]
+    action: allow
+    token_limit: [{tokens: 10, per: 1d, by: [country], kind: quota}]
+    max_concurrent: {streams: 1, by: [country]}
+defaults: {action: deny}
+"""
+    judge, _ = judge_for(runtime_for(tmp_path, policy))
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 500})
+    for _ in range(3):  # each far over the budget, and more at once than max_concurrent: all allowed
+        answer = ask(judge, query(GB, headers=((b"content-type", b"application/json"),), body=body.encode()))
+        assert answer.allowed and answer.header(b"x-regiongate-rule") == b"gb"
+    assert asked == []

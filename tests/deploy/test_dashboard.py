@@ -4,7 +4,9 @@ The end-to-end test starts a gateway in front of the stub upstream, sharing
 state through a real ``redis-server``, and Debian's Prometheus scraping the
 gateway's control plane every second (with the alert rules loaded), drives
 mixed traffic (allowed and refused callers from several countries through the
-``openai`` SDK, a caller over a rule's rate limit, a runtime override, upstream
+``openai`` SDK, a caller over a rule's rate limit, a country under a token budget
+(let through, refused with the quota's 429, and let through unchecked while Redis is down), a
+runtime override, upstream
 errors, a bad request, a policy reload that works and one that is refused,
 Redis killed and restarted), then reads every panel's queries out of the
 dashboard file, fills in the template variables as Grafana would, and requires
@@ -35,6 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +67,22 @@ REFUSED = {"CN": "175.16.199.1", "RU": "2a02:d0c0::1", "IR": "2a02:d2c0::1", "BY
 # PH passes the policy under a rate limit of one an hour (LIMITED_RULE): after its first request, 429s.
 LIMITED = {"PH": "202.196.224.1"}
 LIMITED_RULE = "  - {name: limited-ph, countries: [PH], action: allow, rate_limit: {requests: 1, per: 1h, by: ip}}\n"
+# DE passes the policy under a token budget (issue 19): 40 output tokens an hour for the whole country,
+# each request reserving its max_tokens (16), so the first ones are let through and the rest refused
+# with OpenAI's insufficient_quota; while Redis is down the budget cannot be checked (a fallback).
+BUDGETED = {"DE": "2a02:d180::1"}
+BUDGET_RULE = (
+    "  - name: budgeted-de\n    countries: [DE]\n    action: allow\n"
+    "    token_limit: [{tokens: 40, per: 1h, by: [country], count: output, kind: quota}]\n"
+)
+BUDGET_PANELS = {
+    "Tokens by country",
+    "Tokens by model and kind",
+    "Budget use by rule and limit",
+    "Budget refusals by rule",
+    "Tokens by source",
+    "Budget fallbacks (Redis unavailable)",
+}
 # A CN address let through by a runtime override (added through the admin API) before the policy refuses it.
 OVERRIDDEN = "2001:250::1"
 # With routing: a GB (London) address routed to the upstream "backup", which allows one model only.
@@ -148,7 +167,7 @@ def test_dashboard_has_its_variables_and_every_panel_a_query() -> None:
             assert 'instance=~"$instance"' in t["expr"], (p["title"], t["expr"])
             assert t["datasource"]["uid"] == "${datasource}", p["title"]
     maps = [p for p in panels(board) if p["type"] == "geomap"]
-    assert {p["title"] for p in maps} == {"Requests by country", "Refusals by country"}
+    assert {p["title"] for p in maps} == {"Requests by country", "Refusals by country", "Tokens by country"}
     for p in maps:
         (layer,) = p["options"]["layers"]
         assert layer["location"] == {
@@ -251,6 +270,7 @@ def drive_traffic(gw_url: str, admin: str, policy: Path, redis: RedisServer, rou
     and then one that refuses SE too; from two thirds, Redis killed for a round (rate limits fail open,
     audit entries are dropped) and started again."""
     refused = set(REFUSED)
+    spent = Counter[str]()
     override = httpx.post(
         admin + "/admin/overrides",
         json={"action": "allow", "cidr": OVERRIDDEN + "/128", "reason": "dashboard test", "by": "test"},
@@ -285,6 +305,7 @@ def drive_traffic(gw_url: str, admin: str, policy: Path, redis: RedisServer, rou
                     assert country in refused and e.code == "unsupported_country_region_territory"
                 except openai.RateLimitError as e:  # failing open while Redis is down: never then
                     assert country in LIMITED and not redis_down and e.code == "rate_limit_exceeded"
+        spent += drive_budgeted(gw_url, redis_down)
         overridden = httpx.get(gw_url + "/v1/models", headers={"X-Forwarded-For": OVERRIDDEN})
         assert overridden.status_code == 200, overridden.text
         if GATEWAY_ROUTES:
@@ -299,6 +320,29 @@ def drive_traffic(gw_url: str, admin: str, policy: Path, redis: RedisServer, rou
             r = raw.get(gw_url + "/v1/%2e%2e/admin", headers={"X-Forwarded-For": ALLOWED["US"]})
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_path"
         time.sleep(1.5)  # spread over several scrapes, so rates have points to work with
+    # The budget let some through and refused the rest while Redis was up; with it down, the budget
+    # could not be checked and the policy's redis.on_error (open) let them through.
+    assert spent["allowed"] and spent["refused"] and spent["fallback"], spent
+
+
+def drive_budgeted(gw_url: str, redis_down: bool) -> Counter[str]:
+    """Three requests from the token-budgeted country: let through while the budget lasts, then refused
+    with the quota's 429 (not retried); all let through while Redis is down (on_error: open)."""
+    client = openai.OpenAI(
+        base_url=gw_url + "/v1", api_key="sk-test", max_retries=0, default_headers={"X-Forwarded-For": BUDGETED["DE"]}
+    )
+    seen = Counter[str]()
+    for _ in range(3):
+        try:
+            reply = client.chat.completions.create(
+                model="stub-model", max_tokens=16, messages=[{"role": "user", "content": "how many tokens?"}]
+            )
+            assert reply.usage is not None and reply.usage.completion_tokens <= 16
+            seen["fallback" if redis_down else "allowed"] += 1
+        except openai.RateLimitError as e:
+            assert not redis_down and e.code == "insufficient_quota", (redis_down, e.code)
+            seen["refused"] += 1
+    return seen
 
 
 def wait_redis(admin: str, up: bool) -> None:
@@ -375,7 +419,7 @@ def test_every_panel_query_returns_data(
     upstream = ["--upstream", stub.url]
     if refusing_upstream is not None:  # the gateway routes: the upstreams are in the policy
         text, upstream = routing_policy(text, f"http://127.0.0.1:{free_port()}", refusing_upstream.url, stub.url), []
-    policy.write_text(text.replace("\nrules:\n", "\nrules:\n" + LIMITED_RULE, 1))
+    policy.write_text(text.replace("\nrules:\n", "\nrules:\n" + LIMITED_RULE + BUDGET_RULE, 1))
     gw = gateway(
         *("--policy", str(policy), "--geoip", CITY, *upstream, "--trusted-proxy", "127.0.0.1/32"),
         *("--redis", redis_server.url),
@@ -395,8 +439,8 @@ def test_every_panel_query_returns_data(
     # As Grafana fills a regex variable into a PromQL string: escaped for the regex, then for the string.
     variables = {"$instance": re.escape(instance).replace("\\", "\\\\"), "$datasource": "prometheus", **BUILTINS}
     todo = {(title, ref): (fill(t["expr"], variables), bool(t.get("instant"))) for title, ref, t in queries(board)}
-    assert len(todo) >= 15
-    assert {title for title, _ in todo} >= ROUTING_PANELS
+    assert len(todo) >= 21
+    assert {title for title, _ in todo} >= ROUTING_PANELS | BUDGET_PANELS
     # Without routing its panels cannot have data: they are asked below, and must have none.
     later = {key: todo.pop(key) for key in list(todo) if key[0] in ROUTING_PANELS and not GATEWAY_ROUTES}
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -418,13 +462,17 @@ def test_every_panel_query_returns_data(
 
     # Bounded labels: after all that traffic, no label holds an address, a key or a path.
     series = prom.api("/api/v1/series", **{"match[]": '{__name__=~"regiongate_.*"}', "start": f"{time.time() - 900}"})
-    never = [*ALLOWED.values(), *REFUSED.values(), *LIMITED.values(), OVERRIDDEN, ROUTED]
+    never = [*ALLOWED.values(), *REFUSED.values(), *LIMITED.values(), *BUDGETED.values(), OVERRIDDEN, ROUTED]
     never += [TOKEN, "sk-test", "/v1", "%2e", "stub-model", "gpt-4o", "127.0.0.1:"]
+    # A model is a label only as the policy names it (with routing, ROUTE_RULE's allow_models), else "other".
+    named = {"other", *(["stub-model"] if GATEWAY_ROUTES else [])}
     for labels in series:
         for name, value in labels.items():
-            if name not in ("__name__", "instance", "job", "le"):
+            if name == "model":
+                assert value in named, labels
+            elif name not in ("__name__", "instance", "job", "le"):
                 assert not any(bad in value for bad in never), labels
-    assert {s["country"] for s in series if "country" in s} <= {*ALLOWED, *REFUSED, *LIMITED}
+    assert {s["country"] for s in series if "country" in s} <= {*ALLOWED, *REFUSED, *LIMITED, *BUDGETED}
     assert len(series) < 300
 
     # The instance variable's own query lists this gateway.
@@ -437,7 +485,9 @@ def test_every_panel_query_returns_data(
     def countries(title: str) -> set[str]:
         return {r["metric"]["country"] for r in results[(title, "A")]}
 
-    assert countries("Requests by country") == set(ALLOWED) | set(REFUSED) | set(LIMITED)
+    assert countries("Requests by country") == set(ALLOWED) | set(REFUSED) | set(LIMITED) | set(BUDGETED)
+    # Tokens come from forwarded requests whose usage was read: the budgeted country's at least.
+    assert "DE" in countries("Tokens by country") <= set(ALLOWED) | set(LIMITED) | set(BUDGETED)
     # With routing, the routed GB caller's refused model is a refusal too (decision deny, its rule).
     assert countries("Refusals by country") == set(REFUSED) | {"SE"} | ({"GB"} if GATEWAY_ROUTES else set())
     policy_rows = results[("Policy in force", "A")]
@@ -449,6 +499,14 @@ def test_every_panel_query_returns_data(
     assert {r["metric"]["reason"] for r in results[("Dropped audit entries by reason", "A")]} == {"redis"}
     overrides = {r["metric"]["kind"]: r["values"][-1][1] for r in results[("Active overrides by kind", "A")]}
     assert overrides == {"api_key": "0", "cidr": "1", "subdivision": "0", "country": "0"}
+    budget = {(r["metric"]["rule"], r["metric"]["kind"]) for r in results[("Budget refusals by rule", "A")]}
+    assert budget == {("budgeted-de", "quota")}
+    fallbacks = {
+        (r["metric"]["rule"], r["metric"]["what"]) for r in results[("Budget fallbacks (Redis unavailable)", "A")]
+    }
+    assert fallbacks == {("budgeted-de", "tokens")}
+    (use,) = results[("Budget use by rule and limit", "A")]
+    assert (use["metric"]["rule"], use["metric"]["limit"]) == ("budgeted-de", "0")
     (redis_up,) = results[("Redis up", "A")]
     assert [v for _, v in redis_up["values"]][-1] == "1" and "0" in {v for _, v in redis_up["values"]}
     if GATEWAY_ROUTES:

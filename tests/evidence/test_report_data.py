@@ -171,3 +171,31 @@ def test_would_be_refusals_of_monitor_rules_and_of_the_shadow_policy() -> None:
     assert r["verification"]["ok"]
     assert r["would_refuse_by_rule"] == [{"key": "shadow: tighter", "n": 1}, {"key": "watch-br", "n": 1}]
     assert r["summary"]["refused"] == 56  # a would-be refusal is not a refusal
+
+
+def test_tokens_by_country_from_the_requests_stored_with_their_usage() -> None:
+    """With --audit all, forwarded requests carry their usage: the report adds it up by country."""
+    request: dict[str, Any] = {
+        "subdivisions": [], "asn": None, "path": "/v1/chat/completions", "model": "gpt-4o-mini", "policy": SHA2,
+        "client": "h:1", "decision": "allow", "rule": "supported", "caller": "team-a",
+    }  # fmt: skip
+    used = [
+        _envelope("request", f"2026-11-21T10:00:0{i}.000+00:00", request_id=f"t{i}", country=cc, usage=usage, **request)
+        for i, (cc, usage) in enumerate(
+            [
+                ("FR", {"input": 800, "output": 64, "cached": 512, "source": "usage"}),
+                ("FR", {"input": 100, "output": 36, "source": "estimate"}),
+                ("US", {"input": 5, "output": 1, "source": "usage"}),
+            ]
+        )
+    ]
+    plain = report_of(sealed())
+    assert plain["tokens_by_country"] == [] and "Tokens by country" not in render_html(build(
+        load_export(export_lines(sealed()), "e"), SINCE, UNTIL, None, now=NOW, source="e"))  # fmt: skip
+    items = sealed([*entries()[:-1], *used, entries()[-1]])
+    r = report_of(items)
+    assert r["verification"]["ok"]
+    assert r["tokens_by_country"] == [{"key": "FR", "n": 1000}, {"key": "US", "n": 6}]
+    assert r["summary"] == plain["summary"]  # usage adds a breakdown, it changes no count
+    html = render_html(build(load_export(export_lines(items), "e"), SINCE, UNTIL, None, now=NOW, source="e"))
+    assert "<h2>Tokens by country</h2>" in html and ">1000<" in html.replace(",", "")

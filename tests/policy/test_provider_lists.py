@@ -166,7 +166,7 @@ def test_every_shipped_file_says_which_list_it_follows_and_when_it_was_read() ->
     from gateway.policy import policy_provenance
 
     files = sorted(POLICIES.glob("*.yaml")) + sorted(POLICIES.glob("examples/*.yaml"))
-    assert len(files) == 8
+    assert len(files) == 9
     for path in files:
         provenance = policy_provenance(load_policy(str(path), None).spec)
         assert provenance is not None and provenance.provider, path.name

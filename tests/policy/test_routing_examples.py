@@ -30,8 +30,8 @@ KEYS = {
 }
 
 
-def test_both_examples_are_shipped() -> None:
-    assert [p.name for p in EXAMPLES] == ["eu-residency.yaml", "migrate-blocked-regions.yaml"]
+def test_the_examples_are_shipped() -> None:
+    assert [p.name for p in EXAMPLES] == ["eu-residency.yaml", "migrate-blocked-regions.yaml", "token-budgets.yaml"]
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])

@@ -30,6 +30,7 @@ from gateway.policy.compiled import make_decision
 from gateway.policy.decide import decide_in_order
 from gateway.policy.index import RuleIndex
 from gateway.policy.overrides import Compiled, Override, compile_overrides, judge, new_override
+from gateway.policy.tokenlimit import Budget, TokenLimit
 
 ACTIONS: list[RuleAction] = ["allow", "deny", "monitor", "route"]
 FIELDS: list[GeoField] = ["country", "registered_country"]
@@ -91,6 +92,9 @@ def rules(draw: st.DrawFn, i: int, monitor_mode: bool) -> Rule:
     models = draw(some(MODELS))
     countries, subdivisions, asns, flags = (draw(some(v)) for v in (COUNTRIES, SUBDIVISIONS, ASNS, FLAGS))
     decision = make_decision(action, name, f"rule {name!r}", monitor_mode, "eu" if action == "route" else None)
+    if action in ("allow", "route") and draw(st.booleans()):  # a budget and client keys travel with the decision
+        budget = Budget(name, (TokenLimit(name, 0, draw(st.integers(1, 9)), 60.0, ("country", "model")),))
+        decision = dataclasses.replace(decision, budget=budget, client_keys=draw(st.booleans()))
     return Rule(
         name=name,
         line=i + 1,

@@ -28,6 +28,12 @@ The rule:
    exported file is verified offline, without Redis or a running gateway, so the code that checks
    the evidence cannot lean on the code that wrote it. Redis is read in ``gateway.shared.audit``
    and handed over by the CLI.
+6. ``gateway.usage`` (token usage read from a request's and a response's bytes, and estimated)
+   imports nothing, directly or through other modules, from ``gateway.policy``,
+   ``gateway.dataplane``, ``gateway.proxy``, ``gateway.shared``, ``gateway.live``,
+   ``gateway.authz``, the control plane or the wiring: it is bytes in, numbers out, so the
+   policy and the request path can both use it, and the relay takes it through a Protocol of
+   its own (``gateway.dataplane.relay.BodyTap``).
 
 What counts as an import: every ``import`` and ``from ... import`` at module level, including
 those under ``if TYPE_CHECKING:`` and in ``try`` blocks (a circle that only the type checker
@@ -62,6 +68,17 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
         *WIRING,
     ),
     "gateway.dataplane": ("gateway.policy", "gateway.proxy", "gateway.authz", *CONTROL, *WIRING),
+    # Token usage read from bytes (issue 19): pure, so the policy and the request path can both use it.
+    "gateway.usage": (
+        "gateway.policy",
+        "gateway.dataplane",
+        "gateway.proxy",
+        "gateway.shared",
+        "gateway.live",
+        "gateway.authz",
+        *CONTROL,
+        *WIRING,
+    ),
     "gateway.evidence": (
         "gateway.dataplane",
         "gateway.proxy",
@@ -285,4 +302,14 @@ def test_the_checker_finds_policy_reaching_shared(tmp_path: Path) -> None:
         "gateway.policy -> gateway.policy.decide -> gateway.shared.overrides",
         "gateway.policy must not import gateway.shared.overrides: gateway.policy.decide -> gateway.shared.overrides",
         "import circle: gateway.policy.decide <-> gateway.shared.overrides",
+    ]
+
+
+def test_the_checker_finds_usage_reaching_the_relay(tmp_path: Path) -> None:
+    package = plant(
+        tmp_path,
+        {**CLEAN, "usage/__init__.py": "", "usage/tap.py": "from ..dataplane.relay import limits\n"},
+    )
+    assert violations(package) == [
+        "gateway.usage must not import gateway.dataplane.relay: gateway.usage.tap -> gateway.dataplane.relay",
     ]

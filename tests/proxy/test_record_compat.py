@@ -256,6 +256,8 @@ def exchange(rng: random.Random, n: int) -> Any:
         error=rng.choice([None, None, "rate_limit_exceeded", "upstream_timeout", *sorted(BAD_REQUEST_CODES)[:2]]),
         ttfb=rng.choice([None, rng.random() * 3, rng.random() / 1000]) if answered else None,
         via=rng.choice(["proxy", "proxy", "nginx", "envoy_grpc"]),
+        usage=None,  # issue 19's slots: the lines of requests whose usage was not read, and without client keys
+        caller=None,
     )
 
 

@@ -53,6 +53,8 @@ def exchange(decision: Decision, shadow: Decision | None) -> Any:
         error=None,
         ttfb=None,
         via="proxy",
+        usage=None,
+        caller=None,
     )
 
 

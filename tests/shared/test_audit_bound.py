@@ -38,6 +38,7 @@ from gateway.shared.auditbound import (
 )
 from gateway.shared.redisconn import parse_url
 from gateway.shared.store import RedisStore
+from gateway.usage import Usage
 from support.overrides import CN, overrides_gateway, wait_for
 from support.processes import GatewayFactory, Stub
 from support.redis_server import RedisServer, running
@@ -94,6 +95,7 @@ def test_the_worst_entry_fits_the_entry_bound() -> None:
     worst = entry(
         "rg-" + "f" * 16, "rate_limited", "\x01" * 5000, "\x01" * 100, ["\x01" * 100] * 50, 2**32 - 1,
         "\x01" * 9000, "\x01" * 64, "\x01" * 5000, "\x01" * 9000, ("\x01" * 100, "\x01" * 5000),
+        Usage(2**63 - 1, 2**63 - 1, 2**63 - 1, 2**63 - 1, "estimate"), "\x01" * 5000,
     )  # fmt: skip
     assert len(orjson.dumps(worst)) <= MAX_ENTRY_BYTES
     # As stored: with the chain's envelope, the longest chain id (a 64-byte host name) and key id.

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from gateway.policy.ratelimit import RateCheck, RateLimit
-from gateway.shared.ratebatch import MAX_KEYS, Batcher, pack_evalsha
+from gateway.shared.ratebatch import MAX_KEYS, Batcher, pack_command, pack_evalsha
 from gateway.shared.ratelimit import GCRA_LUA, script_args
 from gateway.shared.redisconn import Breaker, connect, parse_url
 from support.redis_server import RedisServer, running
@@ -161,3 +161,7 @@ def test_the_batch_is_packed_as_redis_py_packs_it() -> None:
     sha = "e" * 40
     expected = b"".join(Connection().pack_command("EVALSHA", sha, len(keys), *keys, *args))
     assert pack_evalsha(sha, keys, args) == expected
+    member = "é-1".encode()
+    assert pack_command(b"ZREM", keys[2].encode(), member) == b"".join(
+        Connection().pack_command("ZREM", keys[2].encode(), member)
+    )

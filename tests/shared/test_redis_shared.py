@@ -34,7 +34,7 @@ from support.overrides import (
     wait_for,
 )
 from support.processes import GatewayFactory, Stub, free_port
-from support.redis_server import RedisServer, running
+from support.redis_server import RedisServer, cluster, running, sentinel_failover
 
 SE = "89.160.20.112"
 _prefixes = itertools.count()
@@ -292,41 +292,8 @@ def test_override_cli_errors_are_one_line(gateway: GatewayFactory, stub: Stub) -
 
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[list[RedisServer]]:
-    nodes = [
-        RedisServer(
-            tmp_path / f"node{i}",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "2000",
-        )
-        for i in range(3)
-    ]
-    try:
-        for n in nodes:
-            n.start()
-        out = subprocess.run(
-            [
-                "redis-cli",
-                "--cluster",
-                "create",
-                *(f"127.0.0.1:{n.port}" for n in nodes),
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
-        wait_for(lambda: all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in nodes), 30, "the cluster")
+    with cluster(tmp_path) as nodes:
         yield nodes
-    finally:
-        for n in nodes:
-            n.stop()
 
 
 def test_two_gateways_agree_through_a_redis_cluster(
@@ -600,35 +567,8 @@ def test_redis_out_of_memory_follows_on_error(
 
 @pytest.fixture
 def failover(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer, RedisServer]]:
-    """A master, its replica and a Sentinel (service ``svc``) promoting the replica a second after the master dies."""
-    master = RedisServer(tmp_path / "master").start()
-    replica = RedisServer(tmp_path / "replica").start()
-    sentinel_proc = None
-    try:
-        replica.command("REPLICAOF", "127.0.0.1", str(master.port))
-        wait_for(lambda: "master_link_status:up" in replica.command("INFO", "replication"), 15, "replication")
-        conf = tmp_path / "sentinel.conf"
-        conf.write_text(
-            f"sentinel monitor svc 127.0.0.1 {master.port} 1\n"
-            "sentinel down-after-milliseconds svc 1000\nsentinel failover-timeout svc 5000\n"
-        )
-        sentinel = RedisServer(tmp_path / "sentinel")
-        sentinel_proc = subprocess.Popen(
-            [sentinel.binary, str(conf), "--sentinel", "--port", str(sentinel.port), "--bind", "127.0.0.1"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            cwd=tmp_path,
-        )
-        sentinel.proc = sentinel_proc
-        wait_for(lambda: "svc" in sentinel.command("SENTINEL", "MASTERS"), 15, "the sentinel")
-        wait_for(lambda: sentinel.command("SENTINEL", "REPLICAS", "svc") != "", 15, "the sentinel to see the replica")
-        yield master, replica, sentinel
-    finally:
-        for server in (master, replica):
-            server.stop()
-        if sentinel_proc is not None:
-            sentinel_proc.terminate()
-            sentinel_proc.wait(10)
+    with sentinel_failover(tmp_path) as servers:
+        yield servers
 
 
 def promoted(sentinel: RedisServer, replica: RedisServer) -> None:

@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -112,3 +112,84 @@ def running(directory: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def cluster(directory: Path, nodes: int = 3) -> Iterator[list[RedisServer]]:
+    """A real Redis Cluster of ``nodes`` masters (no replicas), its slots spread over them, stopped at the end."""
+    servers = [
+        RedisServer(
+            directory / f"node{i}",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "2000",
+        )
+        for i in range(nodes)
+    ]
+    try:
+        for n in servers:
+            n.start()
+        out = subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{n.port}" for n in servers),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        _until(lambda: all("cluster_state:ok" in n.command("CLUSTER", "INFO") for n in servers), 30, "the cluster")
+        yield servers
+    finally:
+        for n in servers:
+            n.stop()
+
+
+@contextlib.contextmanager
+def sentinel_failover(directory: Path) -> Iterator[tuple[RedisServer, RedisServer, RedisServer]]:
+    """A master, its replica and a Sentinel (service ``svc``) promoting the replica a second after the master dies."""
+    master = RedisServer(directory / "master").start()
+    replica = RedisServer(directory / "replica").start()
+    sentinel_proc = None
+    try:
+        replica.command("REPLICAOF", "127.0.0.1", str(master.port))
+        _until(lambda: "master_link_status:up" in replica.command("INFO", "replication"), 15, "replication")
+        conf = directory / "sentinel.conf"
+        conf.write_text(
+            f"sentinel monitor svc 127.0.0.1 {master.port} 1\n"
+            "sentinel down-after-milliseconds svc 1000\nsentinel failover-timeout svc 5000\n"
+        )
+        sentinel = RedisServer(directory / "sentinel")
+        sentinel_proc = subprocess.Popen(
+            [sentinel.binary, str(conf), "--sentinel", "--port", str(sentinel.port), "--bind", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=directory,
+        )
+        sentinel.proc = sentinel_proc
+        _until(lambda: "svc" in sentinel.command("SENTINEL", "MASTERS"), 15, "the sentinel")
+        _until(lambda: sentinel.command("SENTINEL", "REPLICAS", "svc") != "", 15, "the sentinel to see the replica")
+        yield master, replica, sentinel
+    finally:
+        for server in (master, replica):
+            server.stop()
+        if sentinel_proc is not None:
+            sentinel_proc.terminate()
+            sentinel_proc.wait(10)
+
+
+def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.1)
