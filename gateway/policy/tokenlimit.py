@@ -23,8 +23,8 @@ Both are written unit-free: ``now``, ``tat``, ``interval`` and ``tolerance``
 in any one unit. The Lua the store runs is the same arithmetic in
 milliseconds (Redis's own clock), and its tests hold it to these functions.
 
-Keys are ``<prefix>tl:{<rule>:<index>:<subject>}`` and
-``<prefix>cc:{<rule>:<subject>}``: hash-tagged, so each key is whole in one
+Keys are ``<prefix>tl:{<rule>:<index>:<subject>}`` (a rate), ``<prefix>tq:{...}``
+(a quota) and ``<prefix>cc:{<rule>:<subject>}``: hash-tagged, so each key is whole in one
 Redis Cluster slot. Every part of a key is escaped (:func:`_part`), so a
 model name from a request body can neither break the hash tag nor pass for
 another subject, and a long one is replaced by its hash.
@@ -176,8 +176,12 @@ def subject(
 
 
 def token_key(prefix: str, limit: TokenLimit, subject: str) -> str:
-    """``<prefix>tl:{<rule>:<index>:<subject>}``: one limit's budget for one subject (from :func:`subject`)."""
-    return f"{prefix}tl:{{{_part(limit.rule)}:{limit.index}:{subject}}}"
+    """``<prefix>tl:{<rule>:<index>:<subject>}`` (``tq:`` for a quota): one limit's budget for one subject
+    (from :func:`subject`). The kind is in the key because a rate is kept as a string and a quota as a
+    hash: a reload that turns one into the other must start afresh, not meet the other's key (WRONGTYPE,
+    and every request under it following ``on_error`` until the old key expired)."""
+    kind = "tq" if limit.kind == "quota" else "tl"
+    return f"{prefix}{kind}:{{{_part(limit.rule)}:{limit.index}:{subject}}}"
 
 
 def slot_key(prefix: str, concurrency: Concurrency, subject: str) -> str:

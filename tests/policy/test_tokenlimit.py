@@ -94,6 +94,8 @@ def test_keys_are_hash_tagged_per_rule_limit_and_subject() -> None:
     assert slot_key("rg:", Concurrency("eu", 3, ("country",)), "DE") == "rg:cc:{eu:DE}"
     # A rule's name cannot break the tag or pass for another rule's limit.
     assert token_key("rg:", limit(rule="a:1}"), "x") == "rg:tl:{a%3A1%7D:0:x}"
+    # A rate (a string) and a quota (a hash) never meet on one key when a reload changes a limit's kind.
+    assert token_key("rg:", limit(index=1, kind="quota"), who) == "rg:tq:{eu:1:DE:gpt-4o}"
 
 
 # --- cost and reservation -------------------------------------------------------------------------
