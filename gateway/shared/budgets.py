@@ -36,7 +36,7 @@ from ..policy.ratelimit import OnError
 from ..policy.tokenlimit import Budget, Concurrency, TokenCheck, TokenLimit, slot_key, token_key
 from .budgetlua import Ask, Outcome, Reserved, SlotAsk, capacity
 from .ratelimit import UNAVAILABLE, duration
-from .store import BudgetObserver
+from .store import StoreObserver
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +106,7 @@ def _judged(
     then: Callable[[Held | ErrorReply], None],
     outcome: Outcome | None,
 ) -> None:
-    observer: BudgetObserver = store.observer
+    observer: StoreObserver = store.observer
     if outcome is None:  # Redis unavailable (counted by the breaker too), or a bug: the policy says what then
         then(unavailable(store, budget, on_error))
         return
@@ -133,7 +133,7 @@ def _judged(
 def unavailable(store: Any, budget: Budget, on_error: OnError) -> Held | ErrorReply:
     """The store could not be asked for ``budget``: ``on_error`` says what then (nothing reserved, or the 503),
     counted once per kind of limit the budget has."""
-    observer: BudgetObserver = store.observer
+    observer: StoreObserver = store.observer
     if budget.tokens:
         observer.budget_fallback(budget.rule, "tokens")
     if budget.concurrency is not None:

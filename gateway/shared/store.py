@@ -54,11 +54,7 @@ class StoreObserver(Observer, Protocol):
 
     def audit_dropped(self, reason: str, n: int) -> None: ...
 
-
-class BudgetObserver(Protocol):
-    """The store's observer as token budgets use it (:mod:`.budgets`): the metrics implement it; to be folded
-    into :class:`StoreObserver` once they do on every branch."""
-
+    # Token budgets (:mod:`.budgets`): a limit that Redis could not be asked about, and a refusal by kind.
     def budget_fallback(self, rule: str, what: str) -> None: ...
 
     def budget_refused(self, rule: str, kind: str) -> None: ...
