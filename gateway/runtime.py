@@ -302,6 +302,7 @@ class Runtime:
         if down:
             warnings.append(down)
         warnings += self.client_keys.warnings()
+        warnings += policy_warnings(self.policy, self.client_keys.backend)
         tls = self.edge.tls if self.edge is not None else None
         if tls is not None and tls.error:
             warnings.append(f"TLS certificate reload refused, the previous certificate keeps serving: {tls.error}")
@@ -519,3 +520,19 @@ def _check_trust(trusted: CidrSet, allow_all: bool) -> list[str]:
                 "any caller in it can choose its country"
             )
     return warnings
+
+
+def policy_warnings(policy: Policy, keys_backend: str) -> list[str]:
+    """What the policy in force loads with but likely does not mean (``regiongate check``'s warnings, with
+    file and line), shown by ``/readyz`` for whichever policy a reload put in force; and a policy that
+    requires client keys where no key store is configured, which refuses every such request with a 401."""
+    out = [
+        f"{policy.source}:{w.line}: {w.message}" if w.line is not None else f"{policy.source}: {w.message}"
+        for w in policy.warnings
+    ]
+    if keys_backend == "off" and (policy.client_keys_required or any(r.decision.client_keys for r in policy.rules)):
+        out.append(
+            f"{policy.source}: client_keys: required, but no key store is configured (--redis or --keys-file): "
+            "every request that needs a client key is refused with 401 invalid_api_key"
+        )
+    return out

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from .accesslog import redact_logs
 from .authz import envoy_serve
 from .dataplane.limits import Limits, connection_cap, raise_nofile
-from .runtime import ConfigError, Runtime, Settings, load_runtime
+from .runtime import ConfigError, Runtime, Settings, load_runtime, policy_warnings
 from .shared.clientkeys import ClientKeys
 from .shared.store import OverrideStore, probe
 
@@ -296,6 +296,7 @@ def _announce(
     lines.append(_describe_overrides(runtime.overrides))
     lines.append(_describe_keys(runtime.client_keys))
     lines += [f"warning: {w}" for w in runtime.warnings]
+    lines += [f"warning: {w}" for w in policy_warnings(runtime.policy, runtime.client_keys.backend)]
     if redis_problem is not None:
         lines.append(
             f"warning: Redis {runtime.overrides.describe()['url']} did not answer at startup ({redis_problem}): "

@@ -196,6 +196,8 @@ class Live:
         status.error = status.refused_sha256 = None
         self.metrics.policy_reload(role, "ok")
         log.info("%s %s reloaded: sha256:%s version %s", role, path, candidate.tag, candidate.version)
+        for w in candidate.policy.warnings:  # loaded, but likely not meant: as `regiongate check` says it
+            log.warning("%s: %s", f"{path}:{w.line}" if w.line is not None else path, w.message)
         return result(True, True, None, sha)
 
     async def _judge(

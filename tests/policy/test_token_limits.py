@@ -19,6 +19,7 @@ from gateway.diff import diff
 from gateway.geo import GeoFacts
 from gateway.policy import Decision, Policy, decide, json_schema, parse_policy
 from gateway.policy.tokenlimit import Budget, Concurrency, TokenLimit
+from gateway.runtime import policy_warnings
 from gateway.usage.estimate import input_tokens
 from gateway.yamlfile import FileError
 from support.authz import runtime_for
@@ -497,3 +498,26 @@ def test_the_json_schema_checks_what_the_loader_checks() -> None:
     ]  # fmt: skip
     for change in bad:
         assert not valid(good | change), change
+
+
+def test_a_running_gateway_shows_the_policys_warnings_in_readyz(tmp_path: Path) -> None:
+    """check's warnings follow the policy in force into /readyz, and a policy that requires client keys
+    where no key store is configured says that every such request will be refused."""
+    runtime = runtime_for(tmp_path, WARNED)
+    warned = [w for w in runtime.describe()["warnings"] if "rules[" in w]
+    assert len(warned) == 5 and all(w.startswith(f"{runtime.policy.source}:") for w in warned)
+    assert ":10: rules[1] (eu): token_limit on '/v1/images/generations'" in warned[1]
+    assert policy_warnings(compiled(WARNED), "off") == [
+        f"p.yaml:{w.line}: {w.message}" for w in compiled(WARNED).warnings
+    ]
+    keyed = ISSUE_EXAMPLE.replace("api_key_env: UP_KEY, ", "")
+    (keys,) = policy_warnings(compiled(keyed), "off")
+    assert keys == (
+        "p.yaml: client_keys: required, but no key store is configured (--redis or --keys-file): every request "
+        "that needs a client key is refused with 401 invalid_api_key"
+    )
+    assert policy_warnings(compiled(keyed), "file") == []
+    unkeyed = keyed.replace(", client_keys: required", "")
+    ruled = unkeyed.replace("action: allow", "action: allow\n    client_keys: required")
+    assert len(policy_warnings(compiled(ruled), "off")) == 1
+    assert policy_warnings(compiled(unkeyed), "off") == []
