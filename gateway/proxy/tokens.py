@@ -171,6 +171,9 @@ class Metered:
             return None  # nothing went up: refused after admission, no upstream, the client left first
         tap = self.tap
         request = ex.request
+        if self.budget is None:  # observed for the metrics alone: the provider's usage of a whole answer
+            whole = not ex.client_gone and ex.error is None and 200 <= ex.status < 300
+            return tap.usage() if whole else None
         if not ex.client_gone:
             if not getattr(request, "started", False) or not 200 <= ex.status < 300:
                 return None  # the upstream failed before the first byte, or answered an error: not charged
