@@ -30,8 +30,10 @@ alone, as cheaply as can be. It never changes a byte (``strips`` is false, so th
 relay keeps the upstream's content-length and passes the same bytes objects on),
 and it counts no answer text (no estimate is ever made from it). A JSON body keeps
 references to its pieces (bounded as above) and is read once, at its end. A stream
-costs one ``in`` test per read (a scan in C) until a ``"usage"`` shows: only then is
-it split into events and read as above. OpenAI's ``include_usage`` writes one into
+costs one ``in`` test per read (a scan in C, and one over the seam with the read
+before) and a reference to it (its last :data:`WATCH_LIMIT` bytes' reads are kept,
+where a usage event may have begun) until a ``"usage"`` shows: only then is it
+split into events and read as above. OpenAI's ``include_usage`` writes one into
 every chunk, the first included; Anthropic's ``message_start`` and the Responses
 API's ``response.created`` carry one at the start; a stream whose client did not ask
 for usage never shows one, and costs nothing more.
@@ -53,6 +55,7 @@ from .sse import LIMIT, Event, Splitter
 BODY_LIMIT = 8 << 20
 TAIL = 64 << 10
 INFLATE_LIMIT = 64 << 20  # decoded bytes read from a coded body at most (a small body may inflate 1000 times)
+WATCH_LIMIT = 64 << 10  # an observed stream's last reads kept (by reference) until it shows a usage: more than an event
 LEAD_LIMIT = 64 << 10  # white space before the first telling byte, held at most (then: not read)
 
 _UNDECIDED, _SSE, _JSON, _CODED, _OPAQUE, _WATCH = range(6)
@@ -145,10 +148,14 @@ class UsageTap:
         """``data`` read for usage; what to send on (``data`` itself unless events are stripped)."""
         mode = self._mode
         if mode == _WATCH:  # an observed stream that has shown no usage yet: the common case, one scan
-            if _USAGE in data:
+            copy = self._copy
+            if _USAGE in data or (copy and _USAGE in copy[-1][-6:] + data[:6]):  # (or cut between two reads)
                 self._watched(data)
-            else:
-                self._copy = [data]  # the read before the one a usage event may start in (a reference)
+            else:  # the reads a usage event may have begun in, kept by reference (WATCH_LIMIT bytes at most)
+                copy.append(data)
+                self._copied += len(data)
+                while self._copied - len(copy[0]) >= WATCH_LIMIT:
+                    self._copied -= len(copy.pop(0))
             return data
         self.relayed += len(data)
         if mode == _SSE:
@@ -251,10 +258,10 @@ class UsageTap:
     # --- an event stream -------------------------------------------------------------------
 
     def _watched(self, data: bytes) -> None:
-        """An observed stream's first ``"usage"``: from here on it is split into events and read. The read
-        before this one goes first (the event may have begun in it); if it began mid-event, that part
-        is a line without a ``data:`` field, or JSON cut short: read as nothing."""
-        before, self._copy = self._copy, []
+        """An observed stream's first ``"usage"``: from here on it is split into events and read. The last
+        reads before this one go first (the event may have begun in them); where they begin mid-event,
+        that part is a line without a ``data:`` field, or JSON cut short: read as nothing."""
+        before, self._copy, self._copied = self._copy, [], 0
         self._mode = _SSE
         self._splitter = Splitter()
         self._events(b"".join([*before, data]) if before else data)
