@@ -20,6 +20,7 @@ call counts as much as a dear one): it tells what changed, ``bench/run.py`` how 
     python bench/calls.py --policy route       # bench/policy-route.yaml: every body read and renamed
     python bench/calls.py --policy tokens      # bench/policy-tokens.yaml: a token budget (in memory) per request
     python bench/calls.py --against ../old     # this checkout against another, function by function
+    python bench/calls.py --record-usage budgeted   # unbudgeted answers not read for their usage
 """
 
 from __future__ import annotations
@@ -58,12 +59,13 @@ WARM_UP = 200  # requests before counting: first-use caches (geo, pools) are not
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    counts = count(args.tree, args.policy, args.requests)
+    counts = count(args.tree, args.policy, args.requests, args.record_usage)
     if args.dump:  # --against's child: the counts, for the parent to read
         for name, calls in counts.items():
             print(f"{calls} {name}")
         return 0
-    print(f"{args.tree}: {total(counts):.1f} calls per request ({args.policy}, {args.requests:,} requests)")
+    usage = f", --record-usage {args.record_usage}" if args.record_usage else ""
+    print(f"{args.tree}: {total(counts):.1f} calls per request ({args.policy}{usage}, {args.requests:,} requests)")
     if args.against is not None:
         # The other checkout runs in a process of its own, so that its `gateway` is the one imported.
         out = subprocess.run(
@@ -100,6 +102,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--requests", type=int, default=2000, help="requests counted (after a warm-up of 200)")
     p.add_argument("--top", type=int, default=25, help="functions listed")
+    p.add_argument(
+        "--record-usage",
+        choices=("all", "budgeted"),
+        help="the serve option, for this checkout only (a checkout older than it runs with its own default)",
+    )
     p.add_argument("--against", type=Path, help="another checkout to compare with, function by function")
     p.add_argument("--dump", action="store_true", help=argparse.SUPPRESS)  # --against's child
     p.add_argument("--tree", type=Path, default=REPO_DIR, help=argparse.SUPPRESS)  # whose gateway package
@@ -110,7 +117,7 @@ def total(counts: dict[str, float]) -> float:
     return sum(counts.values())
 
 
-def count(tree: Path, policy: str, requests: int) -> dict[str, float]:
+def count(tree: Path, policy: str, requests: int, record_usage: str | None = None) -> dict[str, float]:
     """Calls per request on the gateway's loop thread, by ``module:function``."""
     profile = cProfile.Profile()
     started, done = threading.Event(), threading.Event()
@@ -129,7 +136,7 @@ def count(tree: Path, policy: str, requests: int) -> dict[str, float]:
 
     with (
         upstream() as base,
-        gateway(tree, POLICIES[policy], base, listeners) as (port, loop),
+        gateway(tree, POLICIES[policy], base, listeners, record_usage) as (port, loop),
         socket.create_connection(("127.0.0.1", port), timeout=GUARD) as client,
     ):
         for i in range(WARM_UP):
@@ -231,7 +238,7 @@ def quiet(listener: Any) -> None:
 
 @contextlib.contextmanager
 def gateway(
-    tree: Path, policy: Path, base: str, listeners: list[Any] | None = None
+    tree: Path, policy: Path, base: str, listeners: list[Any] | None = None, record_usage: str | None = None
 ) -> Iterator[tuple[int, asyncio.AbstractEventLoop]]:
     """The proxy port of the checkout ``tree`` (its ``gateway`` package), serving in this process.
 
@@ -261,6 +268,7 @@ def gateway(
             trusted_proxy=("127.0.0.1/32",),
             access_log=str(Path(tmp) / "access.log"),  # to a file, as bench/run.py's gateway
             watch=False,
+            **({"record_usage": record_usage} if record_usage else {}),  # (a checkout older than it has none)
         )
         runtime = load_runtime(settings)
         limits = Limits()

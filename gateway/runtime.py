@@ -102,6 +102,7 @@ class Settings(BaseModel):
     redis_timeout: float = Field(0.05, gt=0, le=5, description="seconds")
     keys_file: str | None = None
     audit: Literal["off", "refusals", "all"] = "refusals"
+    record_usage: Literal["all", "budgeted"] = "all"
     audit_maxlen: int = Field(100_000, ge=100)
     authz_host: str = "127.0.0.1"
     authz_port: int | None = Field(None, ge=0, le=65535)

@@ -390,6 +390,16 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         choices=("off", "refusals", "all"),
     ),
     Option(
+        flag="--record-usage",
+        dest="record_usage",
+        help=(
+            "which forwarded requests are read for the provider's token usage (regiongate_tokens_total,"
+            " the access log's usage fields): all on a known usage path, or only those a token budget limits"
+        ),
+        default="all",
+        choices=("all", "budgeted"),
+    ),
+    Option(
         flag="--audit-maxlen",
         dest="audit_maxlen",
         help="the audit stream is capped at about this many entries (XADD MAXLEN ~)",

@@ -42,9 +42,11 @@ pays for none of this beyond a ``None`` check and its URL's health counter.
 
 A :class:`BodyTap` (given by the request path, for a request whose usage it reads)
 sees every decoded byte of a 2xx response body in order, and what it gives back is
-what the client gets; what it held back comes out when the body is whole. A tapped
-body is framed here (chunked), never with the upstream's length: the tap may leave
-bytes out. A request without a tap pays a ``None`` check per upstream read (and one at its
+what the client gets; what it held back comes out when the body is whole. A tap
+that strips (``BodyTap.strips``: it may leave bytes out) has its body framed here,
+chunked, never with the upstream's length; an observing tap (it never changes a
+byte) keeps the upstream's framing and passes on the very bytes objects it was
+given. A request without a tap pays a ``None`` check per upstream read (and one at its
 head and one at its end).
 
 An attempt's life is its :class:`Phase` (connecting, sending, sniffing a 403,
@@ -94,7 +96,15 @@ CONNECTING, SENDING, SNIFFING, STREAMING, COMPLETE, DONE = Phase  # global loads
 
 
 class BodyTap(Protocol):
-    """Reads a 2xx response body as it is relayed (:class:`gateway.usage.tap.UsageTap` is one)."""
+    """Reads a 2xx response body as it is relayed (:class:`gateway.usage.tap.UsageTap` is one).
+
+    ``strips``: whether :meth:`feed` may give back other bytes than it was given (leave some out, hold
+    some back). A tap that never does (``strips`` false) gets every piece back as the same object and
+    :meth:`end` gives nothing: the upstream's framing (its content-length) is kept. A stripping tap's
+    body is framed here, chunked.
+    """
+
+    strips: bool
 
     def feed(self, data: bytes) -> bytes:
         """``data`` seen; what to send on in its place (``data`` itself when nothing changed)."""
@@ -433,7 +443,8 @@ class Relay:
             length = None  # none on a 204 (RFC 9110 §8.6); a body to the close is framed here
         if self.tap is not None and 200 <= status < 300 and not self.no_body:
             self.tapping = self.tap
-            length = None  # the tap may leave bytes out: framed here
+            if self.tap.strips:
+                length = None  # the tap may leave bytes out: framed here
         headers = response_headers(raw)
         headers.append((b"x-regiongate-request-id", self.request_id))
         headers.append(self.policy)

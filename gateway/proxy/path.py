@@ -28,8 +28,11 @@ Client keys (``client_keys: required`` on the rule or its upstream) are
 checked before any body is read, and the key's name is the caller from then
 on (:meth:`Gateway.identified`). A token budget's request is settled, refunded
 and released exactly once, whichever way it ends, by :mod:`.tokens` when the
-exchange is recorded. Requests no budget limits pass no usage tap: the relay
-stays zero-copy for them (the measurement is in :mod:`.tokens`).
+exchange is recorded. A request no budget limits, on a path whose usage shape
+is known, passes an observing tap (``--record-usage all``, the default): it
+never changes a byte, so the relay keeps the upstream's framing and stays
+zero-copy (the measurement is in :mod:`.tokens`); its usage, when the provider
+reports one, is recorded like a budgeted request's.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class Gateway:
         self.limits = limits
         self.pools = Pools(limits)
         self.recorder = Record(runtime, metrics)
+        # --record-usage all: every forwarded request on a usage path is observed for the tokens metric.
+        self.observe = runtime.settings.record_usage == "all"
         self._ids = RequestIds()
 
     def open(self, bound: int) -> None:
@@ -351,6 +356,17 @@ class Gateway:
         """
         request: Request = ex.request  # type: ignore[assignment]  # the proxy port's exchanges hold its Request
         client, path, body_for = ex.client, ex.path, ex.body_for
+        meter = ex.meter
+        if meter is None and self.observe:
+            shape = shape_of(path)
+            if shape is not None:  # not budgeted: read for the metrics alone, never changing a byte
+                ex.meter = meter = Metered(self.runtime.overrides, UsageTap.observing(shape), None, None, ())
+        headers = request.headers
+        if meter is not None and meter.tap.strips:
+            # The tap strips the usage chunk the gateway asked for, but never from a compressed body: the
+            # upstream must send this one plain, or the client would see a chunk it did not ask for.
+            headers = [h for h in headers if h[0].lower() != b"accept-encoding"]
+            headers.append((b"accept-encoding", b"identity"))
         groups = ex.active.upstreams
         group = groups.get(ex.decision.upstream or "")
         if group is None:
@@ -363,20 +379,17 @@ class Gateway:
         if len(chain) == 1:
             upstream = chain[0]
         else:
-            route = Route(
-                chain, groups, self.pools, request.headers, request.peer, decided, path, request.query, body_for
-            )
+            route = Route(chain, groups, self.pools, headers, request.peer, decided, path, request.query, body_for)
             upstream = route.first()
         body = None if body_for is None else body_for(groups[upstream.name])
         try:
-            target, headers = prepare(upstream, path, request.query, request.headers, request.peer, decided)
+            target, headers = prepare(upstream, path, request.query, headers, request.peer, decided)
         except BadTarget as e:
             self.fail(ex, bad_request(str(e), "invalid_path"))
             return
         pool = self.pools.made.get(upstream)
         if pool is None:
             pool = self.pools.pool(upstream)
-        meter = ex.meter
         tap = meter.tap if meter is not None else None
         Relay(request, pool, target, headers, ex.rid, ex.active.header, ex, ex.record, route, body, tap).start()
 

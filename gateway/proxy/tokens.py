@@ -28,15 +28,19 @@ it reports one, else charged that in full.
 No Redis here beyond calling :mod:`gateway.shared.budgets`, which batches
 and never blocks: settling is fire and forget.
 
-Only a request that a budget limits is metered. A tap on every request to a
-known usage path (for ``regiongate_tokens_total`` alone) was measured with
-``bench/calls.py`` (deterministic call counts, 2,000 requests, bench/policy.yaml,
-whose answers name no usage): 197.0 calls per request without, 231.8 with
-(+18 %), and the tapped answer loses its ``content-length`` (the relay frames a
-tapped body itself, chunked, since a tap may leave bytes out) and its JSON is
-copied on the side: no longer the zero-copy relay the issue keeps for requests
-without a token limit. So those requests pass untapped, and the tokens metric
-counts the requests that budgets meter.
+A request no budget limits, on a path whose usage shape is known, is metered
+too (``--record-usage all``, the default) with an observing tap
+(:meth:`~gateway.usage.tap.UsageTap.observing`): :class:`Metered` without a
+budget, whose :meth:`Metered.over` records the provider's usage of a whole 2xx
+answer and nothing else (no estimate: its body was not held, so there is no
+input to estimate; an answer without usage records nothing). The tap never
+changes a byte, so the relay keeps the upstream's ``content-length`` and the
+zero-copy path. ``bench/calls.py`` (deterministic call counts, 2,000 requests,
+one refused in four, an answer with a ``usage`` object): bench/policy.yaml
+196.0 calls per request on main, 229.8 with ``--record-usage all``, 196.0 with
+``budgeted``; bench/policy-route.yaml 240.3, 273.3 and 240.3. The 33 calls
+(about 45 per forwarded request) are mostly reading the usage object and
+tallying it. ``--record-usage budgeted`` meters only what budgets limit.
 """
 
 from __future__ import annotations
@@ -171,6 +175,9 @@ class Metered:
             return None  # nothing went up: refused after admission, no upstream, the client left first
         tap = self.tap
         request = ex.request
+        if self.budget is None:  # observed for the metrics alone: the provider's usage of a whole answer
+            whole = not ex.client_gone and ex.error is None and 200 <= ex.status < 300
+            return tap.usage() if whole else None
         if not ex.client_gone:
             if not getattr(request, "started", False) or not 200 <= ex.status < 300:
                 return None  # the upstream failed before the first byte, or answered an error: not charged

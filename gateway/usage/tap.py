@@ -24,6 +24,19 @@ member OpenAI adds to every other chunk is taken out of it (as its last member, 
 its first), so the client gets the bytes the upstream would have sent without the
 injection. An event is held until its blank line (a client's parser waits for it
 too); one larger than the splitter's bound passes as it comes, unchanged.
+
+:meth:`UsageTap.observing`: a request no budget limits is read for the metrics
+alone, as cheaply as can be. It never changes a byte (``strips`` is false, so the
+relay keeps the upstream's content-length and passes the same bytes objects on),
+and it counts no answer text (no estimate is ever made from it). A JSON body keeps
+references to its pieces (bounded as above) and is read once, at its end. A stream
+costs one ``in`` test per read (a scan in C, and one over the seam with the read
+before) and a reference to it (its last :data:`WATCH_LIMIT` bytes' reads are kept,
+where a usage event may have begun) until a ``"usage"`` shows: only then is it
+split into events and read as above. OpenAI's ``include_usage`` writes one into
+every chunk, the first included; Anthropic's ``message_start`` and the Responses
+API's ``response.created`` carry one at the start; a stream whose client did not ask
+for usage never shows one, and costs nothing more.
 """
 
 from __future__ import annotations
@@ -42,9 +55,10 @@ from .sse import LIMIT, Event, Splitter
 BODY_LIMIT = 8 << 20
 TAIL = 64 << 10
 INFLATE_LIMIT = 64 << 20  # decoded bytes read from a coded body at most (a small body may inflate 1000 times)
+WATCH_LIMIT = 64 << 10  # an observed stream's last reads kept (by reference) until it shows a usage: more than an event
 LEAD_LIMIT = 64 << 10  # white space before the first telling byte, held at most (then: not read)
 
-_UNDECIDED, _SSE, _JSON, _CODED, _OPAQUE = range(5)
+_UNDECIDED, _SSE, _JSON, _CODED, _OPAQUE, _WATCH = range(6)
 _SPACE = b" \t\r\n"
 _GZIP = b"\x1f\x8b"
 _USAGE = b'"usage"'
@@ -88,14 +102,18 @@ class UsageTap:
         "_text_bytes",
         "chars",
         "model",
+        "observe",
         "relayed",
         "shape",
         "strip",
+        "strips",
     )
 
     def __init__(self, shape: str | None, sse_strip: bool, model: str | None) -> None:
         self.shape = shape
         self.strip = sse_strip
+        self.strips = sse_strip  # the relay's BodyTap: whether the bytes sent on may differ from those read
+        self.observe = False  # read for the metrics alone (see observing): no text counted, streams watched
         self.model = model
         self.relayed = 0  # body bytes passed on
         # Answer text, for an estimate: counted in some of the bytes (all of them in a JSON body; in a
@@ -116,12 +134,30 @@ class UsageTap:
         self._inflated = 0
         self._inner: UsageTap | None = None  # reads what a coded body decodes to
 
+    @classmethod
+    def observing(cls, shape: str | None) -> UsageTap:
+        """A tap that reads the provider's usage and nothing else, never changing a byte (see the module's
+        docstring): for a request no budget limits, recorded in the metrics alone."""
+        tap = cls(shape, False, None)
+        tap.observe = True
+        return tap
+
     # --- the relay's side ------------------------------------------------------------------
 
     def feed(self, data: bytes) -> bytes:
         """``data`` read for usage; what to send on (``data`` itself unless events are stripped)."""
-        self.relayed += len(data)
         mode = self._mode
+        if mode == _WATCH:  # an observed stream that has shown no usage yet: the common case, one scan
+            copy = self._copy
+            if _USAGE in data or (copy and _USAGE in copy[-1][-6:] + data[:6]):  # (or cut between two reads)
+                self._watched(data)
+            else:  # the reads a usage event may have begun in, kept by reference (WATCH_LIMIT bytes at most)
+                copy.append(data)
+                self._copied += len(data)
+                while self._copied - len(copy[0]) >= WATCH_LIMIT:
+                    self._copied -= len(copy.pop(0))
+            return data
+        self.relayed += len(data)
         if mode == _SSE:
             assert self._splitter is not None
             run = self._splitter.whole(data)
@@ -143,7 +179,9 @@ class UsageTap:
     def end(self) -> bytes:
         """The body is whole: what was held back (a stripped stream's last event, white space)."""
         mode = self._mode
-        if mode == _SSE:
+        if mode == _WATCH:
+            self._copy = []
+        elif mode == _SSE:
             assert self._splitter is not None
             events = self._splitter.end()
             if self.strip:
@@ -185,7 +223,7 @@ class UsageTap:
     def _decide(self, data: bytes) -> bytes:
         if not self._lead and (data[:2] == _GZIP or _is_zlib(data[:2])):
             self._mode = _CODED
-            self._inner = UsageTap(self.shape, False, self.model)
+            self._inner = UsageTap.observing(self.shape) if self.observe else UsageTap(self.shape, False, self.model)
             wbits = 16 + zlib.MAX_WBITS if data[:2] == _GZIP else zlib.MAX_WBITS
             self._inflate = zlib.decompressobj(wbits)
             self._decode(data)
@@ -207,6 +245,10 @@ class UsageTap:
             self._mode = _JSON
             self._keep(b"".join([*lead, data]))
             return b"".join([*lead, data]) if self.strip and lead else data
+        if self.observe:
+            self._mode = _WATCH
+            self.feed(b"".join([*lead, data]) if lead else data)
+            return data
         self._mode = _SSE
         self._splitter = Splitter()
         whole = b"".join([*lead, data]) if lead else data
@@ -214,6 +256,15 @@ class UsageTap:
         return out if self.strip else data
 
     # --- an event stream -------------------------------------------------------------------
+
+    def _watched(self, data: bytes) -> None:
+        """An observed stream's first ``"usage"``: from here on it is split into events and read. The last
+        reads before this one go first (the event may have begun in them); where they begin mid-event,
+        that part is a line without a ``data:`` field, or JSON cut short: read as nothing."""
+        before, self._copy, self._copied = self._copy, [], 0
+        self._mode = _SSE
+        self._splitter = Splitter()
+        self._events(b"".join([*before, data]) if before else data)
 
     def _event(self, data: bytes) -> bool:
         """Read one event's data; True when it is a usage-only chunk (choices empty, usage given)."""
@@ -224,7 +275,7 @@ class UsageTap:
                 return False
             self._reader.event(doc)
             return isinstance(doc, dict) and doc.get("choices") == [] and isinstance(doc.get("usage"), dict)
-        if data != _DONE:
+        if data != _DONE and not self.observe:
             self._run_bytes += len(data)
             self._text_bytes += len(data)
             for text in self._text.findall(data):
@@ -238,6 +289,8 @@ class UsageTap:
                 if event.data is not None:
                     self._event(event.data)
             return
+        if self.observe:
+            return  # no estimate is made for an observed answer: its text is not counted
         self._runs += 1
         self._run_bytes += len(run)
         if self._runs <= 8 or not self._runs % 8:
@@ -300,8 +353,10 @@ class UsageTap:
         if usage is not None:
             self._reader.found = usage
             self._copy = []
-        else:
+        elif not self.observe:
             self._count_copy()
+        else:
+            self._copy = []
 
     def _count_copy(self) -> None:
         body = b"".join(self._copy)

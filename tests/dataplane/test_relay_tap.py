@@ -41,10 +41,13 @@ def _outcome() -> Any:
 
 
 class Recorder:
-    """A tap that writes down what it is fed and, with ``hold``, keeps it all until the end."""
+    """A tap that writes down what it is fed and, with ``hold``, keeps it all until the end; ``strips``
+    says whether it may change bytes (the relay frames its body itself) or only observes."""
 
-    def __init__(self, hold: bool = False) -> None:
+    def __init__(self, hold: bool = False, strips: bool = True) -> None:
         self.hold = hold
+        self.strips = strips
+        self.given: list[bytes] = []  # what feed gave back, the very objects
         self.seen: list[bytes] = []
         self.ended = 0
         self.fed = asyncio.Event()
@@ -52,7 +55,9 @@ class Recorder:
     def feed(self, data: bytes) -> bytes:
         self.seen.append(data)
         self.fed.set()
-        return b"" if self.hold else data
+        out = b"" if self.hold else data
+        self.given.append(out)
+        return out
 
     def end(self) -> bytes:
         self.ended += 1
@@ -226,5 +231,48 @@ def test_without_a_tap_the_upstreams_framing_is_kept() -> None:
             status, headers, got = await fetch(relaying(port, None))
         assert (status, got) == (200, body)
         assert (b"content-length", b"%d" % len(body)) in headers
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_an_observing_tap_keeps_the_upstreams_framing_and_its_bytes(framing: str) -> None:
+    body = b"".join(PIECES)
+    if framing == "length":
+        head = upstream_head(200, [(b"content-type", b"text/event-stream"), (b"content-length", b"%d" % len(body))])
+        wire = PIECES
+    else:
+        head = upstream_head(200, [(b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")])
+        wire = [b"%x\r\n%s\r\n" % (len(p), p) for p in PIECES] + [b"0\r\n\r\n"]
+
+    async def scenario() -> None:
+        tap = Recorder(strips=False)
+        async with upstream(head, wire, tap) as port:
+            status, headers, got = await fetch(relaying(port, tap))
+        assert status == 200 and got == body
+        assert tap.seen == PIECES and tap.ended == 1
+        assert all(out is data for out, data in zip(tap.given, tap.seen, strict=True))  # no copy
+        if framing == "length":  # the upstream's own length, as untapped
+            assert (b"content-length", b"%d" % len(body)) in headers
+            assert not any(name == b"transfer-encoding" for name, _ in headers)
+        else:
+            assert (b"transfer-encoding", b"chunked") in headers
+
+    run(scenario)
+
+
+def test_an_observing_usage_tap_reads_a_json_answer_under_its_content_length() -> None:
+    body = b'{"id":"x","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3}}'
+    pieces = [body[:20], body[20:]]
+    head = upstream_head(200, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))])
+
+    async def scenario() -> None:
+        tap = UsageTap.observing("chat")
+        async with upstream(head, pieces, None) as port:
+            status, headers, got = await fetch(relaying(port, tap))
+        assert status == 200 and got == body
+        assert (b"content-length", b"%d" % len(body)) in headers
+        usage = tap.usage()
+        assert usage is not None and (usage.input, usage.output, usage.source) == (12, 3, "usage")
 
     run(scenario)

@@ -89,6 +89,7 @@ class Scripted:
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.bodies: list[bytes] = []
+        self.headers: list[dict[bytes, bytes]] = []
         self.hung: list[socket.socket] = []
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -128,6 +129,7 @@ class Scripted:
                     return
                 parser.feed_data(data)
             self.bodies.append(bytes(body))
+            self.headers.append(headers)
             asked = _asks_usage(bytes(body))
             self._answer(conn, headers.get(b"x-script", b"usage").decode(), asked)
         except OSError:
@@ -234,13 +236,14 @@ def ask(
     read: int | None = None,
     ctype: bytes = b"application/json",
     path: bytes = b"/v1/chat/completions",
+    extra: bytes = b"",
 ) -> bytes:
     """One request; ``read``: leave after this many bytes of the answer (the client gone mid-stream)."""
     with socket.create_connection(("127.0.0.1", gw.port), timeout=GUARD) as s:
         s.sendall(
             b"POST " + path + b" HTTP/1.1\r\nhost: t\r\ncontent-type: " + ctype + b"\r\n"
             b"x-forwarded-for: " + GB.encode() + b"\r\nx-script: " + script.encode()
-            + b"\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+            + b"\r\n" + extra + b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body) + body
         )  # fmt: skip
         got = b""
         while read is None or len(got) < read:
@@ -367,3 +370,67 @@ def test_no_max_tokens_reserves_the_rules_output_default(gw: InProcess, calls: C
     ask(gw, body, "usage")
     assert line(gw)["usage"]["source"] == "usage"
     assert calls.args("admit") == [reserve(body, 50)]
+
+
+# --- a request no budget limits: observed for the metrics alone --------------------------------------
+
+
+def unbudgeted(**more: Any) -> bytes:
+    """A chat body no rule meters (its model is not ``m``)."""
+    return json.dumps({"model": "x", "messages": [{"role": "user", "content": "Hi."}], **more}).encode()
+
+
+def tokens_of(gw: InProcess, kind: str) -> float | None:
+    labels = {"country": "GB", "model": "other", "kind": kind, "source": "usage"}
+    gw.metrics.fold()  # the tallies, folded into the counters (the gateway has stopped)
+    return gw.metrics.registry.get_sample_value("regiongate_tokens_total", labels)
+
+
+def test_an_unbudgeted_answer_is_recorded_from_its_usage_and_keeps_its_length(
+    tmp_path: Path, upstream: Scripted, calls: Calls
+) -> None:
+    with inprocess_gateway(tmp_path, upstream.url, policy=POLICY) as g:
+        answer = ask(g, unbudgeted(), "usage")
+        whole = ask(g, unbudgeted(stream=True, stream_options={"include_usage": True}), "stream")
+        plain = ask(g, unbudgeted(stream=True), "stream")
+        ask(g, unbudgeted(), "nousage", path=b"/V1/Chat/Completions")  # any case: the same shape
+        ask(g, unbudgeted(), "usage", path=b"/V1/CHAT/completions")
+        entries = [line(g, n) for n in range(1, 6)]
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert b"content-length: %d" % len(payload) in head.lower() and b"chunked" not in head.lower()
+    assert json.loads(payload)["usage"] == USAGE  # the client's bytes, untouched
+    assert b'"usage": {' in whole and b"[DONE]" in whole  # what it asked for, as the upstream sent it
+    assert b'"usage"' not in plain  # nothing asked, nothing injected
+    assert upstream.bodies[2] == unbudgeted(stream=True)  # the body went up as the client sent it
+    assert [e.get("usage") for e in entries] == [
+        {"input": 11, "output": 7, "source": "usage"},
+        {"input": 11, "output": 7, "source": "usage"},
+        None,  # a stream without usage: nothing recorded (no estimate: the body was not held)
+        None,  # an answer without usage
+        {"input": 11, "output": 7, "source": "usage"},
+    ]
+    assert calls.names() == []  # no budget was asked, settled or released
+    assert (tokens_of(g, "input"), tokens_of(g, "output")) == (33.0, 21.0)
+
+
+def test_record_usage_budgeted_reads_only_budgeted_answers(tmp_path: Path, upstream: Scripted, calls: Calls) -> None:
+    with inprocess_gateway(tmp_path, upstream.url, policy=POLICY, record_usage="budgeted") as g:
+        ask(g, unbudgeted(), "usage")
+        ask(g, chat(), "usage")
+        first, second = line(g, 1), line(g, 2)
+    assert "usage" not in first
+    assert second["usage"] == {"input": 11, "output": 7, "source": "usage"}
+    assert tokens_of(g, "input") == 11.0  # the budgeted answer's alone
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_a_stream_the_tap_strips_goes_up_asking_for_no_compression(
+    gw: InProcess, calls: Calls, upstream: Scripted, asked: bool
+) -> None:
+    more: dict[str, Any] = {"stream_options": {"include_usage": True}} if asked else {}
+    ask(gw, chat(stream=True, **more), "stream", extra=b"accept-encoding: gzip, br\r\n")
+    # Stripped (the client did not ask for usage): the tap cannot strip a compressed body, so none is
+    # allowed; a client that asked gets the upstream's answer as it is, compressed if it likes.
+    assert upstream.headers[-1][b"accept-encoding"] == (b"gzip, br" if asked else b"identity")
+    ask(gw, chat(), "usage", extra=b"accept-encoding: gzip\r\n")  # not a stream: nothing stripped
+    assert upstream.headers[-1][b"accept-encoding"] == b"gzip"

@@ -16,6 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvloop
 from prometheus_client import CollectorRegistry
@@ -42,21 +43,23 @@ class InProcess:
 
 @contextlib.contextmanager
 def inprocess_gateway(
-    tmp_path: Path, upstream: str, limits: Limits | None = None, policy: str = POLICY
+    tmp_path: Path, upstream: str, limits: Limits | None = None, policy: str = POLICY, **settings: Any
 ) -> Iterator[InProcess]:
-    """A proxy port forwarding to ``upstream``, trusting 127.0.0.1's X-Forwarded-For; stopped on exit."""
+    """A proxy port forwarding to ``upstream``, trusting 127.0.0.1's X-Forwarded-For; stopped on exit
+    (``settings``: more serve options, such as ``record_usage``)."""
     policy_path = tmp_path / "wire-policy.yaml"
     policy_path.write_text(policy)
     access_log = tmp_path / "wire-access.log"
-    settings = Settings(
+    options = Settings(
         policy=str(policy_path),
         geoip=(CITY,),
         upstream=upstream,
         trusted_proxy=("127.0.0.1/32",),
         access_log=str(access_log),
         watch=False,
+        **settings,
     )
-    runtime = load_runtime(settings)
+    runtime = load_runtime(options)
     limits = limits or Limits()
     metrics = Metrics(CollectorRegistry())
     made: list[Gateway] = []
