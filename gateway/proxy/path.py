@@ -310,10 +310,10 @@ class Gateway:
         input: int | None = None
         try:
             asked = read_request(body, path) if body else UNREADABLE
-            if asked.readable and asked.stream and shape in INCLUDE_USAGE and ex.body_for is not None:
-                with_usage(body or b"")  # refused here (a 400), not once per upstream
+            if asked.readable and asked.stream and shape in INCLUDE_USAGE and ex.body_for is not None and body:
+                injected = with_usage(body)  # refused here (a 400), not once per upstream
                 sse_strip = not asked.wants_usage
-                ex.body_for = _with_usage(ex.body_for)
+                ex.body_for = _with_usage(ex.body_for, body, injected)
         except BadTokens as e:
             self.fail(ex, ErrorReply(400, "invalid_request_error", e.code, e.message, param=e.param))
             return
@@ -413,11 +413,13 @@ class Gateway:
         ex.record()
 
 
-def _with_usage(body_for: BodyFor) -> BodyFor:
-    """The bytes each upstream gets, asking for usage on the stream (``stream_options.include_usage``)."""
+def _with_usage(body_for: BodyFor, body: bytes, injected: bytes) -> BodyFor:
+    """The bytes each upstream gets, asking for usage on the stream (``stream_options.include_usage``):
+    ``injected`` (the held ``body`` with it, worked out once) for an upstream that renames nothing."""
 
     def body_with_usage(group: UpstreamGroup) -> bytes:
-        return with_usage(body_for(group))
+        renamed = body_for(group)
+        return injected if renamed is body else with_usage(renamed)
 
     return body_with_usage
 

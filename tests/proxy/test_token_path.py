@@ -434,3 +434,20 @@ def test_a_stream_the_tap_strips_goes_up_asking_for_no_compression(
     assert upstream.headers[-1][b"accept-encoding"] == (b"gzip, br" if asked else b"identity")
     ask(gw, chat(), "usage", extra=b"accept-encoding: gzip\r\n")  # not a stream: nothing stripped
     assert upstream.headers[-1][b"accept-encoding"] == b"gzip"
+
+
+def test_a_stream_to_an_upstream_that_renames_its_model_goes_up_renamed_and_asking_for_usage(
+    tmp_path: Path, calls: Calls, upstream: Scripted
+) -> None:
+    """The usage injection and the model map compose: the renamed body is the one that asks for usage."""
+    renaming = POLICY.replace(
+        "rules:\n", f"upstreams:\n  renamer: {{url: '{upstream.url}', models: {{m: m-renamed}}}}\nrules:\n", 1
+    ).replace("models: [m]\n    action: allow", "models: [m]\n    action: route\n    upstream: renamer", 1)
+    with inprocess_gateway(tmp_path, upstream.url, policy=renaming) as g:
+        answer = ask(g, chat(stream=True, stream_options={"chunks": 1}), "stream")
+        sent = json.loads(upstream.bodies[-1])
+        assert sent["model"] == "m-renamed"
+        assert sent["stream_options"] == {"include_usage": True, "chunks": 1}
+        assert b'"usage"' not in answer and b"[DONE]" in answer
+        assert line(g)["usage"] == {"input": 11, "output": 7, "source": "usage"}
+    assert calls.names() == ["admit", "settle", "release"]
