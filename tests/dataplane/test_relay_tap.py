@@ -151,15 +151,19 @@ def run(scenario: Callable[[], object]) -> None:
 PIECES = [b"data: one\n\n", b"data: two\n", b"\ndata: [DONE]\n\n"]
 
 
+def framed(framing: str) -> tuple[bytes, list[bytes]]:
+    """An event stream of PIECES as the upstream sends it: its head, and its reads (one piece each)."""
+    if framing == "length":
+        length = b"%d" % len(b"".join(PIECES))
+        return upstream_head(200, [(b"content-type", b"text/event-stream"), (b"content-length", length)]), PIECES
+    head = upstream_head(200, [(b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")])
+    return head, [b"%x\r\n%s\r\n" % (len(p), p) for p in PIECES] + [b"0\r\n\r\n"]
+
+
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_the_tap_sees_every_byte_in_order_one_read_at_a_time(framing: str) -> None:
     body = b"".join(PIECES)
-    if framing == "length":
-        head = upstream_head(200, [(b"content-type", b"text/event-stream"), (b"content-length", b"%d" % len(body))])
-        wire = PIECES
-    else:
-        head = upstream_head(200, [(b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")])
-        wire = [b"%x\r\n%s\r\n" % (len(p), p) for p in PIECES] + [b"0\r\n\r\n"]
+    head, wire = framed(framing)
 
     async def scenario() -> None:
         tap = Recorder()
@@ -238,12 +242,7 @@ def test_without_a_tap_the_upstreams_framing_is_kept() -> None:
 @pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_an_observing_tap_keeps_the_upstreams_framing_and_its_bytes(framing: str) -> None:
     body = b"".join(PIECES)
-    if framing == "length":
-        head = upstream_head(200, [(b"content-type", b"text/event-stream"), (b"content-length", b"%d" % len(body))])
-        wire = PIECES
-    else:
-        head = upstream_head(200, [(b"content-type", b"text/event-stream"), (b"transfer-encoding", b"chunked")])
-        wire = [b"%x\r\n%s\r\n" % (len(p), p) for p in PIECES] + [b"0\r\n\r\n"]
+    head, wire = framed(framing)
 
     async def scenario() -> None:
         tap = Recorder(strips=False)
