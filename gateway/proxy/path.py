@@ -69,7 +69,7 @@ from ..usage.tap import UsageTap
 from .exchange import Asked, Exchange, Via
 from .record import REJECTED, Metrics, Record
 from .replies import INTERNAL, NO_UPSTREAM, model_not_allowed, request_target
-from .tokens import Metered, caller_of, costs, key_unknown, lease, slot_of, subjects
+from .tokens import Metered, address_of, caller_of, costs, key_unknown, lease, slot_of, subjects
 
 if TYPE_CHECKING:  # runtime imports proxy.upstreams, which runs this package's __init__
     from ..runtime import Runtime
@@ -333,8 +333,9 @@ class Gateway:
         if key_unknown(budget, store, caller, bearer_token(ex.request.headers) is not None):
             self.admitted(ex, unavailable(store, budget, on_error))
             return
-        who = subjects(budget, ex.client, ex.facts, caller, model, store)
-        slot = slot_of(budget, ex.client, ex.facts, caller, model, ex.request_id, store)
+        address = address_of(budget, ex.client, store)
+        who = subjects(budget, ex.client, ex.facts, caller, model, address)
+        slot = slot_of(budget, ex.client, ex.facts, caller, model, ex.request_id, address)
         admit(store, budget, who, reserved, slot, lease(group), on_error, partial(self.admitted, ex))
 
     def admitted(self, ex: Exchange, held: Held | ErrorReply) -> None:

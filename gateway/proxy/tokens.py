@@ -83,10 +83,9 @@ def caller_of(ex: Exchange, store: Any) -> str | None:
 
 
 def subjects(
-    budget: Budget, client: ClientAddress, facts: GeoFacts, caller: str | None, model: str | None, store: Any
+    budget: Budget, client: ClientAddress, facts: GeoFacts, caller: str | None, model: str | None, address: str | None
 ) -> list[str]:
-    """One subject per token limit of ``budget``, as it is stored."""
-    address = _address(client, store)
+    """One subject per token limit of ``budget``, as it is stored (``address``: :func:`address_of`)."""
     return [subject(limit.by, client, facts, caller, model, budget.rule, address) for limit in budget.tokens]
 
 
@@ -97,20 +96,24 @@ def slot_of(
     caller: str | None,
     model: str | None,
     member: str,
-    store: Any,
+    address: str | None,
 ) -> tuple[str, str] | None:
     """The concurrency slot to take (its subject and this request's own member id), if the rule limits it."""
     conc = budget.concurrency
     if conc is None:
         return None
-    return subject(conc.by, client, facts, caller, model, budget.rule, _address(client, store)), member
+    return subject(conc.by, client, facts, caller, model, budget.rule, address), member
 
 
-def _address(client: ClientAddress, store: Any) -> str | None:
+def address_of(budget: Budget, client: ClientAddress, store: Any) -> str | None:
     """What stands in for the address in a ``by: ip`` subject when addresses are hashed (``--log-address
     hashed``/``truncated``): its keyed hash, 128 bits, as a rate limit's
-    (:func:`~gateway.policy.ratelimit.budget_of`)."""
+    (:func:`~gateway.policy.ratelimit.budget_of`); worked out once per request, and only for a budget
+    that has a ``by: ip`` subject."""
     if not store.hash_addresses or client.ip is None or store.key is None:
+        return None
+    conc = budget.concurrency
+    if not any("ip" in limit.by for limit in budget.tokens) and (conc is None or "ip" not in conc.by):
         return None
     return "h:" + hash_key(store.key, str(client.ip))[:32]
 

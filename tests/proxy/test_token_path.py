@@ -451,3 +451,28 @@ def test_a_stream_to_an_upstream_that_renames_its_model_goes_up_renamed_and_aski
         assert b'"usage"' not in answer and b"[DONE]" in answer
         assert line(g)["usage"] == {"input": 11, "output": 7, "source": "usage"}
     assert calls.names() == ["admit", "settle", "release"]
+
+
+def test_with_addresses_hashed_an_ip_subject_is_the_addresses_keyed_hash(
+    tmp_path: Path, upstream: Scripted, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--log-address hashed``: a ``by: ip`` budget and slot name the caller by its address's keyed hash
+    (the same one for both), never by the address; a subject without ``ip`` is as it was."""
+    asked: list[tuple[list[str], Any]] = []
+    real_admit = getattr(path, "admit")  # noqa: B009  # the name the request path calls
+
+    def admit(store: Any, budget: Any, subjects: Any, costs: Any, slot: Any, *more: Any) -> None:
+        asked.append((list(subjects), slot))
+        real_admit(store, budget, subjects, costs, slot, *more)
+
+    monkeypatch.setattr(path, "admit", admit)
+    monkeypatch.setenv("REGIONGATE_OVERRIDE_KEY", "a key every replica shares")  # known before any request
+    by_ip = POLICY.replace("by: [rule], count: total}", "by: [ip, rule], count: total}", 1).replace(
+        "max_concurrent: {streams: 5, by: [rule]}", "max_concurrent: {streams: 5, by: [ip]}", 1
+    )
+    with inprocess_gateway(tmp_path, upstream.url, policy=by_ip, log_address="hashed") as g:
+        assert b" 200 OK" in ask(g, chat(), "usage").split(b"\r\n", 1)[0]
+    ((who, slot),) = asked
+    hashed = who[0].split(":metered")[0]
+    assert who == [f"{hashed}:metered", "metered"] and slot[0] == hashed
+    assert hashed.startswith("h%3A") and GB not in hashed and len(hashed) == len("h%3A") + 32
